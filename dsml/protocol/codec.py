@@ -1,0 +1,443 @@
+"""The sans-IO codec of the dsml wire protocol.
+
+Bytes go in with :meth:`Parser.feed`; events come out of :meth:`Parser.next_event`:
+a :class:`Head`, then the payload as :class:`Data` chunks, then :data:`END`; or a
+:class:`Rejected` for a request that is well framed but invalid (its payload is skipped).
+A framing error raises :class:`ProtocolError` and the parser refuses all further input.
+
+No I/O happens here, and nothing here imports Twisted: the Twisted protocols and the
+blocking client drive this same code.  See docs/protocol.md for the format.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Final
+
+from . import limits
+from .methods import HeaderValueError, MethodTable
+
+__all__ = [
+    "END",
+    "NEED_DATA",
+    "Data",
+    "Event",
+    "Head",
+    "Parser",
+    "ProtocolError",
+    "Rejected",
+    "encode_head",
+    "encode_request",
+    "encode_response",
+]
+
+REQUEST: Final = "request"
+RESPONSE: Final = "response"
+
+#: Response statuses.
+OK: Final = "OK"
+ERROR: Final = "ERROR"
+
+_REQUEST_LINE = re.compile(rb"([a-z][a-z0-9_]{0,31}) ([0-9]{1,%d})\Z" % limits.MAX_ID_DIGITS)
+_RESPONSE_LINE = re.compile(rb"(OK|ERROR) ([0-9]{1,%d})\Z" % limits.MAX_ID_DIGITS)
+_HEADER_LINE = re.compile(rb"([A-Za-z0-9-]{1,%d}): ?(.*)\Z" % limits.MAX_HEADER_NAME, re.DOTALL)
+_LENGTH = re.compile(rb"[0-9]{1,%d}\Z" % limits.MAX_LENGTH_DIGITS)
+# In a header block: a LF without its CR, a CR without its LF, or a NUL.
+_BAD_HEAD_BYTE = re.compile(rb"(?<!\r)\n|\r(?!\n)|\x00")
+# Within a header value: any control character other than TAB.
+_BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_NAME = re.compile(r"[A-Za-z0-9-]{1,%d}\Z" % limits.MAX_HEADER_NAME)
+
+_TERMINATOR = b"\r\n\r\n"
+
+
+class ProtocolError(Exception):
+    """A framing error: the byte stream cannot be trusted any more.
+
+    The receiver answers once with ``code`` and ``message`` and closes the connection.
+    ``request_id`` is the id of the message being parsed when known, else 0.
+    """
+
+    def __init__(self, code: str, message: str, request_id: int = 0) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class Head:
+    """The start line and headers of one message.
+
+    ``kind`` is the method for a request (``"file_upload"``) and ``"OK"`` or ``"ERROR"``
+    for a response.  ``headers`` has lowercase names; for a request it also holds the
+    method under ``"method"``.  ``length`` is the payload length in bytes.
+    """
+
+    __slots__ = ("kind", "id", "headers", "length")
+
+    def __init__(self, kind: str, id: int, headers: dict[str, str], length: int) -> None:
+        self.kind = kind
+        self.id = id
+        self.headers = headers
+        self.length = length
+
+    @property
+    def ok(self) -> bool:
+        """For a response: whether it reports success (the seed's ack flag)."""
+        return self.kind == OK
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Head) and (
+            (self.kind, self.id, self.headers, self.length)
+            == (other.kind, other.id, other.headers, other.length)
+        )
+
+    def __repr__(self) -> str:
+        return f"Head({self.kind!r}, {self.id}, {self.headers!r}, {self.length})"
+
+
+class Data:
+    """One chunk of a payload, in order."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Data) and self.data == other.data
+
+    def __repr__(self) -> str:
+        return f"Data({len(self.data)} bytes)"
+
+
+class _End:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "END"
+
+
+class _NeedData:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+#: The payload of the last Head is complete.
+END: Final = _End()
+#: No complete event is buffered; feed more bytes.
+NEED_DATA: Final = _NeedData()
+
+
+class Rejected:
+    """A well-framed request that is invalid: answer ``code``/``message`` and carry on.
+
+    The parser skips the request's payload by itself; no Data or END follows.
+    """
+
+    __slots__ = ("id", "code", "message", "method")
+
+    def __init__(self, id: int, code: str, message: str, method: str) -> None:
+        self.id = id
+        self.code = code
+        self.message = message
+        self.method = method
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Rejected) and (self.id, self.code, self.message) == (
+            other.id,
+            other.code,
+            other.message,
+        )
+
+    def __repr__(self) -> str:
+        return f"Rejected({self.id}, {self.code!r}, {self.message!r})"
+
+
+Event = Head | Data | _End | Rejected | _NeedData
+
+_S_HEAD = 0
+_S_PAYLOAD = 1
+_S_SKIP = 2
+_S_END = 3
+_S_BROKEN = 4
+
+
+class Parser:
+    """An incremental parser for one direction of one connection.
+
+    ``role`` is ``"request"`` on a server (it parses requests and checks them against
+    ``methods``) and ``"response"`` on a client.  Memory is bounded: at most one header
+    block (MAX_HEAD) plus whatever was fed and not yet taken as events; payload bytes are
+    handed out as they arrive, never accumulated.
+    """
+
+    def __init__(self, role: str = REQUEST, methods: MethodTable | None = None) -> None:
+        if role not in (REQUEST, RESPONSE):
+            raise ValueError(f"role must be {REQUEST!r} or {RESPONSE!r}")
+        if role == REQUEST and methods is None:
+            raise ValueError("a request parser needs a method table")
+        self._role = role
+        self._methods = methods
+        self._buf = bytearray()
+        self._state = _S_HEAD
+        self._remaining = 0  # payload bytes still to come, in PAYLOAD or SKIP
+        self._scanned = 0  # bytes of _buf already searched for the terminator
+        self._error: ProtocolError | None = None
+        self._pending: Event | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes fed but not yet handed out as events."""
+        return len(self._buf)
+
+    @property
+    def idle(self) -> bool:
+        """True between messages with nothing buffered (a clean place to close)."""
+        return self._state == _S_HEAD and not self._buf and self._pending is None
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes received from the peer (any chunking)."""
+        if self._error is not None:
+            raise self._error
+        if data:
+            self._buf += data
+
+    def next_event(self) -> Event:
+        """Return the next event, or NEED_DATA; raise ProtocolError on a framing error."""
+        if self._error is not None:
+            raise self._error
+        if self._pending is not None:
+            event, self._pending = self._pending, None
+            return event
+        try:
+            return self._next()
+        except ProtocolError as e:
+            self._error = e
+            self._state = _S_BROKEN
+            self._buf = bytearray()
+            raise
+
+    def _next(self) -> Event:
+        state = self._state
+        if state == _S_PAYLOAD:
+            buf = self._buf
+            if not buf:
+                return NEED_DATA
+            n = self._remaining
+            if len(buf) <= n:
+                chunk = bytes(buf)
+                buf.clear()
+            else:
+                chunk = bytes(buf[:n])
+                del buf[:n]
+            self._remaining -= len(chunk)
+            if self._remaining == 0:
+                self._state = _S_HEAD
+                self._pending = END
+            return Data(chunk)
+        if state == _S_END:
+            self._state = _S_HEAD
+            return END
+        if state == _S_SKIP:
+            take = min(self._remaining, len(self._buf))
+            del self._buf[:take]
+            self._remaining -= take
+            if self._remaining:
+                return NEED_DATA
+            self._state = _S_HEAD
+        return self._parse_head()
+
+    def _parse_head(self) -> Event:
+        buf = self._buf
+        if not buf:
+            return NEED_DATA
+        end = buf.find(_TERMINATOR, max(0, self._scanned - 3))
+        if end < 0:
+            self._check_partial_head()
+            self._scanned = len(buf)
+            return NEED_DATA
+        self._scanned = 0
+        if end + 4 > limits.MAX_HEAD:
+            raise ProtocolError("bad-frame", f"header block larger than {limits.MAX_HEAD} bytes")
+        block = bytes(buf[:end])
+        del buf[: end + 4]
+        return self._decode_head(block)
+
+    def _check_partial_head(self) -> None:
+        """Fail early on a header block that can never become valid."""
+        buf = self._buf
+        bad = _BAD_HEAD_BYTE.search(buf, max(0, self._scanned - 1))
+        # A CR at the very end may still get its LF.
+        if bad is not None and not (bad.group() == b"\r" and bad.end() == len(buf)):
+            raise ProtocolError("bad-frame", _describe_bad_byte(bad.group()))
+        if len(buf) > limits.MAX_HEAD:
+            raise ProtocolError("bad-frame", f"header block larger than {limits.MAX_HEAD} bytes")
+        line_start = buf.rfind(b"\r\n") + 2 if b"\r\n" in buf else 0
+        if len(buf) - line_start > limits.MAX_LINE + 1:
+            raise ProtocolError("bad-frame", f"header line longer than {limits.MAX_LINE} bytes")
+
+    def _decode_head(self, block: bytes) -> Event:
+        bad = _BAD_HEAD_BYTE.search(block)
+        if bad is not None:
+            raise ProtocolError("bad-frame", _describe_bad_byte(bad.group()))
+        lines = block.split(b"\r\n")
+        if len(lines) - 1 > limits.MAX_HEADERS:
+            raise ProtocolError("bad-frame", f"more than {limits.MAX_HEADERS} header lines")
+        start = lines[0]
+        if len(start) > limits.MAX_LINE:
+            raise ProtocolError("bad-frame", f"header line longer than {limits.MAX_LINE} bytes")
+        m = (_REQUEST_LINE if self._role == REQUEST else _RESPONSE_LINE).match(start)
+        if m is None:
+            what = "request line" if self._role == REQUEST else "status line"
+            raise ProtocolError("bad-frame", f"malformed {what}")
+        kind = m.group(1).decode("ascii")
+        req_id = int(m.group(2))
+        headers: dict[str, str] = {}
+        raw_length: bytes | None = None
+        not_utf8: str | None = None
+        for line in lines[1:]:
+            if len(line) > limits.MAX_LINE:
+                raise ProtocolError(
+                    "bad-frame", f"header line longer than {limits.MAX_LINE} bytes", req_id
+                )
+            hm = _HEADER_LINE.match(line)
+            if hm is None:
+                raise ProtocolError("bad-frame", "malformed header line", req_id)
+            name = hm.group(1).decode("ascii").lower()
+            raw = hm.group(2)
+            if name in headers or (name == "length" and raw_length is not None):
+                raise ProtocolError("bad-frame", f"duplicate header {name!r}", req_id)
+            if _BAD_VALUE_BYTE.search(raw):
+                raise ProtocolError(
+                    "bad-frame", f"control character in header {name!r}", req_id
+                )
+            if name == "length":
+                if not _LENGTH.match(raw):
+                    raise ProtocolError(
+                        "bad-frame",
+                        f"Length must be 1 to {limits.MAX_LENGTH_DIGITS} ASCII digits",
+                        req_id,
+                    )
+                raw_length = raw
+                continue
+            try:
+                headers[name] = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                headers[name] = raw.decode("utf-8", "replace")
+                not_utf8 = not_utf8 or name
+        length = int(raw_length) if raw_length is not None else 0
+        if self._role == RESPONSE:
+            if not_utf8 is not None:
+                raise ProtocolError("bad-frame", f"header {not_utf8!r} is not UTF-8", req_id)
+            return self._start_payload(Head(kind, req_id, headers, length))
+
+        problem = self._check_request(kind, headers, length, not_utf8)
+        if problem is not None:
+            code, message = problem
+            if length > limits.MAX_SKIP:
+                raise ProtocolError(code, message, req_id)
+            self._state = _S_SKIP
+            self._remaining = length
+            return Rejected(req_id, code, message, kind)
+        headers["method"] = kind
+        return self._start_payload(Head(kind, req_id, headers, length))
+
+    def _check_request(
+        self, method: str, headers: dict[str, str], length: int, not_utf8: str | None
+    ) -> tuple[str, str] | None:
+        assert self._methods is not None
+        spec = self._methods.get(method)
+        if spec is None:
+            return "unknown-method", f"unknown method {method!r}"
+        if "method" in headers:
+            return "bad-header", "header 'method' is reserved"
+        if not_utf8 is not None:
+            code = "bad-key" if not_utf8 in ("key", "prefix", "after") else "bad-header"
+            return code, f"header {not_utf8!r} is not UTF-8"
+        for name in spec.required:
+            if name not in headers:
+                return "missing-header", f"{method} requires header {name!r}"
+        validators = spec.headers
+        for name, value in headers.items():
+            check = validators.get(name)
+            if check is not None:
+                try:
+                    check(value)
+                except HeaderValueError as e:
+                    return e.code, f"header {name!r}: {e.message}"
+        if length > spec.max_payload:
+            if spec.max_payload == 0:
+                return "too-large", f"{method} takes no payload"
+            return "too-large", f"payload of {length} bytes exceeds {spec.max_payload} for {method}"
+        return None
+
+    def _start_payload(self, head: Head) -> Head:
+        if head.length:
+            self._state = _S_PAYLOAD
+            self._remaining = head.length
+        else:
+            self._state = _S_END
+        return head
+
+
+def _describe_bad_byte(b: bytes) -> str:
+    if b == b"\n":
+        return "bare LF in header block (lines end with CRLF)"
+    if b == b"\r":
+        return "CR without LF in header block"
+    return "NUL byte in header block"
+
+
+def encode_head(start: str, headers: Mapping[str, object], length: int) -> bytes:
+    """Serialize a start line and headers; add Length when ``length`` is not zero.
+
+    Raises ValueError for a header that could break the framing.
+    """
+    parts = [start]
+    for name, value in headers.items():
+        text = str(value)
+        if not _NAME.match(name) or name.lower() in ("length", "method"):
+            raise ValueError(f"bad header name {name!r}")
+        if "\r" in text or "\n" in text or "\x00" in text:
+            raise ValueError(f"header {name!r} contains CR, LF or NUL")
+        parts.append(f"{name}: {text}")
+    if length:
+        parts.append(f"Length: {length}")
+    parts.append("")
+    parts.append("")
+    return "\r\n".join(parts).encode("utf-8")
+
+
+def encode_request(
+    method: str, req_id: int, headers: Mapping[str, object], payload: bytes | int = b""
+) -> bytes:
+    """Serialize a request.
+
+    ``payload`` is the payload bytes (returned after the head), or an int: the length of
+    a payload the caller will stream itself (only the head is returned).
+    """
+    length = payload if isinstance(payload, int) else len(payload)
+    head = encode_head(f"{method} {req_id}", headers, length)
+    return head if isinstance(payload, int) else head + payload
+
+
+def encode_response(
+    ok: bool, req_id: int, headers: Mapping[str, object], payload: bytes | int = b""
+) -> bytes:
+    """Serialize a response (``payload`` as for :func:`encode_request`)."""
+    length = payload if isinstance(payload, int) else len(payload)
+    head = encode_head(f"{OK if ok else ERROR} {req_id}", headers, length)
+    return head if isinstance(payload, int) else head + payload
+
+
+def encode_error(req_id: int, code: str, message: str) -> bytes:
+    """Serialize an error response with its code and one-line message."""
+    message = _CONTROL.sub(" ", message)
+    raw = message.encode("utf-8", "replace")[: limits.MAX_LINE - 16]
+    message = raw.decode("utf-8", "ignore")
+    return encode_response(False, req_id, {"Code": code, "Message": message})

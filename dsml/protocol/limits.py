@@ -1,0 +1,42 @@
+"""Hard limits of the dsml wire protocol.
+
+Every length the parser accepts is bounded by one of these names; docs/protocol.md
+lists them and explains where each number comes from.
+"""
+
+#: Longest header line (start line included), in bytes, not counting its CRLF.
+#: memcached closes at 2 KiB; nginx's first buffer is 1 KiB.
+MAX_LINE = 1024
+
+#: Largest header block (start line, header lines and the blank line), in bytes.
+#: twisted.web, h11 and Node all use 16 KiB.
+MAX_HEAD = 16 * 1024
+
+#: Most header lines in one message; our headers are a small fixed vocabulary.
+MAX_HEADERS = 64
+
+#: Longest header name.
+MAX_HEADER_NAME = 64
+
+#: Most ASCII digits in a Length header (just under 1 TB).
+MAX_LENGTH_DIGITS = 12
+
+#: Most ASCII digits in a request id.
+MAX_ID_DIGITS = 12
+
+#: Largest key, in UTF-8 bytes.
+MAX_KEY = 1024
+
+#: Default largest value payload (a config key can change it per server).
+DEFAULT_VALUE_MAX = 1024 * 1024
+
+#: Largest payload of a small, buffered request (auth, stat, list, ...).
+SMALL_PAYLOAD_MAX = 64 * 1024
+
+#: Largest payload the parser will read and throw away after rejecting a request
+#: (unknown method, bad key, too large).  A larger one is a framing error and
+#: closes the connection: draining a terabyte to keep a connection is not worth it.
+MAX_SKIP = 64 * 1024 * 1024
+
+#: Largest file payload: anything a Length header can say; files are streamed.
+FILE_MAX = 10**MAX_LENGTH_DIGITS - 1

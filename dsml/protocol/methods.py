@@ -1,0 +1,153 @@
+"""The method table: which headers each request method requires and how big its payload may be.
+
+The parser consults the table as soon as a request's header block is complete, so a request
+that lacks a header or names a bad key is answered with an error naming the problem, and its
+payload is skipped: the handler never sees it (the seed's "Message does error handling to
+make sure all parameters are included").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+import attrs
+
+from . import limits
+
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+_DIGITS = re.compile(r"[0-9]{1,18}\Z")
+# C0 controls, DEL and the C1 controls: never part of a key.
+_KEY_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class HeaderValueError(ValueError):
+    """A header value does not have the form its method requires.
+
+    ``code`` is the wire error code to answer with (``bad-key`` or ``bad-header``).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a valid dsml key, else raise HeaderValueError.
+
+    A key is 1 to MAX_KEY bytes of UTF-8 with no control characters.  Keys are names,
+    never paths: the store maps them to files by hash, so ``../x`` is an ordinary key.
+    """
+    if not key:
+        raise HeaderValueError("bad-key", "key is empty")
+    if len(key.encode("utf-8", "surrogatepass")) > limits.MAX_KEY:
+        raise HeaderValueError("bad-key", f"key is longer than {limits.MAX_KEY} bytes")
+    if _KEY_FORBIDDEN.search(key):
+        raise HeaderValueError("bad-key", "key contains a control character")
+    if any("\ud800" <= ch <= "\udfff" for ch in key):
+        raise HeaderValueError("bad-key", "key is not valid UTF-8")
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """A list prefix: like a key, but may be empty."""
+    return check_key(prefix) if prefix else prefix
+
+
+def check_sha256(value: str) -> str:
+    """A lowercase hex sha256 digest."""
+    if not _SHA256.match(value):
+        raise HeaderValueError("bad-header", "expected 64 lowercase hex digits")
+    return value
+
+
+def check_uint(value: str) -> str:
+    """A non-negative integer written as plain ASCII digits."""
+    if not _DIGITS.match(value):
+        raise HeaderValueError("bad-header", "expected a non-negative integer in ASCII digits")
+    return value
+
+
+def check_text(value: str) -> str:
+    """Free text (the framing already excludes CR, LF and NUL)."""
+    return value
+
+
+Validator = Callable[[str], str]
+
+
+@attrs.frozen
+class MethodSpec:
+    """What one request method needs.
+
+    ``headers`` maps each header the method understands (lowercase) to its validator;
+    ``required`` names those that must be present; ``max_payload`` bounds the payload
+    (0: none allowed); ``streamed`` says the handler takes the payload chunk by chunk
+    instead of as one buffer.
+    """
+
+    name: str
+    headers: Mapping[str, Validator] = attrs.field(factory=dict)
+    required: frozenset[str] = frozenset()
+    max_payload: int = 0
+    streamed: bool = False
+
+
+@attrs.define
+class MethodTable:
+    """The set of methods one server understands."""
+
+    specs: dict[str, MethodSpec] = attrs.field(factory=dict)
+
+    def add(self, spec: MethodSpec) -> None:
+        """Add (or replace) a method."""
+        self.specs[spec.name] = spec
+
+    def extend(self, specs: Iterable[MethodSpec]) -> MethodTable:
+        """Return a new table with these methods added."""
+        table = MethodTable(dict(self.specs))
+        for spec in specs:
+            table.add(spec)
+        return table
+
+    def get(self, name: str) -> MethodSpec | None:
+        """The spec of ``name``, or None if the method is unknown."""
+        return self.specs.get(name)
+
+
+def _spec(
+    name: str,
+    required: Mapping[str, Validator] | None = None,
+    optional: Mapping[str, Validator] | None = None,
+    max_payload: int = 0,
+    streamed: bool = False,
+) -> MethodSpec:
+    required = dict(required or {})
+    headers = {**required, **(optional or {})}
+    return MethodSpec(name, headers, frozenset(required), max_payload, streamed)
+
+
+def storage_methods(value_max: int = limits.DEFAULT_VALUE_MAX) -> MethodTable:
+    """The methods of a storage server (every worker serves these)."""
+    key = {"key": check_key}
+    table = MethodTable()
+    for spec in [
+        _spec("auth", {"token": check_text}, {"client": check_text}),
+        _spec("ping"),
+        _spec(
+            "file_upload",
+            key,
+            {"sha256": check_sha256},
+            max_payload=limits.FILE_MAX,
+            streamed=True,
+        ),
+        _spec("file_retrieve", key),
+        _spec("value_upload", key, max_payload=value_max),
+        _spec("value_retrieve", key),
+        _spec("delete", key),
+        _spec("stat", key),
+        _spec("list", None, {"prefix": check_prefix, "limit": check_uint, "after": check_key}),
+    ]:
+        table.add(spec)
+    return table
