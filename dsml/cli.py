@@ -1,0 +1,278 @@
+"""The ``dsml`` command.
+
+Errors are one line on stderr and a non-zero exit status, never a traceback:
+1 for an error from the cluster or the filesystem, 2 for bad usage or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from .client import Client, Progress
+from .errors import DsmlError
+from .protocol.methods import HeaderValueError, check_key
+
+DEFAULT_CONFIG = Path("etc/dsml.yaml")
+
+
+class UsageError(Exception):
+    """Bad arguments or configuration (exit status 2)."""
+
+
+def _parse_server(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise UsageError(f"--server must be HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def resolve_server(args: argparse.Namespace) -> tuple[str, int, str | None]:
+    """Where to connect and with which token: --server/$DSML_SERVER, else the config."""
+    token = args.token or os.environ.get("DSML_TOKEN")
+    server = args.server or os.environ.get("DSML_SERVER")
+    config_path = args.config or os.environ.get("DSML_CONFIG")
+    if server and not config_path:
+        host, port = _parse_server(server)
+        return host, port, token
+    if not config_path:
+        if not DEFAULT_CONFIG.exists():
+            raise UsageError(
+                "no server: give --server HOST:PORT or --config FILE (or set DSML_SERVER)"
+            )
+        config_path = str(DEFAULT_CONFIG)
+    from .config import ConfigError, load_config
+    from .net.listen import read_addr_file
+    from .worker.service import ADDR_FILE
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if token is None:
+        token = config.cluster.token
+    if server:
+        host, port = _parse_server(server)
+        return host, port, token
+    try:
+        worker = config.worker(args.worker) if args.worker else next(iter(config.workers.values()))
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    host, port = worker.host, worker.port
+    if port == 0:
+        addr = worker.data_dir / ADDR_FILE
+        try:
+            host, port = read_addr_file(addr)
+        except (OSError, ValueError):
+            raise DsmlError(
+                f"worker {worker.name} listens on an OS-chosen port and {addr} is missing: "
+                "is it running?",
+                "connection",
+            ) from None
+    return host, port, token
+
+
+def _connect(args: argparse.Namespace) -> Client:
+    host, port, token = resolve_server(args)
+    return Client(host, port, token, name="dsml-cli")
+
+
+def _key(text: str) -> str:
+    try:
+        return check_key(text)
+    except HeaderValueError as e:
+        raise UsageError(f"bad key {text!r}: {e.message}") from None
+
+
+def _progress(total: int, label: str, enabled: bool) -> AbstractContextManager[Progress | None]:
+    """A tqdm bar on a terminal for transfers worth watching; nothing when piped."""
+    if not enabled or total < 8 * 1024 * 1024 or not sys.stderr.isatty():
+        return nullcontext(None)
+    from tqdm import tqdm
+
+    class _Bar(AbstractContextManager[Progress]):
+        def __enter__(self) -> Progress:
+            self.bar = tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False
+            )
+            return self.bar.update
+
+        def __exit__(self, *exc: object) -> None:
+            self.bar.close()
+
+    return _Bar()
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+# -- commands -------------------------------------------------------------------------
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    key = _key(args.key if args.key is not None else path.name)
+    if not path.is_file():
+        raise UsageError(f"{path}: not a regular file")
+    size = path.stat().st_size
+    with _connect(args) as c, _progress(size, f"upload {key}", not args.quiet) as progress:
+        stored = c.upload(path, key, progress)
+    print(f"uploaded {path} -> {key} ({_human(stored.size)}, version {stored.version}, "
+          f"sha256 {stored.sha256})")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    key = _key(args.key)
+    with _connect(args) as c:
+        if args.path == "-":
+            out = sys.stdout.buffer
+            c.download_to(key, out)
+            out.flush()
+            return 0
+        if args.path is None:
+            name = key.rstrip("/").rpartition("/")[2]
+            if name in ("", ".", ".."):
+                raise UsageError(f"cannot name a file after key {key!r}: give a PATH")
+            target = Path(name)
+        else:
+            target = Path(args.path)
+            if target.is_dir():
+                target = target / key.rstrip("/").rpartition("/")[2]
+        size = c.stat(key).size
+        with _progress(size, f"download {key}", not args.quiet) as progress:
+            entry = c.download(key, target, progress)
+    print(f"downloaded {key} -> {target} ({_human(entry.size)}, version {entry.version})",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    key = _key(args.key)
+    value = sys.stdin.buffer.read() if args.value == "-" else os.fsencode(args.value)
+    with _connect(args) as c:
+        stored = c.set(key, value)
+    print(f"set {key} (version {stored.version}, {stored.size} bytes)", file=sys.stderr)
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    key = _key(args.key)
+    with _connect(args) as c:
+        value = c.get(key)
+    out = sys.stdout.buffer
+    out.write(value)
+    if sys.stdout.isatty() and not value.endswith(b"\n"):
+        out.write(b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        for text in args.keys:
+            c.delete(_key(text))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    prefix = args.prefix or ""
+    if prefix:
+        _key(prefix)
+    with _connect(args) as c:
+        for e in c.list(prefix):
+            if args.long:
+                print(f"{e.kind:5} {e.size:>12} v{e.version:<8} {e.sha256[:12]}  {e.key}")
+            else:
+                print(e.key)
+    return 0
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        e = c.stat(_key(args.key))
+    print(f"key:     {e.key}\nkind:    {e.kind}\nsize:    {e.size}\n"
+          f"sha256:  {e.sha256}\nversion: {e.version}")
+    return 0
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        c.ping()
+    print(f"ok {c.host}:{c.port}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dsml`` command."""
+    p = argparse.ArgumentParser(
+        prog="dsml", description="Store files and values on a dsml cluster."
+    )
+    p.add_argument("-c", "--config", help="cluster config (default $DSML_CONFIG or etc/dsml.yaml)")
+    p.add_argument("--server", help="storage server HOST:PORT (default: from the config)")
+    p.add_argument("--worker", help="which worker of the config to talk to (default: the first)")
+    p.add_argument("--token", help="cluster token (default $DSML_TOKEN or the config's)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help: str) -> Any:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = add("upload", cmd_upload, "upload a file (KEY defaults to the file's name)")
+    sp.add_argument("path")
+    sp.add_argument("key", nargs="?")
+    sp = add("download", cmd_download, "download a file to PATH (- for stdout)")
+    sp.add_argument("key")
+    sp.add_argument("path", nargs="?")
+    sp = add("set", cmd_set, "store a small value (- reads it from stdin)")
+    sp.add_argument("key")
+    sp.add_argument("value")
+    sp = add("get", cmd_get, "print a value")
+    sp.add_argument("key")
+    sp = add("rm", cmd_rm, "delete keys")
+    sp.add_argument("keys", nargs="+", metavar="key")
+    sp = add("ls", cmd_ls, "list keys, optionally under a prefix")
+    sp.add_argument("prefix", nargs="?")
+    sp.add_argument("-l", "--long", action="store_true", help="kind, size, version, sha256")
+    sp = add("stat", cmd_stat, "describe a key")
+    sp.add_argument("key")
+    add("ping", cmd_ping, "check that the server answers")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as e:
+        print(f"dsml: {e}", file=sys.stderr)
+        return 2
+    except DsmlError as e:
+        print(f"dsml: {args.command}: {e.message} [{e.code}]", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"dsml: {args.command}: {e.strerror or e}"
+              + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dsml: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

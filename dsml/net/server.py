@@ -1,0 +1,500 @@
+"""The Twisted server side of the dsml protocol.
+
+:class:`ServerProtocol` is thin: it feeds bytes to the sans-IO parser, enforces the
+connection rules (authenticate first, deadlines, connection limits, one request at a time
+in order) and hands each request to a :class:`Handler`, which decides.  Replies are either
+small (headers plus bytes) or a file streamed with a pull producer, so a download of any
+size keeps memory flat and honours the peer's pace.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import IO, Any, Protocol, runtime_checkable
+
+import attrs
+from twisted.internet import interfaces
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ..errors import DsmlError
+from ..protocol import codec
+from ..protocol.codec import END, NEED_DATA, Data, Head, Parser, ProtocolError, Rejected
+from ..protocol.methods import MethodTable
+
+log = Logger()
+
+#: Bytes read from a file per producer step on a download.  Twisted writes at most
+#: 128 KiB per reactor pass; 16 KiB chunks (FileSender's) halve throughput, 1 MiB does not.
+BODY_CHUNK = 1024 * 1024
+
+#: Bytes asked of the socket per read.  Twisted's default is 64 KiB; larger reads mean
+#: fewer trips through the parser on uploads.
+READ_SIZE = 256 * 1024
+
+
+@attrs.frozen
+class ServerLimits:
+    """Connection rules of one server (the ``limits`` section of the config)."""
+
+    max_connections: int = 1024
+    max_unauthenticated: int = 64
+    auth_timeout: float = 10.0
+    head_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    payload_timeout: float = 60.0
+
+
+@attrs.define
+class Reply:
+    """A successful answer: headers, then ``payload`` or ``body_length`` bytes of ``body``."""
+
+    headers: dict[str, object] = attrs.field(factory=dict)
+    payload: bytes = b""
+    body: IO[bytes] | None = None
+    body_length: int = 0
+
+
+class Call(Protocol):
+    """A request whose payload the handler takes chunk by chunk (a file upload)."""
+
+    def data(self, chunk: bytes) -> None:
+        """Take the next payload chunk; raise DsmlError to fail the request."""
+
+    def end(self) -> Reply | Deferred[Reply]:
+        """The payload is complete: answer, now or later."""
+
+    def abort(self) -> None:
+        """The request will not complete (peer gone, error): clean up, leave nothing."""
+
+
+@runtime_checkable
+class Handler(Protocol):
+    """What a server does with requests; one instance serves every connection."""
+
+    methods: MethodTable
+
+    def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply | Deferred[Reply]:
+        """Answer a request whose payload arrived whole (methods not marked streamed)."""
+
+    def open(self, head: Head, conn: ServerProtocol) -> Call:
+        """Start a streamed request (methods marked streamed)."""
+
+
+# Connection states.
+_IDLE = 0  # between requests (possibly part of the next head buffered)
+_RECEIVING = 1  # a head was accepted; its payload is arriving
+_WAITING = 2  # the payload is complete; the reply is not yet fully written
+
+
+class ServerProtocol(TwistedProtocol):
+    """One server connection: parse, check, dispatch, answer in order."""
+
+    def __init__(self, factory: ServerFactory) -> None:
+        self.factory = factory
+        self.clock = factory.clock
+        self.handler = factory.handler
+        self.limits = factory.limits
+        self.parser = Parser(codec.REQUEST, factory.handler.methods)
+        self.authenticated = False
+        self.client_name = ""
+        self._state = _IDLE
+        self._head: Head | None = None
+        self._call: Call | None = None
+        self._chunks: list[bytes] = []
+        self._failed: DsmlError | None = None  # a streamed call that failed mid-payload
+        self._body: _BodyProducer | None = None
+        self._timer: interfaces.IDelayedCall | None = None
+        self._connected_at = 0.0
+        self._activity = 0.0
+        self._head_started: float | None = None
+        self._closing = False
+        self._counted_unauth = False
+
+    # -- connection life --------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        now = self.clock.seconds()
+        self._connected_at = self._activity = now
+        f.connections += 1
+        f.unauthenticated += 1
+        self._counted_unauth = True
+        if hasattr(self.transport, "bufferSize"):
+            self.transport.bufferSize = READ_SIZE  # type: ignore[union-attr]
+        if f.connections > self.limits.max_connections:
+            self._fatal("busy", f"too many connections (limit {self.limits.max_connections})")
+            return
+        if f.unauthenticated > self.limits.max_unauthenticated:
+            self._fatal(
+                "busy",
+                f"too many unauthenticated connections (limit {self.limits.max_unauthenticated})",
+            )
+            return
+        self._arm()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        f = self.factory
+        f.connections -= 1
+        if self._counted_unauth:
+            f.unauthenticated -= 1
+            self._counted_unauth = False
+        self._closing = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._call is not None:
+            call, self._call = self._call, None
+            call.abort()
+        if self._body is not None:
+            self._body.close()
+            self._body = None
+
+    # -- input ------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        try:
+            self.parser.feed(data)
+        except ProtocolError:
+            return
+        self._activity = self.clock.seconds()
+        self._pump()
+        if not self._closing:
+            if self._state == _IDLE and self.parser.buffered and self._head_started is None:
+                self._head_started = self._activity
+            self._arm()
+
+    def _pump(self) -> None:
+        parser = self.parser
+        while self._state != _WAITING and not self._closing:
+            try:
+                event = parser.next_event()
+            except ProtocolError as e:
+                self._fatal(e.code, e.message, e.request_id)
+                return
+            if event is NEED_DATA:
+                return
+            if type(event) is Data:
+                self._on_data(event.data)  # type: ignore[union-attr]
+            elif event is END:
+                self._on_end()
+            elif type(event) is Head:
+                self._on_head(event)  # type: ignore[arg-type]
+            else:
+                self._on_rejected(event)  # type: ignore[arg-type]
+
+    def _on_head(self, head: Head) -> None:
+        self._head_started = None
+        self._head = head
+        self._state = _RECEIVING
+        self._chunks = []
+        self._failed = None
+        if not self.authenticated and head.kind != "auth":
+            self._fatal("auth-required", "authenticate first (send auth with Token)", head.id)
+            return
+        spec = self.handler.methods.get(head.kind)
+        if spec is not None and spec.streamed:
+            try:
+                self._call = self.handler.open(head, self)
+            except DsmlError as e:
+                self._failed = e
+            except Exception:
+                log.failure("opening {method} failed", method=head.kind)
+                self._failed = DsmlError("internal error opening the request")
+
+    def _on_data(self, chunk: bytes) -> None:
+        if self._failed is not None:
+            return
+        call = self._call
+        if call is None:
+            self._chunks.append(chunk)
+            return
+        try:
+            call.data(chunk)
+        except Exception as e:
+            self._call = None
+            call.abort()
+            self._failed = e if isinstance(e, DsmlError) else DsmlError("internal error")
+            if not isinstance(e, DsmlError):
+                log.failure("streaming {method} failed", method=self._head and self._head.kind)
+
+    def _on_end(self) -> None:
+        head = self._head
+        assert head is not None
+        if self._failed is not None:
+            self._finish_error(head.id, self._failed.code, self._failed.message)
+            return
+        if head.kind == "auth":
+            self._authenticate(head)
+            return
+        try:
+            if self._call is not None:
+                call, self._call = self._call, None
+                result = call.end()
+            else:
+                payload = b"".join(self._chunks) if self._chunks else b""
+                self._chunks = []
+                result = self.handler.handle(head, payload, self)
+        except DsmlError as e:
+            self._finish_error(head.id, e.code, e.message)
+            return
+        except Exception:
+            log.failure("handling {method} failed", method=head.kind)
+            self._finish_error(head.id, "internal", "internal error")
+            return
+        if isinstance(result, Deferred):
+            self._wait()
+            result.addCallbacks(self._reply_async, self._error_async, (head.id,), None, (head.id,))
+            result.addErrback(self._bug, head.kind)
+        else:
+            self._send_reply(head.id, result)
+
+    def _on_rejected(self, event: Rejected) -> None:
+        if not self.authenticated:
+            self._fatal("auth-required", "authenticate first (send auth with Token)", event.id)
+            return
+        self._send(codec.encode_error(event.id, event.code, event.message))
+
+    def _authenticate(self, head: Head) -> None:
+        expected = self.factory.token
+        given = head.headers.get("token", "")
+        if expected is not None and not hmac.compare_digest(
+            given.encode("utf-8"), expected.encode("utf-8")
+        ):
+            log.warn("{peer}: wrong token", peer=self._peer())
+            self._fatal("auth-failed", "wrong token", head.id)
+            return
+        if not self.authenticated:
+            self.authenticated = True
+            self.client_name = head.headers.get("client", "")
+            if self._counted_unauth:
+                self.factory.unauthenticated -= 1
+                self._counted_unauth = False
+        self._send_reply(head.id, Reply())
+
+    # -- output -----------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        if data:
+            self.transport.write(data)  # type: ignore[union-attr]
+        self._state = _IDLE
+        self._head = None
+
+    def _wait(self) -> None:
+        """Stop reading until the current request is answered (no unbounded buffering)."""
+        self._state = _WAITING
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def _send_reply(self, req_id: int, reply: Reply) -> None:
+        if reply.body is None:
+            self._send(codec.encode_response(True, req_id, reply.headers, reply.payload))
+            return
+        self.transport.write(  # type: ignore[union-attr]
+            codec.encode_response(True, req_id, reply.headers, reply.body_length)
+        )
+        if reply.body_length == 0:
+            reply.body.close()
+            self._send(b"")
+            return
+        self._wait()
+        self._body = _BodyProducer(self, reply.body, reply.body_length)
+        self.transport.registerProducer(self._body, False)  # type: ignore[union-attr]
+
+    def _finish_error(self, req_id: int, code: str, message: str) -> None:
+        self._send(codec.encode_error(req_id, code, message))
+
+    def _reply_async(self, reply: Reply, req_id: int) -> None:
+        if self._closing:
+            if reply.body is not None:
+                reply.body.close()
+            return
+        self._send_reply(req_id, reply)
+        self._resume()
+
+    def _error_async(self, failure: Failure, req_id: int) -> None:
+        if self._closing:
+            return
+        if failure.check(DsmlError):
+            e = failure.value
+            self._finish_error(req_id, e.code, e.message)  # type: ignore[union-attr]
+        else:
+            log.failure("request failed", failure)
+            self._finish_error(req_id, "internal", "internal error")
+        self._resume()
+
+    def _bug(self, failure: Failure, method: str) -> None:
+        log.failure("bug while answering {method}", failure, method=method)
+        if not self._closing:
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _body_done(self) -> None:
+        self._body = None
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
+        self._send(b"")
+        self._resume()
+
+    def _body_failed(self, why: str) -> None:
+        # The head promised body_length bytes; anything else breaks the framing.
+        log.error("{peer}: download aborted: {why}", peer=self._peer(), why=why)
+        self._body = None
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
+        self._closing = True
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _resume(self) -> None:
+        """The current request is answered: go on with pipelined bytes already buffered."""
+        if self._closing or self._state == _WAITING:
+            return
+        self._activity = self.clock.seconds()
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+        self._pump()
+        if not self._closing:
+            self._arm()
+
+    def _fatal(self, code: str, message: str, req_id: int = 0) -> None:
+        """Answer once and close: the byte stream (or the peer) cannot be trusted."""
+        if self._closing:
+            return
+        log.warn(
+            "{peer}: closing: {code}: {message}", peer=self._peer(), code=code, message=message
+        )
+        self._closing = True
+        if self._call is not None:
+            call, self._call = self._call, None
+            call.abort()
+        self.transport.write(codec.encode_error(req_id, code, message))  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _peer(self) -> str:
+        try:
+            p = self.transport.getPeer()  # type: ignore[union-attr]
+            return f"{p.host}:{p.port}"
+        except Exception:
+            return "peer"
+
+    # -- deadlines --------------------------------------------------------------------
+
+    def _deadline(self) -> tuple[float, str] | None:
+        lim = self.limits
+        if not self.authenticated:
+            return self._connected_at + lim.auth_timeout, "authentication"
+        if self._state == _IDLE:
+            if self._head_started is not None:
+                return self._head_started + lim.head_timeout, "header block"
+            return self._activity + lim.idle_timeout, "idle"
+        if self._state == _RECEIVING:
+            return self._activity + lim.payload_timeout, "payload"
+        if self._body is not None:
+            return self._body.progress + lim.payload_timeout, "download"
+        return None
+
+    def _arm(self) -> None:
+        """Make sure a timer fires no later than the current deadline.
+
+        Deadlines move forward with activity; the timer is not moved on every byte but
+        re-armed when it fires early (cheap on the hot path).
+        """
+        d = self._deadline()
+        if d is None:
+            return
+        when = d[0]
+        timer = self._timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= when:
+                return
+            timer.cancel()
+        self._timer = self.clock.callLater(max(0.0, when - self.clock.seconds()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        d = self._deadline()
+        if d is None:
+            return
+        when, what = d
+        if self.clock.seconds() < when:
+            self._arm()
+            return
+        if what == "idle":
+            log.info("{peer}: closing idle connection", peer=self._peer())
+            self._closing = True
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        limit = {
+            "authentication": self.limits.auth_timeout,
+            "header block": self.limits.head_timeout,
+        }.get(what, self.limits.payload_timeout)
+        message = f"{what} not complete within {limit:g} s"
+        if what == "download":
+            log.warn("{peer}: closing: {message}", peer=self._peer(), message=message)
+            self._closing = True
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self._fatal("timeout", message, self._head.id if self._head else 0)
+
+
+@implementer(interfaces.IPullProducer)
+class _BodyProducer:
+    """Streams ``length`` bytes of a file to the transport as the peer takes them."""
+
+    def __init__(self, proto: ServerProtocol, body: IO[bytes], length: int) -> None:
+        self.proto = proto
+        self.body = body
+        self.remaining = length
+        self.progress = proto.clock.seconds()
+
+    def resumeProducing(self) -> None:
+        if self.body is None:
+            return
+        self.progress = self.proto.clock.seconds()
+        chunk = self.body.read(min(BODY_CHUNK, self.remaining))
+        if not chunk:
+            self.close()
+            self.proto._body_failed(f"file ended {self.remaining} bytes early")
+            return
+        self.remaining -= len(chunk)
+        self.proto.transport.write(chunk)  # type: ignore[union-attr]
+        if self.remaining == 0:
+            self.close()
+            self.proto._body_done()
+
+    def stopProducing(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
+            self.body = None  # type: ignore[assignment]
+
+
+class ServerFactory(Factory):
+    """Builds a :class:`ServerProtocol` per connection; holds what they share."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        clock: Any,
+        token: str | None = None,
+        limits: ServerLimits | None = None,
+    ) -> None:
+        self.handler = handler
+        self.clock = clock
+        self.token = token
+        self.limits = limits or ServerLimits()
+        self.connections = 0
+        self.unauthenticated = 0
+
+    def buildProtocol(self, addr: Any) -> ServerProtocol:
+        return ServerProtocol(self)
+
+
+# A small convenience for handlers: map method names to bound methods.
+HandleFn = Callable[[Head, bytes, ServerProtocol], "Reply | Deferred[Reply]"]
