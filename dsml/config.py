@@ -1,0 +1,567 @@
+"""Cluster configuration: one YAML file, parsed once into frozen attrs objects.
+
+A single file (``etc/dsml.yaml`` in the tree) describes the whole cluster: the shared
+secret, the master, every worker and the connection limits.  Every process reads the same
+file; a worker finds its own section by name.  :func:`load_config` validates everything up
+front, so a typo is one clear line at start-up (naming the file, the key and the problem)
+rather than a surprise an hour later::
+
+    etc/dsml.yaml: workers.w1.port: must be an integer from 0 to 65535, got 'abc'
+
+Relative paths in the file (``data_dir``, ``state_dir``, ``token_file``) are relative to the
+directory holding the file, so the same file works from any working directory.
+
+This module knows nothing of Twisted: the twistd plugins (:mod:`dsml.tap`), the CLI and the
+tests all share it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+import attrs
+import yaml
+
+from dsml.protocol import limits as wire_limits
+
+__all__ = [
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "Limits",
+    "MasterConfig",
+    "WorkerConfig",
+    "check_listen_safe",
+    "is_loopback",
+    "load_config",
+    "parse_size",
+]
+
+#: Default largest value payload, in bytes (memcached's item limit).
+DEFAULT_VALUE_MAX: Final = wire_limits.DEFAULT_VALUE_MAX
+#: Largest ``cluster.value_max`` accepted: values are buffered in memory, files are not.
+#: It matches the most the codec will drain from a rejected request.
+VALUE_MAX_LIMIT: Final = 64 * 1024 * 1024
+#: Default number of copies of every stored file and value.
+DEFAULT_REPLICATION: Final = 2
+#: Default seconds between a worker's heartbeats.
+DEFAULT_HEARTBEAT_INTERVAL: Final = 1.0
+#: Default seconds of silence after which the master declares a worker dead.
+DEFAULT_HEARTBEAT_TIMEOUT: Final = 10.0
+#: Default listening address of every role: loopback, so nothing is exposed by accident.
+DEFAULT_HOST: Final = "127.0.0.1"
+#: Default master port.
+DEFAULT_MASTER_PORT: Final = 7400
+#: Default number of task slots of a worker.
+DEFAULT_SLOTS: Final = 1
+#: Most task slots one worker may declare.
+MAX_SLOTS: Final = 1024
+#: Longest token, in UTF-8 bytes: it travels in one header line of at most 1 KiB.
+MAX_TOKEN_BYTES: Final = 512
+#: Longest host name (DNS limit).
+MAX_HOST: Final = 253
+
+#: Default connection limits (see docs/design.md, "Default limits").
+DEFAULT_MAX_CONNECTIONS: Final = 1024
+DEFAULT_MAX_UNAUTHENTICATED: Final = 64
+DEFAULT_AUTH_TIMEOUT: Final = 10.0
+DEFAULT_HEAD_TIMEOUT: Final = 10.0
+DEFAULT_IDLE_TIMEOUT: Final = 60.0
+DEFAULT_PAYLOAD_TIMEOUT: Final = 60.0
+
+_WORKER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+_SIZE = re.compile(r"\s*([0-9]{1,20})\s*([A-Za-z]*)\s*\Z")
+_SIZE_UNITS: Final = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+# Whitespace, C0 controls, DEL and the C1 controls: never part of a token or a host.
+_BAD_CHARS = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
+# How much of an offending value an error message quotes.
+_SHOW_MAX = 60
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid.
+
+    ``str()`` is one line: ``<file>: <key path>: <what is wrong>`` (the key path is left
+    out when the problem is with the file as a whole, such as a YAML syntax error).
+    """
+
+    def __init__(self, path: str | Path, key: str | None, problem: str) -> None:
+        super().__init__(str(path), key, problem)
+        self.path = str(path)
+        self.key = key
+        self.problem = problem
+
+    def __str__(self) -> str:
+        if self.key:
+            return f"{self.path}: {self.key}: {self.problem}"
+        return f"{self.path}: {self.problem}"
+
+
+@attrs.frozen
+class Limits:
+    """Connection limits every dsml server enforces (the ``limits`` section)."""
+
+    #: Most simultaneous connections a server accepts.
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: Most connections that have not yet presented the token.
+    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
+    #: Seconds a new connection has to authenticate before it is closed.
+    auth_timeout: float = DEFAULT_AUTH_TIMEOUT
+    #: Seconds a peer has to finish a message's header block once it has started it.
+    head_timeout: float = DEFAULT_HEAD_TIMEOUT
+    #: Seconds a connection may sit with no request in progress.
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    #: Seconds a payload transfer may go without any progress.
+    payload_timeout: float = DEFAULT_PAYLOAD_TIMEOUT
+
+
+@attrs.frozen
+class MasterConfig:
+    """Where the master listens and keeps its state (the ``master`` section)."""
+
+    #: Address to listen on and for workers and clients to connect to.
+    host: str
+    #: TCP port; 0 lets the operating system choose.
+    port: int
+    #: Directory of the master's SQLite state (absolute).
+    state_dir: Path
+
+
+@attrs.frozen
+class WorkerConfig:
+    """One worker (an entry of the ``workers`` section)."""
+
+    #: The worker's name, its key in ``workers``.
+    name: str
+    #: Address the worker's storage server listens on.
+    host: str
+    #: TCP port; 0 lets the operating system choose.
+    port: int
+    #: Directory of the worker's stored files and index (absolute).
+    data_dir: Path
+    #: How many tasks the worker runs at once.
+    slots: int
+
+
+@attrs.frozen
+class ClusterConfig:
+    """Settings shared by every role (the ``cluster`` section)."""
+
+    #: Shared secret every connection presents first; None means no authentication,
+    #: which is only allowed on loopback addresses (see :func:`check_listen_safe`).
+    token: str | None = attrs.field(repr=False)
+    #: Largest value payload, in bytes.
+    value_max: int
+    #: Copies kept of every file and value.
+    replication: int
+    #: Seconds between a worker's heartbeats.
+    heartbeat_interval: float
+    #: Seconds of silence after which a worker is declared dead.
+    heartbeat_timeout: float
+
+
+@attrs.frozen
+class Config:
+    """A whole cluster's configuration, as loaded from one file."""
+
+    #: The file it was loaded from, as given (error messages name it this way).
+    path: Path
+    cluster: ClusterConfig
+    master: MasterConfig
+    #: Workers by name, in file order; read-only.
+    workers: Mapping[str, WorkerConfig]
+    limits: Limits
+
+    def worker(self, name: str) -> WorkerConfig:
+        """Return the worker called ``name``, or raise ConfigError naming the known ones."""
+        try:
+            return self.workers[name]
+        except KeyError:
+            known = ", ".join(self.workers)
+            raise ConfigError(
+                self.path, "workers", f"no worker named {_show(name)} (known: {known})"
+            ) from None
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a byte count such as ``1MiB``, ``512 KiB``, ``100B`` or ``4096``.
+
+    Units are B, KiB, MiB and GiB (powers of 1024, case-insensitive); a bare number is
+    bytes.  Raises ValueError for anything else, including decimal units (KB, MB) whose
+    meaning is ambiguous, fractions and negative numbers.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"expected a size such as 1MiB, got {_show(text)}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"a size cannot be negative, got {text}")
+        return text
+    if not isinstance(text, str):
+        raise ValueError(f"expected a size such as 1MiB, got {_show(text)}")
+    m = _SIZE.match(text)
+    if m is None:
+        raise ValueError(f"expected a size such as 1MiB or 512KiB, got {_show(text)}")
+    number, unit = m.groups()
+    factor = _SIZE_UNITS.get(unit.lower())
+    if factor is None:
+        raise ValueError(f"unknown size unit {_show(unit)} (use B, KiB, MiB or GiB)")
+    return int(number) * factor
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` names this machine only: 127.0.0.0/8, ::1 or ``localhost``."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def check_listen_safe(config: Config, host: str, role_key: str) -> None:
+    """Refuse to listen on a non-loopback ``host`` when the cluster has no token.
+
+    Without a token anyone who can reach the port can read, overwrite and run anything;
+    that is acceptable on 127.0.0.1 and nowhere else.  ``role_key`` is the key path the
+    host came from (``master.host``, ``workers.w1.host``), for the error message.
+    """
+    if config.cluster.token is None and not is_loopback(host):
+        raise ConfigError(
+            config.path,
+            role_key,
+            f"refusing to listen on non-loopback {host} without cluster.token",
+        )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and return the cluster configuration in ``path``.
+
+    Raises ConfigError (one line naming the file, the key and the problem) if the file is
+    missing, unreadable, not YAML, or breaks the schema in any way.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(path, None, f"cannot read config file: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, None, f"not UTF-8 text (byte {e.start})") from None
+    try:
+        document = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(path, None, _yaml_problem(e)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(path, None, f"YAML error: {_one_line(str(e))}") from None
+    if document is None:
+        raise ConfigError(path, None, "the file is empty; expected a mapping of sections")
+    return _Parser(path).config(document)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate keys in a mapping.
+
+    Plain YAML keeps the last of two ``w1:`` entries and silently drops the first; in a
+    cluster file that is a worker or a setting quietly lost.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        """Construct a mapping as SafeLoader does, after checking its keys are distinct."""
+        seen: set[Hashable] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the base class reports an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(error: yaml.MarkedYAMLError) -> str:
+    """One line for a YAML error: where it is (1-based) and what it is."""
+    mark = error.problem_mark or error.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = error.problem or error.context or "invalid YAML"
+    return f"{where}invalid YAML: {_one_line(problem)}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _show(value: object) -> str:
+    """A short, single-line description of a bad value for an error message."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = repr(value)
+    if len(text) > _SHOW_MAX:
+        text = text[: _SHOW_MAX - 3] + "..."
+    return text
+
+
+@attrs.frozen
+class _Parser:
+    """Validates one document; every error names ``path`` and the key path."""
+
+    path: Path
+
+    def error(self, key: str | None, problem: str) -> ConfigError:
+        return ConfigError(self.path, key, problem)
+
+    # -- sections -------------------------------------------------------------
+
+    def config(self, document: object) -> Config:
+        top = self.mapping(None, document, ["cluster", "master", "workers", "limits"])
+        for required in ("master", "workers"):
+            if required not in top:
+                raise self.error(required, "required section is missing")
+        cluster = self.cluster(top.get("cluster", {}))
+        master = self.master(top["master"])
+        workers = self.workers(top["workers"])
+        limits = self.limits(top.get("limits", {}))
+        self.check_distinct_addresses(master, workers)
+        return Config(
+            path=self.path,
+            cluster=cluster,
+            master=master,
+            workers=MappingProxyType(workers),
+            limits=limits,
+        )
+
+    def cluster(self, section: object) -> ClusterConfig:
+        known = [
+            "token",
+            "token_file",
+            "value_max",
+            "replication",
+            "heartbeat_interval",
+            "heartbeat_timeout",
+        ]
+        s = self.mapping("cluster", section, known)
+        if "token" in s and "token_file" in s:
+            raise self.error("cluster", "token and token_file are mutually exclusive; set one")
+        token: str | None = None
+        if "token" in s:
+            token = self.token("cluster.token", s["token"])
+        elif "token_file" in s:
+            token_path = self.path_value("cluster.token_file", s["token_file"])
+            try:
+                content = token_path.read_text(encoding="utf-8")
+            except OSError as e:
+                raise self.error(
+                    "cluster.token_file", f"cannot read {token_path}: {e.strerror or e}"
+                ) from None
+            except UnicodeDecodeError:
+                raise self.error("cluster.token_file", f"{token_path} is not UTF-8 text") from None
+            token = self.token("cluster.token_file", content.strip(), source=str(token_path))
+        value_max = self.size("cluster.value_max", s.get("value_max", DEFAULT_VALUE_MAX))
+        replication = self.integer(
+            "cluster.replication", s.get("replication", DEFAULT_REPLICATION), 1, None
+        )
+        interval = self.seconds(
+            "cluster.heartbeat_interval", s.get("heartbeat_interval", DEFAULT_HEARTBEAT_INTERVAL)
+        )
+        timeout = self.seconds(
+            "cluster.heartbeat_timeout", s.get("heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT)
+        )
+        if timeout <= interval:
+            raise self.error(
+                "cluster.heartbeat_timeout",
+                f"must be greater than cluster.heartbeat_interval ({interval:g}), got {timeout:g}",
+            )
+        return ClusterConfig(
+            token=token,
+            value_max=value_max,
+            replication=replication,
+            heartbeat_interval=interval,
+            heartbeat_timeout=timeout,
+        )
+
+    def master(self, section: object) -> MasterConfig:
+        s = self.mapping("master", section, ["host", "port", "state_dir"])
+        if "state_dir" not in s:
+            raise self.error("master.state_dir", "required key is missing")
+        return MasterConfig(
+            host=self.host("master.host", s.get("host", DEFAULT_HOST)),
+            port=self.port("master.port", s.get("port", DEFAULT_MASTER_PORT)),
+            state_dir=self.path_value("master.state_dir", s["state_dir"]),
+        )
+
+    def workers(self, section: object) -> dict[str, WorkerConfig]:
+        if section is None or (isinstance(section, Mapping) and not section):
+            raise self.error("workers", "at least one worker is required")
+        s = self.mapping("workers", section, None)
+        workers: dict[str, WorkerConfig] = {}
+        for name, entry in s.items():
+            if not isinstance(name, str) or not _WORKER_NAME.match(name):
+                raise self.error(
+                    "workers",
+                    f"worker name must be 1 to 64 of A-Z a-z 0-9 _ . -, got {_show(name)}",
+                )
+            workers[name] = self.worker(name, entry)
+        return workers
+
+    def worker(self, name: str, section: object) -> WorkerConfig:
+        prefix = f"workers.{name}"
+        s = self.mapping(prefix, section, ["host", "port", "data_dir", "slots"])
+        for required in ("port", "data_dir"):
+            if required not in s:
+                raise self.error(f"{prefix}.{required}", "required key is missing")
+        return WorkerConfig(
+            name=name,
+            host=self.host(f"{prefix}.host", s.get("host", DEFAULT_HOST)),
+            port=self.port(f"{prefix}.port", s["port"]),
+            data_dir=self.path_value(f"{prefix}.data_dir", s["data_dir"]),
+            slots=self.integer(f"{prefix}.slots", s.get("slots", DEFAULT_SLOTS), 1, MAX_SLOTS),
+        )
+
+    def limits(self, section: object) -> Limits:
+        known = [f.name for f in attrs.fields(Limits)]
+        s = self.mapping("limits", section, known)
+        max_connections = self.integer(
+            "limits.max_connections", s.get("max_connections", DEFAULT_MAX_CONNECTIONS), 1, None
+        )
+        max_unauthenticated = self.integer(
+            "limits.max_unauthenticated",
+            s.get("max_unauthenticated", DEFAULT_MAX_UNAUTHENTICATED),
+            1,
+            max_connections,
+        )
+        timeouts = {
+            name: self.seconds(f"limits.{name}", s.get(name, default))
+            for name, default in [
+                ("auth_timeout", DEFAULT_AUTH_TIMEOUT),
+                ("head_timeout", DEFAULT_HEAD_TIMEOUT),
+                ("idle_timeout", DEFAULT_IDLE_TIMEOUT),
+                ("payload_timeout", DEFAULT_PAYLOAD_TIMEOUT),
+            ]
+        }
+        return Limits(
+            max_connections=max_connections,
+            max_unauthenticated=max_unauthenticated,
+            **timeouts,
+        )
+
+    def check_distinct_addresses(
+        self, master: MasterConfig, workers: Mapping[str, WorkerConfig]
+    ) -> None:
+        """Two roles cannot listen on the same host and fixed port."""
+        used: dict[tuple[str, int], str] = {}
+        roles = [("master", master.host, master.port)]
+        roles += [(f"workers.{w.name}", w.host, w.port) for w in workers.values()]
+        for key, host, port in roles:
+            if port == 0:
+                continue
+            other = used.setdefault((host, port), key)
+            if other != key:
+                raise self.error(f"{key}.port", f"port {port} on {host} is already used by {other}")
+
+    # -- values ---------------------------------------------------------------
+
+    def mapping(
+        self, key: str | None, value: object, known: Sequence[str] | None
+    ) -> Mapping[Any, Any]:
+        """``value`` as a mapping; with ``known`` given, no other keys are allowed."""
+        if not isinstance(value, Mapping):
+            if key is None:
+                raise self.error(None, f"the top level must be a mapping, got {_show(value)}")
+            raise self.error(key, f"must be a mapping, got {_show(value)}")
+        if known is not None:
+            for k in value:
+                if k not in known:
+                    child = f"{key}.{k}" if key is not None else str(k)
+                    raise self.error(child, f"unknown key (known: {', '.join(known)})")
+        return value
+
+    def integer(self, key: str, value: object, low: int, high: int | None) -> int:
+        """An int (not a bool) from ``low`` to ``high`` (no upper bound if None)."""
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and value >= low
+            and (high is None or value <= high)
+        ):
+            return value
+        if high is None:
+            expected = f"an integer of at least {low}"
+        else:
+            expected = f"an integer from {low} to {high}"
+        raise self.error(key, f"must be {expected}, got {_show(value)}")
+
+    def port(self, key: str, value: object) -> int:
+        """A TCP port; 0 lets the operating system choose."""
+        return self.integer(key, value, 0, 65535)
+
+    def seconds(self, key: str, value: object) -> float:
+        """A finite duration greater than zero."""
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and value > 0
+        ):
+            return float(value)
+        raise self.error(key, f"must be a number of seconds greater than 0, got {_show(value)}")
+
+    def size(self, key: str, value: object) -> int:
+        try:
+            size = parse_size(value)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise self.error(key, str(e)) from None
+        if not 1 <= size <= VALUE_MAX_LIMIT:
+            raise self.error(key, f"must be from 1 B to 64 MiB, got {_show(value)}")
+        return size
+
+    def string(self, key: str, value: object) -> str:
+        if not isinstance(value, str):
+            raise self.error(key, f"must be a string, got {_show(value)}")
+        return value
+
+    def host(self, key: str, value: object) -> str:
+        host = self.string(key, value)
+        if not host or len(host) > MAX_HOST or _BAD_CHARS.search(host):
+            raise self.error(
+                key, f"must be a host name or IP address with no spaces, got {_show(value)}"
+            )
+        return host
+
+    def path_value(self, key: str, value: object) -> Path:
+        """A path, made absolute against the config file's directory."""
+        text = self.string(key, value)
+        if not text or "\x00" in text:
+            raise self.error(key, f"must be a non-empty path, got {_show(value)}")
+        return (self.path.parent / Path(text).expanduser()).resolve()
+
+    def token(self, key: str, value: object, source: str | None = None) -> str:
+        """A shared secret; never quoted in error messages."""
+        if not isinstance(value, str):
+            # Do not echo it: it may be a secret that YAML read as a number.
+            raise self.error(
+                key, f"must be a string (put it in quotes), not {type(value).__name__}"
+            )
+        what = f"the token in {source}" if source else "the token"
+        if not value:
+            raise self.error(key, f"{what} is empty")
+        if _BAD_CHARS.search(value):
+            raise self.error(key, f"{what} contains whitespace or control characters")
+        if len(value.encode("utf-8", "surrogatepass")) > MAX_TOKEN_BYTES:
+            raise self.error(key, f"{what} is longer than {MAX_TOKEN_BYTES} bytes")
+        return value
