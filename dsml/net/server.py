@@ -115,6 +115,7 @@ class ServerProtocol(TwistedProtocol):
         self._head_started: float | None = None
         self._closing = False
         self._counted_unauth = False
+        self._pumping = False  # _pump() is on the stack (see _resume)
 
     # -- connection life --------------------------------------------------------------
 
@@ -172,6 +173,20 @@ class ServerProtocol(TwistedProtocol):
             self._arm()
 
     def _pump(self) -> None:
+        # Fix (tests/test_server.py): never nest.  A reply can complete inside the loop
+        # (an already-fired Deferred; Twisted's TCP transport pulls a small download to
+        # the end inside registerProducer), and _resume() used to call _pump() again from
+        # there: one stack level per pipelined request, RecursionError after a few
+        # hundred small file_retrieves.  Now _resume() leaves it to the running loop.
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            self._pump_events()
+        finally:
+            self._pumping = False
+
+    def _pump_events(self) -> None:
         parser = self.parser
         while self._state != _WAITING and not self._closing:
             try:
@@ -258,7 +273,10 @@ class ServerProtocol(TwistedProtocol):
 
     def _on_rejected(self, event: Rejected) -> None:
         if not self.authenticated:
-            self._fatal("auth-required", "authenticate first (send auth with Token)", event.id)
+            if event.method == "auth":  # a malformed auth: say what is wrong with it
+                self._fatal(event.code, event.message, event.id)
+            else:
+                self._fatal("auth-required", "authenticate first (send auth with Token)", event.id)
             return
         self._send(codec.encode_error(event.id, event.code, event.message))
 
@@ -354,8 +372,14 @@ class ServerProtocol(TwistedProtocol):
             return
         self._activity = self.clock.seconds()
         self.transport.resumeProducing()  # type: ignore[union-attr]
+        if self._pumping:
+            return  # fix: the running _pump() loop goes on with the next request
         self._pump()
         if not self._closing:
+            # Fix (tests/test_server.py): a partial head that arrived while the reply was
+            # pending gets the header deadline, as in dataReceived (it got only idle_timeout).
+            if self._state == _IDLE and self.parser.buffered and self._head_started is None:
+                self._head_started = self._activity
             self._arm()
 
     def _fatal(self, code: str, message: str, req_id: int = 0) -> None:
