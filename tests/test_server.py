@@ -1038,15 +1038,6 @@ def test_key_of_max_key_bytes(server: Server) -> None:
     assert server.store.list()[0].key == key
 
 
-def test_key_filling_a_header_line(server: Server) -> None:
-    """The longest key a header line can carry (MAX_LINE - len('Key: ')) is accepted."""
-    proto, t = server.connect()
-    key = "k" * (limits.MAX_LINE - len("Key: "))
-    proto.dataReceived(req("value_upload", 2, b"v", key=key))
-    assert summary(t) == [("OK", 2, "", b"")]
-    assert server.store.list()[0].key == key
-
-
 # == positive paths ========================================================================
 
 

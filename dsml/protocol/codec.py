@@ -48,7 +48,7 @@ _BAD_HEAD_BYTE = re.compile(rb"(?<!\r)\n|\r(?!\n)|\x00")
 # Within a header value: any control character other than TAB.
 _BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-_NAME = re.compile(r"[A-Za-z0-9-]{1,%d}\Z" % limits.MAX_HEADER_NAME)
+_NAME = re.compile(rf"[A-Za-z0-9-]{{1,{limits.MAX_HEADER_NAME}}}\Z")
 
 _TERMINATOR = b"\r\n\r\n"
 
@@ -396,21 +396,39 @@ def _describe_bad_byte(b: bytes) -> str:
 def encode_head(start: str, headers: Mapping[str, object], length: int) -> bytes:
     """Serialize a start line and headers; add Length when ``length`` is not zero.
 
-    Raises ValueError for a header that could break the framing.
+    Raises ValueError for anything the receiving parser would take as a framing error
+    (bad start line, bad or duplicate name, control character, line or block too long),
+    so a bad argument fails here instead of closing the peer's connection.
     """
-    parts = [start]
+    raw_start = start.encode("utf-8")
+    if not (_REQUEST_LINE.match(raw_start) or _RESPONSE_LINE.match(raw_start)):
+        raise ValueError(f"bad start line {start!r}")
+    if not 0 <= length < 10**limits.MAX_LENGTH_DIGITS:
+        raise ValueError(f"bad payload length {length!r}")
+    parts = [raw_start]
+    seen: set[str] = set()
     for name, value in headers.items():
         text = str(value)
-        if not _NAME.match(name) or name.lower() in ("length", "method"):
-            raise ValueError(f"bad header name {name!r}")
-        if "\r" in text or "\n" in text or "\x00" in text:
-            raise ValueError(f"header {name!r} contains CR, LF or NUL")
-        parts.append(f"{name}: {text}")
+        lower = name.lower()
+        if not _NAME.match(name) or lower in ("length", "method") or lower in seen:
+            raise ValueError(f"bad or duplicate header name {name!r}")
+        seen.add(lower)
+        if _CONTROL.search(text):
+            raise ValueError(f"header {name!r} contains a control character")
+        line = f"{name}: {text}".encode()
+        if len(line) > limits.MAX_LINE:
+            raise ValueError(f"header {name!r} makes a line longer than {limits.MAX_LINE} bytes")
+        parts.append(line)
     if length:
-        parts.append(f"Length: {length}")
-    parts.append("")
-    parts.append("")
-    return "\r\n".join(parts).encode("utf-8")
+        parts.append(b"Length: %d" % length)
+    if len(parts) - 1 > limits.MAX_HEADERS:
+        raise ValueError(f"more than {limits.MAX_HEADERS} header lines")
+    parts.append(b"")
+    parts.append(b"")
+    head = b"\r\n".join(parts)
+    if len(head) > limits.MAX_HEAD:
+        raise ValueError(f"header block larger than {limits.MAX_HEAD} bytes")
+    return head
 
 
 def encode_request(

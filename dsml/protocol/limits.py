@@ -5,8 +5,8 @@ lists them and explains where each number comes from.
 """
 
 #: Longest header line (start line included), in bytes, not counting its CRLF.
-#: memcached closes at 2 KiB; nginx's first buffer is 1 KiB.
-MAX_LINE = 1024
+#: memcached closes at 2 KiB; a Key header must fit a MAX_KEY-byte key with room to spare.
+MAX_LINE = 2048
 
 #: Largest header block (start line, header lines and the blank line), in bytes.
 #: twisted.web, h11 and Node all use 16 KiB.
