@@ -30,6 +30,10 @@ from .protocol.codec import END, NEED_DATA, Head, Parser
 #: Bytes per read and per send of a file transfer.
 CHUNK = 1024 * 1024
 
+#: Bytes asked of the socket per read outside a file transfer.  Asking for CHUNK on
+#: every small reply costs a large allocation per round trip.
+SMALL_READ = 64 * 1024
+
 Progress = Callable[[int], None]
 
 
@@ -90,6 +94,7 @@ class Client:
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._parser = Parser(codec.RESPONSE)
         self._next_id = 1
+        self._read_size = SMALL_READ
         try:
             self._call("auth", {"Token": token or "", "Client": name})
         except BaseException:
@@ -131,7 +136,7 @@ class Client:
             if event is not NEED_DATA:
                 return event
             try:
-                data = self._sock.recv(CHUNK)
+                data = self._sock.recv(self._read_size)
             except OSError as e:
                 raise ConnectionLost(f"connection to {self.host}:{self.port} lost: {e}") from None
             if not data:
@@ -291,15 +296,19 @@ class Client:
             raise DsmlError("server did not offer the file", "bad-frame")
         digest = hashlib.sha256()
         write = out.write
-        while True:
-            event = self._event()
-            if event is END:
-                break
-            data = event.data
-            digest.update(data)
-            write(data)
-            if progress is not None:
-                progress(len(data))
+        self._read_size = CHUNK
+        try:
+            while True:
+                event = self._event()
+                if event is END:
+                    break
+                data = event.data
+                digest.update(data)
+                write(data)
+                if progress is not None:
+                    progress(len(data))
+        finally:
+            self._read_size = SMALL_READ
         entry = Entry(key, h["kind"], int(h["size"]), h["sha256"], int(h["version"]))
         if digest.hexdigest() != entry.sha256:
             raise ChecksumMismatch(

@@ -41,12 +41,14 @@ def check_key(key: str) -> str:
     """
     if not key:
         raise HeaderValueError("bad-key", "key is empty")
-    if len(key.encode("utf-8", "surrogatepass")) > limits.MAX_KEY:
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 form
+        raise HeaderValueError("bad-key", "key is not valid UTF-8") from None
+    if size > limits.MAX_KEY:
         raise HeaderValueError("bad-key", f"key is longer than {limits.MAX_KEY} bytes")
     if _KEY_FORBIDDEN.search(key):
         raise HeaderValueError("bad-key", "key contains a control character")
-    if any("\ud800" <= ch <= "\udfff" for ch in key):
-        raise HeaderValueError("bad-key", "key is not valid UTF-8")
     return key
 
 
