@@ -33,9 +33,13 @@ log = Logger()
 #: 128 KiB per reactor pass; 16 KiB chunks (FileSender's) halve throughput, 1 MiB does not.
 BODY_CHUNK = 1024 * 1024
 
-#: Bytes asked of the socket per read.  Twisted's default is 64 KiB; larger reads mean
-#: fewer trips through the parser on uploads.
+#: Bytes asked of the socket per read between large uploads (Twisted's default).
 READ_SIZE = 64 * 1024
+
+#: Bytes asked per read while a large streamed payload arrives: fewer trips through
+#: the reactor and the parser per GiB.  Not the default, because asking for 1 MiB on
+#: every small request costs a large allocation per read.
+READ_SIZE_LARGE = 1024 * 1024
 
 
 @attrs.frozen
@@ -219,6 +223,8 @@ class ServerProtocol(TwistedProtocol):
             return
         spec = self.handler.methods.get(head.kind)
         if spec is not None and spec.streamed:
+            if head.length > READ_SIZE_LARGE and hasattr(self.transport, "bufferSize"):
+                self.transport.bufferSize = READ_SIZE_LARGE  # type: ignore[union-attr]
             try:
                 self._call = self.handler.open(head, self)
             except DsmlError as e:
@@ -255,6 +261,8 @@ class ServerProtocol(TwistedProtocol):
         try:
             if self._call is not None:
                 call, self._call = self._call, None
+                if hasattr(self.transport, "bufferSize"):
+                    self.transport.bufferSize = READ_SIZE  # type: ignore[union-attr]
                 result = call.end()
             else:
                 payload = b"".join(self._chunks) if self._chunks else b""
