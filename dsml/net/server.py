@@ -10,6 +10,7 @@ size keeps memory flat and honours the peer's pace.
 from __future__ import annotations
 
 import hmac
+from collections import deque
 from collections.abc import Callable
 from typing import IO, Any, Protocol, runtime_checkable
 
@@ -52,6 +53,36 @@ class ServerLimits:
     head_timeout: float = 10.0
     idle_timeout: float = 60.0
     payload_timeout: float = 60.0
+
+
+#: Bytes of held peer requests (see ServerProtocol._route_peer_event) before reading
+#: pauses.
+HELD_MAX = 1024 * 1024
+
+#: Largest response payload a peer link accepts for its own requests (replies there
+#: are small: acknowledgements, listings).
+RESPONSE_MAX = 64 * 1024 * 1024
+
+
+class ConnectionLost(DsmlError):
+    """The link closed before the peer answered."""
+
+    code = "connection"
+
+
+@attrs.frozen
+class Response:
+    """A successful answer to a request sent over a peer link."""
+
+    headers: dict[str, str]
+    payload: bytes = b""
+
+
+@attrs.define
+class _Pending:
+    deferred: Deferred[Response] | None
+    head: Head | None = None
+    chunks: list[bytes] = attrs.field(factory=list)
 
 
 @attrs.define
@@ -104,8 +135,10 @@ class ServerProtocol(TwistedProtocol):
         self.clock = factory.clock
         self.handler = factory.handler
         self.limits = factory.limits
-        self.parser = Parser(codec.REQUEST, factory.handler.methods)
-        self.authenticated = False
+        self.peer = factory.peer
+        self.parser = Parser(codec.PEER if self.peer else codec.REQUEST, factory.handler.methods)
+        # The side that opened a peer link trusts requests coming back over it.
+        self.authenticated = factory.initiator
         self.client_name = ""
         self._state = _IDLE
         self._head: Head | None = None
@@ -120,6 +153,15 @@ class ServerProtocol(TwistedProtocol):
         self._closing = False
         self._counted_unauth = False
         self._pumping = False  # _pump() is on the stack (see _resume)
+        # Peer links: requests this side sent, by id, and the response being read.
+        self._next_out_id = 1
+        self._calls: dict[int, _Pending] = {}
+        self._response: _Pending | None = None
+        # Peer requests (events) that arrived while the previous one was being answered.
+        self._held: deque[Any] = deque()
+        self._holding = False  # inside a held request's payload
+        self._held_bytes = 0
+        self._held_paused = False
 
     # -- connection life --------------------------------------------------------------
 
@@ -128,8 +170,9 @@ class ServerProtocol(TwistedProtocol):
         now = self.clock.seconds()
         self._connected_at = self._activity = now
         f.connections += 1
-        f.unauthenticated += 1
-        self._counted_unauth = True
+        if not self.authenticated:
+            f.unauthenticated += 1
+            self._counted_unauth = True
         if hasattr(self.transport, "bufferSize"):
             self.transport.bufferSize = READ_SIZE  # type: ignore[union-attr]
         if hasattr(self.transport, "setTcpNoDelay"):
@@ -162,6 +205,11 @@ class ServerProtocol(TwistedProtocol):
         if self._body is not None:
             self._body.close()
             self._body = None
+        calls, self._calls = self._calls, {}
+        for pending in calls.values():
+            pending.deferred.errback(ConnectionLost("connection lost before the reply"))
+        if self.peer:
+            self.factory.lost(self)
 
     # -- input ------------------------------------------------------------------------
 
@@ -195,22 +243,116 @@ class ServerProtocol(TwistedProtocol):
 
     def _pump_events(self) -> None:
         parser = self.parser
-        while self._state != _WAITING and not self._closing:
-            try:
-                event = parser.next_event()
-            except ProtocolError as e:
-                self._fatal(e.code, e.message, e.request_id)
+        peer = self.peer
+        held = self._held
+        while not self._closing:
+            if held and self._state != _WAITING:
+                event: Any = held.popleft()
+                if type(event) is Data:
+                    self._held_bytes -= len(event.data)
+            elif self._state == _WAITING and not peer:
                 return
-            if event is NEED_DATA:
-                return
-            if type(event) is Data:
-                self._on_data(event.data)  # type: ignore[union-attr]
+            else:
+                try:
+                    event = parser.next_event()
+                except ProtocolError as e:
+                    self._fatal(e.code, e.message, e.request_id)
+                    return
+                if event is NEED_DATA:
+                    return
+                if peer and self._route_peer_event(event):
+                    continue
+            kind = type(event)
+            if kind is Data:
+                self._on_data(event.data)
             elif event is END:
                 self._on_end()
-            elif type(event) is Head:
-                self._on_head(event)  # type: ignore[arg-type]
+            elif kind is Head:
+                self._on_head(event)
             else:
-                self._on_rejected(event)  # type: ignore[arg-type]
+                self._on_rejected(event)
+
+    def _route_peer_event(self, event: Any) -> bool:
+        """On a peer link, take responses and hold requests that must wait their turn.
+
+        Responses to our own requests are delivered at once, even while the peer's
+        current request waits for its answer (its handler may be waiting on one of
+        them).  A request that arrives meanwhile is held, with its payload, and run when
+        its turn comes; past HELD_MAX held bytes the transport pauses.  Returns True
+        when the event was taken here.
+        """
+        if self._response is not None:
+            self._on_response_event(event)
+            return True
+        kind = type(event)
+        if self._holding:
+            self._held.append(event)
+            if kind is Data:
+                self._held_bytes += len(event.data)
+            elif event is END:
+                self._holding = False
+        elif kind is Head and event.kind in (codec.OK, codec.ERROR):
+            self._on_response_head(event)
+            return True
+        elif self._state == _WAITING or self._held:
+            self._held.append(event)
+            self._holding = kind is Head
+        else:
+            return False
+        if self._held_bytes > HELD_MAX and not self._held_paused:
+            self._held_paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        return True
+
+    # -- peer links: requests from this side ------------------------------------------
+
+    def request(
+        self, method: str, headers: dict[str, object] | None = None, payload: bytes = b""
+    ) -> Deferred[Response]:
+        """Send a request to the peer; the Deferred fires with its :class:`Response`
+        or fails with :class:`DsmlError` (its error code) or :class:`ConnectionLost`."""
+        if not self.peer:
+            raise RuntimeError("request() needs a peer link (ServerFactory(peer=True))")
+        d: Deferred[Response] = Deferred()
+        if self._closing or not self.connected:
+            d.errback(ConnectionLost("connection is closed"))
+            return d
+        req_id = self._next_out_id
+        self._next_out_id += 1
+        self._calls[req_id] = _Pending(d)
+        _write_now(self.transport, codec.encode_request(method, req_id, headers or {}, payload))
+        return d
+
+    def _on_response_head(self, head: Head) -> None:
+        if head.length > RESPONSE_MAX:
+            self._fatal("too-large", f"response of {head.length} bytes exceeds {RESPONSE_MAX}")
+            return
+        pending = self._calls.pop(head.id, None)
+        if pending is None:
+            log.warn("{peer}: response {id} answers no request", peer=self._peer(), id=head.id)
+            pending = _Pending(None)
+        pending.head = head
+        self._response = pending
+
+    def _on_response_event(self, event: Any) -> None:
+        pending = self._response
+        assert pending is not None
+        if type(event) is Data:
+            pending.chunks.append(event.data)
+            return
+        # END: the only other event inside a response
+        self._response = None
+        d = pending.deferred
+        if d is None:
+            return
+        head = pending.head
+        assert head is not None
+        payload = b"".join(pending.chunks)
+        if head.ok:
+            d.callback(Response(head.headers, payload))
+        else:
+            h = head.headers
+            d.errback(DsmlError(h.get("message", "error"), h.get("code", "internal")))
 
     def _on_head(self, head: Head) -> None:
         self._head_started = None
@@ -317,9 +459,14 @@ class ServerProtocol(TwistedProtocol):
         self._head = None
 
     def _wait(self) -> None:
-        """Stop reading until the current request is answered (no unbounded buffering)."""
+        """Stop reading until the current request is answered (no unbounded buffering).
+
+        A peer link keeps reading (responses to our own requests must get through) and
+        pauses only when the peer's next request arrives (see _pump_events).
+        """
         self._state = _WAITING
-        self.transport.pauseProducing()  # type: ignore[union-attr]
+        if not self.peer:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
 
     def _send_reply(self, req_id: int, reply: Reply) -> None:
         if reply.body is None:
@@ -382,6 +529,7 @@ class ServerProtocol(TwistedProtocol):
         if self._closing or self._state == _WAITING:
             return
         self._activity = self.clock.seconds()
+        self._held_paused = False
         self.transport.resumeProducing()  # type: ignore[union-attr]
         if self._pumping:
             return  # fix: the running _pump() loop goes on with the next request
@@ -535,7 +683,13 @@ class _BodyProducer:
 
 
 class ServerFactory(Factory):
-    """Builds a :class:`ServerProtocol` per connection; holds what they share."""
+    """Builds a :class:`ServerProtocol` per connection; holds what they share.
+
+    ``peer=True`` makes each connection a two-way link: either side may send requests
+    (:meth:`ServerProtocol.request`).  ``initiator=True`` is for the side that opens
+    such a link (a worker dialling the master): it authenticates itself with a request
+    and trusts the requests that come back.  ``on_lost`` hears of each closed peer link.
+    """
 
     def __init__(
         self,
@@ -543,13 +697,27 @@ class ServerFactory(Factory):
         clock: Any,
         token: str | None = None,
         limits: ServerLimits | None = None,
+        peer: bool = False,
+        initiator: bool = False,
+        on_lost: Callable[[ServerProtocol], None] | None = None,
     ) -> None:
         self.handler = handler
         self.clock = clock
         self.token = token
         self.limits = limits or ServerLimits()
+        self.peer = peer or initiator
+        self.initiator = initiator
+        self.on_lost = on_lost
         self.connections = 0
         self.unauthenticated = 0
+
+    def lost(self, proto: ServerProtocol) -> None:
+        """A peer link closed."""
+        if self.on_lost is not None:
+            try:
+                self.on_lost(proto)
+            except Exception:
+                log.failure("on_lost callback failed")
 
     def buildProtocol(self, addr: Any) -> ServerProtocol:
         return ServerProtocol(self)

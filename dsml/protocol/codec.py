@@ -34,6 +34,9 @@ __all__ = [
 
 REQUEST: Final = "request"
 RESPONSE: Final = "response"
+#: Both directions on one connection (a worker's link to the master): a message is a
+#: request or a response according to its start line.
+PEER: Final = "peer"
 
 #: Response statuses.
 OK: Final = "OK"
@@ -193,9 +196,9 @@ class Parser:
     """
 
     def __init__(self, role: str = REQUEST, methods: MethodTable | None = None) -> None:
-        if role not in (REQUEST, RESPONSE):
-            raise ValueError(f"role must be {REQUEST!r} or {RESPONSE!r}")
-        if role == REQUEST and methods is None:
+        if role not in (REQUEST, RESPONSE, PEER):
+            raise ValueError(f"role must be {REQUEST!r}, {RESPONSE!r} or {PEER!r}")
+        if role != RESPONSE and methods is None:
             raise ValueError("a request parser needs a method table")
         self._role = role
         self._methods = methods
@@ -331,7 +334,12 @@ class Parser:
         # findall splits it.  Anything unusual takes the slow path below, which
         # names the exact problem.
         if len(block) <= limits.MAX_LINE:
-            m = (_REQUEST_BLOCK if self._role == REQUEST else _RESPONSE_BLOCK).match(block)
+            role = self._role
+            m = _RESPONSE_BLOCK.match(block) if role == RESPONSE else _REQUEST_BLOCK.match(block)
+            is_response = role == RESPONSE
+            if m is None and role == PEER:
+                m = _RESPONSE_BLOCK.match(block)
+                is_response = True
             if m is not None:
                 pairs = _PAIRS.findall(block, m.end(2))
                 if len(pairs) <= limits.MAX_HEADERS:
@@ -351,7 +359,7 @@ class Parser:
                         else:
                             return self._finish_head(
                                 m.group(1).decode("ascii"), int(m.group(2)), headers,
-                                raw_length, None,
+                                raw_length, None, is_response,
                             )
                     except UnicodeDecodeError:
                         pass
@@ -372,9 +380,14 @@ class Parser:
         start = lines[0]
         if long_lines and len(start) > limits.MAX_LINE:
             raise ProtocolError("bad-frame", f"header line longer than {limits.MAX_LINE} bytes")
-        m = (_REQUEST_LINE if self._role == REQUEST else _RESPONSE_LINE).match(start)
+        role = self._role
+        m = _RESPONSE_LINE.match(start) if role == RESPONSE else _REQUEST_LINE.match(start)
+        is_response = role == RESPONSE
+        if m is None and role == PEER:
+            m = _RESPONSE_LINE.match(start)
+            is_response = True
         if m is None:
-            what = "request line" if self._role == REQUEST else "status line"
+            what = {REQUEST: "request line", RESPONSE: "status line"}.get(role, "start line")
             raise ProtocolError("bad-frame", f"malformed {what}")
         kind = m.group(1).decode("ascii")
         req_id = int(m.group(2))
@@ -411,7 +424,7 @@ class Parser:
             except UnicodeDecodeError:
                 headers[name] = raw.decode("utf-8", "replace")
                 not_utf8 = not_utf8 or name
-        return self._finish_head(kind, req_id, headers, raw_length, not_utf8)
+        return self._finish_head(kind, req_id, headers, raw_length, not_utf8, is_response)
 
     def _finish_head(
         self,
@@ -420,9 +433,10 @@ class Parser:
         headers: dict[str, str],
         raw_length: bytes | None,
         not_utf8: str | None,
+        is_response: bool,
     ) -> Event:
         length = int(raw_length) if raw_length is not None else 0
-        if self._role == RESPONSE:
+        if is_response:
             if not_utf8 is not None:
                 raise ProtocolError("bad-frame", f"header {not_utf8!r} is not UTF-8", req_id)
             return self._start_payload(Head(kind, req_id, headers, length))

@@ -1,0 +1,163 @@
+"""Peer links: both ends of one connection send requests (a worker's link to the master)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.test import iosim
+
+from dsml.errors import DsmlError
+from dsml.net.server import ConnectionLost, Reply, Response, ServerFactory, ServerProtocol
+from dsml.protocol.codec import Head
+from dsml.protocol.methods import MethodSpec, MethodTable, check_text, storage_methods
+
+
+def _table() -> MethodTable:
+    base = storage_methods()
+    return base.extend(
+        [
+            MethodSpec("echo", {"word": check_text}, frozenset({"word"}), 1024),
+            MethodSpec("later"),
+            MethodSpec("ask_back"),
+        ]
+    )
+
+
+class Handler:
+    """Answers echo at once, later when told, and ask_back by asking the other side first."""
+
+    def __init__(self) -> None:
+        self.methods = _table()
+        self.later: list[Deferred[Reply]] = []
+        self.seen: list[str] = []
+
+    def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Any:
+        self.seen.append(head.kind)
+        if head.kind == "echo":
+            return Reply({"Word": head.headers["word"]}, payload)
+        if head.kind == "later":
+            d: Deferred[Reply] = Deferred()
+            self.later.append(d)
+            return d
+        if head.kind == "ask_back":
+            asked = conn.request("echo", {"Word": "inner"})
+            return asked.addCallback(lambda r: Reply({"Got": r.headers["word"]}))
+        raise DsmlError("no", "unknown-method")
+
+    def open(self, head: Head, conn: ServerProtocol) -> Any:
+        raise DsmlError("no", "unknown-method")
+
+
+class Link:
+    """A master-side and a worker-side protocol joined by an in-memory pump."""
+
+    def __init__(self, token: str = "secret") -> None:
+        self.clock = Clock()
+        self.master_handler = Handler()
+        self.worker_handler = Handler()
+        self.lost: list[ServerProtocol] = []
+        master_factory = ServerFactory(
+            self.master_handler, self.clock, token, peer=True, on_lost=self.lost.append
+        )
+        worker_factory = ServerFactory(self.worker_handler, self.clock, None, initiator=True)
+        self.master = master_factory.buildProtocol(None)
+        self.worker = worker_factory.buildProtocol(None)
+        self.pump = iosim.connect(
+            self.master, iosim.makeFakeServer(self.master),
+            self.worker, iosim.makeFakeClient(self.worker),
+            greet=False,
+        )
+
+    def flush(self) -> None:
+        self.pump.flush()
+
+
+def _result(d: Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "Deferred has not fired"
+    return results[0]
+
+
+def test_worker_authenticates_then_both_sides_request() -> None:
+    """The dialling side authenticates with a request; then each side's requests are answered."""
+    link = Link()
+    auth = link.worker.request("auth", {"Token": "secret"})
+    link.flush()
+    assert isinstance(_result(auth), Response)
+    echo = link.worker.request("echo", {"Word": "hi"}, b"payload")
+    back = link.master.request("echo", {"Word": "down"})
+    link.flush()
+    assert _result(echo) == Response({"word": "hi"}, b"payload")
+    assert _result(back).headers["word"] == "down"
+    assert link.master_handler.seen == ["echo"]
+    assert link.worker_handler.seen == ["echo"]
+
+
+def test_request_before_auth_is_refused_and_closes() -> None:
+    """The accepting side still demands auth first; the caller's Deferred fails with the code."""
+    link = Link()
+    echo = link.worker.request("echo", {"Word": "hi"})
+    link.flush()
+    failure = _result(echo)
+    assert failure.check(DsmlError) and failure.value.code == "auth-required"
+    assert link.lost == [link.master]
+
+
+def test_wrong_token_fails_the_auth_request() -> None:
+    """A wrong token fails the auth request with auth-failed and closes the link."""
+    link = Link()
+    auth = link.worker.request("auth", {"Token": "nope"})
+    link.flush()
+    assert _result(auth).value.code == "auth-failed"
+
+
+def test_responses_flow_while_a_request_waits() -> None:
+    """A handler that asks the other side before answering does not deadlock the link."""
+    link = Link()
+    link.worker.request("auth", {"Token": "secret"})
+    link.flush()
+    ask = link.worker.request("ask_back")
+    link.flush()
+    assert _result(ask).headers["got"] == "inner"
+
+
+def test_pipelined_requests_wait_their_turn_behind_a_slow_one() -> None:
+    """The peer's second request is held until the first is answered; order is kept."""
+    link = Link()
+    link.worker.request("auth", {"Token": "secret"})
+    link.flush()
+    first = link.worker.request("later")
+    second = link.worker.request("echo", {"Word": "two"})
+    link.flush()
+    assert link.master_handler.seen == ["later"]
+    results: list[Any] = []
+    first.addCallback(lambda r: results.append("first"))
+    second.addCallback(lambda r: results.append("second"))
+    # Meanwhile the master's own request to the worker goes through.
+    down = link.master.request("echo", {"Word": "meanwhile"})
+    link.flush()
+    assert _result(down).headers["word"] == "meanwhile"
+    assert results == []
+    link.master_handler.later[0].callback(Reply())
+    link.flush()
+    assert results == ["first", "second"]
+    assert link.master_handler.seen == ["later", "echo"]
+
+
+def test_pending_requests_fail_when_the_link_drops() -> None:
+    """Requests still waiting when the connection closes fail with ConnectionLost."""
+    link = Link()
+    link.worker.request("auth", {"Token": "secret"})
+    link.flush()
+    pending = link.worker.request("later")
+    link.flush()
+    link.worker.transport.loseConnection()
+    link.flush()
+    assert _result(pending).check(ConnectionLost)
+    assert link.lost == [link.master]
+    with pytest.raises(RuntimeError):
+        ServerFactory(Handler(), Clock()).buildProtocol(None).request("echo")
