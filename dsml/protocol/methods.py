@@ -76,6 +76,44 @@ def check_text(value: str) -> str:
     return value
 
 
+_ADDR = re.compile(r"[A-Za-z0-9._:\[\]-]{1,255}:[0-9]{1,5}\Z")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+
+#: Most workers a Forward header may name (the rest of an upload pipeline).
+MAX_FORWARD = 16
+
+
+def check_addr(value: str) -> str:
+    """``host:port`` of a storage server."""
+    if not _ADDR.match(value):
+        raise HeaderValueError("bad-header", "expected host:port")
+    return value
+
+
+def check_forward(value: str) -> str:
+    """A comma-separated list of ``host:port``: where a storage server passes an upload on."""
+    parts = value.split(",") if value else []
+    if len(parts) > MAX_FORWARD:
+        raise HeaderValueError("bad-header", f"more than {MAX_FORWARD} addresses")
+    for part in parts:
+        check_addr(part)
+    return value
+
+
+def check_name(value: str) -> str:
+    """A worker name: 1 to 64 of ``A-Z a-z 0-9 _ . -``."""
+    if not _NAME.match(value):
+        raise HeaderValueError("bad-header", "expected a worker name ([A-Za-z0-9_.-]{1,64})")
+    return value
+
+
+def check_names(value: str) -> str:
+    """A comma-separated list of worker names."""
+    for part in value.split(","):
+        check_name(part)
+    return value
+
+
 Validator = Callable[[str], str]
 
 
@@ -140,16 +178,96 @@ def storage_methods(value_max: int = limits.DEFAULT_VALUE_MAX) -> MethodTable:
         _spec(
             "file_upload",
             key,
-            {"sha256": check_sha256},
+            {"sha256": check_sha256, "forward": check_forward},
             max_payload=limits.FILE_MAX,
             streamed=True,
         ),
         _spec("file_retrieve", key),
-        _spec("value_upload", key, max_payload=value_max),
+        _spec("value_upload", key, {"forward": check_forward}, max_payload=value_max),
         _spec("value_retrieve", key),
         _spec("delete", key),
         _spec("stat", key),
         _spec("list", None, {"prefix": check_prefix, "limit": check_uint, "after": check_key}),
+    ]:
+        table.add(spec)
+    return table
+
+
+#: Largest inventory or report payload a worker sends the master (about 400,000 keys).
+INVENTORY_MAX = 64 * 1024 * 1024
+
+
+def worker_order_methods() -> MethodTable:
+    """What the master may ask of a worker over the worker's link."""
+    key = {"key": check_key}
+    table = MethodTable()
+    for spec in [
+        _spec("ping"),
+        # Push the current copy of Key (if it still has Version) to the storage
+        # server at To, as a file_upload.
+        _spec("replicate", {**key, "version": check_uint, "to": check_addr}),
+        # Delete Key if its stored version is Version (a surplus or stale replica).
+        _spec("drop", {**key, "version": check_uint}),
+    ]:
+        table.add(spec)
+    return table
+
+
+def master_methods() -> MethodTable:
+    """The master's methods: worker membership, the data directory, cluster views."""
+    key = {"key": check_key}
+    worker = {"name": check_name, "incarnation": check_uint}
+    table = MethodTable()
+    for spec in [
+        _spec("auth", {"token": check_text}, {"client": check_text}),
+        _spec("ping"),
+        # A worker joins: payload = its inventory, JSON lines {key,size,sha256,version}.
+        _spec(
+            "register",
+            {
+                "name": check_name,
+                "host": check_text,
+                "port": check_uint,
+                "slots": check_uint,
+                "dsml-version": check_text,
+                "protocol-version": check_uint,
+            },
+            {"boot": check_text},
+            max_payload=INVENTORY_MAX,
+        ),
+        _spec(
+            "heartbeat",
+            {
+                **worker,
+                "free-slots": check_uint,
+                "stored-bytes": check_uint,
+                "stored-files": check_uint,
+                "free-disk": check_uint,
+            },
+        ),
+        # Stores and deletes since the last report: JSON lines
+        # {op: "store"|"delete", key, size, sha256, version}.
+        _spec("report", worker, max_payload=INVENTORY_MAX),
+        # Where to write Key (Size bytes): Workers = name=host:port,...
+        _spec("place", {**key, "size": check_uint}),
+        # Where Key lives: Replicas = name=host:port,... (live ones first).
+        _spec("locate", key),
+        # A client's upload to Workers finished: record it at once (read your writes).
+        _spec(
+            "commit",
+            {
+                **key,
+                "size": check_uint,
+                "sha256": check_sha256,
+                "version": check_uint,
+                "workers": check_names,
+            },
+        ),
+        # A client found Worker's copy of Key corrupt.
+        _spec("corrupt", {**key, "worker": check_name}),
+        _spec("remove", key),
+        _spec("list", None, {"prefix": check_prefix, "limit": check_uint, "after": check_key}),
+        _spec("nodes"),
     ]:
         table.add(spec)
     return table
