@@ -523,3 +523,331 @@ def test_commit_before_prepare_raises(store: Store, root: Path) -> None:
     w.abort()
     assert list((root / "tmp").iterdir()) == []
     assert store.count == 0
+
+
+# -- the values log ------------------------------------------------------------------
+
+
+def log_path(root: Path) -> Path:
+    """The store's values log."""
+    return root / "values.log"
+
+
+def index_row(store: Store, key: str) -> tuple[object, ...] | None:
+    """The key's row in SQLite itself (kind, size, version), bypassing the overlay."""
+    return store._db.execute(
+        "SELECT kind, size, version FROM entries WHERE key = ?", (key,)
+    ).fetchone()
+
+
+def crash(store: Store) -> None:
+    """Drop a store as kill -9 would: close its index and log fds without flushing."""
+    store._closed = True
+    os.close(store._log_fd)
+    store._db.close()
+
+
+def test_pending_put_is_read_before_flush(root: Path) -> None:
+    """A put lands in the log, not SQLite; get_value, stat and open_read see it at once."""
+    s = Store(root)
+    entry = s.put_value("k", b"pending")
+    assert index_row(s, "k") is None
+    assert log_path(root).stat().st_size > 0
+    assert s.get_value("k") == (entry, b"pending")
+    assert s.stat("k") == entry
+    got, f = s.open_read("k")
+    assert (got, f.read()) == (entry, b"pending")
+    s.flush()
+    assert index_row(s, "k") == ("value", 7, entry.version)
+    assert log_path(root).stat().st_size == 0
+    assert s.get_value("k") == (entry, b"pending")
+    s.close()
+
+
+def test_count_and_stored_bytes_with_pending_puts(root: Path) -> None:
+    """count and stored_bytes stay exact through pending puts, overwrites, kind changes
+    and deletes, and agree with the index after a flush and a reopen."""
+    s = Store(root)
+    s.put_value("a", b"12345")
+    s.put_value("b", b"1")
+    assert (s.count, s.stored_bytes) == (2, 6)
+    s.put_value("a", b"12")  # pending over pending
+    assert (s.count, s.stored_bytes) == (2, 3)
+    s.flush()
+    s.put_value("a", b"1234")  # pending over a flushed value
+    assert (s.count, s.stored_bytes) == (2, 5)
+    put_file(s, "a", b"x" * 10)  # a file over a pending value
+    assert (s.count, s.stored_bytes) == (2, 11)
+    s.put_value("a", b"123")  # a value over a file
+    assert (s.count, s.stored_bytes) == (2, 4)
+    assert objects(root) == []
+    s.put_value("c", b"12")
+    s.delete("c")  # delete of a pending value
+    assert (s.count, s.stored_bytes) == (2, 4)
+    with pytest.raises(NotFound):
+        s.stat("c")
+    s.flush()
+    assert s._db.execute("SELECT count(*), total(size) FROM entries").fetchone() == (2, 4.0)
+    s.put_value("d", b"")
+    s.close()
+    s = Store(root)
+    assert (s.count, s.stored_bytes) == (3, 4)
+    s.close()
+
+
+def test_value_over_file_unlinks_object_after_commit(store: Store, root: Path) -> None:
+    """A value replacing a file unlinks the file's object only once the value's row
+    is committed to the index (not merely in the log)."""
+    put_file(store, "k", b"file")
+    store.put_value("other", b"pending")  # flushed first, in order
+    seen: list[tuple[object, ...] | None] = []
+    unlink = store._unlink_object
+
+    def spy(name: str) -> None:
+        seen.append(index_row(store, "k"))
+        assert not store._db.in_transaction
+        unlink(name)
+
+    store._unlink_object = spy  # type: ignore[method-assign]
+    entry = store.put_value("k", b"value")
+    assert seen == [("value", 5, entry.version)]
+    assert objects(root) == []
+    assert index_row(store, "other") is not None
+
+
+def test_automatic_flush(root: Path) -> None:
+    """The overlay is applied once the log holds flush_every records or flush_bytes bytes."""
+    s = Store(root, flush_every=3)
+    s.put_value("a", b"1")
+    s.put_value("a", b"2")
+    assert index_row(s, "a") is None
+    e = s.put_value("b", b"3")
+    assert index_row(s, "b") == ("value", 1, e.version)
+    assert log_path(root).stat().st_size == 0
+    s.close()
+    s = Store(root, flush_bytes=10)
+    s.put_value("c", b"123456789")
+    assert index_row(s, "c") is None
+    s.put_value("d", b"1")
+    assert index_row(s, "c") is not None and index_row(s, "d") is not None
+    s.close()
+
+
+def test_list_and_inventory_include_pending_puts(store: Store) -> None:
+    """list and inventory flush first, so pending puts are listed, with their entries."""
+    e = store.put_value("b", b"1")
+    assert store.list() == [e]
+    f = store.put_value("a", b"2")
+    assert list(store.inventory()) == [f, e]
+
+
+def test_close_flushes(root: Path) -> None:
+    """close applies pending puts and empties the log: the next open replays nothing."""
+    s = Store(root)
+    e = s.put_value("k", b"v")
+    s.close()
+    s.close()  # idempotent
+    assert log_path(root).stat().st_size == 0
+    s = Store(root)
+    assert s.recovered.log_records_replayed == 0
+    assert s.get_value("k") == (e, b"v")
+    s.close()
+
+
+_CRASH_SCRIPT = """
+import json, os, sys
+from dsml.worker.store import Store
+
+s = Store(sys.argv[1])
+s.put_value("a", b"first")
+s.put_value("b", b"kept")
+w = s.begin_file("f")  # a file commit flushes the two puts above
+w.write(b"file")
+w.prepare()
+w.commit()
+s.put_value("a", b"second")  # these stay in the log
+s.put_value("c", b"")
+s.put_value("c", b"third")
+entries = [s.stat(k) for k in ("a", "b", "c", "f")]
+print(json.dumps([[e.key, e.kind, e.size, e.sha256, e.version, e.mtime] for e in entries]))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_kill_keeps_pending_puts(root: Path) -> None:
+    """A process that dies without closing loses no acknowledged put: the next open
+    replays the log, with the versions and mtimes the puts returned, and issues no
+    version again."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _CRASH_SCRIPT, str(root)],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    before = [Entry(*row) for row in json.loads(out)]
+    assert log_path(root).stat().st_size > 0
+    s = Store(root)
+    assert s.recovered.log_records_replayed == 3
+    assert s.recovered.log_bytes_dropped == 0
+    assert log_path(root).stat().st_size == 0
+    assert [s.stat(k) for k in ("a", "b", "c", "f")] == before
+    assert s.get_value("a")[1] == b"second"
+    assert s.get_value("c")[1] == b"third"
+    assert index_row(s, "c") is not None  # in the index now, not only in memory
+    assert (s.count, s.stored_bytes) == (4, 6 + 4 + 5 + 4)
+    top = max(e.version for e in before)
+    assert s.last_version == top
+    assert s.put_value("d", b"").version > top
+    s.close()
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage", "bad-crc"])
+def test_torn_log_tail_is_dropped(root: Path, damage: str) -> None:
+    """Replay stops at the first short or corrupt record, cuts it off and keeps the ones
+    before it; ``recovered`` counts both."""
+    s = Store(root)
+    a = s.put_value("a", b"one")
+    size_a = log_path(root).stat().st_size
+    b = s.put_value("b", b"two")
+    size_ab = log_path(root).stat().st_size
+    s.put_value("c", b"three")
+    crash(s)
+    log = log_path(root).read_bytes()
+    if damage == "cut":  # the last write was cut short
+        log_path(root).write_bytes(log[:-3])
+        kept, dropped = 2, len(log) - 3 - size_ab
+    elif damage == "garbage":
+        log_path(root).write_bytes(log + b"garbage!" * 10)
+        kept, dropped = 3, 80
+    else:  # one byte of b's value flipped: b and everything after it goes
+        damaged = bytearray(log)
+        damaged[size_ab - 1] ^= 0xFF
+        log_path(root).write_bytes(bytes(damaged))
+        kept, dropped = 1, len(log) - size_a
+    s = Store(root)
+    assert (s.recovered.log_records_replayed, s.recovered.log_bytes_dropped) == (kept, dropped)
+    assert log_path(root).stat().st_size == 0
+    assert s.get_value("a") == (a, b"one")
+    if kept >= 2:
+        assert s.get_value("b") == (b, b"two")
+    else:
+        with pytest.raises(NotFound):
+            s.stat("b")
+    assert [e.key for e in s.list()] == ["a", "b", "c"][:kept]
+    assert s.count == kept
+    s.close()
+
+
+def test_replay_never_overwrites_newer_rows(root: Path) -> None:
+    """Records a flush already applied (a crash between its commit and the log's
+    truncation) replay harmlessly: they never replace a newer row, value or file."""
+    s = Store(root)
+    s.put_value("v", b"old")
+    s.put_value("f", b"old value")
+    s.put_value("same", b"same")
+    old_records = log_path(root).read_bytes()
+    s.flush()
+    v = s.put_value("v", b"new")
+    put_file(s, "f", b"new file")
+    s.put_value("pending", b"p")
+    crash(s)
+    pending = log_path(root).read_bytes()
+    # The flushed records again, then the pending one, as if truncation never happened.
+    log_path(root).write_bytes(old_records + pending)
+    s = Store(root)
+    assert s.recovered.log_records_replayed == 4
+    assert s.recovered.orphans_removed == 0
+    assert s.get_value("v") == (v, b"new")
+    assert read_file(s, "f") == b"new file"
+    assert s.get_value("same")[1] == b"same"
+    assert s.get_value("pending")[1] == b"p"
+    assert len(objects(root)) == 1
+    assert (s.count, s.stored_bytes) == (4, 3 + 8 + 4 + 1)
+    s.close()
+
+
+def test_versions_not_reused_after_crash_with_pending_puts(root: Path) -> None:
+    """The highest versions may exist only in the log; reopening still never reissues them,
+    even when a delete came between."""
+    s = Store(root)
+    s.put_value("a", b"1")
+    s.delete("a")
+    b = s.put_value("b", b"2")
+    c = s.put_value("c", b"3")
+    crash(s)
+    s = Store(root)
+    assert s.last_version == c.version > b.version
+    assert s.put_value("d", b"").version > c.version
+    s.close()
+
+
+def test_failed_append_stores_nothing(store: Store, root: Path) -> None:
+    """A put whose log write fails (ENOSPC from /dev/full) raises DiskFull and changes
+    nothing; the log keeps only whole records."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    e = store.put_value("k", b"old")
+    real_fd = store._log_fd
+    store._log_fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        with pytest.raises(DiskFull):
+            store.put_value("k", b"new")
+        with pytest.raises(DiskFull):
+            store.put_value("k2", b"new")
+    finally:
+        os.close(store._log_fd)
+        store._log_fd = real_fd
+    assert store.get_value("k") == (e, b"old")
+    assert (store.count, store.stored_bytes) == (1, 3)
+    with pytest.raises(NotFound):
+        store.stat("k2")
+    assert store.put_value("k", b"new").version > e.version
+
+
+def test_sync(store: Store) -> None:
+    """sync works with puts pending and after a flush, and changes no content."""
+    e = store.put_value("k", b"v")
+    store.sync()
+    store.flush()
+    store.sync()
+    store.sync()
+    assert store.get_value("k") == (e, b"v")
+
+
+def test_writes_take_the_version_they_are_given(store: Store) -> None:
+    """A cluster write carries the master's version: values and files store it as is,
+    and the store's own counter moves past it."""
+    assert store.put_value("v", b"x", version=40).version == 40
+    w = store.begin_file("f", version=41)
+    w.write(b"data")
+    w.prepare()
+    assert w.commit().version == 41
+    assert store.stat("f").version == 41
+    assert store.put_value("other", b"y").version == 42
+
+
+def test_an_older_version_never_replaces_a_newer_one(store: Store) -> None:
+    """A late replica of an old write is refused (Stale) and the newer data stays;
+    the same version again is accepted (a retried copy)."""
+    from dsml.worker.store import Stale
+
+    store.put_value("k", b"new", version=10)
+    with pytest.raises(Stale) as e:
+        store.put_value("k", b"old", version=9)
+    assert e.value.code == "stale-version"
+    assert store.get_value("k")[1] == b"new"
+    w = store.begin_file("k", version=8)
+    w.write(b"old file")
+    w.prepare()
+    with pytest.raises(Stale):
+        w.commit()
+    assert store.get_value("k")[1] == b"new"
+    assert list((store.root / "tmp").iterdir()) == []
+    assert store.put_value("k", b"new", version=10).version == 10
+    store.flush()
+    assert store.get_value("k")[0].version == 10

@@ -307,10 +307,14 @@ class ServerProtocol(TwistedProtocol):
     # -- peer links: requests from this side ------------------------------------------
 
     def request(
-        self, method: str, headers: dict[str, object] | None = None, payload: bytes = b""
+        self, method: str, headers: dict[str, object] | None = None, payload: bytes | int = b""
     ) -> Deferred[Response]:
         """Send a request to the peer; the Deferred fires with its :class:`Response`
-        or fails with :class:`DsmlError` (its error code) or :class:`ConnectionLost`."""
+        or fails with :class:`DsmlError` (its error code) or :class:`ConnectionLost`.
+
+        With an int ``payload`` only the head goes out, promising that many bytes,
+        which the caller then writes to ``self.transport`` itself (a streamed upload).
+        """
         if not self.peer:
             raise RuntimeError("request() needs a peer link (ServerFactory(peer=True))")
         d: Deferred[Response] = Deferred()

@@ -12,10 +12,11 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.python.failure import Failure
 
 from ..errors import DsmlError
-from ..net.server import Reply, ServerProtocol
+from ..net.server import Reply, Response, ServerProtocol
 from ..protocol.codec import Head
 from ..protocol.limits import DEFAULT_VALUE_MAX
 from ..protocol.methods import MethodTable, storage_methods
@@ -28,6 +29,13 @@ LIST_MAX = 10_000
 LIST_DEFAULT = 1_000
 
 RunInThread = Callable[[Callable[[], T]], "Deferred[T]"]
+
+#: Told of every committed write and delete: (op, entry) with op "store" or "delete".
+OnChange = Callable[[str, Entry], None]
+
+#: Bytes of an upload held while the link to the next worker of its pipeline opens;
+#: past this, reading from the client pauses until the link is up.
+FORWARD_BUFFER = 8 * 1024 * 1024
 
 
 def entry_headers(entry: Entry) -> dict[str, object]:
@@ -61,6 +69,8 @@ class StorageHandler:
 
     ``run_in_thread`` runs a blocking function off the reactor thread and returns a
     Deferred of its result (``deferToThreadPool`` in production; inline in tests).
+    ``links`` (a :class:`dsml.net.links.Links`) lets uploads with a ``Forward`` header
+    pass on down a pipeline; ``on_change`` hears of every committed write and delete.
     """
 
     def __init__(
@@ -68,9 +78,13 @@ class StorageHandler:
         store: Store,
         run_in_thread: RunInThread[Any],
         value_max: int = DEFAULT_VALUE_MAX,
+        links: Any = None,
+        on_change: OnChange | None = None,
     ) -> None:
         self.store = store
         self.run_in_thread = run_in_thread
+        self.links = links
+        self.on_change = on_change
         self.methods: MethodTable = storage_methods(value_max)
         self._handlers: dict[str, Callable[[Head, bytes], Reply]] = {
             "ping": self._ping,
@@ -82,25 +96,53 @@ class StorageHandler:
             "list": self._list,
         }
 
-    def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+    def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply | Deferred[Reply]:
         """Answer a buffered request."""
         fn = self._handlers.get(head.kind)
         if fn is None:
             raise DsmlError(f"method {head.kind!r} is not served here", "unknown-method")
+        forward = _forward_list(head)
+        if forward and self.links is None:
+            raise DsmlError("this server does not forward uploads", "bad-header")
         try:
-            return fn(head, payload)
+            reply = fn(head, payload)
         except StoreError as e:
             raise _wire(e) from None
+        if forward:
+            return self._forward_value(head, payload, forward, reply)
+        return reply
 
     def open(self, head: Head, conn: ServerProtocol) -> Upload:
-        """Start a file upload."""
+        """Start a file upload (and its pipeline to the next workers, if Forward says so)."""
         if head.kind != "file_upload":
             raise DsmlError(f"method {head.kind!r} is not streamed here", "unknown-method")
+        forward = _forward_list(head)
+        if forward and self.links is None:
+            raise DsmlError("this server does not forward uploads", "bad-header")
         try:
-            writer = self.store.begin_file(head.headers["key"])
+            writer = self.store.begin_file(head.headers["key"], **_version(head))
         except StoreError as e:
             raise _wire(e) from None
-        return Upload(self, writer, head.headers.get("sha256"))
+        return Upload(self, writer, head, conn, forward)
+
+    def changed(self, op: str, entry: Entry) -> None:
+        """Tell the listener (the worker's link to the master) about a committed change."""
+        if self.on_change is not None:
+            self.on_change(op, entry)
+
+    def _forward_value(
+        self, head: Head, payload: bytes, forward: list[str], local: Reply
+    ) -> Deferred[Reply]:
+        first, rest = forward[0], forward[1:]
+        headers = _downstream_headers(head, rest)
+        d = self.links.shared(first)
+        d.addCallback(lambda link: link.request("value_upload", headers, payload))
+
+        def done(response: Response) -> Reply:
+            local.headers["Replicas"] = 1 + int(response.headers.get("replicas", "1"))
+            return local
+
+        return d.addCallbacks(done, _downstream_failed, errbackArgs=(first,))
 
     # -- buffered methods -------------------------------------------------------------
 
@@ -108,7 +150,8 @@ class StorageHandler:
         return Reply()
 
     def _value_upload(self, head: Head, payload: bytes) -> Reply:
-        entry = self.store.put_value(head.headers["key"], payload)
+        entry = self.store.put_value(head.headers["key"], payload, **_version(head))
+        self.changed("store", entry)
         return Reply({"Version": entry.version, "Sha256": entry.sha256, "Size": entry.size})
 
     def _value_retrieve(self, head: Head, payload: bytes) -> Reply:
@@ -123,6 +166,7 @@ class StorageHandler:
 
     def _delete(self, head: Head, payload: bytes) -> Reply:
         entry = self.store.delete(head.headers["key"])
+        self.changed("delete", entry)
         return Reply({"Version": entry.version})
 
     def _stat(self, head: Head, payload: bytes) -> Reply:
@@ -144,30 +188,165 @@ class StorageHandler:
         return Reply({"More": 1} if more else {}, body)
 
 
-class Upload:
-    """One file upload in flight: chunks go to the store's temporary file."""
+def _version(head: Head) -> dict[str, int]:
+    """The Version the writer asked for (the master's, in a cluster), as store kwargs."""
+    v = head.headers.get("version")
+    return {"version": int(v)} if v is not None else {}
 
-    def __init__(self, handler: StorageHandler, writer: FileWriter, expected: str | None) -> None:
+
+def _forward_list(head: Head) -> list[str]:
+    forward = head.headers.get("forward")
+    return forward.split(",") if forward else []
+
+
+def _downstream_headers(head: Head, rest: list[str]) -> dict[str, object]:
+    h = head.headers
+    headers: dict[str, object] = {"Key": h["key"]}
+    if "version" in h:
+        headers["Version"] = h["version"]
+    if "sha256" in h:
+        headers["Sha256"] = h["sha256"]
+    if rest:
+        headers["Forward"] = ",".join(rest)
+    return headers
+
+
+def _downstream_failed(failure: Failure, addr: str) -> None:
+    e = failure.value
+    why = f"{e.message} [{e.code}]" if isinstance(e, DsmlError) else str(e)
+    raise DsmlError(f"stored here, but forwarding to {addr} failed: {why}", "replication-failed")
+
+
+class Upload:
+    """One file upload in flight: chunks go to the store's temporary file and, in a
+    pipeline, on to the next worker as they arrive (as HDFS does), the client's bytes
+    read no faster than the next worker takes them."""
+
+    def __init__(
+        self,
+        handler: StorageHandler,
+        writer: FileWriter,
+        head: Head,
+        conn: ServerProtocol,
+        forward: list[str],
+    ) -> None:
         self.handler = handler
         self.writer = writer
-        self.expected = expected
+        self.expected = head.headers.get("sha256")
+        self.conn = conn
+        self.down: ServerProtocol | None = None
+        self.down_done: Deferred[Response] | None = None
+        self.down_addr = ""
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._paused = False
+        self._aborted = False
+        self._forward_failed = False
+        if forward:
+            self.down_addr = forward[0]
+            self.down_done = Deferred()
+            headers = _downstream_headers(head, forward[1:])
+            opening = handler.links.open(self.down_addr)
+            opening.addCallbacks(self._down_ready, self._down_failed, (headers, head.length))
+
+    # -- the next worker --------------------------------------------------------------
+
+    def _down_ready(self, link: ServerProtocol, headers: dict[str, object], length: int) -> None:
+        if self._aborted or self._forward_failed:
+            link.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        self.down = link
+        link.request("file_upload", headers, length).addCallbacks(
+            self._down_answered, self._down_failed
+        )
+        transport = link.transport
+        for chunk in self._pending:
+            transport.write(chunk)  # type: ignore[union-attr]
+        self._pending = []
+        if not self.writer_done:
+            # Pace the client by the next worker (Twisted pauses a streaming producer
+            # when the consumer's buffer fills and resumes it when drained).
+            transport.registerProducer(self.conn.transport, True)  # type: ignore[union-attr]
+        self._unpause()
+
+    writer_done = False
+
+    def _down_answered(self, response: Response) -> None:
+        if self.down is not None:
+            self.down.transport.loseConnection()  # type: ignore[union-attr]
+        assert self.down_done is not None
+        if not self.down_done.called:
+            self.down_done.callback(response)
+
+    def _down_failed(self, failure: Failure, *args: object) -> None:
+        self._forward_failed = True
+        self._pending = []
+        self._release_client()
+        if self.down is not None:
+            self.down.transport.abortConnection()  # type: ignore[union-attr]
+        self._unpause()
+        assert self.down_done is not None
+        if not self.down_done.called:
+            self.down_done.errback(failure)
+
+    def _unpause(self) -> None:
+        if self._paused:
+            self._paused = False
+            self.conn.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def _release_client(self) -> None:
+        if self.down is not None and self.down.transport is not None:
+            transport = self.down.transport
+            if getattr(transport, "producer", None) is self.conn.transport:
+                transport.unregisterProducer()  # type: ignore[union-attr]
+
+    # -- the Call interface -----------------------------------------------------------
 
     def data(self, chunk: bytes) -> None:
-        """Write and hash the next chunk."""
+        """Write and hash the next chunk; pass it down the pipeline."""
         try:
             self.writer.write(chunk)
         except StoreError as e:
             raise _wire(e) from None
+        if self.down_done is None or self._forward_failed:
+            return
+        if self.down is not None:
+            self.down.transport.write(chunk)  # type: ignore[union-attr]
+            return
+        self._pending.append(chunk)
+        self._pending_bytes += len(chunk)
+        if self._pending_bytes > FORWARD_BUFFER and not self._paused:
+            self._paused = True
+            self.conn.transport.pauseProducing()  # type: ignore[union-attr]
 
     def end(self) -> Deferred[Reply]:
-        """fsync and rename in a thread, then commit to the index here."""
-        d = self.handler.run_in_thread(self.writer.prepare)
-        d.addCallback(self._commit)
-        d.addErrback(self._failed)
-        return d
+        """fsync and rename in a thread, commit to the index here; in a pipeline, answer
+        once the next worker has answered too."""
+        self.writer_done = True
+        self._release_client()
+        local = self.handler.run_in_thread(self.writer.prepare)
+        local.addCallback(self._commit)
+        local.addErrback(self._failed)
+        if self.down_done is None:
+            return local
+        return gatherResults([local, self.down_done], consumeErrors=True).addCallbacks(
+            self._combine, self._explain
+        )
+
+    def _combine(self, results: list[Any]) -> Reply:
+        reply, response = results
+        reply.headers["Replicas"] = 1 + int(response.headers.get("replicas", "1"))
+        return reply
+
+    def _explain(self, failure: Failure) -> None:
+        first = failure.value  # a FirstError: which of (local, downstream) failed first
+        if first.index == 1:  # type: ignore[union-attr]
+            _downstream_failed(first.subFailure, self.down_addr)  # type: ignore[union-attr]
+        first.subFailure.raiseException()  # type: ignore[union-attr]
 
     def _commit(self, _: object) -> Reply:
         entry = self.writer.commit(self.expected)
+        self.handler.changed("store", entry)
         return Reply({"Size": entry.size, "Sha256": entry.sha256, "Version": entry.version})
 
     def _failed(self, failure: Any) -> None:
@@ -177,5 +356,9 @@ class Upload:
         failure.raiseException()
 
     def abort(self) -> None:
-        """The upload will not complete: remove its temporary file."""
+        """The upload will not complete: remove its temporary file, cut the pipeline."""
+        self._aborted = True
         self.writer.abort()
+        self._release_client()
+        if self.down is not None:
+            self.down.transport.abortConnection()  # type: ignore[union-attr]

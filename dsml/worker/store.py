@@ -3,6 +3,7 @@
 Layout under ``root``::
 
     index.sqlite3           one row per key (entries) plus a little metadata (meta)
+    values.log              value puts not yet applied to the index (see below)
     objects/<xx>/<name>     file contents; <name> is derived from sha256(key) + a uuid
     tmp/                    files being written; emptied on every open
 
@@ -15,13 +16,46 @@ Everything here is plain synchronous code run on the reactor thread, except
 :meth:`FileWriter.prepare`, which does the slow flush/fsync/rename and is meant
 to run in a worker thread; it touches no SQLite.
 
+Values log (group commit): :meth:`Store.put_value` does not touch SQLite.  It
+appends one self-checking record (length, crc32, version, mtime, key, value) to
+``values.log`` with a single ``write`` on an ``O_APPEND`` descriptor, and keeps
+the value in an in-memory overlay that every read consults before the index.
+:meth:`Store.flush` applies the overlay to the index in one transaction and
+empties the log; it runs once the log holds ``flush_every`` records or
+``flush_bytes`` bytes of values, and synchronously before every other write (a
+file commit, a delete), before :meth:`Store.list` / :meth:`Store.inventory`, and
+on close, so a pending put is never reordered with a later write of its key and
+listings are complete.  A put over a key that holds a *file* is the exception:
+it flushes and writes its row directly, so the file's object is unlinked only
+once the value replacing it is committed.
+
+Durability of values:
+
+* Process crash (kill -9): nothing acknowledged is lost.  A record is in the
+  kernel's page cache once ``write`` returns, like a commit under SQLite's
+  synchronous=NORMAL in WAL mode.  The next open replays the log: it reads
+  records up to the first short or corrupt one (a torn tail, cut off), applies
+  them in one transaction, where a record never replaces a row with a higher
+  version (a crash between a flush's commit and its truncation leaves records
+  the index already has), and empties the log.
+* Power loss: only about the last second of acknowledged writes can be lost,
+  like redis's ``appendfsync everysec``.  Every second the worker calls
+  :meth:`Store.flush`, which moves every pending put into the index, then
+  :meth:`Store.sync`, which makes the index durable (a WAL checkpoint, which
+  fsyncs the WAL and the database, only if something was committed since the
+  last one) and then fdatasyncs the log (so its truncation is durable too, and
+  applied records cannot come back).  Whatever was acknowledged before a tick is
+  durable once the tick is done.  Without the timer, values are only as durable
+  as SQLite's NORMAL commits.
+
 Versions: the counter lives in memory.  A put does not persist it, because the
-new row itself records the highest version issued; only when a row is deleted
-(by :meth:`Store.delete` or by recovery) is the counter written to ``meta``, in
-the same transaction.  On open the counter is therefore
-``max(meta.version, max(entries.version))``, which is never below any version
-issued by a committed write.  This saves writing a second page (the meta row)
-on every put, which measured about a third of a put's cost.
+new row (or log record) itself records the highest version issued; only when a
+row is deleted (by :meth:`Store.delete` or by recovery) is the counter written
+to ``meta``, in the same transaction.  On open, after the log is replayed, the
+counter is therefore ``max(meta.version, max(entries.version))`` (and at least
+the highest version in the log), which is never below any version issued by an
+acknowledged write.  This saves writing a second page (the meta row) on every
+put, which measured about a third of a put's cost.
 
 Crash safety: a file is fsynced and renamed into ``objects/`` (and the directory
 fsynced) *before* its index row is committed, so a committed row always points
@@ -37,9 +71,11 @@ import io
 import os
 import shutil
 import sqlite3
+import struct
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -79,7 +115,7 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID",
 )
 
-_SELECT_OLD = "SELECT size, object FROM entries WHERE key = ?"
+_SELECT_OLD = "SELECT size, object, version FROM entries WHERE key = ?"
 # REPLACE rather than an upsert: the row is rewritten whole either way and the
 # statement is shorter; there are no triggers or foreign keys it could upset.
 _REPLACE = "REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -98,6 +134,28 @@ _LIST = {
 }
 
 _INVENTORY_PAGE = 1000
+
+#: The values log, under the store's root.
+LOG_NAME = "values.log"
+
+#: A log record's header: total length (header included), crc32 of everything
+#: after the crc field, version, mtime, key length, value length.  The key's
+#: UTF-8 bytes and then the value follow.
+_REC = struct.Struct("<IIQdII")
+_REC_SIZE = _REC.size
+_REC_LEN_CRC = struct.Struct("<II")  # the first two fields ...
+_REC_TAIL = struct.Struct("<QdII")  # ... and the rest, which the crc covers
+
+# Replaying the log: a record replaces a row only if it is newer.  A record older
+# than its key's row was already applied by a flush whose truncation a crash cut off.
+_REPLAY = (
+    "INSERT INTO entries VALUES (?, 'value', ?, ?, ?, ?, NULL, ?) ON CONFLICT(key) DO UPDATE"
+    " SET kind = 'value', size = excluded.size, sha256 = excluded.sha256,"
+    " version = excluded.version, mtime = excluded.mtime, object = NULL,"
+    " value = excluded.value WHERE excluded.version > entries.version"
+)
+
+_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
 class StoreError(Exception):
@@ -120,6 +178,12 @@ class WrongKind(StoreError):
     """The key holds a file where a value was asked for (or the other way round)."""
 
     code = "wrong-kind"
+
+
+class Stale(StoreError):
+    """A write carries a version older than the one the key already has."""
+
+    code = "stale-version"
 
 
 class TooLarge(StoreError):
@@ -159,6 +223,8 @@ class Recovery:
     tmp_removed: int = 0  #: entries found (and removed) in tmp/
     orphans_removed: int = 0  #: objects no index row referenced (removed)
     missing_objects: int = 0  #: index rows whose object was gone (rows removed)
+    log_records_replayed: int = 0  #: good records read from values.log (and applied)
+    log_bytes_dropped: int = 0  #: bytes of a torn or corrupt tail cut off values.log
 
 
 def _fsync_dir(path: Path) -> None:
@@ -202,9 +268,10 @@ class FileWriter:
     (flush, fsync, rename into ``objects/``) is meant for a worker thread.
     """
 
-    def __init__(self, store: Store, key: str) -> None:
+    def __init__(self, store: Store, key: str, version: int | None = None) -> None:
         """Create the temp file; use :meth:`Store.begin_file` rather than this."""
         self.key = key
+        self.version = version
         self._store = store
         self._tmp_path = store.root / "tmp" / uuid.uuid4().hex
         # The key only contributes a hash: the name is safe whatever the key is,
@@ -299,7 +366,9 @@ class FileWriter:
                 f"expected {expected_sha256}, received {digest}"
             )
         try:
-            entry = self._store._commit_file(self.key, self._size, digest, self._object)
+            entry = self._store._commit_file(
+                self.key, self._size, digest, self._object, self.version
+            )
         except BaseException:
             self.abort()
             raise
@@ -337,24 +406,42 @@ class FileWriter:
 
 
 class Store:
-    """The worker's files and values: an SQLite index plus one object file per file."""
+    """The worker's files and values: an SQLite index, one object file per file,
+    and a log of the value puts not yet applied to the index."""
 
     def __init__(
         self,
         root: Path | str,
         value_max: int = DEFAULT_VALUE_MAX,
         synchronous: str = "NORMAL",
+        flush_every: int = 1000,
+        flush_bytes: int = 16 << 20,
     ) -> None:
         """Open (creating if needed) the store at ``root`` and clean up after any crash.
 
         ``synchronous`` is SQLite's level for ordinary commits; NORMAL in WAL mode
         survives a process crash.  File commits always use at least FULL.
+        ``flush_every`` and ``flush_bytes`` bound the values log: once it holds
+        that many records, or that many bytes of values, :meth:`flush` runs.
         """
         synchronous = synchronous.upper()
         if synchronous not in _SYNC_LEVELS:
             raise ValueError(f"synchronous must be one of {_SYNC_LEVELS}, not {synchronous!r}")
+        if flush_every < 1:
+            raise ValueError(f"flush_every must be at least 1, not {flush_every!r}")
         self.root = Path(root)
         self.value_max = value_max
+        self.flush_every = flush_every
+        self.flush_bytes = flush_bytes
+        # Value puts not yet in the index, newest per key; always values, and always
+        # newer than the key's row, since every other write flushes first.
+        self._pending: dict[str, tuple[Entry, bytes]] = {}
+        self._log_fd = -1
+        self._log_size = 0  # bytes in values.log, all of them whole records
+        self._log_records = 0  # records appended since the last flush
+        self._log_bytes = 0  # value bytes appended since the last flush
+        self._dirty = False  # something was committed with NORMAL since the last sync()
+        self._closed = False
         self._sync = synchronous
         # File commits need FULL so a power loss cannot drop the row of a durable
         # object (recovery would then delete the object as an orphan).
@@ -381,15 +468,26 @@ class Store:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={synchronous}")
             self._init_schema()
-            self.recovered = self._recover()
+            log_path = self.root / LOG_NAME
+            log_new = not log_path.exists()
+            self._log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            if log_new:
+                _fsync_dir(self.root)
+            # The log first: recovery below must see the index complete.
+            replayed, dropped, log_top = self._replay_log(log_path)
+            self.recovered = attrs.evolve(
+                self._recover(), log_records_replayed=replayed, log_bytes_dropped=dropped
+            )
             count, total, top = db.execute(
                 "SELECT count(*), total(size), max(version) FROM entries"
             ).fetchone()
             self._count = count
             self._bytes = int(total)
             # See the module docstring: puts do not update meta's counter.
-            self._version = max(self._version, top or 0)
+            self._version = max(self._version, top or 0, log_top)
         except BaseException:
+            if self._log_fd >= 0:
+                os.close(self._log_fd)
             db.close()
             raise
 
@@ -412,6 +510,63 @@ class Store:
             )
         # Completed from the entries table once recovery is done (see __init__).
         self._version: int = meta["version"]
+
+    def _replay_log(self, path: Path) -> tuple[int, int, int]:
+        """Apply the good records of the values log to the index, then empty the log.
+
+        Reads records up to the first short or corrupt one (a write a crash cut
+        off) and cuts the log there.  The newest record of each key replaces the
+        key's row unless that row is newer.  Returns the number of good records,
+        the bytes dropped, and the highest version seen.
+        """
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data:
+            return 0, 0, 0
+        view = memoryview(data)
+        end = len(data)
+        rows: dict[str, tuple[str, int, str, int, float, bytes]] = {}
+        off = records = top = 0
+        while end - off >= _REC_SIZE:
+            total, crc, version, mtime, klen, vlen = _REC.unpack_from(data, off)
+            if total != _REC_SIZE + klen + vlen or total > end - off:
+                break
+            if zlib.crc32(view[off + 8 : off + total]) != crc:
+                break
+            start = off + _REC_SIZE
+            try:
+                key = data[start : start + klen].decode()
+            except UnicodeDecodeError:
+                break
+            value = data[start + klen : off + total]
+            old = rows.get(key)
+            if old is None or version > old[3]:
+                rows[key] = (key, vlen, hashlib.sha256(value).hexdigest(), version, mtime, value)
+            top = max(top, version)
+            records += 1
+            off += total
+        dropped = end - off
+        if dropped:
+            # Cut the torn tail now, so that records appended after a failure
+            # below would still follow good ones.
+            os.ftruncate(self._log_fd, off)
+        if rows:
+            db = self._db
+            # At least FULL: the log is emptied right after, so this commit must
+            # not be one a power loss can undo.
+            db.execute(f"PRAGMA synchronous={self._file_sync}")
+            try:
+                db.execute("BEGIN")
+                db.executemany(_REPLAY, rows.values())
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            finally:
+                db.execute(f"PRAGMA synchronous={self._sync}")
+        os.ftruncate(self._log_fd, 0)
+        return records, dropped, top
 
     def _recover(self) -> Recovery:
         """Empty tmp/, delete unreferenced objects, drop rows whose object is gone."""
@@ -463,6 +618,7 @@ class Store:
         # and must not be reported to the master, so drop it.
         missing = referenced - found
         if missing:
+            self.flush()  # a no-op on open, where the log was replayed just before
             self._db.execute("BEGIN")
             # Save the counter first: a dropped row might hold the highest version.
             self._db.execute(
@@ -485,15 +641,15 @@ class Store:
         digest: str,
         obj: str | None,
         value: bytes | None,
+        requested: int | None = None,
     ) -> Entry:
         """Replace the key's row with a new version.
 
         Updates the in-memory totals and unlinks the previous object, if any,
         after the commit.
         """
-        version = self._version + 1
-        # Bumped before the commit: a failed write just skips a number, never reuses one.
-        self._version = version
+        # Pending puts first, so that none of them can land after this write.
+        self.flush()
         mtime = time.time()
         execute = self._db.execute
         try:
@@ -501,9 +657,11 @@ class Store:
             # the REPLACE is the one write (the new row also carries the counter),
             # and nothing else runs on this connection in between.
             old = execute(_SELECT_OLD, (key,)).fetchone()
+            version = self._allocate(key, old[2] if old is not None else None, requested)
             execute(_REPLACE, (key, kind, size, digest, version, mtime, obj, value))
         except sqlite3.Error as e:
             raise _db_error(e, key) from e
+        self._dirty = True
         if old is None:
             self._count += 1
             self._bytes += size
@@ -513,31 +671,181 @@ class Store:
                 self._unlink_object(old[1])
         return Entry(key, kind, size, digest, version, mtime)
 
-    def put_value(self, key: str, data: bytes) -> Entry:
-        """Store ``data`` as the value of ``key``, replacing whatever it held."""
+    def _allocate(self, key: str, current: int | None, requested: int | None) -> int:
+        """The version of a new write of ``key``.
+
+        Without ``requested`` the store's own counter gives the next number.  A cluster
+        gives the master's version instead, so every replica of one write carries the
+        same number; one older than what the key holds is refused (a late copy must
+        never replace a newer write), an equal one rewrites the same version.
+        """
+        if requested is None:
+            version = self._version + 1
+        else:
+            if current is not None and current > requested:
+                raise Stale(
+                    f"key {key!r} already has version {current}, newer than {requested}"
+                )
+            version = requested
+        # Bumped before the commit: a failed write just skips a number, never reuses one.
+        self._version = max(self._version, version)
+        return version
+
+    def put_value(self, key: str, data: bytes, version: int | None = None) -> Entry:
+        """Store ``data`` as the value of ``key``, replacing whatever it held.
+
+        Appends one record to the values log and returns; see the module docstring.
+        ``version``: the version to store it under (the master's, in a cluster);
+        by default the store's own next number.  Raises Stale if the key already
+        holds a newer version.
+        """
         size = len(data)
         if size > self.value_max:
             raise TooLarge(
                 f"value for key {key!r} is {size} bytes, more than the limit of {self.value_max}"
             )
-        return self._write_row(key, "value", size, hashlib.sha256(data).hexdigest(), None, data)
+        if type(data) is not bytes:
+            data = bytes(data)  # the overlay keeps it: no buffer that may change
+        pending = self._pending
+        prev = pending.get(key)
+        if prev is not None:
+            old_size = prev[0].size
+            old_version: int | None = prev[0].version
+        else:
+            try:
+                old = self._db.execute(_SELECT_OLD, (key,)).fetchone()
+            except sqlite3.Error as e:
+                raise _db_error(e, key) from e
+            if old is None:
+                old_size = -1
+                old_version = None
+            elif old[1] is not None:
+                # The key holds a file.  Write the row directly (after a flush), so
+                # the object is unlinked only once the value is in the index.
+                digest = hashlib.sha256(data).hexdigest()
+                return self._write_row(key, "value", size, digest, None, data, version)
+            else:
+                old_size = old[0]
+                old_version = old[2]
+        kb = key.encode()
+        version = self._allocate(key, old_version, version)
+        mtime = time.time()
+        tail = _REC_TAIL.pack(version, mtime, len(kb), size)
+        crc = zlib.crc32(data, zlib.crc32(kb, zlib.crc32(tail)))
+        total = _REC_SIZE + len(kb) + size
+        record = b"".join((_REC_LEN_CRC.pack(total, crc), tail, kb, data))
+        # One write on an O_APPEND descriptor: the record lands whole at the end.
+        try:
+            written = os.write(self._log_fd, record)
+        except OSError as e:
+            raise self._append_failed(key, e) from e
+        if written != total:
+            raise self._append_failed(key, None)
+        self._log_size += total
+        entry = Entry(key, "value", size, hashlib.sha256(data).hexdigest(), version, mtime)
+        pending[key] = (entry, data)
+        if old_size < 0:
+            self._count += 1
+            self._bytes += size
+        else:
+            self._bytes += size - old_size
+        self._log_records += 1
+        self._log_bytes += size
+        if self._log_records >= self.flush_every or self._log_bytes >= self.flush_bytes:
+            try:
+                self.flush()
+            except (StoreError, sqlite3.Error, OSError):
+                # This put is done: it is in the log and the overlay.  The puts
+                # stay pending, and the next flush (the next write's, or the
+                # worker's timer) tries again and reports the error.
+                pass
+        return entry
 
-    def begin_file(self, key: str) -> FileWriter:
-        """Start receiving a file for ``key``; nothing changes until the writer commits."""
-        return FileWriter(self, key)
+    def _append_failed(self, key: str, exc: OSError | None) -> Exception:
+        """Cut a partly written record off the log; return the error to raise.
 
-    def _commit_file(self, key: str, size: int, digest: str, obj: str) -> Entry:
+        ``exc`` is the write's error, or None for a short write, which a regular
+        file only does when it runs out of room.
+        """
+        try:
+            # So that the next record follows whole ones, not a torn one.
+            os.ftruncate(self._log_fd, self._log_size)
+        except OSError:
+            pass  # then the next open cuts the log at the torn record
+        if exc is None or exc.errno in _FULL_ERRNOS:
+            return DiskFull(f"disk full while storing key {key!r}")
+        return exc
+
+    def flush(self) -> None:
+        """Apply the pending value puts to the index in one transaction; empty the log.
+
+        Cheap when nothing is pending.  On failure (say the disk is full) the puts
+        stay pending and in the log, readable as before.
+        """
+        pending = self._pending
+        if pending:
+            rows = [
+                (key, "value", e.size, e.sha256, e.version, e.mtime, None, data)
+                for key, (e, data) in pending.items()
+            ]
+            db = self._db
+            try:
+                db.execute("BEGIN")
+                db.executemany(_REPLACE, rows)
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise _db_error(e, rows[0][0]) from e
+            pending.clear()
+            self._dirty = True
+        if self._log_size:
+            # If this fails, the records stay (the index has them: replaying them
+            # is a no-op) and the next flush tries again.
+            os.ftruncate(self._log_fd, 0)
+            self._log_size = 0
+        self._log_records = 0
+        self._log_bytes = 0
+
+    def sync(self) -> None:
+        """Make every acknowledged write durable against a power loss.
+
+        Checkpoints the index's WAL (fsyncing it and the database) if anything
+        was committed with synchronous NORMAL since the last call, then fdatasyncs
+        the values log.  The worker calls :meth:`flush` and this every second.
+        """
+        if self._dirty:
+            # PASSIVE never waits, and with the exclusive lock nothing can hold
+            # it back: every frame is checkpointed.
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._dirty = False
+        _fdatasync(self._log_fd)
+
+    def begin_file(self, key: str, version: int | None = None) -> FileWriter:
+        """Start receiving a file for ``key``; nothing changes until the writer commits.
+
+        ``version``: as for :meth:`put_value`.
+        """
+        return FileWriter(self, key, version)
+
+    def _commit_file(
+        self, key: str, size: int, digest: str, obj: str, version: int | None = None
+    ) -> Entry:
         """Index a prepared object; called by :meth:`FileWriter.commit`."""
+        # Pending puts go first, with the ordinary level: the FULL commit of the
+        # file's row below syncs their WAL frames as well.
+        self.flush()
         if self._file_sync == self._sync:
-            return self._write_row(key, "file", size, digest, obj, None)
+            return self._write_row(key, "file", size, digest, obj, None, version)
         self._db.execute(f"PRAGMA synchronous={self._file_sync}")
         try:
-            return self._write_row(key, "file", size, digest, obj, None)
+            return self._write_row(key, "file", size, digest, obj, None, version)
         finally:
             self._db.execute(f"PRAGMA synchronous={self._sync}")
 
     def delete(self, key: str) -> Entry:
         """Remove ``key`` and return the entry it held; NotFound if it held nothing."""
+        self.flush()
         db = self._db
         try:
             db.execute("BEGIN")
@@ -555,6 +863,7 @@ class Store:
             raise _db_error(e, key) from e
         if not rows:
             raise NotFound(f"key {key!r} not found")
+        self._dirty = True
         kind, size, digest, version, mtime, obj = rows[0]
         self._count -= 1
         self._bytes -= size
@@ -577,6 +886,9 @@ class Store:
 
     def stat(self, key: str) -> Entry:
         """Return the entry of ``key``; NotFound if it holds nothing."""
+        pending = self._pending.get(key)
+        if pending is not None:
+            return pending[0]
         row = self._db.execute(_STAT, (key,)).fetchone()
         if row is None:
             raise NotFound(f"key {key!r} not found")
@@ -584,6 +896,9 @@ class Store:
 
     def get_value(self, key: str) -> tuple[Entry, bytes]:
         """Return the entry and bytes of a value; NotFound, or WrongKind for a file."""
+        pending = self._pending.get(key)
+        if pending is not None:
+            return pending
         row = self._db.execute(_GET, (key,)).fetchone()
         if row is None:
             raise NotFound(f"key {key!r} not found")
@@ -598,6 +913,9 @@ class Store:
         A file's stream is its object opened for reading: it keeps reading this
         version even if a later write replaces (and unlinks) it.  The caller closes it.
         """
+        pending = self._pending.get(key)
+        if pending is not None:
+            return pending[0], io.BytesIO(pending[1])
         row = self._db.execute(_GET, (key,)).fetchone()
         if row is None:
             raise NotFound(f"key {key!r} not found")
@@ -610,10 +928,12 @@ class Store:
     def list(self, prefix: str = "", after: str | None = None, limit: int = 1000) -> list[Entry]:
         """Return up to ``limit`` entries whose key starts with ``prefix`` and is > ``after``.
 
-        Sorted by key in UTF-8 byte order; one range search of the primary key.
+        Sorted by key in UTF-8 byte order; one range search of the primary key,
+        after a :meth:`flush` so pending puts are listed too.
         """
         if limit <= 0:
             return []
+        self.flush()
         # Python compares str by code point, which is the same order as UTF-8 bytes.
         if after is not None and after >= prefix:
             low_exclusive, low = True, after
@@ -654,5 +974,16 @@ class Store:
         return self._version
 
     def close(self) -> None:
-        """Close the index; the store is unusable afterwards.  Idempotent."""
-        self._db.close()
+        """Flush, then close the log and the index; the store is unusable afterwards.
+
+        Idempotent.  If the flush fails, the pending puts stay in the log and the
+        next open applies them.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush()
+        finally:
+            os.close(self._log_fd)
+            self._db.close()
