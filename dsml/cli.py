@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from .client import Client, Progress
+from .client import Client, ClusterClient, Progress
 from .errors import DsmlError
 from .protocol.methods import HeaderValueError, check_key
 
@@ -32,23 +32,28 @@ def _parse_server(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def resolve_server(args: argparse.Namespace) -> tuple[str, int, str | None]:
-    """Where to connect and with which token: --server/$DSML_SERVER, else the config."""
+def resolve_server(args: argparse.Namespace) -> tuple[str, str, int, str | None]:
+    """Whom to talk to: ("worker" or "master", host, port, token).
+
+    ``--server`` (or $DSML_SERVER) names one storage server directly; ``--worker NAME``
+    picks one from the config; otherwise the config's master, through which every
+    command reaches the whole cluster.
+    """
     token = args.token or os.environ.get("DSML_TOKEN")
     server = args.server or os.environ.get("DSML_SERVER")
     config_path = args.config or os.environ.get("DSML_CONFIG")
     if server and not config_path:
         host, port = _parse_server(server)
-        return host, port, token
+        return "worker", host, port, token
     if not config_path:
         if not DEFAULT_CONFIG.exists():
             raise UsageError(
-                "no server: give --server HOST:PORT or --config FILE (or set DSML_SERVER)"
+                "no cluster: give --config FILE or --server HOST:PORT (or set DSML_CONFIG)"
             )
         config_path = str(DEFAULT_CONFIG)
     from .config import ConfigError, load_config
-    from .net.listen import read_addr_file
-    from .worker.service import ADDR_FILE
+    from .master.service import ADDR_FILE as MASTER_ADDR
+    from .worker.service import ADDR_FILE as WORKER_ADDR
 
     try:
         config = load_config(config_path)
@@ -58,27 +63,40 @@ def resolve_server(args: argparse.Namespace) -> tuple[str, int, str | None]:
         token = config.cluster.token
     if server:
         host, port = _parse_server(server)
-        return host, port, token
-    try:
-        worker = config.worker(args.worker) if args.worker else next(iter(config.workers.values()))
-    except ConfigError as e:
-        raise UsageError(str(e)) from None
-    host, port = worker.host, worker.port
-    if port == 0:
-        addr = worker.data_dir / ADDR_FILE
+        return "worker", host, port, token
+    if args.worker:
         try:
-            host, port = read_addr_file(addr)
-        except (OSError, ValueError):
-            raise DsmlError(
-                f"worker {worker.name} listens on an OS-chosen port and {addr} is missing: "
-                "is it running?",
-                "connection",
-            ) from None
-    return host, port, token
+            worker = config.worker(args.worker)
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+        host, port = _address(
+            f"worker {worker.name}", worker.host, worker.port, worker.data_dir / WORKER_ADDR
+        )
+        return "worker", host, port, token
+    m = config.master
+    host, port = _address("the master", m.host, m.port, m.state_dir / MASTER_ADDR)
+    return "master", host, port, token
 
 
-def _connect(args: argparse.Namespace) -> Client:
-    host, port, token = resolve_server(args)
+def _address(what: str, host: str, port: int, addr_file: Path) -> tuple[str, int]:
+    """A configured address; port 0 means the OS chose it and the addr file says which."""
+    if port:
+        return host, port
+    from .net.listen import read_addr_file
+
+    try:
+        return read_addr_file(addr_file)
+    except (OSError, ValueError):
+        raise DsmlError(
+            f"{what} listens on an OS-chosen port and {addr_file} is missing: is it running?",
+            "connection",
+        ) from None
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    role, host, port, token = resolve_server(args)
+    if role == "master":
+        return ClusterClient(host, port, token, name="dsml-cli")
     return Client(host, port, token, name="dsml-cli")
 
 
@@ -128,8 +146,9 @@ def cmd_upload(args: argparse.Namespace) -> int:
     size = path.stat().st_size
     with _connect(args) as c, _progress(size, f"upload {key}", not args.quiet) as progress:
         stored = c.upload(path, key, progress)
-    print(f"uploaded {path} -> {key} ({_human(stored.size)}, version {stored.version}, "
-          f"sha256 {stored.sha256})")
+    copies = f", {stored.replicas} replicas" if stored.replicas > 1 else ""
+    print(f"uploaded {path} -> {key} ({_human(stored.size)}, version {stored.version}"
+          f"{copies}, sha256 {stored.sha256})")
     return 0
 
 
@@ -192,10 +211,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         _key(prefix)
     with _connect(args) as c:
         for e in c.list(prefix):
-            if args.long:
-                print(f"{e.kind:5} {e.size:>12} v{e.version:<8} {e.sha256[:12]}  {e.key}")
-            else:
+            if not args.long:
                 print(e.key)
+            elif hasattr(e, "replicas"):
+                print(f"{e.size:>12} v{e.version:<8} {e.sha256[:12]}  "
+                      f"{','.join(e.replicas) or '-':<12} {e.key}")
+            else:
+                print(f"{e.kind:5} {e.size:>12} v{e.version:<8} {e.sha256[:12]}  {e.key}")
     return 0
 
 
@@ -204,6 +226,21 @@ def cmd_stat(args: argparse.Namespace) -> int:
         e = c.stat(_key(args.key))
     print(f"key:     {e.key}\nkind:    {e.kind}\nsize:    {e.size}\n"
           f"sha256:  {e.sha256}\nversion: {e.version}")
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    c = _connect(args)
+    with c:
+        if not isinstance(c, ClusterClient):
+            raise UsageError("nodes asks the master: use --config, not --server/--worker")
+        nodes = c.nodes()
+    print(f"{'NAME':<12} {'ADDRESS':<22} {'STATE':<8} {'HEARTBEAT':>9} {'SLOTS':>7} "
+          f"{'STORED':>10} {'FILES':>7}")
+    for n in nodes:
+        print(f"{n.name:<12} {n.host + ':' + str(n.port):<22} {n.state:<8} "
+              f"{n.since_heartbeat:>8.1f}s {n.free_slots:>3}/{n.slots:<3} "
+              f"{_human(n.stored_bytes):>10} {n.stored_files:>7}")
     return 0
 
 
@@ -220,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dsml", description="Store files and values on a dsml cluster."
     )
     p.add_argument("-c", "--config", help="cluster config (default $DSML_CONFIG or etc/dsml.yaml)")
-    p.add_argument("--server", help="storage server HOST:PORT (default: from the config)")
-    p.add_argument("--worker", help="which worker of the config to talk to (default: the first)")
+    p.add_argument("--server", help="talk to one storage server HOST:PORT directly")
+    p.add_argument("--worker", help="talk to this worker of the config directly")
     p.add_argument("--token", help="cluster token (default $DSML_TOKEN or the config's)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -250,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("stat", cmd_stat, "describe a key")
     sp.add_argument("key")
     add("ping", cmd_ping, "check that the server answers")
+    add("nodes", cmd_nodes, "list the workers the master knows, with their state")
     return p
 
 

@@ -63,6 +63,14 @@ class Stored:
     size: int
     sha256: str
     version: int
+    replicas: int = 1
+
+
+def _stored(key: str, head: Head) -> Stored:
+    h = head.headers
+    return Stored(
+        key, int(h["size"]), h["sha256"], int(h["version"]), int(h.get("replicas", "1"))
+    )
 
 
 def _error(head: Head) -> DsmlError:
@@ -180,11 +188,21 @@ class Client:
         head, _ = self._call("ping", {})
         return head.headers
 
-    def set(self, key: str, value: bytes) -> Stored:
-        """Store a small value (up to the server's value_max) under ``key``."""
-        head, _ = self._call("value_upload", {"Key": key}, value)
-        h = head.headers
-        return Stored(key, int(h["size"]), h["sha256"], int(h["version"]))
+    def set(
+        self, key: str, value: bytes, version: int | None = None, forward: str = ""
+    ) -> Stored:
+        """Store a small value (up to the server's value_max) under ``key``.
+
+        ``version`` and ``forward`` are for cluster writes (see :class:`ClusterClient`):
+        the master's version, and the workers the server passes the value on to.
+        """
+        headers: dict[str, object] = {"Key": key}
+        if version is not None:
+            headers["Version"] = version
+        if forward:
+            headers["Forward"] = forward
+        head, _ = self._call("value_upload", headers, value)
+        return _stored(key, head)
 
     def get(self, key: str) -> bytes:
         """Return the value stored under ``key``."""
@@ -228,6 +246,8 @@ class Client:
         key: str,
         progress: Progress | None = None,
         sha256: str | None = None,
+        version: int | None = None,
+        forward: str = "",
     ) -> Stored:
         """Stream a file to ``key``; hash it on the way and check the server's hash.
 
@@ -235,12 +255,16 @@ class Client:
         """
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as f:
-                return self.upload(f, key, progress, sha256)
+                return self.upload(f, key, progress, sha256, version, forward)
         f = source
         size = os.fstat(f.fileno()).st_size - f.tell()
         headers: dict[str, object] = {"Key": key}
         if sha256 is not None:
             headers["Sha256"] = sha256
+        if version is not None:
+            headers["Version"] = version
+        if forward:
+            headers["Forward"] = forward
         req_id = self._send_head("file_upload", headers, size)
         digest = hashlib.sha256()
         remaining = size
@@ -272,8 +296,7 @@ class Client:
         self._read_payload()
         if not head.ok:
             raise _error(head)
-        h = head.headers
-        stored = Stored(key, int(h["size"]), h["sha256"], int(h["version"]))
+        stored = _stored(key, head)
         if stored.sha256 != digest.hexdigest():
             raise ChecksumMismatch(
                 f"server stored sha256 {stored.sha256} for {key!r}, sent {digest.hexdigest()}"
@@ -341,3 +364,266 @@ class Client:
                 pass
             raise
         return entry
+
+
+@attrs.frozen
+class Node:
+    """A worker as the master sees it (``dsml nodes``)."""
+
+    name: str
+    host: str
+    port: int
+    state: str
+    since_heartbeat: float
+    incarnation: int
+    slots: int
+    free_slots: int
+    stored_bytes: int
+    stored_files: int
+    free_disk: int
+
+
+@attrs.frozen
+class Located:
+    """A key's current version and the workers that hold it, best first."""
+
+    key: str
+    size: int
+    sha256: str
+    version: int
+    replicas: tuple[tuple[str, str], ...]  # (worker name, host:port)
+
+
+#: Errors from one replica that make a reader try the next one.
+_TRY_NEXT = ("connection", "not-found", "checksum-mismatch", "internal", "busy", "timeout")
+
+
+class ClusterClient:
+    """A blocking client of a whole cluster: asks the master where, moves bytes with workers.
+
+    Uploads go to the placed workers as a pipeline (the first passes the stream on) and
+    are recorded with the master before they are acknowledged; reads fail over to the
+    next replica when one is down or returns bytes with the wrong checksum (and tell
+    the master about the corrupt copy).  Same method names as :class:`Client`.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str | None = None,
+        timeout: float | None = 60.0,
+        name: str = "dsml-python",
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.token = token
+        self.timeout = timeout
+        self.name = name
+        self.master = Client(host, port, token, timeout, name)
+        self._workers: dict[str, Client] = {}
+
+    def close(self) -> None:
+        """Close every connection."""
+        self.master.close()
+        for c in self._workers.values():
+            c.close()
+        self._workers.clear()
+
+    def __enter__(self) -> ClusterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _worker(self, addr: str) -> Client:
+        c = self._workers.get(addr)
+        if c is None or c._sock is None:
+            host, _, port = addr.rpartition(":")
+            c = Client(host.strip("[]"), int(port), self.token, self.timeout, self.name)
+            self._workers[addr] = c
+        return c
+
+    def _drop_worker(self, addr: str) -> None:
+        c = self._workers.pop(addr, None)
+        if c is not None:
+            c.close()
+
+    # -- where ------------------------------------------------------------------------
+
+    def place(self, key: str, size: int) -> tuple[int, list[tuple[str, str]]]:
+        """The master's version for a new write of ``key`` and the workers to write to."""
+        head, _ = self.master._call("place", {"Key": key, "Size": size})
+        return int(head.headers["version"]), _pairs(head.headers["workers"])
+
+    def locate(self, key: str) -> Located:
+        """Where ``key``'s current version lives."""
+        head, _ = self.master._call("locate", {"Key": key})
+        h = head.headers
+        return Located(
+            key, int(h["size"]), h["sha256"], int(h["version"]), tuple(_pairs(h["replicas"]))
+        )
+
+    def _commit(self, key: str, stored: Stored, workers: list[tuple[str, str]]) -> None:
+        self.master._call(
+            "commit",
+            {
+                "Key": key,
+                "Size": stored.size,
+                "Sha256": stored.sha256,
+                "Version": stored.version,
+                "Workers": ",".join(name for name, _ in workers),
+            },
+        )
+
+    # -- writes -----------------------------------------------------------------------
+
+    def upload(
+        self,
+        source: str | os.PathLike[str] | IO[bytes],
+        key: str,
+        progress: Progress | None = None,
+    ) -> Stored:
+        """Upload a file to the placed workers (a pipeline); acknowledged once every one
+        has it durably and the master has recorded it."""
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                return self.upload(f, key, progress)
+        size = os.fstat(source.fileno()).st_size - source.tell()
+        version, workers = self.place(key, size)
+        first, rest = workers[0][1], ",".join(addr for _, addr in workers[1:])
+        try:
+            stored = self._worker(first).upload(source, key, progress, None, version, rest)
+        except ConnectionLost:
+            self._drop_worker(first)
+            raise
+        self._commit(key, stored, workers)
+        return stored
+
+    def set(self, key: str, value: bytes) -> Stored:
+        """Store a small value on the placed workers."""
+        version, workers = self.place(key, len(value))
+        first, rest = workers[0][1], ",".join(addr for _, addr in workers[1:])
+        try:
+            stored = self._worker(first).set(key, value, version, rest)
+        except ConnectionLost:
+            self._drop_worker(first)
+            raise
+        self._commit(key, stored, workers)
+        return stored
+
+    def delete(self, key: str) -> int:
+        """Delete ``key`` everywhere; returns the version deleted."""
+        head, _ = self.master._call("remove", {"Key": key})
+        return int(head.headers["version"])
+
+    # -- reads ------------------------------------------------------------------------
+
+    def _each_replica(self, key: str) -> Iterator[tuple[str, Client]]:
+        """Yield (worker, client) for each replica in turn, until the caller stops."""
+        located = self.locate(key)
+        last: DsmlError | None = None
+        for name, addr in located.replicas:
+            try:
+                client = self._worker(addr)
+            except ConnectionLost as e:
+                last = e
+                continue
+            yield name, client
+        raise last or DsmlError(f"no replica of {key!r} could be read", "unavailable")
+
+    def get(self, key: str) -> bytes:
+        """The value of ``key``, from the first replica that answers."""
+        for _name, client in self._each_replica(key):
+            try:
+                return client.get(key)
+            except DsmlError as e:
+                if e.code not in _TRY_NEXT:
+                    raise
+                if isinstance(e, ConnectionLost):
+                    self._drop_worker(f"{client.host}:{client.port}")
+        raise AssertionError("unreachable")  # _each_replica raises when it runs out
+
+    def download(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        progress: Progress | None = None,
+        fsync: bool = True,
+    ) -> Entry:
+        """Download ``key`` to ``path`` (temp file + rename), failing over between
+        replicas; a copy with a bad checksum is reported to the master."""
+        for name, client in self._each_replica(key):
+            try:
+                return client.download(key, path, progress, fsync)
+            except ChecksumMismatch:
+                self.master._call("corrupt", {"Key": key, "Worker": name})
+            except DsmlError as e:
+                if e.code not in _TRY_NEXT:
+                    raise
+                self._drop_worker(f"{client.host}:{client.port}")
+        raise AssertionError("unreachable")
+
+    def download_to(self, key: str, out: IO[bytes], progress: Progress | None = None) -> Entry:
+        """Stream ``key`` into an open file (no failover once bytes were written)."""
+        start = out.tell() if out.seekable() else None
+        for _name, client in self._each_replica(key):
+            try:
+                return client.download_to(key, out, progress)
+            except ConnectionLost:
+                if start is None or out.tell() != start:
+                    raise  # bytes already went out: another replica cannot mend that
+                self._drop_worker(f"{client.host}:{client.port}")
+        raise AssertionError("unreachable")
+
+    def stat(self, key: str) -> Entry:
+        """Describe ``key``'s current version."""
+        located = self.locate(key)
+        return Entry(key, "?", located.size, located.sha256, located.version)
+
+    def list(self, prefix: str = "", page: int = 1000) -> Iterator[ListedKey]:
+        """Every key under ``prefix`` with its replicas, from the master's directory."""
+        after: str | None = None
+        while True:
+            headers: dict[str, object] = {"Limit": page}
+            if prefix:
+                headers["Prefix"] = prefix
+            if after is not None:
+                headers["After"] = after
+            head, body = self.master._call("list", headers)
+            for line in body.decode("utf-8").splitlines():
+                d = json.loads(line)
+                yield ListedKey(d["key"], d["size"], d["sha256"], d["version"],
+                                tuple(d["replicas"]))
+                after = d["key"]
+            if head.headers.get("more") != "1":
+                return
+
+    def nodes(self) -> list[Node]:
+        """Every worker the master knows, with its state."""
+        _, body = self.master._call("nodes", {})
+        return [Node(**json.loads(line)) for line in body.decode().splitlines() if line]
+
+    def ping(self) -> dict[str, str]:
+        """Round-trip to the master."""
+        return self.master.ping()
+
+
+@attrs.frozen
+class ListedKey:
+    """A key in the master's directory."""
+
+    key: str
+    size: int
+    sha256: str
+    version: int
+    replicas: tuple[str, ...]
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    """``name=host:port,...`` to [(name, host:port)]."""
+    out = []
+    for item in text.split(","):
+        name, _, addr = item.partition("=")
+        out.append((name, addr))
+    return out

@@ -32,6 +32,11 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
             assert proc.poll() is not None, "a process outlived its test"
 
 
+def cli(cluster: LocalCluster, *args: str, **kw: object):  # type: ignore[no-untyped-def]
+    """The real dsml command, aimed at worker w1 directly (these tests need no master)."""
+    return cluster.cli(*args, worker="w1", **kw)  # type: ignore[arg-type]
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -61,22 +66,22 @@ def test_cli_upload_download_100mb_and_values(cluster: LocalCluster, tmp_path: P
     """The real CLI moves a 100 MB file through a real worker intact, and sets and gets values."""
     cluster.start("w1")
     src = _random_file(tmp_path / "big.bin", 100)
-    out = cluster.cli("upload", str(src), "data/big.bin")
+    out = cli(cluster, "upload", str(src), "data/big.bin")
     assert b"data/big.bin" in out.stdout
     dst = tmp_path / "copy.bin"
-    cluster.cli("download", "data/big.bin", str(dst))
+    cli(cluster, "download", "data/big.bin", str(dst))
     assert _sha256(dst) == _sha256(src)
     assert not list(tmp_path.glob(".copy.bin.*")), "download left its temporary file"
 
-    cluster.cli("set", "lr", "0.001")
-    cluster.cli("set", "notes", "-", input=b"line one\nline two\n")
-    assert cluster.cli("get", "lr").stdout == b"0.001"
-    assert cluster.cli("get", "notes").stdout == b"line one\nline two\n"
-    listing = cluster.cli("ls", "-l").stdout.decode()
+    cli(cluster, "set", "lr", "0.001")
+    cli(cluster, "set", "notes", "-", input=b"line one\nline two\n")
+    assert cli(cluster, "get", "lr").stdout == b"0.001"
+    assert cli(cluster, "get", "notes").stdout == b"line one\nline two\n"
+    listing = cli(cluster, "ls", "-l").stdout.decode()
     assert [line.split()[-1] for line in listing.splitlines()] == ["data/big.bin", "lr", "notes"]
 
-    cluster.cli("rm", "lr")
-    missing = cluster.cli("get", "lr", check=False)
+    cli(cluster, "rm", "lr")
+    missing = cli(cluster, "get", "lr", check=False)
     assert missing.returncode == 1
     assert missing.stderr.decode().strip() == "dsml: get: key 'lr' not found [not-found]"
     assert b"Traceback" not in missing.stderr
@@ -85,14 +90,14 @@ def test_cli_upload_download_100mb_and_values(cluster: LocalCluster, tmp_path: P
 def test_cli_errors_are_one_line(cluster: LocalCluster, tmp_path: Path) -> None:
     """Bad keys, wrong tokens and unreachable servers give one line and a non-zero exit."""
     cluster.start("w1")
-    bad_key = cluster.cli("set", "a\x01b", "v", check=False)
+    bad_key = cli(cluster, "set", "a\x01b", "v", check=False)
     assert bad_key.returncode == 2 and b"control character" in bad_key.stderr
     host, port = cluster.address("w1")
-    wrong = cluster.cli("--server", f"{host}:{port}", "--token", "nope", "ls", check=False)
+    wrong = cli(cluster, "--server", f"{host}:{port}", "--token", "nope", "ls", check=False)
     assert wrong.returncode == 1
     assert b"wrong token [auth-failed]" in wrong.stderr
     cluster.stop()
-    down = cluster.cli("--server", f"{host}:{port}", "ls", check=False)
+    down = cli(cluster, "--server", f"{host}:{port}", "ls", check=False)
     assert down.returncode == 1 and b"cannot connect" in down.stderr
     for result in (bad_key, wrong, down):
         assert len(result.stderr.decode().strip().splitlines()) == 1

@@ -1,52 +1,391 @@
-"""Wiring of the master process.
+"""The master (the seed's MasterNode): membership, the data directory, placement, repair.
 
-For now the master authenticates connections and answers ``ping``; membership, the data
-directory and jobs build on this listener.
+Workers keep one link each (registration, heartbeats, reports; orders come back down the
+same link).  Clients ask it where to write (``place``) and where to read (``locate``),
+then move bytes straight to and from workers: the master never carries file payloads.
+Liveness lives in memory; the directory, settings and incarnations live in SQLite, so a
+restart loses nothing acknowledged and workers simply register again.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
+from twisted.logger import Logger
 
+from .. import __version__
 from ..config import Config
 from ..errors import DsmlError
+from ..net.links import tune_socket
 from ..net.listen import ListenService
 from ..net.server import Reply, ServerFactory, ServerProtocol
-from ..protocol.codec import Head
-from ..protocol.methods import MethodTable, storage_methods
-from ..worker.service import server_limits
+from ..protocol.codec import PROTOCOL_VERSION, Head
+from ..protocol.methods import master_methods
+from .directory import Directory, DirectoryError, WorkerLoad
+from .membership import Membership, MembershipError, Versions, WorkerRecord
+from .repair import Repairer, _order
+from .state import MasterState
+
+log = Logger()
 
 #: The file, under the master's state_dir, that says where it listens.
 ADDR_FILE = "master.addr"
 
+LIST_DEFAULT = 1000
+LIST_MAX = 10_000
+
+
+def _addr(r: WorkerRecord) -> str:
+    host = f"[{r.host}]" if ":" in r.host else r.host
+    return f"{r.name}={host}:{r.port}"
+
+
+def parse_inventory(payload: bytes) -> tuple[list[tuple[Any, Any, Any, Any]], int]:
+    """JSON lines {key,size,sha256,version} -> entries, and the count of unreadable lines."""
+    entries: list[tuple[Any, Any, Any, Any]] = []
+    bad = 0
+    for line in payload.splitlines():
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            entries.append((d["key"], d["size"], d["sha256"], d["version"]))
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    return entries, bad
+
 
 class MasterHandler:
-    """The master's request handler (ping only, so far)."""
+    """Answers the master's methods (see :func:`dsml.protocol.methods.master_methods`)."""
 
-    def __init__(self) -> None:
-        base = storage_methods()
-        self.methods = MethodTable({"auth": base.specs["auth"], "ping": base.specs["ping"]})
+    def __init__(
+        self,
+        *,
+        state: MasterState,
+        directory: Directory,
+        membership: Membership,
+        factor: Callable[[], int],
+    ) -> None:
+        self.state = state
+        self.directory = directory
+        self.membership = membership
+        self.factor = factor
+        self.methods = master_methods()
+        self.versions = Versions(__version__, PROTOCOL_VERSION)
+        self._fns: dict[str, Callable[[Head, bytes, ServerProtocol], Reply]] = {
+            "ping": self._ping,
+            "register": self._register,
+            "heartbeat": self._heartbeat,
+            "report": self._report,
+            "place": self._place,
+            "locate": self._locate,
+            "commit": self._commit,
+            "corrupt": self._corrupt,
+            "remove": self._remove,
+            "list": self._list,
+            "nodes": self._nodes,
+        }
 
     def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
         """Answer a request."""
-        if head.kind == "ping":
-            return Reply({"Role": "master"})
-        raise DsmlError(f"method {head.kind!r} is not served here", "unknown-method")
+        fn = self._fns.get(head.kind)
+        if fn is None:
+            raise DsmlError(f"method {head.kind!r} is not served here", "unknown-method")
+        return fn(head, payload, conn)
 
     def open(self, head: Head, conn: ServerProtocol) -> Any:
-        """The master takes no streamed requests."""
+        """The master takes no streamed requests: it never carries file payloads."""
         raise DsmlError(f"method {head.kind!r} is not served here", "unknown-method")
 
+    def connection_lost(self, conn: ServerProtocol) -> None:
+        """A link closed: its worker is dead at once."""
+        record = self.membership.connection_lost(conn)
+        if record is not None:
+            log.warn("worker {name} is dead: its link closed", name=record.name)
 
-def make_master_service(config: Config, reactor: Any) -> service.MultiService:
-    """Build the master's services."""
+    # -- workers ----------------------------------------------------------------------
+
+    def _ping(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+        return Reply({"Role": "master"})
+
+    def _register(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+        h = head.headers
+        name = h["name"]
+        versions = Versions(h["dsml-version"], int(h["protocol-version"]))
+        if versions != self.versions:
+            # Checked here too so a refused worker does not use up an incarnation.
+            self.membership._check_versions(name, versions)
+        tune_socket(conn.transport)  # keepalive + TCP_USER_TIMEOUT on worker links
+        incarnation = self.state.next_incarnation(name)
+        record = self.membership.register(
+            name,
+            incarnation,
+            host=h["host"],
+            port=int(h["port"]),
+            slots=int(h["slots"]),
+            versions=versions,
+            conn=conn,
+        )
+        self.state.record_worker(name, incarnation, record.host, record.port, record.slots)
+        entries, unreadable = parse_inventory(payload)
+        result = self.directory.reconcile(name, entries)
+        rejected = len(result.rejected) + unreadable
+        if rejected:
+            log.warn(
+                "worker {name}: {n} inventory entries rejected, e.g. {why}",
+                name=name,
+                n=rejected,
+                why=result.rejected[0].reason if result.rejected else "unreadable line",
+            )
+        for trim in result.trim:
+            _order(record, "drop", {"Key": trim.key, "Version": trim.version}).addErrback(
+                lambda f: None
+            )
+        log.info(
+            "worker {name} registered: incarnation {inc}, {n} keys ({added} new, "
+            "{removed} gone, {rejected} rejected)",
+            name=name,
+            inc=incarnation,
+            n=len(entries),
+            added=result.added,
+            removed=result.removed,
+            rejected=rejected,
+        )
+        return Reply(
+            {
+                "Incarnation": incarnation,
+                "Added": result.added,
+                "Removed": result.removed,
+                "Rejected": rejected,
+            }
+        )
+
+    def _worker(self, head: Head, conn: ServerProtocol) -> WorkerRecord:
+        name, incarnation = head.headers["name"], int(head.headers["incarnation"])
+        record = self.membership.get(name)
+        if record is None or not record.live or record.conn is not conn:
+            raise MembershipError(
+                f"worker {name!r} is not registered on this link", "not-registered"
+            )
+        if record.incarnation != incarnation:
+            raise MembershipError(
+                f"worker {name!r} is incarnation {record.incarnation}, not {incarnation}",
+                "stale-incarnation",
+            )
+        return record
+
+    def _heartbeat(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+        h = head.headers
+        self.membership.heartbeat(
+            h["name"],
+            int(h["incarnation"]),
+            free_slots=int(h["free-slots"]),
+            stored_bytes=int(h["stored-bytes"]),
+            stored_files=int(h["stored-files"]),
+            free_disk=int(h["free-disk"]),
+            conn=conn,
+        )
+        return Reply()
+
+    def _report(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+        record = self._worker(head, conn)
+        taken = refused = 0
+        for line in payload.splitlines():
+            try:
+                d = json.loads(line)
+                op, key = d["op"], d["key"]
+                if op == "store":
+                    verdict = self.directory.add_replica(
+                        key, record.name, d["size"], d["sha256"], d["version"]
+                    )
+                    if verdict != "current":
+                        _order(record, "drop", {"Key": key, "Version": d["version"]}).addErrback(
+                            lambda f: None
+                        )
+                elif op == "delete":
+                    self.directory.remove_replica(key, record.name)
+                else:
+                    raise ValueError(op)
+                taken += 1
+            except (ValueError, KeyError, TypeError, DirectoryError):
+                refused += 1
+        return Reply({"Taken": taken, "Refused": refused})
+
+    # -- clients ----------------------------------------------------------------------
+
+    def _place(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+        key, size = head.headers["key"], int(head.headers["size"])
+        alive = {r.name: r for r in self.membership.alive()}
+        loads = {n: WorkerLoad(r.free_disk, r.stored_bytes) for n, r in alive.items()}
+        names = self.directory.place(key, size, loads, self.factor())
+        version = self.directory.next_version()
+        return Reply({"Version": version, "Workers": ",".join(_addr(alive[n]) for n in names)})
+
+    def _locate(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+        key = head.headers["key"]
+        records = {r.name: r for r in self.membership.all()}
+        alive = {n for n, r in records.items() if r.live}
+        replicas = self.directory.locate(key)
+        # Live holders first (in the directory's spread order), then the rest, which a
+        # client may still try if it can reach them.
+        ordered = [r for r in replicas if r.worker in alive] + [
+            r for r in replicas if r.worker not in alive and r.worker in records
+        ]
+        if not ordered:
+            raise DirectoryError("unavailable", f"no known worker holds {key!r}")
+        first = ordered[0]
+        return Reply(
+            {
+                "Size": first.size,
+                "Sha256": first.sha256,
+                "Version": first.version,
+                "Replicas": ",".join(_addr(records[r.worker]) for r in ordered),
+            }
+        )
+
+    def _commit(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+        h = head.headers
+        for worker in h["workers"].split(","):
+            self.directory.add_replica(
+                h["key"], worker, int(h["size"]), h["sha256"], int(h["version"])
+            )
+        return Reply()
+
+    def _corrupt(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+        key, worker = head.headers["key"], head.headers["worker"]
+        log.warn("a client found {worker}'s copy of {key!r} corrupt", worker=worker, key=key)
+        removed = self.directory.remove_replica(key, worker)
+        record = self.membership.get(worker)
+        if removed and record is not None and record.live:
+            try:
+                version = self.directory.locate(key)[0].version
+            except DirectoryError:
+                version = 0
+            if version:
+                _order(record, "drop", {"Key": key, "Version": version}).addErrback(lambda f: None)
+        return Reply()
+
+    def _remove(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+        key = head.headers["key"]
+        version = self.directory.delete(key)
+        for trim in self.directory.pending_deletes():
+            if trim.key != key:
+                continue
+            record = self.membership.get(trim.worker)
+            if record is not None and record.live:
+                _order(record, "drop", {"Key": key, "Version": trim.version}).addCallback(
+                    lambda _, w=trim.worker: self.directory.remove_replica(key, w)
+                ).addErrback(lambda f: None)
+        return Reply({"Version": version})
+
+    def _list(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+        h = head.headers
+        limit = int(h.get("limit", LIST_DEFAULT))
+        if not 1 <= limit <= LIST_MAX:
+            raise DsmlError(f"Limit must be from 1 to {LIST_MAX}", "bad-header")
+        rows = self.directory.list(h.get("prefix", ""), h.get("after"), limit + 1)
+        lines = [
+            json.dumps(
+                {"key": k, "size": size, "sha256": sha, "version": v, "replicas": workers},
+                ensure_ascii=False,
+            )
+            for k, size, sha, v, workers in rows[:limit]
+        ]
+        body = ("\n".join(lines) + "\n").encode() if lines else b""
+        return Reply({"More": 1} if len(rows) > limit else {}, body)
+
+    def _nodes(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+        now = self.membership.monotonic()
+        lines = [
+            json.dumps(
+                {
+                    "name": r.name,
+                    "host": r.host,
+                    "port": r.port,
+                    "state": r.state,
+                    "since_heartbeat": round(r.seconds_since_heartbeat(now), 3),
+                    "incarnation": r.incarnation,
+                    "slots": r.slots,
+                    "free_slots": r.free_slots,
+                    "stored_bytes": r.stored_bytes,
+                    "stored_files": r.stored_files,
+                    "free_disk": r.free_disk,
+                }
+            )
+            for r in self.membership.all()
+        ]
+        return Reply({}, ("\n".join(lines) + "\n").encode() if lines else b"")
+
+
+class _MasterRuntime(service.Service):
+    """Starts the membership check and repair loops; closes the state on stop."""
+
+    def __init__(self, membership: Membership, repairer: Repairer, state: MasterState) -> None:
+        self.membership = membership
+        self.repairer = repairer
+        self.state = state
+
+    def startService(self) -> None:
+        super().startService()
+        self.membership.start()
+        self.repairer.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.repairer.stop()
+        self.membership.stop()
+        self.state.close()
+
+
+def make_master_service(
+    config: Config, reactor: Any, monotonic: Callable[[], float] = time.monotonic
+) -> service.MultiService:
+    """Build the master's services from the config."""
+    from ..worker.service import server_limits
+
     mc = config.master
+    cc = config.cluster
     mc.state_dir.mkdir(parents=True, exist_ok=True)
-    factory = ServerFactory(MasterHandler(), reactor, config.cluster.token, server_limits(config))
+    state = MasterState(mc.state_dir / "master.sqlite3")
+    directory = Directory(state)
+    membership = Membership(
+        clock=reactor,
+        monotonic=monotonic,
+        versions=Versions(__version__, PROTOCOL_VERSION),
+        heartbeat_interval=cc.heartbeat_interval,
+        heartbeat_timeout=cc.heartbeat_timeout,
+    )
+    # The config is authoritative; the state keeps it so tools reading it agree.
+    state.set_setting("replication", cc.replication)
+
+    def factor() -> int:
+        return int(state.get_setting("replication", cc.replication))
+
+    handler = MasterHandler(state=state, directory=directory, membership=membership, factor=factor)
+    repairer = Repairer(
+        clock=reactor,
+        monotonic=monotonic,
+        directory=directory,
+        membership=membership,
+        factor=factor,
+        grace=cc.heartbeat_timeout,
+        interval=max(0.5, cc.heartbeat_interval),
+    )
+    factory = ServerFactory(
+        handler,
+        reactor,
+        cc.token,
+        server_limits(config),
+        peer=True,
+        on_lost=handler.connection_lost,
+    )
     top = service.MultiService()
     top.setName("dsml-master")
+    _MasterRuntime(membership, repairer, state).setServiceParent(top)
     ListenService(
         reactor, mc.host, mc.port, factory, mc.state_dir / ADDR_FILE, "dsml master"
     ).setServiceParent(top)

@@ -714,6 +714,7 @@ class ServerFactory(Factory):
         self.on_lost = on_lost
         self.connections = 0
         self.unauthenticated = 0
+        self.noisy = False  # no "Starting factory" line per outgoing link
 
     def lost(self, proto: ServerProtocol) -> None:
         """A peer link closed."""

@@ -32,6 +32,9 @@ __all__ = [
     "encode_response",
 ]
 
+#: The version of this wire protocol; peers that differ refuse each other (register).
+PROTOCOL_VERSION: Final = 1
+
 REQUEST: Final = "request"
 RESPONSE: Final = "response"
 #: Both directions on one connection (a worker's link to the master): a message is a

@@ -1,0 +1,725 @@
+"""The master's durable state: one SQLite file, ``state_dir/master.sqlite3``.
+
+Tables (the schema version lives in ``meta``)::
+
+    meta(name, value)                         schema version, reserved version counter
+    settings(name, value)                     cluster settings, values as JSON text
+    workers(name, last_incarnation, host, port, slots, first_seen, last_seen)
+    keys(key, version, size, sha256)          the current version of every live key
+    replicas(key, worker, size, sha256, version)   what each worker holds, as it last said
+    deleted(key, version, deleted_at)         tombstones of keys deleted through the master
+
+``replicas`` mirrors the workers' disks: one row per (key, worker), whatever its version.
+``keys`` says which version of a key is current, so a replica row is *current* when its
+version equals its key's, *stale* when older (to be trimmed), and *pending delete* when
+its key has a tombstone.  A key is in at most one of ``keys`` and ``deleted``; every
+replica row's key is in exactly one of them.  The version rules that maintain this are
+stated in :mod:`dsml.master.directory`; :meth:`MasterState.apply_reports` carries them
+out set-based, in SQL (a 100,000-entry inventory is a few statements, not 400,000), and
+the rest of this module only stores and queries.
+
+One writer: this object, on the reactor thread, in plain synchronous code (no Twisted).
+The connection holds SQLite's exclusive lock (``locking_mode=EXCLUSIVE``) for its whole
+life, so a second master opening the same state fails at once with :class:`StateError`
+instead of writing behind the first one's back; WAL mode with the exclusive lock keeps the
+WAL index in memory (no ``-shm`` file).  A process killed with SIGKILL releases the lock,
+and the next open recovers every committed transaction from the WAL.
+
+Durability: :meth:`MasterState.transaction` commits with ``synchronous=FULL`` (the
+default level, configurable) when the write acknowledges something to a client or a
+worker (a replica report, a delete, an incarnation, a setting); with ``lazy=True`` it
+commits with NORMAL, which survives a process crash but not a power loss, and is only used
+for writes that acknowledge nothing (a worker saying it trimmed a replica, heartbeat
+times), batched by the caller.  A FULL commit makes every earlier NORMAL one durable too
+(the WAL is synced as a whole).
+
+Versions: :meth:`MasterState.issue_version` hands out cluster-wide version numbers that
+never go back, not even across restarts.  Versions are reserved on disk in blocks of
+:data:`VERSION_BLOCK` (one FULL commit per block), and on open the counter starts above
+both the reservation and every version stored in any table; a crash therefore skips the
+rest of a block but never reissues a number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import attrs
+
+__all__ = [
+    "STATE_FILE",
+    "ApplyOutcome",
+    "Conflict",
+    "KeyRow",
+    "MasterState",
+    "ReplicaRow",
+    "StateError",
+    "WorkerRow",
+]
+
+SCHEMA_VERSION = 1
+
+#: The state file's name under the master's ``state_dir``.
+STATE_FILE = "master.sqlite3"
+
+#: Versions reserved on disk at a time by :meth:`MasterState.issue_version`.
+VERSION_BLOCK = 1000
+
+#: SQLite's page cache, in KiB (its default is 2 MiB, a tenth of a 100,000-key directory).
+CACHE_KIB = 64 * 1024
+
+#: Largest integer SQLite stores (and so the largest size or version we accept).
+MAX_INT = 2**63 - 1
+
+_SYNC_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS settings(name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS workers(name TEXT PRIMARY KEY,"
+    " last_incarnation INTEGER NOT NULL, host TEXT, port INTEGER, slots INTEGER,"
+    " first_seen REAL NOT NULL, last_seen REAL NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS keys(key TEXT PRIMARY KEY, version INTEGER NOT NULL,"
+    " size INTEGER NOT NULL, sha256 TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS replicas(key TEXT NOT NULL, worker TEXT NOT NULL,"
+    " size INTEGER NOT NULL, sha256 TEXT NOT NULL, version INTEGER NOT NULL,"
+    " PRIMARY KEY(key, worker)) WITHOUT ROWID",
+    # On (worker, version): with the primary key appended, the index alone answers
+    # "which keys, at which versions, does this worker hold".
+    "CREATE INDEX IF NOT EXISTS replicas_worker ON replicas(worker, version)",
+    "CREATE TABLE IF NOT EXISTS deleted(key TEXT PRIMARY KEY, version INTEGER NOT NULL,"
+    " deleted_at REAL NOT NULL) WITHOUT ROWID",
+)
+
+_GET_KEY = "SELECT version, size, sha256 FROM keys WHERE key = ?"
+_PUT_KEY = "REPLACE INTO keys VALUES (?, ?, ?, ?)"
+_DROP_KEY = "DELETE FROM keys WHERE key = ?"
+_GET_TOMB = "SELECT version FROM deleted WHERE key = ?"
+_PUT_TOMB = "REPLACE INTO deleted VALUES (?, ?, ?)"
+_DROP_TOMB = "DELETE FROM deleted WHERE key = ?"
+_PUT_REPLICA = "REPLACE INTO replicas VALUES (?, ?, ?, ?, ?)"
+_DROP_REPLICA = "DELETE FROM replicas WHERE key = ? AND worker = ?"
+_REPLICAS_OF = "SELECT worker, size, sha256, version FROM replicas WHERE key = ? ORDER BY worker"
+_REPLICAS_ON = "SELECT key, size, sha256, version FROM replicas WHERE worker = ?"
+
+# A key and its current replicas (worker NULL when it has none), in key then worker order:
+# the planner walks keys in order and finds each key's replicas by primary-key prefix.
+_CURRENT_COLS = (
+    "SELECT k.key, k.size, k.sha256, k.version, r.worker FROM {src} AS k"
+    " LEFT JOIN replicas AS r ON r.key = k.key AND r.version = k.version"
+    " ORDER BY k.key, r.worker"
+)
+# list_keys(): a key range on the primary key (an index SEARCH, never a SCAN), then the join.
+_LIST_SRC = "(SELECT key, size, sha256, version FROM keys WHERE {cond} ORDER BY key LIMIT ?)"
+_LIST = {
+    (excl, bounded): _CURRENT_COLS.format(
+        src=_LIST_SRC.format(
+            cond=("key > ?" if excl else "key >= ?") + (" AND key < ?" if bounded else "")
+        )
+    )
+    for excl in (False, True)
+    for bounded in (False, True)
+}
+# live_holders(): temp.live holds the live workers for one call.  All in C: one walk of
+# the keys in order (or of one worker's copies), an index search per key and live worker,
+# one row per matching key with its live holders joined by _SEP.
+_LIVE = "CREATE TEMP TABLE IF NOT EXISTS live(worker TEXT PRIMARY KEY) WITHOUT ROWID"
+_SEP = "\x1f"  # worker names hold no control characters (the directory checks)
+_HOLDERS = (
+    "SELECT k.key, k.size, k.sha256, k.version, group_concat(r.worker, char(31))"
+    " FROM keys AS k LEFT JOIN replicas AS r ON r.key = k.key AND r.version = k.version"
+    " AND +r.worker IN temp.live GROUP BY k.key HAVING count(r.worker) BETWEEN ? AND ?"
+    " ORDER BY k.key"
+)
+# The same, among the keys of which one worker holds the current version.
+_HOLDERS_WITH = (
+    "SELECT k.key, k.size, k.sha256, k.version, group_concat(r.worker, char(31))"
+    " FROM replicas AS mine JOIN keys AS k ON k.key = mine.key AND k.version = mine.version"
+    " JOIN replicas AS r ON r.key = k.key AND r.version = k.version AND +r.worker IN temp.live"
+    " WHERE mine.worker = ? GROUP BY k.key HAVING count(*) BETWEEN ? AND ? ORDER BY k.key"
+)
+# One worker's copies to trim: stale ones, and those of tombstoned keys (a copy's key is
+# either live or tombstoned, so no current version means a tombstone).
+_TRIMS = (
+    "SELECT r.key, r.version, k.key IS NULL FROM replicas AS r"
+    " LEFT JOIN keys AS k ON k.key = r.key"
+    " WHERE r.worker = ? AND (k.key IS NULL OR r.version < k.version) ORDER BY r.key"
+)
+_STALE = (
+    "SELECT r.key, r.worker, r.version FROM replicas AS r JOIN keys AS k ON k.key = r.key"
+    " WHERE r.version < k.version{cond} ORDER BY r.key, r.worker"
+)
+# Driven from the tombstones (CROSS JOIN fixes the order): usually far fewer than copies.
+_DOOMED = (
+    "SELECT r.key, r.worker, r.version FROM deleted AS d CROSS JOIN replicas AS r"
+    " ON r.key = d.key{cond} ORDER BY r.key, r.worker"
+)
+# Tombstones older than a time whose key no worker is known to hold.
+_PURGE = (
+    "DELETE FROM deleted WHERE deleted_at < ?"
+    " AND NOT EXISTS (SELECT 1 FROM replicas AS r WHERE r.key = deleted.key)"
+)
+
+
+# apply_reports(): the directory's version rules over a batch of reports in temp.inv,
+# set-based (one pass in C per statement instead of several statements per report).
+# ok: 1 to apply, 2 already recorded exactly, 0 left alone (rejected, or refused below).
+_INV = (
+    "CREATE TEMP TABLE IF NOT EXISTS inv(key TEXT PRIMARY KEY, size INTEGER, sha256 TEXT,"
+    " version INTEGER, ok INTEGER NOT NULL) WITHOUT ROWID"
+)
+_INV_ADD = "INSERT INTO temp.inv VALUES (?, ?, ?, ?, 1)"
+_INV_KEEP = "INSERT INTO temp.inv VALUES (?, NULL, NULL, NULL, 0)"
+# A copy recorded exactly as reported needs nothing: when it was recorded, its key's
+# current version or tombstone became at least its version, and neither goes back.
+_INV_SAME = (
+    "UPDATE temp.inv SET ok = 2 WHERE ok = 1 AND EXISTS (SELECT 1 FROM replicas AS r"
+    " WHERE r.key = inv.key AND r.worker = ? AND r.version = inv.version"
+    " AND r.size = inv.size AND r.sha256 = inv.sha256)"
+)
+# Another content for the key's current version: refused.
+_INV_CONFLICTS = (
+    "SELECT i.key, i.size, i.sha256, i.version, k.size, k.sha256 FROM temp.inv AS i"
+    " JOIN keys AS k ON k.key = i.key WHERE i.ok = 1 AND i.version = k.version"
+    " AND (i.size <> k.size OR i.sha256 <> k.sha256) ORDER BY i.key"
+)
+_INV_REFUSE = "UPDATE temp.inv SET ok = 0 WHERE key = ?"
+# A version above the tombstone's is a write after the delete: the tombstone goes ...
+_INV_UNBURY = (
+    "DELETE FROM deleted WHERE key IN (SELECT i.key FROM temp.inv AS i"
+    " JOIN deleted AS d ON d.key = i.key WHERE i.ok = 1 AND i.version > d.version)"
+)
+# ... and then a report becomes current if its key has no tombstone (any left is at or
+# above the report's version) and no current version at or above the report's.
+_INV_KEYS = (
+    "INSERT INTO keys SELECT key, version, size, sha256 FROM temp.inv AS i"
+    " WHERE i.ok = 1 AND NOT EXISTS (SELECT 1 FROM deleted AS d WHERE d.key = i.key)"
+    " ON CONFLICT(key) DO UPDATE SET version = excluded.version, size = excluded.size,"
+    " sha256 = excluded.sha256 WHERE excluded.version > keys.version"
+)
+# Every report is a copy the worker holds, whatever its verdict.
+_INV_REPLICAS = (
+    "REPLACE INTO replicas SELECT key, ?, size, sha256, version FROM temp.inv WHERE ok = 1"
+)
+_INV_GONE = "DELETE FROM replicas WHERE worker = ? AND key NOT IN (SELECT key FROM temp.inv)"
+_INV_TOP = "SELECT max(version) FROM temp.inv WHERE ok = 1"
+
+
+class StateError(Exception):
+    """The state file cannot be used (held by another process, unknown schema, ...)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class KeyRow(NamedTuple):
+    """The current version of a live key."""
+
+    version: int
+    size: int
+    sha256: str
+
+
+class ReplicaRow(NamedTuple):
+    """One worker's copy of one key, as the worker last reported it."""
+
+    key: str
+    worker: str
+    size: int
+    sha256: str
+    version: int
+
+
+class Conflict(NamedTuple):
+    """A report of a key's current version with another content than the directory's."""
+
+    key: str
+    size: int
+    sha256: str
+    version: int
+    known_size: int
+    known_sha256: str
+
+
+@attrs.frozen
+class ApplyOutcome:
+    """What :meth:`MasterState.apply_reports` did."""
+
+    unchanged: int  #: reports the directory already had exactly
+    applied: int  #: reports recorded (new or changed copies)
+    removed: int  #: copies of the worker missing from a full inventory, forgotten
+    conflicts: tuple[Conflict, ...]  #: reports refused (another content, same version)
+
+
+@attrs.frozen
+class WorkerRow:
+    """What the master remembers of a worker name across restarts."""
+
+    name: str
+    last_incarnation: int
+    host: str | None
+    port: int | None
+    slots: int | None
+    first_seen: float
+    last_seen: float
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """Return the smallest string greater than every string starting with ``prefix``.
+
+    The same bound as the worker store's list uses (see dsml.worker.store): the prefix
+    with its last character incremented, after dropping trailing U+10FFFF; None if there
+    is no bound.  Code-point order is UTF-8 byte order, which is how SQLite compares TEXT.
+    """
+    for i in range(len(prefix) - 1, -1, -1):
+        c = ord(prefix[i])
+        if c < 0x10FFFF:
+            c += 1
+            if c == 0xD800:  # surrogates cannot be encoded in UTF-8; skip them
+                c = 0xE000
+            return prefix[:i] + chr(c)
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a new database or WAL file) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MasterState:
+    """The master's SQLite state; see the module docstring.
+
+    Low-level: each method runs one or a few statements.  Group writes that belong
+    together in :meth:`transaction`; a write outside one commits on its own at the
+    connection's current level.  The consistency rules between tables are the caller's
+    (:class:`dsml.master.directory.Directory`).
+    """
+
+    def __init__(self, path: Path | str, synchronous: str = "FULL") -> None:
+        """Open (creating if needed) the state at ``path``.
+
+        ``path`` is the SQLite file, or an existing directory to hold :data:`STATE_FILE`.
+        ``synchronous`` is the level of acknowledging commits (FULL; tests may lower it);
+        lazy commits use NORMAL, or this level if it is lower.
+        """
+        synchronous = synchronous.upper()
+        if synchronous not in _SYNC_LEVELS:
+            raise ValueError(f"synchronous must be one of {_SYNC_LEVELS}, not {synchronous!r}")
+        path = Path(path)
+        if path.is_dir():
+            path = path / STATE_FILE
+        self.path = path
+        self._sync = synchronous
+        self._lazy_sync = _SYNC_LEVELS[min(1, _SYNC_LEVELS.index(synchronous))]
+        self._closed = False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # timeout=0: a state held by another process is an immediate, clear error.
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+        self._db = db
+        try:
+            # EXCLUSIVE before WAL: the WAL index then lives in memory (no -shm file),
+            # and nobody else can open the state while we hold it.
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            try:
+                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.OperationalError as e:
+                if "locked" in str(e):
+                    raise StateError(
+                        f"master state {str(path)!r} is in use by another process"
+                    ) from None
+                raise
+            if mode.lower() != "wal":
+                raise StateError(f"master state {str(path)!r} cannot use WAL mode ({mode})")
+            # Truncate the WAL back to this size after a checkpoint (a big reconcile
+            # can grow it to tens of MiB).
+            db.execute("PRAGMA journal_size_limit=67108864")
+            db.execute(f"PRAGMA synchronous={synchronous}")
+            db.execute("PRAGMA temp_store=MEMORY")  # apply_reports' batch table
+            db.execute(f"PRAGMA cache_size={-CACHE_KIB}")
+            self._level = synchronous
+            #: Transactions committed since open: callers can skip a scan when it has
+            #: not moved (and nothing else they depend on has changed either).
+            self.generation = 0
+            self._init_schema()
+            # The database and its WAL now exist: make their directory entries durable.
+            _fsync_dir(path.parent)
+        except BaseException:
+            db.close()
+            raise
+
+    def _init_schema(self) -> None:
+        """Create the tables on first open, check the schema, load the version counter."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            for statement in _SCHEMA:
+                db.execute(statement)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('version', 0)")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        meta = dict(db.execute("SELECT name, value FROM meta"))
+        if meta["schema"] != SCHEMA_VERSION:
+            raise StateError(
+                f"master state {str(self.path)!r} has schema {meta['schema']!r}, "
+                f"this code knows {SCHEMA_VERSION}"
+            )
+        top = db.execute(
+            "SELECT max(coalesce((SELECT max(version) FROM keys), 0),"
+            " coalesce((SELECT max(version) FROM deleted), 0),"
+            " coalesce((SELECT max(version) FROM replicas), 0))"
+        ).fetchone()[0]
+        #: The highest version reserved on disk; issue_version() stays at or below it.
+        self._reserved: int = meta["version"]
+        #: The highest version issued or seen.
+        self._version: int = max(self._reserved, top)
+
+    # -- transactions ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self, lazy: bool = False) -> Iterator[None]:
+        """Run the body in one transaction; commit on success, roll back on an exception.
+
+        Commits at the acknowledging level (FULL) unless ``lazy``.  Nested use joins the
+        outer transaction (which then decides the level).
+        """
+        db = self._db
+        if db.in_transaction:
+            yield
+            return
+        level = self._lazy_sync if lazy else self._sync
+        if level != self._level:
+            db.execute(f"PRAGMA synchronous={level}")
+            self._level = level
+        db.execute("BEGIN")
+        try:
+            yield
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.generation += 1
+
+    @property
+    def in_transaction(self) -> bool:
+        """True inside :meth:`transaction`."""
+        return self._db.in_transaction
+
+    # -- settings ----------------------------------------------------------------------
+
+    def get_setting(self, name: str, default: Any = None) -> Any:
+        """The value of setting ``name`` (as set: JSON types round-trip), or ``default``."""
+        row = self._db.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def set_setting(self, name: str, value: Any) -> None:
+        """Set ``name`` to ``value`` (anything JSON can encode), durably."""
+        text = json.dumps(value, sort_keys=True, allow_nan=False)
+        with self.transaction():
+            self._db.execute("REPLACE INTO settings VALUES (?, ?)", (name, text))
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting."""
+        return {name: json.loads(v) for name, v in self._db.execute("SELECT * FROM settings")}
+
+    # -- workers -----------------------------------------------------------------------
+
+    def next_incarnation(self, name: str, now: float | None = None) -> int:
+        """Return a new incarnation for worker ``name``, higher than any before, durably.
+
+        Strictly increasing per name, across restarts: the number is committed before
+        it is returned.
+        """
+        now = time.time() if now is None else now
+        with self.transaction():
+            row = self._db.execute(
+                "INSERT INTO workers VALUES (?, 1, NULL, NULL, NULL, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET last_incarnation = last_incarnation + 1"
+                " RETURNING last_incarnation",
+                (name, now, now),
+            ).fetchall()
+        return row[0][0]
+
+    def record_worker(
+        self,
+        name: str,
+        incarnation: int,
+        host: str | None,
+        port: int | None,
+        slots: int | None,
+        now: float | None = None,
+    ) -> None:
+        """Remember a registration of ``name``, durably.
+
+        ``last_incarnation`` only moves up (a lower ``incarnation`` leaves it), so
+        :meth:`next_incarnation` stays above every incarnation ever recorded.
+        """
+        now = time.time() if now is None else now
+        with self.transaction():
+            self._db.execute(
+                "INSERT INTO workers VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE"
+                " SET last_incarnation = max(last_incarnation, excluded.last_incarnation),"
+                " host = excluded.host, port = excluded.port, slots = excluded.slots,"
+                " last_seen = max(last_seen, excluded.last_seen)",
+                (name, incarnation, host, port, slots, now, now),
+            )
+
+    def touch_workers(self, seen: Mapping[str, float]) -> None:
+        """Record last-seen times of known workers, in one lazy (NORMAL) commit.
+
+        For heartbeats, batched by the caller: a lost update only makes a time older.
+        """
+        if not seen:
+            return
+        with self.transaction(lazy=True):
+            self._db.executemany(
+                "UPDATE workers SET last_seen = max(last_seen, ?) WHERE name = ?",
+                [(when, name) for name, when in seen.items()],
+            )
+
+    def worker(self, name: str) -> WorkerRow | None:
+        """The row of worker ``name``, or None."""
+        row = self._db.execute("SELECT * FROM workers WHERE name = ?", (name,)).fetchone()
+        return None if row is None else WorkerRow(*row)
+
+    def workers(self) -> list[WorkerRow]:
+        """Every worker ever recorded, by name."""
+        return [WorkerRow(*r) for r in self._db.execute("SELECT * FROM workers ORDER BY name")]
+
+    # -- versions ----------------------------------------------------------------------
+
+    def issue_version(self) -> int:
+        """Return a new cluster-wide version, higher than any issued or stored before."""
+        version = self._version + 1
+        if version > self._reserved:
+            reserved = version + VERSION_BLOCK - 1
+            with self.transaction():
+                self._db.execute("UPDATE meta SET value = ? WHERE name = 'version'", (reserved,))
+            self._reserved = reserved
+        self._version = version
+        return version
+
+    def note_version(self, version: int) -> None:
+        """Keep the counter above ``version``, which a row being written records."""
+        if version > self._version:
+            self._version = version
+
+    @property
+    def last_version(self) -> int:
+        """The highest version issued or stored."""
+        return self._version
+
+    # -- keys and tombstones -----------------------------------------------------------
+
+    def get_key(self, key: str) -> KeyRow | None:
+        """The current version of ``key``, or None if it is not live."""
+        row = self._db.execute(_GET_KEY, (key,)).fetchone()
+        return None if row is None else KeyRow(*row)
+
+    def put_key(self, key: str, version: int, size: int, sha256: str) -> None:
+        """Make ``version`` the current version of ``key``."""
+        self._db.execute(_PUT_KEY, (key, version, size, sha256))
+
+    def drop_key(self, key: str) -> None:
+        """Forget the current version of ``key``."""
+        self._db.execute(_DROP_KEY, (key,))
+
+    def get_tombstone(self, key: str) -> int | None:
+        """The version at which ``key`` was deleted, or None."""
+        row = self._db.execute(_GET_TOMB, (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def put_tombstone(self, key: str, version: int, when: float) -> None:
+        """Record that ``key`` was deleted at ``version`` (at time ``when``)."""
+        self._db.execute(_PUT_TOMB, (key, version, when))
+
+    def drop_tombstone(self, key: str) -> None:
+        """Forget the tombstone of ``key`` (a newer version replaced it)."""
+        self._db.execute(_DROP_TOMB, (key,))
+
+    def tombstones(self) -> list[tuple[str, int, float]]:
+        """Every tombstone: (key, version, deleted_at), by key."""
+        return list(self._db.execute("SELECT * FROM deleted ORDER BY key"))
+
+    # -- replicas ----------------------------------------------------------------------
+
+    def put_replica(self, key: str, worker: str, size: int, sha256: str, version: int) -> None:
+        """Record that ``worker`` holds ``key`` at ``version`` (replacing what it held)."""
+        self._db.execute(_PUT_REPLICA, (key, worker, size, sha256, version))
+
+    def drop_replica(self, key: str, worker: str) -> bool:
+        """Forget ``worker``'s copy of ``key``; False if there was none."""
+        return self._db.execute(_DROP_REPLICA, (key, worker)).rowcount > 0
+
+    def drop_replicas(self, worker: str, keys: Iterable[str]) -> int:
+        """Forget ``worker``'s copies of ``keys``; return how many there were."""
+        cur = self._db.executemany(_DROP_REPLICA, ((key, worker) for key in keys))
+        return cur.rowcount
+
+    def apply_reports(
+        self,
+        worker: str,
+        reports: Iterable[tuple[str, int, str, int]],
+        keep: Iterable[str] = (),
+        full: bool = False,
+    ) -> ApplyOutcome:
+        """Apply ``worker``'s reports of copies (key, size, sha256, version) by the version rules.
+
+        The rules of :mod:`dsml.master.directory`, set-based: every report is recorded
+        as ``worker``'s copy; it becomes its key's current version if it is above the
+        current one and above any tombstone (a tombstone below it goes); a report of the
+        current version with another size or sha256 is refused (returned as a conflict,
+        nothing recorded).  The reports must be well formed and name distinct keys, none
+        of them in ``keep``.  If ``full``, the reports are ``worker``'s whole inventory:
+        its other copies are forgotten, except those of the keys in ``keep`` (entries the
+        caller rejected, left as they were).
+
+        Runs inside the caller's transaction, or in its own (acknowledging) one.
+        """
+        db = self._db
+        with self.transaction():
+            db.execute(_INV)
+            db.execute("DELETE FROM temp.inv")
+            db.executemany(_INV_ADD, reports)
+            db.executemany(_INV_KEEP, ((key,) for key in keep))
+            unchanged = db.execute(_INV_SAME, (worker,)).rowcount
+            conflicts = tuple(Conflict(*row) for row in db.execute(_INV_CONFLICTS))
+            if conflicts:
+                db.executemany(_INV_REFUSE, ((c.key,) for c in conflicts))
+            db.execute(_INV_UNBURY)
+            db.execute(_INV_KEYS)
+            applied = db.execute(_INV_REPLICAS, (worker,)).rowcount
+            removed = db.execute(_INV_GONE, (worker,)).rowcount if full else 0
+            (top,) = db.execute(_INV_TOP).fetchone()
+            db.execute("DELETE FROM temp.inv")
+        if top is not None:
+            self.note_version(top)
+        return ApplyOutcome(unchanged, applied, removed, conflicts)
+
+    def get_replica(self, key: str, worker: str) -> ReplicaRow | None:
+        """``worker``'s copy of ``key``, or None."""
+        row = self._db.execute(
+            "SELECT size, sha256, version FROM replicas WHERE key = ? AND worker = ?",
+            (key, worker),
+        ).fetchone()
+        return None if row is None else ReplicaRow(key, worker, *row)
+
+    def replicas_of(self, key: str) -> list[ReplicaRow]:
+        """Every copy of ``key`` (any version), by worker."""
+        return [ReplicaRow(key, *r) for r in self._db.execute(_REPLICAS_OF, (key,))]
+
+    def replicas_on(self, worker: str) -> dict[str, tuple[int, str, int]]:
+        """Every copy ``worker`` holds: key -> (size, sha256, version)."""
+        return {
+            key: (size, digest, version)
+            for key, size, digest, version in self._db.execute(_REPLICAS_ON, (worker,))
+        }
+
+    def stale_rows(self, worker: str | None = None) -> list[tuple[str, str, int]]:
+        """Copies older than their key's current version: (key, worker, version)."""
+        if worker is None:
+            return list(self._db.execute(_STALE.format(cond="")))
+        return list(self._db.execute(_STALE.format(cond=" AND r.worker = ?"), (worker,)))
+
+    def doomed_rows(self, worker: str | None = None) -> list[tuple[str, str, int]]:
+        """Copies of tombstoned keys: (key, worker, version)."""
+        if worker is None:
+            return list(self._db.execute(_DOOMED.format(cond="")))
+        return list(self._db.execute(_DOOMED.format(cond=" AND r.worker = ?"), (worker,)))
+
+    def purge_tombstones(self, before: float) -> int:
+        """Drop tombstones set before ``before`` whose key no worker is known to hold."""
+        with self.transaction():
+            return self._db.execute(_PURGE, (before,)).rowcount
+
+    def trim_rows(self, worker: str) -> list[tuple[str, int, bool]]:
+        """``worker``'s stale copies and copies of tombstoned keys, by key.
+
+        Each as (key, version, True if the key is tombstoned).
+        """
+        return [(k, v, bool(d)) for k, v, d in self._db.execute(_TRIMS, (worker,))]
+
+    def live_holders(
+        self, live: Iterable[str], low: int, high: int, holder: str | None = None
+    ) -> list[tuple[str, int, str, int, list[str]]]:
+        """Live keys with ``low`` to ``high`` copies of their current version on ``live``.
+
+        Each as (key, size, sha256, version, the live workers holding the current
+        version, by name), by key.  With ``holder``, only keys of which that worker holds the
+        current version.  One pass over the keys (or over ``holder``'s copies) in SQL.
+        """
+        db = self._db
+        db.execute(_LIVE)
+        db.execute("DELETE FROM temp.live")
+        db.executemany("INSERT OR IGNORE INTO temp.live VALUES (?)", ((w,) for w in live))
+        if holder is None:
+            rows = db.execute(_HOLDERS, (low, high))
+        else:
+            rows = db.execute(_HOLDERS_WITH, (holder, low, high))
+        out = [
+            (key, size, digest, version, sorted(workers.split(_SEP)) if workers else [])
+            for key, size, digest, version, workers in rows
+        ]
+        db.execute("DELETE FROM temp.live")
+        return out
+
+    def list_keys(
+        self, prefix: str = "", after: str | None = None, limit: int = 1000
+    ) -> list[tuple[str, int, str, int, list[str]]]:
+        """Up to ``limit`` live keys starting with ``prefix`` and greater than ``after``.
+
+        Each as (key, size, sha256, version, workers holding the current version), in
+        key order (UTF-8 byte order); one range search of the primary key.
+        """
+        if limit <= 0:
+            return []
+        if after is not None and after >= prefix:
+            excl, low = True, after
+        else:
+            excl, low = False, prefix
+        high = _prefix_end(prefix)
+        params: tuple[object, ...] = (low, limit) if high is None else (low, high, limit)
+        out: list[tuple[str, int, str, int, list[str]]] = []
+        for key, size, digest, version, worker in self._db.execute(
+            _LIST[excl, high is not None], params
+        ):
+            if not out or out[-1][0] != key:
+                out.append((key, size, digest, version, []))
+            if worker is not None:
+                out[-1][4].append(worker)
+        return out
+
+    def counts(self) -> tuple[int, int, int]:
+        """(live keys, current copies, bytes of the live keys' current versions)."""
+        db = self._db
+        keys, total = db.execute("SELECT count(*), total(size) FROM keys").fetchone()
+        (replicas,) = db.execute(
+            "SELECT count(*) FROM replicas AS r JOIN keys AS k"
+            " ON k.key = r.key AND k.version = r.version"
+        ).fetchone()
+        return keys, replicas, int(total)
+
+    # -- closing -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the database (a checkpoint empties the WAL); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._db.close()

@@ -1,0 +1,239 @@
+"""A worker's one long-lived link to the master (the seed's WorkerServer heartbeat).
+
+Over it the worker authenticates, registers (name, storage address, slots, versions and
+its full inventory, like an HDFS block report), sends a heartbeat every
+``heartbeat_interval`` and batched reports of what it stored and deleted; the master
+sends orders back down the same link (replicate a key to another worker, drop a surplus
+copy).  ``ClientService`` reconnects with backoff and the worker registers again, getting
+a new incarnation from the master each time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .. import __version__
+from ..errors import DsmlError
+from ..net.links import tune_socket
+from ..net.server import Response, ServerFactory, ServerLimits, ServerProtocol
+from ..protocol.codec import PROTOCOL_VERSION
+from .store import Entry, Store
+
+log = Logger()
+
+#: Seconds a batch of store/delete reports may wait before it is sent.
+REPORT_DELAY = 0.05
+
+
+@attrs.frozen
+class WorkerInfo:
+    """What a worker says about itself when it registers."""
+
+    name: str
+    host: str
+    port: int
+    slots: int
+    boot: str = ""
+
+
+def inventory_payload(store: Store) -> bytes:
+    """The full inventory as JSON lines {key, size, sha256, version}."""
+    lines = [
+        json.dumps(
+            {"key": e.key, "size": e.size, "sha256": e.sha256, "version": e.version},
+            ensure_ascii=False,
+        )
+        for e in store.inventory()
+    ]
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+class MasterLink(service.Service):
+    """Keeps the worker registered with the master; heartbeats that cannot die."""
+
+    def __init__(
+        self,
+        *,
+        clock: Any,
+        endpoint: IStreamClientEndpoint,
+        token: str | None,
+        info: WorkerInfo,
+        store: Store,
+        orders: Any,
+        heartbeat_interval: float = 1.0,
+        free_slots: Callable[[], int] | None = None,
+        free_disk: Callable[[], int] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.token = token
+        self.info = info
+        self.store = store
+        self.heartbeat_interval = heartbeat_interval
+        self.free_slots = free_slots or (lambda: info.slots)
+        self.free_disk = free_disk or (lambda: shutil.disk_usage(store.root).free)
+        self.link: ServerProtocol | None = None
+        self.incarnation: int | None = None
+        self.registrations = 0
+        self._reports: list[str] = []
+        self._report_call: Any = None
+        factory = ServerFactory(
+            orders, clock, None, ServerLimits(idle_timeout=max(60.0, 10 * heartbeat_interval)),
+            initiator=True, on_lost=self._lost,
+        )
+        self._client = ClientService(
+            endpoint,
+            factory,
+            retryPolicy=backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0),
+            clock=clock,
+            prepareConnection=self._register,
+        )
+        self._beat = LoopingCall(self._heartbeat)
+        self._beat.clock = clock
+
+    # -- service ----------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._client.startService()
+        self._beat.start(self.heartbeat_interval, now=False).addErrback(
+            lambda f: log.failure("heartbeat loop stopped", f)
+        )
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._beat.running:
+            self._beat.stop()
+        if self._report_call is not None and self._report_call.active():
+            self._report_call.cancel()
+        return self._client.stopService()
+
+    def whenRegistered(self) -> Deferred[ServerProtocol]:
+        """Fires with the link once it is connected and registered."""
+        return self._client.whenConnected()
+
+    # -- registration -----------------------------------------------------------------
+
+    def _register(self, link: ServerProtocol) -> Deferred[None]:
+        """Authenticate and register; ClientService hands out the link only after."""
+        tune_socket(link.transport)
+        info = self.info
+        headers: dict[str, object] = {
+            "Name": info.name,
+            "Host": info.host,
+            "Port": info.port,
+            "Slots": info.slots,
+            "Dsml-Version": __version__,
+            "Protocol-Version": PROTOCOL_VERSION,
+        }
+        if info.boot:
+            headers["Boot"] = info.boot
+        # Reports queued before this registration are covered by its inventory.
+        self._reports = []
+        d = link.request("auth", {"Token": self.token or "", "Client": f"worker {info.name}"})
+        d.addCallback(lambda _: link.request("register", headers, inventory_payload(self.store)))
+
+        def registered(response: Response) -> None:
+            self.link = link
+            self.incarnation = int(response.headers["incarnation"])
+            self.registrations += 1
+            log.info(
+                "worker {name} registered with the master (incarnation {inc})",
+                name=info.name,
+                inc=self.incarnation,
+            )
+
+        def refused(failure: Failure) -> Failure:
+            e = failure.value
+            why = f"{e.message} [{e.code}]" if isinstance(e, DsmlError) else str(e)
+            log.error("master refused worker {name}: {why}", name=info.name, why=why)
+            link.transport.loseConnection()  # type: ignore[union-attr]
+            return failure
+
+        return d.addCallbacks(registered, refused)
+
+    def _lost(self, link: ServerProtocol) -> None:
+        if link is self.link:
+            log.warn("worker {name} lost its link to the master", name=self.info.name)
+            self.link = None
+            self.incarnation = None
+            self._reports = []
+
+    # -- heartbeats and reports -------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        """One beat; never raises (a LoopingCall stops for good when its function does)."""
+        try:
+            link, incarnation = self.link, self.incarnation
+            if link is None or incarnation is None:
+                return
+            d = link.request(
+                "heartbeat",
+                {
+                    "Name": self.info.name,
+                    "Incarnation": incarnation,
+                    "Free-Slots": self.free_slots(),
+                    "Stored-Bytes": self.store.stored_bytes,
+                    "Stored-Files": self.store.count,
+                    "Free-Disk": self.free_disk(),
+                },
+            )
+            d.addErrback(self._heartbeat_failed, link)
+        except Exception:
+            log.failure("heartbeat failed")
+
+    def _heartbeat_failed(self, failure: Failure, link: ServerProtocol) -> None:
+        if failure.check(DsmlError) and failure.value.code in (
+            "not-registered",
+            "stale-incarnation",
+        ):
+            # The master declared us dead (or restarted): register again.
+            log.warn("master no longer knows worker {name}: reconnecting", name=self.info.name)
+            link.transport.loseConnection()  # type: ignore[union-attr]
+        elif not failure.check(DsmlError):
+            log.info("heartbeat not answered: {f}", f=failure.getErrorMessage())
+
+    def report(self, op: str, entry: Entry) -> None:
+        """Queue a store or delete for the master; sent in batches."""
+        if self.link is None:
+            return  # the next registration's inventory says it
+        self._reports.append(
+            json.dumps(
+                {
+                    "op": op,
+                    "key": entry.key,
+                    "size": entry.size,
+                    "sha256": entry.sha256,
+                    "version": entry.version,
+                },
+                ensure_ascii=False,
+            )
+        )
+        if self._report_call is None or not self._report_call.active():
+            self._report_call = self.clock.callLater(REPORT_DELAY, self._send_reports)
+
+    def _send_reports(self) -> None:
+        lines, self._reports = self._reports, []
+        link, incarnation = self.link, self.incarnation
+        if not lines or link is None or incarnation is None:
+            return
+        d = link.request(
+            "report",
+            {"Name": self.info.name, "Incarnation": incarnation},
+            ("\n".join(lines) + "\n").encode(),
+        )
+        d.addErrback(
+            lambda f: log.info("report not taken ({f}); the next registration covers it",
+                               f=f.getErrorMessage())
+        )
