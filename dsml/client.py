@@ -100,7 +100,8 @@ class Client:
         except OSError as e:
             raise ConnectionLost(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._parser = Parser(codec.RESPONSE)
+        # whole=True: a small reply is one event (its payload inside the Head).
+        self._parser = Parser(codec.RESPONSE, whole=True)
         self._next_id = 1
         self._read_size = SMALL_READ
         try:
@@ -159,7 +160,9 @@ class Client:
             raise DsmlError(f"response {head.id} does not answer request {req_id}", "bad-frame")
         return head
 
-    def _read_payload(self) -> bytes:
+    def _read_payload(self, head: Head) -> bytes:
+        if head.body is not None:
+            return head.body
         chunks = []
         while True:
             event = self._event()
@@ -174,7 +177,7 @@ class Client:
         self._next_id += 1
         self._sendall(codec.encode_request(method, req_id, headers, payload))
         head = self._read_head(req_id)
-        body = self._read_payload()
+        body = self._read_payload(head)
         if not head.ok:
             if head.id == 0 or head.headers.get("code") in ("auth-failed", "auth-required"):
                 self.close()
@@ -293,7 +296,7 @@ class Client:
                 raise _error(head) from None
             raise
         head = self._read_head(req_id)
-        self._read_payload()
+        self._read_payload(head)
         if not head.ok:
             raise _error(head)
         stored = _stored(key, head)
@@ -312,7 +315,7 @@ class Client:
         req_id = self._send_head("file_retrieve", {"Key": key}, 0)
         head = self._read_head(req_id)
         if not head.ok:
-            self._read_payload()
+            self._read_payload(head)
             raise _error(head)
         h = head.headers
         if h.get("action") != "write-file":
@@ -321,15 +324,21 @@ class Client:
         write = out.write
         self._read_size = CHUNK
         try:
+            whole = head.body
             while True:
-                event = self._event()
-                if event is END:
-                    break
-                data = event.data
+                if whole is not None:  # small: it came whole with the head, no END
+                    data = whole
+                else:
+                    event = self._event()
+                    if event is END:
+                        break
+                    data = event.data
                 digest.update(data)
                 write(data)
                 if progress is not None:
                     progress(len(data))
+                if whole is not None:
+                    break
         finally:
             self._read_size = SMALL_READ
         entry = Entry(key, h["kind"], int(h["size"]), h["sha256"], int(h["version"]))

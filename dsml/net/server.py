@@ -136,7 +136,9 @@ class ServerProtocol(TwistedProtocol):
         self.handler = factory.handler
         self.limits = factory.limits
         self.peer = factory.peer
-        self.parser = Parser(codec.PEER if self.peer else codec.REQUEST, factory.handler.methods)
+        self.parser = Parser(
+            codec.PEER if self.peer else codec.REQUEST, factory.handler.methods, whole=True
+        )
         # The side that opened a peer link trusts requests coming back over it.
         self.authenticated = factory.initiator
         self.client_name = ""
@@ -269,6 +271,12 @@ class ServerProtocol(TwistedProtocol):
                 self._on_end()
             elif kind is Head:
                 self._on_head(event)
+                body = event.body
+                if body is not None and not self._closing:
+                    # A small message that arrived whole: no Data or END follows.
+                    if body:
+                        self._on_data(body)
+                    self._on_end()
             else:
                 self._on_rejected(event)
 
@@ -293,10 +301,16 @@ class ServerProtocol(TwistedProtocol):
                 self._holding = False
         elif kind is Head and event.kind in (codec.OK, codec.ERROR):
             self._on_response_head(event)
+            if event.body is not None:
+                if event.body:
+                    self._on_response_event(Data(event.body))
+                self._on_response_event(END)
             return True
         elif self._state == _WAITING or self._held:
             self._held.append(event)
-            self._holding = kind is Head
+            if kind is Data:
+                self._held_bytes += len(event.data)
+            self._holding = kind is Head and event.body is None
         else:
             return False
         if self._held_bytes > HELD_MAX and not self._held_paused:

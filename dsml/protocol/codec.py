@@ -74,6 +74,9 @@ _NAME = re.compile(rf"[A-Za-z0-9-]{{1,{limits.MAX_HEADER_NAME}}}\Z")
 
 _TERMINATOR = b"\r\n\r\n"
 
+#: Largest payload a ``whole=True`` parser hands over inside its Head.
+WHOLE_MAX = 64 * 1024
+
 
 class ProtocolError(Exception):
     """A framing error: the byte stream cannot be trusted any more.
@@ -95,15 +98,22 @@ class Head:
     ``kind`` is the method for a request (``"file_upload"``) and ``"OK"`` or ``"ERROR"``
     for a response.  ``headers`` has lowercase names; for a request it also holds the
     method under ``"method"``.  ``length`` is the payload length in bytes.
+
+    ``body`` is None normally: the payload follows as Data events, then END.  A parser
+    made with ``whole=True`` sets it to the whole payload when that is small and
+    already buffered; then no Data or END follows (one event per small message).
     """
 
-    __slots__ = ("kind", "id", "headers", "length")
+    __slots__ = ("kind", "id", "headers", "length", "body")
 
-    def __init__(self, kind: str, id: int, headers: dict[str, str], length: int) -> None:
+    def __init__(
+        self, kind: str, id: int, headers: dict[str, str], length: int, body: bytes | None = None
+    ) -> None:
         self.kind = kind
         self.id = id
         self.headers = headers
         self.length = length
+        self.body = body
 
     @property
     def ok(self) -> bool:
@@ -198,13 +208,16 @@ class Parser:
     handed out as they arrive, never accumulated.
     """
 
-    def __init__(self, role: str = REQUEST, methods: MethodTable | None = None) -> None:
+    def __init__(
+        self, role: str = REQUEST, methods: MethodTable | None = None, whole: bool = False
+    ) -> None:
         if role not in (REQUEST, RESPONSE, PEER):
             raise ValueError(f"role must be {REQUEST!r}, {RESPONSE!r} or {PEER!r}")
         if role != RESPONSE and methods is None:
             raise ValueError("a request parser needs a method table")
         self._role = role
         self._methods = methods
+        self._whole = whole
         self._buf = bytearray()
         self._state = _S_HEAD
         self._remaining = 0  # payload bytes still to come, in PAYLOAD or SKIP
@@ -485,7 +498,17 @@ class Parser:
         return None
 
     def _start_payload(self, head: Head) -> Head:
-        if head.length:
+        n = head.length
+        if self._whole and n <= WHOLE_MAX and len(self._buf) >= n:
+            # The whole (small) payload is here: one event instead of three.
+            buf = self._buf
+            if n:
+                head.body = bytes(buf[:n])
+                del buf[:n]
+            else:
+                head.body = b""
+            return head
+        if n:
             self._state = _S_PAYLOAD
             self._remaining = head.length
         else:
