@@ -451,7 +451,7 @@ def test_reconcile_is_one_transaction(d: Directory) -> None:
 def test_reconcile_accepts_exactly_the_keys_check_key_accepts(d: Directory) -> None:
     """The fast validation path of reconcile agrees with check_key on every key."""
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=200, deadline=None)
     @given(key=st.text(max_size=300) | st.text(alphabet="\x00\x1f\x7f\x85\ud800a", max_size=4))
     def check(key: str) -> None:
         try:
@@ -853,8 +853,8 @@ class DirectoryMachine(RuleBasedStateMachine):
 
 
 DirectoryMachine.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=25,
+    max_examples=50,
+    stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

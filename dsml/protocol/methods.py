@@ -193,10 +193,19 @@ def storage_methods(value_max: int = limits.DEFAULT_VALUE_MAX) -> MethodTable:
         _spec("delete", key),
         _spec("stat", key),
         _spec("list", None, {"prefix": check_prefix, "limit": check_uint, "after": check_key}),
+        # An attempt's stdout or stderr from Offset (a task log, kept by the worker).
+        _spec(
+            "task_log",
+            {"attempt": check_uint, "stream": check_text},
+            {"offset": check_uint},
+        ),
     ]:
         table.add(spec)
     return table
 
+
+#: Largest job description (a job file or an array of many tasks).
+JOB_MAX = 64 * 1024 * 1024
 
 #: Largest inventory or report payload a worker sends the master (about 400,000 keys).
 INVENTORY_MAX = 64 * 1024 * 1024
@@ -213,6 +222,11 @@ def worker_order_methods() -> MethodTable:
         _spec("replicate", {**key, "version": check_uint, "to": check_addr}),
         # Delete Key if its stored version is Version (a surplus or stale replica).
         _spec("drop", {**key, "version": check_uint}),
+        # Run one task attempt: payload = JSON of the attempt (command, env, inputs,
+        # outputs, slots, timeout, ids).
+        _spec("run", {"attempt": check_uint}, max_payload=JOB_MAX),
+        # Stop an attempt's whole process tree.
+        _spec("kill", {"attempt": check_uint}),
     ]:
         table.add(spec)
     return table
@@ -273,6 +287,19 @@ def master_methods() -> MethodTable:
         _spec("remove", key),
         _spec("list", None, {"prefix": check_prefix, "limit": check_uint, "after": check_key}),
         _spec("nodes"),
+        # -- jobs --
+        # payload = JSON {name, priority, after: [job ids], tasks: [{command, env,
+        # inputs: [[key, path]], outputs: [[path, key]], slots, timeout, max_attempts}]}
+        _spec("submit", None, max_payload=JOB_MAX),
+        _spec("jobs", None, {"limit": check_uint}),
+        _spec("status", {"job": check_text}),
+        _spec("cancel", {"job": check_text}),
+        # Answered when the job reaches a final state, or after Timeout seconds.
+        _spec("wait", {"job": check_text}, {"timeout": check_uint}),
+        # Where an attempt's logs are: Worker = name=host:port, Attempt = id.
+        _spec("logs", {"job": check_text}, {"task": check_uint, "attempt": check_uint}),
+        # A worker's finished attempts: JSON lines of results.
+        _spec("task_result", worker, max_payload=INVENTORY_MAX),
     ]:
         table.add(spec)
     return table
