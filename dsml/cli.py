@@ -20,6 +20,13 @@ from .protocol.methods import HeaderValueError, check_key
 
 DEFAULT_CONFIG = Path("etc/dsml.yaml")
 
+#: Where a master or worker on an OS-chosen port writes its address, under its state_dir
+#: or data_dir: the same names as ``dsml.master.service.ADDR_FILE`` and
+#: ``dsml.worker.service.ADDR_FILE`` (tests check it).  Spelled out here because importing
+#: those modules loads Twisted, which doubled the start-up time of every dsml command.
+MASTER_ADDR_FILE = "master.addr"
+WORKER_ADDR_FILE = "worker.addr"
+
 
 class UsageError(Exception):
     """Bad arguments or configuration (exit status 2)."""
@@ -52,8 +59,6 @@ def resolve_server(args: argparse.Namespace) -> tuple[str, str, int, str | None]
             )
         config_path = str(DEFAULT_CONFIG)
     from .config import ConfigError, load_config
-    from .master.service import ADDR_FILE as MASTER_ADDR
-    from .worker.service import ADDR_FILE as WORKER_ADDR
 
     try:
         config = load_config(config_path)
@@ -70,11 +75,11 @@ def resolve_server(args: argparse.Namespace) -> tuple[str, str, int, str | None]
         except ConfigError as e:
             raise UsageError(str(e)) from None
         host, port = _address(
-            f"worker {worker.name}", worker.host, worker.port, worker.data_dir / WORKER_ADDR
+            f"worker {worker.name}", worker.host, worker.port, worker.data_dir / WORKER_ADDR_FILE
         )
         return "worker", host, port, token
     m = config.master
-    host, port = _address("the master", m.host, m.port, m.state_dir / MASTER_ADDR)
+    host, port = _address("the master", m.host, m.port, m.state_dir / MASTER_ADDR_FILE)
     return "master", host, port, token
 
 
@@ -82,10 +87,10 @@ def _address(what: str, host: str, port: int, addr_file: Path) -> tuple[str, int
     """A configured address; port 0 means the OS chose it and the addr file says which."""
     if port:
         return host, port
-    from .net.listen import read_addr_file
-
     try:
-        return read_addr_file(addr_file)
+        # The format of dsml.net.listen.write_addr_file (not imported: it loads Twisted).
+        addr_host, _, addr_port = addr_file.read_text().strip().rpartition(":")
+        return addr_host, int(addr_port)
     except (OSError, ValueError):
         raise DsmlError(
             f"{what} listens on an OS-chosen port and {addr_file} is missing: is it running?",

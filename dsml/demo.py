@@ -1,8 +1,10 @@
 """``make demo``: a local dsml cluster, driven by the real ``dsml`` command.
 
-Starts a master and a worker as twistd processes on 127.0.0.1 (OS-chosen ports), uploads
-and downloads a file, sets and gets a value, lists what is stored, shows a bad request
-being refused, and stops everything it started.
+Starts a master and two workers as twistd processes on 127.0.0.1 (OS-chosen ports,
+replication 2, a worker is dead after 3 s of silence), uploads a 64 MiB file to both
+workers, kills one worker with SIGKILL, shows the master noticing, downloads the file from
+the survivor and checks its sha256, sets and gets a value, shows that a bad request gets
+one clear line, and stops everything it started: also on Ctrl-C, SIGTERM or an error.
 """
 
 from __future__ import annotations
@@ -10,24 +12,47 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
-from .localcluster import LocalCluster
+from .errors import DsmlError
+from .localcluster import LocalCluster, ProcessFailed
+
+WORKERS = ("w1", "w2")
+HEARTBEAT_INTERVAL = 0.5
+HEARTBEAT_TIMEOUT = 3.0
+FILE_MIB = 64
+KEY = "datasets/dataset.bin"
 
 
-def _say(text: str) -> None:
-    print(f"\n== {text}", flush=True)
+class DemoFailed(Exception):
+    """Something the demo checks did not hold."""
 
 
-def _run(cluster: LocalCluster, *args: str, input: bytes | None = None, check: bool = True) -> str:
-    print(f"$ dsml {shlex.join(args)}", flush=True)
+def _step(n: int, text: str) -> None:
+    print(f"\n== {n}. {text}", flush=True)
+
+
+def _note(text: str) -> None:
+    print(f"   {text}", flush=True)
+
+
+def _run(cluster: LocalCluster, *args: str, input: bytes | None = None, check: bool = True,
+         show: bool = True) -> str:
+    """Run ``dsml ARGS`` against the cluster; echo the command and its output."""
+    if show:
+        print(f"$ dsml {shlex.join(args)}", flush=True)
     result = cluster.cli(*args, input=input, check=check)
     out = (result.stdout + result.stderr).decode(errors="replace").rstrip()
-    if out:
+    if show and out:
         print(out, flush=True)
+    if show and not check:
+        print(f"(exit status {result.returncode})", flush=True)
     return result.stdout.decode(errors="replace")
 
 
@@ -39,49 +64,135 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def main() -> int:
-    """Run the demo; return an exit status."""
-    with tempfile.TemporaryDirectory(prefix="dsml-demo-") as tmp:
-        root = Path(tmp)
-        cluster = LocalCluster(root / "cluster", workers=("w1",))
+def _states(cluster: LocalCluster) -> dict[str, str]:
+    """``dsml nodes`` as worker name -> state."""
+    lines = _run(cluster, "nodes", show=False).splitlines()[1:]
+    return {line.split()[0]: line.split()[2] for line in lines}
+
+
+def _wait(what: str, ok: Callable[[], bool], timeout: float) -> float:
+    """Poll ``ok()`` until true; return the seconds it took, or raise DemoFailed."""
+    start = time.monotonic()
+    while not ok():
+        if time.monotonic() - start > timeout:
+            raise DemoFailed(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def demo(root: Path) -> None:
+    """The demo's steps, in a cluster under ``root``; raises on anything unexpected."""
+    cluster = LocalCluster(
+        root / "cluster",
+        workers=WORKERS,
+        extra={
+            "cluster": {
+                "replication": 2,
+                "heartbeat_interval": HEARTBEAT_INTERVAL,
+                "heartbeat_timeout": HEARTBEAT_TIMEOUT,
+            }
+        },
+    )
+    try:
+        _step(1, "start a master and two workers (twistd -n, 127.0.0.1, OS-chosen ports)")
+        _note(f"config {cluster.config_path}: replication 2, heartbeat every "
+              f"{HEARTBEAT_INTERVAL:g} s, dead after {HEARTBEAT_TIMEOUT:g} s of silence")
+        for name in ("master", *WORKERS):
+            host, port = cluster.start(name)
+            _note(f"{name:<6} pid {cluster.procs[name].pid:<7} listening on {host}:{port}")
+        took = _wait("both workers to register",
+                     lambda: _states(cluster) == dict.fromkeys(WORKERS, "alive"), 30)
+        _note(f"both workers registered with the master within {took:.1f} s")
+
+        _step(2, f"upload a {FILE_MIB} MiB file; the master places it on both workers")
+        data = root / "dataset.bin"
+        with open(data, "wb") as f:
+            for _ in range(FILE_MIB):
+                f.write(os.urandom(1 << 20))
+        digest = _sha256(data)
+        t = time.perf_counter()
+        _run(cluster, "upload", str(data), KEY)
+        up = time.perf_counter() - t
+        _note(f"{FILE_MIB / up:.0f} MiB/s, to two workers in a pipeline, command start included")
+
+        _step(3, "what the master knows")
+        _run(cluster, "nodes")
+        _run(cluster, "ls", "-l")
+
+        victim = WORKERS[0]
+        _step(4, f"kill -9 {victim}")
+        killed = time.monotonic()
+        cluster.kill(victim, signal.SIGKILL)
+        _note(f"{victim} (pid {cluster.procs[victim].pid}) killed with SIGKILL")
+        _wait(f"the master to see {victim} dead",
+              lambda: _states(cluster).get(victim) == "dead", HEARTBEAT_TIMEOUT + 5)
+        _note(f"the master shows it dead {time.monotonic() - killed:.2f} s after the kill "
+              f"(its link closed; a silent worker would take {HEARTBEAT_TIMEOUT:g} s)")
+        _run(cluster, "nodes")
+
+        _step(5, f"download the file again: {WORKERS[1]} still has a copy")
+        copy = root / "copy.bin"
+        t = time.perf_counter()
+        _run(cluster, "download", KEY, str(copy))
+        down = time.perf_counter() - t
+        same = _sha256(copy) == digest
+        _note(f"sha256 {'matches' if same else 'DIFFERS'}: {digest}")
+        _note(f"{FILE_MIB / down:.0f} MiB/s, command start included")
+        if not same:
+            raise DemoFailed("the downloaded file's sha256 differs from the upload's")
+
+        _step(6, "set and get a value")
+        _run(cluster, "set", "experiments/lr", "0.001")
+        value = _run(cluster, "get", "experiments/lr")
+        if value != "0.001":
+            raise DemoFailed(f"get returned {value!r}, not '0.001'")
+
+        _step(7, "bad requests get one clear line and a non-zero exit status")
+        _run(cluster, "get", "no/such/key", check=False)
+        _run(cluster, "get", KEY, check=False)
+        _run(cluster, "--token", "not-the-token", "ls", check=False)
+    finally:
+        _step(8, "stop everything the demo started")
+        cluster.stop()
+        for name, proc in cluster.procs.items():
+            _note(f"{name:<6} pid {proc.pid:<7} {_ended(proc.returncode)}")
+
+
+def _ended(status: int | None) -> str:
+    """How a process ended, from its exit status (twistd re-raises SIGTERM once it has
+    shut down cleanly, so its status says SIGTERM)."""
+    if status is None:
+        return "still running"
+    if status < 0:
         try:
-            _say("starting a master and a worker (twistd, 127.0.0.1, OS-chosen ports)")
-            for name in ("master", "w1"):
-                host, port = cluster.start(name)
-                print(f"{name} listening on {host}:{port}")
+            return f"ended by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"ended by signal {-status}"
+    return f"exited with status {status}"
 
-            _say("uploading a 64 MiB file, then downloading it again")
-            data = root / "dataset.bin"
-            with open(data, "wb") as f:
-                for _ in range(64):
-                    f.write(os.urandom(1024 * 1024))
-            t = time.perf_counter()
-            _run(cluster, "upload", str(data), "datasets/dataset.bin")
-            up = time.perf_counter() - t
-            copy = root / "copy.bin"
-            t = time.perf_counter()
-            _run(cluster, "download", "datasets/dataset.bin", str(copy))
-            down = time.perf_counter() - t
-            same = _sha256(data) == _sha256(copy)
-            print(f"sha256 equal: {same}; upload {64 / up:.0f} MiB/s, download {64 / down:.0f} "
-                  "MiB/s (including process start)")
 
-            _say("setting and getting values")
-            _run(cluster, "set", "experiments/lr", "0.001")
-            _run(cluster, "set", "experiments/notes", "-", input=b"first run\n")
-            print(f"lr = {_run(cluster, 'get', 'experiments/lr').strip()}")
+class _Terminated(Exception):
+    """SIGTERM arrived."""
 
-            _say("listing what is stored")
-            _run(cluster, "ls", "-l")
 
-            _say("bad requests get one clear line and a non-zero exit")
-            _run(cluster, "get", "no/such/key", check=False)
-            _run(cluster, "get", "datasets/dataset.bin", check=False)
-            return 0 if same else 1
-        finally:
-            _say("stopping everything")
-            cluster.stop()
-            print("stopped master and w1")
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated  # unwinds through demo()'s finally, which stops the cluster
+
+
+def main() -> int:
+    """Run the demo; return an exit status (0 if every check held)."""
+    signal.signal(signal.SIGTERM, _terminate)
+    with tempfile.TemporaryDirectory(prefix="dsml-demo-") as tmp:
+        try:
+            demo(Path(tmp))
+        except (KeyboardInterrupt, _Terminated) as e:
+            print("\ndemo interrupted; everything it started is stopped", file=sys.stderr)
+            return 143 if isinstance(e, _Terminated) else 130
+        except (DemoFailed, ProcessFailed, DsmlError, OSError) as e:
+            print(f"\ndemo failed: {e}", file=sys.stderr)
+            return 1
+    print("\ndemo finished: every check held", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

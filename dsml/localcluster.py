@@ -87,6 +87,9 @@ class LocalCluster:
         args += role + ["-c", str(self.config_path)]
         if name != "master":
             args += ["--name", name]
+        old_log = self._logs.pop(name, None)
+        if old_log is not None:  # a restart: the previous process's handle
+            old_log.close()
         log = open(self.log_path(name), "ab")
         self._logs[name] = log
         proc = subprocess.Popen(

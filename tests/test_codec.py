@@ -221,7 +221,8 @@ def cased(name: str) -> st.SearchStrategy[str]:
     return st.sampled_from([name, name.lower(), name.upper(), name.swapcase()])
 
 
-_KNOWN = {"token", "client", "key", "sha256", "prefix", "after", "limit", "length", "method"}
+#: Every header name some method checks, plus the two the codec reserves.
+_KNOWN = {n for spec in METHODS.specs.values() for n in spec.headers} | {"length", "method"}
 extra_names = st.from_regex(r"[A-Za-z0-9-]{1,64}", fullmatch=True).filter(
     lambda n: n.lower() not in _KNOWN
 )
@@ -247,10 +248,17 @@ def valid_requests(draw, methods=METHODS, max_payload: int = 2000):
             put("After", draw(keys))
         if draw(st.booleans()):
             put("Limit", draw(digits))
+    elif method == "task_log":
+        put("Attempt", draw(digits))
+        put("Stream", draw(st.sampled_from(["stdout", "stderr"])))
+        if draw(st.booleans()):
+            put("Offset", draw(digits))
     elif method != "ping":
         put("Key", draw(keys))
         if method == "file_upload" and draw(st.booleans()):
             put("Sha256", draw(sha256s))
+        if method in ("file_upload", "value_upload") and draw(st.booleans()):
+            put("Version", draw(digits))
     # Headers a method does not know are carried through unchecked.
     for name in draw(st.lists(extra_names, max_size=2, unique_by=str.lower)):
         headers[name] = draw(header_text)

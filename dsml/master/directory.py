@@ -45,7 +45,7 @@ import attrs
 from ..errors import DsmlError
 from ..protocol import limits
 from ..protocol.methods import HeaderValueError, check_key
-from .state import MAX_INT, Conflict, MasterState
+from .state import MAX_INT, MAX_VERSION, Conflict, MasterState
 
 __all__ = [
     "CURRENT",
@@ -166,8 +166,10 @@ def _entry_problem(key: Any, size: Any, sha256: Any, version: Any) -> tuple[str,
         return "bad-checksum", "sha256 must be 64 lowercase hex digits"
     if type(size) is not int or not 0 <= size <= MAX_INT:
         return "bad-request", f"size must be an integer from 0 to {MAX_INT}, not {size!r}"
-    if type(version) is not int or not 1 <= version <= MAX_INT:
-        return "bad-request", f"version must be an integer from 1 to {MAX_INT}, not {version!r}"
+    if type(version) is not int or not 1 <= version <= MAX_VERSION:
+        return "bad-request", (
+            f"version must be an integer from 1 to {MAX_VERSION}, not {version!r}"
+        )
     return None
 
 
@@ -336,7 +338,7 @@ class Directory:
                 and type(version) is int
                 and type(sha256) is str
                 and 0 <= size <= MAX_INT
-                and 0 < version <= MAX_INT
+                and 0 < version <= MAX_VERSION
                 and key not in seen
                 and sha_ok(sha256)
                 and key_ok(key)

@@ -78,6 +78,11 @@ CACHE_KIB = 64 * 1024
 #: Largest integer SQLite stores (and so the largest size or version we accept).
 MAX_INT = 2**63 - 1
 
+#: Highest version the master accepts or issues: what a header can carry (the wire
+#: allows 18 digits), with room to spare; a report past it is malformed.  Anything
+#: higher would wedge every later write (its Version header would be refused).
+MAX_VERSION = 10**15 - 1
+
 _SYNC_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 _SCHEMA = (
@@ -507,6 +512,8 @@ class MasterState:
     def issue_version(self) -> int:
         """Return a new cluster-wide version, higher than any issued or stored before."""
         version = self._version + 1
+        if version > MAX_VERSION:
+            raise StateError(f"versions are used up (the limit is {MAX_VERSION})")
         if version > self._reserved:
             reserved = version + VERSION_BLOCK - 1
             with self.transaction():

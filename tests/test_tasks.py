@@ -1,0 +1,777 @@
+"""Tests for dsml.worker.tasks: the TaskManager runs real commands in their own process groups.
+
+These tests start real processes, so they need a real reactor.  Each test gets a fresh
+reactor of its own (a reactor cannot be restarted, but a new one can run), which records
+every pid it spawns; the test body is a coroutine run by ``Harness.run`` with a deadline,
+and waits on Deferreds (a result, a stop) or polls /proc in short bounded steps.  After each
+test a fixture scans /proc for anything left in the groups the test spawned, kills it and
+fails the test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import deferLater
+
+from dsml.errors import DsmlError, NotFound
+from dsml.worker import tasks
+from dsml.worker.tasks import (
+    STDERR_NAME,
+    STDOUT_NAME,
+    AttemptResult,
+    AttemptSpec,
+    TaskError,
+    TaskManager,
+    python_launcher,
+    scan_groups,
+)
+
+try:
+    from twisted.internet.epollreactor import EPollReactor as _ReactorBase
+except ImportError:  # not Linux
+    from twisted.internet.selectreactor import SelectReactor as _ReactorBase  # type: ignore
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="needs /proc and setsid")
+
+T = TypeVar("T")
+
+#: The grace period between TERM and KILL in these tests.
+GRACE = 0.5
+
+
+class RecordingReactor(_ReactorBase):  # type: ignore[misc, valid-type]
+    """A fresh reactor that remembers the pid (= process group) of every spawned process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[int] = []
+
+    def spawnProcess(self, protocol: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
+        """Spawn and record the pid (as the process connects: a quick one may be reaped, and
+        its transport's pid cleared, before spawnProcess returns)."""
+        make_connection = protocol.makeConnection
+
+        def record(transport: Any) -> None:
+            self.spawned.append(transport.pid)
+            make_connection(transport)
+
+        protocol.makeConnection = record
+        return super().spawnProcess(protocol, *args, **kwargs)
+
+
+class FakeTransfers:
+    """Inputs from a dict, outputs into a dict; keys can be made to fail or hang."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.uploaded: dict[str, bytes] = {}
+        self.broken: dict[str, Exception] = {}
+        self.hanging: set[str] = set()
+        self.cancelled: list[str] = []
+        self.storing: list[str] = []
+
+    def fetch(self, key: str, dest: Path) -> Deferred[None]:
+        """Write the file for ``key`` to ``dest``."""
+        if key in self.hanging:
+            return Deferred(lambda d: self.cancelled.append(key))
+        if key in self.broken:
+            return fail(self.broken[key])
+        if key not in self.files:
+            return fail(NotFound(f"no key {key!r}"))
+        dest.write_bytes(self.files[key])
+        return succeed(None)
+
+    def store(self, src: Path, key: str) -> Deferred[None]:
+        """Keep the bytes of ``src`` under ``key``."""
+        self.storing.append(key)
+        if key in self.hanging:
+            return Deferred(lambda d: self.cancelled.append(key))
+        if key in self.broken:
+            return fail(self.broken[key])
+        self.uploaded[key] = src.read_bytes()
+        return succeed(None)
+
+
+class Harness:
+    """One test's reactor, transfers, work directory, results and on_change record."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.reactor = RecordingReactor()
+        self.work_dir = work_dir
+        self.transfers = FakeTransfers()
+        self.results: dict[int, AttemptResult] = {}
+        self._waiting: dict[int, list[Deferred[AttemptResult]]] = {}
+        self.free_seen: list[int] = []
+
+    def manager(self, **kwargs: Any) -> TaskManager:
+        """A TaskManager on this harness (2 slots and a short grace unless told)."""
+        kwargs.setdefault("slots", 2)
+        kwargs.setdefault("grace", GRACE)
+        kwargs.setdefault("work_dir", self.work_dir)
+        manager = TaskManager(
+            self.reactor,
+            transfers=self.transfers,
+            on_result=self._on_result,
+            on_change=lambda: self.free_seen.append(manager.free_slots()),
+            **kwargs,
+        )
+        return manager
+
+    def _on_result(self, result: AttemptResult) -> None:
+        assert result.attempt_id not in self.results, "a result was reported twice"
+        self.results[result.attempt_id] = result
+        for d in self._waiting.pop(result.attempt_id, []):
+            d.callback(result)
+
+    def result(self, attempt_id: int) -> Deferred[AttemptResult]:
+        """Fires with the attempt's result once on_result has reported it."""
+        if attempt_id in self.results:
+            return succeed(self.results[attempt_id])
+        d: Deferred[AttemptResult] = Deferred()
+        self._waiting.setdefault(attempt_id, []).append(d)
+        return d
+
+    async def wait_for(self, condition: Callable[[], bool], timeout: float = 3.0) -> None:
+        """Poll ``condition`` every 10 ms until it holds; fail after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout} s")
+            await deferLater(self.reactor, 0.01)
+
+    async def group_gone(self, pgid: int, timeout: float = 2.0) -> None:
+        """Wait until no live process is left in group ``pgid``."""
+        await self.wait_for(lambda: pgid not in scan_groups({pgid}), timeout)
+
+    def run(self, body: Callable[[], Coroutine[Any, Any, T]], timeout: float = 8.0) -> T:
+        """Run the reactor until ``body`` finishes; cancel it after ``timeout`` seconds."""
+        reactor = self.reactor
+        outcome: list[Any] = []
+
+        def go() -> None:
+            d = Deferred.fromCoroutine(body())
+            guard = reactor.callLater(timeout, d.cancel)
+
+            def done(value: Any) -> None:
+                if guard.active():
+                    guard.cancel()
+                outcome.append(value)
+                reactor.stop()
+
+            d.addBoth(done)
+
+        reactor.callWhenRunning(go)
+        reactor.callLater(timeout + 5, lambda: outcome or reactor.stop())  # last resort
+        reactor.run()
+        if not outcome:
+            raise AssertionError("the test body never finished")
+        if hasattr(outcome[0], "raiseException"):
+            outcome[0].raiseException()
+        return outcome[0]  # type: ignore[no-any-return]
+
+
+def _task_processes(pgids: set[int]) -> dict[int, list[int]]:
+    """Live processes in ``pgids`` that are dsml tasks (their environment says so)."""
+    left: dict[int, list[int]] = {}
+    for pgid, usage in scan_groups(pgids).items():
+        for pid in usage.pids:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            if b"DSML_ATTEMPT_ID=" in environ:
+                left.setdefault(pgid, []).append(pid)
+    return left
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    """A harness; afterwards, no process of any group it spawned may be left running."""
+    harness = Harness(tmp_path / "work")
+    yield harness
+    spawned = set(harness.reactor.spawned)
+    left = _task_processes(spawned)
+    for pgid in left:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in spawned:  # reap leaders the stopped reactor left as zombies
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    assert not left, f"processes left running after the test: {left}"
+
+
+def spec(attempt_id: int, *command: str, **kwargs: Any) -> AttemptSpec:
+    """An AttemptSpec for job 'job-1', task index 7."""
+    kwargs.setdefault("job_id", "job-1")
+    kwargs.setdefault("task_index", 7)
+    return AttemptSpec(attempt_id=attempt_id, command=tuple(command), **kwargs)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return raw[raw.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
+
+
+def stat_fields(pid: int) -> tuple[int, int]:
+    """(pgrp, session) of ``pid`` from /proc."""
+    raw = Path(f"/proc/{pid}/stat").read_bytes()
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return int(fields[2]), int(fields[3])
+
+
+# --- exit codes, logs, environment --------------------------------------------------------
+
+
+def test_exit_code_and_both_logs(h: Harness) -> None:
+    """A failing command: exit code 3, reason 'exit 3', stdout and stderr in their files."""
+    m = h.manager()
+
+    async def body() -> AttemptResult:
+        m.start(spec(1, "sh", "-c", "echo hi; echo err >&2; exit 3"))
+        return await h.result(1)
+
+    result = h.run(body)
+    assert (result.exit_code, result.signal, result.reason) == (3, None, "exit 3")
+    assert not result.ok
+    assert result.duration > 0
+    out, err = m.logs(1)
+    assert out == h.work_dir / "1" / STDOUT_NAME and err == h.work_dir / "1" / STDERR_NAME
+    assert out.read_bytes() == b"hi\n"
+    assert err.read_bytes() == b"err\n"
+
+
+def test_environment_and_working_directory(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command sees DSML_* and its spec's env, runs in its attempt dir, and nothing else
+    of the worker's environment leaks in."""
+    monkeypatch.setenv("WORKER_SECRET", "s3cret")
+    m = h.manager()
+    script = 'echo "$DSML_TASK_INDEX|$DSML_JOB_ID|$DSML_ATTEMPT_ID|$FOO|$WORKER_SECRET"; pwd'
+
+    async def body() -> AttemptResult:
+        m.start(spec(4, "sh", "-c", script, env=(("FOO", "bar baz"),)))
+        return await h.result(4)
+
+    result = h.run(body)
+    assert result.reason == ""
+    lines = m.logs(4)[0].read_text().splitlines()
+    assert lines[0] == "7|job-1|4|bar baz|"
+    assert Path(lines[1]).resolve() == (h.work_dir / "4").resolve()
+
+
+@pytest.mark.parametrize("launcher", ["default", "python"])
+def test_own_session_and_group_without_fork(h: Harness, launcher: str) -> None:
+    """The spawned pid is the command itself and leads its own session and process group
+    (setsid did not fork), with either launcher."""
+    kwargs = {"launcher": python_launcher()} if launcher == "python" else {}
+    m = h.manager(**kwargs)
+
+    async def body() -> AttemptResult:
+        m.start(spec(1, "sh", "-c", "echo $$; cut -d' ' -f5,6 /proc/$$/stat; pwd"))
+        return await h.result(1)
+
+    result = h.run(body)
+    assert result.reason == ""
+    (spawned,) = h.reactor.spawned
+    shell_pid, groups, cwd = m.logs(1)[0].read_text().splitlines()
+    assert int(shell_pid) == spawned
+    assert groups == f"{spawned} {spawned}"  # pgrp and session both = the pid
+    assert Path(cwd).resolve() == (h.work_dir / "1").resolve()
+    assert stat_fields(os.getpid())[0] != spawned
+
+
+# --- inputs and outputs --------------------------------------------------------------------
+
+
+def test_input_fetched_and_output_uploaded(h: Harness) -> None:
+    """Inputs land under the attempt dir before the run; outputs are uploaded after it."""
+    h.transfers.files["in-key"] = b"hello\n"
+    h.transfers.files["other"] = b"x"
+    m = h.manager()
+
+    async def body() -> AttemptResult:
+        m.start(
+            spec(
+                2,
+                "sh",
+                "-c",
+                "tr a-z A-Z < data/in.txt > out.txt; mkdir sub; cat x > sub/copy",
+                inputs=(("in-key", "data/in.txt"), ("other", "x")),
+                outputs=(("out.txt", "out-key"), ("sub/copy", "copy-key")),
+            )
+        )
+        return await h.result(2)
+
+    result = h.run(body)
+    assert result.reason == "" and result.ok, result
+    assert result.exit_code == 0
+    assert h.transfers.uploaded == {"out-key": b"HELLO\n", "copy-key": b"x"}
+
+
+def test_missing_output_fails_despite_exit_0(h: Harness) -> None:
+    """A declared output the command did not write: exit 0 but a failure reason."""
+    m = h.manager()
+
+    async def body() -> AttemptResult:
+        m.start(spec(3, "true", outputs=(("out.txt", "out-key"),)))
+        return await h.result(3)
+
+    result = h.run(body)
+    assert result.exit_code == 0
+    assert result.reason == "output 'out.txt' missing" and not result.ok
+    assert h.transfers.uploaded == {}
+
+
+def test_output_symlink_out_of_the_directory_is_missing(h: Harness) -> None:
+    """An output that is a symlink to a file outside the attempt dir is never uploaded."""
+    m = h.manager()
+
+    async def body() -> AttemptResult:
+        m.start(spec(3, "ln", "-s", "/etc/hostname", "out.txt", outputs=(("out.txt", "k"),)))
+        return await h.result(3)
+
+    assert h.run(body).reason == "output 'out.txt' missing"
+    assert h.transfers.uploaded == {}
+
+
+def test_output_upload_failure(h: Harness) -> None:
+    """An upload that fails fails the attempt, naming the output."""
+    h.transfers.broken["out-key"] = DsmlError("no space left", "disk-full")
+    m = h.manager()
+
+    async def body() -> AttemptResult:
+        m.start(spec(3, "sh", "-c", "echo x > out.txt", outputs=(("out.txt", "out-key"),)))
+        return await h.result(3)
+
+    assert h.run(body).reason == "output 'out.txt' upload failed: no space left"
+
+
+def test_cancel_while_uploading(h: Harness) -> None:
+    """Cancelling while outputs upload cancels the uploads; the attempt is 'cancelled'."""
+    h.transfers.hanging.add("slow-key")
+    m = h.manager()
+
+    async def body() -> AttemptResult:
+        m.start(spec(3, "sh", "-c", "echo x > out.txt", outputs=(("out.txt", "slow-key"),)))
+        await h.wait_for(lambda: h.transfers.storing == ["slow-key"])
+        m.cancel(3)
+        return await h.result(3)
+
+    result = h.run(body)
+    assert (result.reason, result.exit_code) == ("cancelled", 0)
+    assert h.transfers.cancelled == ["slow-key"]
+
+
+@pytest.mark.parametrize(
+    ("broken", "reason"),
+    [
+        (None, "input 'missing' not found"),
+        (DsmlError("connection lost", "unavailable"), "input 'missing' failed: connection lost"),
+    ],
+)
+def test_input_failure_fails_without_spawning(
+    h: Harness, broken: Exception | None, reason: str
+) -> None:
+    """An input that cannot be fetched fails the attempt; the command never starts."""
+    h.transfers.files["ok"] = b"1"
+    if broken is not None:
+        h.transfers.broken["missing"] = broken
+    m = h.manager()
+
+    async def body() -> AttemptResult:
+        m.start(spec(5, "true", inputs=(("ok", "a"), ("missing", "b"))))
+        return await h.result(5)
+
+    result = h.run(body)
+    assert (result.reason, result.exit_code, result.duration) == (reason, None, 0.0)
+    assert h.reactor.spawned == []
+    assert m.free_slots() == 2
+
+
+def test_inputs_that_collide(h: Harness) -> None:
+    """An input whose directory is another input's file fails the attempt, naming it."""
+    h.transfers.files.update({"k1": b"1", "k2": b"2"})
+    m = h.manager()
+
+    async def body() -> AttemptResult:
+        m.start(spec(5, "true", inputs=(("k1", "a"), ("k2", "a/b"))))
+        return await h.result(5)
+
+    assert h.run(body).reason.startswith("input 'k2' cannot go to 'a/b': ")
+    assert h.reactor.spawned == []
+
+
+def test_cancel_while_fetching(h: Harness) -> None:
+    """Cancelling during staging cancels the transfer; the command never starts."""
+    h.transfers.hanging.add("slow")
+    m = h.manager()
+
+    async def body() -> AttemptResult:
+        m.start(spec(5, "true", inputs=(("slow", "a"),)))
+        await h.wait_for(lambda: (h.work_dir / "5").exists())  # fetching from then on
+        m.cancel(5)
+        return await h.result(5)
+
+    assert h.run(body).reason == "cancelled"
+    assert h.transfers.cancelled == ["slow"]
+    assert h.reactor.spawned == []
+
+
+@pytest.mark.parametrize("command", ["no-such-command-dsml", "./not-here.sh", "/nonexistent/x"])
+def test_command_not_found(h: Harness, command: str) -> None:
+    """A command that is not on the task's PATH (or not executable) is reported, not spawned."""
+    m = h.manager()
+
+    async def body() -> AttemptResult:
+        m.start(spec(6, command, "arg"))
+        return await h.result(6)
+
+    assert h.run(body).reason == f"command not found: {command}"
+    assert h.reactor.spawned == []
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"command": ()}, "empty command"),
+        ({"command": ("",)}, "empty command"),
+        ({"inputs": (("k", "../escape"),)}, "input path '../escape'"),
+        ({"inputs": (("k", "/etc/passwd"),)}, "input path '/etc/passwd'"),
+        ({"inputs": (("k", STDOUT_NAME),)}, "input path"),
+        ({"outputs": (("a/../../b", "k"),)}, "output path"),
+        ({"slots": 0}, "needs 0 slots"),
+        ({"slots": 3}, "needs 3 slots"),
+        ({"timeout": 0}, "timeout must be positive"),
+        ({"env": (("A=B", "x"),)}, "bad environment variable"),
+    ],
+)
+def test_bad_specs_are_refused(h: Harness, bad: dict[str, Any], message: str) -> None:
+    """A spec that can never run is refused by start() and holds no slot."""
+    m = h.manager()
+    fields: dict[str, Any] = {"command": ("true",)}
+    fields.update(bad)
+    with pytest.raises(TaskError, match=message) as caught:
+        m.start(spec(1, *fields.pop("command"), **fields))
+    assert caught.value.code == "bad-task"
+    assert m.free_slots() == 2 and m.running() == [] and h.free_seen == []
+
+
+# --- killing process groups ----------------------------------------------------------------
+
+
+def test_timeout_kills_the_whole_group(h: Harness) -> None:
+    """timeout=1 on a shell with a background and a foreground sleep: TERM to the group, the
+    result says timeout, and no process of the group is left."""
+    m = h.manager()
+
+    async def body() -> tuple[AttemptResult, int, float]:
+        m.start(spec(8, "sh", "-c", "sleep 1000 & sleep 1000", timeout=1))
+        await h.wait_for(lambda: m.process_group(8) is not None)
+        pgid = m.process_group(8)
+        assert pgid is not None
+        # sh and its two sleeps, all in the group led by the spawned pid
+        await h.wait_for(lambda: len(scan_groups({pgid}).get(pgid, ((),)).pids) == 3)
+        assert stat_fields(pgid) == (pgid, pgid)
+        started = time.monotonic()
+        result = await h.result(8)
+        elapsed = time.monotonic() - started
+        await h.group_gone(pgid)
+        return result, pgid, elapsed
+
+    result, pgid, elapsed = h.run(body)
+    assert result.reason == "timeout after 1 s" and result.timed_out
+    assert result.signal == signal.SIGTERM and result.exit_code is None
+    assert elapsed < 1 + GRACE
+    assert 0.9 < result.duration < 1 + GRACE
+    assert scan_groups({pgid}) == {}
+
+
+def test_term_ignored_then_kill_after_grace(h: Harness) -> None:
+    """A group that ignores SIGTERM gets SIGKILL after the grace period; none of it is left."""
+    m = h.manager()
+
+    async def body() -> tuple[AttemptResult, int, float]:
+        m.start(spec(9, "sh", "-c", "trap '' TERM; sleep 1000 & sleep 1000"))
+        await h.wait_for(lambda: m.process_group(9) is not None)
+        pgid = m.process_group(9)
+        assert pgid is not None
+        await h.wait_for(lambda: len(scan_groups({pgid}).get(pgid, ((),)).pids) == 3)
+        started = time.monotonic()
+        m.cancel(9)
+        result = await h.result(9)
+        elapsed = time.monotonic() - started
+        await h.group_gone(pgid)
+        return result, pgid, elapsed
+
+    result, pgid, elapsed = h.run(body)
+    assert result.reason == "cancelled"
+    assert result.signal == signal.SIGKILL
+    assert GRACE * 0.9 < elapsed < GRACE + 1
+    assert scan_groups({pgid}) == {}
+
+
+def test_cancel_kills_the_whole_group(h: Harness) -> None:
+    """cancel() on a running tree: reason 'cancelled', the group is gone."""
+    m = h.manager()
+
+    async def body() -> tuple[AttemptResult, int]:
+        m.start(spec(10, "sh", "-c", "sleep 1000 & sleep 1000"))
+        await h.wait_for(lambda: m.process_group(10) is not None)
+        pgid = m.process_group(10)
+        assert pgid is not None
+        m.cancel(10)
+        m.cancel(10)  # twice is harmless
+        m.cancel(12345)  # unknown: ignored
+        result = await h.result(10)
+        await h.group_gone(pgid)
+        return result, pgid
+
+    result, pgid = h.run(body)
+    assert result.reason == "cancelled" and result.signal is not None
+    assert scan_groups({pgid}) == {}
+
+
+def test_cancel_right_after_spawn(h: Harness) -> None:
+    """Cancelling in the instant after the spawn (maybe before setsid ran) still kills it."""
+    m = h.manager()
+
+    async def body() -> AttemptResult:
+        m.start(spec(11, "sleep", "1000"))
+        await h.wait_for(lambda: bool(h.reactor.spawned), timeout=2)
+        m.cancel(11)
+        return await h.result(11)
+
+    assert h.run(body).reason == "cancelled"
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        # the child keeps the log pipes open: the attempt must not wait for it
+        "sleep 1000 & echo $! > bg.pid",
+        # the child let go of the pipes
+        "sleep 1000 >/dev/null 2>&1 & echo $! > bg.pid",
+    ],
+)
+def test_background_child_is_killed_when_the_leader_exits(h: Harness, script: str) -> None:
+    """A leader that exits 0 leaving a background child: the child is killed, promptly."""
+    m = h.manager()
+
+    async def body() -> tuple[AttemptResult, int, float]:
+        started = time.monotonic()
+        m.start(spec(12, "sh", "-c", script))
+        result = await h.result(12)
+        elapsed = time.monotonic() - started
+        pgid = h.reactor.spawned[0]
+        await h.group_gone(pgid)
+        return result, pgid, elapsed
+
+    result, pgid, elapsed = h.run(body)
+    assert result.reason == "" and result.exit_code == 0
+    assert elapsed < 1.5  # well under DRAIN_TIMEOUT: the KILL closed the pipes
+    child = int((h.work_dir / "12" / "bg.pid").read_text())
+    assert scan_groups({pgid}) == {}
+    assert not alive(child)
+
+
+def test_a_process_that_left_the_group_cannot_hold_the_attempt(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that made its own session escapes the group kill (only a cgroup would catch
+    it) and keeps the log pipes open: the attempt still ends, DRAIN_TIMEOUT after the
+    leader."""
+    monkeypatch.setattr(tasks, "DRAIN_TIMEOUT", 0.3)
+    m = h.manager()
+
+    async def body() -> tuple[AttemptResult, float]:
+        started = time.monotonic()
+        # the leader exits only once the child has made its own session
+        script = (
+            "setsid sh -c 'echo $$ > tmp; mv tmp escaped.pid; exec sleep 1000' & "
+            "while [ ! -e escaped.pid ]; do sleep 0.01; done"
+        )
+        m.start(spec(18, "sh", "-c", script))
+        result = await h.result(18)
+        return result, time.monotonic() - started
+
+    try:
+        result, elapsed = h.run(body)
+    finally:
+        escaped = int((h.work_dir / "18" / "escaped.pid").read_text())
+        session = stat_fields(escaped)[1] if alive(escaped) else None
+        os.kill(escaped, signal.SIGKILL)
+    assert session == escaped  # it did escape: alive, in a session of its own
+    assert result.reason == "" and 0.3 <= elapsed < 1.5
+
+
+def test_stop_kills_everything_and_waits(h: Harness) -> None:
+    """stop(): every group gets TERM then KILL, the Deferred fires once all are reaped, every
+    attempt is reported as 'worker stopping', and no new attempt is accepted."""
+    m = h.manager()
+
+    async def body() -> tuple[list[int], float]:
+        m.start(spec(13, "sh", "-c", "sleep 1000 & sleep 1000"))
+        m.start(spec(14, "sh", "-c", "trap '' TERM; sleep 1000 & sleep 1000"))
+        await h.wait_for(lambda: len(h.reactor.spawned) == 2)
+        pgids = list(h.reactor.spawned)
+        await h.wait_for(lambda: all(len(u.pids) == 3 for u in scan_groups(set(pgids)).values()))
+        started = time.monotonic()
+        await m.stop()
+        elapsed = time.monotonic() - started
+        with pytest.raises(TaskError) as caught:
+            m.start(spec(15, "true"))
+        assert caught.value.code == "stopping"
+        for pgid in pgids:
+            await h.group_gone(pgid)
+        return pgids, elapsed
+
+    pgids, elapsed = h.run(body)
+    assert elapsed < GRACE + 1
+    assert {r.attempt_id: r.reason for r in h.results.values()} == {
+        13: "worker stopping",
+        14: "worker stopping",
+    }
+    assert h.results[14].signal == signal.SIGKILL
+    assert m.running() == [] and m.free_slots() == 2
+    assert scan_groups(set(pgids)) == {}
+
+
+# --- logs, memory, slots, results, cleanup ---------------------------------------------
+
+
+def test_log_cap_keeps_the_tail(h: Harness) -> None:
+    """A task printing 5x the cap: the log holds a 'dropped' line then the exact tail."""
+    cap = 64 * 1024
+    lines = 5 * cap // 8
+    expected = "".join(f"{i:07d}\n" for i in range(lines)).encode()
+    m = h.manager(log_cap=cap)
+    program = f"import sys; sys.stdout.write(''.join(f'{{i:07d}}\\n' for i in range({lines})))"
+
+    async def body() -> AttemptResult:
+        m.start(spec(16, sys.executable, "-c", program))
+        return await h.result(16)
+
+    assert h.run(body).reason == ""
+    data = m.logs(16)[0].read_bytes()
+    header, _, tail = data.partition(b"\n")
+    dropped = int(header.removeprefix(b"[dsml: ").removesuffix(b" earlier bytes dropped]"))
+    assert header == f"[dsml: {dropped} earlier bytes dropped]".encode()
+    assert cap <= len(tail) <= 2 * cap
+    assert dropped + len(tail) == len(expected)
+    assert tail == expected[-len(tail) :]
+    assert not (h.work_dir / "16" / (STDOUT_NAME + ".tmp")).exists()
+
+
+def test_peak_memory_is_sampled(h: Harness) -> None:
+    """A task holding ~64 MB reports a peak RSS at least that large."""
+    m = h.manager(sample_interval=0.1)
+    program = "import time; b = b'x' * 64_000_000; time.sleep(0.5)"
+
+    async def body() -> AttemptResult:
+        m.start(spec(17, sys.executable, "-c", program))
+        return await h.result(17)
+
+    result = h.run(body)
+    assert result.reason == ""
+    assert 64_000_000 <= result.peak_rss < 1_000_000_000
+
+
+def test_slots_busy_and_on_change(h: Harness) -> None:
+    """start() beyond the free slots raises busy; on_change follows every change of slots."""
+    m = h.manager(slots=2)
+
+    async def body() -> None:
+        m.start(spec(20, "true"))
+        m.start(spec(21, "true"))
+        assert m.free_slots() == 0 and sorted(m.running()) == [20, 21]
+        with pytest.raises(TaskError) as caught:
+            m.start(spec(22, "true"))
+        assert caught.value.code == "busy"
+        with pytest.raises(TaskError) as caught:
+            m.start(spec(20, "true"))
+        assert caught.value.code == "duplicate"
+        await h.result(20)
+        await h.result(21)
+        assert m.free_slots() == 2
+        m.start(spec(23, "true", slots=2))
+        assert m.free_slots() == 0
+        await h.result(23)
+
+    h.run(body)
+    assert h.free_seen == [1, 0, 1, 2, 0, 2]
+    assert m.running() == []
+
+
+def test_results_wait_for_ack(h: Harness) -> None:
+    """Finished results stay listed until acknowledged; a finished id cannot run again."""
+    m = h.manager()
+
+    async def body() -> None:
+        m.start(spec(30, "true"))
+        m.start(spec(31, "false"))
+        await h.result(30)
+        await h.result(31)
+
+    h.run(body)
+    assert [(r.attempt_id, r.reason) for r in m.finished_results()] == [(30, ""), (31, "exit 1")]
+    with pytest.raises(TaskError):
+        m.start(spec(30, "true"))
+    m.ack(30)
+    m.ack(999)  # unknown: ignored
+    assert [r.attempt_id for r in m.finished_results()] == [31]
+    assert m.logs(30)[0].exists()  # acknowledged, but the directory stays for a while
+
+
+def test_old_attempt_directories_are_removed(h: Harness) -> None:
+    """Only the last keep_finished attempt dirs stay, counting ones left by an earlier run."""
+    (h.work_dir / "5").mkdir(parents=True)
+    (h.work_dir / "notes").mkdir()
+    m = h.manager(keep_finished=2)
+
+    async def body() -> None:
+        for attempt_id in (40, 41, 42):
+            m.start(spec(attempt_id, "true"))
+            await h.result(attempt_id)
+
+    h.run(body)
+    assert sorted(p.name for p in h.work_dir.iterdir()) == ["41", "42", "notes"]
+    with pytest.raises(TaskError) as caught:
+        m.logs(40)
+    assert caught.value.code == "not-found"
+    assert [r.attempt_id for r in m.finished_results()] == [40, 41, 42]  # until acknowledged
+
+
+def test_callbacks_that_raise_do_not_break_the_manager(h: Harness) -> None:
+    """An on_result that raises is logged; the slots are freed all the same."""
+    m = TaskManager(
+        h.reactor,
+        slots=1,
+        work_dir=h.work_dir,
+        transfers=h.transfers,
+        on_result=lambda r: (h._on_result(r), 1 / 0),  # type: ignore[func-returns-value]
+        grace=GRACE,
+    )
+
+    async def body() -> None:
+        m.start(spec(50, "true"))
+        await h.result(50)
+
+    h.run(body)
+    assert m.free_slots() == 1
+    assert [r.attempt_id for r in m.finished_results()] == [50]
