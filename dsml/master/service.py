@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.application import service
 from twisted.logger import Logger
 
@@ -22,7 +23,7 @@ from ..config import Config
 from ..errors import DsmlError
 from ..net.links import tune_socket
 from ..net.listen import ListenService
-from ..net.server import Reply, ServerFactory, ServerProtocol
+from ..net.server import Reply, ServerFactory, ServerLimits, ServerProtocol
 from ..protocol.codec import PROTOCOL_VERSION, Head
 from ..protocol.methods import master_methods
 from .directory import Directory, DirectoryError, WorkerLoad
@@ -341,6 +342,79 @@ class _MasterRuntime(service.Service):
         self.state.close()
 
 
+@attrs.define
+class Master:
+    """The parts of the master process, wired together (see :func:`build_master`)."""
+
+    state: MasterState
+    directory: Directory
+    membership: Membership
+    handler: MasterHandler
+    repairer: Repairer
+    factory: ServerFactory
+    #: Starts and stops it all: membership checks, repair, the listener; closes the state.
+    service: service.MultiService
+
+
+def build_master(
+    *,
+    state: MasterState,
+    clock: Any,
+    monotonic: Callable[[], float],
+    replication: int,
+    heartbeat_interval: float,
+    heartbeat_timeout: float,
+    token: str | None,
+    limits: ServerLimits,
+    listen: Callable[[ServerFactory], service.IService],
+    now: Callable[[], float] = time.time,
+) -> Master:
+    """Wire the master over an open ``state``: no reactor or sockets of its own.
+
+    ``clock`` schedules, ``monotonic`` decides liveness, ``now`` (wall clock) stamps
+    tombstones, and ``listen(factory)`` makes the service that serves ``factory``.
+    :func:`make_master_service` passes the real ones; :mod:`dsml.testing.sim` passes
+    a fake clock and an in-memory network.
+    """
+    directory = Directory(state, now=now)
+    membership = Membership(
+        clock=clock,
+        monotonic=monotonic,
+        versions=Versions(__version__, PROTOCOL_VERSION),
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_timeout=heartbeat_timeout,
+    )
+    # The config is authoritative; the state keeps it so tools reading it agree.
+    state.set_setting("replication", replication)
+
+    def factor() -> int:
+        return int(state.get_setting("replication", replication))
+
+    handler = MasterHandler(state=state, directory=directory, membership=membership, factor=factor)
+    repairer = Repairer(
+        clock=clock,
+        monotonic=monotonic,
+        directory=directory,
+        membership=membership,
+        factor=factor,
+        grace=heartbeat_timeout,
+        interval=max(0.5, heartbeat_interval),
+    )
+    factory = ServerFactory(
+        handler,
+        clock,
+        token,
+        limits,
+        peer=True,
+        on_lost=handler.connection_lost,
+    )
+    top = service.MultiService()
+    top.setName("dsml-master")
+    _MasterRuntime(membership, repairer, state).setServiceParent(top)
+    listen(factory).setServiceParent(top)
+    return Master(state, directory, membership, handler, repairer, factory, top)
+
+
 def make_master_service(
     config: Config, reactor: Any, monotonic: Callable[[], float] = time.monotonic
 ) -> service.MultiService:
@@ -350,43 +424,16 @@ def make_master_service(
     mc = config.master
     cc = config.cluster
     mc.state_dir.mkdir(parents=True, exist_ok=True)
-    state = MasterState(mc.state_dir / "master.sqlite3")
-    directory = Directory(state)
-    membership = Membership(
+    return build_master(
+        state=MasterState(mc.state_dir / "master.sqlite3"),
         clock=reactor,
         monotonic=monotonic,
-        versions=Versions(__version__, PROTOCOL_VERSION),
+        replication=cc.replication,
         heartbeat_interval=cc.heartbeat_interval,
         heartbeat_timeout=cc.heartbeat_timeout,
-    )
-    # The config is authoritative; the state keeps it so tools reading it agree.
-    state.set_setting("replication", cc.replication)
-
-    def factor() -> int:
-        return int(state.get_setting("replication", cc.replication))
-
-    handler = MasterHandler(state=state, directory=directory, membership=membership, factor=factor)
-    repairer = Repairer(
-        clock=reactor,
-        monotonic=monotonic,
-        directory=directory,
-        membership=membership,
-        factor=factor,
-        grace=cc.heartbeat_timeout,
-        interval=max(0.5, cc.heartbeat_interval),
-    )
-    factory = ServerFactory(
-        handler,
-        reactor,
-        cc.token,
-        server_limits(config),
-        peer=True,
-        on_lost=handler.connection_lost,
-    )
-    top = service.MultiService()
-    top.setName("dsml-master")
-    _MasterRuntime(membership, repairer, state).setServiceParent(top)
-    ListenService(
-        reactor, mc.host, mc.port, factory, mc.state_dir / ADDR_FILE, "dsml master"
-    ).setServiceParent(top)
-    return top
+        token=cc.token,
+        limits=server_limits(config),
+        listen=lambda factory: ListenService(
+            reactor, mc.host, mc.port, factory, mc.state_dir / ADDR_FILE, "dsml master"
+        ),
+    ).service

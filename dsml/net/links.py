@@ -129,7 +129,17 @@ class Links:
         mine: Deferred[ServerProtocol] = Deferred()
         current = self._shared.get(addr)
         if isinstance(current, ServerProtocol):
-            if current.connected and not current.transport.disconnecting:  # type: ignore[union-attr]
+            # Fix (tests/test_cluster_sim.py): ``current.connected`` is the protocol's
+            # flag, which Twisted sets on connect and never clears, and a link closed by
+            # the peer has ``disconnecting`` false: a dead link was handed out forever
+            # ("connection is closed") once its peer restarted or closed it idle.  The
+            # transport's flag and the protocol's own closing state say it is gone.
+            transport = current.transport
+            if (
+                getattr(transport, "connected", False)
+                and not transport.disconnecting  # type: ignore[union-attr]
+                and not current._closing
+            ):
                 mine.callback(current)
                 return mine
             current = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -16,12 +17,12 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..config import Config
-from ..net.links import Links, tcp_endpoint_for
+from ..net.links import EndpointFor, Links, tcp_endpoint_for
 from ..net.listen import ListenService, read_addr_file
 from ..net.server import ServerFactory, ServerLimits
 from .link import MasterLink, WorkerInfo
 from .orders import WorkerOrders
-from .storage import StorageHandler
+from .storage import RunInThread, StorageHandler
 from .store import Store
 
 #: The file, under a worker's data_dir, that says where its storage server listens.
@@ -89,6 +90,82 @@ class MasterEndpoint:
         return self._tcp(host, port).connect(factory)  # type: ignore[no-any-return]
 
 
+@attrs.define
+class Worker:
+    """The parts of one worker process, wired together (see :func:`build_worker`)."""
+
+    name: str
+    store: Store
+    links: Links
+    handler: StorageHandler
+    orders: WorkerOrders
+    master: MasterLink
+    factory: ServerFactory
+    #: Starts and stops it all: store, store sync timer, listener, master link.
+    service: service.MultiService
+
+
+def build_worker(
+    *,
+    store: Store,
+    clock: Any,
+    endpoint_for: EndpointFor,
+    master_endpoint: IStreamClientEndpoint,
+    token: str | None,
+    info: WorkerInfo,
+    value_max: int,
+    heartbeat_interval: float,
+    limits: ServerLimits,
+    run_in_thread: RunInThread[Any],
+    listen: Callable[[ServerFactory, MasterLink], service.IService],
+    free_disk: Callable[[], int] | None = None,
+    retry_policy: Callable[[int], float] | None = None,
+) -> Worker:
+    """Wire a worker over an open ``store``: no reactor, sockets or threads of its own.
+
+    ``endpoint_for`` opens links to other workers, ``master_endpoint`` reaches the
+    master, ``run_in_thread`` runs blocking store work (a thread pool in production,
+    inline in the simulation), and ``listen(factory, master_link)`` makes the service
+    that serves ``factory`` to clients.  :func:`make_worker_service` passes the real
+    ones; :mod:`dsml.testing.sim` passes in-memory ones on a fake clock.
+    """
+    name = info.name
+    links = Links(clock, endpoint_for, token, name=f"worker {name}")
+    handler = StorageHandler(store, run_in_thread, value_max, links=links)
+    orders = WorkerOrders(handler, links)
+    master = MasterLink(
+        clock=clock,
+        endpoint=master_endpoint,
+        token=token,
+        info=info,
+        store=store,
+        orders=orders,
+        heartbeat_interval=heartbeat_interval,
+        free_disk=free_disk,
+        retry_policy=retry_policy,
+    )
+    handler.on_change = master.report
+    factory = ServerFactory(handler, clock, token, limits)
+    top = service.MultiService()
+    top.setName(f"dsml-worker-{name}")
+    _StoreService(store).setServiceParent(top)
+
+    def flush_and_sync() -> None:
+        try:
+            store.flush()
+            store.sync()
+        except Exception:
+            _log.failure("Flushing or syncing the store of worker {name} failed", name=name)
+
+    # Added after _StoreService, so it stops before the store closes.
+    timer = _StoreSyncService(STORE_SYNC_INTERVAL, flush_and_sync)
+    timer.clock = clock
+    timer.setServiceParent(top)
+    listen(factory, master).setServiceParent(top)
+    master.setServiceParent(top)
+    return Worker(name, store, links, handler, orders, master, factory, top)
+
+
 def make_worker_service(config: Config, name: str, reactor: Any) -> service.MultiService:
     """Build the services of worker ``name``: open its store, listen for clients, and
     keep a link to the master."""
@@ -103,12 +180,21 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
     def run_in_thread(fn: Any) -> Any:
         return deferToThreadPool(reactor, pool, fn)
 
-    links = Links(reactor, tcp_endpoint_for(reactor), cc.token, name=f"worker {name}")
-    handler = StorageHandler(store, run_in_thread, cc.value_max, links=links)
-    orders = WorkerOrders(handler, links)
-    master = MasterLink(
+    def listen(factory: ServerFactory, master: MasterLink) -> service.IService:
+        def listening(port: Any) -> None:
+            # Register with the port the OS chose.
+            master.info = attrs.evolve(master.info, port=port.getHost().port)
+
+        return ListenService(
+            reactor, wc.host, wc.port, factory, wc.data_dir / ADDR_FILE, f"dsml worker {name}",
+            on_listening=listening,
+        )
+
+    return build_worker(
+        store=store,
         clock=reactor,
-        endpoint=MasterEndpoint(
+        endpoint_for=tcp_endpoint_for(reactor),
+        master_endpoint=MasterEndpoint(
             reactor, config.master.host, config.master.port,
             config.master.state_dir / MASTER_ADDR_FILE,
         ),
@@ -116,35 +202,9 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         info=WorkerInfo(
             name, wc.host, wc.port, wc.slots, boot=f"{os.getpid()}-{secrets.token_hex(4)}"
         ),
-        store=store,
-        orders=orders,
+        value_max=cc.value_max,
         heartbeat_interval=cc.heartbeat_interval,
-    )
-    handler.on_change = master.report
-    factory = ServerFactory(handler, reactor, cc.token, server_limits(config))
-    top = service.MultiService()
-    top.setName(f"dsml-worker-{name}")
-    _StoreService(store).setServiceParent(top)
-
-    def flush_and_sync() -> None:
-        try:
-            store.flush()
-            store.sync()
-        except Exception:
-            _log.failure("Flushing or syncing the store of worker {name} failed", name=name)
-
-    # Added after _StoreService, so it stops before the store closes.
-    timer = _StoreSyncService(STORE_SYNC_INTERVAL, flush_and_sync)
-    timer.clock = reactor
-    timer.setServiceParent(top)
-
-    def listening(port: Any) -> None:
-        # Register with the port the OS chose.
-        master.info = attrs.evolve(master.info, port=port.getHost().port)
-
-    ListenService(
-        reactor, wc.host, wc.port, factory, wc.data_dir / ADDR_FILE, f"dsml worker {name}",
-        on_listening=listening,
-    ).setServiceParent(top)
-    master.setServiceParent(top)
-    return top
+        limits=server_limits(config),
+        run_in_thread=run_in_thread,
+        listen=listen,
+    ).service

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ..errors import DsmlError
 from ..net.server import Reply, Response, ServerProtocol
@@ -242,6 +244,7 @@ class Upload:
         self._paused = False
         self._aborted = False
         self._forward_failed = False
+        self._pacer = _ClientPacer(conn.transport)
         if forward:
             self.down_addr = forward[0]
             self.down_done = Deferred()
@@ -266,7 +269,7 @@ class Upload:
         if not self.writer_done:
             # Pace the client by the next worker (Twisted pauses a streaming producer
             # when the consumer's buffer fills and resumes it when drained).
-            transport.registerProducer(self.conn.transport, True)  # type: ignore[union-attr]
+            transport.registerProducer(self._pacer, True)  # type: ignore[union-attr]
         self._unpause()
 
     writer_done = False
@@ -297,7 +300,7 @@ class Upload:
     def _release_client(self) -> None:
         if self.down is not None and self.down.transport is not None:
             transport = self.down.transport
-            if getattr(transport, "producer", None) is self.conn.transport:
+            if getattr(transport, "producer", None) is self._pacer:
                 transport.unregisterProducer()  # type: ignore[union-attr]
 
     # -- the Call interface -----------------------------------------------------------
@@ -362,3 +365,34 @@ class Upload:
         self._release_client()
         if self.down is not None:
             self.down.transport.abortConnection()  # type: ignore[union-attr]
+        if self.down_done is not None:
+            # Fix (tests/test_cluster_sim.py): end() will never gather the downstream
+            # outcome now; its failure was an "Unhandled error in Deferred".
+            self.down_done.addErrback(lambda _: None)
+
+
+@implementer(IPushProducer)
+class _ClientPacer:
+    """Pauses and resumes the client's upload as the next worker of the pipeline takes
+    the bytes; never closes it.
+
+    Fix (tests/test_cluster_sim.py): the client's transport itself used to be the
+    producer registered on the link to the next worker, and Twisted stops a consumer's
+    producer when that consumer's connection is lost, so the death of the next worker
+    closed the *client's* connection: the client got "connection lost" instead of the
+    replication-failed answer :meth:`Upload._down_failed` prepares.
+    """
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+
+    def pauseProducing(self) -> None:
+        """The next worker is behind: stop reading from the client."""
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The next worker caught up: read from the client again."""
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The next worker's link closed: Upload._down_failed answers the client."""

@@ -1,0 +1,296 @@
+"""A worker's link to the master (MasterLink) on a fake clock, against a scripted master
+over the simulated network: backoff, registration, heartbeats that cannot die."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from zope.interface import implementer
+
+from dsml.errors import DsmlError
+from dsml.net.links import NoOrders
+from dsml.net.server import Reply, ServerFactory, ServerProtocol
+from dsml.protocol.codec import Head
+from dsml.protocol.methods import master_methods
+from dsml.testing.sim import FailureLog, FakeNetwork
+from dsml.worker.link import RETRY_FACTOR, RETRY_INITIAL, RETRY_MAX, MasterLink, WorkerInfo
+
+TOKEN = "t0ken"
+INTERVAL = 1.0
+
+
+class FakeMaster:
+    """Answers register, heartbeat and report as the test scripts it."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.methods = master_methods()
+        self.seen: list[tuple[float, str, dict[str, str]]] = []
+        self.incarnation = 0
+        #: While set, registrations wait here until the test fires them.
+        self.hold: list[tuple[Deferred[Reply], Reply]] | None = None
+        #: Error codes to answer the next heartbeats with, in order.
+        self.heartbeat_errors: list[str] = []
+        self.conns: list[ServerProtocol] = []
+
+    def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Any:
+        self.seen.append((self.clock.seconds(), head.kind, dict(head.headers)))
+        if head.kind == "register":
+            self.incarnation += 1
+            self.conns.append(conn)
+            reply = Reply({"Incarnation": self.incarnation})
+            if self.hold is not None:
+                d: Deferred[Reply] = Deferred()
+                self.hold.append((d, reply))
+                return d
+            return reply
+        if head.kind == "heartbeat":
+            if self.heartbeat_errors:
+                raise DsmlError("scripted refusal", self.heartbeat_errors.pop(0))
+            return Reply()
+        if head.kind == "report":
+            return Reply({"Taken": len(payload.splitlines()), "Refused": 0})
+        raise DsmlError(f"not scripted: {head.kind}", "unknown-method")
+
+    def open(self, head: Head, conn: ServerProtocol) -> Any:
+        raise DsmlError("no streamed requests", "unknown-method")
+
+    def times(self, kind: str) -> list[float]:
+        """When each request of ``kind`` arrived."""
+        return [t for t, k, _ in self.seen if k == kind]
+
+    def heartbeats(self) -> list[dict[str, str]]:
+        """The headers of each heartbeat."""
+        return [h for _, k, h in self.seen if k == "heartbeat"]
+
+
+class FakeStore:
+    """What MasterLink reads of a store; ``stored_bytes`` raises while ``broken`` > 0."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.count = 0
+        self.broken = 0
+
+    @property
+    def stored_bytes(self) -> int:
+        if self.broken:
+            self.broken -= 1
+            raise OSError("the disk went away for a moment")
+        return 0
+
+    def inventory(self) -> Iterator[Any]:
+        return iter([])
+
+
+@implementer(IStreamClientEndpoint)
+class FlakyEndpoint:
+    """Refuses the first ``failures`` connects, then dials through to ``inner``."""
+
+    def __init__(self, clock: Clock, inner: Any, failures: int) -> None:
+        self.clock = clock
+        self.inner = inner
+        self.failures = failures
+        self.attempts: list[float] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        self.attempts.append(self.clock.seconds())
+        if len(self.attempts) <= self.failures:
+            return fail(ConnectionRefusedError("nobody home"))
+        return self.inner.connect(factory)  # type: ignore[no-any-return]
+
+
+class Rig:
+    """A MasterLink, a FakeMaster listening on a FakeNetwork, one Clock."""
+
+    def __init__(self, tmp_path: Path, failures: int = 0, **link_kwargs: Any) -> None:
+        self.clock = Clock()
+        self.net = FakeNetwork(self.clock)
+        self.master = FakeMaster(self.clock)
+        self.net.listen(
+            "master:7000", ServerFactory(self.master, self.clock, TOKEN, peer=True), "master"
+        )
+        self.store = FakeStore(tmp_path)
+        self.endpoint = FlakyEndpoint(
+            self.clock, self.net.endpoint_for("w1")("master", 7000), failures
+        )
+        self.link = MasterLink(
+            clock=self.clock,
+            endpoint=self.endpoint,
+            token=TOKEN,
+            info=WorkerInfo("w1", "w1", 7001, 2),
+            store=self.store,  # type: ignore[arg-type]
+            orders=NoOrders(),
+            heartbeat_interval=INTERVAL,
+            free_disk=lambda: 10**9,
+            **link_kwargs,
+        )
+
+    def advance(self, seconds: float, step: float = 0.05) -> None:
+        self.net.flush()
+        end = self.clock.seconds() + seconds
+        while self.clock.seconds() < end - 1e-9:
+            self.clock.advance(min(step, end - self.clock.seconds()))
+            self.net.flush()
+
+    def next_call(self) -> None:
+        """Advance exactly to the next scheduled call, then flush."""
+        when = min(c.getTime() for c in self.clock.getDelayedCalls())
+        self.clock.advance(max(0.0, when - self.clock.seconds()))
+        self.net.flush()
+
+
+@pytest.fixture
+def failures() -> Iterator[FailureLog]:
+    log = FailureLog()
+    globalLogPublisher.addObserver(log)
+    yield log
+    globalLogPublisher.removeObserver(log)
+
+
+def test_reconnects_with_growing_capped_backoff(tmp_path: Path, failures: FailureLog) -> None:
+    """Refused connects are retried after delays that grow by RETRY_FACTOR up to
+    RETRY_MAX (plus under a second of jitter each); the first connect that works
+    registers."""
+    n = 9
+    rig = Rig(tmp_path, failures=n)
+    rig.link.startService()
+    rig.net.flush()
+    while len(rig.endpoint.attempts) <= n:
+        rig.next_call()
+    rig.net.flush()
+    assert rig.link.incarnation == 1
+    attempts = rig.endpoint.attempts
+    assert len(attempts) == n + 1
+    delays = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    for i, delay in enumerate(delays, start=1):
+        base = min(RETRY_INITIAL * RETRY_FACTOR**i, RETRY_MAX)
+        assert base - 1e-9 <= delay < base + 1.0, (i, delay)
+    bases = [min(RETRY_INITIAL * RETRY_FACTOR**i, RETRY_MAX) for i in range(1, n + 1)]
+    assert bases == sorted(bases) and bases[-1] == RETRY_MAX and bases[0] < 1
+    assert max(delays) < RETRY_MAX + 1.0
+    assert failures.messages() == []
+    rig.link.stopService()
+
+
+def test_backoff_without_jitter_is_exact(tmp_path: Path) -> None:
+    """With the jitter taken out, the delays are exactly 0.4, 0.8, 1.6, 3.2, then 5 s."""
+    from twisted.application.internet import backoffPolicy
+
+    rig = Rig(
+        tmp_path,
+        failures=7,
+        retry_policy=backoffPolicy(RETRY_INITIAL, RETRY_MAX, RETRY_FACTOR, jitter=lambda: 0.0),
+    )
+    rig.link.startService()
+    rig.net.flush()
+    while len(rig.endpoint.attempts) <= 7:
+        rig.next_call()
+    attempts = rig.endpoint.attempts
+    delays = [round(b - a, 6) for a, b in zip(attempts, attempts[1:], strict=False)]
+    assert delays == [0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+    rig.link.stopService()
+
+
+def test_heartbeats_only_once_registered_then_every_interval(tmp_path: Path) -> None:
+    """Nothing is sent before the registration is answered (however long that takes);
+    from then on a heartbeat goes every interval, carrying the incarnation."""
+    rig = Rig(tmp_path)
+    rig.master.hold = []
+    rig.link.startService()
+    rig.advance(5)
+    assert rig.master.times("register") == [0.0]
+    assert rig.master.times("heartbeat") == []
+    assert rig.link.incarnation is None
+    d, reply = rig.master.hold.pop()
+    rig.master.hold = None
+    d.callback(reply)
+    rig.net.flush()
+    registered = rig.clock.seconds()
+    assert rig.link.incarnation == 1
+    rig.advance(10)
+    beats = rig.master.times("heartbeat")
+    assert beats[0] == pytest.approx(registered)  # at once: the master learns the disk
+    gaps = [b - a for a, b in zip(beats[1:], beats[2:], strict=False)]
+    assert len(beats) >= 10
+    assert all(g == pytest.approx(INTERVAL, abs=0.06) for g in gaps), gaps
+    assert beats[1] - beats[0] <= INTERVAL + 0.06
+    assert {h["incarnation"] for h in rig.master.heartbeats()} == {"1"}
+    assert {h["name"] for h in rig.master.heartbeats()} == {"w1"}
+    rig.link.stopService()
+
+
+def test_a_raising_heartbeat_does_not_stop_the_loop(tmp_path: Path, failures: FailureLog) -> None:
+    """The store raising while a heartbeat is built is logged once; the LoopingCall goes
+    on and the next beats are sent."""
+    rig = Rig(tmp_path)
+    rig.link.startService()
+    rig.advance(2.5)
+    before = len(rig.master.heartbeats())
+    rig.store.broken = 1
+    rig.advance(5)
+    assert rig.link._beat.running
+    assert len(rig.master.heartbeats()) >= before + 4  # one beat lost, the rest sent
+    assert len(failures.events) == 1
+    assert "heartbeat failed" in failures.messages()[0]
+    rig.link.stopService()
+
+
+def test_not_registered_reply_makes_it_register_again(tmp_path: Path) -> None:
+    """A heartbeat answered ``not-registered`` (the master declared the worker dead or
+    restarted) drops the link; the worker reconnects and registers again, and its
+    heartbeats then carry the new incarnation."""
+    rig = Rig(tmp_path)
+    rig.link.startService()
+    rig.advance(2.5)
+    first = rig.master.conns[0]
+    assert rig.link.incarnation == 1
+    rig.master.heartbeat_errors = ["not-registered"]
+    rig.advance(1)
+    assert first.transport.disconnected  # type: ignore[union-attr]
+    rig.advance(3)
+    assert rig.link.incarnation == 2
+    assert rig.link.registrations == 2
+    assert len(rig.master.conns) == 2
+    rig.advance(3)
+    last = rig.master.heartbeats()[-3:]
+    assert {h["incarnation"] for h in last} == {"2"}
+    rig.link.stopService()
+
+
+def test_a_lost_link_forgets_the_registration_at_once(tmp_path: Path) -> None:
+    """When the link to the master closes, the worker stops counting itself registered
+    (no heartbeats or reports to a dead link) until it has registered again."""
+    rig = Rig(tmp_path)
+    rig.link.startService()
+    rig.advance(1.5)
+    assert rig.link.link is not None and rig.link.incarnation == 1
+    rig.net.cut("master:7000")
+    assert rig.link.link is None and rig.link.incarnation is None
+    rig.advance(3)
+    assert rig.link.incarnation == 2
+    rig.link.stopService()
+
+
+def test_link_lost_during_registration_is_retried(tmp_path: Path, failures: FailureLog) -> None:
+    """A link that closes while the registration is in flight is retried like a refused
+    connect, with nothing logged as a bug."""
+    rig = Rig(tmp_path)
+    rig.master.hold = []
+    rig.link.startService()
+    rig.advance(0.5)
+    assert rig.master.times("register") == [0.0]
+    rig.master.hold = None
+    rig.net.cut("master:7000")
+    rig.advance(3)
+    assert rig.link.incarnation == 2
+    assert failures.messages() == []
+    rig.link.stopService()
