@@ -249,6 +249,187 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- jobs -----------------------------------------------------------------------------
+
+
+def _cluster(args: argparse.Namespace) -> Any:
+    c = _connect(args)
+    if not isinstance(c, ClusterClient):
+        c.close()
+        raise UsageError(f"{args.command} asks the master: use --config, not --server/--worker")
+    return c
+
+
+def _pair(text: str, what: str, default_second: Callable[[str], str]) -> tuple[str, str]:
+    first, sep, second = text.partition(":")
+    if not first:
+        raise UsageError(f"bad {what} {text!r}")
+    return first, (second if sep else default_second(first))
+
+
+def _tasks_from_file(path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    import shlex
+
+    import yaml
+
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("tasks"), list) or not doc["tasks"]:
+        raise UsageError(f"{path}: a job file is a mapping with a non-empty list 'tasks'")
+    tasks = []
+    for i, t in enumerate(doc["tasks"]):
+        if isinstance(t, (str, list)):
+            t = {"command": t}
+        if not isinstance(t, dict) or "command" not in t:
+            raise UsageError(f"{path}: tasks[{i}]: needs a command")
+        t = dict(t)
+        if isinstance(t["command"], str):
+            t["command"] = shlex.split(t["command"])
+        tasks.append(t)
+    meta = {k: doc[k] for k in ("name", "priority", "after") if k in doc}
+    return meta, tasks
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    command = list(args.cmd)
+    if command and command[0] == "--":
+        command = command[1:]
+    if args.file:
+        if command:
+            raise UsageError("give either -f FILE or a command, not both")
+        meta, tasks = _tasks_from_file(args.file)
+        job_kw: dict[str, Any] = {
+            "name": args.name or meta.get("name", Path(args.file).stem),
+            "priority": args.priority if args.priority is not None else meta.get("priority", 0),
+            "after": list(args.after or meta.get("after", [])),
+            "tasks": tasks,
+        }
+    else:
+        if not command:
+            raise UsageError("nothing to run: dsml submit [options] -- COMMAND ARGS...")
+        if args.array < 1:
+            raise UsageError("--array must be at least 1")
+        env = {}
+        for item in args.env or []:
+            k, sep, v = item.partition("=")
+            if not sep or not k:
+                raise UsageError(f"--env wants K=V, got {item!r}")
+            env[k] = v
+        inputs = [_pair(i, "--input", lambda k: k.rstrip("/").rpartition("/")[2])
+                  for i in args.input or []]
+        outputs = [_pair(o, "--output", lambda p: p) for o in args.output or []]
+        tasks = []
+        for index in range(args.array):
+            def fill(text: str, index: int = index) -> str:
+                return text.replace("{index}", str(index))
+
+            tasks.append({
+                "command": command,
+                "env": env,
+                "inputs": [[fill(k), fill(p)] for k, p in inputs],
+                "outputs": [[fill(p), fill(k)] for p, k in outputs],
+                "slots": args.slots,
+                "timeout": args.timeout,
+                "max_attempts": args.max_attempts,
+            })
+        job_kw = {
+            "name": args.name or Path(command[0]).name,
+            "priority": args.priority or 0,
+            "after": args.after or [],
+            "tasks": tasks,
+        }
+    with _cluster(args) as c:
+        job = c.submit(**job_kw)
+    print(job.id)
+    return 0
+
+
+def _age(t: float | None) -> str:
+    import time
+
+    if not t:
+        return "-"
+    s = max(0.0, time.time() - t)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s / n:.0f}{unit}"
+    return f"{s:.0f}s"
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _cluster(args) as c:
+        jobs = c.jobs(args.limit)
+    print(f"{'JOB':<8} {'NAME':<20} {'STATE':<10} {'DONE':>11} {'AGE':>5}")
+    for j in jobs:
+        print(f"{j['id']:<8} {j['name'][:20]:<20} {j['state']:<10} "
+              f"{str(j['done']) + '/' + str(j['total']):>11} {_age(j['created']):>5}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _cluster(args) as c:
+        j = c.job_status(args.job)
+    reason = f" ({j['reason']})" if j.get("reason") else ""
+    print(f"job {j['id']} {j['name']!r}: {j['state']}{reason}, {j['done']}/{j['total']} tasks done")
+    for t in j["tasks"]:
+        treason = f" ({t['reason']})" if t.get("reason") else ""
+        print(f"  task {t['index']}: {t['state']}{treason}")
+        for a in t["attempts"]:
+            how = (f"exit {a['exit_code']}" if a["exit_code"] is not None
+                   else f"signal {a['signal']}" if a["signal"] is not None else "-")
+            dur = f"{a['duration']:.2f}s" if a.get("duration") is not None else "-"
+            why = f"  {a['reason']}" if a.get("reason") else ""
+            print(f"    attempt {a['id']} on {a['worker']}: {a['state']}, {how}, {dur}, "
+                  f"started {_age(a['started'])} ago{why}")
+    return 0 if j["state"] != "failed" else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    import time
+
+    with _cluster(args) as c:
+        attempt, addr, _ = c.log_source(args.job, args.task, args.attempt)
+        streams = ["stderr"] if args.stderr else ["stdout"] if args.stdout else [
+            "stdout", "stderr"]
+        offsets = dict.fromkeys(streams, 0)
+        outs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+        while True:
+            running = False
+            for stream in streams:
+                while True:
+                    data, size, running = c.read_log(addr, attempt, stream, offsets[stream])
+                    if data:
+                        outs[stream].write(data)
+                        outs[stream].flush()
+                        offsets[stream] += len(data)
+                    if not data or offsets[stream] >= size:
+                        break
+            if not args.follow or not running:
+                return 0
+            time.sleep(0.5)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with _cluster(args) as c:
+        j = c.wait(args.job, args.timeout)
+    reason = f" ({j['reason']})" if j.get("reason") else ""
+    print(f"job {j['id']}: {j['state']}{reason}, {j['done']}/{j['total']} tasks done",
+          file=sys.stderr)
+    return 0 if j["state"] == "succeeded" else 1
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _cluster(args) as c:
+        killed = c.cancel(args.job)
+    print(f"cancelled {args.job} ({killed} running attempts stopped)", file=sys.stderr)
+    return 0
+
+
 def cmd_ping(args: argparse.Namespace) -> int:
     with _connect(args) as c:
         c.ping()
@@ -293,6 +474,38 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("key")
     add("ping", cmd_ping, "check that the server answers")
     add("nodes", cmd_nodes, "list the workers the master knows, with their state")
+    sp = add("submit", cmd_submit, "submit a job: dsml submit [options] -- COMMAND ARGS...")
+    sp.add_argument("-f", "--file", help="a YAML job file listing tasks")
+    sp.add_argument("--name")
+    sp.add_argument("--slots", type=int, default=1)
+    sp.add_argument("--timeout", type=float, help="seconds per attempt")
+    sp.add_argument("--max-attempts", type=int, default=3)
+    sp.add_argument("--priority", type=int)
+    sp.add_argument("--after", action="append", metavar="JOB", help="run after JOB succeeds")
+    sp.add_argument("--input", action="append", metavar="KEY[:PATH]",
+                    help="fetch KEY into the task's directory ({index} = task index)")
+    sp.add_argument("--output", action="append", metavar="PATH[:KEY]",
+                    help="upload PATH as KEY after a success ({index} = task index)")
+    sp.add_argument("--env", action="append", metavar="K=V")
+    sp.add_argument("--array", type=int, default=1, metavar="N",
+                    help="N tasks, each with DSML_TASK_INDEX")
+    sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    sp = add("jobs", cmd_jobs, "list recent jobs")
+    sp.add_argument("--limit", type=int, default=50)
+    sp = add("status", cmd_status, "show a job's tasks and attempts")
+    sp.add_argument("job")
+    sp = add("logs", cmd_logs, "print a task's stdout and stderr")
+    sp.add_argument("job")
+    sp.add_argument("--task", type=int, default=0)
+    sp.add_argument("--attempt", type=int)
+    sp.add_argument("-f", "--follow", action="store_true")
+    sp.add_argument("--stdout", action="store_true", help="stdout only")
+    sp.add_argument("--stderr", action="store_true", help="stderr only")
+    sp = add("wait", cmd_wait, "wait until a job ends; non-zero exit unless it succeeded")
+    sp.add_argument("job")
+    sp.add_argument("--timeout", type=float)
+    sp = add("cancel", cmd_cancel, "cancel a job and stop its running attempts")
+    sp.add_argument("job")
     return p
 
 

@@ -617,6 +617,138 @@ class ClusterClient:
         """Round-trip to the master."""
         return self.master.ping()
 
+    # -- jobs -------------------------------------------------------------------------
+
+    def submit(
+        self,
+        command: list[str] | None = None,
+        *,
+        name: str = "",
+        tasks: list[dict[str, Any]] | None = None,
+        array: int = 1,
+        slots: int = 1,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        priority: int = 0,
+        after: list[str] | tuple[str, ...] = (),
+        inputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+        outputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> Job:
+        """Submit a job; returns its handle once the master has it durably.
+
+        Either ``command`` (run ``array`` times, each with its index in
+        ``DSML_TASK_INDEX``) or ``tasks``: a list of dicts with ``command`` and
+        optionally ``env``, ``inputs`` ([key, path]), ``outputs`` ([path, key]),
+        ``slots``, ``timeout``, ``max_attempts``.
+        """
+        if tasks is None:
+            if not command:
+                raise DsmlError("a job needs a command", "bad-job")
+            task = {
+                "command": list(command),
+                "env": dict(env or {}),
+                "inputs": [list(p) for p in inputs],
+                "outputs": [list(p) for p in outputs],
+                "slots": slots,
+                "timeout": timeout,
+                "max_attempts": max_attempts,
+            }
+            tasks = [task] * array
+        body = json.dumps(
+            {"name": name, "priority": priority, "after": list(after), "tasks": tasks}
+        ).encode()
+        head, _ = self.master._call("submit", {}, body)
+        return Job(self, head.headers["job"])
+
+    def jobs(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Recent jobs, newest first (JSON objects as ``dsml jobs`` shows them)."""
+        _, body = self.master._call("jobs", {"Limit": limit})
+        return [json.loads(line) for line in body.decode().splitlines() if line]
+
+    def job_status(self, job_id: str) -> dict[str, Any]:
+        """A job with its tasks and every attempt."""
+        _, body = self.master._call("status", {"Job": job_id})
+        return json.loads(body)  # type: ignore[no-any-return]
+
+    def cancel(self, job_id: str) -> int:
+        """Cancel a job; returns how many running attempts were told to stop."""
+        head, _ = self.master._call("cancel", {"Job": job_id})
+        return int(head.headers.get("killed", "0"))
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the job ends (or ``timeout`` seconds pass); returns its status."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = 60 if deadline is None else max(1, min(60, int(deadline - time.monotonic())))
+            head, body = self.master._call("wait", {"Job": job_id, "Timeout": step})
+            if head.headers.get("final") == "1":
+                return json.loads(body)  # type: ignore[no-any-return]
+            if deadline is not None and time.monotonic() >= deadline:
+                return json.loads(body)  # type: ignore[no-any-return]
+
+    def log_source(
+        self, job_id: str, task: int = 0, attempt: int | None = None
+    ) -> tuple[int, str, bool]:
+        """(attempt id, worker host:port, whether the attempt still runs) of a task's log."""
+        headers: dict[str, object] = {"Job": job_id, "Task": task}
+        if attempt is not None:
+            headers["Attempt"] = attempt
+        head, _ = self.master._call("logs", headers)
+        h = head.headers
+        return int(h["attempt"]), h["worker"].partition("=")[2], h["state"] == "running"
+
+    def read_log(
+        self, addr: str, attempt: int, stream: str = "stdout", offset: int = 0
+    ) -> tuple[bytes, int, bool]:
+        """(bytes from ``offset``, the log's size, still running) from the worker at ``addr``."""
+        head, body = self._worker(addr)._call(
+            "task_log", {"Attempt": attempt, "Stream": stream, "Offset": offset}
+        )
+        return body, int(head.headers["size"]), head.headers.get("running") == "1"
+
+    def logs(
+        self, job_id: str, task: int = 0, attempt: int | None = None, stream: str = "stdout"
+    ) -> bytes:
+        """A task attempt's stdout or stderr (the last attempt by default), whole."""
+        attempt_id, addr, _ = self.log_source(job_id, task, attempt)
+        chunks, offset = [], 0
+        while True:
+            data, size, _ = self.read_log(addr, attempt_id, stream, offset)
+            chunks.append(data)
+            offset += len(data)
+            if not data or offset >= size:
+                return b"".join(chunks)
+
+
+class Job:
+    """A submitted job: ``wait()``, ``status()``, ``logs()``, ``cancel()``."""
+
+    def __init__(self, client: ClusterClient, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def status(self) -> dict[str, Any]:
+        """The job, its tasks and their attempts."""
+        return self.client.job_status(self.id)
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the job ends; returns its final status."""
+        return self.client.wait(self.id, timeout)
+
+    def logs(self, task: int = 0, attempt: int | None = None, stream: str = "stdout") -> bytes:
+        """A task's output (the last attempt by default)."""
+        return self.client.logs(self.id, task, attempt, stream)
+
+    def cancel(self) -> int:
+        """Stop every running attempt; nothing more of it runs."""
+        return self.client.cancel(self.id)
+
 
 @attrs.frozen
 class ListedKey:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -27,6 +28,8 @@ from ..net.server import Reply, ServerFactory, ServerLimits, ServerProtocol
 from ..protocol.codec import PROTOCOL_VERSION, Head
 from ..protocol.methods import master_methods
 from .directory import Directory, DirectoryError, WorkerLoad
+from .jobrouter import JobRouter
+from .jobs import JOBS_FILE, JobManager
 from .membership import Membership, MembershipError, Versions, WorkerRecord
 from .repair import Repairer, _order
 from .state import MasterState
@@ -91,9 +94,16 @@ class MasterHandler:
             "nodes": self._nodes,
         }
 
-    def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+    #: The job side (set by build_master); its methods are answered here too.
+    router: Any = None
+
+    def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Any:
         """Answer a request."""
         fn = self._fns.get(head.kind)
+        if fn is None and self.router is not None:
+            fn = self.router.fns.get(head.kind)
+            if head.kind == "task_result":
+                self._worker(head, conn)  # fencing: only the registered link reports
         if fn is None:
             raise DsmlError(f"method {head.kind!r} is not served here", "unknown-method")
         return fn(head, payload, conn)
@@ -156,6 +166,9 @@ class MasterHandler:
             removed=result.removed,
             rejected=rejected,
         )
+        if self.router is not None:
+            running = [int(x) for x in h.get("running", "").split(",") if x.strip().isdigit()]
+            self.router.registered(record, running)
         return Reply(
             {
                 "Incarnation": incarnation,
@@ -325,10 +338,17 @@ class MasterHandler:
 class _MasterRuntime(service.Service):
     """Starts the membership check and repair loops; closes the state on stop."""
 
-    def __init__(self, membership: Membership, repairer: Repairer, state: MasterState) -> None:
+    def __init__(
+        self,
+        membership: Membership,
+        repairer: Repairer,
+        state: MasterState,
+        jobs: JobManager | None = None,
+    ) -> None:
         self.membership = membership
         self.repairer = repairer
         self.state = state
+        self.jobs = jobs
 
     def startService(self) -> None:
         super().startService()
@@ -339,6 +359,8 @@ class _MasterRuntime(service.Service):
         super().stopService()
         self.repairer.stop()
         self.membership.stop()
+        if self.jobs is not None:
+            self.jobs.close()
         self.state.close()
 
 
@@ -352,6 +374,8 @@ class Master:
     handler: MasterHandler
     repairer: Repairer
     factory: ServerFactory
+    jobs: JobManager
+    router: JobRouter
     #: Starts and stops it all: membership checks, repair, the listener; closes the state.
     service: service.MultiService
 
@@ -391,6 +415,11 @@ def build_master(
         return int(state.get_setting("replication", replication))
 
     handler = MasterHandler(state=state, directory=directory, membership=membership, factor=factor)
+    # Jobs keep their own SQLite file beside the directory's: the two never share a
+    # transaction, and a burst of task results never waits behind a block report.
+    jobs = JobManager(Path(state.path).parent / JOBS_FILE, clock)
+    router = JobRouter(jobs=jobs, membership=membership, directory=directory, clock=clock)
+    handler.router = router
     repairer = Repairer(
         clock=clock,
         monotonic=monotonic,
@@ -410,9 +439,9 @@ def build_master(
     )
     top = service.MultiService()
     top.setName("dsml-master")
-    _MasterRuntime(membership, repairer, state).setServiceParent(top)
+    _MasterRuntime(membership, repairer, state, jobs).setServiceParent(top)
     listen(factory).setServiceParent(top)
-    return Master(state, directory, membership, handler, repairer, factory, top)
+    return Master(state, directory, membership, handler, repairer, factory, jobs, router, top)
 
 
 def make_master_service(

@@ -251,7 +251,7 @@ def master_methods() -> MethodTable:
                 "dsml-version": check_text,
                 "protocol-version": check_uint,
             },
-            {"boot": check_text},
+            {"boot": check_text, "running": check_text},
             max_payload=INVENTORY_MAX,
         ),
         _spec(

@@ -83,6 +83,8 @@ class MasterLink(service.Service):
         free_slots: Callable[[], int] | None = None,
         free_disk: Callable[[], int] | None = None,
         retry_policy: Callable[[int], float] | None = None,
+        running_attempts: Callable[[], list[int]] | None = None,
+        on_registered: Callable[[], None] | None = None,
     ) -> None:
         """``retry_policy`` maps the number of failed attempts to the delay before the
         next (a jittered exponential backoff by default; the simulation passes a seeded
@@ -93,6 +95,11 @@ class MasterLink(service.Service):
         self.store = store
         self.heartbeat_interval = heartbeat_interval
         self.free_slots = free_slots or (lambda: info.slots)
+        #: Task attempts running here (told to the master at each registration).
+        #: (Not ``running``: that is Service's own started flag.)
+        self.running_attempts = running_attempts or (lambda: [])
+        #: Called after each successful registration (re-send unacknowledged results).
+        self.on_registered = on_registered
         self.free_disk = free_disk or (lambda: shutil.disk_usage(store.root).free)
         self.link: ServerProtocol | None = None
         self.incarnation: int | None = None
@@ -151,6 +158,9 @@ class MasterLink(service.Service):
         }
         if info.boot:
             headers["Boot"] = info.boot
+        running = self.running_attempts()
+        if running:
+            headers["Running"] = ",".join(str(a) for a in running)
         # Reports queued before this registration are covered by its inventory.
         self._reports = []
         d = link.request("auth", {"Token": self.token or "", "Client": f"worker {info.name}"})
@@ -170,6 +180,11 @@ class MasterLink(service.Service):
             # free and refused every upload with no-space for up to an interval after
             # the worker (or the master) started.
             self._heartbeat()
+            if self.on_registered is not None:
+                try:
+                    self.on_registered()
+                except Exception:
+                    log.failure("after-registration hook failed")
 
         def refused(failure: Failure) -> Failure:
             e = failure.value

@@ -26,10 +26,12 @@ PUSH_CHUNK = 1024 * 1024
 class WorkerOrders:
     """Handles ``replicate`` and ``drop`` from the master, and ``ping``."""
 
-    def __init__(self, storage: StorageHandler, links: Links) -> None:
+    def __init__(self, storage: StorageHandler, links: Links, jobs: Any = None) -> None:
         self.storage = storage
         self.store = storage.store
         self.links = links
+        #: The worker's side of jobs (dsml.worker.runner.WorkerJobs), if it runs tasks.
+        self.jobs = jobs
         self.methods = worker_order_methods()
 
     def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Any:
@@ -42,6 +44,10 @@ class WorkerOrders:
                 return self._drop(h["key"], int(h["version"]))
             if head.kind == "replicate":
                 return self._replicate(h["key"], int(h["version"]), h["to"])
+            if head.kind in ("run", "kill"):
+                if self.jobs is None:
+                    raise DsmlError("this worker runs no tasks", "unknown-method")
+                return getattr(self.jobs, head.kind)(head, payload)
         except StoreError as e:
             raise DsmlError(e.message, e.code) from None
         raise DsmlError(f"unknown order {head.kind!r}", "unknown-method")

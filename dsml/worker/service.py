@@ -22,8 +22,10 @@ from ..net.listen import ListenService, read_addr_file
 from ..net.server import ServerFactory, ServerLimits
 from .link import MasterLink, WorkerInfo
 from .orders import WorkerOrders
+from .runner import ClusterTransfers, WorkerJobs
 from .storage import RunInThread, StorageHandler
 from .store import Store
+from .tasks import TaskManager
 
 #: The file, under a worker's data_dir, that says where its storage server listens.
 ADDR_FILE = "worker.addr"
@@ -57,6 +59,17 @@ class _StoreService(service.Service):
     def stopService(self) -> None:
         super().stopService()
         self.store.close()
+
+
+class _TasksService(service.Service):
+    """Stops every running task (its whole process group) when the worker stops."""
+
+    def __init__(self, tasks: TaskManager) -> None:
+        self.tasks = tasks
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self.tasks.stop()
 
 
 class _StoreSyncService(TimerService):
@@ -103,6 +116,8 @@ class Worker:
     factory: ServerFactory
     #: Starts and stops it all: store, store sync timer, listener, master link.
     service: service.MultiService
+    #: The job side (None when the worker runs no tasks, as in storage-only tests).
+    jobs: Any = None
 
 
 def build_worker(
@@ -120,6 +135,7 @@ def build_worker(
     listen: Callable[[ServerFactory, MasterLink], service.IService],
     free_disk: Callable[[], int] | None = None,
     retry_policy: Callable[[int], float] | None = None,
+    jobs: WorkerJobs | None = None,
 ) -> Worker:
     """Wire a worker over an open ``store``: no reactor, sockets or threads of its own.
 
@@ -132,7 +148,15 @@ def build_worker(
     name = info.name
     links = Links(clock, endpoint_for, token, name=f"worker {name}")
     handler = StorageHandler(store, run_in_thread, value_max, links=links)
-    orders = WorkerOrders(handler, links)
+    orders = WorkerOrders(handler, links, jobs)
+    handler.jobs = jobs
+    task_hooks: dict[str, Any] = {}
+    if jobs is not None and jobs.tasks is not None:
+        task_hooks = {
+            "running_attempts": jobs.running,
+            "on_registered": jobs.send_results_soon,
+            "free_slots": jobs.tasks.free_slots,
+        }
     master = MasterLink(
         clock=clock,
         endpoint=master_endpoint,
@@ -143,8 +167,11 @@ def build_worker(
         heartbeat_interval=heartbeat_interval,
         free_disk=free_disk,
         retry_policy=retry_policy,
+        **task_hooks,
     )
     handler.on_change = master.report
+    if jobs is not None:
+        jobs.link = master
     factory = ServerFactory(handler, clock, token, limits)
     top = service.MultiService()
     top.setName(f"dsml-worker-{name}")
@@ -163,7 +190,9 @@ def build_worker(
     timer.setServiceParent(top)
     listen(factory, master).setServiceParent(top)
     master.setServiceParent(top)
-    return Worker(name, store, links, handler, orders, master, factory, top)
+    if jobs is not None and jobs.tasks is not None:
+        _TasksService(jobs.tasks).setServiceParent(top)
+    return Worker(name, store, links, handler, orders, master, factory, top, jobs)
 
 
 def make_worker_service(config: Config, name: str, reactor: Any) -> service.MultiService:
@@ -190,7 +219,23 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
             on_listening=listening,
         )
 
+    master_addr_file = config.master.state_dir / MASTER_ADDR_FILE
+
+    def master_addr() -> tuple[str, int]:
+        if config.master.port:
+            return config.master.host, config.master.port
+        return read_addr_file(master_addr_file)
+
+    jobs = WorkerJobs(reactor)
+    jobs.tasks = TaskManager(
+        reactor,
+        slots=wc.slots,
+        work_dir=wc.data_dir / "tasks",
+        transfers=ClusterTransfers(reactor, master_addr, cc.token),
+        on_result=jobs.on_result,
+    )
     return build_worker(
+        jobs=jobs,
         store=store,
         clock=reactor,
         endpoint_for=tcp_endpoint_for(reactor),

@@ -87,6 +87,8 @@ class StorageHandler:
         self.run_in_thread = run_in_thread
         self.links = links
         self.on_change = on_change
+        #: The worker's side of jobs (serves ``task_log``), if it runs tasks.
+        self.jobs: Any = None
         self.methods: MethodTable = storage_methods(value_max)
         self._handlers: dict[str, Callable[[Head, bytes], Reply]] = {
             "ping": self._ping,
@@ -96,6 +98,7 @@ class StorageHandler:
             "delete": self._delete,
             "stat": self._stat,
             "list": self._list,
+            "task_log": self._task_log,
         }
 
     def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply | Deferred[Reply]:
@@ -170,6 +173,11 @@ class StorageHandler:
         entry = self.store.delete(head.headers["key"])
         self.changed("delete", entry)
         return Reply({"Version": entry.version})
+
+    def _task_log(self, head: Head, payload: bytes) -> Reply:
+        if self.jobs is None:
+            raise DsmlError("this server runs no tasks", "not-found")
+        return self.jobs.task_log(head, payload)  # type: ignore[no-any-return]
 
     def _stat(self, head: Head, payload: bytes) -> Reply:
         entry = self.store.stat(head.headers["key"])

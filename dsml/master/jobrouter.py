@@ -1,0 +1,349 @@
+"""The master's side of jobs: client requests, dispatch to workers, results back.
+
+The :class:`~dsml.master.jobs.JobManager` decides (queue, attempts, fencing) and keeps
+it durable; this module moves messages.  Tasks go to a worker down its link the moment
+it has free slots (after a submit, a result, a registration), not at the next heartbeat.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..errors import DsmlError
+from ..net.server import Reply, ServerProtocol
+from ..protocol.codec import Head
+from .directory import Directory, DirectoryError
+from .jobs import Assignment, FinishedReport, JobError, JobManager, JobSpec, JobView, TaskSpec
+from .membership import Membership, WorkerRecord
+
+log = Logger()
+
+#: Longest a ``wait`` request is held before it is answered with the job as it is.
+WAIT_MAX = 600
+
+
+def job_spec_from_json(data: Any) -> JobSpec:
+    """A JobSpec from the JSON a client submits; JobError for anything malformed."""
+    try:
+        tasks = tuple(
+            TaskSpec(
+                command=tuple(str(a) for a in t["command"]),
+                env=tuple((str(k), str(v)) for k, v in dict(t.get("env", {})).items()),
+                inputs=tuple((str(k), str(p)) for k, p in t.get("inputs", ())),
+                outputs=tuple((str(p), str(k)) for p, k in t.get("outputs", ())),
+                slots=int(t.get("slots", 1)),
+                timeout=None if t.get("timeout") is None else float(t["timeout"]),
+                max_attempts=int(t.get("max_attempts", 3)),
+            )
+            for t in data["tasks"]
+        )
+        return JobSpec(
+            name=str(data.get("name", "")),
+            tasks=tasks,
+            priority=int(data.get("priority", 0)),
+            after=tuple(str(j) for j in data.get("after", ())),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise JobError(f"malformed job: {e}", "bad-job") from None
+
+
+def job_json(view: JobView) -> dict[str, Any]:
+    """A job view as JSON (``dsml status`` and ``jobs``)."""
+    return {
+        "id": view.id,
+        "name": view.name,
+        "state": view.state,
+        "priority": view.priority,
+        "after": list(view.after),
+        "created": view.created,
+        "started": view.started,
+        "finished": view.finished,
+        "reason": view.reason,
+        "counts": view.counts,
+        "done": view.done,
+        "total": view.total,
+        "tasks": [
+            {
+                "index": t.index,
+                "state": t.state,
+                "reason": t.reason,
+                "attempts": [
+                    {
+                        "id": a.id,
+                        "worker": a.worker,
+                        "state": a.state,
+                        "started": a.started,
+                        "ended": a.ended,
+                        "exit_code": a.exit_code,
+                        "signal": a.signal,
+                        "duration": a.duration,
+                        "peak_rss": a.peak_rss,
+                        "reason": a.reason,
+                    }
+                    for a in t.attempts
+                ],
+            }
+            for t in view.tasks
+        ],
+    }
+
+
+def assignment_json(a: Assignment) -> bytes:
+    """The ``run`` order's payload."""
+    s = a.spec
+    return json.dumps(
+        {
+            "attempt_id": a.attempt_id,
+            "job_id": a.job_id,
+            "task_index": a.task_index,
+            "command": list(s.command),
+            "env": [list(p) for p in s.env],
+            "inputs": [list(p) for p in s.inputs],
+            "outputs": [list(p) for p in s.outputs],
+            "slots": s.slots,
+            "timeout": s.timeout,
+        }
+    ).encode()
+
+
+class JobRouter:
+    """Answers the job methods and keeps workers busy."""
+
+    def __init__(
+        self,
+        *,
+        jobs: JobManager,
+        membership: Membership,
+        directory: Directory,
+        clock: Any,
+    ) -> None:
+        self.jobs = jobs
+        self.membership = membership
+        self.directory = directory
+        self.clock = clock
+        self._dispatch_call: Any = None
+        self.fns: dict[str, Callable[[Head, bytes, ServerProtocol], Any]] = {
+            "submit": self._submit,
+            "jobs": self._jobs,
+            "status": self._status,
+            "cancel": self._cancel,
+            "wait": self._wait,
+            "logs": self._logs,
+            "task_result": self._task_result,
+        }
+        membership.on_dead.append(self._worker_dead)
+
+    # -- events from the rest of the master --------------------------------------------
+
+    def registered(self, record: WorkerRecord, running: list[int]) -> None:
+        """A worker (re)registered with the attempts it still runs: reconcile, then feed it."""
+        kill = self.jobs.reconcile(record.name, record.incarnation, running, [])
+        for attempt in kill:
+            _order(record, "kill", {"Attempt": attempt})
+        self.dispatch_soon()
+
+    def _worker_dead(self, record: WorkerRecord) -> None:
+        lost = self.jobs.worker_lost(record.name, record.incarnation)
+        if lost:
+            log.warn(
+                "worker {name} died with {n} attempts running: lost, tasks requeued",
+                name=record.name, n=len(lost),
+            )
+        self.dispatch_soon()
+
+    def dispatch_soon(self) -> None:
+        """Dispatch on the next reactor turn (a burst of events dispatches once)."""
+        if self._dispatch_call is None or not self._dispatch_call.active():
+            self._dispatch_call = self.clock.callLater(0, self.dispatch)
+
+    def dispatch(self) -> None:
+        """Offer queued tasks to every alive worker with free slots."""
+        try:
+            if not self.jobs.queued:
+                return
+            for record in self.membership.alive():
+                if record.conn is None:
+                    continue
+                free = record.slots - self._busy(record.name)
+                if free <= 0:
+                    continue
+                holds = self._holds(record.name)
+                for a in self.jobs.next_assignments(record.name, record.incarnation, free, holds):
+                    self._send(record, a)
+                if not self.jobs.queued:
+                    break
+        except Exception:
+            log.failure("dispatch failed")
+
+    def _busy(self, worker: str) -> int:
+        """Slots held by the attempts the master has running on ``worker``."""
+        running = self.jobs._running
+        return sum(
+            running[a].task.spec.slots for a in self.jobs.running_attempts(worker) if a in running
+        )
+
+    def _holds(self, worker: str) -> Callable[[str], bool]:
+        def holds(key: str) -> bool:
+            try:
+                return any(r.worker == worker for r in self.directory.locate(key))
+            except DirectoryError:
+                return False
+
+        return holds
+
+    def _send(self, record: WorkerRecord, a: Assignment) -> None:
+        d = _order(record, "run", {"Attempt": a.attempt_id}, assignment_json(a))
+
+        def refused(f: Failure) -> None:
+            # The worker would not start it (busy, bad task, gone): the attempt ends here
+            # and counts; the task is retried while attempts remain.
+            why = f.value.message if isinstance(f.value, DsmlError) else f.getErrorMessage()
+            self.jobs.finished(
+                a.attempt_id, record.name, record.incarnation, exit_code=None, signal=None,
+                duration=0.0, peak_rss=0, reason=f"could not start on {record.name}: {why}",
+            ).addBoth(lambda _: self.dispatch_soon())
+
+        d.addErrback(refused)
+
+    # -- requests ---------------------------------------------------------------------
+
+    def _submit(self, head: Head, payload: bytes, conn: ServerProtocol) -> Deferred[Reply]:
+        try:
+            data = json.loads(payload)
+        except ValueError as e:
+            raise JobError(f"job is not JSON: {e}", "bad-job") from None
+        spec = job_spec_from_json(data)
+        d = self.jobs.submit(spec)
+
+        def acknowledged(job_id: str) -> Reply:
+            log.info("job {id} ({name}) submitted: {n} tasks", id=job_id, name=spec.name,
+                     n=len(spec.tasks))
+            self.dispatch_soon()
+            return Reply({"Job": job_id, "Tasks": len(spec.tasks)})
+
+        return d.addCallback(acknowledged)
+
+    def _jobs(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+        limit = min(int(head.headers.get("limit", 100)), 10_000)
+        lines = [json.dumps(job_json(v)) for v in self.jobs.jobs(limit)]
+        return Reply({}, ("\n".join(lines) + "\n").encode() if lines else b"")
+
+    def _status(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+        view = self.jobs.job(head.headers["job"])
+        return Reply({"State": view.state}, json.dumps(job_json(view)).encode())
+
+    def _cancel(self, head: Head, payload: bytes, conn: ServerProtocol) -> Deferred[Reply]:
+        d = self.jobs.cancel(head.headers["job"])
+
+        def kill(attempts: list[tuple[str, int]]) -> Reply:
+            for worker, attempt in attempts:
+                record = self.membership.get(worker)
+                if record is not None and record.live:
+                    _order(record, "kill", {"Attempt": attempt})
+            return Reply({"Killed": len(attempts)})
+
+        return d.addCallback(kill)
+
+    def _wait(self, head: Head, payload: bytes, conn: ServerProtocol) -> Deferred[Reply]:
+        job_id = head.headers["job"]
+        timeout = min(int(head.headers.get("timeout", 60)), WAIT_MAX)
+        self.jobs.job(job_id, tasks=False)  # not-found at once
+        d = self.jobs.wait_for(job_id)
+        result: Deferred[Reply] = Deferred()
+
+        def final(view: JobView) -> None:
+            if timer.active():
+                timer.cancel()
+            if not result.called:
+                full = self.jobs.job(view.id)
+                result.callback(Reply({"State": full.state, "Final": 1},
+                                      json.dumps(job_json(full)).encode()))
+
+        def expired() -> None:
+            if not result.called:
+                view = self.jobs.job(job_id)
+                result.callback(Reply({"State": view.state, "Final": 0},
+                                      json.dumps(job_json(view)).encode()))
+
+        timer = self.clock.callLater(timeout, expired)
+        d.addCallback(final)
+        d.addErrback(lambda f: None if result.called else result.errback(f))
+        return result
+
+    def _logs(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
+        h = head.headers
+        view = self.jobs.job(h["job"])
+        task_index = int(h.get("task", 0))
+        tasks = [t for t in view.tasks if t.index == task_index]
+        if not tasks:
+            raise JobError(f"job {view.id} has no task {task_index}", "not-found")
+        attempts = tasks[0].attempts
+        if "attempt" in h:
+            attempts = tuple(a for a in attempts if a.id == int(h["attempt"]))
+        if not attempts:
+            raise JobError(f"task {task_index} of {view.id} has not run yet", "not-found")
+        a = attempts[-1]
+        record = self.membership.get(a.worker)
+        if record is None:
+            raise DsmlError(f"worker {a.worker} that ran it is unknown now", "unavailable")
+        return Reply(
+            {
+                "Attempt": a.id,
+                "Worker": f"{record.name}={record.host}:{record.port}",
+                "State": a.state,
+                "Live": 1 if record.live else 0,
+            }
+        )
+
+    def _task_result(self, head: Head, payload: bytes, conn: ServerProtocol) -> Deferred[Reply]:
+        name, incarnation = head.headers["name"], int(head.headers["incarnation"])
+        waits = []
+        for line in payload.splitlines():
+            try:
+                r = json.loads(line)
+                waits.append(
+                    self.jobs.finished(
+                        int(r["attempt_id"]), name, incarnation,
+                        exit_code=r.get("exit_code"), signal=r.get("signal"),
+                        duration=float(r.get("duration", 0.0)),
+                        peak_rss=int(r.get("peak_rss", 0)), reason=str(r.get("reason", "")),
+                    )
+                )
+            except (ValueError, KeyError, TypeError):
+                continue
+        from twisted.internet.defer import gatherResults
+
+        def done(results: list[bool]) -> Reply:
+            self.dispatch_soon()
+            return Reply({"Taken": sum(1 for r in results if r), "Refused":
+                          sum(1 for r in results if not r)})
+
+        return gatherResults(waits, consumeErrors=True).addCallback(done)
+
+
+def finished_report(r: dict[str, Any]) -> FinishedReport:
+    """A worker's JSON result as a FinishedReport."""
+    return FinishedReport(
+        int(r["attempt_id"]), r.get("exit_code"), r.get("signal"),
+        float(r.get("duration", 0.0)), int(r.get("peak_rss", 0)), str(r.get("reason", "")),
+    )
+
+
+def _order(
+    record: WorkerRecord, method: str, headers: dict[str, object], payload: bytes = b""
+) -> Deferred[Any]:
+    conn = record.conn
+    if conn is None or not getattr(conn, "connected", False):
+        d: Deferred[Any] = Deferred()
+        d.errback(DsmlError(f"worker {record.name} has no link", "unavailable"))
+        return d
+    d = conn.request(method, headers, payload)
+    if method == "kill":
+        d.addErrback(lambda f: None)
+    return d  # type: ignore[no-any-return]

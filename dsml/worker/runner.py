@@ -1,0 +1,200 @@
+"""A worker's side of jobs: ``run``/``kill`` orders in, results out, task logs served.
+
+The :class:`~dsml.worker.tasks.TaskManager` runs the processes; this module connects it
+to the master link (orders down, results up, re-sent after a reconnect until the master
+acknowledges them) and to the cluster's store (inputs and outputs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..errors import DsmlError
+from ..net.server import Reply
+from ..protocol.codec import Head
+from .tasks import AttemptResult, AttemptSpec, TaskError, TaskManager
+
+log = Logger()
+
+#: Most bytes of a task log one ``task_log`` request returns.
+LOG_CHUNK = 1024 * 1024
+
+#: Seconds a batch of results may wait before it goes to the master.
+RESULT_DELAY = 0.002
+
+
+class ClusterTransfers:
+    """Task inputs and outputs through the cluster (the blocking client, in threads).
+
+    ``master`` gives the master's (host, port) at the time of the call.
+    """
+
+    def __init__(
+        self, reactor: Any, master: Callable[[], tuple[str, int]], token: str | None
+    ) -> None:
+        self.reactor = reactor
+        self.master = master
+        self.token = token
+
+    def _in_thread(self, fn: Callable[[Any], Any]) -> Deferred[Any]:
+        from ..client import ClusterClient
+
+        def work() -> Any:
+            host, port = self.master()
+            with ClusterClient(host, port, self.token, name="dsml-worker-task") as c:
+                return fn(c)
+
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
+
+    def fetch(self, key: str, dest: Path) -> Deferred[None]:
+        """Download ``key`` to ``dest`` (temp file + rename, checksum checked)."""
+        return self._in_thread(lambda c: c.download(key, dest, fsync=False))
+
+    def store(self, src: Path, key: str) -> Deferred[None]:
+        """Upload ``src`` as ``key`` with the cluster's replication."""
+        return self._in_thread(lambda c: c.upload(src, key))
+
+
+def spec_from_json(payload: bytes) -> AttemptSpec:
+    """The AttemptSpec of a ``run`` order."""
+    try:
+        d = json.loads(payload)
+        return AttemptSpec(
+            attempt_id=int(d["attempt_id"]),
+            job_id=str(d["job_id"]),
+            task_index=int(d["task_index"]),
+            command=tuple(str(a) for a in d["command"]),
+            env=tuple((str(k), str(v)) for k, v in d.get("env", ())),
+            inputs=tuple((str(k), str(p)) for k, p in d.get("inputs", ())),
+            outputs=tuple((str(p), str(k)) for p, k in d.get("outputs", ())),
+            slots=int(d.get("slots", 1)),
+            timeout=None if d.get("timeout") is None else float(d["timeout"]),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise DsmlError(f"malformed run order: {e}", "bad-task") from None
+
+
+def result_json(r: AttemptResult) -> str:
+    """One line of a ``task_result`` report."""
+    return json.dumps(
+        {
+            "attempt_id": r.attempt_id,
+            "exit_code": r.exit_code,
+            "signal": r.signal,
+            "duration": r.duration,
+            "peak_rss": r.peak_rss,
+            "reason": r.reason,
+        }
+    )
+
+
+class WorkerJobs:
+    """Orders ``run``/``kill``, results to the master, and the ``task_log`` method.
+
+    ``link`` is the worker's :class:`~dsml.worker.link.MasterLink` (set after both exist).
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.tasks: TaskManager | None = None
+        self.link: Any = None
+        self._send_call: Any = None
+        self._sending: set[int] = set()
+
+    # -- orders from the master -------------------------------------------------------
+
+    def run(self, head: Head, payload: bytes) -> Reply:
+        """Start an attempt (answered at once; the result comes later)."""
+        assert self.tasks is not None
+        spec = spec_from_json(payload)
+        try:
+            self.tasks.start(spec)
+        except TaskError as e:
+            raise DsmlError(e.message, e.code) from None
+        return Reply()
+
+    def kill(self, head: Head, payload: bytes) -> Reply:
+        """Stop an attempt's process tree (its result says "cancelled")."""
+        assert self.tasks is not None
+        self.tasks.cancel(int(head.headers["attempt"]))
+        return Reply()
+
+    def running(self) -> list[int]:
+        """Attempts running here (told to the master when registering)."""
+        return self.tasks.running() if self.tasks is not None else []
+
+    # -- results ----------------------------------------------------------------------
+
+    def on_result(self, result: AttemptResult) -> None:
+        """An attempt ended: tell the master soon (batched)."""
+        self.send_results_soon()
+
+    def send_results_soon(self) -> None:
+        """Send unacknowledged results on the next occasion."""
+        if self._send_call is None or not self._send_call.active():
+            self._send_call = self.clock.callLater(RESULT_DELAY, self.send_results)
+
+    def send_results(self) -> None:
+        """Send every result the master has not acknowledged yet."""
+        if self.tasks is None or self.link is None:
+            return
+        link, incarnation = self.link.link, self.link.incarnation
+        if link is None or incarnation is None:
+            return  # sent again after the next registration
+        results = [r for r in self.tasks.finished_results() if r.attempt_id not in self._sending]
+        if not results:
+            return
+        ids = [r.attempt_id for r in results]
+        self._sending.update(ids)
+        d = link.request(
+            "task_result",
+            {"Name": self.link.info.name, "Incarnation": incarnation},
+            ("\n".join(result_json(r) for r in results) + "\n").encode(),
+        )
+
+        def taken(_: object) -> None:
+            # Taken or refused as stale: either way the master has decided.
+            for i in ids:
+                self.tasks.ack(i)  # type: ignore[union-attr]
+
+        def failed(f: Failure) -> None:
+            log.info("results not delivered ({why}); sent again later", why=f.getErrorMessage())
+
+        d.addCallbacks(taken, failed)
+        d.addBoth(lambda _: self._sending.difference_update(ids))
+
+    # -- logs -------------------------------------------------------------------------
+
+    def task_log(self, head: Head, payload: bytes) -> Reply:
+        """Bytes of an attempt's stdout or stderr from ``Offset``."""
+        if self.tasks is None:
+            raise DsmlError("this worker runs no tasks", "not-found")
+        h = head.headers
+        stream = h["stream"]
+        if stream not in ("stdout", "stderr"):
+            raise DsmlError("Stream must be stdout or stderr", "bad-header")
+        attempt = int(h["attempt"])
+        try:
+            out, err = self.tasks.logs(attempt)
+        except TaskError as e:
+            raise DsmlError(e.message, e.code) from None
+        path = out if stream == "stdout" else err
+        offset = int(h.get("offset", 0))
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(min(offset, size))
+                data = f.read(LOG_CHUNK)
+        except FileNotFoundError:
+            size, data = 0, b""
+        running = attempt in self.tasks.running()
+        return Reply({"Size": size, "Running": 1 if running else 0}, data)
