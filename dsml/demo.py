@@ -27,6 +27,7 @@ WORKERS = ("w1", "w2")
 HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TIMEOUT = 3.0
 FILE_MIB = 64
+PARTS = 4
 KEY = "datasets/dataset.bin"
 
 
@@ -147,12 +148,40 @@ def demo(root: Path) -> None:
         if value != "0.001":
             raise DemoFailed(f"get returned {value!r}, not '0.001'")
 
-        _step(7, "bad requests get one clear line and a non-zero exit status")
+        _step(7, f"bring {victim} back and run a job over the cluster")
+        cluster.start(victim)
+        _wait(f"{victim} to register again",
+              lambda: _states(cluster) == dict.fromkeys(WORKERS, "alive"), 30)
+        words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+        for part in range(PARTS):
+            text = root / f"part{part}.txt"
+            text.write_text(" ".join(words[: 2 + part * 2] * (part + 1)) + "\n")
+            _run(cluster, "upload", str(text), f"corpus/part{part}.txt")
+        job = _run(
+            cluster, "submit", "--name", "wordcount", "--array", str(PARTS),
+            "--input", "corpus/part{index}.txt:part.txt",
+            "--output", "count.txt:results/count-{index}.txt",
+            "--", "sh", "-c",
+            'wc -w < part.txt > count.txt; '
+            'echo "task $DSML_TASK_INDEX on $(hostname): $(cat count.txt) words"',
+        ).strip()
+        _run(cluster, "wait", job)
+        _run(cluster, "status", job)
+        counts = []
+        for i in range(PARTS):
+            out = root / f"count-{i}.txt"
+            _run(cluster, "download", f"results/count-{i}.txt", str(out))
+            counts.append(int(out.read_text().split()[0]))
+        _note(f"word counts per part: {counts} (total {sum(counts)})")
+        _note("the log of task 1:")
+        _run(cluster, "logs", job, "--task", "1")
+
+        _step(8, "bad requests get one clear line and a non-zero exit status")
         _run(cluster, "get", "no/such/key", check=False)
         _run(cluster, "get", KEY, check=False)
         _run(cluster, "--token", "not-the-token", "ls", check=False)
     finally:
-        _step(8, "stop everything the demo started")
+        _step(9, "stop everything the demo started")
         cluster.stop()
         for name, proc in cluster.procs.items():
             _note(f"{name:<6} pid {proc.pid:<7} {_ended(proc.returncode)}")
