@@ -645,16 +645,19 @@ class ClusterClient:
         if tasks is None:
             if not command:
                 raise DsmlError("a job needs a command", "bad-job")
-            task = {
-                "command": list(command),
-                "env": dict(env or {}),
-                "inputs": [list(p) for p in inputs],
-                "outputs": [list(p) for p in outputs],
-                "slots": slots,
-                "timeout": timeout,
-                "max_attempts": max_attempts,
-            }
-            tasks = [task] * array
+            tasks = [
+                {
+                    "command": list(command),
+                    "env": dict(env or {}),
+                    # "{index}" in a key or path becomes the task's index (Slurm's %a).
+                    "inputs": [[_fill(k, i), _fill(p, i)] for k, p in inputs],
+                    "outputs": [[_fill(p, i), _fill(k, i)] for p, k in outputs],
+                    "slots": slots,
+                    "timeout": timeout,
+                    "max_attempts": max_attempts,
+                }
+                for i in range(array)
+            ]
         body = json.dumps(
             {"name": name, "priority": priority, "after": list(after), "tasks": tasks}
         ).encode()
@@ -759,6 +762,10 @@ class ListedKey:
     sha256: str
     version: int
     replicas: tuple[str, ...]
+
+
+def _fill(text: str, index: int) -> str:
+    return text.replace("{index}", str(index))
 
 
 def _pairs(text: str) -> list[tuple[str, str]]:
