@@ -230,12 +230,6 @@ def test_version_mismatch_names_both_versions(
         assert nodes(c)["w9"]["state"] == "alive"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MasterHandler._register calls Membership._check_versions outside "
-    "Membership.register's try/except that logs refusals: a version-mismatch is "
-    "answered on the wire but the master logs nothing",
-)
 def test_version_mismatch_is_logged_by_the_master(cluster: LocalCluster) -> None:
     """The master's log says why a worker was refused (design: "one clear error message
     on the wire and in the log"), as it does for a duplicate name."""
@@ -432,12 +426,6 @@ def test_report_from_another_link_or_incarnation_is_refused(cluster: LocalCluste
         assert master_keys(a)["report/k"]["replicas"] == ["wa"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MasterHandler._worker raises MembershipError itself, outside Membership's "
-    "logging: a refused report is answered on the wire but the master logs nothing "
-    "(a refused heartbeat is logged)",
-)
 def test_refused_report_is_logged_by_the_master(cluster: LocalCluster) -> None:
     """The master's log says why it refused a worker's report, as it does for a refused
     heartbeat: a worker whose reports bounce is otherwise invisible to the operator."""

@@ -189,12 +189,12 @@ class Repairer:
 
         def done(_: object) -> None:
             self.drops_done += 1
-            self.directory.remove_replica(key, worker)
+            self.directory.remove_replica(key, worker, version)
 
         def failed(f: Failure) -> None:
             code = getattr(f.value, "code", "")
             if code in ("not-found",):
-                self.directory.remove_replica(key, worker)
+                self.directory.remove_replica(key, worker, version)
             else:
                 log.info(
                     "drop of {key!r} on {w} not done: {why}",

@@ -127,9 +127,21 @@ class MasterHandler:
         h = head.headers
         name = h["name"]
         versions = Versions(h["dsml-version"], int(h["protocol-version"]))
-        if versions != self.versions:
-            # Checked here too so a refused worker does not use up an incarnation.
-            self.membership._check_versions(name, versions)
+        try:
+            if versions != self.versions:
+                # Checked before an incarnation is used up for a worker that is refused.
+                self.membership._check_versions(name, versions)
+            current = self.membership.get(name)
+            if current is not None and current.live and current.conn is not conn:
+                raise MembershipError(
+                    f"worker {name!r} is already registered from another link "
+                    f"(incarnation {current.incarnation}); retry once it is gone",
+                    "duplicate-name",
+                )
+        except MembershipError as e:
+            log.warn("refused registration of {name}: {why} [{code}]", name=name,
+                     why=e.message, code=e.code)
+            raise
         tune_socket(conn.transport)  # keepalive + TCP_USER_TIMEOUT on worker links
         incarnation = self.state.next_incarnation(name)
         record = self.membership.register(
@@ -179,6 +191,14 @@ class MasterHandler:
         )
 
     def _worker(self, head: Head, conn: ServerProtocol) -> WorkerRecord:
+        try:
+            return self._check_worker(head, conn)
+        except MembershipError as e:
+            log.warn("refused {method} from {name}: {why} [{code}]", method=head.kind,
+                     name=head.headers.get("name"), why=e.message, code=e.code)
+            raise
+
+    def _check_worker(self, head: Head, conn: ServerProtocol) -> WorkerRecord:
         name, incarnation = head.headers["name"], int(head.headers["incarnation"])
         record = self.membership.get(name)
         if record is None or not record.live or record.conn is not conn:
@@ -221,7 +241,8 @@ class MasterHandler:
                             lambda f: None
                         )
                 elif op == "delete":
-                    self.directory.remove_replica(key, record.name)
+                    # Only the version deleted: a crossing report of a newer write stays.
+                    self.directory.remove_replica(key, record.name, d.get("version"))
                 else:
                     raise ValueError(op)
                 taken += 1
@@ -263,6 +284,9 @@ class MasterHandler:
 
     def _commit(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
         h = head.headers
+        unknown = [w for w in h["workers"].split(",") if self.membership.get(w) is None]
+        if unknown:
+            raise DsmlError(f"no such worker: {', '.join(unknown)}", "bad-header")
         for worker in h["workers"].split(","):
             self.directory.add_replica(
                 h["key"], worker, int(h["size"]), h["sha256"], int(h["version"])
@@ -292,7 +316,9 @@ class MasterHandler:
             record = self.membership.get(trim.worker)
             if record is not None and record.live:
                 _order(record, "drop", {"Key": key, "Version": trim.version}).addCallback(
-                    lambda _, w=trim.worker: self.directory.remove_replica(key, w)
+                    lambda _, w=trim.worker, v=trim.version: self.directory.remove_replica(
+                        key, w, v
+                    )
                 ).addErrback(lambda f: None)
         return Reply({"Version": version})
 
