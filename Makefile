@@ -33,6 +33,13 @@ $(VENV)/bin/python:
 # editable_mode=compat: a plain editable install hides twisted/plugins from twistd.
 $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		-e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+# The benchmarks' references (redis-py, Dask) only for make bench: tests never need them.
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
 		-e '.[test,bench]' --config-settings editable_mode=compat
 	touch $@
 
@@ -45,7 +52,7 @@ test: lint
 demo: $(STAMP)
 	$(VENV)/bin/python -m dsml.demo
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	@if ! command -v redis-server >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "redis-server not found: installing Debian's redis-server"; \
@@ -56,6 +63,8 @@ bench: $(STAMP)
 		fi; \
 	fi
 	$(VENV)/bin/python benchmarks/run.py
+	$(VENV)/bin/python benchmarks/cluster.py
+	$(VENV)/bin/python benchmarks/jobs.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis .ruff_cache var
