@@ -128,6 +128,14 @@ class JobRouter:
         self.directory = directory
         self.clock = clock
         self._dispatch_call: Any = None
+        # Fix (tests/test_jobs_sim.py): the slots of attempts a worker was told to kill,
+        # by worker then attempt, until the worker reports them ended (a result, taken or
+        # refused), re-registers (its Running list is then the truth) or dies.  The
+        # manager forgets a cancelled attempt at once, but the worker holds its slots
+        # until the process is gone (SIGTERM, then SIGKILL after a grace period); a run
+        # order sent meanwhile was refused as busy, and that wasted one of the task's
+        # attempts (with max_attempts=1, failed it).
+        self._killing: dict[str, dict[int, int]] = {}
         self.fns: dict[str, Callable[[Head, bytes, ServerProtocol], Any]] = {
             "submit": self._submit,
             "jobs": self._jobs,
@@ -144,11 +152,17 @@ class JobRouter:
     def registered(self, record: WorkerRecord, running: list[int]) -> None:
         """A worker (re)registered with the attempts it still runs: reconcile, then feed it."""
         kill = self.jobs.reconcile(record.name, record.incarnation, running, [])
+        killing = self._killing[record.name] = {}
         for attempt in kill:
+            # Its slots are unknown here (the master no longer holds it): at least one.
+            killing[attempt] = max(1, self.jobs.slots_of(attempt))
             _order(record, "kill", {"Attempt": attempt})
         self.dispatch_soon()
 
     def _worker_dead(self, record: WorkerRecord) -> None:
+        if self.jobs.closed:
+            return
+        self._killing.pop(record.name, None)  # gone with its process
         lost = self.jobs.worker_lost(record.name, record.incarnation)
         if lost:
             log.warn(
@@ -163,21 +177,33 @@ class JobRouter:
             self._dispatch_call = self.clock.callLater(0, self.dispatch)
 
     def dispatch(self) -> None:
-        """Offer queued tasks to every alive worker with free slots."""
+        """Offer queued tasks to every alive worker with free slots.
+
+        Fix (tests/test_jobs_sim.py): locality used to be only each worker's preference
+        among the queued tasks, and workers were offered work in name order, so with all
+        workers free a task always went to the first one, whoever held its inputs.  Now a
+        first pass offers every free worker only tasks whose inputs it holds (priority
+        still first), then a second pass offers what is left as before.
+        """
         try:
             if not self.jobs.queued:
                 return
-            for record in self.membership.alive():
-                if record.conn is None:
-                    continue
-                free = record.slots - self._busy(record.name)
-                if free <= 0:
-                    continue
-                holds = self._holds(record.name)
-                for a in self.jobs.next_assignments(record.name, record.incarnation, free, holds):
-                    self._send(record, a)
-                if not self.jobs.queued:
-                    break
+            where: dict[str, set[str]] = {}  # key -> workers holding it, for this dispatch
+            passes = (True, False) if self.jobs._queued_inputs else (False,)
+            for local_only in passes:
+                for record in self.membership.alive():
+                    if record.conn is None:
+                        continue
+                    free = record.slots - self._busy(record.name)
+                    if free <= 0:
+                        continue
+                    holds = self._holds(record.name, where)
+                    for a in self.jobs.next_assignments(
+                        record.name, record.incarnation, free, holds, local_only=local_only
+                    ):
+                        self._send(record, a)
+                    if not self.jobs.queued:
+                        return
         except Exception:
             log.failure("dispatch failed")
 
@@ -186,14 +212,18 @@ class JobRouter:
         running = self.jobs._running
         return sum(
             running[a].task.spec.slots for a in self.jobs.running_attempts(worker) if a in running
-        )
+        ) + sum(self._killing.get(worker, {}).values())
 
-    def _holds(self, worker: str) -> Callable[[str], bool]:
+    def _holds(self, worker: str, where: dict[str, set[str]]) -> Callable[[str], bool]:
         def holds(key: str) -> bool:
-            try:
-                return any(r.worker == worker for r in self.directory.locate(key))
-            except DirectoryError:
-                return False
+            workers = where.get(key)
+            if workers is None:
+                try:
+                    workers = {r.worker for r in self.directory.locate(key)}
+                except DirectoryError:
+                    workers = set()
+                where[key] = workers
+            return worker in workers
 
         return holds
 
@@ -239,7 +269,17 @@ class JobRouter:
         return Reply({"State": view.state}, json.dumps(job_json(view)).encode())
 
     def _cancel(self, head: Head, payload: bytes, conn: ServerProtocol) -> Deferred[Reply]:
-        d = self.jobs.cancel(head.headers["job"])
+        job_id = head.headers["job"]
+        # Their slots, read before the cancel forgets them (see _killing).
+        held = {
+            a.id: (a.worker, self.jobs.slots_of(a.id))
+            for t in self.jobs.job(job_id).tasks
+            for a in t.attempts
+            if a.state == "running"
+        }
+        d = self.jobs.cancel(job_id)
+        for attempt, (worker, slots) in held.items():
+            self._killing.setdefault(worker, {})[attempt] = slots
 
         def kill(attempts: list[tuple[str, int]]) -> Reply:
             for worker, attempt in attempts:
@@ -304,9 +344,11 @@ class JobRouter:
     def _task_result(self, head: Head, payload: bytes, conn: ServerProtocol) -> Deferred[Reply]:
         name, incarnation = head.headers["name"], int(head.headers["incarnation"])
         waits = []
+        killing = self._killing.get(name, {})
         for line in payload.splitlines():
             try:
                 r = json.loads(line)
+                killing.pop(int(r["attempt_id"]), None)  # ended: its slots are free
                 waits.append(
                     self.jobs.finished(
                         int(r["attempt_id"]), name, incarnation,

@@ -897,6 +897,8 @@ class JobManager:
         incarnation: int,
         free_slots: int,
         holds: Callable[[str], bool] = holds_nothing,
+        *,
+        local_only: bool = False,
     ) -> list[Assignment]:
         """Give ``worker`` (at ``incarnation``) queued tasks that fit in ``free_slots``.
 
@@ -905,11 +907,18 @@ class JobManager:
         all holds (``holds(key)``) goes first, within the first :data:`LOCALITY_WINDOW`
         queued tasks.  Each task given is a new running attempt, effective at once in
         memory and committed with the next batch.
+
+        With ``local_only``, only such local tasks are given (never one of a lower priority
+        than the first task that fits): the dispatcher offers local work to every worker
+        first, so a task goes to a holder of its inputs when one is free.  (Added for the
+        locality fix of :meth:`~dsml.master.jobrouter.JobRouter.dispatch`.)
         """
         self._check_open()
         if free_slots <= 0 or not self._nqueued:
             return []
         local = holds is not holds_nothing and self._queued_inputs > 0
+        if local_only and not local:
+            return []
         cache: dict[str, bool] = {}
         memo: dict[_Task, bool] = {}
 
@@ -948,9 +957,10 @@ class JobManager:
             if first == -1:
                 front[:] = [e for e in front if e[3].state == QUEUED]
                 continue
-            pick = first
+            pick: int | None = first
             if local:
                 top = front[first][0]
+                pick = None if local_only else first
                 for i in range(first, len(front)):
                     entry = front[i]
                     if entry[0] != top:
@@ -959,6 +969,8 @@ class JobManager:
                     if task.state == QUEUED and task.spec.slots <= free and is_local(task):
                         pick = i
                         break
+            if pick is None:
+                break  # local_only: nothing local fits
             task = front.pop(pick)[3]
             free -= task.spec.slots
             out.append(self._start(task, worker, incarnation))
@@ -1426,6 +1438,11 @@ class JobManager:
         """The slots the running attempt ``attempt_id`` occupies (0 if it is not running)."""
         a = self._running.get(attempt_id)
         return 0 if a is None else a.task.spec.slots
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
 
     @property
     def queued(self) -> int:

@@ -385,6 +385,10 @@ class _MasterRuntime(service.Service):
         super().stopService()
         self.repairer.stop()
         self.membership.stop()
+        # Worker links close after this, as the reactor shuts down: a master that is
+        # stopping must not record its workers' attempts as lost on the way out.
+        self.membership.on_dead.clear()
+        self.membership.on_alive.clear()
         if self.jobs is not None:
             self.jobs.close()
         self.state.close()

@@ -23,6 +23,17 @@ worker, restart the master)::
 
 Time only moves when the test moves it (:meth:`SimCluster.advance`, :meth:`SimCluster.wait`,
 :meth:`SimCluster.until`); after every step the network is flushed until nothing moves.
+
+Jobs run on the production master and worker glue too, but every worker's task runner is
+a :class:`FakeTaskManager`: an attempt "runs" for the simulated seconds its
+:class:`FakeRun` says (scripted per attempt, by default from the task's ``SIM_*``
+environment) on its worker's clock, so it dies with its worker::
+
+    job = sim.wait(client.submit(["work"], array=4, env={"SIM_DURATION": "5"}))
+    sim.kill("w1")                      # its attempts are lost, their tasks rerun
+    sim.restart("w1", adopt=True)       # ... or its fake tasks go on in the new process
+    assert sim.wait(client.wait(job))["state"] == "succeeded"
+    sim.events("start", job), sim.results   # what the runners did, what the master took
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ import hashlib
 import itertools
 import json
 import random
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,7 +52,7 @@ from twisted.application.internet import backoffPolicy
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.base import DelayedCall
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -57,6 +68,7 @@ from zope.interface import implementer
 
 from ..client import ListedKey, Located, Node, Stored
 from ..errors import ChecksumMismatch, DsmlError
+from ..master.jobs import JobManager, JobView
 from ..master.membership import ALIVE
 from ..master.service import Master, build_master
 from ..master.state import MasterState
@@ -64,8 +76,17 @@ from ..net.links import USER_TIMEOUT_MS, EndpointFor, Links
 from ..net.server import ConnectionLost, Response, ServerLimits, ServerProtocol
 from ..protocol.limits import DEFAULT_VALUE_MAX
 from ..worker.link import RETRY_FACTOR, RETRY_INITIAL, RETRY_MAX, MasterLink, WorkerInfo
+from ..worker.runner import WorkerJobs
 from ..worker.service import Worker, build_worker
 from ..worker.store import Entry, Store
+from ..worker.tasks import (
+    STDERR_NAME,
+    STDOUT_NAME,
+    TIMEOUT_PREFIX,
+    AttemptResult,
+    AttemptSpec,
+    TaskError,
+)
 
 log = Logger()
 
@@ -720,6 +741,315 @@ class FailureLog:
         ]
 
 
+# -- tasks without processes ----------------------------------------------------------
+
+
+#: SIGTERM: how a fake attempt that was cancelled or timed out "died".
+SIGTERM = 15
+
+
+@attrs.frozen
+class FakeRun:
+    """How one fake attempt goes: it "runs" ``duration`` simulated seconds, then exits.
+
+    ``reason`` None means the usual one: ``""`` for exit 0 with no signal, ``"exit N"``,
+    ``"killed by signal N"``.  ``stdout`` is written to its log when it starts.
+    """
+
+    duration: float = 1.0
+    exit_code: int | None = 0
+    signal: int | None = None
+    reason: str | None = None
+    stdout: bytes = b""
+
+    def result(self, attempt_id: int, duration: float) -> AttemptResult:
+        """The result of an attempt that ran to its end."""
+        reason = self.reason
+        if reason is None:
+            if self.signal is not None:
+                reason = f"killed by signal {self.signal}"
+            elif self.exit_code != 0:
+                reason = f"exit {self.exit_code}"
+            else:
+                reason = ""
+        return AttemptResult(attempt_id, self.exit_code, self.signal, duration, 0, reason)
+
+
+#: Decides how an attempt goes: ``script(worker name, spec)``.
+Script = Callable[[str, AttemptSpec], FakeRun]
+
+
+def default_script(worker: str, spec: AttemptSpec) -> FakeRun:
+    """The task's own environment says: ``SIM_DURATION`` seconds (1 by default), then exit
+    ``SIM_EXIT`` (0 by default); ``SIM_STDOUT`` is what it prints."""
+    env = dict(spec.env)
+    return FakeRun(
+        duration=float(env.get("SIM_DURATION", 1.0)),
+        exit_code=int(env.get("SIM_EXIT", 0)),
+        stdout=env.get("SIM_STDOUT", "").encode(),
+    )
+
+
+@attrs.frozen
+class TaskEvent:
+    """Something a fake task runner did: ``start``, ``cancel`` (told to stop), ``end``
+    (reported a result), ``adopt`` (a new worker process took over the attempt)."""
+
+    time: float
+    worker: str
+    what: str
+    attempt_id: int
+    job_id: str
+    task_index: int
+    result: AttemptResult | None = None
+
+
+@attrs.define(eq=False)
+class _FakeAttempt:
+    spec: AttemptSpec
+    run: FakeRun
+    started: float
+    ends_at: float
+    timer: IDelayedCall | None = None
+    stop_reason: str = ""
+
+
+@attrs.frozen
+class Orphan:
+    """An attempt still "running" when its worker process died (see
+    :meth:`FakeTaskManager.orphans`): it may be adopted by the next process."""
+
+    spec: AttemptSpec
+    run: FakeRun
+    started: float
+    ends_at: float
+
+
+class FakeTaskManager:
+    """The :class:`~dsml.worker.tasks.TaskManager` of a simulated worker: no processes.
+
+    Same interface as the glue (:class:`~dsml.worker.runner.WorkerJobs`) uses: ``start``,
+    ``cancel``, ``free_slots``, ``running``, ``finished_results``, ``ack``, ``logs``,
+    ``stop``, with the same refusals (``busy``, ``duplicate``, ``bad-task``,
+    ``stopping``).  An attempt "runs" for the :class:`FakeRun` that ``script`` gives it,
+    on the worker's :class:`ProcessClock` (so a killed worker's attempts die with it), is
+    killed at its ``timeout``, ends a ``kill_delay`` after :meth:`cancel`, and then
+    reports through ``on_result`` like the real one.  Its inputs and outputs are not
+    moved, only recorded (:attr:`inputs`, :attr:`outputs`); its logs are real files.
+    Every start, cancel and end is appended to ``events``.
+    """
+
+    def __init__(
+        self,
+        clock: ProcessClock,
+        *,
+        name: str,
+        slots: int,
+        work_dir: Path,
+        on_result: Callable[[AttemptResult], None],
+        script: Script = default_script,
+        events: list[TaskEvent] | None = None,
+        on_change: Callable[[], None] = lambda: None,
+        kill_delay: float = 0.0,
+    ) -> None:
+        self.clock = clock
+        self.name = name
+        self.slots = slots
+        self.work_dir = Path(work_dir)
+        self.on_result = on_result
+        self.on_change = on_change
+        self.script = script
+        self.events: list[TaskEvent] = [] if events is None else events
+        #: Seconds from :meth:`cancel` to the attempt's end (SIGTERM to exit).
+        self.kill_delay = kill_delay
+        #: The most slots ever held at once.
+        self.peak = 0
+        #: Attempt ids :meth:`cancel` was called for (known or not), in order.
+        self.cancelled: list[int] = []
+        #: Inputs and outputs of every attempt started, by attempt id.
+        self.inputs: dict[int, tuple[tuple[str, str], ...]] = {}
+        self.outputs: dict[int, tuple[tuple[str, str], ...]] = {}
+        self._active: dict[int, _FakeAttempt] = {}
+        self._results: dict[int, AttemptResult] = {}
+        self._kept: set[int] = set()
+        self._done: dict[int, Deferred[None]] = {}
+        self._stopping = False
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- what the glue asks ---------------------------------------------------------
+
+    def free_slots(self) -> int:
+        """Slots not held by an attempt."""
+        return self.slots - self.used()
+
+    def used(self) -> int:
+        """Slots held by attempts."""
+        return sum(a.spec.slots for a in self._active.values())
+
+    def running(self) -> list[int]:
+        """Ids of the attempts holding slots."""
+        return list(self._active)
+
+    def start(self, spec: AttemptSpec) -> None:
+        """Take the attempt (TaskError as the real one refuses) and start its run."""
+        if self._stopping:
+            raise TaskError("the worker is stopping", "stopping")
+        aid = spec.attempt_id
+        if aid in self._active or aid in self._results:
+            raise TaskError(f"attempt {aid} already ran here", "duplicate")
+        if not spec.command or not spec.command[0]:
+            raise TaskError("empty command", "bad-task")
+        if spec.slots < 1 or spec.slots > self.slots:
+            raise TaskError(f"needs {spec.slots} slots; this worker has {self.slots}", "bad-task")
+        free = self.free_slots()
+        if spec.slots > free:
+            raise TaskError(f"busy: {spec.slots} slots wanted, {free} free", "busy")
+        run = self.script(self.name, spec)
+        now = self.clock.seconds()
+        att = _FakeAttempt(spec, run, now, now + run.duration)
+        self._begin(att)
+        self.inputs[aid] = spec.inputs
+        self.outputs[aid] = spec.outputs
+        d = self.work_dir / str(aid)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / STDOUT_NAME).write_bytes(run.stdout)
+        (d / STDERR_NAME).write_bytes(b"")
+        self._event("start", att)
+        self._notify_change()
+
+    def _begin(self, att: _FakeAttempt) -> None:
+        """Hold its slots and arm its end (or its timeout)."""
+        spec = att.spec
+        self._active[spec.attempt_id] = att
+        self._done[spec.attempt_id] = Deferred()
+        self.peak = max(self.peak, self.used())
+        left = max(0.0, att.ends_at - self.clock.seconds())
+        limit = None if spec.timeout is None else att.started + spec.timeout - self.clock.seconds()
+        if limit is not None and limit < left:
+            att.timer = self.clock.callLater(
+                max(0.0, limit), self._stop, att, f"{TIMEOUT_PREFIX}{spec.timeout:g} s", 0.0
+            )
+        else:
+            att.timer = self.clock.callLater(left, self._exited, att)
+
+    def cancel(self, attempt_id: int, reason: str = "cancelled") -> None:
+        """Stop an attempt: it ends ``kill_delay`` later with ``reason``.  Unknown or
+        finished attempts are ignored (as the real one does)."""
+        self.cancelled.append(attempt_id)
+        att = self._active.get(attempt_id)
+        if att is not None:
+            self._event("cancel", att)
+            self._stop(att, reason, self.kill_delay)
+
+    def logs(self, attempt_id: int) -> tuple[Path, Path]:
+        """The paths of an attempt's stdout and stderr logs."""
+        if attempt_id not in self._active and attempt_id not in self._kept:
+            raise TaskError(f"no attempt {attempt_id} on this worker", "not-found")
+        d = self.work_dir / str(attempt_id)
+        return d / STDOUT_NAME, d / STDERR_NAME
+
+    def finished_results(self) -> list[AttemptResult]:
+        """Results not acknowledged yet, oldest first."""
+        return list(self._results.values())
+
+    def ack(self, attempt_id: int) -> None:
+        """The master has decided on this result: forget it."""
+        self._results.pop(attempt_id, None)
+
+    def stop(self) -> Deferred[None]:
+        """Refuse new attempts; stop the running ones ("worker stopping")."""
+        self._stopping = True
+        waiting = list(self._done.values())
+        for att in list(self._active.values()):
+            self._stop(att, "worker stopping", 0.0)
+        if not waiting:
+            return succeed(None)
+        return DeferredList(waiting).addCallback(lambda _: None)
+
+    # -- for the simulation ---------------------------------------------------------
+
+    def orphans(self) -> list[Orphan]:
+        """The attempts running now, with the end their script gave them (taken by
+        :meth:`SimCluster.kill` before the process dies)."""
+        return [
+            Orphan(a.spec, a.run, a.started, a.ends_at)
+            for a in self._active.values()
+            if not a.stop_reason
+        ]
+
+    def adopt(self, orphans: Iterable[Orphan]) -> None:
+        """Take over attempts an earlier process of this worker left running: they go on
+        to their scripted end; one that ended meanwhile has its result waiting to be sent."""
+        for o in orphans:
+            att = _FakeAttempt(o.spec, o.run, o.started, o.ends_at)
+            self._event("adopt", att)
+            if o.ends_at <= self.clock.seconds():
+                self._active[o.spec.attempt_id] = att
+                self._done[o.spec.attempt_id] = Deferred()
+                self._finish(att, o.run.result(o.spec.attempt_id, o.run.duration))
+            else:
+                self._begin(att)
+
+    # -- the runs -------------------------------------------------------------------
+
+    def _exited(self, att: _FakeAttempt) -> None:
+        att.timer = None
+        self._finish(att, att.run.result(att.spec.attempt_id, att.run.duration))
+
+    def _stop(self, att: _FakeAttempt, reason: str, delay: float) -> None:
+        if att.stop_reason or att.spec.attempt_id not in self._active:
+            return
+        att.stop_reason = reason
+        if att.timer is not None and att.timer.active():
+            att.timer.cancel()
+        att.timer = self.clock.callLater(delay, self._killed, att)
+
+    def _killed(self, att: _FakeAttempt) -> None:
+        att.timer = None
+        duration = self.clock.seconds() - att.started
+        self._finish(
+            att, AttemptResult(att.spec.attempt_id, None, SIGTERM, duration, 0, att.stop_reason)
+        )
+
+    def _finish(self, att: _FakeAttempt, result: AttemptResult) -> None:
+        aid = att.spec.attempt_id
+        del self._active[aid]
+        self._results[aid] = result
+        self._kept.add(aid)
+        self._event("end", att, result)
+        self._notify_change()
+        try:
+            self.on_result(result)
+        except Exception:
+            log.failure("on_result failed for attempt {attempt}", attempt=aid)
+        self._done.pop(aid).callback(None)
+
+    def _event(self, what: str, att: _FakeAttempt, result: AttemptResult | None = None) -> None:
+        s = att.spec
+        self.events.append(
+            TaskEvent(self.clock.seconds(), self.name, what, s.attempt_id, s.job_id,
+                      s.task_index, result)
+        )
+
+    def _notify_change(self) -> None:
+        try:
+            self.on_change()
+        except Exception:
+            log.failure("on_change failed")
+
+
+@attrs.frozen
+class ResultSeen:
+    """A result the master was given (``JobManager.finished``): taken or refused."""
+
+    time: float
+    attempt_id: int
+    worker: str
+    incarnation: int
+    taken: bool
+    reason: str
+
+
 class SimCluster:
     """A master and named workers over a :class:`FakeNetwork`, on one :class:`Clock`.
 
@@ -736,6 +1066,13 @@ class SimCluster:
 
     With ``start`` (the default) the master and every worker start and the constructor
     returns once every worker is registered.
+
+    Jobs: every worker runs tasks with a :class:`FakeTaskManager` (no processes) whose
+    attempts go as :attr:`script` says (by default, as their ``SIM_*`` environment says:
+    see :func:`default_script`); ``slots`` may give each worker its own number.  What the
+    runners do is in :attr:`task_events`, what the master made of each result in
+    :attr:`results`; :attr:`checks` run after every step (say, to assert an invariant
+    at every simulated instant).
     """
 
     def __init__(
@@ -748,13 +1085,14 @@ class SimCluster:
         *,
         token: str = "sim-token",
         value_max: int = DEFAULT_VALUE_MAX,
-        slots: int = 2,
+        slots: int | Mapping[str, int] = 2,
         disk: int = 10**12,
         seed: int = 0,
         user_timeout: float | None = USER_TIMEOUT_MS / 1000,
         limits: ServerLimits | None = None,
         chunk: int | None = None,
         start: bool = True,
+        script: Script = default_script,
     ) -> None:
         self.root = Path(root)
         self.clock = Clock()
@@ -779,6 +1117,18 @@ class SimCluster:
         self.clocks: dict[str, ProcessClock] = {}
         self._boots = itertools.count(1)
         self._clients = itertools.count(1)
+        #: How each fake attempt goes (may be replaced at any time).
+        self.script = script
+        #: The task runner of each running worker.
+        self.runners: dict[str, FakeTaskManager] = {}
+        #: Everything every task runner did, in order.
+        self.task_events: list[TaskEvent] = []
+        #: Every result the master was given, taken or refused, in order.
+        self.results: list[ResultSeen] = []
+        #: Called after every step of the clock (once the network has settled).
+        self.checks: list[Callable[[], None]] = []
+        #: Attempts each dead worker process left "running" (see :meth:`restart`).
+        self._orphans: dict[str, list[Orphan]] = {}
         self.failures = FailureLog()
         globalLogPublisher.addObserver(self.failures)
         if start:
@@ -831,15 +1181,34 @@ class SimCluster:
             listen=lambda factory: _NetListen(self.net, self.master_addr, factory, MASTER_HOST),
             now=self.clock.seconds,
         )
+        self._watch_results(master.jobs)
         master.service.startService()
         self.master = master
         self.clocks[MASTER_HOST] = clock
         return master
 
+    def _watch_results(self, jobs: JobManager) -> None:
+        """Record in :attr:`results` every result ``jobs`` is given, taken or refused."""
+        finished = jobs.finished
+
+        def watched(attempt_id: int, worker: str, incarnation: int, **kw: Any) -> Any:
+            d = finished(attempt_id, worker, incarnation, **kw)
+            # A refused result fires False at once; a taken one fires once committed.
+            refused = d.called and d.result is False
+            self.results.append(
+                ResultSeen(self.clock.seconds(), attempt_id, worker, incarnation,
+                           not refused, str(kw.get("reason", "")))
+            )
+            return d
+
+        jobs.finished = watched  # type: ignore[method-assign]
+
     def kill_master(self) -> None:
-        """The master process dies: its links close, its state is closed."""
+        """The master process dies: its links close, its state is closed (what it had
+        not committed yet is lost, as in a crash)."""
         master = self._master()
         self.net.crash_node(MASTER_HOST)
+        master.jobs.close(flush=False)  # a crash: the pending batch never reaches disk
         master.service.stopService()
         self.clocks.pop(MASTER_HOST).stop()
         self.master = None
@@ -853,8 +1222,12 @@ class SimCluster:
             self.advance(downtime)
         return self.start_master()
 
-    def start_worker(self, name: str) -> Worker:
-        """Start worker ``name`` (a new process: a new boot id) over its store directory."""
+    def start_worker(self, name: str, adopt: bool = False) -> Worker:
+        """Start worker ``name`` (a new process: a new boot id) over its store directory.
+
+        With ``adopt``, the attempts its last process left running go on in this one
+        (as task processes that outlived their worker), to their scripted end; those that
+        ended meanwhile have their results waiting to be sent.  Without, they are gone."""
         if name in self.workers:
             raise RuntimeError(f"worker {name} is already running")
         self.net.revive(name)
@@ -864,13 +1237,29 @@ class SimCluster:
         endpoint_for = self.net.endpoint_for(name)
         addr = self.addr(name)
         clock = ProcessClock(self.clock)
+        slots = self.worker_slots(name)
+        jobs = WorkerJobs(clock)
+        runner = FakeTaskManager(
+            clock,
+            name=name,
+            slots=slots,
+            work_dir=self.root / name / "tasks",
+            on_result=jobs.on_result,
+            script=lambda worker, spec: self.script(worker, spec),
+            events=self.task_events,
+        )
+        jobs.tasks = runner  # type: ignore[assignment]
+        orphans = self._orphans.pop(name, [])
+        if adopt:
+            runner.adopt(orphans)
         worker = build_worker(
+            jobs=jobs,
             store=store,
             clock=clock,
             endpoint_for=endpoint_for,
             master_endpoint=endpoint_for(MASTER_HOST, MASTER_PORT),
             token=self.token,
-            info=WorkerInfo(name, name, self.ports[name], self.slots,
+            info=WorkerInfo(name, name, self.ports[name], slots,
                             boot=f"sim-{next(self._boots)}"),
             value_max=self.value_max,
             heartbeat_interval=self.heartbeat_interval,
@@ -888,7 +1277,14 @@ class SimCluster:
         worker.service.startService()
         self.workers[name] = worker
         self.clocks[name] = clock
+        self.runners[name] = runner
         return worker
+
+    def worker_slots(self, name: str) -> int:
+        """The task slots worker ``name`` declares."""
+        if isinstance(self.slots, Mapping):
+            return int(self.slots.get(name, 2))
+        return self.slots
 
     def kill(self, name: str, half_open: bool = False) -> None:
         """Worker ``name``'s process dies: its connections close (the master sees it dead
@@ -897,6 +1293,7 @@ class SimCluster:
         With ``half_open`` its machine vanishes instead (power loss): nobody sees its
         connections close, so the master only notices the missed heartbeats."""
         worker = self.workers.pop(name)
+        self._orphans[name] = self.runners.pop(name).orphans()
         self.net.crash_node(name, half_open=half_open)
         worker.service.stopService()
         self.clocks.pop(name).stop()
@@ -905,12 +1302,12 @@ class SimCluster:
         """``kill(name, half_open=True)``."""
         self.kill(name, half_open=True)
 
-    def restart(self, name: str) -> Worker:
+    def restart(self, name: str, adopt: bool = False) -> Worker:
         """A new process of worker ``name`` over its old store (killing the old one if it
-        still runs); it registers by itself."""
+        still runs); it registers by itself.  ``adopt``: see :meth:`start_worker`."""
         if name in self.workers:
             self.kill(name)
-        return self.start_worker(name)
+        return self.start_worker(name, adopt)
 
     def silence(self, name: str) -> None:
         """Worker (or ``master``) ``name`` goes silent: bytes are held, nothing closes."""
@@ -923,8 +1320,10 @@ class SimCluster:
     # -- time ---------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Deliver everything that can move without time passing."""
+        """Deliver everything that can move without time passing, then run the checks."""
         self.net.flush()
+        for check in self.checks:
+            check()
 
     def advance(self, seconds: float, step: float = 0.1) -> None:
         """Move the clock ``seconds`` forward in steps of ``step``, flushing the network
@@ -1059,6 +1458,17 @@ class SimCluster:
             raise ValueError(f"{key!r} on {name} is a value, not a file")
         return Path(path)
 
+    def job(self, job_id: str) -> JobView:
+        """The running master's view of a job, with its tasks and attempts."""
+        return self._master().jobs.job(job_id)
+
+    def events(self, what: str = "start", job_id: str | None = None) -> list[TaskEvent]:
+        """The task runners' events of one kind (of one job), in order."""
+        return [
+            e for e in self.task_events
+            if e.what == what and (job_id is None or e.job_id == job_id)
+        ]
+
     def client(self, name: str | None = None) -> SimClient:
         """A new client node on the network."""
         return SimClient(
@@ -1081,7 +1491,8 @@ class SimClient:
     stream to the first placed worker with ``Forward`` naming the rest and the master's
     ``Version``, then ``commit`` to the master; reads fail over across the replicas the
     master lists, and a copy whose bytes do not match its checksum is reported to the
-    master as ``corrupt``.
+    master as ``corrupt``.  Jobs: :meth:`submit`, :meth:`status`, :meth:`wait`,
+    :meth:`cancel`, :meth:`jobs`, :meth:`logs`, with the JSON of ``ClusterClient``.
     """
 
     def __init__(
@@ -1092,6 +1503,7 @@ class SimClient:
         token: str | None,
         name: str = "sim-client",
     ) -> None:
+        self.clock = clock
         self.links = Links(clock, endpoint_for, token, name=name)
         self.master_addr = master_addr
         #: (key, worker) of every copy this client found corrupt.
@@ -1271,6 +1683,119 @@ class SimClient:
 
         return Deferred.fromCoroutine(run())
 
+    # -- jobs ---------------------------------------------------------------------
+
+    def submit(
+        self,
+        command: list[str] | None = None,
+        *,
+        name: str = "",
+        tasks: list[dict[str, Any]] | None = None,
+        array: int = 1,
+        slots: int = 1,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        priority: int = 0,
+        after: list[str] | tuple[str, ...] = (),
+        inputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+        outputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> Deferred[str]:
+        """Submit a job (the JSON of :meth:`ClusterClient.submit`); fires with its id once
+        the master has it durably."""
+        if tasks is None:
+            if not command:
+                raise DsmlError("a job needs a command", "bad-job")
+            task = {
+                "command": list(command),
+                "env": dict(env or {}),
+                "inputs": [list(p) for p in inputs],
+                "outputs": [list(p) for p in outputs],
+                "slots": slots,
+                "timeout": timeout,
+                "max_attempts": max_attempts,
+            }
+            tasks = [task] * array
+        body = json.dumps(
+            {"name": name, "priority": priority, "after": list(after), "tasks": tasks}
+        ).encode()
+
+        async def run() -> str:
+            r = await self._master("submit", {}, body)
+            return r.headers["job"]
+
+        return Deferred.fromCoroutine(run())
+
+    def jobs(self, limit: int = 100) -> Deferred[list[dict[str, Any]]]:
+        """Recent jobs, newest first (without their tasks)."""
+
+        async def run() -> list[dict[str, Any]]:
+            r = await self._master("jobs", {"Limit": limit})
+            return [json.loads(line) for line in r.payload.decode().splitlines() if line]
+
+        return Deferred.fromCoroutine(run())
+
+    def status(self, job_id: str) -> Deferred[dict[str, Any]]:
+        """A job with its tasks and every attempt (as ``dsml status`` shows it)."""
+
+        async def run() -> dict[str, Any]:
+            r = await self._master("status", {"Job": job_id})
+            return json.loads(r.payload)  # type: ignore[no-any-return]
+
+        return Deferred.fromCoroutine(run())
+
+    def cancel(self, job_id: str) -> Deferred[int]:
+        """Cancel a job; fires with how many running attempts were told to stop."""
+
+        async def run() -> int:
+            r = await self._master("cancel", {"Job": job_id})
+            return int(r.headers.get("killed", "0"))
+
+        return Deferred.fromCoroutine(run())
+
+    def wait(self, job_id: str, timeout: float | None = None, step: int = 30) -> Deferred[
+        dict[str, Any]
+    ]:
+        """Fires with the job's status once it has ended (or ``timeout`` simulated seconds
+        have passed), asking the master ``step`` seconds at a time."""
+
+        async def run() -> dict[str, Any]:
+            deadline = None if timeout is None else self.clock.seconds() + timeout
+            while True:
+                left = step if deadline is None else deadline - self.clock.seconds()
+                ask = max(1, min(step, int(left)))
+                r = await self._master("wait", {"Job": job_id, "Timeout": ask})
+                if r.headers.get("final") == "1":
+                    return json.loads(r.payload)  # type: ignore[no-any-return]
+                if deadline is not None and self.clock.seconds() >= deadline:
+                    return json.loads(r.payload)  # type: ignore[no-any-return]
+
+        return Deferred.fromCoroutine(run())
+
+    def logs(
+        self, job_id: str, task: int = 0, attempt: int | None = None, stream: str = "stdout"
+    ) -> Deferred[bytes]:
+        """An attempt's stdout or stderr (the task's last attempt by default), whole."""
+
+        async def run() -> bytes:
+            headers: dict[str, object] = {"Job": job_id, "Task": task}
+            if attempt is not None:
+                headers["Attempt"] = attempt
+            r = await self._master("logs", headers)
+            attempt_id, addr = int(r.headers["attempt"]), r.headers["worker"].partition("=")[2]
+            link = await self.links.shared(addr)
+            chunks, offset = [], 0
+            while True:
+                got = await link.request(
+                    "task_log", {"Attempt": attempt_id, "Stream": stream, "Offset": offset}
+                )
+                chunks.append(got.payload)
+                offset += len(got.payload)
+                if not got.payload or offset >= int(got.headers["size"]):
+                    return b"".join(chunks)
+
+        return Deferred.fromCoroutine(run())
+
     def close(self) -> None:
         """Close the client's shared links."""
         self.links.close()
@@ -1296,10 +1821,17 @@ __all__ = [
     "FailureLog",
     "FakeEndpoint",
     "FakeNetwork",
+    "FakeRun",
+    "FakeTaskManager",
     "FakeTransport",
+    "Orphan",
     "ProcessClock",
+    "ResultSeen",
+    "Script",
     "SimClient",
     "SimCluster",
     "SimTimeout",
+    "TaskEvent",
+    "default_script",
     "run_inline",
 ]

@@ -129,8 +129,22 @@ class WorkerJobs:
         return Reply()
 
     def running(self) -> list[int]:
-        """Attempts running here (told to the master when registering)."""
-        return self.tasks.running() if self.tasks is not None else []
+        """Attempts running here (told to the master when registering), and those that
+        ended with a result the master has not acknowledged yet.
+
+        Fix (tests/test_jobs_sim.py): registration only tells the master what runs, and
+        the master's reconcile declares every attempt it holds that is not named *lost*.
+        An attempt that ended while the master was down (or the link was) was therefore
+        lost and rerun, and its result, sent right after the registration, refused: a
+        successful task ran twice (and a task with max_attempts=1 failed).  Named here, it
+        is kept (re-bound to the new incarnation) and its result is taken; one the master
+        no longer holds is answered with a kill order, which is a no-op for an ended one.
+        """
+        if self.tasks is None:
+            return []
+        running = self.tasks.running()
+        ended = [r.attempt_id for r in self.tasks.finished_results() if r.attempt_id not in running]
+        return running + ended
 
     # -- results ----------------------------------------------------------------------
 
