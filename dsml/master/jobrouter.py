@@ -362,10 +362,12 @@ class JobRouter:
         from twisted.internet.defer import gatherResults
 
         def done(results: list[bool]) -> Reply:
-            self.dispatch_soon()
             return Reply({"Taken": sum(1 for r in results if r), "Refused":
                           sum(1 for r in results if not r)})
 
+        # The manager's memory already has the results: refill the freed slots now,
+        # not after the commit (the worker's acknowledgement still waits for it).
+        self.dispatch_soon()
         return gatherResults(waits, consumeErrors=True).addCallback(done)
 
 
