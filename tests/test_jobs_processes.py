@@ -388,11 +388,6 @@ def test_task_of_a_worker_killed_9_completes_on_the_other(
           f"(heartbeat timeout {HEARTBEAT_TIMEOUT:g} s + 3 s of work)")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a task of a worker killed -9 keeps running as an orphan, even after the worker "
-    "restarts: nothing records or kills its process group (see the report)",
-)
 def test_task_of_a_worker_killed_9_does_not_outlive_its_restart(
     new_cluster: Callable[..., LocalCluster],
 ) -> None:
@@ -525,11 +520,6 @@ def test_result_of_an_attempt_ended_while_the_master_was_down_is_kept(
     assert [(a.id, a.state) for a in attempts] == [(first.id, "succeeded")], attempts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an output upload while the master is down fails the attempt at once (no retry), "
-    "so a task that succeeded is failed or run again (see the report)",
-)
 def test_output_upload_survives_a_master_restart(
     new_cluster: Callable[..., LocalCluster],
 ) -> None:
@@ -668,10 +658,6 @@ def test_tasks_that_cannot_run_fail_with_a_reason(cluster: LocalCluster) -> None
         assert all(words in a.reason for a in task.attempts), task
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a task wider than every worker stays queued forever, silently (see the report)",
-)
 def test_task_wider_than_every_worker_does_not_wait_forever(cluster: LocalCluster) -> None:
     """A task asking for more slots (64) than any worker has (2) can never run.  Right
     behaviour: refused at submit (exit non-zero, a message about slots), or failed at

@@ -249,6 +249,14 @@ class JobRouter:
         except ValueError as e:
             raise JobError(f"job is not JSON: {e}", "bad-job") from None
         spec = job_spec_from_json(data)
+        widest = max((t.slots for t in spec.tasks), default=1)
+        largest = max((r.slots for r in self.membership.all()), default=0)
+        if largest and widest > largest:
+            # It could never run (until a bigger worker joins): say so now rather than
+            # leave it queued with nothing said.
+            raise JobError(
+                f"a task needs {widest} slots; the largest worker has {largest}", "bad-job"
+            )
         d = self.jobs.submit(spec)
 
         def acknowledged(job_id: str) -> Reply:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,13 @@ log = Logger()
 
 #: Most bytes of a task log one ``task_log`` request returns.
 LOG_CHUNK = 1024 * 1024
+
+#: How long a task's input or output transfer is retried when the master or a worker
+#: cannot be reached (a restart), before the attempt fails.
+TRANSFER_RETRY_FOR = 60.0
+
+#: Error codes worth another try of a transfer.
+_RETRYABLE = frozenset({"connection", "unavailable", "no-workers", "busy", "timeout"})
 
 #: Seconds a batch of results may wait before it goes to the master.
 RESULT_DELAY = 0.002
@@ -49,9 +57,21 @@ class ClusterTransfers:
         from ..client import ClusterClient
 
         def work() -> Any:
-            host, port = self.master()
-            with ClusterClient(host, port, self.token, name="dsml-worker-task") as c:
-                return fn(c)
+            # A master restart or a worker going away must not fail a task that ran
+            # fine: retry what a later try can mend, with backoff, for a bounded time.
+            deadline = time.monotonic() + TRANSFER_RETRY_FOR
+            delay = 0.2
+            while True:
+                try:
+                    host, port = self.master()
+                    with ClusterClient(host, port, self.token, name="dsml-worker-task") as c:
+                        return fn(c)
+                except (DsmlError, OSError) as e:
+                    code = getattr(e, "code", "connection")
+                    if code not in _RETRYABLE or time.monotonic() + delay > deadline:
+                        raise
+                    time.sleep(delay)  # a pool thread, not the reactor
+                    delay = min(delay * 2, 5.0)
 
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
 

@@ -93,6 +93,10 @@ TRAMPOLINE = "import os,sys;os.chdir(sys.argv[1]);os.setsid();os.execvp(sys.argv
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+#: Environment variable naming the worker's task dir in every task (see _kill_orphans).
+ORPHAN_MARK = "DSML_WORKER_DIR"
+
+
 class TaskError(DsmlError):
     """:meth:`TaskManager.start` refused an attempt.
 
@@ -531,6 +535,7 @@ class TaskManager:
         self._sampler = LoopingCall(self._sample)
         self._sampler.clock = reactor  # type: ignore[assignment]
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._kill_orphans()
         self._adopt_old_dirs()
 
     # --- what the worker's link asks -------------------------------------------------
@@ -713,6 +718,9 @@ class TaskManager:
         env["DSML_TASK_INDEX"] = str(spec.task_index)
         env["DSML_JOB_ID"] = spec.job_id
         env["DSML_ATTEMPT_ID"] = str(spec.attempt_id)
+        # Marks the process as this worker's, so a restarted worker can find and kill
+        # what an earlier run of it (killed with -9) left behind: see _kill_orphans.
+        env[ORPHAN_MARK] = str(self.work_dir)
         return env
 
     def _spawn(self, att: _Attempt) -> str:
@@ -910,6 +918,43 @@ class TaskManager:
             self.on_change()
         except Exception:
             log.failure("on_change failed")
+
+    def _kill_orphans(self, proc: Path = Path("/proc")) -> int:
+        """Kill the process groups of tasks an earlier run of this worker left running.
+
+        A worker killed with -9 cannot stop its tasks; they keep running (the master has
+        already given them to another worker).  Every task carries ``DSML_WORKER_DIR``
+        naming this work dir in its environment, so the next start finds them and
+        SIGKILLs their groups before taking any new work.  Returns the groups killed.
+        """
+        mark = f"{ORPHAN_MARK}={self.work_dir}".encode()
+        groups: set[int] = set()
+        me = os.getpid()
+        try:
+            entries = list(proc.iterdir())
+        except OSError:
+            return 0
+        for entry in entries:
+            if not entry.name.isdigit() or int(entry.name) == me:
+                continue
+            try:
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue  # gone, or not ours to read
+            if mark in environ.split(b"\0"):
+                try:
+                    groups.add(os.getpgid(int(entry.name)))
+                except OSError:
+                    continue
+        for pgid in groups:
+            if pgid in (0, 1, os.getpgrp()):
+                continue
+            try:
+                os.killpg(pgid, signal_module.SIGKILL)
+                log.warn("killed process group {pgid} left by an earlier run", pgid=pgid)
+            except OSError:
+                pass
+        return len(groups)
 
     def _adopt_old_dirs(self) -> None:
         """Count attempt directories left by an earlier run as finished, oldest first."""
