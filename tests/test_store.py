@@ -851,3 +851,32 @@ def test_an_older_version_never_replaces_a_newer_one(store: Store) -> None:
     assert store.put_value("k", b"new", version=10).version == 10
     store.flush()
     assert store.get_value("k")[0].version == 10
+
+
+def test_value_cache_never_serves_a_stale_value(store: Store) -> None:
+    """Hot values are served from memory, and every kind of write of the key (a put, a
+    file, a delete) replaces or drops the cached copy: reads always see the last write."""
+    store.put_value("k", b"one")
+    store.flush()
+    assert store.get_value("k")[1] == b"one"  # now cached
+    store.put_value("k", b"two")
+    store.flush()
+    assert store.get_value("k")[1] == b"two"
+    w = store.begin_file("k")
+    w.write(b"a file")
+    w.prepare()
+    w.commit()
+    with pytest.raises(WrongKind):
+        store.get_value("k")
+    store.put_value("k", b"three")
+    store.flush()
+    assert store.get_value("k")[1] == b"three"
+    store.delete("k")
+    with pytest.raises(NotFound):
+        store.get_value("k")
+    store.cache_max = 64
+    for i in range(20):
+        store.put_value(f"e{i}", b"x" * 8)
+    assert store._cache_bytes <= 64
+    store.flush()
+    assert [store.get_value(f"e{i}")[1] for i in range(20)] == [b"x" * 8] * 20

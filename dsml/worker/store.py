@@ -76,6 +76,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -98,6 +99,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+
+#: Bytes of recently used values kept in memory (see Store.get_value).
+VALUE_CACHE_BYTES = 32 * 1024 * 1024
 
 #: errnos that mean "no room left": a full disk or an exhausted quota.
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -436,6 +440,12 @@ class Store:
         # Value puts not yet in the index, newest per key; always values, and always
         # newer than the key's row, since every other write flushes first.
         self._pending: dict[str, tuple[Entry, bytes]] = {}
+        # Recently read or written values, most recent last, up to cache_max bytes:
+        # a hot value is served from memory instead of an SQLite query.  Every write
+        # of a key (put, file, delete) updates or drops its entry, so it is never stale.
+        self._cache: OrderedDict[str, tuple[Entry, bytes]] = OrderedDict()
+        self._cache_bytes = 0
+        self.cache_max = VALUE_CACHE_BYTES
         self._log_fd = -1
         self._log_size = 0  # bytes in values.log, all of them whole records
         self._log_records = 0  # records appended since the last flush
@@ -650,6 +660,7 @@ class Store:
         """
         # Pending puts first, so that none of them can land after this write.
         self.flush()
+        self._cache_drop(key)
         mtime = time.time()
         execute = self._db.execute
         try:
@@ -743,7 +754,8 @@ class Store:
             raise self._append_failed(key, None)
         self._log_size += total
         entry = Entry(key, "value", size, hashlib.sha256(data).hexdigest(), version, mtime)
-        pending[key] = (entry, data)
+        pending[key] = item = (entry, data)
+        self._cache_put(key, item)
         if old_size < 0:
             self._count += 1
             self._bytes += size
@@ -846,6 +858,7 @@ class Store:
     def delete(self, key: str) -> Entry:
         """Remove ``key`` and return the entry it held; NotFound if it held nothing."""
         self.flush()
+        self._cache_drop(key)
         db = self._db
         try:
             db.execute("BEGIN")
@@ -899,13 +912,37 @@ class Store:
         pending = self._pending.get(key)
         if pending is not None:
             return pending
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
         row = self._db.execute(_GET, (key,)).fetchone()
         if row is None:
             raise NotFound(f"key {key!r} not found")
         kind, size, digest, version, mtime, _obj, value = row
         if kind != "value":
             raise WrongKind(f"key {key!r} holds a {kind}, not a value")
-        return Entry(key, kind, size, digest, version, mtime), value
+        found = Entry(key, kind, size, digest, version, mtime), value
+        self._cache_put(key, found)
+        return found
+
+    def _cache_put(self, key: str, item: tuple[Entry, bytes]) -> None:
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._cache_bytes -= len(old[1])
+        size = len(item[1])
+        if size > self.cache_max // 8:
+            return  # a few large values must not push out many small ones
+        self._cache[key] = item
+        self._cache_bytes += size
+        while self._cache_bytes > self.cache_max:
+            _, (_, evicted) = self._cache.popitem(last=False)
+            self._cache_bytes -= len(evicted)
+
+    def _cache_drop(self, key: str) -> None:
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._cache_bytes -= len(old[1])
 
     def open_read(self, key: str) -> tuple[Entry, BinaryIO]:
         """Return the entry of ``key`` and a binary stream of its content.
