@@ -431,7 +431,8 @@ class ServerProtocol(TwistedProtocol):
                     self.transport.bufferSize = READ_SIZE  # type: ignore[union-attr]
                 result = call.end()
             else:
-                payload = b"".join(self._chunks) if self._chunks else b""
+                chunks = self._chunks
+                payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                 self._chunks = []
                 result = self.handler.handle(head, payload, self)
         except DsmlError as e:

@@ -155,8 +155,11 @@ class StorageHandler:
         return Reply()
 
     def _value_upload(self, head: Head, payload: bytes) -> Reply:
-        entry = self.store.put_value(head.headers["key"], payload, **_version(head))
-        self.changed("store", entry)
+        h = head.headers
+        v = h.get("version")
+        entry = self.store.put_value(h["key"], payload, None if v is None else int(v))
+        if self.on_change is not None:
+            self.on_change("store", entry)
         return Reply({"Version": entry.version, "Sha256": entry.sha256, "Size": entry.size})
 
     def _value_retrieve(self, head: Head, payload: bytes) -> Reply:

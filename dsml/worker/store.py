@@ -754,8 +754,11 @@ class Store:
             raise self._append_failed(key, None)
         self._log_size += total
         entry = Entry(key, "value", size, hashlib.sha256(data).hexdigest(), version, mtime)
-        pending[key] = item = (entry, data)
-        self._cache_put(key, item)
+        pending[key] = (entry, data)
+        # The overlay serves it now; a cached older copy must go (the first read after
+        # the flush caches it again).
+        if key in self._cache:
+            self._cache_drop(key)
         if old_size < 0:
             self._count += 1
             self._bytes += size
