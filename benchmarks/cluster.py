@@ -53,7 +53,18 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from common import cpu_seconds, median, proc_status_kib, stop_process  # noqa: E402
+from common import (  # noqa: E402
+    cpu_seconds,
+    fmt,
+    median,
+    note,
+    proc_status_kib,
+    ratio,
+    say,
+    stop_process,
+    table,
+    verdict,
+)
 
 # Targets printed beside the figures (never asserted).
 TARGET_HEARTBEAT_RATIO = 2.0  # master CPU per heartbeat / minimal Twisted server's
@@ -73,41 +84,7 @@ POLL_S = 0.05
 # -- output ---------------------------------------------------------------------------
 
 
-def fmt(x: float | None, digits: int = 0) -> str:
-    if x is None or x != x:  # None or NaN
-        return "n/a"
-    return f"{x:,.{digits}f}"
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or not b or a != a or b != b:
-        return None
-    return a / b
-
-
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("met" if ok else "NOT met")
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = []
-    for n, r in enumerate([header, *rows]):
-        cells = [str(c).ljust(widths[0]) if i == 0 else str(c).rjust(widths[i])
-                 for i, c in enumerate(r)]
-        lines.append("  " + "  ".join(cells).rstrip())
-        if n == 0:
-            lines.append("  " + "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def say(*parts: object) -> None:
-    print(*parts, flush=True)
-
-
-def note(text: str) -> None:
-    """Progress on stderr, so stdout holds only the report."""
-    print(f"  .. {text}", file=sys.stderr, flush=True)
+# fmt, ratio, verdict, table, say and note come from common.py.
 
 
 def raise_nofile(needed: int) -> tuple[int, int]:

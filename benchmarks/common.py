@@ -10,6 +10,7 @@ import os
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -142,3 +143,48 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+# -- report formatting shared by run.py, cluster.py and jobs.py --
+
+
+def fmt(x: float | None, digits: int = 0) -> str:
+    """A number with thousands separators, or n/a."""
+    if x is None or x != x:  # None or NaN
+        return "n/a"
+    return f"{x:,.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing."""
+    if a is None or b is None or not b or a != a or b != b:
+        return None
+    return a / b
+
+
+def verdict(ok: bool | None) -> str:
+    """met / NOT met / n/a."""
+    return "n/a" if ok is None else ("met" if ok else "NOT met")
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Rows under a header, first column left-aligned, the rest right-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for n, r in enumerate([header, *rows]):
+        cells = [str(c).ljust(widths[0]) if i == 0 else str(c).rjust(widths[i])
+                 for i, c in enumerate(r)]
+        lines.append("  " + "  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  " + "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def say(*parts: object) -> None:
+    """Print and flush."""
+    print(*parts, flush=True)
+
+
+def note(text: str) -> None:
+    """Progress on stderr, so stdout holds only the report."""
+    print(f"  .. {text}", file=sys.stderr, flush=True)

@@ -87,7 +87,6 @@ import bisect
 import contextlib
 import heapq
 import json
-import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
@@ -100,6 +99,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from ..errors import DsmlError
+from ..fsutil import fsync_dir as _fsync_dir
 from ..protocol.methods import HeaderValueError, check_key
 
 __all__ = [
@@ -615,15 +615,6 @@ def _check_task(i: int, t: object) -> None:
         raise _bad(
             f"{w} max_attempts must be an integer from 1 to {MAX_ATTEMPTS}, not {t.max_attempts!r}"
         )
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a new database or WAL file) durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- the manager -------------------------------------------------------------------------

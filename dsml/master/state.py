@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -52,6 +51,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import attrs
+
+from dsml.fsutil import fsync_dir as _fsync_dir
+from dsml.fsutil import prefix_end as _prefix_end
 
 __all__ = [
     "STATE_FILE",
@@ -275,32 +277,6 @@ class WorkerRow:
     slots: int | None
     first_seen: float
     last_seen: float
-
-
-def _prefix_end(prefix: str) -> str | None:
-    """Return the smallest string greater than every string starting with ``prefix``.
-
-    The same bound as the worker store's list uses (see dsml.worker.store): the prefix
-    with its last character incremented, after dropping trailing U+10FFFF; None if there
-    is no bound.  Code-point order is UTF-8 byte order, which is how SQLite compares TEXT.
-    """
-    for i in range(len(prefix) - 1, -1, -1):
-        c = ord(prefix[i])
-        if c < 0x10FFFF:
-            c += 1
-            if c == 0xD800:  # surrogates cannot be encoded in UTF-8; skip them
-                c = 0xE000
-            return prefix[:i] + chr(c)
-    return None
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a new database or WAL file) durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MasterState:

@@ -83,6 +83,8 @@ from typing import BinaryIO
 
 import attrs
 
+from dsml.fsutil import fsync_dir as _fsync_dir
+from dsml.fsutil import prefix_end as _prefix_end
 from dsml.protocol.limits import DEFAULT_VALUE_MAX
 
 __all__ = [
@@ -229,33 +231,6 @@ class Recovery:
     missing_objects: int = 0  #: index rows whose object was gone (rows removed)
     log_records_replayed: int = 0  #: good records read from values.log (and applied)
     log_bytes_dropped: int = 0  #: bytes of a torn or corrupt tail cut off values.log
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (a rename, a new child) durable."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _prefix_end(prefix: str) -> str | None:
-    """Return the smallest string greater than every string starting with ``prefix``.
-
-    That is the prefix with its last character incremented, after dropping
-    trailing U+10FFFF (which has no successor); None if there is no such bound
-    (empty prefix, or all U+10FFFF).  Code-point order is UTF-8 byte order, which
-    is how SQLite compares TEXT, so the bound is right for the index too.
-    """
-    for i in range(len(prefix) - 1, -1, -1):
-        c = ord(prefix[i])
-        if c < 0x10FFFF:
-            c += 1
-            if c == 0xD800:  # surrogates cannot be encoded in UTF-8; skip them
-                c = 0xE000
-            return prefix[:i] + chr(c)
-    return None
 
 
 def _db_error(exc: sqlite3.Error, key: str) -> Exception:
