@@ -20,6 +20,7 @@ from typing import TypeVar
 import pytest
 
 from dsml.localcluster import LocalCluster
+from dsml.testing.poll import poll
 
 pytestmark = pytest.mark.processes
 
@@ -64,15 +65,8 @@ def _sha256(path: Path) -> str:
 
 
 def _poll(fn: Callable[[], T | None], what: str, timeout: float = PATIENCE) -> T:
-    """Call ``fn`` until it returns something other than None; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
+    """:func:`dsml.testing.poll.poll`, with this file's patience."""
+    return poll(fn, what, timeout)
 
 
 def nodes(cluster: LocalCluster) -> dict[str, str]:

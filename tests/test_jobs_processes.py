@@ -25,6 +25,7 @@ import yaml
 
 from dsml.client import ClusterClient
 from dsml.localcluster import LocalCluster
+from dsml.testing.poll import poll
 
 pytestmark = pytest.mark.processes
 
@@ -148,15 +149,8 @@ def cluster(_shared_cluster: LocalCluster) -> Iterator[LocalCluster]:
 
 
 def _poll(fn: Callable[[], T | None], what: str, timeout: float = PATIENCE) -> T:
-    """Call ``fn`` until it returns something other than None; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
+    """:func:`dsml.testing.poll.poll`, with this file's patience."""
+    return poll(fn, what, timeout)
 
 
 def submit(c: LocalCluster, *args: str) -> str:

@@ -26,6 +26,7 @@ from dsml.localcluster import LocalCluster
 from dsml.protocol import codec
 from dsml.protocol.codec import END, NEED_DATA, PROTOCOL_VERSION, Head, Parser
 from dsml.protocol.methods import check_uint
+from dsml.testing.poll import poll
 
 pytestmark = pytest.mark.processes
 
@@ -121,16 +122,6 @@ def nodes(c: Client) -> dict[str, dict[str, object]]:
     return {d["name"]: d for d in map(json.loads, body.decode().splitlines())}
 
 
-def poll(fn: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
-    """Call ``fn`` until it returns something other than None; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = fn()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def master_log_has(cluster: LocalCluster, text: str) -> bool | None:
