@@ -7,7 +7,8 @@ throughput  N tasks that run ``true`` (2,000; --quick: 500) on four slots, three
                      two slots each; ONE array job, ``ClusterClient.submit(["true"],
                      array=N)``, timed from the submit call to ``Job.wait()`` returning
                      the succeeded job.  Each task is a real attempt: a directory, two log
-                     files, ``env -C dir -- setsid -- true``, its result committed by the
+                     files, ``true`` started in its own session (Popen, one exec), its
+                     result committed by the
                      master (SQLite, synchronous=FULL, group commit).
             xargs    ``seq N | xargs -P 4 -n 1 true``: four processes at a time, each
                      ``true <i>`` exec'd directly (no shell, no capture): the floor of
@@ -405,7 +406,7 @@ def report_throughput(s: Settings, runs: dict[str, list[dict[str, float]]],
              "us"],
             ["workers' CPU per task (the twistd processes)",
              fmt(median([r["workers_cpu"] / r["n"] * 1e6 for r in dr])), "us"],
-            ["task processes' CPU per task (env -C + setsid + true)",
+            ["task processes' CPU per task (true, own session)",
              fmt(median([r["tasks_cpu"] / r["n"] * 1e6 for r in dr])), "us"],
         ]
         say(table(["", "value", ""], dsml_rows))

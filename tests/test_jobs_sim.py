@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from dsml.errors import DsmlError
 from dsml.testing.sim import FakeRun, ResultSeen, SimCluster
 
 Make = Callable[..., SimCluster]
@@ -430,18 +431,17 @@ def test_wide_task_waits_for_enough_free_slots(make: Make) -> None:
     no_start_failures(sim)
 
 
-def test_too_wide_task_waits_without_blocking_others(make: Make) -> None:
-    """A task wider than every worker is never offered (it stays queued, in case a wider
-    worker joins) and does not hold up the narrower tasks behind it."""
+def test_too_wide_task_is_refused_at_submit(make: Make) -> None:
+    """A task wider than every worker could never run: the submit is refused with a
+    reason naming the slots (rather than left queued with nothing said), and narrower
+    work runs as usual."""
     sim = make(workers=("w1",), replication=1, slots=2)
     client = sim.client()
-    huge = sim.wait(client.submit(["huge"], slots=3))
+    with pytest.raises(DsmlError) as e:
+        sim.wait(client.submit(["huge"], slots=3))
+    assert e.value.code == "bad-job" and "3 slots" in e.value.message
     small = sim.wait(client.submit(["small"], array=3))
     assert sim.wait(client.wait(small))["state"] == "succeeded"
-    sim.advance(10)
-    status = sim.wait(client.status(huge))
-    assert status["state"] == "queued" and status["tasks"][0]["attempts"] == []
-    assert sim.events("start", huge) == []
 
 
 # -- logs, volume -------------------------------------------------------------------------

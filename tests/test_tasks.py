@@ -31,8 +31,10 @@ from dsml.worker.tasks import (
     AttemptSpec,
     TaskError,
     TaskManager,
+    popen_launcher,
     python_launcher,
     scan_groups,
+    spawn_launcher,
 )
 
 try:
@@ -49,7 +51,8 @@ GRACE = 0.5
 
 
 class RecordingReactor(_ReactorBase):  # type: ignore[misc, valid-type]
-    """A fresh reactor that remembers the pid (= process group) of every spawned process."""
+    """A fresh reactor that remembers the pid (= process group) of every spawned process,
+    whether spawned through Twisted or started by Popen (its pidfd is watched at once)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -66,6 +69,12 @@ class RecordingReactor(_ReactorBase):  # type: ignore[misc, valid-type]
 
         protocol.makeConnection = record
         return super().spawnProcess(protocol, *args, **kwargs)
+
+    def addReader(self, reader: Any) -> None:  # noqa: N802
+        """Watch ``reader``; the exit watcher of a Popen-started task names its pid."""
+        if isinstance(reader, tasks._ExitWatcher):
+            self.spawned.append(reader.pid)
+        super().addReader(reader)
 
 
 class FakeTransfers:
@@ -213,6 +222,13 @@ def h(tmp_path: Path) -> Iterator[Harness]:
     assert not left, f"processes left running after the test: {left}"
 
 
+@pytest.fixture(params=["popen", "spawn"])
+def launcher(request: pytest.FixtureRequest) -> Any:
+    """Both ways of starting a task: Popen + pidfd (the default on Linux), and the fallback
+    ``env -C dir -- setsid -- command`` through ``reactor.spawnProcess``."""
+    return popen_launcher if request.param == "popen" else spawn_launcher()
+
+
 def spec(attempt_id: int, *command: str, **kwargs: Any) -> AttemptSpec:
     """An AttemptSpec for job 'job-1', task index 7."""
     kwargs.setdefault("job_id", "job-1")
@@ -239,9 +255,9 @@ def stat_fields(pid: int) -> tuple[int, int]:
 # --- exit codes, logs, environment --------------------------------------------------------
 
 
-def test_exit_code_and_both_logs(h: Harness) -> None:
+def test_exit_code_and_both_logs(h: Harness, launcher: Any) -> None:
     """A failing command: exit code 3, reason 'exit 3', stdout and stderr in their files."""
-    m = h.manager()
+    m = h.manager(launcher=launcher)
 
     async def body() -> AttemptResult:
         m.start(spec(1, "sh", "-c", "echo hi; echo err >&2; exit 3"))
@@ -275,12 +291,12 @@ def test_environment_and_working_directory(h: Harness, monkeypatch: pytest.Monke
     assert Path(lines[1]).resolve() == (h.work_dir / "4").resolve()
 
 
-@pytest.mark.parametrize("launcher", ["default", "python"])
-def test_own_session_and_group_without_fork(h: Harness, launcher: str) -> None:
+@pytest.mark.parametrize("which", ["default", "spawn", "python"])
+def test_own_session_and_group_without_fork(h: Harness, which: str) -> None:
     """The spawned pid is the command itself and leads its own session and process group
-    (setsid did not fork), with either launcher."""
-    kwargs = {"launcher": python_launcher()} if launcher == "python" else {}
-    m = h.manager(**kwargs)
+    (setsid did not fork), with each launcher."""
+    chosen = {"default": None, "spawn": spawn_launcher(), "python": python_launcher()}[which]
+    m = h.manager(launcher=chosen)
 
     async def body() -> AttemptResult:
         m.start(spec(1, "sh", "-c", "echo $$; cut -d' ' -f5,6 /proc/$$/stat; pwd"))
@@ -434,9 +450,9 @@ def test_cancel_while_fetching(h: Harness) -> None:
 
 
 @pytest.mark.parametrize("command", ["no-such-command-dsml", "./not-here.sh", "/nonexistent/x"])
-def test_command_not_found(h: Harness, command: str) -> None:
+def test_command_not_found(h: Harness, command: str, launcher: Any) -> None:
     """A command that is not on the task's PATH (or not executable) is reported, not spawned."""
-    m = h.manager()
+    m = h.manager(launcher=launcher)
 
     async def body() -> AttemptResult:
         m.start(spec(6, command, "arg"))
@@ -475,10 +491,10 @@ def test_bad_specs_are_refused(h: Harness, bad: dict[str, Any], message: str) ->
 # --- killing process groups ----------------------------------------------------------------
 
 
-def test_timeout_kills_the_whole_group(h: Harness) -> None:
+def test_timeout_kills_the_whole_group(h: Harness, launcher: Any) -> None:
     """timeout=1 on a shell with a background and a foreground sleep: TERM to the group, the
     result says timeout, and no process of the group is left."""
-    m = h.manager()
+    m = h.manager(launcher=launcher)
 
     async def body() -> tuple[AttemptResult, int, float]:
         m.start(spec(8, "sh", "-c", "sleep 1000 & sleep 1000", timeout=1))
@@ -502,9 +518,9 @@ def test_timeout_kills_the_whole_group(h: Harness) -> None:
     assert scan_groups({pgid}) == {}
 
 
-def test_term_ignored_then_kill_after_grace(h: Harness) -> None:
+def test_term_ignored_then_kill_after_grace(h: Harness, launcher: Any) -> None:
     """A group that ignores SIGTERM gets SIGKILL after the grace period; none of it is left."""
-    m = h.manager()
+    m = h.manager(launcher=launcher)
 
     async def body() -> tuple[AttemptResult, int, float]:
         m.start(spec(9, "sh", "-c", "trap '' TERM; sleep 1000 & sleep 1000"))
@@ -569,9 +585,11 @@ def test_cancel_right_after_spawn(h: Harness) -> None:
         "sleep 1000 >/dev/null 2>&1 & echo $! > bg.pid",
     ],
 )
-def test_background_child_is_killed_when_the_leader_exits(h: Harness, script: str) -> None:
+def test_background_child_is_killed_when_the_leader_exits(
+    h: Harness, script: str, launcher: Any
+) -> None:
     """A leader that exits 0 leaving a background child: the child is killed, promptly."""
-    m = h.manager()
+    m = h.manager(launcher=launcher)
 
     async def body() -> tuple[AttemptResult, int, float]:
         started = time.monotonic()
@@ -591,13 +609,13 @@ def test_background_child_is_killed_when_the_leader_exits(h: Harness, script: st
 
 
 def test_a_process_that_left_the_group_cannot_hold_the_attempt(
-    h: Harness, monkeypatch: pytest.MonkeyPatch
+    h: Harness, monkeypatch: pytest.MonkeyPatch, launcher: Any
 ) -> None:
     """A child that made its own session escapes the group kill (only a cgroup would catch
     it) and keeps the log pipes open: the attempt still ends, DRAIN_TIMEOUT after the
     leader."""
     monkeypatch.setattr(tasks, "DRAIN_TIMEOUT", 0.3)
-    m = h.manager()
+    m = h.manager(launcher=launcher)
 
     async def body() -> tuple[AttemptResult, float]:
         started = time.monotonic()
@@ -620,10 +638,10 @@ def test_a_process_that_left_the_group_cannot_hold_the_attempt(
     assert result.reason == "" and 0.3 <= elapsed < 1.5
 
 
-def test_stop_kills_everything_and_waits(h: Harness) -> None:
+def test_stop_kills_everything_and_waits(h: Harness, launcher: Any) -> None:
     """stop(): every group gets TERM then KILL, the Deferred fires once all are reaped, every
     attempt is reported as 'worker stopping', and no new attempt is accepted."""
-    m = h.manager()
+    m = h.manager(launcher=launcher)
 
     async def body() -> tuple[list[int], float]:
         m.start(spec(13, "sh", "-c", "sleep 1000 & sleep 1000"))
@@ -655,12 +673,12 @@ def test_stop_kills_everything_and_waits(h: Harness) -> None:
 # --- logs, memory, slots, results, cleanup ---------------------------------------------
 
 
-def test_log_cap_keeps_the_tail(h: Harness) -> None:
+def test_log_cap_keeps_the_tail(h: Harness, launcher: Any) -> None:
     """A task printing 5x the cap: the log holds a 'dropped' line then the exact tail."""
     cap = 64 * 1024
     lines = 5 * cap // 8
     expected = "".join(f"{i:07d}\n" for i in range(lines)).encode()
-    m = h.manager(log_cap=cap)
+    m = h.manager(log_cap=cap, launcher=launcher)
     program = f"import sys; sys.stdout.write(''.join(f'{{i:07d}}\\n' for i in range({lines})))"
 
     async def body() -> AttemptResult:
@@ -775,3 +793,77 @@ def test_callbacks_that_raise_do_not_break_the_manager(h: Harness) -> None:
     h.run(body)
     assert m.free_slots() == 1
     assert [r.attempt_id for r in m.finished_results()] == [50]
+
+
+# --- how tasks are started -----------------------------------------------------------------
+
+
+def test_default_launcher_is_popen_on_linux() -> None:
+    """On Linux with pidfds, tasks start through Popen (one exec) and are watched by pidfd."""
+    assert hasattr(os, "pidfd_open")
+    assert tasks.default_launcher() is popen_launcher
+
+
+def test_without_pidfd_the_default_falls_back_to_spawn(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where os.pidfd_open is missing or fails, the default is ``env -C ... setsid`` through
+    spawnProcess, and tasks still run."""
+    tasks.default_launcher.cache_clear()
+    try:
+        monkeypatch.delattr(os, "pidfd_open")
+        assert tasks.default_launcher() is spawn_launcher()
+        tasks.default_launcher.cache_clear()
+
+        def refuse(pid: int, flags: int = 0) -> int:
+            raise OSError(38, "Function not implemented")
+
+        monkeypatch.setattr(os, "pidfd_open", refuse, raising=False)
+        assert tasks.default_launcher() is spawn_launcher()
+        m = h.manager()
+        assert m.launcher is spawn_launcher()
+    finally:
+        tasks.default_launcher.cache_clear()
+
+    async def body() -> AttemptResult:
+        m.start(spec(1, "sh", "-c", "echo hi; exit 4"))
+        return await h.result(1)
+
+    assert h.run(body).reason == "exit 4"
+    assert m.logs(1)[0].read_bytes() == b"hi\n"
+
+
+def test_pidfd_failure_at_spawn_kills_the_process(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the pidfd cannot be had after Popen (e.g. out of descriptors), the process is
+    killed and reaped, and the attempt fails: nothing runs unwatched."""
+    m = h.manager(launcher=popen_launcher)
+
+    def refuse(pid: int, flags: int = 0) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "pidfd_open", refuse)
+
+    async def body() -> AttemptResult:
+        m.start(spec(1, "sleep", "1000"))
+        return await h.result(1)
+
+    assert h.run(body).reason == "spawn failed: Too many open files"
+    assert m.free_slots() == 2
+
+
+def test_popen_task_gets_only_its_three_descriptors(h: Harness) -> None:
+    """The Popen-started command inherits stdin, stdout and stderr and nothing else of the
+    worker (no pidfd, no other pipe, no log file)."""
+    m = h.manager(launcher=popen_launcher)
+
+    async def body() -> AttemptResult:
+        m.start(spec(2, "sleep", "0.3"))  # its pipes and pidfd are open in the worker
+        m.start(spec(1, "sh", "-c", "ls /proc/$$/fd"))
+        await h.result(2)
+        return await h.result(1)
+
+    result = h.run(body)
+    assert result.reason == ""
+    assert sorted(m.logs(1)[0].read_text().split()) == ["0", "1", "2"]
