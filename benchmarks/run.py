@@ -478,7 +478,7 @@ def bench_files(s: Settings, tmp: Path) -> dict[str, Any]:
                 one(side, "download")
 
         # The real command line, once each way; its time includes starting Python.
-        cli_base = [venv_bin("dsml"), "-c", str(cluster.config_path)]
+        cli_base = [venv_bin("dsml"), "-c", str(cluster.config_path), "--worker", "w1"]
         cli: dict[str, tuple[float, int]] = {}
         for name, args in (
             ("ping", ["ping"]),
