@@ -37,7 +37,7 @@ TRANSFER_RETRY_FOR = 60.0
 _RETRYABLE = frozenset({"connection", "unavailable", "no-workers", "busy", "timeout"})
 
 #: Seconds a batch of results may wait before it goes to the master.
-RESULT_DELAY = 0.002
+RESULT_DELAY = 0.0
 
 
 class ClusterTransfers:
