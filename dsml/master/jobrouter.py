@@ -260,8 +260,6 @@ class JobRouter:
         d = self.jobs.submit(spec)
 
         def acknowledged(job_id: str) -> Reply:
-            log.info("job {id} ({name}) submitted: {n} tasks", id=job_id, name=spec.name,
-                     n=len(spec.tasks))
             self.dispatch_soon()
             return Reply({"Job": job_id, "Tasks": len(spec.tasks)})
 

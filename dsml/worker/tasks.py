@@ -109,6 +109,11 @@ READ_SIZE = 64 * 1024
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+#: Per-attempt debug lines (accepted, started, ended ok) only with DSML_TRACE=1: twistd
+#: writes debug events too, and three formatted lines per task were a measurable part of
+#: a worker's CPU on arrays of short tasks.
+TRACE = os.environ.get("DSML_TRACE") == "1"
+
 #: Environment variable naming the worker's task dir in every task (see _kill_orphans).
 ORPHAN_MARK = "DSML_WORKER_DIR"
 
@@ -367,14 +372,20 @@ class CappedLog:
         self.cap = cap
         self.kept = 0
         self.dropped = 0
-        # A bare descriptor: the cheapest way to create the file and append to it.
-        self._fd: int | None = os.open(path, _LOG_FLAGS, 0o644)
+        # Created on the first byte: most tasks of a big array print nothing, and
+        # creating two files per attempt cost ~1 ms each on a busy disk.  (A reader
+        # of a log that was never created sees an empty log.)
+        self._fd: int | None = None
+        self._closed = False
 
     def write(self, data: bytes) -> None:
         """Append ``data``; trim to the tail when the file has grown past twice the cap."""
-        if self._fd is None:
+        if self._closed:
             return
         try:
+            if self._fd is None:
+                # A bare descriptor: the cheapest way to create the file and append.
+                self._fd = os.open(self.path, _LOG_FLAGS, 0o644)
             view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view) :]
@@ -404,6 +415,7 @@ class CappedLog:
 
     def close(self) -> None:
         """Stop capturing and close the file."""
+        self._closed = True
         if self._fd is not None:
             fd, self._fd = self._fd, None
             try:
@@ -729,12 +741,13 @@ class TaskManager:
             raise TaskError(f"busy: {spec.slots} slots wanted, {free} free", "busy")
         att = _Attempt(spec=spec, dir=self.work_dir / str(spec.attempt_id))
         self._active[spec.attempt_id] = att
-        log.debug(
-            "attempt {attempt} of job {job} task {index} accepted",
-            attempt=spec.attempt_id,
-            job=spec.job_id,
-            index=spec.task_index,
-        )
+        if TRACE:
+            log.debug(
+                "attempt {attempt} of job {job} task {index} accepted",
+                attempt=spec.attempt_id,
+                job=spec.job_id,
+                index=spec.task_index,
+            )
         self._notify_change()
         self.reactor.callLater(0, self._launch, att)
 
@@ -893,11 +906,12 @@ class TaskManager:
             reason = self._spawn_twisted(att, env)
         if reason:
             return reason
-        log.debug(
-            "attempt {attempt} running as process group {pid}",
-            attempt=att.spec.attempt_id,
-            pid=att.pid,
-        )
+        if TRACE:
+            log.debug(
+                "attempt {attempt} running as process group {pid}",
+                attempt=att.spec.attempt_id,
+                pid=att.pid,
+            )
         if att.reaped:  # it has already come and gone
             return ""
         if att.spec.timeout is not None:
@@ -1032,11 +1046,12 @@ class TaskManager:
             del self._results[dropped]
         self._kept[att.spec.attempt_id] = None
         self._cleanup()
-        (log.info if reason else log.debug)(
-            "attempt {attempt} ended: {reason}",
-            attempt=att.spec.attempt_id,
-            reason=reason or "ok",
-        )
+        if reason or TRACE:
+            (log.info if reason else log.debug)(
+                "attempt {attempt} ended: {reason}",
+                attempt=att.spec.attempt_id,
+                reason=reason or "ok",
+            )
         # Free slots first, then the result: a result handler that starts the next attempt at
         # once then sees (and reports) the slots in the order they changed.
         self._notify_change()
