@@ -83,6 +83,7 @@ from ..worker.tasks import (
     STDERR_NAME,
     STDOUT_NAME,
     TIMEOUT_PREFIX,
+    AttemptLedger,
     AttemptResult,
     AttemptSpec,
     TaskError,
@@ -825,7 +826,7 @@ class Orphan:
     ends_at: float
 
 
-class FakeTaskManager:
+class FakeTaskManager(AttemptLedger):
     """The :class:`~dsml.worker.tasks.TaskManager` of a simulated worker: no processes.
 
     Same interface as the glue (:class:`~dsml.worker.runner.WorkerJobs`) uses: ``start``,
@@ -878,17 +879,9 @@ class FakeTaskManager:
 
     # -- what the glue asks ---------------------------------------------------------
 
-    def free_slots(self) -> int:
-        """Slots not held by an attempt."""
-        return self.slots - self.used()
-
     def used(self) -> int:
         """Slots held by attempts."""
-        return sum(a.spec.slots for a in self._active.values())
-
-    def running(self) -> list[int]:
-        """Ids of the attempts holding slots."""
-        return list(self._active)
+        return self.slots - self.free_slots()
 
     def start(self, spec: AttemptSpec) -> None:
         """Take the attempt (TaskError as the real one refuses) and start its run."""
@@ -940,21 +933,6 @@ class FakeTaskManager:
         if att is not None:
             self._event("cancel", att)
             self._stop(att, reason, self.kill_delay)
-
-    def logs(self, attempt_id: int) -> tuple[Path, Path]:
-        """The paths of an attempt's stdout and stderr logs."""
-        if attempt_id not in self._active and attempt_id not in self._kept:
-            raise TaskError(f"no attempt {attempt_id} on this worker", "not-found")
-        d = self.work_dir / str(attempt_id)
-        return d / STDOUT_NAME, d / STDERR_NAME
-
-    def finished_results(self) -> list[AttemptResult]:
-        """Results not acknowledged yet, oldest first."""
-        return list(self._results.values())
-
-    def ack(self, attempt_id: int) -> None:
-        """The master has decided on this result: forget it."""
-        self._results.pop(attempt_id, None)
 
     def stop(self) -> Deferred[None]:
         """Refuse new attempts; stop the running ones ("worker stopping")."""

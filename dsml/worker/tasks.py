@@ -642,7 +642,47 @@ class _ExitWatcher:
             pass
 
 
-class TaskManager:
+class AttemptLedger:
+    """Which attempts hold slots, which results await the master's acknowledgement, and
+    where an attempt's logs are: shared by :class:`TaskManager` and the simulation's
+    fake runner, so both answer the worker's glue the same way.
+
+    Subclasses set ``slots``, ``work_dir``, ``_active`` (attempt id -> an object with a
+    ``spec``), ``_results`` (attempt id -> AttemptResult) and ``_kept`` (ids of finished
+    attempt directories still on disk).
+    """
+
+    slots: int
+    work_dir: Path
+    _active: dict[int, Any]
+    _results: dict[int, AttemptResult]
+    _kept: Any
+
+    def free_slots(self) -> int:
+        """Slots not held by an attempt."""
+        return self.slots - sum(a.spec.slots for a in self._active.values())
+
+    def running(self) -> list[int]:
+        """Ids of the attempts holding slots (staging, running or uploading)."""
+        return list(self._active)
+
+    def logs(self, attempt_id: int) -> tuple[Path, Path]:
+        """Paths of the stdout and stderr logs of a running or kept attempt."""
+        if attempt_id not in self._active and attempt_id not in self._kept:
+            raise TaskError(f"no attempt {attempt_id} on this worker", "not-found")
+        d = self.work_dir / str(attempt_id)
+        return d / STDOUT_NAME, d / STDERR_NAME
+
+    def finished_results(self) -> list[AttemptResult]:
+        """Results not yet acknowledged by the master, oldest first (re-sent on reconnect)."""
+        return list(self._results.values())
+
+    def ack(self, attempt_id: int) -> None:
+        """The master has committed this result: forget it (its directory stays a while)."""
+        self._results.pop(attempt_id, None)
+
+
+class TaskManager(AttemptLedger):
     """Runs attempts on this worker within ``slots`` slots, and reports how each ended.
 
     :param reactor: provides ``IReactorProcess`` and ``IReactorTime``.
@@ -709,14 +749,6 @@ class TaskManager:
 
     # --- what the worker's link asks -------------------------------------------------
 
-    def free_slots(self) -> int:
-        """Slots not held by an attempt."""
-        return self.slots - sum(a.spec.slots for a in self._active.values())
-
-    def running(self) -> list[int]:
-        """Ids of the attempts holding slots (staging, running or uploading)."""
-        return list(self._active)
-
     def process_group(self, attempt_id: int) -> int | None:
         """The process group id (= leader pid) of a spawned, not yet reaped attempt."""
         att = self._active.get(attempt_id)
@@ -760,21 +792,6 @@ class TaskManager:
         att = self._active.get(attempt_id)
         if att is not None:
             self._terminate(att, reason)
-
-    def logs(self, attempt_id: int) -> tuple[Path, Path]:
-        """Paths of the stdout and stderr logs of a running or kept attempt."""
-        if attempt_id not in self._active and attempt_id not in self._kept:
-            raise TaskError(f"no attempt {attempt_id} on this worker", "not-found")
-        d = self.work_dir / str(attempt_id)
-        return d / STDOUT_NAME, d / STDERR_NAME
-
-    def finished_results(self) -> list[AttemptResult]:
-        """Results not yet acknowledged by the master, oldest first (re-sent on reconnect)."""
-        return list(self._results.values())
-
-    def ack(self, attempt_id: int) -> None:
-        """The master has committed this result: forget it (its directory stays a while)."""
-        self._results.pop(attempt_id, None)
 
     def stop(self) -> Deferred[None]:
         """Refuse new attempts, stop every running one, fire once all have ended.
