@@ -642,25 +642,11 @@ class ClusterClient:
         optionally ``env``, ``inputs`` ([key, path]), ``outputs`` ([path, key]),
         ``slots``, ``timeout``, ``max_attempts``.
         """
-        if tasks is None:
-            if not command:
-                raise DsmlError("a job needs a command", "bad-job")
-            tasks = [
-                {
-                    "command": list(command),
-                    "env": dict(env or {}),
-                    # "{index}" in a key or path becomes the task's index (Slurm's %a).
-                    "inputs": [[_fill(k, i), _fill(p, i)] for k, p in inputs],
-                    "outputs": [[_fill(p, i), _fill(k, i)] for p, k in outputs],
-                    "slots": slots,
-                    "timeout": timeout,
-                    "max_attempts": max_attempts,
-                }
-                for i in range(array)
-            ]
-        body = json.dumps(
-            {"name": name, "priority": priority, "after": list(after), "tasks": tasks}
-        ).encode()
+        body = job_body(
+            command, name=name, tasks=tasks, array=array, slots=slots, timeout=timeout,
+            max_attempts=max_attempts, priority=priority, after=after, inputs=inputs,
+            outputs=outputs, env=env,
+        )
         head, _ = self.master._call("submit", {}, body)
         return Job(self, head.headers["job"])
 
@@ -762,6 +748,43 @@ class ListedKey:
     sha256: str
     version: int
     replicas: tuple[str, ...]
+
+
+def job_body(
+    command: list[str] | None = None,
+    *,
+    name: str = "",
+    tasks: list[dict[str, Any]] | None = None,
+    array: int = 1,
+    slots: int = 1,
+    timeout: float | None = None,
+    max_attempts: int = 3,
+    priority: int = 0,
+    after: list[str] | tuple[str, ...] = (),
+    inputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+    outputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+    env: dict[str, str] | None = None,
+) -> bytes:
+    """The JSON payload of a ``submit`` request (see :meth:`ClusterClient.submit`)."""
+    if tasks is None:
+        if not command:
+            raise DsmlError("a job needs a command", "bad-job")
+        tasks = [
+            {
+                "command": list(command),
+                "env": dict(env or {}),
+                # "{index}" in a key or path becomes the task's index (Slurm's %a).
+                "inputs": [[_fill(k, i), _fill(p, i)] for k, p in inputs],
+                "outputs": [[_fill(p, i), _fill(k, i)] for p, k in outputs],
+                "slots": slots,
+                "timeout": timeout,
+                "max_attempts": max_attempts,
+            }
+            for i in range(array)
+        ]
+    return json.dumps(
+        {"name": name, "priority": priority, "after": list(after), "tasks": tasks}
+    ).encode()
 
 
 def _fill(text: str, index: int) -> str:

@@ -66,7 +66,7 @@ from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..client import ListedKey, Located, Node, Stored
+from ..client import ListedKey, Located, Node, Stored, job_body
 from ..errors import ChecksumMismatch, DsmlError
 from ..master.jobs import JobManager, JobView
 from ..master.membership import ALIVE
@@ -1681,22 +1681,11 @@ class SimClient:
     ) -> Deferred[str]:
         """Submit a job (the JSON of :meth:`ClusterClient.submit`); fires with its id once
         the master has it durably."""
-        if tasks is None:
-            if not command:
-                raise DsmlError("a job needs a command", "bad-job")
-            task = {
-                "command": list(command),
-                "env": dict(env or {}),
-                "inputs": [list(p) for p in inputs],
-                "outputs": [list(p) for p in outputs],
-                "slots": slots,
-                "timeout": timeout,
-                "max_attempts": max_attempts,
-            }
-            tasks = [task] * array
-        body = json.dumps(
-            {"name": name, "priority": priority, "after": list(after), "tasks": tasks}
-        ).encode()
+        body = job_body(
+            command, name=name, tasks=tasks, array=array, slots=slots, timeout=timeout,
+            max_attempts=max_attempts, priority=priority, after=after, inputs=inputs,
+            outputs=outputs, env=env,
+        )
 
         async def run() -> str:
             r = await self._master("submit", {}, body)
