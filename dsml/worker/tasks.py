@@ -547,23 +547,54 @@ class _TaskProcess(ProcessProtocol):
         self.manager._process_ended(self.attempt)
 
 
-class _PipeReader:
-    """One output pipe of a Popen-started task, read by the reactor into its log."""
+class _FdReader:
+    """A descriptor of a task that the reactor watches for reading: the part of its
+    life (fileno, close once, close when the reactor drops it) both kinds share."""
 
-    def __init__(self, manager: TaskManager, attempt: _Attempt, fd: int, log: CappedLog) -> None:
+    kind = "fd"
+
+    def __init__(self, manager: TaskManager, attempt: _Attempt, fd: int) -> None:
         self.manager = manager
         self.attempt = attempt
         self.fd = fd
-        self.log = log
-        os.set_blocking(fd, False)
 
     def fileno(self) -> int:
-        """The pipe's read end (-1 once closed)."""
+        """The descriptor (-1 once closed)."""
         return self.fd
 
     def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
         """For Twisted's log."""
-        return f"task-{self.attempt.spec.attempt_id}-pipe"
+        return f"task-{self.attempt.spec.attempt_id}-{self.kind}"
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 - Twisted's name
+        """The reactor dropped us (EOF, error or its shutdown): close."""
+        self.close()
+
+    def close(self) -> None:
+        """Stop watching and close the descriptor (once); then :meth:`closed`."""
+        if self.fd < 0:
+            return
+        self.manager.reactor.removeReader(self)
+        fd, self.fd = self.fd, -1
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        self.closed()
+
+    def closed(self) -> None:
+        """Called once, after the descriptor is closed."""
+
+
+class _PipeReader(_FdReader):
+    """One output pipe of a Popen-started task, read by the reactor into its log."""
+
+    kind = "pipe"
+
+    def __init__(self, manager: TaskManager, attempt: _Attempt, fd: int, log: CappedLog) -> None:
+        super().__init__(manager, attempt, fd)
+        self.log = log
+        os.set_blocking(fd, False)
 
     def doRead(self) -> Any:  # noqa: N802 - Twisted's name
         """Move what is there into the log; CONNECTION_DONE at end of file."""
@@ -578,40 +609,20 @@ class _PipeReader:
         self.log.write(data)
         return None
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 - Twisted's name
-        """The reactor dropped the pipe (EOF, error or shutdown): close it."""
-        self.close()
-
-    def close(self) -> None:
-        """Stop reading, close the descriptor, tell the manager (once)."""
-        if self.fd < 0:
-            return
-        self.manager.reactor.removeReader(self)
-        fd, self.fd = self.fd, -1
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    def closed(self) -> None:
+        """Tell the manager this pipe is done."""
         self.manager._pipe_closed(self.attempt, self)
 
 
-class _ExitWatcher:
+class _ExitWatcher(_FdReader):
     """A pidfd of a Popen-started task: readable once the process has exited."""
 
+    kind = "exit"
+
     def __init__(self, manager: TaskManager, attempt: _Attempt, pidfd: int) -> None:
-        self.manager = manager
-        self.attempt = attempt
-        self.fd = pidfd
+        super().__init__(manager, attempt, pidfd)
         assert attempt.popen is not None
         self.pid = attempt.popen.pid
-
-    def fileno(self) -> int:
-        """The pidfd (-1 once closed)."""
-        return self.fd
-
-    def logPrefix(self) -> str:  # noqa: N802 - Twisted's name
-        """For Twisted's log."""
-        return f"task-{self.attempt.spec.attempt_id}-exit"
 
     def doRead(self) -> None:  # noqa: N802 - Twisted's name
         """The process has exited: reap it (at once) and hand its status to the manager."""
@@ -625,21 +636,6 @@ class _ExitWatcher:
         else:
             self.manager._leader_exited(self.attempt, code, None)
         self.manager._maybe_ended(self.attempt)
-
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802 - Twisted's name
-        """The reactor dropped us (its shutdown): close the pidfd."""
-        self.close()
-
-    def close(self) -> None:
-        """Stop watching and close the pidfd."""
-        if self.fd < 0:
-            return
-        self.manager.reactor.removeReader(self)
-        fd, self.fd = self.fd, -1
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 class AttemptLedger:
