@@ -319,6 +319,25 @@ def test_pipeline_survives_the_next_worker_dying_mid_upload(sim: SimCluster) -> 
     assert all(sim.read(w, "big") == data for w in sim.replicas(live=True)["big"])
 
 
+def test_only_an_upload_is_passed_down_a_pipeline(sim: SimCluster) -> None:
+    """A Forward header on a get, stat or delete is ignored: it once made the worker pass
+    an empty value_upload on, which overwrote the key on the next worker."""
+    client = sim.client()
+    stored = sim.wait(client.set("kept", b"the value"))
+    assert stored.replicas == 2
+    sim.advance(1.1)
+    first, second = sorted(sim.replicas()["kept"])
+    addrs = {lst.node: addr for addr, lst in sim.net.listeners.items()}
+    first_addr, second_addr = addrs[first], addrs[second]
+    link = sim.wait(client.links.open(first_addr))
+    for method in ("value_retrieve", "stat"):
+        response = sim.wait(link.request(method, {"Key": "kept", "Forward": second_addr}))
+        assert "replicas" not in response.headers
+    sim.flush()
+    assert sim.read(first, "kept") == b"the value"
+    assert sim.read(second, "kept") == b"the value"
+
+
 def test_a_vanished_machine_is_noticed_by_heartbeats_and_its_restart_waits(
     sim: SimCluster,
 ) -> None:

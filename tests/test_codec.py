@@ -22,6 +22,7 @@ from dsml.protocol.codec import (
     Parser,
     ProtocolError,
     Rejected,
+    ResponseShape,
     encode_error,
     encode_head,
     encode_request,
@@ -1335,3 +1336,41 @@ def test_quick_request_leaves_everything_else_to_the_parser():
         assert quick_request(data, METHODS) is None, data
     big = encode_request("value_upload", 1, {"Key": "k"}, b"x" * (SMALL_VALUE_MAX + 1))
     assert quick_request(big, SMALL) is None
+
+
+# -- ResponseShape: the hot replies, encoded cheaply ------------------------------------
+
+_shape_values = st.one_of(
+    st.integers(0, 10**18), st.text("0123456789abcdefXYZ", min_size=1, max_size=2100)
+)
+
+
+@LIGHT
+@given(
+    names=st.lists(extra_names, min_size=1, max_size=4, unique_by=str.lower),
+    data=st.data(),
+    req_id=st.integers(0, 10**limits.MAX_ID_DIGITS - 1),
+    payload=st.binary(max_size=200),
+)
+def test_response_shape_encodes_what_encode_response_does(names, data, req_id, payload):
+    values = tuple(data.draw(_shape_values) for _ in names)
+    shape = ResponseShape(*names)
+    try:
+        expected = encode_response(True, req_id, dict(zip(names, values, strict=True)), payload)
+    except ValueError:  # a line too long: the shape refuses it too
+        with pytest.raises(ValueError):
+            shape.encode(req_id, values, payload)
+        return
+    assert shape.encode(req_id, values, payload) == expected
+
+
+def test_response_shape_refuses_what_could_break_the_framing():
+    shape = ResponseShape("Version", "Sha256")
+    for bad in ["a\r\nX: y", "a b", "", "\u00e9", "a\x00"]:
+        with pytest.raises(ValueError):
+            shape.encode(1, (1, bad))
+    with pytest.raises(ValueError):
+        shape.encode(-1, (1, "ab"))
+    for names in [("Length",), ("Version", "version"), ("bad name",), ("Method",)]:
+        with pytest.raises(ValueError):
+            ResponseShape(*names)

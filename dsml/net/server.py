@@ -123,8 +123,14 @@ class Handler(Protocol):
 
     methods: MethodTable
 
-    def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply | Deferred[Reply]:
-        """Answer a request whose payload arrived whole (methods not marked streamed)."""
+    def handle(
+        self, head: Head, payload: bytes, conn: ServerProtocol
+    ) -> Reply | bytes | Deferred[Reply]:
+        """Answer a request whose payload arrived whole (methods not marked streamed).
+
+        The answer is a Reply, later (a Deferred), or the whole response already
+        encoded (bytes, made with codec.ResponseShape: for the hottest methods).
+        """
 
     def open(self, head: Head, conn: ServerProtocol) -> Call:
         """Start a streamed request (methods marked streamed)."""
@@ -471,12 +477,14 @@ class ServerProtocol(TwistedProtocol):
             log.failure("handling {method} failed", method=head.kind)
             self._finish_error(head.id, "internal", "internal error")
             return
-        if isinstance(result, Deferred):
+        if type(result) is bytes:  # the handler encoded it (codec.ResponseShape)
+            self._send(result)
+        elif isinstance(result, Deferred):
             self._wait()
             result.addCallbacks(self._reply_async, self._error_async, (head.id,), None, (head.id,))
             result.addErrback(self._bug, head.kind)
         else:
-            self._send_reply(head.id, result)
+            self._send_reply(head.id, result)  # type: ignore[arg-type]
 
     def _on_rejected(self, event: Rejected) -> None:
         if not self.authenticated:

@@ -31,6 +31,7 @@ __all__ = [
     "encode_request",
     "encode_response",
     "quick_request",
+    "ResponseShape",
 ]
 
 #: The version of this wire protocol; peers that differ refuse each other (register).
@@ -668,6 +669,43 @@ def encode_response(
     if isinstance(payload, int):
         return _encode_head(start, headers, payload)
     return _encode_head(start, headers, len(payload)) + payload
+
+
+class ResponseShape:
+    """An OK response that always carries the same headers, encoded cheaply.
+
+    For a server's hottest replies (a value's get and set): the names are checked once,
+    here, and :meth:`encode` takes values that cannot break the framing (ints, or ASCII
+    letters and digits such as a hex digest) and returns the bytes
+    :func:`encode_response` would, in about a third of its time.
+    """
+
+    __slots__ = ("_names", "_format")
+
+    def __init__(self, *names: str) -> None:
+        _check_names(names)
+        if len({name.lower() for name in names}) != len(names):
+            raise ValueError(f"duplicate header names in {names!r}")
+        if len(names) + 1 > limits.MAX_HEADERS:
+            raise ValueError(f"more than {limits.MAX_HEADERS} header lines")
+        self._names = names
+        self._format = "OK %d" + "".join(f"\r\n{name}: %s" for name in names)
+
+    def encode(self, req_id: int, values: tuple[int | str, ...], payload: bytes = b"") -> bytes:
+        """The response to request ``req_id`` with these header values and payload."""
+        if type(req_id) is not int or not 0 <= req_id < _ID_LIMIT:
+            raise ValueError(f"bad request id {req_id!r}")
+        for value in values:
+            if type(value) is not int and not (value.isascii() and value.isalnum()):
+                raise ValueError(f"header value {value!r} is not an int or alphanumeric")
+        head = self._format % (req_id, *values)
+        if len(head) > limits.MAX_LINE - 32:  # long values: let the general encoder check
+            headers = dict(zip(self._names, values, strict=True))
+            return encode_response(True, req_id, headers, payload)
+        n = len(payload)
+        if n:
+            return f"{head}\r\nLength: {n}\r\n\r\n".encode() + payload
+        return f"{head}\r\n\r\n".encode()
 
 
 def encode_error(req_id: int, code: str, message: str) -> bytes:

@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from ..errors import DsmlError
 from ..net.server import Reply, Response, ServerProtocol
-from ..protocol.codec import Head
+from ..protocol.codec import Head, ResponseShape
 from ..protocol.limits import DEFAULT_VALUE_MAX
 from ..protocol.methods import MethodTable, storage_methods
 from .store import Entry, FileWriter, Store, StoreError
@@ -90,7 +90,7 @@ class StorageHandler:
         #: The worker's side of jobs (serves ``task_log``), if it runs tasks.
         self.jobs: Any = None
         self.methods: MethodTable = storage_methods(value_max)
-        self._handlers: dict[str, Callable[[Head, bytes], Reply]] = {
+        self._handlers: dict[str, Callable[[Head, bytes], Reply | bytes | Deferred[Reply]]] = {
             "ping": self._ping,
             "value_upload": self._value_upload,
             "value_retrieve": self._value_retrieve,
@@ -101,21 +101,17 @@ class StorageHandler:
             "task_log": self._task_log,
         }
 
-    def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply | Deferred[Reply]:
+    def handle(
+        self, head: Head, payload: bytes, conn: ServerProtocol
+    ) -> Reply | bytes | Deferred[Reply]:
         """Answer a buffered request."""
         fn = self._handlers.get(head.kind)
         if fn is None:
             raise DsmlError(f"method {head.kind!r} is not served here", "unknown-method")
-        forward = _forward_list(head)
-        if forward and self.links is None:
-            raise DsmlError("this server does not forward uploads", "bad-header")
         try:
-            reply = fn(head, payload)
+            return fn(head, payload)
         except StoreError as e:
             raise _wire(e) from None
-        if forward:
-            return self._forward_value(head, payload, forward, reply)
-        return reply
 
     def open(self, head: Head, conn: ServerProtocol) -> Upload:
         """Start a file upload (and its pipeline to the next workers, if Forward says so)."""
@@ -154,17 +150,24 @@ class StorageHandler:
     def _ping(self, head: Head, payload: bytes) -> Reply:
         return Reply()
 
-    def _value_upload(self, head: Head, payload: bytes) -> Reply:
+    def _value_upload(self, head: Head, payload: bytes) -> bytes | Deferred[Reply]:
         h = head.headers
+        # Only an upload is passed on down a pipeline (file_upload: see open()).
+        forward = _forward_list(head)
+        if forward and self.links is None:
+            raise DsmlError("this server does not forward uploads", "bad-header")
         v = h.get("version")
         entry = self.store.put_value(h["key"], payload, None if v is None else int(v))
         if self.on_change is not None:
             self.on_change("store", entry)
-        return Reply({"Version": entry.version, "Sha256": entry.sha256, "Size": entry.size})
+        if forward:
+            local = Reply({"Version": entry.version, "Sha256": entry.sha256, "Size": entry.size})
+            return self._forward_value(head, payload, forward, local)
+        return _STORED.encode(head.id, (entry.version, entry.sha256, entry.size))
 
-    def _value_retrieve(self, head: Head, payload: bytes) -> Reply:
+    def _value_retrieve(self, head: Head, payload: bytes) -> bytes:
         entry, value = self.store.get_value(head.headers["key"])
-        return Reply({"Version": entry.version}, value)
+        return _VALUE.encode(head.id, (entry.version,), value)
 
     def _file_retrieve(self, head: Head, payload: bytes) -> Reply:
         entry, body = self.store.open_read(head.headers["key"])
@@ -205,6 +208,11 @@ def _version(head: Head) -> dict[str, int]:
     """The Version the writer asked for (the master's, in a cluster), as store kwargs."""
     v = head.headers.get("version")
     return {"version": int(v)} if v is not None else {}
+
+
+#: The replies to value_upload and value_retrieve, the hottest requests.
+_STORED = ResponseShape("Version", "Sha256", "Size")
+_VALUE = ResponseShape("Version")
 
 
 def _forward_list(head: Head) -> list[str]:
