@@ -25,9 +25,11 @@ from dsml.protocol.codec import (
     ResponseShape,
     encode_error,
     encode_head,
+    encode_key_request,
     encode_request,
     encode_response,
     quick_request,
+    quick_response,
 )
 from dsml.protocol.methods import check_key, storage_methods
 
@@ -1374,3 +1376,86 @@ def test_response_shape_refuses_what_could_break_the_framing():
     for names in [("Length",), ("Version", "version"), ("bad name",), ("Method",)]:
         with pytest.raises(ValueError):
             ResponseShape(*names)
+
+
+# -- the client's shortcuts: encode_key_request and quick_response -----------------------
+
+
+@LIGHT
+@given(
+    method=st.sampled_from(["value_upload", "value_retrieve", "stat", "delete", "file_retrieve"]),
+    key=st.one_of(keys, _ascii_keys, st.just(""), st.just("a\tb"), st.just("k" * 1025)),
+    payload=st.binary(max_size=100),
+    req_id=st.integers(0, 10**limits.MAX_ID_DIGITS - 1),
+)
+def test_encode_key_request_is_encode_request(method, key, payload, req_id):
+    try:
+        expected = encode_request(method, req_id, {"Key": key}, payload)
+    except ValueError:
+        with pytest.raises(ValueError):
+            encode_key_request(method, req_id, key, payload)
+        return
+    assert encode_key_request(method, req_id, key, payload) == expected
+
+
+def assert_response_agrees(data: bytes) -> Head | None:
+    """If quick_response takes ``data``, a whole=True response parser agrees."""
+    head = quick_response(data)
+    if head is not None:
+        parser = Parser("response", whole=True)
+        parser.feed(data)
+        events = drain(parser)
+        assert events == [head], (data, events)
+        assert events[0].body == head.body
+        assert parser.idle
+    return head
+
+
+@st.composite
+def response_shaped(draw):
+    """A response (maybe with odd headers), then maybe one edit."""
+    data = bytearray(draw(responses())[0])
+    if draw(st.booleans()):
+        name = draw(st.sampled_from([b"Length", b"length", b"X", b"Version"]))
+        value = draw(st.sampled_from([b"0", b"1", b"01", b"-1", b"x", b"\xc3\xa9", b""]))
+        at = data.find(b"\r\n")
+        data[at:at] = b"\r\n" + name + b": " + value
+    edit = draw(st.integers(0, 4))
+    if edit == 1 and data:
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+    elif edit == 2:
+        del data[draw(st.integers(0, len(data))) :]
+    elif edit == 3:
+        data += draw(st.binary(min_size=1, max_size=20))
+    return bytes(data)
+
+
+@HEAVY
+@given(data=response_shaped() | garbage())
+def test_quick_response_agrees_with_the_parser(data):
+    assert_response_agrees(data)
+
+
+def test_quick_response_takes_the_common_replies():
+    for data in [
+        encode_response(True, 5, {"Version": 3}, b"value"),
+        encode_response(True, 6, {"Version": 3, "Sha256": "ab" * 32, "Size": 5}),
+        encode_error(7, "not-found", "key 'x' not found"),
+    ]:
+        head = assert_response_agrees(data)
+        assert head is not None, data
+    for data in [
+        encode_response(True, 5, {"Version": 3}, b"value")[:-1],  # payload still coming
+        encode_response(True, 5, {"Version": 3}) * 2,  # two responses
+        encode_error(7, "not-found", "key '\u00e9' not found"),  # not ASCII: the parser
+    ]:
+        assert quick_response(data) is None, data
+
+
+def test_quick_decoders_stay_linear_on_a_huge_header_block():
+    """Many headers and no end: an earlier quick_response regex backtracked
+    exponentially here (two ways to match each ': '), hanging hypothesis."""
+    for unit in [b"X: y\r\n", b"X:  \r\n", b"\r\n"]:
+        block = unit * ((limits.MAX_HEAD + 2000) // len(unit))
+        assert quick_response(b"OK 1\r\n" + block) is None
+        assert quick_request(b"value_upload 1\r\nKey: k\r\n" + block, METHODS) is None

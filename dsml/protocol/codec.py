@@ -30,7 +30,9 @@ __all__ = [
     "encode_head",
     "encode_request",
     "encode_response",
+    "encode_key_request",
     "quick_request",
+    "quick_response",
     "ResponseShape",
 ]
 
@@ -82,6 +84,12 @@ _QUICK_REQUEST = re.compile(
     rb"([a-z][a-z0-9_]{0,31}) ([0-9]{1,%d})\r\nKey: ([\x20-\x7e]{1,%d})\r\n"
     rb"(?:Length: ([0-9]{1,%d})\r\n)?\r\n"
     % (limits.MAX_ID_DIGITS, limits.MAX_KEY, limits.MAX_LENGTH_DIGITS)
+)
+# A response whose header block is all printable ASCII (see quick_response).  Linear:
+# a name stops at its colon, a value (with its optional leading space) at the CR.
+_QUICK_RESPONSE = re.compile(
+    rb"(OK|ERROR) ([0-9]{1,%d})((?:\r\n[A-Za-z0-9-]{1,%d}:[\x20-\x7e]*)*)\r\n\r\n"
+    % (limits.MAX_ID_DIGITS, limits.MAX_HEADER_NAME)
 )
 
 #: Largest payload a ``whole=True`` parser hands over inside its Head.
@@ -568,6 +576,40 @@ def quick_request(data: bytes, methods: MethodTable) -> Head | None:
 _KEY_ONLY: Final = frozenset(["key"])
 
 
+def quick_response(data: bytes) -> Head | None:
+    """Decode ``data`` in one step if it is exactly one small response in plain ASCII.
+
+    The client's side of :func:`quick_request`: a status line, headers of printable
+    ASCII (at most MAX_LINE bytes in all), an optional Length and exactly that many
+    payload bytes (at most WHOLE_MAX).  Returns the Head a ``whole=True`` response
+    parser fed ``data`` alone would return, or None for anything else (feed that to
+    the Parser, which decides); tests/test_codec.py checks they agree.
+    """
+    m = _QUICK_RESPONSE.match(data, 0, limits.MAX_LINE)
+    if m is None:
+        return None
+    pairs = _PAIRS.findall(m.group(3))
+    if len(pairs) > limits.MAX_HEADERS:
+        return None
+    headers: dict[str, str] = {}
+    raw_length: bytes | None = None
+    for k, v in pairs:
+        name = k.lower().decode("ascii")
+        if name in headers:
+            return None
+        if name == "length":
+            if raw_length is not None or not _LENGTH.match(v):
+                return None
+            raw_length = v
+        else:
+            headers[name] = v.decode("ascii")
+    start = m.end()
+    length = int(raw_length) if raw_length is not None else 0
+    if start + length != len(data) or length > WHOLE_MAX:
+        return None
+    return Head(m.group(1).decode("ascii"), int(m.group(2)), headers, length, data[start:])
+
+
 def _describe_bad_byte(b: bytes) -> str:
     if b == b"\n":
         return "bare LF in header block (lines end with CRLF)"
@@ -657,6 +699,26 @@ def encode_request(
     if isinstance(payload, int):
         return _encode_head(f"{method} {req_id}", headers, payload)
     return _encode_head(f"{method} {req_id}", headers, len(payload)) + payload
+
+
+def encode_key_request(method: str, req_id: int, key: str, payload: bytes = b"") -> bytes:
+    """``encode_request(method, req_id, {"Key": key}, payload)``, cheaper for the common
+    key (printable ASCII, at most MAX_KEY bytes); the same bytes either way."""
+    if (
+        method in _GOOD_METHODS
+        and key.isascii()
+        and key.isprintable()
+        and 0 < len(key) <= limits.MAX_KEY
+        and type(req_id) is int
+        and 0 <= req_id < _ID_LIMIT
+        and type(payload) is bytes
+    ):
+        if payload:
+            return b"%s %d\r\nKey: %s\r\nLength: %d\r\n\r\n%s" % (
+                method.encode(), req_id, key.encode(), len(payload), payload
+            )
+        return b"%s %d\r\nKey: %s\r\n\r\n" % (method.encode(), req_id, key.encode())
+    return encode_request(method, req_id, {"Key": key}, payload)
 
 
 def encode_response(
