@@ -104,7 +104,7 @@ class MasterLink(service.Service):
         self.link: ServerProtocol | None = None
         self.incarnation: int | None = None
         self.registrations = 0
-        self._reports: list[str] = []
+        self._reports: list[tuple[str, Entry]] = []
         self._report_call: Any = None
         factory = ServerFactory(
             orders, clock, None, ServerLimits(idle_timeout=max(60.0, 10 * heartbeat_interval)),
@@ -252,26 +252,23 @@ class MasterLink(service.Service):
         """Queue a store or delete for the master; sent in batches."""
         if self.link is None:
             return  # the next registration's inventory says it
-        self._reports.append(
-            json.dumps(
-                {
-                    "op": op,
-                    "key": entry.key,
-                    "size": entry.size,
-                    "sha256": entry.sha256,
-                    "version": entry.version,
-                },
-                ensure_ascii=False,
-            )
-        )
+        # Encoded when sent, not here: this runs before the write is answered.
+        self._reports.append((op, entry))
         if self._report_call is None or not self._report_call.active():
             self._report_call = self.clock.callLater(REPORT_DELAY, self._send_reports)
 
     def _send_reports(self) -> None:
-        lines, self._reports = self._reports, []
+        reports, self._reports = self._reports, []
         link, incarnation = self.link, self.incarnation
-        if not lines or link is None or incarnation is None:
+        if not reports or link is None or incarnation is None:
             return
+        lines = [
+            json.dumps(
+                {"op": op, "key": e.key, "size": e.size, "sha256": e.sha256, "version": e.version},
+                ensure_ascii=False,
+            )
+            for op, e in reports
+        ]
         d = link.request(
             "report",
             {"Name": self.info.name, "Incarnation": incarnation},

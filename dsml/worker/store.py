@@ -79,7 +79,7 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import attrs
 
@@ -210,9 +210,13 @@ class DiskFull(StoreError):
     code = "disk-full"
 
 
-@attrs.frozen
-class Entry:
-    """What the index knows about one key."""
+class Entry(NamedTuple):
+    """What the index knows about one key.
+
+    A NamedTuple, not an attrs class: one is made per value write, and a frozen attrs
+    instance measured twice the cost to create (it sets each field through
+    object.__setattr__).
+    """
 
     key: str
     kind: str  #: "file" or "value"
@@ -694,6 +698,10 @@ class Store:
             data = bytes(data)  # the overlay keeps it: no buffer that may change
         pending = self._pending
         prev = pending.get(key)
+        if prev is None:
+            # The cache holds only values and drops a key on every change: as good
+            # as the index, without a query.
+            prev = self._cache.get(key)
         if prev is not None:
             old_size = prev[0].size
             old_version: int | None = prev[0].version
@@ -714,7 +722,10 @@ class Store:
                 old_size = old[0]
                 old_version = old[2]
         kb = key.encode()
-        version = self._allocate(key, old_version, version)
+        if version is None:  # the common case of _allocate, inline
+            version = self._version = self._version + 1
+        else:
+            version = self._allocate(key, old_version, version)
         mtime = time.time()
         tail = _REC_TAIL.pack(version, mtime, len(kb), size)
         crc = zlib.crc32(data, zlib.crc32(kb, zlib.crc32(tail)))
@@ -787,6 +798,9 @@ class Store:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise _db_error(e, rows[0][0]) from e
+            # Just written, so likely read (or rewritten) again soon: keep them cached.
+            for key, item in pending.items():
+                self._cache_put(key, item)
             pending.clear()
             self._dirty = True
         if self._log_size:
