@@ -65,14 +65,47 @@ def job(
     return JobSpec(name=name, tasks=tasks or (task(),), priority=priority, after=after)
 
 
+class Threads:
+    """A stand-in for deferToThreadPool: the work waits until the test runs it."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, fn: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queue.append((fn, d))
+        return d
+
+    def run(self) -> int:
+        """Run the queued work in order (and what it queues); how many ran."""
+        n = 0
+        while self.queue:
+            fn, d = self.queue.pop(0)
+            n += 1
+            try:
+                value = fn()
+            except Exception:
+                d.errback()
+            else:
+                d.callback(value)
+        return n
+
+
 class Harness:
     """A JobManager on a Clock over ``path``; helpers that commit as they go."""
 
-    def __init__(self, path: Path, clock: Clock | None = None, sync: str = "NORMAL") -> None:
+    def __init__(
+        self,
+        path: Path,
+        clock: Clock | None = None,
+        sync: str = "NORMAL",
+        threads: Threads | None = None,
+    ) -> None:
         self.path = path
         self.clock = clock if clock is not None else Clock()
         self.sync = sync
-        self.jm = JobManager(path, self.clock, synchronous=sync)
+        self.threads = threads
+        self.jm = JobManager(path, self.clock, synchronous=sync, run_in_thread=threads)
 
     def tick(self) -> None:
         """Let the group commit run."""
@@ -123,7 +156,9 @@ class Harness:
     def reopen(self, flush: bool = True) -> JobManager:
         """Close (or crash, with ``flush=False``) and open the state again."""
         self.jm.close(flush=flush)
-        self.jm = JobManager(self.path, self.clock, synchronous=self.sync)
+        self.jm = JobManager(
+            self.path, self.clock, synchronous=self.sync, run_in_thread=self.threads
+        )
         return self.jm
 
     def order(self, worker: str = "w1", free: int = 1000) -> list[tuple[str, int]]:
@@ -558,6 +593,81 @@ def test_failed_commit_is_retried_and_acknowledges_nothing(h: Harness) -> None:
     h.jm._db = real
     h.reopen()
     assert h.jm.job("j1").total == 1
+
+
+def test_commit_in_a_thread_leaves_the_reactor_free(tmp_path: Path) -> None:
+    """With run_in_thread, a batch commits in a thread: changes made meanwhile are taken
+    at once in memory, and acknowledged by the next batch, which starts when the first
+    ends; nothing is acknowledged before its own commit."""
+    threads = Threads()
+    h = Harness(tmp_path, threads=threads)
+    first = h.jm.submit(job(name="a"))
+    h.tick()
+    assert len(threads.queue) == 1 and not fired(first)
+    second = h.jm.submit(job(name="b"))  # while the first batch is in its thread
+    assert [a.job_id for a in h.assign(free=5)] == ["j1", "j2"]  # memory is not held up
+    h.tick()
+    assert len(threads.queue) == 1  # one batch at a time
+    done = h.jm.committed()
+    assert not fired(done)
+    fn, d = threads.queue.pop(0)
+    fn()
+    assert not fired(first)  # committed, but acknowledged on the reactor thread
+    d.callback(None)
+    assert result(first) == "j1" and not fired(second) and not fired(done)
+    assert len(threads.queue) == 1  # the next batch started at once
+    threads.run()
+    assert result(second) == "j2" and fired(done)
+    h.reopen()
+    assert [v.name for v in h.jm.jobs()] == ["b", "a"]
+    assert all(v.tasks[0].attempts for v in (h.jm.job("j1"), h.jm.job("j2")))
+
+
+def test_failed_commit_in_a_thread_is_retried(tmp_path: Path) -> None:
+    """A batch whose commit fails in its thread is dirty again, with changes made
+    meanwhile; the retry acknowledges both."""
+    threads = Threads()
+    h = Harness(tmp_path, threads=threads)
+    real = h.jm._db
+    calls = []
+
+    class Full:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def executemany(self, sql: str, rows: Any) -> Any:
+            calls.append(sql)
+            if len(calls) == 1:
+                raise sqlite3.OperationalError("database or disk is full")
+            return real.executemany(sql, rows)
+
+    h.jm._db = Full()  # type: ignore[assignment]
+    first = h.jm.submit(job(name="a"))
+    h.tick()
+    second = h.jm.submit(job(name="b"))
+    threads.run()
+    assert not fired(first) and not fired(second)
+    h.clock.advance(RETRY_DELAY)
+    threads.run()
+    assert (result(first), result(second)) == ("j1", "j2")
+    h.jm._db = real
+    h.reopen()
+    assert [v.name for v in h.jm.jobs()] == ["b", "a"]
+
+
+def test_close_writes_the_batch_its_thread_has_not_run(tmp_path: Path) -> None:
+    """Stopping the master while a batch waits for its thread writes it before closing."""
+    threads = Threads()
+    h = Harness(tmp_path, threads=threads)
+    d = h.jm.submit(job(name="a"))
+    h.tick()
+    assert len(threads.queue) == 1
+    h.jm.close()
+    threads.run()  # the thread's turn comes after: it writes nothing more
+    assert result(d) == "j1"
+    h.threads = None
+    h.reopen()
+    assert [v.name for v in h.jm.jobs()] == ["a"]
 
 
 def test_wait_for(h: Harness) -> None:

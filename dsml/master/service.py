@@ -17,6 +17,8 @@ from typing import Any
 
 import attrs
 from twisted.application import service
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from .. import __version__
@@ -422,11 +424,14 @@ def build_master(
     limits: ServerLimits,
     listen: Callable[[ServerFactory], service.IService],
     now: Callable[[], float] = time.time,
+    run_in_thread: Callable[[Callable[[], None]], Deferred[None]] | None = None,
 ) -> Master:
     """Wire the master over an open ``state``: no reactor or sockets of its own.
 
     ``clock`` schedules, ``monotonic`` decides liveness, ``now`` (wall clock) stamps
-    tombstones, and ``listen(factory)`` makes the service that serves ``factory``.
+    tombstones, and ``listen(factory)`` makes the service that serves ``factory``;
+    ``run_in_thread`` (deferToThreadPool) takes the job state's commits off the reactor
+    thread (without it they run inline, as in the simulation).
     :func:`make_master_service` passes the real ones; :mod:`dsml.testing.sim` passes
     a fake clock and an in-memory network.
     """
@@ -447,7 +452,7 @@ def build_master(
     handler = MasterHandler(state=state, directory=directory, membership=membership, factor=factor)
     # Jobs keep their own SQLite file beside the directory's: the two never share a
     # transaction, and a burst of task results never waits behind a block report.
-    jobs = JobManager(Path(state.path).parent / JOBS_FILE, clock)
+    jobs = JobManager(Path(state.path).parent / JOBS_FILE, clock, run_in_thread=run_in_thread)
     router = JobRouter(jobs=jobs, membership=membership, directory=directory, clock=clock)
     handler.router = router
     repairer = Repairer(
@@ -495,4 +500,5 @@ def make_master_service(
         listen=lambda factory: ListenService(
             reactor, mc.host, mc.port, factory, mc.state_dir / ADDR_FILE, "dsml master"
         ),
+        run_in_thread=lambda fn: deferToThreadPool(reactor, reactor.getThreadPool(), fn),
     ).service
