@@ -264,9 +264,12 @@ class Proc:
 
 def _task_processes(root: Path) -> list[Proc]:
     """Live processes whose working directory is an attempt directory of a worker under
-    ``root`` (``<data_dir>/tasks/<attempt>``), with the job and attempt of their
-    environment.  (The cluster's own processes run in ``root`` itself.)"""
-    task_dir = re.compile(re.escape(str(Path(root).resolve())) + r"/[^/]+/tasks/-?[0-9]+(/.*)?")
+    ``root`` (``<data_dir>/tasks/run/<n>`` while it runs, ``<data_dir>/tasks/<attempt>``
+    once kept), with the job and attempt of their environment.  (The cluster's own
+    processes run in ``root`` itself.)"""
+    task_dir = re.compile(
+        re.escape(str(Path(root).resolve())) + r"/[^/]+/tasks/(run/)?-?[0-9]+(/.*)?"
+    )
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

@@ -25,6 +25,7 @@ from twisted.internet.task import deferLater
 from dsml.errors import DsmlError, NotFound
 from dsml.worker import tasks
 from dsml.worker.tasks import (
+    RUN_DIR,
     STDERR_NAME,
     STDOUT_NAME,
     AttemptResult,
@@ -288,7 +289,10 @@ def test_environment_and_working_directory(h: Harness, monkeypatch: pytest.Monke
     assert result.reason == ""
     lines = m.logs(4)[0].read_text().splitlines()
     assert lines[0] == "7|job-1|4|bar baz|"
-    assert Path(lines[1]).resolve() == (h.work_dir / "4").resolve()
+    # Its own directory under run/ while it runs; kept as <attempt id> (it holds a log).
+    assert Path(lines[1]).resolve().parent == (h.work_dir / RUN_DIR).resolve()
+    assert m.logs(4)[0].parent == h.work_dir / "4"
+    assert not Path(lines[1]).exists()
 
 
 @pytest.mark.parametrize("which", ["default", "spawn", "python"])
@@ -308,7 +312,7 @@ def test_own_session_and_group_without_fork(h: Harness, which: str) -> None:
     shell_pid, groups, cwd = m.logs(1)[0].read_text().splitlines()
     assert int(shell_pid) == spawned
     assert groups == f"{spawned} {spawned}"  # pgrp and session both = the pid
-    assert Path(cwd).resolve() == (h.work_dir / "1").resolve()
+    assert Path(cwd).resolve().parent == (h.work_dir / RUN_DIR).resolve()
     assert stat_fields(os.getpid())[0] != spawned
 
 
@@ -440,7 +444,8 @@ def test_cancel_while_fetching(h: Harness) -> None:
 
     async def body() -> AttemptResult:
         m.start(spec(5, "true", inputs=(("slow", "a"),)))
-        await h.wait_for(lambda: (h.work_dir / "5").exists())  # fetching from then on
+        run = h.work_dir / RUN_DIR
+        await h.wait_for(lambda: run.is_dir() and any(run.iterdir()))  # fetching from then on
         m.cancel(5)
         return await h.result(5)
 
@@ -741,7 +746,7 @@ def test_results_wait_for_ack(h: Harness) -> None:
     m = h.manager()
 
     async def body() -> None:
-        m.start(spec(30, "true"))
+        m.start(spec(30, "sh", "-c", "echo done"))
         m.start(spec(31, "false"))
         await h.result(30)
         await h.result(31)
@@ -756,6 +761,31 @@ def test_results_wait_for_ack(h: Harness) -> None:
     assert m.logs(30)[0].parent.is_dir()  # acknowledged, but the directory stays a while
 
 
+def test_an_attempt_that_leaves_nothing_lends_its_directory_to_the_next(h: Harness) -> None:
+    """An attempt that writes nothing keeps no directory (its logs read as empty), and the
+    next attempt works in the same, still empty, directory; one that leaves a file is kept
+    under its id, and the next gets a new directory."""
+    m = h.manager()
+    cwds = h.work_dir.parent / "cwds"
+
+    async def body() -> None:
+        for attempt_id, script in [(50, ""), (51, ""), (52, "touch f")]:
+            m.start(spec(attempt_id, "sh", "-c", f"pwd >> {cwds}; {script}"))
+            assert (await h.result(attempt_id)).reason == ""
+        m.start(spec(53, "sh", "-c", f"pwd >> {cwds}; ls -A | wc -l"))
+        await h.result(53)
+
+    h.run(body)
+    first, second, third, fourth = cwds.read_text().splitlines()
+    assert first == second == third
+    assert fourth != first
+    assert sorted(p.name for p in h.work_dir.iterdir()) == ["52", "53", RUN_DIR]
+    assert (h.work_dir / "52" / "f").exists()
+    assert (h.work_dir / "53" / STDOUT_NAME).read_text().strip() == "0"  # it started empty
+    assert not m.logs(50)[0].exists()  # it left nothing: its logs read as empty
+    assert list((h.work_dir / RUN_DIR).iterdir()) == []
+
+
 def test_old_attempt_directories_are_removed(h: Harness) -> None:
     """Only the last keep_finished attempt dirs stay, counting ones left by an earlier run."""
     (h.work_dir / "5").mkdir(parents=True)
@@ -764,11 +794,11 @@ def test_old_attempt_directories_are_removed(h: Harness) -> None:
 
     async def body() -> None:
         for attempt_id in (40, 41, 42):
-            m.start(spec(attempt_id, "true"))
+            m.start(spec(attempt_id, "sh", "-c", "echo out"))
             await h.result(attempt_id)
 
     h.run(body)
-    assert sorted(p.name for p in h.work_dir.iterdir()) == ["41", "42", "notes"]
+    assert sorted(p.name for p in h.work_dir.iterdir()) == ["41", "42", "notes", RUN_DIR]
     with pytest.raises(TaskError) as caught:
         m.logs(40)
     assert caught.value.code == "not-found"
