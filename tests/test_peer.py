@@ -54,9 +54,9 @@ class Handler:
 class Link:
     """A master-side and a worker-side protocol joined by an in-memory pump."""
 
-    def __init__(self, token: str = "secret") -> None:
+    def __init__(self, token: str = "secret", master_handler: Handler | None = None) -> None:
         self.clock = Clock()
-        self.master_handler = Handler()
+        self.master_handler = master_handler or Handler()
         self.worker_handler = Handler()
         self.lost: list[ServerProtocol] = []
         master_factory = ServerFactory(
@@ -161,3 +161,56 @@ def test_pending_requests_fail_when_the_link_drops() -> None:
     assert link.lost == [link.master]
     with pytest.raises(RuntimeError):
         ServerFactory(Handler(), Clock()).buildProtocol(None).request("echo")
+
+
+class PipelinedHandler(Handler):
+    pipelined = frozenset({"later"})
+
+
+def _link_with(handler: Handler) -> Link:
+    """An authenticated Link whose master side answers with ``handler``."""
+    link = Link(master_handler=handler)
+    link.worker.request("auth", {"Token": "secret"})
+    link.flush()
+    return link
+
+
+def test_pipelined_methods_overlap_and_are_answered_in_order() -> None:
+    """Requests of a method the handler marks pipelined are all taken while the first
+    waits for its answer; the answers still go back in request order, and a request of
+    any other method waits until every answer owed has gone."""
+    link = _link_with(PipelinedHandler())
+    handler = link.master_handler
+    order: list[str] = []
+    first = link.worker.request("later")
+    second = link.worker.request("later")
+    echo = link.worker.request("echo", {"Word": "after"})
+    third = link.worker.request("later")
+    for name, d in [("first", first), ("second", second), ("echo", echo), ("third", third)]:
+        d.addBoth(lambda r, name=name: (order.append(name), r)[1])
+    link.flush()
+    assert handler.seen == ["later", "later"]  # both taken; echo (not pipelined) waits
+    handler.later[1].callback(Reply({"N": 2}))
+    link.flush()
+    assert order == []  # the second is ready, but the first is owed before it
+    handler.later[0].errback(DsmlError("gone", "not-found"))
+    link.flush()
+    assert order == ["first", "second", "echo"]
+    assert _result(first).value.code == "not-found"
+    assert _result(second).headers["n"] == "2"
+    assert handler.seen == ["later", "later", "echo", "later"]
+    handler.later[2].callback(Reply())
+    link.flush()
+    assert order == ["first", "second", "echo", "third"]
+
+
+def test_answers_owed_when_the_link_drops_are_dropped() -> None:
+    """A pipelined answer that becomes ready after the link closed is not sent."""
+    link = _link_with(PipelinedHandler())
+    pending = link.worker.request("later")
+    link.flush()
+    link.worker.transport.loseConnection()
+    link.flush()
+    assert _result(pending).check(ConnectionLost)
+    link.master_handler.later[0].callback(Reply())  # nothing to send it on: no error
+    assert link.lost == [link.master]

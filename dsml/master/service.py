@@ -68,6 +68,12 @@ def parse_inventory(payload: bytes) -> tuple[list[tuple[Any, Any, Any, Any]], in
 class MasterHandler:
     """Answers the master's methods (see :func:`dsml.protocol.methods.master_methods`)."""
 
+    #: Requests a worker's link may have in progress together (answers still go back in
+    #: order): a batch of task results is applied at once and answered after its commit,
+    #: so the next batch must not wait for that commit (measured: results serialized
+    #: behind commits left slots idle, ~15% of the throughput of one-shot tasks).
+    pipelined = frozenset({"task_result"})
+
     def __init__(
         self,
         *,

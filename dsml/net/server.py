@@ -182,6 +182,12 @@ class ServerProtocol(TwistedProtocol):
         self._holding = False  # inside a held request's payload
         self._held_bytes = 0
         self._held_paused = False
+        # Peer links: methods the handler lets overlap (``handler.pipelined``), and the
+        # answers owed, in request order: [request id, encoded response or None].
+        self._pipelined: frozenset[str] = (
+            frozenset(getattr(factory.handler, "pipelined", ())) if self.peer else frozenset()
+        )
+        self._slots: deque[list[Any]] = deque()
 
     # -- connection life --------------------------------------------------------------
 
@@ -225,6 +231,7 @@ class ServerProtocol(TwistedProtocol):
         if self._body is not None:
             self._body.close()
             self._body = None
+        self._slots.clear()
         calls, self._calls = self._calls, {}
         for pending in calls.values():
             pending.deferred.errback(ConnectionLost("connection lost before the reply"))
@@ -283,7 +290,7 @@ class ServerProtocol(TwistedProtocol):
         peer = self.peer
         held = self._held
         while not self._closing:
-            if held and self._state != _WAITING:
+            if held and self._state != _WAITING and not self._slots:
                 event: Any = held.popleft()
                 if type(event) is Data:
                     self._held_bytes -= len(event.data)
@@ -341,7 +348,12 @@ class ServerProtocol(TwistedProtocol):
                     self._on_response_event(Data(event.body))
                 self._on_response_event(END)
             return True
-        elif self._state == _WAITING or self._held:
+        elif (
+            self._state == _WAITING
+            or self._held
+            or (self._slots and kind is Head and event.kind not in self._pipelined)
+        ):
+            # (A request that may not overlap waits for every answer still owed.)
             self._held.append(event)
             if kind is Data:
                 self._held_bytes += len(event.data)
@@ -479,6 +491,14 @@ class ServerProtocol(TwistedProtocol):
             return
         if type(result) is bytes:  # the handler encoded it (codec.ResponseShape)
             self._send(result)
+        elif isinstance(result, Deferred) and head.kind in self._pipelined:
+            # Answered later, in its turn; the next request goes on meanwhile.
+            slot = [head.id, None]
+            self._slots.append(slot)
+            result.addCallbacks(self._slot_done, self._slot_failed, (slot,), None, (slot,))
+            result.addErrback(self._bug, head.kind)
+            self._state = _IDLE
+            self._head = None
         elif isinstance(result, Deferred):
             self._wait()
             result.addCallbacks(self._reply_async, self._error_async, (head.id,), None, (head.id,))
@@ -516,9 +536,40 @@ class ServerProtocol(TwistedProtocol):
 
     def _send(self, data: bytes) -> None:
         if data:
-            _write_now(self.transport, data)
+            if self._slots:  # earlier answers are still owed: this one waits its turn
+                self._slots.append([None, data])
+            else:
+                _write_now(self.transport, data)
         self._state = _IDLE
         self._head = None
+
+    def _slot_done(self, reply: Reply, slot: list[Any]) -> None:
+        if self._closing:
+            return
+        if reply.body is not None:  # a pipelined method answers with a payload only
+            reply.body.close()
+            raise RuntimeError("a pipelined method answered with a body")
+        slot[1] = codec.encode_response(True, slot[0], reply.headers, reply.payload)
+        self._flush_slots()
+
+    def _slot_failed(self, failure: Failure, slot: list[Any]) -> None:
+        if self._closing:
+            return
+        if failure.check(DsmlError):
+            e = failure.value
+            slot[1] = codec.encode_error(slot[0], e.code, e.message)  # type: ignore[union-attr]
+        else:
+            log.failure("request failed", failure)
+            slot[1] = codec.encode_error(slot[0], "internal", "internal error")
+        self._flush_slots()
+
+    def _flush_slots(self) -> None:
+        """Send the answers that are ready, in request order; then go on with held ones."""
+        slots = self._slots
+        while slots and slots[0][1] is not None:
+            _write_now(self.transport, slots.popleft()[1])
+        if not slots and self._held:
+            self._resume()
 
     def _wait(self) -> None:
         """Stop reading until the current request is answered (no unbounded buffering).
