@@ -597,8 +597,8 @@ def test_failed_commit_is_retried_and_acknowledges_nothing(h: Harness) -> None:
 
 def test_commit_in_a_thread_leaves_the_reactor_free(tmp_path: Path) -> None:
     """With run_in_thread, a batch commits in a thread: changes made meanwhile are taken
-    at once in memory, and acknowledged by the next batch, which starts when the first
-    ends; nothing is acknowledged before its own commit."""
+    at once in memory, and acknowledged by the next batch, which starts commit_delay
+    after the first ends; nothing is acknowledged before its own commit."""
     threads = Threads()
     h = Harness(tmp_path, threads=threads)
     first = h.jm.submit(job(name="a"))
@@ -615,7 +615,9 @@ def test_commit_in_a_thread_leaves_the_reactor_free(tmp_path: Path) -> None:
     assert not fired(first)  # committed, but acknowledged on the reactor thread
     d.callback(None)
     assert result(first) == "j1" and not fired(second) and not fired(done)
-    assert len(threads.queue) == 1  # the next batch started at once
+    assert threads.queue == []  # the next batch starts commit_delay later
+    h.tick()
+    assert len(threads.queue) == 1
     threads.run()
     assert result(second) == "j2" and fired(done)
     h.reopen()

@@ -1638,13 +1638,12 @@ class JobManager:
                 view = job.view()
                 for w in waiters:
                     w.callback(view)
-        if self._pending() and not self._closed:
-            # Changes made during the commit: their batch starts now (they have waited
-            # at least as long as commit_delay already).
-            if self._call is not None and self._call.active():
-                self._call.cancel()
-            self._call = None
-            self._flush()
+        if self._pending():
+            # Changes made during the commit: their batch follows commit_delay later, as
+            # any batch does (at once, measured, made a commit per task or two under a
+            # stream of short tasks, each some hundreds of us of SQLite CPU; a worker's
+            # next results do not wait for it: task_result requests overlap).
+            self._schedule()
 
     # -- closing -------------------------------------------------------------------------
 
