@@ -555,12 +555,7 @@ class ServerProtocol(TwistedProtocol):
     def _slot_failed(self, failure: Failure, slot: list[Any]) -> None:
         if self._closing:
             return
-        if failure.check(DsmlError):
-            e = failure.value
-            slot[1] = codec.encode_error(slot[0], e.code, e.message)  # type: ignore[union-attr]
-        else:
-            log.failure("request failed", failure)
-            slot[1] = codec.encode_error(slot[0], "internal", "internal error")
+        slot[1] = _failure_response(failure, slot[0])
         self._flush_slots()
 
     def _flush_slots(self) -> None:
@@ -610,12 +605,7 @@ class ServerProtocol(TwistedProtocol):
     def _error_async(self, failure: Failure, req_id: int) -> None:
         if self._closing:
             return
-        if failure.check(DsmlError):
-            e = failure.value
-            self._finish_error(req_id, e.code, e.message)  # type: ignore[union-attr]
-        else:
-            log.failure("request failed", failure)
-            self._finish_error(req_id, "internal", "internal error")
+        self._send(_failure_response(failure, req_id))
         self._resume()
 
     def _bug(self, failure: Failure, method: str) -> None:
@@ -735,6 +725,15 @@ class ServerProtocol(TwistedProtocol):
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
         self._fatal("timeout", message, self._head.id if self._head else 0)
+
+
+def _failure_response(failure: Failure, req_id: int) -> bytes:
+    """The error response for a request whose handler failed (logged unless a DsmlError)."""
+    if failure.check(DsmlError):
+        e = failure.value
+        return codec.encode_error(req_id, e.code, e.message)  # type: ignore[union-attr]
+    log.failure("request failed", failure)
+    return codec.encode_error(req_id, "internal", "internal error")
 
 
 def _write_now(transport: Any, data: bytes) -> None:
