@@ -1472,7 +1472,11 @@ class JobManager:
         return d
 
     def flush(self) -> None:
-        """Commit the pending batch now (the timer would do it ``commit_delay`` later)."""
+        """Start the pending batch's commit now (the timer would, ``commit_delay`` later).
+
+        Inline without ``run_in_thread``; with it, the commit runs in its thread (or after
+        the one in progress): wait for :meth:`committed` to know it is on disk.
+        """
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
