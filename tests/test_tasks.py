@@ -897,3 +897,31 @@ def test_popen_task_gets_only_its_three_descriptors(h: Harness) -> None:
     result = h.run(body)
     assert result.reason == ""
     assert sorted(m.logs(1)[0].read_text().split()) == ["0", "1", "2"]
+
+
+def test_a_task_that_removes_or_locks_its_directory_harms_no_other(h: Harness) -> None:
+    """A task that deletes its working directory, or makes it unreadable, still gets its
+    result, and the next attempt works in a fresh, empty directory of its own."""
+    m = h.manager()
+    cwds = h.work_dir.parent / "cwds"
+
+    async def body() -> list[str]:
+        reasons = []
+        for attempt_id, script in [
+            (60, "rmdir \"$PWD\""),
+            (61, "touch f; chmod 000 \"$PWD\""),
+            (62, "ls -A | wc -l"),
+        ]:
+            m.start(spec(attempt_id, "sh", "-c", f"pwd >> {cwds}; {script}"))
+            reasons.append((await h.result(attempt_id)).reason)
+        return reasons
+
+    try:
+        assert h.run(body) == ["", "", ""]
+    finally:
+        for p in h.work_dir.rglob("*"):
+            if p.is_dir():
+                p.chmod(0o755)
+    first, second, third = cwds.read_text().splitlines()
+    assert len({first, second, third}) == 3
+    assert (h.work_dir / "62" / STDOUT_NAME).read_text().strip() == "0"
