@@ -14,6 +14,7 @@ directory, which is deleted at the end, and every process started here is stoppe
 
 --profile adds cProfile runs of the dsml client (extra runs, outside the figures);
 benchmarks/profile_server.py profiles the worker itself under the same loads.
+benchmarks/insitu.py times the worker's steps per small request inside the process.
 """
 
 from __future__ import annotations
