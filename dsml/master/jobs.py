@@ -103,6 +103,7 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..errors import DsmlError
 from ..fsutil import fsync_dir as _fsync_dir
@@ -1530,7 +1531,7 @@ class JobManager:
 
         The rows are taken here, on the reactor thread; the transaction runs in a thread
         if there is ``run_in_thread`` (one at a time: changes made meanwhile wait for the
-        next batch, started as soon as this one ends), else inline.
+        next batch, ``commit_delay`` after this one ends), else inline.
         """
         self._call = None
         if self._closed or self._in_flight is not None or not self._pending():
@@ -1541,7 +1542,7 @@ class JobManager:
             try:
                 self._write(batch)
             except Exception:
-                self._failed(batch)
+                self._failed(batch, Failure())
             else:
                 self._written(batch)
             return
@@ -1608,13 +1609,10 @@ class JobManager:
             if batch.reserve is not None:
                 db.execute(_SET_META, ("attempt_reserved", batch.reserve))
 
-    def _failed(self, batch: _Batch, failure: object = None) -> None:
+    def _failed(self, batch: _Batch, failure: Failure) -> None:
         """Nothing of the batch was acknowledged: it all becomes dirty again, to retry."""
         self._in_flight = None
-        if failure is not None:
-            log.failure("jobs: commit failed; retrying in {delay} s", failure, delay=RETRY_DELAY)
-        else:
-            log.failure("jobs: commit failed; retrying in {delay} s", delay=RETRY_DELAY)
+        log.failure("jobs: commit failed; retrying in {delay} s", failure, delay=RETRY_DELAY)
         self._new_jobs = batch.new_jobs + self._new_jobs
         self._dirty_jobs |= batch.dirty_jobs
         self._dirty_tasks |= batch.dirty_tasks

@@ -375,32 +375,11 @@ class Parser:
                 m = _RESPONSE_BLOCK.match(block)
                 is_response = True
             if m is not None:
-                pairs = _PAIRS.findall(block, m.end(2))
-                if len(pairs) <= limits.MAX_HEADERS:
-                    headers: dict[str, str] = {}
-                    raw_length: bytes | None = None
-                    try:
-                        for k, v in pairs:
-                            name = k.lower().decode("ascii")
-                            if name in headers:
-                                break
-                            if name == "length":
-                                if raw_length is not None or not _LENGTH.match(v):
-                                    break
-                                raw_length = v
-                            else:
-                                headers[name] = v.decode("utf-8")
-                        else:
-                            return self._finish_head(
-                                m.group(1).decode("ascii"),
-                                int(m.group(2)),
-                                headers,
-                                raw_length,
-                                None,
-                                is_response,
-                            )
-                    except UnicodeDecodeError:
-                        pass
+                found = _plain_headers(_PAIRS.findall(block, m.end(2)))
+                if found is not None:
+                    return self._finish_head(
+                        m.group(1).decode("ascii"), int(m.group(2)), *found, None, is_response
+                    )
         return self._decode_head_slowly(block)
 
     def _decode_head_slowly(self, block: bytes) -> Event:
@@ -588,26 +567,41 @@ def quick_response(data: bytes) -> Head | None:
     m = _QUICK_RESPONSE.match(data, 0, limits.MAX_LINE)
     if m is None:
         return None
-    pairs = _PAIRS.findall(m.group(3))
-    if len(pairs) > limits.MAX_HEADERS:
+    found = _plain_headers(_PAIRS.findall(m.group(3)))
+    if found is None:
         return None
-    headers: dict[str, str] = {}
-    raw_length: bytes | None = None
-    for k, v in pairs:
-        name = k.lower().decode("ascii")
-        if name in headers:
-            return None
-        if name == "length":
-            if raw_length is not None or not _LENGTH.match(v):
-                return None
-            raw_length = v
-        else:
-            headers[name] = v.decode("ascii")
+    headers, raw_length = found
     start = m.end()
     length = int(raw_length) if raw_length is not None else 0
     if start + length != len(data) or length > WHOLE_MAX:
         return None
     return Head(m.group(1).decode("ascii"), int(m.group(2)), headers, length, data[start:])
+
+
+def _plain_headers(
+    pairs: list[tuple[bytes, bytes]],
+) -> tuple[dict[str, str], bytes | None] | None:
+    """The headers (lowercase names) and raw Length of a well-formed block's pairs, or
+    None if anything is unusual (too many, a name twice, a bad Length, a value not
+    UTF-8): the caller's slow path then names the problem."""
+    if len(pairs) > limits.MAX_HEADERS:
+        return None
+    headers: dict[str, str] = {}
+    raw_length: bytes | None = None
+    try:
+        for k, v in pairs:
+            name = k.lower().decode("ascii")
+            if name in headers:
+                return None
+            if name == "length":
+                if raw_length is not None or not _LENGTH.match(v):
+                    return None
+                raw_length = v
+            else:
+                headers[name] = v.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return headers, raw_length
 
 
 def _describe_bad_byte(b: bytes) -> str:

@@ -881,9 +881,14 @@ class TaskManager(AttemptLedger):
                 shutil.rmtree(self.work_dir / str(att.spec.attempt_id), ignore_errors=True)
         while self._free_dirs:
             path = self._free_dirs.pop()
-            if os.path.isdir(path) and not os.listdir(path):
+            try:  # still empty (nothing may have written there since)?
+                empty = not os.listdir(path)
+            except OSError:
+                empty = False
+            if empty:
                 att.dir = path
                 break
+            shutil.rmtree(path, ignore_errors=True)
         else:
             path = self._run_root / str(self._next_dir)
             self._next_dir += 1
