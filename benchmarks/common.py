@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import socket
 import statistics
 import subprocess
@@ -19,6 +20,18 @@ from typing import Any
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 MIB = 1024 * 1024
+
+
+def cpu_model() -> str:
+    """The CPU's model name (for the figures' machine line)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
 
 
 def cpu_seconds(pid: int) -> float:

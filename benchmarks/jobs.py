@@ -60,7 +60,18 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from common import CLK_TCK, cpu_seconds, fmt, median, note, ratio, say, table, verdict  # noqa: E402
+from common import (  # noqa: E402
+    CLK_TCK,
+    cpu_model,
+    cpu_seconds,
+    fmt,
+    median,
+    note,
+    ratio,
+    say,
+    table,
+    verdict,
+)
 
 from dsml.client import ClusterClient  # noqa: E402
 from dsml.localcluster import LocalCluster, venv_bin  # noqa: E402
@@ -99,17 +110,6 @@ def settings(args: argparse.Namespace) -> Settings:
 
 
 # fmt, ratio, verdict, table, say and note come from common.py.
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def version_of(module: str) -> str:

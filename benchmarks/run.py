@@ -39,6 +39,7 @@ if str(HERE) not in sys.path:
 
 from common import (  # noqa: E402
     MIB,
+    cpu_model,
     cpu_seconds,
     fmt,
     free_port,
@@ -125,17 +126,6 @@ def filesystem_of(path: Path) -> str:
     except OSError:
         pass
     return kind
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def machine() -> dict[str, str]:
