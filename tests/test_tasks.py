@@ -274,6 +274,25 @@ def test_exit_code_and_both_logs(h: Harness, launcher: Any) -> None:
     assert err.read_bytes() == b"err\n"
 
 
+def test_a_task_gets_default_sigpipe(h: Harness, launcher: Any) -> None:
+    """The worker (Python) ignores SIGPIPE, and an ignored signal stays ignored across exec;
+    its tasks must not inherit that: ``yes | head -n 1`` ends quietly, ``yes`` killed by
+    SIGPIPE rather than complaining of a broken pipe."""
+    m = h.manager(launcher=launcher)
+    script = "yes | head -n 1; grep SigIgn /proc/self/status"
+
+    async def body() -> AttemptResult:
+        m.start(spec(1, "sh", "-c", script))
+        return await h.result(1)
+
+    assert h.run(body).reason == ""
+    out, err = m.logs(1)
+    first, ignored = out.read_text().splitlines()
+    assert first == "y"
+    assert not int(ignored.split()[1], 16) & (1 << (signal.SIGPIPE - 1))
+    assert not err.exists()  # nothing written to stderr (an empty log is not made)
+
+
 def test_environment_and_working_directory(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """The command sees DSML_* and its spec's env, runs in its attempt dir, and nothing else
     of the worker's environment leaks in."""
