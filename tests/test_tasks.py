@@ -486,6 +486,78 @@ def test_command_not_found(h: Harness, command: str, launcher: Any) -> None:
     assert h.reactor.spawned == []
 
 
+def _tool(directory: Path, says: str) -> None:
+    """An executable ``tool`` in ``directory`` that prints ``says``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tool = directory / "tool"
+    tool.write_text(f"#!/bin/sh\necho {says}\n")
+    tool.chmod(0o755)
+
+
+def test_where_a_command_is_is_remembered_briefly(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PATH search is remembered (WHICH_TTL): a program that vanished from where it
+    was found is looked for again at once, and one installed earlier in PATH is used
+    once the memory has expired."""
+    early, late = h.work_dir.parent / "early", h.work_dir.parent / "late"
+    _tool(late, "late")
+    early.mkdir()
+    m = h.manager()
+    path = f"{early}:{late}:/usr/bin:/bin"
+
+    async def run_tool(attempt_id: int) -> str:
+        m.start(spec(attempt_id, "tool", env=(("PATH", path),)))
+        result = await h.result(attempt_id)
+        assert result.reason == ""
+        return m.logs(attempt_id)[0].read_text().strip()
+
+    async def body() -> list[str]:
+        said = [await run_tool(1)]
+        _tool(early, "early")  # installed earlier in PATH: not seen while remembered
+        said.append(await run_tool(2))
+        (late / "tool").unlink()  # the remembered one vanished: searched again at once
+        said.append(await run_tool(3))
+        _tool(late, "late")
+        (early / "tool").unlink()
+        monkeypatch.setattr(tasks, "WHICH_TTL", 0.0)  # nothing remembered
+        said.append(await run_tool(4))
+        return said
+
+    assert h.run(body) == ["late", "late", "early", "late"]
+
+
+def test_a_relative_path_entry_is_searched_from_the_task_directory(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative PATH entry names a directory in the task's working directory (as
+    execvp reads it there, after the chdir), never one in the worker's."""
+    worker_cwd = h.work_dir.parent / "worker-cwd"
+    _tool(worker_cwd / "wbin", "worker-copy")  # not in the task's directory: never runs
+    monkeypatch.chdir(worker_cwd)
+    h.transfers.files["tool"] = b"#!/bin/sh\necho task-copy\n"
+    fetch = h.transfers.fetch
+
+    def fetch_executable(key: str, dest: Path) -> Deferred[None]:
+        d = fetch(key, dest)
+        dest.chmod(0o755)
+        return d
+
+    monkeypatch.setattr(h.transfers, "fetch", fetch_executable)
+    m = h.manager()
+
+    async def body() -> list[str]:
+        said = []
+        for attempt_id in (1, 2):  # the second from memory
+            m.start(spec(attempt_id, "tool", env=(("PATH", "wbin:bin:/usr/bin:/bin"),),
+                         inputs=(("tool", "bin/tool"),)))
+            assert (await h.result(attempt_id)).reason == ""
+            said.append(m.logs(attempt_id)[0].read_text().strip())
+        return said
+
+    assert h.run(body) == ["task-copy", "task-copy"]
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
