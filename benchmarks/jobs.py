@@ -16,12 +16,14 @@ throughput  N tasks that run ``true`` (2,000; --quick: 500) on four slots, three
             Dask     distributed.LocalCluster(n_workers=2, threads_per_worker=2,
                      processes=True); ``client.map(f, range(N), pure=False)`` with
                      f = ``subprocess.run(["true"]).returncode``, then ``client.gather``.
-            Tasks/s, medians over alternating repetitions (after a small warm-up of
-            each); ratios dsml/Dask, dsml/xargs.  Beside the rate, the CPU each side
-            spent per task (its own processes, their children and this process: the
-            machine may be shared, so the rate alone can mislead) and how busy the
-            machine was.  All three stay up for the whole run; the two idle ones
-            heartbeat in the background.
+            Tasks/s, medians over repetitions (after a small warm-up of each); dsml
+            and xargs alternate, then Dask's repetitions run (its cluster is started
+            only then: idle, it keeps about 0.15 of a CPU busy, which cost dsml more
+            than xargs while it stayed up); ratios dsml/Dask, dsml/xargs.  Beside the
+            rate, the CPU each side spent per task (its own processes, their children
+            and this process: the machine may be shared, so the rate alone can
+            mislead) and how busy the machine was.  The dsml cluster stays up
+            throughout, idle (heartbeats) while Dask runs.
 latency     one task on an idle cluster, repeated: submit call -> the task's process runs.
             The task is ``date +%s.%N`` (a small C program: it prints the wall clock a
             fraction of a millisecond after its exec); its stdout is read back through
@@ -317,27 +319,29 @@ def start_dask() -> tuple[Any, Any] | str:
     return cluster, client
 
 
+def stop_dask(started: tuple[Any, Any]) -> None:
+    """Close the Dask client, then its cluster."""
+    cluster, client = started
+    try:
+        client.close()
+    finally:
+        cluster.close()
+
+
 # -- throughput -------------------------------------------------------------------------
 
 
-def bench_throughput(s: Settings, side: DsmlSide, dask_client: Any) -> dict[str, Any]:
+def bench_throughput(s: Settings, side: DsmlSide) -> dict[str, Any]:
+    """dsml and xargs, repetitions alternating, with no Dask process up (see main)."""
     runs: dict[str, list[dict[str, float]]] = {"dsml": [], "xargs": [], "dask": []}
     fns: dict[str, Callable[[], dict[str, float]]] = {
         "dsml": lambda: dsml_throughput(side, s.tasks),
         "xargs": lambda: xargs_throughput(s.tasks),
     }
-    dask_pids: list[int] = []
-    if dask_client is not None:
-        # The worker processes (their children are the `true`s); the scheduler and the
-        # nannies run inside this process, which own_cpu counts too.
-        dask_pids = sorted(set(dask_client.run(os.getpid).values()))
-        fns["dask"] = lambda: dask_throughput(dask_client, dask_pids, s.tasks)
     # Warm-up (not counted): a small batch each, so first-use costs stay out of the figures.
     note("throughput: warm-up")
     dsml_throughput(side, 20)
     xargs_throughput(20)
-    if dask_client is not None:
-        dask_throughput(dask_client, dask_pids, 20)
     names = list(fns)
     for rep in range(s.reps):
         order = names if rep % 2 == 0 else names[::-1]
@@ -347,11 +351,23 @@ def bench_throughput(s: Settings, side: DsmlSide, dask_client: Any) -> dict[str,
     return runs
 
 
+def bench_dask_throughput(s: Settings, dask_client: Any, runs: dict[str, Any]) -> None:
+    """Dask's repetitions, into ``runs`` (dsml idles meanwhile: heartbeats only)."""
+    # The worker processes (their children are the `true`s); the scheduler and the
+    # nannies run inside this process, which own_cpu counts too.
+    dask_pids = sorted(set(dask_client.run(os.getpid).values()))
+    note("throughput: Dask warm-up")
+    dask_throughput(dask_client, dask_pids, 20)
+    for rep in range(s.reps):
+        note(f"throughput: dask, {s.tasks} tasks (repetition {rep + 1}/{s.reps})")
+        runs["dask"].append(dask_throughput(dask_client, dask_pids, s.tasks))
+
+
 def report_throughput(s: Settings, runs: dict[str, list[dict[str, float]]],
                       dask_missing: str | None) -> dict[str, Any]:
     say()
     say(f"THROUGHPUT: {s.tasks:,} tasks running `true`, {PARALLEL} at a time, "
-        f"{s.reps} alternating repetitions, medians")
+        f"{s.reps} repetitions (dsml and xargs alternating, then Dask), medians")
     say(f"  dsml:  master + {len(WORKERS)} workers x {SLOTS_PER_WORKER} slots (twistd), ONE "
         f"array job, submit -> wait() returns succeeded")
     say(f"  xargs: seq N | xargs -P {PARALLEL} -n 1 true  (true exec'd directly, no shell, "
@@ -445,24 +461,26 @@ def local_latency() -> dict[str, float]:
     return {"start": float(out.strip()) - t0, "result": t1 - t0}
 
 
-def bench_latency(s: Settings, side: DsmlSide, dask_client: Any) -> dict[str, list[Any]]:
+def bench_latency(s: Settings, side: DsmlSide) -> dict[str, list[Any]]:
+    """dsml's samples and the floor's, alternating, with no Dask process up."""
     out: dict[str, list[Any]] = {"dsml": [], "dask": [], "local": []}
-    note(f"latency: {s.latency_samples} single-task jobs per side")
+    note(f"latency: {s.latency_samples} single-task jobs of dsml")
     dsml_latency(side)  # warm-up
-    if dask_client is not None:
-        dask_latency(dask_client)
-    for i in range(s.latency_samples):
+    for _ in range(s.latency_samples):
         # Idle between samples: results acknowledged, heartbeats in their own rhythm.
         time.sleep(0.05)
-        if i % 2 == 0 or dask_client is None:
-            out["dsml"].append(dsml_latency(side))
-            if dask_client is not None:
-                out["dask"].append(dask_latency(dask_client))
-        else:
-            out["dask"].append(dask_latency(dask_client))
-            out["dsml"].append(dsml_latency(side))
+        out["dsml"].append(dsml_latency(side))
         out["local"].append(local_latency())
     return out
+
+
+def bench_dask_latency(s: Settings, dask_client: Any, out: dict[str, list[Any]]) -> None:
+    """Dask's samples, into ``out``."""
+    note(f"latency: {s.latency_samples} single-task jobs of Dask")
+    dask_latency(dask_client)  # warm-up
+    for _ in range(s.latency_samples):
+        time.sleep(0.05)
+        out["dask"].append(dask_latency(dask_client))
 
 
 def report_latency(s: Settings, res: dict[str, list[Any]]) -> dict[str, Any]:
@@ -478,7 +496,7 @@ def report_latency(s: Settings, res: dict[str, list[Any]]) -> dict[str, Any]:
 
     say()
     say(f"LATENCY: one task on an idle cluster, {s.latency_samples} samples per side "
-        "(alternating), ms from the submit call, medians (min .. max)")
+        "(dsml with the floor, then Dask), ms from the submit call, medians (min .. max)")
     say("  the task is `date +%s.%N`: its output is the wall clock right after its exec")
     say()
     rows = [
@@ -625,24 +643,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         note("starting a dsml master and two workers")
         cluster, side = start_dsml(tmp / "cluster")
+        # dsml and xargs first, with no Dask process up: an idle Dask cluster keeps about
+        # 0.15 of a CPU busy (its scheduler's loop runs in this process, beside dsml's
+        # client), which cost dsml 4-8% more than xargs when it stayed up throughout.
+        # Then Dask, with dsml idle (heartbeats once a second).
+        thr_runs = bench_throughput(s, side)
+        lat_runs = bench_latency(s, side)
         note("starting a Dask LocalCluster")
         started = start_dask()
         if isinstance(started, str):
             dask_missing = started
         else:
             dask_started = started
-        dask_client = dask_started[1] if dask_started is not None else None
-        thr = report_throughput(s, bench_throughput(s, side, dask_client), dask_missing)
-        lat = report_latency(s, bench_latency(s, side, dask_client))
+            bench_dask_throughput(s, started[1], thr_runs)
+            bench_dask_latency(s, started[1], lat_runs)
+            stop_dask(started)
+            dask_started = None
+        thr = report_throughput(s, thr_runs, dask_missing)
+        lat = report_latency(s, lat_runs)
         if args.profile:
             report_profile(profile_dsml(s, tmp))
     finally:
         if dask_started is not None:
-            dc, dclient = dask_started
-            try:
-                dclient.close()
-            finally:
-                dc.close()
+            stop_dask(dask_started)
         if side is not None:
             side.client.close()
         if cluster is not None:
