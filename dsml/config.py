@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -28,9 +29,14 @@ from typing import Any, Final
 import attrs
 import yaml
 
+from dsml import safeyaml
 from dsml.protocol import limits as wire_limits
 
 __all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_CONFIG",
+    "MASTER_ADDR_FILE",
+    "WORKER_ADDR_FILE",
     "ClusterConfig",
     "Config",
     "ConfigError",
@@ -38,9 +44,11 @@ __all__ = [
     "MasterConfig",
     "WorkerConfig",
     "check_listen_safe",
+    "find_config",
     "is_loopback",
     "load_config",
     "parse_size",
+    "read_address",
 ]
 
 #: Default largest value payload, in bytes (memcached's item limit).
@@ -58,6 +66,18 @@ DEFAULT_HEARTBEAT_TIMEOUT: Final = 10.0
 DEFAULT_HOST: Final = "127.0.0.1"
 #: Default master port.
 DEFAULT_MASTER_PORT: Final = 7400
+#: Largest config file read (a cluster of a thousand workers is well under it).
+MAX_CONFIG_BYTES: Final = 1024 * 1024
+
+#: Environment variable naming the configuration file when none is given.
+CONFIG_ENV: Final = "DSML_CONFIG"
+#: The configuration used when none is given and $DSML_CONFIG is unset, relative to the
+#: working directory (a source checkout's own).
+DEFAULT_CONFIG: Final = Path("etc/dsml.yaml")
+#: The file, under the master's state_dir, that says where it listens (its port may be 0).
+MASTER_ADDR_FILE: Final = "master.addr"
+#: The file, under a worker's data_dir, that says where its storage server listens.
+WORKER_ADDR_FILE: Final = "worker.addr"
 #: Default number of task slots of a worker.
 DEFAULT_SLOTS: Final = 1
 #: Most task slots one worker may declare.
@@ -189,6 +209,37 @@ class Config:
             ) from None
 
 
+def find_config(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """Which config file to use: ``explicit``, else $DSML_CONFIG, else ./etc/dsml.yaml.
+
+    None when none is given and the default file does not exist.  Read at call time,
+    so the environment is the one of the moment.
+    """
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def read_address(what: str, host: str, port: int, addr_file: Path) -> tuple[str, int]:
+    """A configured address; port 0 means the OS chose it and ``addr_file`` says which.
+
+    Raises OSError (naming the file) when the port is 0 and the file is missing or bad.
+    The file's format is ``host:port`` (``dsml.net.listen.write_addr_file``).
+    """
+    if port:
+        return host, port
+    try:
+        addr_host, _, addr_port = addr_file.read_text().strip().rpartition(":")
+        return addr_host.strip("[]"), int(addr_port)
+    except (OSError, ValueError):
+        raise FileNotFoundError(
+            f"{what} listens on an OS-chosen port and {addr_file} is missing: is it running?"
+        ) from None
+
+
 def parse_size(text: str | int) -> int:
     """Parse a byte count such as ``1MiB``, ``512 KiB``, ``100B`` or ``4096``.
 
@@ -250,13 +301,17 @@ def load_config(path: str | Path) -> Config:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(path, None, f"larger than {MAX_CONFIG_BYTES} bytes: not a config")
+        text = raw.decode("utf-8")
     except OSError as e:
         raise ConfigError(path, None, f"cannot read config file: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(path, None, f"not UTF-8 text (byte {e.start})") from None
     try:
-        document = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
+        document = safeyaml.load(text)  # no objects, duplicate keys or alias bombs
     except yaml.MarkedYAMLError as e:
         raise ConfigError(path, None, _yaml_problem(e)) from None
     except yaml.YAMLError as e:
@@ -264,31 +319,6 @@ def load_config(path: str | Path) -> Config:
     if document is None:
         raise ConfigError(path, None, "the file is empty; expected a mapping of sections")
     return _Parser(path).config(document)
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses duplicate keys in a mapping.
-
-    Plain YAML keeps the last of two ``w1:`` entries and silently drops the first; in a
-    cluster file that is a worker or a setting quietly lost.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        """Construct a mapping as SafeLoader does, after checking its keys are distinct."""
-        seen: set[Hashable] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, Hashable):
-                continue  # the base class reports an unhashable key
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {key!r}",
-                    key_node.start_mark,
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(error: yaml.MarkedYAMLError) -> str:

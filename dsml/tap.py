@@ -9,16 +9,31 @@ actually runs one of the roles::
 The options load and validate the configuration in ``postOptions``, so a bad file or a bad
 ``--name`` makes twistd print one line naming the file, the key and the problem (after the
 role's usage text) and exit with status 1, instead of a traceback from inside the service.
+
+Each role keeps its pid file (and, when daemonized, its log file) beside its own state:
+``master.pid`` / ``master.log`` in the master's ``state_dir``, ``worker.pid`` /
+``worker.log`` in the worker's ``data_dir``.  twistd's defaults (``twistd.pid`` and
+``twistd.log`` in the working directory) would make the second process started from one
+directory refuse to start ("Another twistd server is running") and leave files in the
+checkout.  An explicit ``--pidfile`` or ``--logfile`` still wins.
 """
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from twisted.python import usage
 
-from dsml.config import Config, ConfigError, check_listen_safe, load_config
+from dsml.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG,
+    Config,
+    ConfigError,
+    check_listen_safe,
+    find_config,
+    load_config,
+)
 
 if TYPE_CHECKING:
     from twisted.application.service import IService
@@ -26,8 +41,9 @@ if TYPE_CHECKING:
 
 __all__ = ["MasterOptions", "WorkerOptions", "makeMasterService", "makeWorkerService"]
 
-#: Environment variable naming the configuration file when ``--config`` is not given.
-CONFIG_ENV = "DSML_CONFIG"
+
+#: twistd's own default pid file, replaced by the role's (see the module docstring).
+TWISTD_DEFAULT_PIDFILE = "twistd.pid"
 
 
 class _ConfigOptions(usage.Options):
@@ -41,7 +57,8 @@ class _ConfigOptions(usage.Options):
             "config",
             "c",
             None,
-            f"Cluster configuration file (YAML). Default: ${CONFIG_ENV} if set.",
+            f"Cluster configuration file (YAML). Default: ${CONFIG_ENV} if set, else "
+            f"{DEFAULT_CONFIG} if it exists.",
         ],
     ]
 
@@ -49,19 +66,47 @@ class _ConfigOptions(usage.Options):
 
     def postOptions(self) -> None:
         """Load the configuration, turning every ConfigError into a one-line UsageError."""
-        if not self["config"]:
-            # Read the environment here, not at import time, so it is the value at start-up.
-            self["config"] = os.environ.get(CONFIG_ENV) or None
-        if not self["config"]:
-            raise usage.UsageError(f"--config is required (or set {CONFIG_ENV})")
+        # Read the environment here, not at import time, so it is the value at start-up.
+        path = find_config(self["config"])
+        if path is None:
+            raise usage.UsageError(
+                f"--config is required (or set {CONFIG_ENV}, or start where {DEFAULT_CONFIG}"
+                " is)"
+            )
+        self["config"] = str(path)
         try:
             self.loaded_config = load_config(self["config"])
             self.check()
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        self._own_files()
 
     def check(self) -> None:
         """Role-specific checks of the loaded configuration; raise ConfigError."""
+
+    def home(self) -> tuple[Path, str]:
+        """The role's own directory and the stem of its pid and log files."""
+        raise NotImplementedError
+
+    def _own_files(self) -> None:
+        """Point twistd's pid file (and a daemon's log file) into the role's directory.
+
+        ``self.parent`` is twistd's ServerOptions; it has parsed its own options already
+        (a subcommand is parsed inside the parent's parseOptions, before the parent's
+        postOptions), so a value still equal to twistd's default was not given.
+        """
+        parent = self.parent
+        if parent is None:
+            return
+        home, stem = self.home()
+        if parent.get("pidfile") == TWISTD_DEFAULT_PIDFILE:
+            try:
+                home.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise usage.UsageError(f"cannot create {home}: {e.strerror}") from None
+            parent["pidfile"] = str(home / f"{stem}.pid")
+        if not parent.get("nodaemon") and not parent.get("logfile"):
+            parent["logfile"] = str(home / f"{stem}.log")
 
 
 class WorkerOptions(_ConfigOptions):
@@ -89,6 +134,9 @@ class WorkerOptions(_ConfigOptions):
         worker = config.worker(name)
         check_listen_safe(config, worker.host, f"workers.{name}.host")
 
+    def home(self) -> tuple[Path, str]:
+        return self.loaded_config.worker(self["name"]).data_dir, "worker"
+
 
 class MasterOptions(_ConfigOptions):
     """Options of ``twistd dsml-master``: ``--config``."""
@@ -103,6 +151,9 @@ class MasterOptions(_ConfigOptions):
         """The master may listen on its configured host."""
         config = self.loaded_config
         check_listen_safe(config, config.master.host, "master.host")
+
+    def home(self) -> tuple[Path, str]:
+        return self.loaded_config.master.state_dir, "master"
 
 
 def makeWorkerService(options: WorkerOptions, reactor: IReactorCore | None = None) -> IService:

@@ -86,8 +86,11 @@ def test_plugin_module_imports_nothing_heavy() -> None:
     assert out.stdout.split() == ["dsml-worker", "[]", "False"]
 
 
-def test_missing_config_is_a_usage_error() -> None:
-    """Without --config or DSML_CONFIG the options refuse to parse."""
+def test_missing_config_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --config, DSML_CONFIG or ./etc/dsml.yaml the options refuse to parse."""
+    monkeypatch.chdir(tmp_path)
     for options in (WorkerOptions(), MasterOptions()):
         with pytest.raises(usage.UsageError, match=r"^--config is required"):
             options.parseOptions([])

@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from .. import __version__
-from ..config import Config
+from ..config import MASTER_ADDR_FILE, Config
 from ..errors import DsmlError
 from ..net.links import tune_socket
 from ..net.listen import ListenService
@@ -39,7 +39,7 @@ from .state import MasterState
 log = Logger()
 
 #: The file, under the master's state_dir, that says where it listens.
-ADDR_FILE = "master.addr"
+ADDR_FILE = MASTER_ADDR_FILE
 
 LIST_DEFAULT = 1000
 LIST_MAX = 10_000

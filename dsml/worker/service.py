@@ -16,7 +16,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..config import Config
+from ..config import MASTER_ADDR_FILE, WORKER_ADDR_FILE, Config
 from ..net.links import EndpointFor, Links, tcp_endpoint_for
 from ..net.listen import ListenService, read_addr_file
 from ..net.server import ServerFactory, ServerLimits
@@ -28,7 +28,7 @@ from .store import Store
 from .tasks import TaskManager
 
 #: The file, under a worker's data_dir, that says where its storage server listens.
-ADDR_FILE = "worker.addr"
+ADDR_FILE = WORKER_ADDR_FILE
 
 #: Seconds between flushes and syncs of the store's values log: the most of
 #: acknowledged values a power loss can take.
@@ -198,8 +198,6 @@ def build_worker(
 def make_worker_service(config: Config, name: str, reactor: Any) -> service.MultiService:
     """Build the services of worker ``name``: open its store, listen for clients, and
     keep a link to the master."""
-    from ..master.service import ADDR_FILE as MASTER_ADDR_FILE
-
     wc = config.worker(name)
     cc = config.cluster
     wc.data_dir.mkdir(parents=True, exist_ok=True)
