@@ -462,6 +462,36 @@ class ClusterClient:
         self.master = Client(host, port, token, timeout, name)
         self._workers: dict[str, Client] = {}
 
+    @classmethod
+    def from_config(
+        cls,
+        config: str | os.PathLike[str] | None = None,
+        *,
+        token: str | None = None,
+        timeout: float | None = 60.0,
+        name: str = "dsml-python",
+    ) -> ClusterClient:
+        """Connect to the master of the cluster a config file describes.
+
+        The file is found as the ``dsml`` command finds it: ``config``, else
+        $DSML_CONFIG, else ``etc/dsml.yaml`` in the working directory.  The token is
+        ``token``, else $DSML_TOKEN, else the config's.
+        """
+        from .config import MASTER_ADDR_FILE, find_config, load_config, read_address
+
+        path = find_config(config)
+        if path is None:
+            raise DsmlError(
+                "no cluster config: pass one, set DSML_CONFIG or run where etc/dsml.yaml is",
+                "config",
+            )
+        loaded = load_config(path)
+        m = loaded.master
+        host, port = read_address("the master", m.host, m.port, m.state_dir / MASTER_ADDR_FILE)
+        if token is None:
+            token = os.environ.get("DSML_TOKEN") or loaded.cluster.token
+        return cls(host, port, token, timeout, name)
+
     def close(self) -> None:
         """Close every connection."""
         self.master.close()
@@ -616,9 +646,27 @@ class ClusterClient:
         raise AssertionError("unreachable")
 
     def stat(self, key: str) -> Entry:
-        """Describe ``key``'s current version."""
+        """Describe ``key``'s current version, its kind as a replica holding it says.
+
+        The master's directory knows size, checksum and version; a file or a value is
+        the storing worker's to say, so the first replica that answers is asked (the
+        kind is "unknown" when none does).
+        """
         located = self.locate(key)
-        return Entry(key, "?", located.size, located.sha256, located.version)
+        kind = "unknown"
+        for _name, addr in located.replicas:
+            try:
+                entry = self._worker(addr).stat(key)
+            except DsmlError as e:
+                if e.code not in _TRY_NEXT:
+                    raise
+                if isinstance(e, ConnectionLost):
+                    self._drop_worker(addr)
+                continue
+            if entry.version == located.version:
+                kind = entry.kind
+                break
+        return Entry(key, kind, located.size, located.sha256, located.version)
 
     def list(self, prefix: str = "", page: int = 1000) -> Iterator[ListedKey]:
         """Every key under ``prefix`` with its replicas, from the master's directory."""

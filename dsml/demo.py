@@ -10,6 +10,7 @@ one clear line, and stops everything it started: also on Ctrl-C, SIGTERM or an e
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 import signal
@@ -35,25 +36,41 @@ class DemoFailed(Exception):
     """Something the demo checks did not hold."""
 
 
+class _OutputClosed(Exception):
+    """The reader of stdout went away (``make demo | head``): stop the demo."""
+
+
+def _say(text: str) -> None:
+    """Print a line now; when stdout's reader is gone, send the rest to /dev/null and
+    unwind (demo()'s finally then stops the cluster)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise _OutputClosed from None
+
+
 def _step(n: int, text: str) -> None:
-    print(f"\n== {n}. {text}", flush=True)
+    _say(f"\n== {n}. {text}")
 
 
 def _note(text: str) -> None:
-    print(f"   {text}", flush=True)
+    _say(f"   {text}")
 
 
 def _run(cluster: LocalCluster, *args: str, input: bytes | None = None, check: bool = True,
          show: bool = True) -> str:
     """Run ``dsml ARGS`` against the cluster; echo the command and its output."""
     if show:
-        print(f"$ dsml {shlex.join(args)}", flush=True)
+        _say(f"$ dsml {shlex.join(args)}")
     result = cluster.cli(*args, input=input, check=check)
     out = (result.stdout + result.stderr).decode(errors="replace").rstrip()
     if show and out:
-        print(out, flush=True)
+        _say(out)
     if show and not check:
-        print(f"(exit status {result.returncode})", flush=True)
+        _say(f"(exit status {result.returncode})")
     return result.stdout.decode(errors="replace")
 
 
@@ -67,8 +84,8 @@ def _sha256(path: Path) -> str:
 
 def _states(cluster: LocalCluster) -> dict[str, str]:
     """``dsml nodes`` as worker name -> state."""
-    lines = _run(cluster, "nodes", show=False).splitlines()[1:]
-    return {line.split()[0]: line.split()[2] for line in lines}
+    doc = json.loads(_run(cluster, "nodes", "--json", show=False))
+    return {w["name"]: w["state"] for w in doc["workers"]}
 
 
 def _wait(what: str, ok: Callable[[], bool], timeout: float) -> float:
@@ -181,8 +198,8 @@ def demo(root: Path) -> None:
         _run(cluster, "get", KEY, check=False)
         _run(cluster, "--token", "not-the-token", "ls", check=False)
     finally:
+        cluster.stop()  # first: whatever happens to the lines below, nothing is left running
         _step(9, "stop everything the demo started")
-        cluster.stop()
         for name, proc in cluster.procs.items():
             _note(f"{name:<6} pid {proc.pid:<7} {_ended(proc.returncode)}")
 
@@ -214,13 +231,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dsml-demo-") as tmp:
         try:
             demo(Path(tmp))
+        except _OutputClosed:
+            return 141  # 128 + SIGPIPE, as a shell reports a process killed by it
         except (KeyboardInterrupt, _Terminated) as e:
             print("\ndemo interrupted; everything it started is stopped", file=sys.stderr)
             return 143 if isinstance(e, _Terminated) else 130
         except (DemoFailed, ProcessFailed, DsmlError, OSError) as e:
             print(f"\ndemo failed: {e}", file=sys.stderr)
             return 1
-    print("\ndemo finished: every check held", flush=True)
+    try:
+        _say("\ndemo finished: every check held")
+    except _OutputClosed:
+        return 141
     return 0
 
 

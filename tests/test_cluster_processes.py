@@ -9,6 +9,7 @@ nothing acknowledged and the workers register again by themselves).
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import signal
 import time
@@ -70,10 +71,9 @@ def _poll(fn: Callable[[], T | None], what: str, timeout: float = PATIENCE) -> T
 
 
 def nodes(cluster: LocalCluster) -> dict[str, str]:
-    """``dsml nodes``, parsed: worker name -> state."""
-    out = cluster.cli("nodes").stdout.decode().splitlines()
-    assert out[0].split()[:3] == ["NAME", "ADDRESS", "STATE"], out
-    return {line.split()[0]: line.split()[2] for line in out[1:]}
+    """``dsml nodes --json``, read: worker name -> state."""
+    doc = json.loads(cluster.cli("nodes", "--json").stdout)
+    return {w["name"]: w["state"] for w in doc["workers"]}
 
 
 def listing(cluster: LocalCluster) -> dict[str, tuple[int, int, str, frozenset[str]]]:
@@ -195,7 +195,7 @@ def test_cluster_survives_worker_and_master_kill_9(cluster: LocalCluster, tmp_pa
         cluster.cli("download", key, str(target))
         assert _sha256(target) == sha[key], key
     stat = cluster.cli("stat", lost[0]).stdout.decode()
-    assert f"sha256:  {sha[lost[0]]}" in stat
+    assert f"sha256:   {sha[lost[0]]}" in stat
 
     # The victim comes back with its old copies: the surplus is trimmed to the factor.
     victim_started = time.monotonic()
@@ -219,13 +219,3 @@ def test_cluster_survives_worker_and_master_kill_9(cluster: LocalCluster, tmp_pa
         f"{victim} restarted and surplus trimmed in {t_trimmed - victim_started:.1f} s; "
         f"total {time.monotonic() - t0:.1f} s"
     )
-
-
-def test_cli_knows_where_services_write_their_address() -> None:
-    """The CLI spells out the address-file names (importing the services would load
-    Twisted into every dsml command); they must stay those the services write."""
-    from dsml import cli
-    from dsml.master.service import ADDR_FILE as MASTER_ADDR_FILE
-    from dsml.worker.service import ADDR_FILE as WORKER_ADDR_FILE
-
-    assert (cli.MASTER_ADDR_FILE, cli.WORKER_ADDR_FILE) == (MASTER_ADDR_FILE, WORKER_ADDR_FILE)
