@@ -548,7 +548,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"job {j['id']} {j['name']!r}: {j['state']}{reason}, {_progress_text(j)}")
     for t in j["tasks"]:
         treason = f" ({t['reason']})" if t.get("reason") else ""
-        waits = f", waiting for {t['waiting_for']}" if t.get("waiting_for") else ""
+        waits = t.get("waiting_for") or ""
+        if waits:  # "job j3 to succeed", "a free slot (...)", "no live worker"
+            waits = f", {waits}" if waits.startswith("no ") else f", waiting for {waits}"
         print(f"  task {t['index']}: {t['state']}{treason}{waits}")
         for position, a in enumerate(t["attempts"], 1):
             dur = f"{a['duration']:.2f}s" if a.get("duration") is not None else "-"

@@ -5,6 +5,7 @@ Logic tests on a ``task.Clock`` over a real SQLite file in ``tmp_path``.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import tempfile
@@ -19,17 +20,21 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
+from dsml.master.jobrouter import job_json
 from dsml.master.jobs import (
     ATTEMPT_BLOCK,
     JOBS_FILE,
     LOCALITY_WINDOW,
+    MAX_STDERR_TAIL,
     RETRY_DELAY,
+    SCHEMA_VERSION,
     Assignment,
     FinishedReport,
     JobError,
     JobManager,
     JobSpec,
     JobView,
+    QueuePlace,
     TaskSpec,
 )
 
@@ -137,6 +142,7 @@ class Harness:
         code: int | None = 0,
         reason: str = "",
         signal: int | None = None,
+        stderr_tail: str = "",
     ) -> bool:
         """Report an attempt's end and commit; whether it was accepted."""
         aid = a.attempt_id if isinstance(a, Assignment) else a
@@ -149,6 +155,7 @@ class Harness:
             duration=1.5,
             peak_rss=1024,
             reason=reason,
+            stderr_tail=stderr_tail,
         )
         self.tick()
         return result(d)
@@ -813,6 +820,212 @@ def test_reconcile_finished_fenced_by_worker_name(h: Harness) -> None:
     (a,) = h.assign("w1")
     h.jm.reconcile("w2", 1, [], [FinishedReport(a.attempt_id, 0, None, 1.0, 1)])
     assert h.jm.job(j1).tasks[0].state == "running"
+
+
+# -- what status says: stderr tails, attempt numbers, why a task waits ----------------------
+
+
+def tails(view: JobView, index: int = 0) -> list[str]:
+    """The stderr tails of a task's attempts, oldest first."""
+    return [a.stderr_tail for a in view.tasks[index].attempts]
+
+
+def test_failed_attempts_keep_a_capped_stderr_tail_across_restarts(h: Harness) -> None:
+    """A failed attempt keeps the stderr tail its worker sent, cut to its last 2,048
+    characters with control characters but newline and tab replaced (a worker is not
+    trusted); a successful attempt keeps none.  The tails survive a restart of a live job,
+    its eviction to disk once final, and another restart."""
+    j1 = h.submit(job(task(max_attempts=3)))
+    sent = "x" * 3000 + "\x1b[31mred\r\n\tdone\n"
+    assert h.finish(h.assign()[0], code=3, stderr_tail=sent)
+    kept = ("x" * 3000 + "\ufffd[31mred\ufffd\n\tdone\n")[-MAX_STDERR_TAIL:]
+    assert len(kept) == MAX_STDERR_TAIL
+    assert h.finish(h.assign()[0], code=None, reason="timeout after 2 s", stderr_tail="slow\n")
+    assert tails(h.jm.job(j1)) == [kept, "slow\n"]
+    before = h.jm.job(j1)
+    h.reopen()
+    assert h.jm.job(j1) == before  # a live job, loaded back with its attempts
+    assert h.finish(h.assign()[0], stderr_tail="not kept\n")
+    assert 1 not in h.jm._jobs  # final and committed: read from disk from now on
+    assert tails(h.jm.job(j1)) == [kept, "slow\n", ""]
+    h.reopen()
+    assert tails(h.jm.job(j1)) == [kept, "slow\n", ""]
+    assert job_json(h.jm.job(j1))["tasks"][0]["attempts"][0]["stderr_tail"] == kept
+
+
+def test_a_result_reported_at_reregistration_keeps_its_stderr_tail(h: Harness) -> None:
+    """A result a worker reports when it registers again (reconcile) keeps its tail."""
+    j1 = h.submit(job(task(max_attempts=1)))
+    (a,) = h.assign()
+    h.reopen()
+    h.jm.reconcile("w1", 2, [], [FinishedReport(a.attempt_id, 1, None, 2.0, 5, "", "bad\n")])
+    h.tick()
+    view = h.jm.job(j1)
+    assert view.state == "failed" and tails(view) == ["bad\n"]
+
+
+def test_text_sqlite_cannot_store_does_not_wedge_the_commits(h: Harness) -> None:
+    """A worker's reason or tail with a lone surrogate (JSON's ``\\ud800`` escape) is
+    stored with it replaced: stored as is, it failed every later group commit."""
+    j1 = h.submit(job(task(max_attempts=1)))
+    assert h.finish(h.assign()[0], code=1, reason="odd \ud800", stderr_tail="tail \udfff\n")
+    j2 = h.submit(job())  # the commits go on
+    h.reopen()
+    view = h.jm.job(j1)
+    assert view.tasks[0].attempts[0].reason == "odd ?"
+    assert tails(view) == ["tail ?\n"]
+    assert h.jm.job(j2).state == "queued"
+
+
+#: The tables of a version-1 state file, as that version created them.
+SCHEMA_1 = (
+    "CREATE TABLE meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID",
+    "CREATE TABLE jobs(seq INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+    " priority INTEGER NOT NULL, after TEXT NOT NULL, state TEXT NOT NULL,"
+    " created REAL NOT NULL, started REAL, finished REAL, reason TEXT NOT NULL,"
+    " ntasks INTEGER NOT NULL, counts TEXT NOT NULL)",
+    "CREATE INDEX jobs_state ON jobs(state)",
+    "CREATE TABLE tasks(job INTEGER NOT NULL, idx INTEGER NOT NULL,"
+    " spec TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL,"
+    " PRIMARY KEY(job, idx)) WITHOUT ROWID",
+    "CREATE TABLE attempts(id INTEGER PRIMARY KEY, job INTEGER NOT NULL,"
+    " idx INTEGER NOT NULL, worker TEXT NOT NULL, incarnation INTEGER NOT NULL,"
+    " state TEXT NOT NULL, started REAL NOT NULL, ended REAL, exit_code INTEGER,"
+    " signal INTEGER, duration REAL, peak_rss INTEGER, reason TEXT NOT NULL)",
+    "CREATE INDEX attempts_job ON attempts(job, id)",
+)
+
+
+def _counts(**n: int) -> str:
+    states = ("waiting", "queued", "running", "succeeded", "failed", "cancelled")
+    return json.dumps({s: n.get(s, 0) for s in states})
+
+
+def test_a_schema_1_state_file_is_migrated_in_place(tmp_path: Path) -> None:
+    """A state file written by schema version 1 (no stderr tails) opens: its final and
+    live jobs read back as they were (tails empty), it is at version 2 afterwards, and a
+    tail recorded then survives a restart."""
+    path = tmp_path / JOBS_FILE
+    db = sqlite3.connect(path)
+    for statement in SCHEMA_1:
+        db.execute(statement)
+    db.executemany(
+        "INSERT INTO meta VALUES (?, ?)",
+        [("schema", 1), ("next_job", 3), ("attempt_reserved", 10_000)],
+    )
+    db.executemany(
+        "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (1, "old", 0, "[]", "failed", 1.0, 2.0, 3.0, "task 0 failed: exit 2", 1,
+             _counts(failed=1)),
+            (2, "live", 0, "[]", "running", 4.0, 5.0, None, "", 1, _counts(running=1)),
+        ],
+    )
+    db.executemany(
+        "INSERT INTO tasks VALUES (?, ?, ?, ?, ?)",
+        [
+            (1, 0, '{"command":["false"],"max_attempts":1}', "failed", "exit 2"),
+            (2, 0, '{"command":["true"],"max_attempts":1}', "running", ""),
+        ],
+    )
+    db.executemany(
+        "INSERT INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (1, 1, 0, "w1", 1, "failed", 2.0, 3.0, 2, None, 1.0, 100, "exit 2"),
+            (2, 2, 0, "w1", 1, "running", 5.0, None, None, None, None, None, ""),
+        ],
+    )
+    db.commit()
+    db.close()
+
+    h = Harness(path)
+    old = h.jm.job("j1")
+    assert (old.name, old.state, old.reason) == ("old", "failed", "task 0 failed: exit 2")
+    (attempt,) = old.tasks[0].attempts
+    assert (attempt.id, attempt.exit_code, attempt.reason, attempt.stderr_tail) == (
+        1, 2, "exit 2", "",
+    )
+    assert h.jm.job("j2").tasks[0].state == "running"
+    assert h.jm.running_attempts("w1") == [2]
+    assert h.finish(2, code=1, stderr_tail="boom\n")
+    h.jm.close()
+
+    db = sqlite3.connect(path)
+    try:
+        (schema,) = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        columns = [row[1] for row in db.execute("PRAGMA table_info(attempts)")]
+    finally:
+        db.close()
+    assert schema == SCHEMA_VERSION == 2
+    assert columns[-1] == "stderr_tail"
+    h.jm = JobManager(path, h.clock, synchronous=h.sync)
+    assert tails(h.jm.job("j2")) == ["boom\n"]
+    assert tails(h.jm.job("j1")) == [""]
+    assert h.submit(job()) == "j3"
+
+
+def test_attempts_are_numbered_within_their_task(h: Harness) -> None:
+    """In the status JSON each attempt has ``number``, its place among its task's
+    attempts from 1, beside ``id``, the master's attempt id; the same once read back
+    from disk."""
+    j1 = h.submit(job(task(), task()))
+    first, other = h.assign(free=2)
+    assert h.finish(first, code=1)
+    (second,) = h.assign()
+    assert h.finish(second, code=1) and h.finish(other)
+    (third,) = h.assign()
+    assert third.number == 3
+
+    def numbered(view: JobView) -> list[list[tuple[int, int]]]:
+        return [[(a["number"], a["id"]) for a in t["attempts"]] for t in job_json(view)["tasks"]]
+
+    ids = [first.attempt_id, second.attempt_id, third.attempt_id]
+    assert ids != [1, 2, 3]  # the other task's attempt took an id in between
+    expected = [list(zip((1, 2, 3), ids, strict=True)), [(1, other.attempt_id)]]
+    assert numbered(h.jm.job(j1)) == expected
+    assert h.finish(third)
+    assert 1 not in h.jm._jobs
+    assert numbered(h.jm.job(j1)) == expected
+
+
+def test_waiting_tasks_say_which_jobs_they_wait_for(h: Harness) -> None:
+    """A waiting task's ``waiting_for`` names every job it still waits for ("jobs j1, j2
+    to succeed", then "job j2 to succeed"), also after a restart; tasks in any other
+    state say nothing (the manager does not know the workers: queued ones are the
+    router's to explain)."""
+    j1 = h.submit(job())
+    j2 = h.submit(job())
+    j3 = h.submit(job(task(), task(), after=(j2, j1)))
+    view = h.jm.job(j3)
+    assert [t.waiting_for for t in view.tasks] == [f"jobs {j1}, {j2} to succeed"] * 2
+    assert [t["waiting_for"] for t in job_json(view)["tasks"]] == [
+        f"jobs {j1}, {j2} to succeed"
+    ] * 2
+    assert h.jm.job(j1).tasks[0].waiting_for == ""  # queued
+    a1, a2 = h.assign(free=2)
+    assert h.finish(a1)
+    assert h.jm.job(j3).tasks[1].waiting_for == f"job {j2} to succeed"
+    h.reopen()
+    assert h.jm.job(j3).tasks[0].waiting_for == f"job {j2} to succeed"
+    assert h.jm.job(j2).tasks[0].waiting_for == ""  # running
+    assert h.finish(a2)
+    assert [(t.state, t.waiting_for) for t in h.jm.job(j3).tasks] == [("queued", "")] * 2
+
+
+def test_queue_places_count_the_tasks_ahead(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """queue_places gives each queued task of a job its slots and how many queued tasks
+    come before it in the queue order (priority, submit order, index); nothing for a job
+    with no queued task; no count (None) when there are too many live jobs to walk."""
+    low = h.submit(job(task(), task(), task()))
+    assert h.order(free=1) == [(low, 0)]
+    high = h.submit(job(task(slots=2), priority=5))
+    later = h.submit(job(task(), task()))
+    assert h.jm.queue_places(low) == {1: QueuePlace(1, 1), 2: QueuePlace(1, 2)}
+    assert h.jm.queue_places(high) == {0: QueuePlace(2, 0)}
+    assert h.jm.queue_places(later) == {0: QueuePlace(1, 3), 1: QueuePlace(1, 4)}
+    assert h.jm.queue_places("j99") == {}
+    monkeypatch.setattr("dsml.master.jobs.MAX_JOBS_COUNTED", 2)
+    assert h.jm.queue_places(later) == {0: QueuePlace(1, None), 1: QueuePlace(1, None)}
 
 
 # -- bad input -----------------------------------------------------------------------------

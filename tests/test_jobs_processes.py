@@ -9,6 +9,7 @@ directory, which lies under the cluster's root) may outlive its test.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -184,7 +185,8 @@ def refused(c: LocalCluster, *args: str) -> str:
 
 @attrs.frozen
 class Attempt:
-    id: int
+    id: int  # the master's attempt id
+    number: int  # 1, 2, ... within its task
     worker: str
     state: str
     how: str  # "exit N", "signal N" or "-"
@@ -209,32 +211,26 @@ class Status:
     tasks: tuple[Task, ...]
 
 
-_JOB_LINE = re.compile(r"job (j\d+) '.*': (\w+)(?: \((.*)\))?, (\d+)/(\d+) tasks done\Z")
-_TASK_LINE = re.compile(r"  task (\d+): (\w+)(?: \((.*)\))?\Z")
-_ATTEMPT_LINE = re.compile(
-    r"    attempt (\d+) on (\S+): (\w+), (exit -?\d+|signal \d+|-), \S+, started \S+ ago"
-    r"(?:  (.*))?\Z"
-)
-
-
 def status(c: LocalCluster, job: str) -> Status:
-    """``dsml status JOB``, parsed (every line must parse)."""
-    r = c.cli("status", job, check=False)
-    lines = r.stdout.decode().splitlines()
-    assert r.returncode in (0, 1) and lines, r
-    m = _JOB_LINE.match(lines[0])
-    assert m, lines[0]
-    assert r.returncode == (1 if m[2] == "failed" else 0), (r.returncode, lines[0])
-    tasks: list[Task] = []
-    for line in lines[1:]:
-        if t := _TASK_LINE.match(line):
-            tasks.append(Task(int(t[1]), t[2], t[3] or "", ()))
-        else:
-            a = _ATTEMPT_LINE.match(line)
-            assert a and tasks, line
-            attempt = Attempt(int(a[1]), a[2], a[3], a[4], a[5] or "")
-            tasks[-1] = attrs.evolve(tasks[-1], attempts=(*tasks[-1].attempts, attempt))
-    return Status(m[1], m[2], m[3] or "", int(m[4]), int(m[5]), tuple(tasks))
+    """``dsml status --json JOB``, read into the test's records; the text form must agree
+    on the job line and show every attempt."""
+    r = c.cli("status", "--json", job, check=False)
+    j = json.loads(r.stdout)
+    assert r.returncode == (1 if j["state"] == "failed" else 0), (r.returncode, j["state"])
+    text = c.cli("status", job, check=False).stdout.decode()
+    assert text.startswith(f"job {j['id']} {j['name']!r}: {j['state']}"), text
+    tasks = []
+    for t in j["tasks"]:
+        attempts = []
+        for a in t["attempts"]:
+            how = (f"exit {a['exit_code']}" if a["exit_code"] is not None
+                   else f"signal {a['signal']}" if a["signal"] is not None else "-")
+            attempts.append(
+                Attempt(a["id"], a["number"], a["worker"], a["state"], how, a["reason"])
+            )
+            assert f"    attempt {a['number']} on {a['worker']}: {a['state']}, {how}," in text
+        tasks.append(Task(t["index"], t["state"], t["reason"], tuple(attempts)))
+    return Status(j["id"], j["state"], j["reason"], j["done"], j["total"], tuple(tasks))
 
 
 def _client(c: LocalCluster) -> ClusterClient:
@@ -578,9 +574,28 @@ def test_logs_of_a_failing_task(cluster: LocalCluster) -> None:
     assert (err.stdout, err.stderr) == (b"", b"to-stderr\n")
     out = cluster.cli("logs", job, "--stdout")
     assert (out.stdout, out.stderr) == (b"to-stdout\n", b"")
-    first = cluster.cli("logs", job, "--attempt", str(task.attempts[0].id), "--stderr")
+    first = cluster.cli("logs", job, "--attempt", str(task.attempts[0].number), "--stderr")
     assert first.stderr == b"to-stderr\n"
     assert "no task 5" in refused(cluster, "logs", job, "--task", "5")
+
+
+def test_status_shows_the_stderr_tail_of_a_failed_attempt(cluster: LocalCluster) -> None:
+    """A real task that writes two lines to stderr and exits 3 (one attempt allowed): the
+    master's status JSON shows its attempt as number 1, exit code 3, with the tail of its
+    stderr as the worker read it from the log; a task that succeeds shows none."""
+    job = submit(cluster, "--max-attempts", "1", "--", "sh", "-c",
+                 "echo first >&2; echo boom >&2; exit 3")
+    fine = submit(cluster, "--", "sh", "-c", "echo just a warning >&2")
+    assert wait(cluster, job).returncode == 1
+    assert wait(cluster, fine).returncode == 0
+    (task,) = _job_json(cluster, job)["tasks"]
+    (attempt,) = task["attempts"]
+    assert (attempt["number"], attempt["state"], attempt["exit_code"]) == (1, "failed", 3)
+    assert attempt["stderr_tail"].endswith("boom\n"), attempt
+    assert attempt["stderr_tail"] == "first\nboom\n", attempt
+    assert task["waiting_for"] == ""
+    (ok,) = _job_json(cluster, fine)["tasks"][0]["attempts"]
+    assert (ok["number"], ok["state"], ok["stderr_tail"]) == (1, "succeeded", "")
 
 
 # -- 7. bad input ---------------------------------------------------------------------------
@@ -608,11 +623,11 @@ BAD_SUBMISSIONS = {
 
 BAD_FILES = {
     "not YAML": ("tasks: [unclosed\n  - {", "not valid YAML"),
-    "no tasks": ("name: nothing\n", "non-empty list 'tasks'"),
-    "empty tasks": ("tasks: []\n", "non-empty list 'tasks'"),
-    "a list": ("- echo hi\n", "non-empty list 'tasks'"),
-    "task without command": ("tasks:\n  - {slots: 1}\n", "needs a command"),
-    "empty command": ("tasks:\n  - ''\n", "command is empty"),
+    "no tasks": ("name: nothing\n", "tasks: must be a non-empty list"),
+    "empty tasks": ("tasks: []\n", "tasks: must be a non-empty list"),
+    "a list": ("- echo hi\n", "a job file is a mapping with a list 'tasks'"),
+    "task without command": ("tasks:\n  - {slots: 1}\n", "tasks[0].command: missing"),
+    "empty command": ("tasks:\n  - ''\n", "tasks[0].command: is empty"),
 }
 
 

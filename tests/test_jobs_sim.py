@@ -444,6 +444,70 @@ def test_too_wide_task_is_refused_at_submit(make: Make) -> None:
     assert sim.wait(client.wait(small))["state"] == "succeeded"
 
 
+# -- what status says -------------------------------------------------------------------
+
+
+def test_status_says_why_each_task_waits(make: Make) -> None:
+    """``waiting_for`` in ``status`` (and in a ``wait`` answered at its timeout), from the
+    workers at the time of asking: a queued task waits for "a free slot (K tasks queued
+    ahead)"; once the only worker wide enough dies, a wide one waits for "a worker with 2
+    free slots (the largest live worker has 1)"; with no worker alive, every queued task
+    for "no live worker"; a task ``after`` other jobs for "jobs ... to succeed"; running
+    tasks for nothing."""
+    sim = make(workers=("w1", "w2"), replication=1, slots={"w1": 3, "w2": 1})
+    client = sim.client()
+    busy = sim.wait(client.submit(["long"], array=6, env=env(duration=1000)))
+    sim.until(lambda: len(sim.events("start", busy)) == 4, what="four starts")
+    wide = sim.wait(client.submit(["wide"], slots=2, env=env(duration=1)))
+    after = sim.wait(client.submit(["after"], after=[busy, wide]))
+
+    def why(job: str) -> list[tuple[str, str]]:
+        return [(t["state"], t["waiting_for"]) for t in sim.wait(client.status(job))["tasks"]]
+
+    assert why(busy) == [("running", "")] * 4 + [
+        ("queued", "a free slot (0 tasks queued ahead)"),
+        ("queued", "a free slot (1 task queued ahead)"),
+    ]
+    assert why(wide) == [("queued", "a free slot (2 tasks queued ahead)")]
+    assert why(after) == [("waiting", f"jobs {busy}, {wide} to succeed")]
+    not_final = sim.wait(client.wait(wide, timeout=1))
+    assert [t["waiting_for"] for t in not_final["tasks"]] == ["a free slot (2 tasks queued ahead)"]
+
+    sim.kill("w1")  # its three attempts are lost, their tasks queued again at their places
+    sim.until(lambda: sim.state("w1") == "dead", what="w1 dead")
+    assert why(wide) == [("queued", "a worker with 2 free slots (the largest live worker has 1)")]
+    assert [w for s, w in why(busy) if s == "queued"] == [
+        f"a free slot ({k} {'task' if k == 1 else 'tasks'} queued ahead)" for k in range(5)
+    ]
+
+    sim.kill("w2")
+    sim.until(lambda: sim.state("w2") == "dead", what="w2 dead")
+    assert why(busy) == [("queued", "no live worker")] * 6
+    assert why(wide) == [("queued", "no live worker")]
+    assert why(after) == [("waiting", f"jobs {busy}, {wide} to succeed")]
+
+
+def test_a_failed_attempt_shows_the_tail_of_its_stderr(make: Make) -> None:
+    """What a failing task wrote last to stderr reaches ``status`` (worker result, master,
+    SQLite), numbered per task, and is still there after a master restart; a task that
+    succeeds shows none, whatever it wrote."""
+    sim = make()
+    client = sim.client()
+    noisy = {**env(exit_code=3), "SIM_STDERR": "first\nboom\n"}
+    failing = sim.wait(client.submit(["boom"], max_attempts=2, env=noisy))
+    fine = sim.wait(client.submit(["fine"], env={**env(), "SIM_STDERR": "just a warning\n"}))
+    final = sim.wait(client.wait(failing))
+    assert final["state"] == "failed"
+    assert [(a["number"], a["exit_code"], a["stderr_tail"]) for a in attempts(final)] == [
+        (1, 3, "first\nboom\n"),
+        (2, 3, "first\nboom\n"),
+    ]
+    assert [a["stderr_tail"] for a in attempts(sim.wait(client.wait(fine)))] == [""]
+    sim.restart_master()
+    sim.wait_registered()
+    assert sim.wait(client.status(failing)) == final
+
+
 # -- logs, volume -------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ fails the test.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -23,7 +24,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import deferLater
 
 from dsml.errors import DsmlError, NotFound
-from dsml.worker import tasks
+from dsml.worker import runner, tasks
 from dsml.worker.tasks import (
     RUN_DIR,
     STDERR_NAME,
@@ -790,6 +791,74 @@ def test_log_cap_keeps_the_tail(h: Harness, launcher: Any) -> None:
     assert dropped + len(tail) == len(expected)
     assert tail == expected[-len(tail) :]
     assert not (h.work_dir / "16" / (STDOUT_NAME + ".tmp")).exists()
+
+
+def test_a_failed_attempt_reports_the_tail_of_its_stderr(
+    h: Harness, launcher: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing attempt's result (and its ``task_result`` line) carries the last 10 lines
+    of its stderr, within its last 2,048 bytes, as UTF-8 text with control characters but
+    newline and tab replaced; a successful one carries none and reads no log for it, even
+    when it wrote to stderr; a failure that wrote nothing to stderr carries none."""
+    reads: list[Path] = []
+    real_tail = tasks.stderr_tail
+
+    def counted(log: Any) -> str:
+        reads.append(log.path)
+        return real_tail(log)
+
+    monkeypatch.setattr(tasks, "stderr_tail", counted)
+    m = h.manager(launcher=launcher, slots=4)
+    twelve = "for i in $(seq 1 12); do echo line$i >&2; done"
+    escape = "printf 'tab\\there \\033[31mred\\r\\n' >&2; printf 'caf\\303\\251\\n' >&2"
+    long_line = "head -c 5000 /dev/zero | tr '\\0' x >&2; echo >&2; echo last >&2"
+    failing = {
+        60: f"{twelve}; exit 3",
+        61: f"{escape}; exit 4",
+        62: f"{long_line}; kill -9 $$",
+        64: "echo only-stdout; exit 5",
+    }
+
+    async def body() -> tuple[AttemptResult, list[Path], dict[int, AttemptResult]]:
+        m.start(spec(63, "sh", "-c", "echo noise >&2; exit 0"))
+        ok = await h.result(63)
+        read_for_ok = list(reads)
+        for aid, script in failing.items():
+            m.start(spec(aid, "sh", "-c", script))
+        return ok, read_for_ok, {aid: await h.result(aid) for aid in failing}
+
+    ok, read_for_ok, results = h.run(body)
+    assert ok.reason == "" and ok.stderr_tail == ""
+    assert read_for_ok == []  # a success does not even look at its stderr log
+
+    lines = results[60].stderr_tail
+    assert lines == "".join(f"line{i}\n" for i in range(3, 13)), lines
+    assert results[61].stderr_tail == "tab\there \ufffd[31mred\ufffd\ncaf\u00e9\n"
+    wide = results[62]
+    assert wide.signal == 9 and wide.stderr_tail.endswith("x\nlast\n")
+    assert len(wide.stderr_tail.encode()) <= 2048
+    assert wide.stderr_tail == ("x" * 5000 + "\nlast\n")[-2048:]
+    assert results[64].reason == "exit 5" and results[64].stderr_tail == ""
+    assert len(reads) == len(failing)
+    line = json.loads(runner.result_json(results[60]))
+    assert line["stderr_tail"] == lines
+    assert "stderr_tail" not in json.loads(runner.result_json(ok))
+
+
+def test_the_stderr_tail_of_a_capped_log_skips_the_dropped_line(h: Harness) -> None:
+    """With a log cap smaller than the tail, the tail is the log's kept bytes, without
+    the '[dsml: N earlier bytes dropped]' line the cap wrote (it is not the task's)."""
+    m = h.manager(log_cap=16)
+
+    async def body() -> AttemptResult:
+        m.start(spec(65, "sh", "-c", "for i in $(seq 1 40); do echo e$i >&2; done; exit 1"))
+        return await h.result(65)
+
+    result = h.run(body)
+    assert m.logs(65)[1].read_bytes().startswith(b"[dsml: ")
+    assert "dsml" not in result.stderr_tail
+    assert result.stderr_tail.endswith("e39\ne40\n")
+    assert "e40\n" in result.stderr_tail and len(result.stderr_tail) <= 32
 
 
 def test_peak_memory_is_sampled(h: Harness) -> None:

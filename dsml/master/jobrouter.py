@@ -8,7 +8,7 @@ it has free slots (after a submit, a result, a registration), not at the next he
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -53,8 +53,15 @@ def job_spec_from_json(data: Any) -> JobSpec:
         raise JobError(f"malformed job: {e}", "bad-job") from None
 
 
-def job_json(view: JobView) -> dict[str, Any]:
-    """A job view as JSON (``dsml status`` and ``jobs``)."""
+def job_json(view: JobView, queued: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """A job view as JSON (``dsml status``, ``wait`` and ``jobs``).
+
+    Each task's ``waiting_for`` says why it waits: the view's sentence for a ``waiting``
+    task, ``queued[index]`` for a ``queued`` one (the router's, from the workers: see
+    :meth:`JobRouter.queued_reasons`), else "".  Each attempt's ``number`` is its place
+    among its task's attempts, from 1; ``id`` stays the master's attempt id.
+    """
+    queued = queued or {}
     return {
         "id": view.id,
         "name": view.name,
@@ -73,9 +80,11 @@ def job_json(view: JobView) -> dict[str, Any]:
                 "index": t.index,
                 "state": t.state,
                 "reason": t.reason,
+                "waiting_for": t.waiting_for or queued.get(t.index, ""),
                 "attempts": [
                     {
                         "id": a.id,
+                        "number": number,
                         "worker": a.worker,
                         "state": a.state,
                         "started": a.started,
@@ -85,8 +94,9 @@ def job_json(view: JobView) -> dict[str, Any]:
                         "duration": a.duration,
                         "peak_rss": a.peak_rss,
                         "reason": a.reason,
+                        "stderr_tail": a.stderr_tail,
                     }
-                    for a in t.attempts
+                    for number, a in enumerate(t.attempts, 1)
                 ],
             }
             for t in view.tasks
@@ -272,7 +282,44 @@ class JobRouter:
 
     def _status(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
         view = self.jobs.job(head.headers["job"])
-        return Reply({"State": view.state}, json.dumps(job_json(view)).encode())
+        return Reply({"State": view.state}, self._status_json(view))
+
+    def _status_json(self, view: JobView) -> bytes:
+        """The status payload: the job's JSON, with why its queued tasks wait now."""
+        return json.dumps(job_json(view, self.queued_reasons(view))).encode()
+
+    def queued_reasons(self, view: JobView) -> dict[int, str]:
+        """Why each queued task of ``view`` waits, by task index, as the workers are now.
+
+        "no live worker" when no worker is alive (a suspect one gets no work, see
+        :meth:`dispatch`); "a worker with N free slots (the largest live worker has M)"
+        for a task wider than every live worker; else "a free slot (K tasks queued
+        ahead)", or "a free slot" when the manager does not count
+        (:meth:`~dsml.master.jobs.JobManager.queue_places`).  O(tasks of the job) plus
+        O(workers).
+        """
+        if not view.counts.get("queued"):
+            return {}
+        places = self.jobs.queue_places(view.id)
+        if not places:
+            return {}
+        alive = self.membership.alive()
+        if not alive:
+            return dict.fromkeys(places, "no live worker")
+        largest = max(r.slots for r in alive)
+        reasons: dict[int, str] = {}
+        for index, place in places.items():
+            if place.slots > largest:
+                reasons[index] = (
+                    f"a worker with {place.slots} free slots"
+                    f" (the largest live worker has {largest})"
+                )
+            elif place.ahead is None:
+                reasons[index] = "a free slot"
+            else:
+                tasks = "task" if place.ahead == 1 else "tasks"
+                reasons[index] = f"a free slot ({place.ahead} {tasks} queued ahead)"
+        return reasons
 
     def _cancel(self, head: Head, payload: bytes, conn: ServerProtocol) -> Deferred[Reply]:
         job_id = head.headers["job"]
@@ -309,13 +356,13 @@ class JobRouter:
             if not result.called:
                 full = self.jobs.job(view.id)
                 result.callback(Reply({"State": full.state, "Final": 1},
-                                      json.dumps(job_json(full)).encode()))
+                                      self._status_json(full)))
 
         def expired() -> None:
             if not result.called:
                 view = self.jobs.job(job_id)
                 result.callback(Reply({"State": view.state, "Final": 0},
-                                      json.dumps(job_json(view)).encode()))
+                                      self._status_json(view)))
 
         timer = self.clock.callLater(timeout, expired)
         d.addCallback(final)
@@ -361,6 +408,7 @@ class JobRouter:
                         exit_code=r.get("exit_code"), signal=r.get("signal"),
                         duration=float(r.get("duration", 0.0)),
                         peak_rss=int(r.get("peak_rss", 0)), reason=str(r.get("reason", "")),
+                        stderr_tail=_tail(r),
                     )
                 )
             except (ValueError, KeyError, TypeError):
@@ -382,7 +430,14 @@ def finished_report(r: dict[str, Any]) -> FinishedReport:
     return FinishedReport(
         int(r["attempt_id"]), r.get("exit_code"), r.get("signal"),
         float(r.get("duration", 0.0)), int(r.get("peak_rss", 0)), str(r.get("reason", "")),
+        _tail(r),
     )
+
+
+def _tail(r: dict[str, Any]) -> str:
+    """A result's ``stderr_tail`` if it is text ("" otherwise; the manager caps it)."""
+    tail = r.get("stderr_tail", "")
+    return tail if isinstance(tail, str) else ""
 
 
 def _order(

@@ -68,7 +68,9 @@ worker and incarnation.  Workers that come back call :meth:`reconcile` (running 
 re-bound to the new incarnation, results that arrived while the master was down committed,
 missing ones lost); the service calls :meth:`worker_lost` for those that do not return
 within the heartbeat timeout.  Final jobs are evicted from memory once their final state is
-committed and read back from SQLite when asked for.
+committed and read back from SQLite when asked for.  A state file of an older schema
+(version 1, without ``attempts.stderr_tail``) is migrated in place when opened, in the
+same transaction that checks the schema.
 
 Costs: the queue is a heap plus a sorted *front* of its :data:`LOCALITY_WINDOW` smallest
 entries; :meth:`next_assignments` looks only at the front, so each task given costs one
@@ -113,6 +115,7 @@ __all__ = [
     "ATTEMPT_BLOCK",
     "JOBS_FILE",
     "LOCALITY_WINDOW",
+    "MAX_STDERR_TAIL",
     "AttemptView",
     "Assignment",
     "FinishedReport",
@@ -120,6 +123,7 @@ __all__ = [
     "JobManager",
     "JobSpec",
     "JobView",
+    "QueuePlace",
     "TaskSpec",
     "TaskView",
     "holds_nothing",
@@ -127,7 +131,8 @@ __all__ = [
 
 log = Logger()
 
-SCHEMA_VERSION: Final = 1
+#: 2 added ``attempts.stderr_tail``; a version-1 file is migrated in place when opened.
+SCHEMA_VERSION: Final = 2
 
 #: The state file's name under the master's ``state_dir``.
 JOBS_FILE: Final = "jobs.sqlite3"
@@ -174,6 +179,12 @@ MAX_AFTER: Final = 1000
 MAX_NAME: Final = 1024
 #: Longest reason kept for an attempt, in characters (a worker's text, the tail dropped).
 MAX_REASON: Final = 1024
+#: Longest stderr tail kept for a failed attempt, in characters (its last ones).  The
+#: worker sends at most 2,048 bytes; this holds whatever a worker sends to the same.
+MAX_STDERR_TAIL: Final = 2048
+#: :meth:`JobManager.queue_places` counts the queued tasks ahead of a job's own only
+#: while at most this many jobs are live (the count walks them all).
+MAX_JOBS_COUNTED: Final = 1000
 
 #: Locality may reorder only within this many queued tasks at the head of the queue.
 LOCALITY_WINDOW: Final = 64
@@ -185,6 +196,8 @@ RETRY_DELAY: Final = 1.0
 _ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _JOB_ID: Final = re.compile(r"j([1-9][0-9]{0,17})\Z")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Control characters a stderr tail may not carry (newline and tab it may).
+_TAIL_CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SYNC_LEVELS: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 _SCHEMA: Final = (
@@ -201,7 +214,10 @@ _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS attempts(id INTEGER PRIMARY KEY, job INTEGER NOT NULL,"
     " idx INTEGER NOT NULL, worker TEXT NOT NULL, incarnation INTEGER NOT NULL,"
     " state TEXT NOT NULL, started REAL NOT NULL, ended REAL, exit_code INTEGER,"
-    " signal INTEGER, duration REAL, peak_rss INTEGER, reason TEXT NOT NULL)",
+    " signal INTEGER, duration REAL, peak_rss INTEGER, reason TEXT NOT NULL,"
+    # Last (schema 2): ALTER TABLE ADD COLUMN appends, so a migrated file has the same
+    # column order as a new one and _PUT_ATTEMPT fits both.
+    " stderr_tail TEXT NOT NULL DEFAULT '')",
     "CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job, id)",
 )
 
@@ -211,7 +227,7 @@ _UPDATE_JOB: Final = (
 )
 _INSERT_TASK: Final = "REPLACE INTO tasks VALUES (?, ?, ?, ?, ?)"
 _UPDATE_TASK: Final = "UPDATE tasks SET state = ?, reason = ? WHERE job = ? AND idx = ?"
-_PUT_ATTEMPT: Final = "REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_PUT_ATTEMPT: Final = "REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _SET_META: Final = "REPLACE INTO meta VALUES (?, ?)"
 _JOB_COLS: Final = (
     "SELECT seq, name, priority, after, state, created, started, finished, reason, ntasks,"
@@ -219,7 +235,7 @@ _JOB_COLS: Final = (
 )
 _ATTEMPT_COLS: Final = (
     "SELECT id, idx, worker, incarnation, state, started, ended, exit_code, signal,"
-    " duration, peak_rss, reason FROM attempts WHERE job = ? ORDER BY id"
+    " duration, peak_rss, reason, stderr_tail FROM attempts WHERE job = ? ORDER BY id"
 )
 
 
@@ -294,6 +310,8 @@ class FinishedReport:
     duration: float
     peak_rss: int
     reason: str = ""
+    #: The last lines of a failed attempt's stderr ("" for none).
+    stderr_tail: str = ""
 
 
 @attrs.frozen
@@ -311,6 +329,9 @@ class AttemptView:
     duration: float | None
     peak_rss: int | None
     reason: str
+    #: The last lines of its stderr if it failed (at most :data:`MAX_STDERR_TAIL`
+    #: characters, no control characters but newline and tab), else "".
+    stderr_tail: str = ""
 
 
 @attrs.frozen
@@ -321,6 +342,19 @@ class TaskView:
     state: str
     reason: str
     attempts: tuple[AttemptView, ...]
+    #: For a ``waiting`` task, the jobs it waits for ("job j3 to succeed"); else "".
+    #: (Why a ``queued`` task waits depends on the workers: the router says that.)
+    waiting_for: str = ""
+
+
+@attrs.frozen
+class QueuePlace:
+    """Where a queued task stands (see :meth:`JobManager.queue_places`)."""
+
+    #: The slots it needs.
+    slots: int
+    #: Queued tasks before it in the queue order; None when counting them is not cheap.
+    ahead: int | None
 
 
 @attrs.frozen
@@ -376,6 +410,7 @@ class _Attempt:
     duration: float | None = None
     peak_rss: int | None = None
     reason: str = ""
+    stderr_tail: str = ""
 
     def view(self) -> AttemptView:
         return AttemptView(
@@ -390,6 +425,7 @@ class _Attempt:
             self.duration,
             self.peak_rss,
             self.reason,
+            self.stderr_tail,
         )
 
     def row(self) -> tuple[object, ...]:
@@ -408,6 +444,7 @@ class _Attempt:
             self.duration,
             self.peak_rss,
             self.reason,
+            self.stderr_tail,
         )
 
 
@@ -424,8 +461,15 @@ class _Task:
     #: The running attempt, if any.
     current: _Attempt | None = None
 
-    def view(self) -> TaskView:
-        return TaskView(self.index, self.state, self.reason, tuple(a.view() for a in self.attempts))
+    def view(self, waiting_for: str = "") -> TaskView:
+        """Its view; ``waiting_for`` is its job's sentence, kept only if it is waiting."""
+        return TaskView(
+            self.index,
+            self.state,
+            self.reason,
+            tuple(a.view() for a in self.attempts),
+            waiting_for if self.state == WAITING else "",
+        )
 
 
 @attrs.define(eq=False)
@@ -459,7 +503,16 @@ class _Job:
         c = self.counts
         return c[SUCCEEDED] + c[FAILED] + c[CANCELLED]
 
+    def waiting_for(self) -> str:
+        """What its waiting tasks wait for: "job j3 to succeed", "jobs j3, j5 to succeed"."""
+        ids = [f"j{seq}" for seq in sorted(self.pending)] or list(self.after)
+        if len(ids) == 1:
+            return f"job {ids[0]} to succeed"
+        return f"jobs {', '.join(ids)} to succeed"
+
     def view(self, tasks: bool = True) -> JobView:
+        # One sentence for all its waiting tasks (they wait for the same jobs).
+        why = self.waiting_for() if tasks and self.counts[WAITING] else ""
         return JobView(
             id=self.id,
             name=self.name,
@@ -473,7 +526,7 @@ class _Job:
             counts=dict(self.counts),
             done=self.done,
             total=len(self.tasks),
-            tasks=tuple(t.view() for t in self.tasks) if tasks else (),
+            tasks=tuple(t.view(why) for t in self.tasks) if tasks else (),
         )
 
     def update_row(self) -> tuple[object, ...]:
@@ -727,6 +780,14 @@ class JobManager:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
             db.execute("INSERT OR IGNORE INTO meta VALUES ('next_job', 1)")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('attempt_reserved', 0)")
+            (schema,) = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+            if schema == 1:
+                # In the same transaction: a crash leaves the file at version 1, whole.
+                db.execute(
+                    "ALTER TABLE attempts ADD COLUMN stderr_tail TEXT NOT NULL DEFAULT ''"
+                )
+                db.execute(_SET_META, ("schema", 2))
+                log.info("jobs: {path} migrated from schema 1 to 2", path=str(self.path))
         meta = dict(db.execute("SELECT name, value FROM meta"))
         if meta["schema"] != SCHEMA_VERSION:
             raise JobError(
@@ -1061,6 +1122,7 @@ class JobManager:
         duration: float,
         peak_rss: int,
         reason: str = "",
+        stderr_tail: str = "",
     ) -> Deferred[bool]:
         """Record the end of an attempt; fires True once committed, False if refused.
 
@@ -1069,7 +1131,9 @@ class JobManager:
         task; anything else fails the attempt (``timeout`` when ``reason`` is "timeout")
         and requeues the task while it has attempts left, else fails it.  A worker that
         fails an attempt after a zero exit (say, an output upload failed) reports
-        ``exit_code=None`` with the reason.
+        ``exit_code=None`` with the reason.  ``stderr_tail``, the last lines of a failed
+        attempt's stderr, is kept (its last :data:`MAX_STDERR_TAIL` characters, control
+        characters but newline and tab replaced) unless the attempt succeeded.
         """
         self._check_open()
         a = self._running.get(attempt_id)
@@ -1081,7 +1145,7 @@ class JobManager:
                 incarnation=incarnation,
             )
             return succeed(False)
-        self._complete(a, exit_code, signal, duration, peak_rss, reason)
+        self._complete(a, exit_code, signal, duration, peak_rss, reason, stderr_tail)
         d: Deferred[bool] = Deferred()
         self._acks.append((d, True))
         self._schedule()
@@ -1095,9 +1159,10 @@ class JobManager:
         duration: float,
         peak_rss: int,
         reason: str,
+        stderr_tail: str = "",
     ) -> None:
         """Commit a running attempt's result (already fenced)."""
-        reason = str(reason)[:MAX_REASON]
+        reason = _storable(str(reason)[:MAX_REASON])
         a.exit_code = exit_code
         a.signal = signal
         a.duration = duration
@@ -1117,6 +1182,8 @@ class JobManager:
                     reason = f"exit code {exit_code}"
                 else:
                     reason = "failed"
+        if state != SUCCEEDED:
+            a.stderr_tail = _clean_tail(stderr_tail)
         self._end_attempt(a, state, reason)
 
     def worker_lost(self, worker: str, incarnation: int) -> list[int]:
@@ -1167,7 +1234,10 @@ class JobManager:
             done.add(rep.attempt_id)
             a = self._running.get(rep.attempt_id)
             if a is not None and a.worker == worker and a.incarnation <= incarnation:
-                self._complete(a, rep.exit_code, rep.signal, rep.duration, rep.peak_rss, rep.reason)
+                self._complete(
+                    a, rep.exit_code, rep.signal, rep.duration, rep.peak_rss, rep.reason,
+                    rep.stderr_tail,
+                )
         kill: list[int] = []
         reported: set[int] = set()
         for aid in running:
@@ -1438,6 +1508,38 @@ class JobManager:
         job.waiters.append(d)
         return d
 
+    def queue_places(self, job_id: str) -> dict[int, QueuePlace]:
+        """Where each queued task of a live job stands, by task index ({} for none).
+
+        ``ahead`` counts the queued tasks before the task in the queue order (priority,
+        submit order, index): its own job's, counted over its tasks, and other jobs',
+        counted over the live jobs, only while there are at most
+        :data:`MAX_JOBS_COUNTED` (else it is None).  So it costs O(tasks of the job)
+        plus at most that many jobs, never a walk of the queue.  (The order is the
+        queue's, not a promise: a wider task ahead may be passed, locality may reorder
+        a window.)
+        """
+        self._check_open()
+        seq = _parse_job_id(job_id)
+        job = self._jobs.get(seq) if seq is not None else None
+        if job is None or not job.counts[QUEUED]:
+            return {}
+        before: int | None = None
+        if len(self._jobs) <= MAX_JOBS_COUNTED:
+            key = (-job.priority, job.seq)
+            before = sum(
+                j.counts[QUEUED] for j in self._jobs.values() if (-j.priority, j.seq) < key
+            )
+        places: dict[int, QueuePlace] = {}
+        mine = 0
+        for task in job.tasks:
+            if task.state == QUEUED:
+                places[task.index] = QueuePlace(
+                    task.spec.slots, None if before is None else before + mine
+                )
+                mine += 1
+        return places
+
     def running_attempts(self, worker: str) -> list[int]:
         """The attempts the master holds as running on ``worker`` (any incarnation)."""
         return sorted(self._by_worker.get(worker, ()))
@@ -1703,6 +1805,25 @@ class _Batch:
     task_updates: list[tuple[Any, ...]]
     attempt_rows: list[tuple[Any, ...]]
     written: bool = False
+
+
+def _storable(text: str) -> str:
+    """``text`` with what SQLite cannot store as UTF-8 (lone surrogates, which JSON's
+    ``\\ud800`` escapes make) replaced by "?".  A worker's text that could not be
+    stored would fail every later group commit with it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def _clean_tail(text: object) -> str:
+    """A worker's stderr tail as kept: its last :data:`MAX_STDERR_TAIL` characters,
+    control characters but newline and tab replaced by U+FFFD ("" if not text)."""
+    if not isinstance(text, str) or not text:
+        return ""
+    return _TAIL_CONTROL.sub("\ufffd", _storable(text[-MAX_STDERR_TAIL:]))
 
 
 def _parse_job_id(job_id: object) -> int | None:

@@ -87,6 +87,7 @@ from ..worker.tasks import (
     AttemptResult,
     AttemptSpec,
     TaskError,
+    tail_text,
 )
 
 log = Logger()
@@ -754,7 +755,8 @@ class FakeRun:
     """How one fake attempt goes: it "runs" ``duration`` simulated seconds, then exits.
 
     ``reason`` None means the usual one: ``""`` for exit 0 with no signal, ``"exit N"``,
-    ``"killed by signal N"``.  ``stdout`` is written to its log when it starts.
+    ``"killed by signal N"``.  ``stdout`` and ``stderr`` are written to its logs when it
+    starts; a failed attempt's result carries the tail of ``stderr``, as a real one's does.
     """
 
     duration: float = 1.0
@@ -762,6 +764,7 @@ class FakeRun:
     signal: int | None = None
     reason: str | None = None
     stdout: bytes = b""
+    stderr: bytes = b""
 
     def result(self, attempt_id: int, duration: float) -> AttemptResult:
         """The result of an attempt that ran to its end."""
@@ -773,7 +776,10 @@ class FakeRun:
                 reason = f"exit {self.exit_code}"
             else:
                 reason = ""
-        return AttemptResult(attempt_id, self.exit_code, self.signal, duration, 0, reason)
+        return AttemptResult(
+            attempt_id, self.exit_code, self.signal, duration, 0, reason,
+            tail_text(self.stderr) if reason else "",
+        )
 
 
 #: Decides how an attempt goes: ``script(worker name, spec)``.
@@ -782,12 +788,13 @@ Script = Callable[[str, AttemptSpec], FakeRun]
 
 def default_script(worker: str, spec: AttemptSpec) -> FakeRun:
     """The task's own environment says: ``SIM_DURATION`` seconds (1 by default), then exit
-    ``SIM_EXIT`` (0 by default); ``SIM_STDOUT`` is what it prints."""
+    ``SIM_EXIT`` (0 by default); ``SIM_STDOUT`` and ``SIM_STDERR`` are what it prints."""
     env = dict(spec.env)
     return FakeRun(
         duration=float(env.get("SIM_DURATION", 1.0)),
         exit_code=int(env.get("SIM_EXIT", 0)),
         stdout=env.get("SIM_STDOUT", "").encode(),
+        stderr=env.get("SIM_STDERR", "").encode(),
     )
 
 
@@ -906,7 +913,7 @@ class FakeTaskManager(AttemptLedger):
         d = self.work_dir / str(aid)
         d.mkdir(parents=True, exist_ok=True)
         (d / STDOUT_NAME).write_bytes(run.stdout)
-        (d / STDERR_NAME).write_bytes(b"")
+        (d / STDERR_NAME).write_bytes(run.stderr)
         self._event("start", att)
         self._notify_change()
 
@@ -986,7 +993,9 @@ class FakeTaskManager(AttemptLedger):
         att.timer = None
         duration = self.clock.seconds() - att.started
         self._finish(
-            att, AttemptResult(att.spec.attempt_id, None, SIGTERM, duration, 0, att.stop_reason)
+            att,
+            AttemptResult(att.spec.attempt_id, None, SIGTERM, duration, 0, att.stop_reason,
+                          tail_text(att.run.stderr)),
         )
 
     def _finish(self, att: _FakeAttempt, result: AttemptResult) -> None:

@@ -104,17 +104,18 @@ def spec_from_json(payload: bytes) -> AttemptSpec:
 
 
 def result_json(r: AttemptResult) -> str:
-    """One line of a ``task_result`` report."""
-    return json.dumps(
-        {
-            "attempt_id": r.attempt_id,
-            "exit_code": r.exit_code,
-            "signal": r.signal,
-            "duration": r.duration,
-            "peak_rss": r.peak_rss,
-            "reason": r.reason,
-        }
-    )
+    """One line of a ``task_result`` report (``stderr_tail`` only when there is one)."""
+    d: dict[str, Any] = {
+        "attempt_id": r.attempt_id,
+        "exit_code": r.exit_code,
+        "signal": r.signal,
+        "duration": r.duration,
+        "peak_rss": r.peak_rss,
+        "reason": r.reason,
+    }
+    if r.stderr_tail:
+        d["stderr_tail"] = r.stderr_tail
+    return json.dumps(d)
 
 
 class WorkerJobs:

@@ -10,7 +10,8 @@ then, one step after another:
    it in a new session, so that it leads its own process group;
 4. streams stdout and stderr into the two log files, each capped with its tail kept;
 5. on a clean exit, uploads the declared outputs through :class:`Transfers`;
-6. reports an :class:`AttemptResult` through ``on_result`` and frees the slots.
+6. reports an :class:`AttemptResult` through ``on_result`` and frees the slots; a failed
+   attempt's result carries the last lines of its stderr (:func:`stderr_tail`).
 
 Process groups (the buildbot ``runprocess`` idea): the command is started in a new session,
 so its pid is also the id of its session and process group.  Everything the command starts
@@ -49,6 +50,7 @@ non-empty reason as a failed attempt.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal as signal_module
 import subprocess
@@ -122,6 +124,15 @@ ORPHAN_MARK = "DSML_WORKER_DIR"
 #: Seconds a command's place along a PATH is remembered (see TaskManager._executable).
 WHICH_TTL = 1.0
 
+#: A failed attempt's result carries at most this many last lines of its stderr...
+STDERR_TAIL_LINES = 10
+#: ...and at most this many bytes of it (the tail).
+STDERR_TAIL_BYTES = 2048
+
+#: Control characters a stderr tail may not carry (newline and tab it may): a terminal
+#: showing ``dsml status`` must not be driven by a task's escape sequences.
+_TAIL_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
 
 class TaskError(DsmlError):
     """:meth:`TaskManager.start` refused an attempt.
@@ -180,6 +191,8 @@ class AttemptResult:
     duration: float
     peak_rss: int
     reason: str
+    #: A failed attempt's last lines of stderr (:func:`stderr_tail`); "" on success.
+    stderr_tail: str = ""
 
     @property
     def ok(self) -> bool:
@@ -412,11 +425,17 @@ class CappedLog:
         self.dropped += self.kept - len(tail)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as f:
-            f.write(f"[dsml: {self.dropped} earlier bytes dropped]\n".encode())
+            f.write(self.dropped_line())
             f.write(tail)
         os.replace(tmp, self.path)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self.kept = len(tail)
+
+    def dropped_line(self) -> bytes:
+        """The line the file begins with once trimmed (b"" while it never was)."""
+        if not self.dropped:
+            return b""
+        return f"[dsml: {self.dropped} earlier bytes dropped]\n".encode()
 
     def close(self) -> None:
         """Stop capturing and close the file."""
@@ -427,6 +446,49 @@ class CappedLog:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def tail_text(data: bytes, cut: bool = False) -> str:
+    """The last :data:`STDERR_TAIL_LINES` lines of ``data``, within its last
+    :data:`STDERR_TAIL_BYTES` bytes, as text: UTF-8 with errors replaced, and control
+    characters but newline and tab replaced by U+FFFD.
+
+    ``cut``: ``data`` is the end of something longer (so it may begin inside a character).
+    """
+    if len(data) > STDERR_TAIL_BYTES:
+        data, cut = data[-STDERR_TAIL_BYTES:], True
+    # A final line without a newline counts as a line; a final newline starts none.
+    pos = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(STDERR_TAIL_LINES):
+        pos = data.rfind(b"\n", 0, pos)
+        if pos < 0:
+            break
+    if pos >= 0:
+        data = data[pos + 1 :]
+    elif cut:
+        # It begins inside a line, perhaps inside a character: not half a character.
+        skip = 0
+        while skip < 3 and skip < len(data) and 0x80 <= data[skip] < 0xC0:
+            skip += 1
+        data = data[skip:]
+    return _TAIL_CONTROL.sub("\ufffd", data.decode("utf-8", "replace"))
+
+
+def stderr_tail(log: CappedLog) -> str:
+    """The tail of a finished attempt's stderr log for its result (:func:`tail_text`);
+    "" if nothing was written (then no file is read) or it cannot be read."""
+    if not log.kept:
+        return ""
+    # The "[dsml: N earlier bytes dropped]" line of a trimmed log is not the task's.
+    first = len(log.dropped_line())
+    try:
+        with open(log.path, "rb") as f:
+            start = max(first, os.fstat(f.fileno()).st_size - STDERR_TAIL_BYTES)
+            f.seek(start)
+            data = f.read(STDERR_TAIL_BYTES)
+    except OSError:
+        return ""
+    return tail_text(data, cut=start > 0)
 
 
 def _relative(rel: str, what: str) -> PurePosixPath:
@@ -501,7 +563,9 @@ class _Attempt:
     done: Deferred[None] = attrs.Factory(Deferred)
 
     def result(self, reason: str) -> AttemptResult:
-        """The result, with ``reason``."""
+        """The result, with ``reason``; a failure's carries the tail of its stderr (read
+        only then: a success reads no file)."""
+        tail = stderr_tail(self.logs[1]) if reason and self.logs is not None else ""
         return AttemptResult(
             attempt_id=self.spec.attempt_id,
             exit_code=self.exit_code,
@@ -509,6 +573,7 @@ class _Attempt:
             duration=self.duration,
             peak_rss=self.peak_rss,
             reason=reason,
+            stderr_tail=tail,
         )
 
     def cancel_timer(self, name: str) -> None:
