@@ -33,3 +33,9 @@ class ChecksumMismatch(DsmlError):
     """Bytes did not hash to the sha256 they were meant to have."""
 
     code = "checksum-mismatch"
+
+
+class ConnectionLost(DsmlError):
+    """The peer closed the connection, or could not be reached, before it answered."""
+
+    code = "connection"
