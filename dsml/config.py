@@ -81,7 +81,7 @@ WORKER_ADDR_FILE: Final = "worker.addr"
 #: Default number of task slots of a worker.
 DEFAULT_SLOTS: Final = 1
 #: Most task slots one worker may declare.
-MAX_SLOTS: Final = 1024
+MAX_SLOTS: Final = wire_limits.MAX_SLOTS
 #: Longest token, in UTF-8 bytes: it travels in one header line of at most 1 KiB.
 MAX_TOKEN_BYTES: Final = 512
 #: Longest host name (DNS limit).
@@ -95,7 +95,6 @@ DEFAULT_HEAD_TIMEOUT: Final = 10.0
 DEFAULT_IDLE_TIMEOUT: Final = 60.0
 DEFAULT_PAYLOAD_TIMEOUT: Final = 60.0
 
-_WORKER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _SIZE = re.compile(r"\s*([0-9]{1,20})\s*([A-Za-z]*)\s*\Z")
 _SIZE_UNITS: Final = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 # Whitespace, C0 controls, DEL and the C1 controls: never part of a token or a host.
@@ -441,7 +440,7 @@ class _Parser:
         s = self.mapping("workers", section, None)
         workers: dict[str, WorkerConfig] = {}
         for name, entry in s.items():
-            if not isinstance(name, str) or not _WORKER_NAME.match(name):
+            if not isinstance(name, str) or not wire_limits.WORKER_NAME.match(name):
                 raise self.error(
                     "workers",
                     f"worker name must be 1 to 64 of A-Z a-z 0-9 _ . -, got {_show(name)}",

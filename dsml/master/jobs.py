@@ -109,6 +109,7 @@ from twisted.python.failure import Failure
 
 from ..errors import DsmlError
 from ..fsutil import fsync_dir as _fsync_dir
+from ..protocol import limits
 from ..protocol.methods import HeaderValueError, check_key
 
 __all__ = [
@@ -166,7 +167,7 @@ REASON_CANCELLED: Final = "cancelled"
 #: Most tasks in one job.
 MAX_TASKS: Final = 100_000
 #: Most slots one task may ask for (the most a worker may declare).
-MAX_SLOTS: Final = 1024
+MAX_SLOTS: Final = limits.MAX_SLOTS
 #: Longest task timeout, in seconds (30 days).
 MAX_TIMEOUT: Final = 30 * 24 * 3600.0
 #: Most attempts a task may be given.

@@ -62,7 +62,6 @@ dead), not O(n).
 from __future__ import annotations
 
 import math
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final
@@ -73,6 +72,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..errors import DsmlError
+from ..protocol import limits
 
 log = Logger()
 
@@ -85,11 +85,11 @@ DEAD: Final = "dead"
 SUSPECT_INTERVALS: Final = 3
 
 #: A worker name: the same rule as the ``workers`` keys of the configuration.
-WORKER_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+WORKER_NAME: Final = limits.WORKER_NAME
 #: Longest host name (DNS limit).
 MAX_HOST: Final = 253
 #: Most task slots one worker may declare.
-MAX_SLOTS: Final = 1024
+MAX_SLOTS: Final = limits.MAX_SLOTS
 #: Largest incarnation number (fits a 12-digit header value, as every wire number must).
 MAX_INCARNATION: Final = 10**12 - 1
 

@@ -4,6 +4,8 @@ Every length the parser accepts is bounded by one of these names; docs/protocol.
 lists them and explains where each number comes from.
 """
 
+import re
+
 #: Longest header line (start line included), in bytes, not counting its CRLF.
 #: memcached closes at 2 KiB; a Key header must fit a MAX_KEY-byte key with room to spare.
 MAX_LINE = 2048
@@ -40,3 +42,12 @@ MAX_SKIP = 64 * 1024 * 1024
 
 #: Largest file payload: anything a Length header can say; files are streamed.
 FILE_MAX = 10**MAX_LENGTH_DIGITS - 1
+
+#: Most task slots a worker may declare, and so the most one task may ask for.
+MAX_SLOTS = 1024
+
+#: A worker's name: 1 to 64 of A-Z a-z 0-9 _ . - (a config key, a header value, a
+#: directory-safe word).  One rule for the config, the wire and the master.
+WORKER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+#: The same rule, said to a person.
+WORKER_NAME_RULE = "1 to 64 of A-Z a-z 0-9 _ . -"

@@ -77,7 +77,6 @@ def check_text(value: str) -> str:
 
 
 _ADDR = re.compile(r"[A-Za-z0-9._:\[\]-]{1,255}:[0-9]{1,5}\Z")
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 
 #: Most workers a Forward header may name (the rest of an upload pipeline).
 MAX_FORWARD = 16
@@ -102,8 +101,8 @@ def check_forward(value: str) -> str:
 
 def check_name(value: str) -> str:
     """A worker name: 1 to 64 of ``A-Z a-z 0-9 _ . -``."""
-    if not _NAME.match(value):
-        raise HeaderValueError("bad-header", "expected a worker name ([A-Za-z0-9_.-]{1,64})")
+    if not limits.WORKER_NAME.match(value):
+        raise HeaderValueError("bad-header", f"expected a worker name ({limits.WORKER_NAME_RULE})")
     return value
 
 
