@@ -18,6 +18,7 @@ from twisted.python import usage
 from twisted.scripts._twistd_unix import ServerOptions
 
 from dsml import cli, safeyaml
+from dsml.cli import storage
 from dsml.config import find_config
 from dsml.jobfile import MAX_JOB_FILE, JobFileError, load_job_file
 
@@ -157,20 +158,20 @@ def test_job_file_over_the_cap_is_refused_unread(tmp_path: Path) -> None:
 
 
 def test_relative_paths_under_the_prefix() -> None:
-    assert cli._relative_path("datasets/a/b.csv", "datasets/") == ["a", "b.csv"]
-    assert cli._relative_path("datasets/a.csv", "datasets") == ["datasets", "a.csv"]
-    assert cli._relative_path("datasets/a.csv", "datasets/a") == ["a.csv"]
-    assert cli._relative_path("top", "") == ["top"]
+    assert storage._relative_path("datasets/a/b.csv", "datasets/") == ["a", "b.csv"]
+    assert storage._relative_path("datasets/a.csv", "datasets") == ["datasets", "a.csv"]
+    assert storage._relative_path("datasets/a.csv", "datasets/a") == ["a.csv"]
+    assert storage._relative_path("top", "") == ["top"]
     for bad in ("datasets/../x", "datasets/./x", "datasets//x", "datasets/x/", "datasets/.."):
         with pytest.raises(ValueError):
-            cli._relative_path(bad, "datasets/")
+            storage._relative_path(bad, "datasets/")
 
 
 @given(st.lists(st.sampled_from(["a", "..", ".", "", "b/", "/", "x.y", "..."]), max_size=6))
 def test_no_relative_path_leaves_its_directory(parts: list[str]) -> None:
     key = "p/" + "/".join(parts)
     try:
-        segments = cli._relative_path(key, "p/")
+        segments = storage._relative_path(key, "p/")
     except ValueError:
         return
     root = "/r"
@@ -183,9 +184,9 @@ def test_safe_parent_refuses_a_symlink_out(tmp_path: Path) -> None:
     outside.mkdir()
     (root / "a").symlink_to(outside)
     with pytest.raises(ValueError, match="not a plain directory"):
-        cli._safe_parent(root, ["a", "b", "c.txt"])
+        storage._safe_parent(root, ["a", "b", "c.txt"])
     assert list(outside.iterdir()) == []
-    assert cli._safe_parent(root, ["x", "y", "z.txt"]) == root / "x" / "y"
+    assert storage._safe_parent(root, ["x", "y", "z.txt"]) == root / "x" / "y"
 
 
 # -- help, config discovery, imports ----------------------------------------------------

@@ -1,0 +1,293 @@
+"""The storage and cluster commands: upload, download (-r), cat, set, get, rm (-r), ls,
+stat, nodes, ping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..client import ClusterClient
+from ..errors import DsmlError
+from .common import (
+    UsageError,
+    _cluster,
+    _connect,
+    _human,
+    _key,
+    _note,
+    _print_json,
+    _progress,
+    _rate,
+    _start_hint,
+)
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    key = _key(args.key if args.key is not None else path.name)
+    if not path.is_file():
+        raise UsageError(f"{path}: not a regular file")
+    size = path.stat().st_size
+    with _connect(args) as c, _progress(size, f"upload {key}", not args.quiet) as progress:
+        start = time.monotonic()
+        stored = c.upload(path, key, progress)
+        took = time.monotonic() - start
+    copies = f", {stored.replicas} replicas" if stored.replicas > 1 else ""
+    print(f"uploaded {path} -> {key}: {_rate(stored.size, took)}, version {stored.version}"
+          f"{copies}, sha256 {stored.sha256}")
+    return 0
+
+
+def _relative_path(key: str, prefix: str) -> list[str]:
+    """The path segments under DIR that ``key`` becomes in ``download -r PREFIX DIR``.
+
+    Keys are taken relative to the prefix's directory part (everything up to its last
+    ``/``): ``-r datasets/ out`` makes ``out/a.csv`` of ``datasets/a.csv``, ``-r datasets
+    out`` makes ``out/datasets/a.csv``.  Raises ValueError for a key that is no safe
+    relative path (``..`` or ``.`` or empty segments, a NUL).
+    """
+    base = prefix[: prefix.rfind("/") + 1]
+    rest = key[len(base):]
+    segments = rest.split("/")
+    for seg in segments:
+        if seg in ("", ".", "..") or "\0" in seg:
+            raise ValueError(f"key {key!r} is not a safe relative path ({seg!r} segment)")
+    return segments
+
+
+def _safe_parent(root: Path, segments: list[str]) -> Path:
+    """Create the directories of ``segments[:-1]`` under ``root`` one at a time, refusing
+    to pass through a symbolic link or a non-directory (so nothing lands outside root)."""
+    here = root
+    for seg in segments[:-1]:
+        here = here / seg
+        try:
+            os.mkdir(here, 0o777)
+        except FileExistsError:
+            if here.is_symlink() or not here.is_dir():
+                raise ValueError(f"{here} exists and is not a plain directory") from None
+    return here
+
+
+def _download_tree(c: Any, prefix: str, root: Path, quiet: bool) -> int:
+    """``download -r``: every key under ``prefix`` into ``root``; returns the exit status."""
+    keys = [e.key for e in c.list(prefix)]
+    if not keys:
+        raise DsmlError(f"no keys under {prefix!r}", "not-found")
+    root.mkdir(parents=True, exist_ok=True)
+    if root.is_symlink():
+        root = root.resolve()
+    failed = total = 0
+    start = time.monotonic()
+    for key in keys:
+        try:
+            segments = _relative_path(key, prefix)
+            target = _safe_parent(root, segments) / segments[-1]
+            if target.is_dir() and not target.is_symlink():
+                raise ValueError(f"{target} is a directory")
+            total += c.download(key, target).size
+        except ValueError as e:
+            failed += 1
+            _note(f"dsml: download: skipped {key!r}: {e}")
+        except DsmlError as e:
+            failed += 1
+            _note(f"dsml: download: {key!r}: {e.message} [{e.code}]")
+        except OSError as e:
+            failed += 1
+            _note(f"dsml: download: {key!r}: {e.strerror or e}")
+    _note(f"downloaded {len(keys) - failed} of {len(keys)} keys under {prefix!r} -> {root}: "
+          f"{_rate(total, time.monotonic() - start)}")
+    return 1 if failed else 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    if args.recursive:
+        if args.path is None:
+            raise UsageError("download -r PREFIX DIR: give the directory to write into")
+        if args.path == "-":
+            raise UsageError("download -r writes files: give a directory, not -")
+        prefix = args.key
+        if prefix:
+            _key(prefix)
+        with _connect(args) as c:
+            return _download_tree(c, prefix, Path(args.path), args.quiet)
+    key = _key(args.key)
+    with _connect(args) as c:
+        if args.path == "-":
+            out = sys.stdout.buffer
+            c.download_to(key, out)
+            out.flush()
+            return 0
+        if args.path is None:
+            name = key.rstrip("/").rpartition("/")[2]
+            if name in ("", ".", ".."):
+                raise UsageError(f"cannot name a file after key {key!r}: give a PATH")
+            target = Path(name)
+        else:
+            target = Path(args.path)
+            if target.is_dir():
+                target = target / key.rstrip("/").rpartition("/")[2]
+        size = c.stat(key).size
+        with _progress(size, f"download {key}", not args.quiet) as progress:
+            start = time.monotonic()
+            entry = c.download(key, target, progress)
+            took = time.monotonic() - start
+    _note(f"downloaded {key} -> {target}: {_rate(entry.size, took)}, version {entry.version}")
+    return 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    keys = [_key(k) for k in args.keys]
+    out = sys.stdout.buffer
+    with _connect(args) as c:
+        for key in keys:
+            c.download_to(key, out)  # files and values alike
+            out.flush()
+    return 0
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    key = _key(args.key)
+    value = sys.stdin.buffer.read() if args.value == "-" else os.fsencode(args.value)
+    with _connect(args) as c:
+        stored = c.set(key, value)
+    _note(f"set {key} (version {stored.version}, {stored.size} bytes)")
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    key = _key(args.key)
+    with _connect(args) as c:
+        try:
+            value = c.get(key)
+        except DsmlError as e:
+            if e.code != "wrong-kind":
+                raise
+            raise DsmlError(
+                f"{key} is a file, not a value: use `dsml cat {key}` or "
+                f"`dsml download {key} PATH`", "wrong-kind"
+            ) from None
+    out = sys.stdout.buffer
+    out.write(value)
+    if sys.stdout.isatty() and not value.endswith(b"\n"):
+        out.write(b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        if not args.recursive:
+            for text in args.keys:
+                c.delete(_key(text))
+            return 0
+        removed = 0
+        for prefix in args.keys:
+            if not prefix:
+                raise UsageError("rm -r needs a non-empty prefix (it would remove every key)")
+            _key(prefix)
+            for key in [e.key for e in c.list(prefix)]:
+                try:
+                    c.delete(key)
+                    removed += 1
+                except DsmlError as e:
+                    if e.code != "not-found":  # removed meanwhile: what was asked
+                        raise
+        _note(f"removed {removed} keys under {', '.join(repr(p) for p in args.keys)}")
+    return 0
+
+
+def _listed_json(e: Any) -> dict[str, Any]:
+    return {
+        "key": e.key,
+        "kind": getattr(e, "kind", None),
+        "size": e.size,
+        "version": e.version,
+        "sha256": e.sha256,
+        "replicas": list(e.replicas) if hasattr(e, "replicas") else None,
+        "mtime": getattr(e, "mtime", None),
+    }
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    prefix = args.prefix or ""
+    if prefix:
+        _key(prefix)
+    with _connect(args) as c:
+        if args.json:
+            _print_json({"prefix": prefix, "keys": [_listed_json(e) for e in c.list(prefix)]})
+            return 0
+        for e in c.list(prefix):
+            if not args.long:
+                print(e.key)
+            elif hasattr(e, "replicas"):
+                print(f"{e.size:>12} v{e.version:<8} {e.sha256[:12]}  "
+                      f"{','.join(e.replicas) or '-':<12} {e.key}")
+            else:
+                print(f"{e.kind:5} {e.size:>12} v{e.version:<8} {e.sha256[:12]}  {e.key}")
+    return 0
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    key = _key(args.key)
+    with _connect(args) as c:
+        e = c.stat(key)
+        replicas = [name for name, _ in c.locate(key).replicas] \
+            if isinstance(c, ClusterClient) else None
+    if args.json:
+        _print_json({"key": e.key, "kind": e.kind, "size": e.size, "version": e.version,
+                     "sha256": e.sha256, "replicas": replicas})
+        return 0
+    print(f"key:      {e.key}\nkind:     {e.kind}\nsize:     {e.size}\n"
+          f"sha256:   {e.sha256}\nversion:  {e.version}")
+    if replicas is not None:
+        print(f"replicas: {', '.join(replicas) or '-'}")
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    with _cluster(args) as c:
+        nodes = c.nodes()
+    configured = list(args.config_loaded.workers) if getattr(args, "config_loaded", None) \
+        else []
+    known = {n.name for n in nodes}
+    missing = [name for name in configured if name not in known]
+    if args.json:
+        _print_json({"workers": [_node_json(n) for n in nodes], "unregistered": missing})
+        return 0
+    if not nodes:
+        first = configured[0] if configured else "NAME"
+        _note(f"no worker has registered yet: start one with `{_start_hint(args, 'worker', first)}`"
+              " (its log says why if it cannot start)")
+        return 0
+    print(f"{'NAME':<12} {'ADDRESS':<22} {'STATE':<8} {'HEARTBEAT':>9} {'FREE SLOTS':>10} "
+          f"{'STORED':>10} {'FILES':>7} {'DISK FREE':>10}")
+    for n in nodes:
+        print(f"{n.name:<12} {n.host + ':' + str(n.port):<22} {n.state:<8} "
+              f"{n.since_heartbeat:>8.1f}s {f'{n.free_slots} of {n.slots}':>10} "
+              f"{_human(n.stored_bytes):>10} {n.stored_files:>7} {_human(n.free_disk):>10}")
+    for name in missing:
+        _note(f"worker {name} of the config has not registered: start it with "
+              f"`{_start_hint(args, 'worker', name)}`")
+    return 0
+
+
+def _node_json(n: Any) -> dict[str, Any]:
+    return {
+        "name": n.name, "host": n.host, "port": n.port, "state": n.state,
+        "since_heartbeat": n.since_heartbeat, "incarnation": n.incarnation,
+        "slots": n.slots, "free_slots": n.free_slots, "stored_bytes": n.stored_bytes,
+        "stored_files": n.stored_files, "free_disk": n.free_disk,
+    }
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    with _connect(args) as c:
+        c.ping()
+    print(f"ok {c.host}:{c.port}")
+    return 0
