@@ -74,7 +74,7 @@ class RecordingReactor(_ReactorBase):  # type: ignore[misc, valid-type]
 
     def addReader(self, reader: Any) -> None:  # noqa: N802
         """Watch ``reader``; the exit watcher of a Popen-started task names its pid."""
-        if isinstance(reader, tasks._ExitWatcher):
+        if isinstance(reader, tasks.watch.ExitWatcher):
             self.spawned.append(reader.pid)
         super().addReader(reader)
 
@@ -521,7 +521,7 @@ def test_where_a_command_is_is_remembered_briefly(
         said.append(await run_tool(3))
         _tool(late, "late")
         (early / "tool").unlink()
-        monkeypatch.setattr(tasks, "WHICH_TTL", 0.0)  # nothing remembered
+        monkeypatch.setattr(tasks.launch, "WHICH_TTL", 0.0)  # nothing remembered
         said.append(await run_tool(4))
         return said
 
@@ -711,7 +711,7 @@ def test_a_process_that_left_the_group_cannot_hold_the_attempt(
     """A child that made its own session escapes the group kill (only a cgroup would catch
     it) and keeps the log pipes open: the attempt still ends, DRAIN_TIMEOUT after the
     leader."""
-    monkeypatch.setattr(tasks, "DRAIN_TIMEOUT", 0.3)
+    monkeypatch.setattr(tasks.manager, "DRAIN_TIMEOUT", 0.3)
     m = h.manager(launcher=launcher)
 
     async def body() -> tuple[AttemptResult, float]:
@@ -807,7 +807,7 @@ def test_a_failed_attempt_reports_the_tail_of_its_stderr(
         reads.append(log.path)
         return real_tail(log)
 
-    monkeypatch.setattr(tasks, "stderr_tail", counted)
+    monkeypatch.setattr(tasks.manager, "stderr_tail", counted)
     m = h.manager(launcher=launcher, slots=4)
     twelve = "for i in $(seq 1 12); do echo line$i >&2; done"
     escape = "printf 'tab\\there \\033[31mred\\r\\n' >&2; printf 'caf\\303\\251\\n' >&2"

@@ -1,0 +1,56 @@
+"""The slot ledger: which attempts hold slots, which results await the master's
+acknowledgement, and where an attempt's logs are.
+
+Shared by :class:`~dsml.worker.tasks.TaskManager` and the simulation's fake manager
+(``dsml.testing.sim``), so both answer the worker's glue the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .logs import STDERR_NAME, STDOUT_NAME
+from .spec import AttemptResult, TaskError
+
+
+class AttemptLedger:
+    """Which attempts hold slots, which results await the master's acknowledgement, and
+    where an attempt's logs are.
+
+    Subclasses set ``slots``, ``work_dir``, ``_active`` (attempt id -> an object with a
+    ``spec``), ``_results`` (attempt id -> AttemptResult) and ``_kept`` (ids of finished
+    attempt directories still on disk).
+    """
+
+    slots: int
+    work_dir: Path
+    _active: dict[int, Any]
+    _results: dict[int, AttemptResult]
+    _kept: Any
+
+    def free_slots(self) -> int:
+        """Slots not held by an attempt."""
+        return self.slots - sum(a.spec.slots for a in self._active.values())
+
+    def running(self) -> list[int]:
+        """Ids of the attempts holding slots (staging, running or uploading)."""
+        return list(self._active)
+
+    def logs(self, attempt_id: int) -> tuple[Path, Path]:
+        """Paths of the stdout and stderr logs of a running or kept attempt."""
+        active = self._active.get(attempt_id)
+        if active is None and attempt_id not in self._kept:
+            raise TaskError(f"no attempt {attempt_id} on this worker", "not-found")
+        # A running attempt works in its own directory (TaskManager: run/<n>); a
+        # finished one's is work_dir/<id> (or absent: then its logs read as empty).
+        d = getattr(active, "dir", None) or self.work_dir / str(attempt_id)
+        return d / STDOUT_NAME, d / STDERR_NAME
+
+    def finished_results(self) -> list[AttemptResult]:
+        """Results not yet acknowledged by the master, oldest first (re-sent on reconnect)."""
+        return list(self._results.values())
+
+    def ack(self, attempt_id: int) -> None:
+        """The master has committed this result: forget it (its directory stays a while)."""
+        self._results.pop(attempt_id, None)

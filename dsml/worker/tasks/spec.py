@@ -1,0 +1,184 @@
+"""The task slots' contract with the outside: what the master asks (:class:`AttemptSpec`)
+and gets back (:class:`AttemptResult`), the refusals (:class:`TaskError`) and the checks
+that refuse a spec that can never run, and what the manager needs of the cluster
+(:class:`Transfers`) and of the reactor (:class:`TaskReactor`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IProcessTransport
+
+from ...errors import DsmlError
+from .logs import STDERR_NAME, STDOUT_NAME
+
+#: Every timeout reason starts so: ``"timeout after 2 s"``.
+TIMEOUT_PREFIX = "timeout after "
+
+
+class TaskError(DsmlError):
+    """:meth:`TaskManager.start` refused an attempt.
+
+    Codes: ``busy`` (not enough free slots; try later or elsewhere), ``bad-task`` (the spec
+    itself is wrong: empty command, a path escaping the attempt directory...), ``duplicate``
+    (that attempt id is running or already ran here), ``stopping`` (the worker is shutting
+    down), ``not-found`` (from :meth:`TaskManager.logs`: no such attempt here).
+    """
+
+    code = "bad-task"
+
+
+@attrs.frozen
+class AttemptSpec:
+    """What the master sends for one attempt of a task.
+
+    :param inputs: ``(key, relative path)`` pairs, fetched into the attempt directory before
+        the command runs.
+    :param outputs: ``(relative path, key)`` pairs, uploaded after the command exits 0.
+    :param timeout: seconds from spawn to SIGTERM (then SIGKILL after the grace period);
+        ``None`` for no limit.  Staging inputs and uploading outputs do not count.
+    """
+
+    attempt_id: int
+    job_id: str
+    task_index: int
+    command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    inputs: tuple[tuple[str, str], ...] = ()
+    outputs: tuple[tuple[str, str], ...] = ()
+    slots: int = 1
+    timeout: float | None = None
+
+
+@attrs.frozen
+class AttemptResult:
+    """How an attempt ended.
+
+    ``reason`` is ``""`` on success and a one-line explanation otherwise: ``"exit 3"``,
+    ``"killed by signal 9"``, ``"timeout after 2 s"``, ``"cancelled"``, ``"worker stopping"``,
+    ``"command not found: foo"``, ``"input 'k' not found"``, ``"output 'out.txt' missing"``...
+    A non-empty reason is a failure even when ``exit_code`` is 0.
+
+    :param exit_code: the command's exit status, ``None`` if it was killed by a signal or
+        never ran.
+    :param signal: the signal that killed it, or ``None``.
+    :param duration: seconds from spawn to the leader's exit (monotonic); 0 if never spawned.
+    :param peak_rss: the largest resident memory seen for the process group, in bytes (sampled
+        every :data:`~dsml.worker.tasks.watch.SAMPLE_INTERVAL` s; 0 if unknown, e.g. a task
+        shorter than one interval).
+    """
+
+    attempt_id: int
+    exit_code: int | None
+    signal: int | None
+    duration: float
+    peak_rss: int
+    reason: str
+    #: A failed attempt's last lines of stderr (:func:`~dsml.worker.tasks.logs.stderr_tail`);
+    #: "" on success.
+    stderr_tail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the attempt succeeded (an empty reason)."""
+        return not self.reason
+
+    @property
+    def timed_out(self) -> bool:
+        """Whether the attempt was stopped at its timeout."""
+        return self.reason.startswith(TIMEOUT_PREFIX)
+
+
+class Transfers(Protocol):
+    """How inputs and outputs move between the cluster's store and an attempt directory."""
+
+    def fetch(self, key: str, dest: Path) -> Deferred[None]:
+        """Write the stored file ``key`` to ``dest`` (its directory exists).
+
+        Fail with an error whose ``code`` is ``"not-found"`` (:class:`~dsml.errors.NotFound`,
+        the store's ``NotFound``) if there is no such key; cancelling should stop the transfer.
+        """
+        ...
+
+    def store(self, src: Path, key: str) -> Deferred[None]:
+        """Upload the file ``src`` under ``key``."""
+        ...
+
+
+class TaskReactor(Protocol):
+    """What :class:`TaskManager` needs of a reactor (``IReactorProcess`` + ``IReactorTime``)."""
+
+    def spawnProcess(  # noqa: N802 - Twisted's name
+        self,
+        processProtocol: Any,  # noqa: N803
+        executable: str,
+        args: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        path: str | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        usePTY: bool = False,  # noqa: N803
+        childFDs: Mapping[int, int | str] | None = None,  # noqa: N803
+    ) -> IProcessTransport:
+        """Start a process."""
+        ...
+
+    def callLater(  # noqa: N802 - Twisted's name
+        self, delay: float, callable: Callable[..., Any], *args: object, **kw: object
+    ) -> IDelayedCall:
+        """Call ``callable`` in ``delay`` seconds."""
+        ...
+
+    def seconds(self) -> float:
+        """The reactor's current time."""
+        ...
+
+    def addReader(self, reader: Any) -> None:  # noqa: N802 - Twisted's name
+        """Watch ``reader.fileno()`` for reading (``IReactorFDSet``; the Popen path only)."""
+        ...
+
+    def removeReader(self, reader: Any) -> None:  # noqa: N802 - Twisted's name
+        """Stop watching ``reader``."""
+        ...
+
+
+def relative(rel: str, what: str) -> PurePosixPath:
+    """``rel`` as a path that stays inside the attempt directory, or TaskError."""
+    p = PurePosixPath(rel)
+    if (
+        not rel
+        or "\0" in rel
+        or p.is_absolute()
+        or ".." in p.parts
+        or p == PurePosixPath(".")
+        or str(p) in (STDOUT_NAME, STDERR_NAME)
+    ):
+        raise TaskError(f"{what} path {rel!r} is not a plain relative path", "bad-task")
+    return p
+
+
+def validate(spec: AttemptSpec, total_slots: int) -> None:
+    """Refuse a spec that can never run (TaskError ``bad-task``)."""
+    if not spec.command or not spec.command[0]:
+        raise TaskError("empty command", "bad-task")
+    if any("\0" in arg for arg in spec.command):
+        raise TaskError("NUL byte in the command", "bad-task")
+    if spec.slots < 1 or spec.slots > total_slots:
+        raise TaskError(f"needs {spec.slots} slots; this worker has {total_slots}", "bad-task")
+    if spec.timeout is not None and not spec.timeout > 0:
+        raise TaskError(f"timeout must be positive, not {spec.timeout}", "bad-task")
+    for name, value in spec.env:
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            raise TaskError(f"bad environment variable {name!r}", "bad-task")
+    seen: set[PurePosixPath] = set()
+    for _, rel in spec.inputs:
+        p = relative(rel, "input")
+        if p in seen:
+            raise TaskError(f"two inputs go to {rel!r}", "bad-task")
+        seen.add(p)
+    for rel, _ in spec.outputs:
+        relative(rel, "output")
