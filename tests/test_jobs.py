@@ -509,7 +509,7 @@ def test_cancel_many_queued_compacts_queue(h: Harness) -> None:
         h.jm.cancel(j)
     h.tick()
     assert h.jm.queued == 1
-    assert len(h.jm._heap) + len(h.jm._front) <= 1  # compacted
+    assert len(h.jm._queue) <= 1  # compacted
     assert h.order() == [(j3, 0)]
 
 
@@ -575,7 +575,7 @@ def test_burst_is_one_transaction(h: Harness) -> None:
 
 def test_failed_commit_is_retried_and_acknowledges_nothing(h: Harness) -> None:
     """If a commit fails (disk full), nothing is acknowledged; it is retried later."""
-    real = h.jm._db
+    real = h.jm._journal.db
 
     class Full:
         """A connection whose next write batch fails like a full disk."""
@@ -591,13 +591,13 @@ def test_failed_commit_is_retried_and_acknowledges_nothing(h: Harness) -> None:
                 raise sqlite3.OperationalError("database or disk is full")
             return real.executemany(sql, rows)
 
-    h.jm._db = Full()  # type: ignore[assignment]
+    h.jm._journal.db = Full()  # type: ignore[assignment]
     d = h.jm.submit(job())
     h.tick()
     assert not fired(d)
     h.clock.advance(RETRY_DELAY)
     assert result(d) == "j1"
-    h.jm._db = real
+    h.jm._journal.db = real
     h.reopen()
     assert h.jm.job("j1").total == 1
 
@@ -637,7 +637,7 @@ def test_failed_commit_in_a_thread_is_retried(tmp_path: Path) -> None:
     meanwhile; the retry acknowledges both."""
     threads = Threads()
     h = Harness(tmp_path, threads=threads)
-    real = h.jm._db
+    real = h.jm._journal.db
     calls = []
 
     class Full:
@@ -650,7 +650,7 @@ def test_failed_commit_in_a_thread_is_retried(tmp_path: Path) -> None:
                 raise sqlite3.OperationalError("database or disk is full")
             return real.executemany(sql, rows)
 
-    h.jm._db = Full()  # type: ignore[assignment]
+    h.jm._journal.db = Full()  # type: ignore[assignment]
     first = h.jm.submit(job(name="a"))
     h.tick()
     second = h.jm.submit(job(name="b"))
@@ -659,7 +659,7 @@ def test_failed_commit_in_a_thread_is_retried(tmp_path: Path) -> None:
     h.clock.advance(RETRY_DELAY)
     threads.run()
     assert (result(first), result(second)) == ("j1", "j2")
-    h.jm._db = real
+    h.jm._journal.db = real
     h.reopen()
     assert [v.name for v in h.jm.jobs()] == ["b", "a"]
 
@@ -1024,7 +1024,7 @@ def test_queue_places_count_the_tasks_ahead(h: Harness, monkeypatch: pytest.Monk
     assert h.jm.queue_places(high) == {0: QueuePlace(2, 0)}
     assert h.jm.queue_places(later) == {0: QueuePlace(1, 3), 1: QueuePlace(1, 4)}
     assert h.jm.queue_places("j99") == {}
-    monkeypatch.setattr("dsml.master.jobs.MAX_JOBS_COUNTED", 2)
+    monkeypatch.setattr("dsml.master.jobs.queue.MAX_JOBS_COUNTED", 2)
     assert h.jm.queue_places(later) == {0: QueuePlace(1, None), 1: QueuePlace(1, None)}
 
 

@@ -19,11 +19,11 @@ out set-based, in SQL (a 100,000-entry inventory is a few statements, not 400,00
 the rest of this module only stores and queries.
 
 One writer: this object, on the reactor thread, in plain synchronous code (no Twisted).
-The connection holds SQLite's exclusive lock (``locking_mode=EXCLUSIVE``) for its whole
-life, so a second master opening the same state fails at once with :class:`StateError`
-instead of writing behind the first one's back; WAL mode with the exclusive lock keeps the
-WAL index in memory (no ``-shm`` file).  A process killed with SIGKILL releases the lock,
-and the next open recovers every committed transaction from the WAL.
+The file is opened by :func:`dsml.sqlitedb.open_database`: the connection holds SQLite's
+exclusive lock for its whole life, so a second master opening the same state fails at
+once with :class:`StateError` instead of writing behind the first one's back (WAL mode,
+the WAL index in memory, no ``-shm`` file).  A process killed with SIGKILL releases the
+lock, and the next open recovers every committed transaction from the WAL.
 
 Durability: :meth:`MasterState.transaction` commits with ``synchronous=FULL`` (the
 default level, configurable) when the write acknowledges something to a client or a
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -52,8 +51,8 @@ from typing import Any, NamedTuple
 
 import attrs
 
-from dsml.fsutil import fsync_dir as _fsync_dir
 from dsml.fsutil import prefix_end as _prefix_end
+from dsml.sqlitedb import SYNC_LEVELS, Schema, open_database, sync_level
 
 __all__ = [
     "STATE_FILE",
@@ -85,9 +84,7 @@ MAX_INT = 2**63 - 1
 #: higher would wedge every later write (its Version header would be refused).
 MAX_VERSION = 10**15 - 1
 
-_SYNC_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
-
-_SCHEMA = (
+_TABLES = (
     "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS settings(name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS workers(name TEXT PRIMARY KEY,"
@@ -104,6 +101,7 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS deleted(key TEXT PRIMARY KEY, version INTEGER NOT NULL,"
     " deleted_at REAL NOT NULL) WITHOUT ROWID",
 )
+_SCHEMA = Schema(version=SCHEMA_VERSION, tables=_TABLES, meta=(("version", 0),))
 
 _GET_KEY = "SELECT version, size, sha256 FROM keys WHERE key = ?"
 _PUT_KEY = "REPLACE INTO keys VALUES (?, ?, ?, ?)"
@@ -295,76 +293,38 @@ class MasterState:
         ``synchronous`` is the level of acknowledging commits (FULL; tests may lower it);
         lazy commits use NORMAL, or this level if it is lower.
         """
-        synchronous = synchronous.upper()
-        if synchronous not in _SYNC_LEVELS:
-            raise ValueError(f"synchronous must be one of {_SYNC_LEVELS}, not {synchronous!r}")
+        synchronous = sync_level(synchronous)
         path = Path(path)
         if path.is_dir():
             path = path / STATE_FILE
         self.path = path
         self._sync = synchronous
-        self._lazy_sync = _SYNC_LEVELS[min(1, _SYNC_LEVELS.index(synchronous))]
+        self._lazy_sync = SYNC_LEVELS[min(1, SYNC_LEVELS.index(synchronous))]
         self._closed = False
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # timeout=0: a state held by another process is an immediate, clear error.
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+        self._level = synchronous
+        #: Transactions committed since open: callers can skip a scan when it has
+        #: not moved (and nothing else they depend on has changed either).
+        self.generation = 0
+        # temp_store: apply_reports' batch table.
+        db, meta = open_database(
+            path,
+            what="master state",
+            schema=_SCHEMA,
+            synchronous=synchronous,
+            error=StateError,
+            cache_kib=CACHE_KIB,
+            temp_store_memory=True,
+        )
         self._db = db
         try:
-            # EXCLUSIVE before WAL: the WAL index then lives in memory (no -shm file),
-            # and nobody else can open the state while we hold it.
-            db.execute("PRAGMA locking_mode=EXCLUSIVE")
-            try:
-                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            except sqlite3.OperationalError as e:
-                if "locked" in str(e):
-                    raise StateError(
-                        f"master state {str(path)!r} is in use by another process"
-                    ) from None
-                raise
-            if mode.lower() != "wal":
-                raise StateError(f"master state {str(path)!r} cannot use WAL mode ({mode})")
-            # Truncate the WAL back to this size after a checkpoint (a big reconcile
-            # can grow it to tens of MiB).
-            db.execute("PRAGMA journal_size_limit=67108864")
-            db.execute(f"PRAGMA synchronous={synchronous}")
-            db.execute("PRAGMA temp_store=MEMORY")  # apply_reports' batch table
-            db.execute(f"PRAGMA cache_size={-CACHE_KIB}")
-            self._level = synchronous
-            #: Transactions committed since open: callers can skip a scan when it has
-            #: not moved (and nothing else they depend on has changed either).
-            self.generation = 0
-            self._init_schema()
-            # The database and its WAL now exist: make their directory entries durable.
-            _fsync_dir(path.parent)
+            top = db.execute(
+                "SELECT max(coalesce((SELECT max(version) FROM keys), 0),"
+                " coalesce((SELECT max(version) FROM deleted), 0),"
+                " coalesce((SELECT max(version) FROM replicas), 0))"
+            ).fetchone()[0]
         except BaseException:
             db.close()
             raise
-
-    def _init_schema(self) -> None:
-        """Create the tables on first open, check the schema, load the version counter."""
-        db = self._db
-        db.execute("BEGIN")
-        try:
-            for statement in _SCHEMA:
-                db.execute(statement)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('version', 0)")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        meta = dict(db.execute("SELECT name, value FROM meta"))
-        if meta["schema"] != SCHEMA_VERSION:
-            raise StateError(
-                f"master state {str(self.path)!r} has schema {meta['schema']!r}, "
-                f"this code knows {SCHEMA_VERSION}"
-            )
-        top = db.execute(
-            "SELECT max(coalesce((SELECT max(version) FROM keys), 0),"
-            " coalesce((SELECT max(version) FROM deleted), 0),"
-            " coalesce((SELECT max(version) FROM replicas), 0))"
-        ).fetchone()[0]
         #: The highest version reserved on disk; issue_version() stays at or below it.
         self._reserved: int = meta["version"]
         #: The highest version issued or seen.

@@ -1,0 +1,196 @@
+"""The queue of tasks ready to run, and how a worker's free slots are filled from it.
+
+Order: job priority (higher first), then submit order, then task index.  A worker asks
+with its free slots and gets tasks whose ``slots`` fit, never more than it has free (no
+prefetch hoarding, peer-systems §4.10).  A task too wide for the slots left is skipped,
+not waited for: smaller tasks behind it may fill the worker (so a wide task can wait
+behind a steady stream of narrow ones of the same or higher priority: no slot
+reservation yet).  Locality: among tasks of the *same* priority, one whose every input
+the worker already holds goes first, but only within the first :data:`LOCALITY_WINDOW`
+queued tasks, so a remote task is never passed over forever.
+
+The queue is two parts: ``front``, a sorted list of (at most LOCALITY_WINDOW) entries
+that are all smaller than every entry of ``heap``, and the heap.  :meth:`TaskQueue.take`
+only looks at the front, so finding the first task that fits, or the first local one,
+never pops and pushes back; the heap refills the front one pop per task given.  Each
+task given thus costs one heap pop and a scan of at most the window (no full scans).
+
+Entries of tasks that left the queue other than by being given (cancelled) stay behind:
+they are dropped when met, or in bulk by :meth:`TaskQueue.compact` once they outnumber
+the queued ones.  The count of queued tasks is the manager's (it changes with task
+states); the queue holds entries and reads each task's state to know a dead one.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+from collections.abc import Callable, Collection, Iterable
+from typing import Final
+
+from .model import QueuePlace
+from .records import JobRecord, TaskRecord
+from .states import QUEUED
+
+__all__ = ["LOCALITY_WINDOW", "MAX_JOBS_COUNTED", "TaskQueue", "queue_places"]
+
+#: Locality may reorder only within this many queued tasks at the head of the queue.
+LOCALITY_WINDOW: Final = 64
+#: :func:`queue_places` counts the queued tasks ahead of a job's own only while at most
+#: this many jobs are live (the count walks them all).
+MAX_JOBS_COUNTED: Final = 1000
+
+#: A queue entry: (-priority, job seq, task index, task).  The first three are unique.
+Entry = tuple[int, int, int, TaskRecord]
+
+
+class TaskQueue:
+    """Queued tasks in priority order, with a sorted front for locality (see above)."""
+
+    def __init__(self) -> None:
+        self.heap: list[Entry] = []
+        self.front: list[Entry] = []
+        #: Entries of tasks that left the queue other than by being given.
+        self.dead = 0
+
+    def __len__(self) -> int:
+        """Entries held, dead ones included."""
+        return len(self.heap) + len(self.front)
+
+    def load(self, tasks: Iterable[TaskRecord]) -> None:
+        """Put the queued tasks of a state file just opened in the queue."""
+        heap = self.heap
+        for task in tasks:
+            heap.append((-task.job.priority, task.job.seq, task.index, task))
+        heapq.heapify(heap)
+
+    def push(self, task: TaskRecord) -> None:
+        """Put a queued task in the queue at its place."""
+        entry = (-task.job.priority, task.job.seq, task.index, task)
+        front = self.front
+        if front and entry < front[-1]:
+            bisect.insort(front, entry)
+            if len(front) > LOCALITY_WINDOW:
+                heapq.heappush(self.heap, front.pop())
+        else:
+            heapq.heappush(self.heap, entry)
+
+    def push_all(self, job: JobRecord, tasks: Iterable[TaskRecord]) -> None:
+        """Put many queued tasks of a job in the queue (the front goes back to the heap)."""
+        heap = self.heap
+        for entry in self.front:
+            heapq.heappush(heap, entry)
+        self.front.clear()
+        key = -job.priority
+        for task in tasks:
+            heapq.heappush(heap, (key, job.seq, task.index, task))
+
+    def compact(self, queued: int) -> None:
+        """Drop the dead entries once they outnumber the ``queued`` tasks."""
+        if self.dead > 1024 and self.dead > queued:
+            live = [e for e in self.heap + self.front if e[3].state == QUEUED]
+            heapq.heapify(live)
+            self.heap = live
+            self.front.clear()
+            self.dead = 0
+
+    def _fill_front(self) -> None:
+        front, heap = self.front, self.heap
+        while len(front) < LOCALITY_WINDOW and heap:
+            entry = heapq.heappop(heap)
+            if entry[3].state == QUEUED:
+                front.append(entry)
+
+    def take(
+        self,
+        free: int,
+        holds: Callable[[str], bool],
+        local: bool,
+        local_only: bool,
+    ) -> list[TaskRecord]:
+        """Remove and return queued tasks that fit in ``free`` slots, in the order given.
+
+        With ``local``, a task whose inputs the worker all holds (``holds(key)``) goes
+        first among those of its priority in the front; with ``local_only`` only such
+        tasks are taken, never one of a lower priority than the first task that fits.
+        """
+        cache: dict[str, bool] = {}
+        memo: dict[TaskRecord, bool] = {}
+
+        def is_local(task: TaskRecord) -> bool:
+            known = memo.get(task)
+            if known is not None:
+                return known
+            inputs = task.spec.inputs
+            result = bool(inputs)
+            for key, _ in inputs:
+                held = cache.get(key)
+                if held is None:
+                    held = cache[key] = bool(holds(key))
+                if not held:
+                    result = False
+                    break
+            memo[task] = result
+            return result
+
+        out: list[TaskRecord] = []
+        front = self.front
+        while free > 0:
+            self._fill_front()
+            first = None
+            for i, entry in enumerate(front):
+                spec = entry[3].spec
+                if entry[3].state != QUEUED:
+                    first = -1  # a cancelled task's entry: drop them all, look again
+                    break
+                if spec.slots <= free:
+                    first = i
+                    break
+            if first is None:
+                break  # nothing in the window fits
+            if first == -1:
+                front[:] = [e for e in front if e[3].state == QUEUED]
+                continue
+            pick: int | None = first
+            if local:
+                top = front[first][0]
+                pick = None if local_only else first
+                for i in range(first, len(front)):
+                    entry = front[i]
+                    if entry[0] != top:
+                        break  # locality never beats priority
+                    task = entry[3]
+                    if task.state == QUEUED and task.spec.slots <= free and is_local(task):
+                        pick = i
+                        break
+            if pick is None:
+                break  # local_only: nothing local fits
+            task = front.pop(pick)[3]
+            free -= task.spec.slots
+            out.append(task)
+        return out
+
+
+def queue_places(job: JobRecord, live: Collection[JobRecord]) -> dict[int, QueuePlace]:
+    """Where each queued task of ``job`` stands, by task index, among the ``live`` jobs.
+
+    ``ahead`` counts the queued tasks before the task in the queue order (priority,
+    submit order, index): its own job's, counted over its tasks, and other jobs',
+    counted over the live jobs, only while there are at most :data:`MAX_JOBS_COUNTED`
+    (else it is None).  So it costs O(tasks of the job) plus at most that many jobs,
+    never a walk of the queue.  (The order is the queue's, not a promise: a wider task
+    ahead may be passed, locality may reorder a window.)
+    """
+    before: int | None = None
+    if len(live) <= MAX_JOBS_COUNTED:
+        key = (-job.priority, job.seq)
+        before = sum(j.counts[QUEUED] for j in live if (-j.priority, j.seq) < key)
+    places: dict[int, QueuePlace] = {}
+    mine = 0
+    for task in job.tasks:
+        if task.state == QUEUED:
+            places[task.index] = QueuePlace(
+                task.spec.slots, None if before is None else before + mine
+            )
+            mine += 1
+    return places

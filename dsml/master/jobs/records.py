@@ -1,0 +1,194 @@
+"""The live jobs as the manager holds them in memory: one record per job, task, attempt.
+
+A :class:`JobRecord` holds its :class:`TaskRecord` list, each task its
+:class:`AttemptRecord` list, oldest first, and the one running attempt if any.  Each
+record gives its reader's view and the row that stores it (the journal writes the rows;
+the manager changes the fields).  Plain mutable objects with slots and identity
+equality: they go in sets (dirty) and heap entries by the thousand.
+
+States are held as the enum members of :mod:`.states` (also when loaded from disk); the
+rows carry their plain text (``_value_``), which SQLite binds without an adapter lookup.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+
+from .model import AttemptView, JobView, TaskSpec, TaskView
+from .states import (
+    CANCELLED,
+    FAILED,
+    SUCCEEDED,
+    TASK_STATES,
+    WAITING,
+    AttemptState,
+    JobState,
+    TaskState,
+)
+
+__all__ = ["AttemptRecord", "JobRecord", "TaskRecord"]
+
+
+@attrs.define(eq=False)
+class AttemptRecord:
+    """One attempt of a task, as held in memory (a row of ``attempts``)."""
+
+    id: int
+    task: TaskRecord
+    worker: str
+    incarnation: int
+    state: AttemptState
+    started: float
+    ended: float | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    duration: float | None = None
+    peak_rss: int | None = None
+    reason: str = ""
+    stderr_tail: str = ""
+
+    def view(self) -> AttemptView:
+        return AttemptView(
+            self.id,
+            self.worker,
+            self.incarnation,
+            self.state,
+            self.started,
+            self.ended,
+            self.exit_code,
+            self.signal,
+            self.duration,
+            self.peak_rss,
+            self.reason,
+            self.stderr_tail,
+        )
+
+    def row(self) -> tuple[object, ...]:
+        t = self.task
+        return (
+            self.id,
+            t.job.seq,
+            t.index,
+            self.worker,
+            self.incarnation,
+            self.state._value_,
+            self.started,
+            self.ended,
+            self.exit_code,
+            self.signal,
+            self.duration,
+            self.peak_rss,
+            self.reason,
+            self.stderr_tail,
+        )
+
+
+@attrs.define(eq=False)
+class TaskRecord:
+    """One task of a live job, with all its attempts (a row of ``tasks``)."""
+
+    job: JobRecord
+    index: int
+    spec: TaskSpec
+    state: TaskState
+    reason: str = ""
+    attempts: list[AttemptRecord] = attrs.Factory(list)
+    #: The running attempt, if any.
+    current: AttemptRecord | None = None
+
+    def view(self, waiting_for: str = "") -> TaskView:
+        """Its view; ``waiting_for`` is its job's sentence, kept only if it is waiting."""
+        return TaskView(
+            self.index,
+            self.state,
+            self.reason,
+            tuple(a.view() for a in self.attempts),
+            waiting_for if self.state == WAITING else "",
+        )
+
+
+@attrs.define(eq=False)
+class JobRecord:
+    """A live (or just finished, not yet committed) job, with its tasks."""
+
+    seq: int
+    name: str
+    priority: int
+    after: tuple[str, ...]
+    state: JobState
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    reason: str = ""
+    tasks: list[TaskRecord] = attrs.Factory(list)
+    counts: dict[str, int] = attrs.Factory(lambda: dict.fromkeys(TASK_STATES, 0))
+    #: Sequence numbers of the jobs it still waits for.
+    pending: set[int] = attrs.Factory(set)
+    #: True once its rows are committed (until then, a flush inserts it whole).
+    stored: bool = False
+    #: Deferreds of :meth:`JobManager.wait_for`.
+    waiters: list[Deferred[JobView]] = attrs.Factory(list)
+
+    @property
+    def id(self) -> str:
+        return f"j{self.seq}"
+
+    @property
+    def done(self) -> int:
+        c = self.counts
+        return c[SUCCEEDED] + c[FAILED] + c[CANCELLED]
+
+    def waiting_for(self) -> str:
+        """What its waiting tasks wait for: "job j3 to succeed", "jobs j3, j5 to succeed"."""
+        ids = [f"j{seq}" for seq in sorted(self.pending)] or list(self.after)
+        if len(ids) == 1:
+            return f"job {ids[0]} to succeed"
+        return f"jobs {', '.join(ids)} to succeed"
+
+    def view(self, tasks: bool = True) -> JobView:
+        # One sentence for all its waiting tasks (they wait for the same jobs).
+        why = self.waiting_for() if tasks and self.counts[WAITING] else ""
+        return JobView(
+            id=self.id,
+            name=self.name,
+            state=self.state,
+            priority=self.priority,
+            after=self.after,
+            created=self.created,
+            started=self.started,
+            finished=self.finished,
+            reason=self.reason,
+            counts=dict(self.counts),
+            done=self.done,
+            total=len(self.tasks),
+            tasks=tuple(t.view(why) for t in self.tasks) if tasks else (),
+        )
+
+    def update_row(self) -> tuple[object, ...]:
+        return (
+            self.state._value_,
+            self.started,
+            self.finished,
+            self.reason,
+            json.dumps(self.counts, separators=(",", ":")),
+            self.seq,
+        )
+
+    def insert_row(self) -> tuple[Any, ...]:
+        return (
+            self.seq,
+            self.name,
+            self.priority,
+            json.dumps(list(self.after)),
+            self.state._value_,
+            self.created,
+            self.started,
+            self.finished,
+            self.reason,
+            len(self.tasks),
+            json.dumps(self.counts, separators=(",", ":")),
+        )
