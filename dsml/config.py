@@ -12,7 +12,8 @@ Relative paths in the file (``data_dir``, ``state_dir``, ``token_file``) are rel
 directory holding the file, so the same file works from any working directory.
 
 This module knows nothing of Twisted: the twistd plugins (:mod:`dsml.tap`), the CLI and the
-tests all share it.
+tests all share it.  The ``limits`` section becomes :class:`dsml.net.limits.Limits`, the
+very object the net layer enforces (that module imports no Twisted either).
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ import attrs
 import yaml
 
 from dsml import safeyaml
+from dsml.net.limits import (
+    DEFAULT_AUTH_TIMEOUT,
+    DEFAULT_HEAD_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_UNAUTHENTICATED,
+    DEFAULT_PAYLOAD_TIMEOUT,
+    Limits,
+)
 from dsml.protocol import limits as wire_limits
 
 __all__ = [
@@ -87,14 +97,6 @@ MAX_TOKEN_BYTES: Final = 512
 #: Longest host name (DNS limit).
 MAX_HOST: Final = 253
 
-#: Default connection limits (see docs/design.md, "Default limits").
-DEFAULT_MAX_CONNECTIONS: Final = 1024
-DEFAULT_MAX_UNAUTHENTICATED: Final = 64
-DEFAULT_AUTH_TIMEOUT: Final = 10.0
-DEFAULT_HEAD_TIMEOUT: Final = 10.0
-DEFAULT_IDLE_TIMEOUT: Final = 60.0
-DEFAULT_PAYLOAD_TIMEOUT: Final = 60.0
-
 _SIZE = re.compile(r"\s*([0-9]{1,20})\s*([A-Za-z]*)\s*\Z")
 _SIZE_UNITS: Final = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 # Whitespace, C0 controls, DEL and the C1 controls: never part of a token or a host.
@@ -120,24 +122,6 @@ class ConfigError(Exception):
         if self.key:
             return f"{self.path}: {self.key}: {self.problem}"
         return f"{self.path}: {self.problem}"
-
-
-@attrs.frozen
-class Limits:
-    """Connection limits every dsml server enforces (the ``limits`` section)."""
-
-    #: Most simultaneous connections a server accepts.
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    #: Most connections that have not yet presented the token.
-    max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED
-    #: Seconds a new connection has to authenticate before it is closed.
-    auth_timeout: float = DEFAULT_AUTH_TIMEOUT
-    #: Seconds a peer has to finish a message's header block once it has started it.
-    head_timeout: float = DEFAULT_HEAD_TIMEOUT
-    #: Seconds a connection may sit with no request in progress.
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    #: Seconds a payload transfer may go without any progress.
-    payload_timeout: float = DEFAULT_PAYLOAD_TIMEOUT
 
 
 @attrs.frozen

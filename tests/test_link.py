@@ -16,15 +16,17 @@ from twisted.logger import globalLogPublisher
 from zope.interface import implementer
 
 from dsml.errors import DsmlError
-from dsml.net.links import NoOrders
-from dsml.net.server import Reply, ServerFactory, ServerProtocol
+from dsml.net.connection import Connection
+from dsml.net.responders import NO_REQUESTS, Reply, Responders, responder
+from dsml.net.server import ServerFactory
 from dsml.protocol.codec import Head
-from dsml.protocol.methods import master_methods
+from dsml.protocol.methods import MethodTable, Role, master_methods
 from dsml.testing.sim import FailureLog, FakeNetwork
 from dsml.worker.link import RETRY_FACTOR, RETRY_INITIAL, RETRY_MAX, MasterLink, WorkerInfo
 
 TOKEN = "t0ken"
 INTERVAL = 1.0
+_WORKER = {Role.WORKER}
 
 
 class FakeMaster:
@@ -32,36 +34,47 @@ class FakeMaster:
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
-        self.methods = master_methods()
+        every = master_methods()
+        self.methods = MethodTable(
+            {n: every.specs[n] for n in ("auth", "register", "heartbeat", "report")}
+        )
         self.seen: list[tuple[float, str, dict[str, str]]] = []
         self.incarnation = 0
         #: While set, registrations wait here until the test fires them.
         self.hold: list[tuple[Deferred[Reply], Reply]] | None = None
         #: Error codes to answer the next heartbeats with, in order.
         self.heartbeat_errors: list[str] = []
-        self.conns: list[ServerProtocol] = []
+        self.conns: list[Connection] = []
 
-    def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Any:
+    def responders(self) -> Responders:
+        return Responders(self.methods, self)
+
+    def _note(self, head: Head) -> None:
         self.seen.append((self.clock.seconds(), head.kind, dict(head.headers)))
-        if head.kind == "register":
-            self.incarnation += 1
-            self.conns.append(conn)
-            reply = Reply({"Incarnation": self.incarnation})
-            if self.hold is not None:
-                d: Deferred[Reply] = Deferred()
-                self.hold.append((d, reply))
-                return d
-            return reply
-        if head.kind == "heartbeat":
-            if self.heartbeat_errors:
-                raise DsmlError("scripted refusal", self.heartbeat_errors.pop(0))
-            return Reply()
-        if head.kind == "report":
-            return Reply({"Taken": len(payload.splitlines()), "Refused": 0})
-        raise DsmlError(f"not scripted: {head.kind}", "unknown-method")
 
-    def open(self, head: Head, conn: ServerProtocol) -> Any:
-        raise DsmlError("no streamed requests", "unknown-method")
+    @responder("register", roles=_WORKER)
+    def _register(self, head: Head, payload: bytes, conn: Connection) -> Any:
+        self._note(head)
+        self.incarnation += 1
+        self.conns.append(conn)
+        reply = Reply({"Incarnation": self.incarnation})
+        if self.hold is not None:
+            d: Deferred[Reply] = Deferred()
+            self.hold.append((d, reply))
+            return d
+        return reply
+
+    @responder("heartbeat", roles=_WORKER)
+    def _heartbeat(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+        self._note(head)
+        if self.heartbeat_errors:
+            raise DsmlError("scripted refusal", self.heartbeat_errors.pop(0))
+        return Reply()
+
+    @responder("report", roles=_WORKER)
+    def _report(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+        self._note(head)
+        return Reply({"Taken": len(payload.splitlines()), "Refused": 0})
 
     def times(self, kind: str) -> list[float]:
         """When each request of ``kind`` arrived."""
@@ -116,7 +129,9 @@ class Rig:
         self.net = FakeNetwork(self.clock)
         self.master = FakeMaster(self.clock)
         self.net.listen(
-            "master:7000", ServerFactory(self.master, self.clock, TOKEN, peer=True), "master"
+            "master:7000",
+            ServerFactory(self.master.responders(), self.clock, TOKEN, two_way=True),
+            "master",
         )
         self.store = FakeStore(tmp_path)
         self.endpoint = FlakyEndpoint(
@@ -128,7 +143,7 @@ class Rig:
             token=TOKEN,
             info=WorkerInfo("w1", "w1", 7001, 2),
             store=self.store,  # type: ignore[arg-type]
-            orders=NoOrders(),
+            orders=NO_REQUESTS,
             heartbeat_interval=INTERVAL,
             free_disk=lambda: 10**9,
             **link_kwargs,

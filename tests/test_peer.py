@@ -10,15 +10,18 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 
 from dsml.errors import DsmlError
-from dsml.net.server import ConnectionLost, Reply, Response, ServerFactory, ServerProtocol
+from dsml.net.connection import Connection
+from dsml.net.links import LinkFactory
+from dsml.net.responders import Reply, Responders, responder
+from dsml.net.server import ConnectionLost, Response, ServerFactory
 from dsml.protocol.codec import Head
-from dsml.protocol.methods import MethodSpec, MethodTable, check_text, storage_methods
+from dsml.protocol.methods import ALL_ROLES, MethodSpec, MethodTable, check_text
 
 
 def _table() -> MethodTable:
-    base = storage_methods()
-    return base.extend(
+    return MethodTable().extend(
         [
+            MethodSpec("auth", {"token": check_text}, frozenset({"token"})),
             MethodSpec("echo", {"word": check_text}, frozenset({"word"}), 1024),
             MethodSpec("later"),
             MethodSpec("ask_back"),
@@ -30,25 +33,29 @@ class Handler:
     """Answers echo at once, later when told, and ask_back by asking the other side first."""
 
     def __init__(self) -> None:
-        self.methods = _table()
         self.later: list[Deferred[Reply]] = []
         self.seen: list[str] = []
 
-    def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Any:
-        self.seen.append(head.kind)
-        if head.kind == "echo":
-            return Reply({"Word": head.headers["word"]}, payload)
-        if head.kind == "later":
-            d: Deferred[Reply] = Deferred()
-            self.later.append(d)
-            return d
-        if head.kind == "ask_back":
-            asked = conn.request("echo", {"Word": "inner"})
-            return asked.addCallback(lambda r: Reply({"Got": r.headers["word"]}))
-        raise DsmlError("no", "unknown-method")
+    def responders(self) -> Responders:
+        return Responders(_table(), self)
 
-    def open(self, head: Head, conn: ServerProtocol) -> Any:
-        raise DsmlError("no", "unknown-method")
+    @responder("echo", roles=ALL_ROLES)
+    def _echo(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+        self.seen.append(head.kind)
+        return Reply({"Word": head.headers["word"]}, payload)
+
+    @responder("later", roles=ALL_ROLES)
+    def _later(self, head: Head, payload: bytes, conn: Connection) -> Deferred[Reply]:
+        self.seen.append(head.kind)
+        d: Deferred[Reply] = Deferred()
+        self.later.append(d)
+        return d
+
+    @responder("ask_back", roles=ALL_ROLES)
+    def _ask_back(self, head: Head, payload: bytes, conn: Connection) -> Any:
+        self.seen.append(head.kind)
+        asked = conn.request("echo", {"Word": "inner"})
+        return asked.addCallback(lambda r: Reply({"Got": r.headers["word"]}))
 
 
 class Link:
@@ -58,11 +65,14 @@ class Link:
         self.clock = Clock()
         self.master_handler = master_handler or Handler()
         self.worker_handler = Handler()
-        self.lost: list[ServerProtocol] = []
+        self.lost: list[Connection] = []
         master_factory = ServerFactory(
-            self.master_handler, self.clock, token, peer=True, on_lost=self.lost.append
+            self.master_handler.responders(), self.clock, token, two_way=True,
+            on_lost=self.lost.append,
         )
-        worker_factory = ServerFactory(self.worker_handler, self.clock, None, initiator=True)
+        worker_factory = LinkFactory(
+            self.worker_handler.responders(), self.clock, peer_roles=ALL_ROLES
+        )
         self.master = master_factory.buildProtocol(None)
         self.worker = worker_factory.buildProtocol(None)
         self.pump = iosim.connect(
@@ -160,11 +170,15 @@ def test_pending_requests_fail_when_the_link_drops() -> None:
     assert _result(pending).check(ConnectionLost)
     assert link.lost == [link.master]
     with pytest.raises(RuntimeError):
-        ServerFactory(Handler(), Clock()).buildProtocol(None).request("echo")
+        ServerFactory(Handler().responders(), Clock()).buildProtocol(None).request("echo")
 
 
 class PipelinedHandler(Handler):
-    pipelined = frozenset({"later"})
+    """Marks ``later`` pipelined: its requests may overlap."""
+
+    @responder("later", roles=ALL_ROLES, pipelined=True)
+    def _later(self, head: Head, payload: bytes, conn: Connection) -> Deferred[Reply]:
+        return super()._later(head, payload, conn)
 
 
 def _link_with(handler: Handler) -> Link:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -24,10 +25,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from dsml.net.responders import Responders
 from dsml.net.server import BODY_CHUNK, ServerFactory, ServerLimits, ServerProtocol
 from dsml.protocol import codec, limits
 from dsml.protocol.codec import END, NEED_DATA, Data, Head, Parser
-from dsml.worker.storage import StorageHandler
+from dsml.worker.runner import TaskLogs
+from dsml.worker.storage import StorageHandler, storage_responders
 from dsml.worker.store import Store
 
 TOKEN = "secret"
@@ -101,20 +104,24 @@ class Deferring:
                 d.callback(result)
 
 
-class RecordingHandler(StorageHandler):
-    """The real handler, noting the id of every request it is given."""
+class RecordingFactory(ServerFactory):
+    """The real factory over the real storage responders, each wrapped to note the id of
+    every request it is given (in ``dispatched``)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, handler: StorageHandler, clock: Clock) -> None:
         self.dispatched: list[int] = []
+        base = storage_responders(handler, TaskLogs(None), VALUE_MAX)
+        table = Responders.of(
+            base.methods, [attrs.evolve(r, fn=self._recording(r.fn)) for r in base]
+        )
+        super().__init__(table, clock, token=TOKEN, limits=LIMITS)
 
-    def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Any:
-        self.dispatched.append(head.id)
-        return super().handle(head, payload, conn)
+    def _recording(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(head: Head, *rest: Any) -> Any:
+            self.dispatched.append(head.id)
+            return fn(head, *rest)
 
-    def open(self, head: Head, conn: ServerProtocol) -> Any:
-        self.dispatched.append(head.id)
-        return super().open(head, conn)
+        return recorded
 
 
 class Server:
@@ -125,8 +132,8 @@ class Server:
         self.root = store.root
         self.clock = Clock()
         self.store = store
-        self.handler = RecordingHandler(self.store, run_inline, VALUE_MAX)
-        self.factory = ServerFactory(self.handler, self.clock, token=TOKEN, limits=LIMITS)
+        self.handler = StorageHandler(self.store, run_inline)
+        self.factory = RecordingFactory(self.handler, self.clock)
 
     def connect(self, authenticated: bool = True) -> tuple[ServerProtocol, StringTransport]:
         """A new connection; authenticated (and its output cleared) unless told otherwise."""
@@ -216,7 +223,7 @@ def assert_rejected(
     assert payload == b""
     assert transport.disconnecting is closed
     if head.id:
-        seen = head.id in proto.handler.dispatched  # type: ignore[attr-defined]
+        seen = head.id in proto.factory.dispatched  # type: ignore[attr-defined]
         assert seen is dispatched
     written = len(transport.value())
     proto.dataReceived(req("ping", 4242))
@@ -904,10 +911,8 @@ def test_slow_file_upload_is_not_timed_out(server: Server) -> None:
 
 
 def test_partial_head_after_pending_reply_times_out(server: Server) -> None:
-    """Half a head sent while a reply was pending gets head_timeout once the reply is out.
-
-    (It used to get only idle_timeout: fixed in ServerProtocol._resume.)
-    """
+    """Half a head sent while a reply was pending gets head_timeout once the reply is out
+    (not the longer idle_timeout: Connection.resume starts the head's deadline)."""
     deferring = Deferring()
     server.handler.run_in_thread = deferring
     proto, t = server.connect()
@@ -1087,10 +1092,8 @@ class PullingTransport(StringTransport):
 
 
 def test_long_pipeline_of_small_downloads(server: Server) -> None:
-    """Thousands of pipelined small downloads, each finished inside registerProducer.
-
-    (This used to recurse once per request and die of RecursionError: fixed in _pump.)
-    """
+    """Thousands of pipelined small downloads, each finished inside registerProducer,
+    are answered by one loop: no recursion per request (Connection._pump never nests)."""
     upload_file(server, "k", b"tiny")
     proto = server.factory.buildProtocol(None)
     t = PullingTransport()

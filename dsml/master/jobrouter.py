@@ -1,25 +1,34 @@
-"""The master's side of jobs: client requests, dispatch to workers, results back.
+"""The master's side of jobs: dispatch to workers, and the job operations clients ask for.
 
 The :class:`~dsml.master.jobs.JobManager` decides (queue, attempts, fencing) and keeps
-it durable; this module moves messages.  Tasks go to a worker down its link the moment
-it has free slots (after a submit, a result, a registration), not at the next heartbeat.
+it durable; :class:`JobRouter` moves work: tasks go to a worker down its link the moment
+it has free slots (after a submit, a result, a registration), not at the next heartbeat,
+and kill orders follow a cancel.  The job methods' requests are decoded and answered by
+the master's request handler (:mod:`dsml.master.requests`), which calls the router.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..errors import DsmlError
-from ..net.server import Reply, ServerProtocol
-from ..protocol.codec import Head
 from .directory import Directory, DirectoryError
-from .jobs import Assignment, FinishedReport, JobError, JobManager, JobSpec, JobView, TaskSpec
+from .jobs import (
+    Assignment,
+    AttemptView,
+    FinishedReport,
+    JobError,
+    JobManager,
+    JobSpec,
+    JobView,
+    TaskSpec,
+)
 from .membership import Membership, WorkerRecord
 
 log = Logger()
@@ -138,23 +147,13 @@ class JobRouter:
         self.directory = directory
         self.clock = clock
         self._dispatch_call: Any = None
-        # Fix (tests/test_jobs_sim.py): the slots of attempts a worker was told to kill,
-        # by worker then attempt, until the worker reports them ended (a result, taken or
-        # refused), re-registers (its Running list is then the truth) or dies.  The
-        # manager forgets a cancelled attempt at once, but the worker holds its slots
-        # until the process is gone (SIGTERM, then SIGKILL after a grace period); a run
-        # order sent meanwhile was refused as busy, and that wasted one of the task's
-        # attempts (with max_attempts=1, failed it).
+        # The slots of attempts a worker was told to kill, by worker then attempt, until
+        # the worker reports them ended (a result, taken or refused), re-registers (its
+        # Running list is then the truth) or dies.  The manager forgets a cancelled
+        # attempt at once, but the worker holds its slots until the process is gone
+        # (SIGTERM, then SIGKILL after a grace period): a run order sent meanwhile would
+        # be refused as busy and waste one of the task's attempts.
         self._killing: dict[str, dict[int, int]] = {}
-        self.fns: dict[str, Callable[[Head, bytes, ServerProtocol], Any]] = {
-            "submit": self._submit,
-            "jobs": self._jobs,
-            "status": self._status,
-            "cancel": self._cancel,
-            "wait": self._wait,
-            "logs": self._logs,
-            "task_result": self._task_result,
-        }
         membership.on_dead.append(self._worker_dead)
 
     # -- events from the rest of the master --------------------------------------------
@@ -189,11 +188,9 @@ class JobRouter:
     def dispatch(self) -> None:
         """Offer queued tasks to every alive worker with free slots.
 
-        Fix (tests/test_jobs_sim.py): locality used to be only each worker's preference
-        among the queued tasks, and workers were offered work in name order, so with all
-        workers free a task always went to the first one, whoever held its inputs.  Now a
-        first pass offers every free worker only tasks whose inputs it holds (priority
-        still first), then a second pass offers what is left as before.
+        A first pass offers every free worker only tasks whose inputs it holds (priority
+        still first), then a second pass offers what is left: offering in worker order
+        alone would give every task to the first free worker, whoever held its inputs.
         """
         try:
             if not self.jobs.queued:
@@ -251,14 +248,10 @@ class JobRouter:
 
         d.addErrback(refused)
 
-    # -- requests ---------------------------------------------------------------------
+    # -- what clients and workers ask for ---------------------------------------------
 
-    def _submit(self, head: Head, payload: bytes, conn: ServerProtocol) -> Deferred[Reply]:
-        try:
-            data = json.loads(payload)
-        except ValueError as e:
-            raise JobError(f"job is not JSON: {e}", "bad-job") from None
-        spec = job_spec_from_json(data)
+    def submit(self, spec: JobSpec) -> Deferred[str]:
+        """Queue a job; fires with its id once committed (then dispatches)."""
         widest = max((t.slots for t in spec.tasks), default=1)
         largest = max((r.slots for r in self.membership.all()), default=0)
         if largest and widest > largest:
@@ -267,26 +260,20 @@ class JobRouter:
             raise JobError(
                 f"a task needs {widest} slots; the largest worker has {largest}", "bad-job"
             )
-        d = self.jobs.submit(spec)
 
-        def acknowledged(job_id: str) -> Reply:
+        def acknowledged(job_id: str) -> str:
             self.dispatch_soon()
-            return Reply({"Job": job_id, "Tasks": len(spec.tasks)})
+            return job_id
 
-        return d.addCallback(acknowledged)
+        return self.jobs.submit(spec).addCallback(acknowledged)
 
-    def _jobs(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
-        limit = min(int(head.headers.get("limit", 100)), 10_000)
-        lines = [json.dumps(job_json(v)) for v in self.jobs.jobs(limit)]
-        return Reply({}, ("\n".join(lines) + "\n").encode() if lines else b"")
+    def job(self, job_id: str, tasks: bool = True) -> JobView:
+        """The job as it is (``not-found`` for an unknown id)."""
+        return self.jobs.job(job_id, tasks=tasks)
 
-    def _status(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
-        view = self.jobs.job(head.headers["job"])
-        return Reply({"State": view.state}, self._status_json(view))
-
-    def _status_json(self, view: JobView) -> bytes:
-        """The status payload: the job's JSON, with why its queued tasks wait now."""
-        return json.dumps(job_json(view, self.queued_reasons(view))).encode()
+    def recent(self, limit: int) -> list[JobView]:
+        """The newest ``limit`` jobs, newest first."""
+        return self.jobs.jobs(limit)  # type: ignore[no-any-return]
 
     def queued_reasons(self, view: JobView) -> dict[int, str]:
         """Why each queued task of ``view`` waits, by task index, as the workers are now.
@@ -321,8 +308,8 @@ class JobRouter:
                 reasons[index] = f"a free slot ({place.ahead} {tasks} queued ahead)"
         return reasons
 
-    def _cancel(self, head: Head, payload: bytes, conn: ServerProtocol) -> Deferred[Reply]:
-        job_id = head.headers["job"]
+    def cancel(self, job_id: str) -> Deferred[int]:
+        """Cancel a job; fires with how many running attempts were told to stop."""
         # Their slots, read before the cancel forgets them (see _killing).
         held = {
             a.id: (a.worker, self.jobs.slots_of(a.id))
@@ -334,90 +321,81 @@ class JobRouter:
         for attempt, (worker, slots) in held.items():
             self._killing.setdefault(worker, {})[attempt] = slots
 
-        def kill(attempts: list[tuple[str, int]]) -> Reply:
+        def kill(attempts: list[tuple[str, int]]) -> int:
             for worker, attempt in attempts:
                 record = self.membership.get(worker)
                 if record is not None and record.live:
                     _order(record, "kill", {"Attempt": attempt})
-            return Reply({"Killed": len(attempts)})
+            return len(attempts)
 
         return d.addCallback(kill)
 
-    def _wait(self, head: Head, payload: bytes, conn: ServerProtocol) -> Deferred[Reply]:
-        job_id = head.headers["job"]
-        timeout = min(int(head.headers.get("timeout", 60)), WAIT_MAX)
+    def wait(self, job_id: str, timeout: float) -> Deferred[tuple[JobView, bool]]:
+        """Fires with (the job, True) once it is final, or (the job as it is, False)
+        after ``timeout`` seconds (at most WAIT_MAX).  ``not-found`` at once."""
+        timeout = min(timeout, WAIT_MAX)
         self.jobs.job(job_id, tasks=False)  # not-found at once
         d = self.jobs.wait_for(job_id)
-        result: Deferred[Reply] = Deferred()
+        result: Deferred[tuple[JobView, bool]] = Deferred()
 
         def final(view: JobView) -> None:
             if timer.active():
                 timer.cancel()
             if not result.called:
-                full = self.jobs.job(view.id)
-                result.callback(Reply({"State": full.state, "Final": 1},
-                                      self._status_json(full)))
+                result.callback((self.jobs.job(view.id), True))
 
         def expired() -> None:
             if not result.called:
-                view = self.jobs.job(job_id)
-                result.callback(Reply({"State": view.state, "Final": 0},
-                                      self._status_json(view)))
+                result.callback((self.jobs.job(job_id), False))
 
         timer = self.clock.callLater(timeout, expired)
         d.addCallback(final)
         d.addErrback(lambda f: None if result.called else result.errback(f))
         return result
 
-    def _logs(self, head: Head, payload: bytes, conn: ServerProtocol) -> Reply:
-        h = head.headers
-        view = self.jobs.job(h["job"])
-        task_index = int(h.get("task", 0))
+    def log_source(
+        self, job_id: str, task_index: int, attempt_id: int | None
+    ) -> tuple[AttemptView, WorkerRecord]:
+        """The attempt whose logs were asked for (the last one by default) and the
+        worker that ran it."""
+        view = self.jobs.job(job_id)
         tasks = [t for t in view.tasks if t.index == task_index]
         if not tasks:
             raise JobError(f"job {view.id} has no task {task_index}", "not-found")
-        attempts = tasks[0].attempts
-        if "attempt" in h:
-            attempts = tuple(a for a in attempts if a.id == int(h["attempt"]))
+        attempts: Sequence[AttemptView] = tasks[0].attempts
+        if attempt_id is not None:
+            attempts = tuple(a for a in attempts if a.id == attempt_id)
         if not attempts:
             raise JobError(f"task {task_index} of {view.id} has not run yet", "not-found")
         a = attempts[-1]
         record = self.membership.get(a.worker)
         if record is None:
             raise DsmlError(f"worker {a.worker} that ran it is unknown now", "unavailable")
-        return Reply(
-            {
-                "Attempt": a.id,
-                "Worker": f"{record.name}={record.host}:{record.port}",
-                "State": a.state,
-                "Live": 1 if record.live else 0,
-            }
-        )
+        return a, record
 
-    def _task_result(self, head: Head, payload: bytes, conn: ServerProtocol) -> Deferred[Reply]:
-        name, incarnation = head.headers["name"], int(head.headers["incarnation"])
+    def results(
+        self, worker: str, incarnation: int, reports: Sequence[FinishedReport]
+    ) -> Deferred[tuple[int, int]]:
+        """A worker's ended attempts; fires with (taken, refused) once committed.
+
+        A result of an attempt that is no longer this worker's (or this incarnation's)
+        is refused: exactly one attempt of a task commits.
+        """
+        killing = self._killing.get(worker, {})
         waits = []
-        killing = self._killing.get(name, {})
-        for line in payload.splitlines():
-            try:
-                r = json.loads(line)
-                killing.pop(int(r["attempt_id"]), None)  # ended: its slots are free
-                waits.append(
-                    self.jobs.finished(
-                        int(r["attempt_id"]), name, incarnation,
-                        exit_code=r.get("exit_code"), signal=r.get("signal"),
-                        duration=float(r.get("duration", 0.0)),
-                        peak_rss=int(r.get("peak_rss", 0)), reason=str(r.get("reason", "")),
-                        stderr_tail=_tail(r),
-                    )
+        for r in reports:
+            killing.pop(r.attempt_id, None)  # ended: its slots are free
+            waits.append(
+                self.jobs.finished(
+                    r.attempt_id, worker, incarnation,
+                    exit_code=r.exit_code, signal=r.signal, duration=r.duration,
+                    peak_rss=r.peak_rss, reason=r.reason, stderr_tail=r.stderr_tail,
                 )
-            except (ValueError, KeyError, TypeError):
-                continue
-        from twisted.internet.defer import gatherResults
+            )
 
-        def done(results: list[bool]) -> Reply:
-            return Reply({"Taken": sum(1 for r in results if r), "Refused":
-                          sum(1 for r in results if not r)})
+        def done(results: list[bool]) -> tuple[int, int]:
+            taken = sum(1 for r in results if r)
+            return taken, len(results) - taken
 
         # The manager's memory already has the results: refill the freed slots now,
         # not after the commit (the worker's acknowledgement still waits for it).

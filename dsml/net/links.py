@@ -1,8 +1,8 @@
 """Outgoing links to other dsml servers (worker to worker, worker to master).
 
-A link is a :class:`~dsml.net.server.ServerProtocol` opened with ``initiator=True``: it
-authenticates with a request, may send requests of its own, and answers the requests of
-the other side with its handler.  :class:`Links` opens them through an endpoint factory,
+A link is a :class:`~dsml.net.connection.Connection` built by a :class:`LinkFactory`: it
+authenticates with a request, sends requests of its own, and answers the requests of the
+other side with its responders.  :class:`Links` opens them through an endpoint factory,
 so the same code runs over real TCP and over the in-memory network of the tests.
 """
 
@@ -16,8 +16,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 
-from ..protocol.methods import MethodTable
-from .server import ConnectionLost, Reply, ServerFactory, ServerLimits, ServerProtocol
+from ..errors import ConnectionLost
+from ..protocol.methods import Role
+from .connection import Connection, ConnectionFactory
+from .limits import Limits
+from .responders import NO_REQUESTS, Responders
 
 log = Logger()
 
@@ -61,18 +64,28 @@ def tune_socket(transport: Any) -> None:
         pass  # not a TCP socket (tests), or an OS without the option
 
 
-class NoOrders:
-    """The handler of a link whose other side never sends requests (a pure client)."""
+class LinkFactory(ConnectionFactory):
+    """Builds the dialling side of a two-way link (a worker to the master, to another
+    worker, a test client to anyone).
 
-    methods = MethodTable()
+    The side that dials knows whom it dialled: the peer's requests coming back over the
+    link are trusted as ``peer_roles`` without an ``auth`` (the side that accepts still
+    demands one, which this side sends as its first request).  ``responders`` answers
+    them (:data:`~dsml.net.responders.NO_REQUESTS` when the peer sends none).
+    """
 
-    def handle(self, head: Any, payload: bytes, conn: ServerProtocol) -> Reply:
-        """Never called: the empty method table rejects every request."""
-        raise AssertionError("no requests expected")
-
-    def open(self, head: Any, conn: ServerProtocol) -> Any:
-        """Never called."""
-        raise AssertionError("no requests expected")
+    def __init__(
+        self,
+        responders: Responders,
+        clock: Any,
+        limits: Limits | None = None,
+        *,
+        peer_roles: frozenset[Role] = frozenset(),
+        on_lost: Callable[[Connection], None] | None = None,
+    ) -> None:
+        super().__init__(
+            responders, clock, limits, None, two_way=True, dialled=peer_roles, on_lost=on_lost
+        )
 
 
 class Links:
@@ -84,61 +97,59 @@ class Links:
         endpoint_for: EndpointFor,
         token: str | None,
         name: str = "dsml",
-        handler: Any = None,
-        limits: ServerLimits | None = None,
+        responders: Responders = NO_REQUESTS,
+        limits: Limits | None = None,
+        peer_roles: frozenset[Role] = frozenset(),
     ) -> None:
         self.clock = clock
         self.endpoint_for = endpoint_for
         self.token = token
         self.name = name
-        self.handler = handler if handler is not None else NoOrders()
-        self.limits = limits or ServerLimits(idle_timeout=300.0)
-        self._shared: dict[str, ServerProtocol] = {}
-        self._waiting: dict[str, list[Deferred[ServerProtocol]]] = {}
+        self.responders = responders
+        self.limits = limits or Limits(idle_timeout=300.0)
+        self.peer_roles = peer_roles
+        self._shared: dict[str, Connection] = {}
+        self._waiting: dict[str, list[Deferred[Connection]]] = {}
 
-    def open(self, addr: str, handler: Any = None) -> Deferred[ServerProtocol]:
+    def open(self, addr: str) -> Deferred[Connection]:
         """A new link to ``addr``, authenticated; for a streamed request of its own."""
         host, port = split_addr(addr)
-        factory = ServerFactory(
-            handler if handler is not None else self.handler,
-            self.clock,
-            None,
-            self.limits,
-            initiator=True,
+        # A factory per link: its connection counts are this link's alone.
+        factory = LinkFactory(
+            self.responders, self.clock, self.limits, peer_roles=self.peer_roles
         )
-        d: Deferred[ServerProtocol] = self.endpoint_for(host, port).connect(factory)
+        d: Deferred[Connection] = self.endpoint_for(host, port).connect(factory)
 
-        def authenticate(proto: ServerProtocol) -> Deferred[ServerProtocol]:
-            tune_socket(proto.transport)
-            auth = proto.request("auth", {"Token": self.token or "", "Client": self.name})
+        def authenticate(link: Connection) -> Deferred[Connection]:
+            tune_socket(link.transport)
+            auth = link.request("auth", {"Token": self.token or "", "Client": self.name})
 
             def failed(f: Any) -> Any:
-                proto.transport.loseConnection()  # type: ignore[union-attr]
+                link.transport.loseConnection()  # type: ignore[union-attr]
                 return f
 
-            return auth.addCallbacks(lambda _: proto, failed)
+            return auth.addCallbacks(lambda _: link, failed)
 
         return d.addCallback(authenticate)
 
-    def shared(self, addr: str) -> Deferred[ServerProtocol]:
+    def shared(self, addr: str) -> Deferred[Connection]:
         """The shared link to ``addr`` (opened on first use, reopened after a loss).
 
         Only for requests whose payload goes out in one write (request()), so requests
         of several callers never interleave on the wire.
         """
-        mine: Deferred[ServerProtocol] = Deferred()
+        mine: Deferred[Connection] = Deferred()
         current = self._shared.get(addr)
-        if isinstance(current, ServerProtocol):
-            # Fix (tests/test_cluster_sim.py): ``current.connected`` is the protocol's
-            # flag, which Twisted sets on connect and never clears, and a link closed by
-            # the peer has ``disconnecting`` false: a dead link was handed out forever
-            # ("connection is closed") once its peer restarted or closed it idle.  The
-            # transport's flag and the protocol's own closing state say it is gone.
+        if isinstance(current, Connection):
+            # A link is alive while its transport is connected and not disconnecting and
+            # the connection itself is not closing.  (The protocol's own ``connected`` is
+            # set on connect and never cleared, and a link the peer closed is not
+            # ``disconnecting``: neither says a link is gone.)
             transport = current.transport
             if (
                 getattr(transport, "connected", False)
                 and not transport.disconnecting  # type: ignore[union-attr]
-                and not current._closing
+                and not current.closing
             ):
                 mine.callback(current)
                 return mine
@@ -151,7 +162,7 @@ class Links:
 
         def done(result: Any) -> None:
             del self._waiting[addr]
-            if isinstance(result, ServerProtocol):
+            if isinstance(result, Connection):
                 self._shared[addr] = result
                 for w in waiters:
                     w.callback(result)
@@ -166,9 +177,17 @@ class Links:
     def close(self) -> None:
         """Close the shared links."""
         for link in list(self._shared.values()):
-            if isinstance(link, ServerProtocol) and link.connected:
+            if isinstance(link, Connection) and link.connected:
                 link.transport.loseConnection()  # type: ignore[union-attr]
         self._shared.clear()
 
 
-__all__ = ["ConnectionLost", "EndpointFor", "Links", "NoOrders", "split_addr", "tcp_endpoint_for"]
+__all__ = [
+    "ConnectionLost",
+    "EndpointFor",
+    "LinkFactory",
+    "Links",
+    "split_addr",
+    "tcp_endpoint_for",
+    "tune_socket",
+]

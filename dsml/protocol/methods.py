@@ -4,10 +4,14 @@ The parser consults the table as soon as a request's header block is complete, s
 that lacks a header or names a bad key is answered with an error naming the problem, and its
 payload is skipped: the handler never sees it (the seed's "Message does error handling to
 make sure all parameters are included").
+
+It also names the kinds of peer (:class:`Role`) a connection may act as; which role may
+call which method is declared beside each method's handler (``dsml.net.responders``).
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Callable, Iterable, Mapping
 
@@ -19,6 +23,33 @@ _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 _DIGITS = re.compile(r"[0-9]{1,18}\Z")
 # C0 controls, DEL and the C1 controls: never part of a key.
 _KEY_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class Role(enum.Enum):
+    """The kind of peer a connection speaks for, as its authentication established.
+
+    A method declares the roles that may call it; a connection holding none of them is
+    answered ``forbidden``.  The cluster token grants every role (:data:`ALL_ROLES`).
+    """
+
+    CLIENT = "client"
+    WORKER = "worker"
+    MASTER = "master"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: What the cluster token grants: one token speaks for every kind of peer.
+ALL_ROLES: frozenset[Role] = frozenset(Role)
+
+
+def roles_text(roles: Iterable[Role]) -> str:
+    """``"a client or worker"``: roles for a message, in a fixed order."""
+    names = [r.value for r in Role if r in set(roles)]
+    if not names:
+        return "nobody"
+    return "a " + " or ".join(names)
 
 
 class HeaderValueError(ValueError):

@@ -4,8 +4,12 @@ Over it the worker authenticates, registers (name, storage address, slots, versi
 its full inventory, like an HDFS block report), sends a heartbeat every
 ``heartbeat_interval`` and batched reports of what it stored and deleted; the master
 sends orders back down the same link (replicate a key to another worker, drop a surplus
-copy).  ``ClientService`` reconnects with backoff and the worker registers again, getting
-a new incarnation from the master each time.
+copy, run or kill a task).  ``ClientService`` reconnects with backoff and the worker
+registers again, getting a new incarnation from the master each time.
+
+Each registration is a :class:`MasterSession`; the link tells its listeners of each new
+one and of its loss, and they send on it: :class:`StoreReports` (what was stored and
+deleted) and the worker's jobs (task results, :mod:`dsml.worker.runner`).
 """
 
 from __future__ import annotations
@@ -26,10 +30,16 @@ from twisted.python.failure import Failure
 
 from .. import __version__
 from ..errors import DsmlError
-from ..net.links import tune_socket
-from ..net.server import Response, ServerFactory, ServerLimits, ServerProtocol
+from ..net.connection import Connection
+from ..net.limits import Limits
+from ..net.links import LinkFactory, tune_socket
+from ..net.responders import Responders
+from ..net.server import Response
+from ..net.twisted_private import forget_reconnecting_connection
 from ..protocol.codec import PROTOCOL_VERSION
-from .store import Entry, Store
+from ..protocol.methods import Role
+from .store import IndexEntry as Entry
+from .store import Store
 
 log = Logger()
 
@@ -67,8 +77,92 @@ def inventory_payload(store: Store) -> bytes:
     return ("\n".join(lines) + "\n").encode() if lines else b""
 
 
+@attrs.frozen
+class MasterSession:
+    """One registration with the master: the link it holds and the incarnation it got.
+
+    Heartbeats, reports and task results are sent on it, carrying both.
+    """
+
+    link: Connection
+    name: str
+    incarnation: int
+
+    def request(
+        self, method: str, payload: bytes = b"", headers: dict[str, object] | None = None
+    ) -> Deferred[Response]:
+        """Send ``method`` to the master as this registration (``Name``, ``Incarnation``)."""
+        return self.link.request(
+            method, {"Name": self.name, "Incarnation": self.incarnation, **(headers or {})},
+            payload,
+        )
+
+
+#: Told of each new registration (a session) and of its loss (None).
+SessionListener = Callable[[MasterSession | None], None]
+
+
+class StoreReports:
+    """What the store committed (stores, deletes), reported to the master in batches.
+
+    A change made while the worker is not registered is not queued: the next
+    registration's inventory says it.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self._session: MasterSession | None = None
+        self._reports: list[tuple[str, Entry]] = []
+        self._report_call: Any = None
+
+    def session_changed(self, session: MasterSession | None) -> None:
+        """A new registration (its inventory covers what was queued), or the link lost."""
+        self._session = session
+        self._reports = []
+
+    def report(self, op: str, entry: Entry) -> None:
+        """Queue a store or delete for the master; sent in batches."""
+        if self._session is None:
+            return  # the next registration's inventory says it
+        # Encoded when sent, not here: this runs before the write is answered.
+        self._reports.append((op, entry))
+        if self._report_call is None or not self._report_call.active():
+            self._report_call = self.clock.callLater(REPORT_DELAY, self._send_reports)
+
+    def stop(self) -> None:
+        """Send nothing more."""
+        if self._report_call is not None and self._report_call.active():
+            self._report_call.cancel()
+
+    def _send_reports(self) -> None:
+        reports, self._reports = self._reports, []
+        session = self._session
+        if not reports or session is None:
+            return
+        lines = [
+            json.dumps(
+                {"op": op, "key": e.key, "size": e.size, "sha256": e.sha256, "version": e.version},
+                ensure_ascii=False,
+            )
+            for op, e in reports
+        ]
+        d = session.request("report", ("\n".join(lines) + "\n").encode())
+        d.addErrback(
+            lambda f: log.info("report not taken ({f}); the next registration covers it",
+                               f=f.getErrorMessage())
+        )
+
+
 class MasterLink(service.Service):
-    """Keeps the worker registered with the master; heartbeats that cannot die."""
+    """Keeps the worker registered with the master; heartbeats that cannot die.
+
+    ``orders`` answers the master's requests down the link (the master may call them:
+    the link trusts the peer it dialled as :attr:`Role.MASTER`).  ``reports`` and each
+    of ``on_session`` hear of every registration and loss (:class:`MasterSession`).
+    ``retry_policy`` maps the number of failed attempts to the delay before the next (a
+    jittered exponential backoff by default; the simulation passes a seeded jitter so
+    runs repeat exactly).
+    """
 
     def __init__(
         self,
@@ -78,37 +172,38 @@ class MasterLink(service.Service):
         token: str | None,
         info: WorkerInfo,
         store: Store,
-        orders: Any,
+        orders: Responders,
+        reports: StoreReports | None = None,
         heartbeat_interval: float = 1.0,
         free_slots: Callable[[], int] | None = None,
         free_disk: Callable[[], int] | None = None,
         retry_policy: Callable[[int], float] | None = None,
         running_attempts: Callable[[], list[int]] | None = None,
-        on_registered: Callable[[], None] | None = None,
+        on_session: SessionListener | None = None,
     ) -> None:
-        """``retry_policy`` maps the number of failed attempts to the delay before the
-        next (a jittered exponential backoff by default; the simulation passes a seeded
-        jitter so runs repeat exactly)."""
         self.clock = clock
         self.token = token
         self.info = info
         self.store = store
         self.heartbeat_interval = heartbeat_interval
+        self.reports = reports if reports is not None else StoreReports(clock)
         self.free_slots = free_slots or (lambda: info.slots)
         #: Task attempts running here (told to the master at each registration).
         #: (Not ``running``: that is Service's own started flag.)
         self.running_attempts = running_attempts or (lambda: [])
-        #: Called after each successful registration (re-send unacknowledged results).
-        self.on_registered = on_registered
+        self._listeners: list[SessionListener] = [self.reports.session_changed]
+        if on_session is not None:
+            self._listeners.append(on_session)
         self.free_disk = free_disk or (lambda: shutil.disk_usage(store.root).free)
-        self.link: ServerProtocol | None = None
+        self.link: Connection | None = None
         self.incarnation: int | None = None
         self.registrations = 0
-        self._reports: list[tuple[str, Entry]] = []
-        self._report_call: Any = None
-        factory = ServerFactory(
-            orders, clock, None, ServerLimits(idle_timeout=max(60.0, 10 * heartbeat_interval)),
-            initiator=True, on_lost=self._lost,
+        factory = LinkFactory(
+            orders,
+            clock,
+            Limits(idle_timeout=max(60.0, 10 * heartbeat_interval)),
+            peer_roles=frozenset({Role.MASTER}),
+            on_lost=self._lost,
         )
         self._client = ClientService(
             endpoint,
@@ -134,17 +229,23 @@ class MasterLink(service.Service):
         super().stopService()
         if self._beat.running:
             self._beat.stop()
-        if self._report_call is not None and self._report_call.active():
-            self._report_call.cancel()
+        self.reports.stop()
         return self._client.stopService()
 
-    def whenRegistered(self) -> Deferred[ServerProtocol]:
+    def whenRegistered(self) -> Deferred[Connection]:
         """Fires with the link once it is connected and registered."""
         return self._client.whenConnected()
 
+    def _tell(self, session: MasterSession | None) -> None:
+        for listener in self._listeners:
+            try:
+                listener(session)
+            except Exception:
+                log.failure("a listener of the master link failed")
+
     # -- registration -----------------------------------------------------------------
 
-    def _register(self, link: ServerProtocol) -> Deferred[None]:
+    def _register(self, link: Connection) -> Deferred[None]:
         """Authenticate and register; ClientService hands out the link only after."""
         tune_socket(link.transport)
         info = self.info
@@ -161,8 +262,6 @@ class MasterLink(service.Service):
         running = self.running_attempts()
         if running:
             headers["Running"] = ",".join(str(a) for a in running)
-        # Reports queued before this registration are covered by its inventory.
-        self._reports = []
         d = link.request("auth", {"Token": self.token or "", "Client": f"worker {info.name}"})
         d.addCallback(lambda _: link.request("register", headers, inventory_payload(self.store)))
 
@@ -175,46 +274,34 @@ class MasterLink(service.Service):
                 name=info.name,
                 inc=self.incarnation,
             )
-            # Fix (tests/test_cluster_sim.py): beat once at once.  A registration says
-            # nothing of free disk, so until the first heartbeat the master saw 0 bytes
-            # free and refused every upload with no-space for up to an interval after
-            # the worker (or the master) started.
+            # Beat at once: a registration says nothing of free disk, and until the
+            # first heartbeat the master would see none and refuse uploads.
             self._heartbeat()
-            if self.on_registered is not None:
-                try:
-                    self.on_registered()
-                except Exception:
-                    log.failure("after-registration hook failed")
+            self._tell(MasterSession(link, info.name, self.incarnation))
 
         def refused(failure: Failure) -> Failure:
             e = failure.value
             why = f"{e.message} [{e.code}]" if isinstance(e, DsmlError) else str(e)
             log.error("master refused worker {name}: {why}", name=info.name, why=why)
-            # Fix (tests/test_link.py): returning the failure makes ClientService count
-            # the attempt failed and wait to retry; it has no transition for then hearing
-            # that this connection closed and raised NoTransition from connectionLost (an
-            # "Unhandled Error" traceback for every refused registration, and for a link
-            # lost while registering).  Detach its protocol proxy's notification first.
-            if hasattr(link, "_lostNotification"):
-                link._lostNotification = lambda reason: None
+            # Returning the failure makes ClientService count the attempt failed and
+            # wait to retry; it must then not also hear that this connection closed.
+            forget_reconnecting_connection(link)
             link.transport.loseConnection()  # type: ignore[union-attr]
             return failure
 
         return d.addCallbacks(registered, refused)
 
-    def _lost(self, link: ServerProtocol) -> None:
-        # Fix (tests/test_link.py): self.link is what ClientService handed to _register,
-        # a proxy wrapping the protocol, so ``link is self.link`` never held and a lost
-        # link stayed "registered" (heartbeats and reports went to the dead link until
-        # the next registration).  The proxy and the protocol share one transport.
+    def _lost(self, link: Connection) -> None:
+        # ``self.link`` is what ClientService handed to _register: a proxy wrapping the
+        # protocol.  The proxy and the protocol share one transport.
         current = self.link
         if current is not None and current.transport is link.transport:
             log.warn("worker {name} lost its link to the master", name=self.info.name)
             self.link = None
             self.incarnation = None
-            self._reports = []
+            self._tell(None)
 
-    # -- heartbeats and reports -------------------------------------------------------
+    # -- heartbeats -------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
         """One beat; never raises (a LoopingCall stops for good when its function does)."""
@@ -237,7 +324,7 @@ class MasterLink(service.Service):
         except Exception:
             log.failure("heartbeat failed")
 
-    def _heartbeat_failed(self, failure: Failure, link: ServerProtocol) -> None:
+    def _heartbeat_failed(self, failure: Failure, link: Connection) -> None:
         if failure.check(DsmlError) and failure.value.code in (
             "not-registered",
             "stale-incarnation",
@@ -247,34 +334,3 @@ class MasterLink(service.Service):
             link.transport.loseConnection()  # type: ignore[union-attr]
         elif not failure.check(DsmlError):
             log.info("heartbeat not answered: {f}", f=failure.getErrorMessage())
-
-    def report(self, op: str, entry: Entry) -> None:
-        """Queue a store or delete for the master; sent in batches."""
-        if self.link is None:
-            return  # the next registration's inventory says it
-        # Encoded when sent, not here: this runs before the write is answered.
-        self._reports.append((op, entry))
-        if self._report_call is None or not self._report_call.active():
-            self._report_call = self.clock.callLater(REPORT_DELAY, self._send_reports)
-
-    def _send_reports(self) -> None:
-        reports, self._reports = self._reports, []
-        link, incarnation = self.link, self.incarnation
-        if not reports or link is None or incarnation is None:
-            return
-        lines = [
-            json.dumps(
-                {"op": op, "key": e.key, "size": e.size, "sha256": e.sha256, "version": e.version},
-                ensure_ascii=False,
-            )
-            for op, e in reports
-        ]
-        d = link.request(
-            "report",
-            {"Name": self.info.name, "Incarnation": incarnation},
-            ("\n".join(lines) + "\n").encode(),
-        )
-        d.addErrback(
-            lambda f: log.info("report not taken ({f}); the next registration covers it",
-                               f=f.getErrorMessage())
-        )

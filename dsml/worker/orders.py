@@ -1,4 +1,9 @@
-"""What a worker does when the master asks (over the worker's link to the master)."""
+"""What a worker does when the master orders it (down the worker's link to the master).
+
+:class:`WorkerOrders` answers ``ping``, ``replicate`` and ``drop``; the task orders
+(``run``, ``kill``) are :class:`dsml.worker.runner.TaskOrders`.  Only the master may
+call them (``ping`` anyone): the link trusts the peer it dialled as the master.
+"""
 
 from __future__ import annotations
 
@@ -10,54 +15,44 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..errors import DsmlError
+from ..net.connection import Connection
 from ..net.links import Links
-from ..net.server import Reply, Response, ServerProtocol
+from ..net.responders import Reply, Responders, responder
+from ..net.server import Response
 from ..protocol.codec import Head
-from ..protocol.methods import worker_order_methods
+from ..protocol.methods import ALL_ROLES, Role, worker_order_methods
 from .storage import StorageHandler
-from .store import StoreError
 
 log = Logger()
 
 #: Bytes read from disk per step when pushing a replica to another worker.
 PUSH_CHUNK = 1024 * 1024
 
+_MASTER = frozenset({Role.MASTER})
+
+
+def order_responders(orders: WorkerOrders, tasks: object) -> Responders:
+    """The table of the worker's link: the store's orders from ``orders``, ``run`` and
+    ``kill`` from ``tasks`` (:class:`~dsml.worker.runner.TaskOrders`)."""
+    return Responders(worker_order_methods(), orders, tasks)
+
 
 class WorkerOrders:
-    """Handles ``replicate`` and ``drop`` from the master, and ``ping``."""
+    """Answers ``replicate`` and ``drop`` from the master, and ``ping``."""
 
-    def __init__(self, storage: StorageHandler, links: Links, jobs: Any = None) -> None:
+    def __init__(self, storage: StorageHandler, links: Links) -> None:
         self.storage = storage
         self.store = storage.store
         self.links = links
-        #: The worker's side of jobs (dsml.worker.runner.WorkerJobs), if it runs tasks.
-        self.jobs = jobs
-        self.methods = worker_order_methods()
 
-    def handle(self, head: Head, payload: bytes, conn: ServerProtocol) -> Any:
-        """Answer an order."""
-        h = head.headers
-        try:
-            if head.kind == "ping":
-                return Reply()
-            if head.kind == "drop":
-                return self._drop(h["key"], int(h["version"]))
-            if head.kind == "replicate":
-                return self._replicate(h["key"], int(h["version"]), h["to"])
-            if head.kind in ("run", "kill"):
-                if self.jobs is None:
-                    raise DsmlError("this worker runs no tasks", "unknown-method")
-                return getattr(self.jobs, head.kind)(head, payload)
-        except StoreError as e:
-            raise DsmlError(e.message, e.code) from None
-        raise DsmlError(f"unknown order {head.kind!r}", "unknown-method")
+    @responder("ping", roles=ALL_ROLES)
+    def _ping(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+        return Reply()
 
-    def open(self, head: Head, conn: ServerProtocol) -> Any:
-        """Orders carry no streamed payloads."""
-        raise DsmlError("orders take no streamed payload", "unknown-method")
-
-    def _drop(self, key: str, version: int) -> Reply:
-        """Delete ``key`` only if it still holds ``version`` (a newer write stays)."""
+    @responder("drop", roles=_MASTER)
+    def _drop(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+        """Delete ``Key`` only if it still holds ``Version`` (a newer write stays)."""
+        key, version = head.headers["key"], int(head.headers["version"])
         entry = self.store.stat(key)
         if entry.version != version:
             raise DsmlError(
@@ -67,8 +62,11 @@ class WorkerOrders:
         self.storage.changed("delete", deleted)
         return Reply({"Version": deleted.version})
 
-    def _replicate(self, key: str, version: int, to: str) -> Deferred[Reply]:
-        """Push this worker's copy of ``key`` (if still ``version``) to the server at ``to``."""
+    @responder("replicate", roles=_MASTER)
+    def _replicate(self, head: Head, payload: bytes, conn: Connection) -> Deferred[Reply]:
+        """Push this worker's copy of ``Key`` (if still ``Version``) to the server at ``To``."""
+        h = head.headers
+        key, version, to = h["key"], int(h["version"]), h["to"]
         entry, body = self.store.open_read(key)
         if entry.version != version:
             body.close()
@@ -88,15 +86,14 @@ class WorkerOrders:
 
 
 def _push_file(
-    link: ServerProtocol, headers: dict[str, object], body: IO[bytes], size: int
+    link: Connection, headers: dict[str, object], body: IO[bytes], size: int
 ) -> Deferred[Response]:
     reply = link.request("file_upload", headers, size)
     producer = _FilePusher(link, body, size)
+    # An empty file has no bytes to push: no producer (its first read of 0 bytes would
+    # look like a file that shrank).
     if size:
         link.transport.registerProducer(producer, False)  # type: ignore[union-attr]
-    # Fix (tests/test_cluster_sim.py): an empty file has no bytes to push.  Its pusher
-    # read 0 bytes, took that for "the file shrank" and aborted the link, so an empty
-    # file was never re-replicated (the repairer retried it forever).
 
     def done(result: Any) -> Any:
         producer.stopProducing()
@@ -110,7 +107,7 @@ def _push_file(
 class _FilePusher:
     """Writes ``size`` bytes of a file to a link as its transport asks for them."""
 
-    def __init__(self, link: ServerProtocol, body: IO[bytes], size: int) -> None:
+    def __init__(self, link: Connection, body: IO[bytes], size: int) -> None:
         self.link = link
         self.body: IO[bytes] | None = body
         self.remaining = size

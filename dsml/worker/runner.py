@@ -2,7 +2,9 @@
 
 The :class:`~dsml.worker.tasks.TaskManager` runs the processes; this module connects it
 to the master link (orders down, results up, re-sent after a reconnect until the master
-acknowledges them) and to the cluster's store (inputs and outputs).
+acknowledges them) and to the cluster's store (inputs and outputs).  The orders and
+``task_log`` are answered by :class:`TaskOrders` and :class:`TaskLogs`, which declare who
+may call them.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..errors import DsmlError
-from ..net.server import Reply
+from ..net.connection import Connection
+from ..net.responders import Reply, responder
 from ..protocol.codec import Head
+from ..protocol.methods import Role
+from .link import MasterSession
 from .tasks import AttemptResult, AttemptSpec, TaskError, TaskManager
 
 log = Logger()
@@ -118,48 +123,43 @@ def result_json(r: AttemptResult) -> str:
     return json.dumps(d)
 
 
-class WorkerJobs:
-    """Orders ``run``/``kill``, results to the master, and the ``task_log`` method.
+#: What the task manager calls with each attempt's result.
+OnResult = Callable[[AttemptResult], None]
 
-    ``link`` is the worker's :class:`~dsml.worker.link.MasterLink` (set after both exist).
+#: Builds the task manager, given the callback for its results (production: a
+#: TaskManager; the simulation: its fake one).
+MakeTasks = Callable[[OnResult], TaskManager]
+
+
+class WorkerJobs:
+    """The worker's side of jobs: its task manager, and the results sent to the master.
+
+    ``make_tasks(on_result)`` builds the task manager (without it the worker runs no
+    tasks); it may report results at once (attempts adopted from an earlier process).
+    Results go to the master on the current registration (:meth:`session_changed`, told
+    by the worker's link) until it acknowledges them; they are sent again after the next
+    registration.  The orders ``run``/``kill`` and the ``task_log`` method are answered
+    by :class:`TaskOrders` and :class:`TaskLogs` over it.
     """
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, clock: Any, make_tasks: MakeTasks | None = None) -> None:
         self.clock = clock
-        self.tasks: TaskManager | None = None
-        self.link: Any = None
+        self._session: MasterSession | None = None
         self._send_call: Any = None
         self._sending: set[int] = set()
-
-    # -- orders from the master -------------------------------------------------------
-
-    def run(self, head: Head, payload: bytes) -> Reply:
-        """Start an attempt (answered at once; the result comes later)."""
-        assert self.tasks is not None
-        spec = spec_from_json(payload)
-        try:
-            self.tasks.start(spec)
-        except TaskError as e:
-            raise DsmlError(e.message, e.code) from None
-        return Reply()
-
-    def kill(self, head: Head, payload: bytes) -> Reply:
-        """Stop an attempt's process tree (its result says "cancelled")."""
-        assert self.tasks is not None
-        self.tasks.cancel(int(head.headers["attempt"]))
-        return Reply()
+        self.tasks: TaskManager | None = None
+        if make_tasks is not None:
+            self.tasks = make_tasks(self.on_result)
 
     def running(self) -> list[int]:
         """Attempts running here (told to the master when registering), and those that
         ended with a result the master has not acknowledged yet.
 
-        Fix (tests/test_jobs_sim.py): registration only tells the master what runs, and
-        the master's reconcile declares every attempt it holds that is not named *lost*.
-        An attempt that ended while the master was down (or the link was) was therefore
-        lost and rerun, and its result, sent right after the registration, refused: a
-        successful task ran twice (and a task with max_attempts=1 failed).  Named here, it
+        Both are named: the master's reconcile declares every attempt it holds that is
+        not named *lost*, so an attempt that ended while the master (or the link) was
+        down must be named too, or it would be rerun and its result refused.  Named, it
         is kept (re-bound to the new incarnation) and its result is taken; one the master
-        no longer holds is answered with a kill order, which is a no-op for an ended one.
+        no longer holds is answered with a kill order, a no-op for an ended attempt.
         """
         if self.tasks is None:
             return []
@@ -167,7 +167,17 @@ class WorkerJobs:
         ended = [r.attempt_id for r in self.tasks.finished_results() if r.attempt_id not in running]
         return running + ended
 
+    def free_slots(self) -> int:
+        """Free task slots (told to the master with each heartbeat)."""
+        return self.tasks.free_slots() if self.tasks is not None else 0
+
     # -- results ----------------------------------------------------------------------
+
+    def session_changed(self, session: MasterSession | None) -> None:
+        """The worker registered (``session``) or lost its link (None)."""
+        self._session = session
+        if session is not None:
+            self.send_results_soon()
 
     def on_result(self, result: AttemptResult) -> None:
         """An attempt ended: tell the master soon (batched)."""
@@ -180,20 +190,16 @@ class WorkerJobs:
 
     def send_results(self) -> None:
         """Send every result the master has not acknowledged yet."""
-        if self.tasks is None or self.link is None:
-            return
-        link, incarnation = self.link.link, self.link.incarnation
-        if link is None or incarnation is None:
+        session = self._session
+        if self.tasks is None or session is None:
             return  # sent again after the next registration
         results = [r for r in self.tasks.finished_results() if r.attempt_id not in self._sending]
         if not results:
             return
         ids = [r.attempt_id for r in results]
         self._sending.update(ids)
-        d = link.request(
-            "task_result",
-            {"Name": self.link.info.name, "Incarnation": incarnation},
-            ("\n".join(result_json(r) for r in results) + "\n").encode(),
+        d = session.request(
+            "task_result", ("\n".join(result_json(r) for r in results) + "\n").encode()
         )
 
         def taken(_: object) -> None:
@@ -207,19 +213,60 @@ class WorkerJobs:
         d.addCallbacks(taken, failed)
         d.addBoth(lambda _: self._sending.difference_update(ids))
 
-    # -- logs -------------------------------------------------------------------------
 
-    def task_log(self, head: Head, payload: bytes) -> Reply:
-        """Bytes of an attempt's stdout or stderr from ``Offset``."""
-        if self.tasks is None:
-            raise DsmlError("this worker runs no tasks", "not-found")
+class TaskOrders:
+    """The master's orders ``run`` and ``kill`` (down the worker's link).
+
+    Over ``jobs`` (None: a worker that runs no tasks refuses them).
+    """
+
+    def __init__(self, jobs: WorkerJobs | None) -> None:
+        self.jobs = jobs
+
+    def _tasks(self) -> TaskManager:
+        tasks = self.jobs.tasks if self.jobs is not None else None
+        if tasks is None:
+            raise DsmlError("this worker runs no tasks", "unknown-method")
+        return tasks
+
+    @responder("run", roles={Role.MASTER})
+    def _run(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+        """Start an attempt (answered at once; the result comes later)."""
+        spec = spec_from_json(payload)
+        try:
+            self._tasks().start(spec)
+        except TaskError as e:
+            raise DsmlError(e.message, e.code) from None
+        return Reply()
+
+    @responder("kill", roles={Role.MASTER})
+    def _kill(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+        """Stop an attempt's process tree (its result says "cancelled")."""
+        self._tasks().cancel(int(head.headers["attempt"]))
+        return Reply()
+
+
+class TaskLogs:
+    """The storage method ``task_log``: an attempt's stdout or stderr, from ``Offset``.
+
+    Over ``jobs`` (None: a server that runs no tasks has no logs).
+    """
+
+    def __init__(self, jobs: WorkerJobs | None) -> None:
+        self.jobs = jobs
+
+    @responder("task_log", roles={Role.CLIENT})
+    def _task_log(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+        tasks = self.jobs.tasks if self.jobs is not None else None
+        if tasks is None:
+            raise DsmlError("this server runs no tasks", "not-found")
         h = head.headers
         stream = h["stream"]
         if stream not in ("stdout", "stderr"):
             raise DsmlError("Stream must be stdout or stderr", "bad-header")
         attempt = int(h["attempt"])
         try:
-            out, err = self.tasks.logs(attempt)
+            out, err = tasks.logs(attempt)
         except TaskError as e:
             raise DsmlError(e.message, e.code) from None
         path = out if stream == "stdout" else err
@@ -231,5 +278,5 @@ class WorkerJobs:
                 data = f.read(LOG_CHUNK)
         except FileNotFoundError:
             size, data = 0, b""
-        running = attempt in self.tasks.running()
+        running = attempt in tasks.running()
         return Reply({"Size": size, "Running": 1 if running else 0}, data)

@@ -17,13 +17,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from ..config import MASTER_ADDR_FILE, WORKER_ADDR_FILE, Config
+from ..net.limits import Limits
 from ..net.links import EndpointFor, Links, tcp_endpoint_for
 from ..net.listen import ListenService, read_addr_file
-from ..net.server import ServerFactory, ServerLimits
-from .link import MasterLink, WorkerInfo
-from .orders import WorkerOrders
-from .runner import ClusterTransfers, WorkerJobs
-from .storage import RunInThread, StorageHandler
+from ..net.server import ServerFactory
+from ..protocol.methods import Role
+from .link import MasterLink, StoreReports, WorkerInfo
+from .orders import WorkerOrders, order_responders
+from .runner import ClusterTransfers, MakeTasks, TaskLogs, TaskOrders, WorkerJobs
+from .storage import RunInThread, StorageHandler, storage_responders
 from .store import Store
 from .tasks import TaskManager
 
@@ -35,19 +37,6 @@ ADDR_FILE = WORKER_ADDR_FILE
 STORE_SYNC_INTERVAL = 1.0
 
 _log = Logger()
-
-
-def server_limits(config: Config) -> ServerLimits:
-    """The connection rules from the config's ``limits`` section."""
-    lim = config.limits
-    return ServerLimits(
-        max_connections=lim.max_connections,
-        max_unauthenticated=lim.max_unauthenticated,
-        auth_timeout=lim.auth_timeout,
-        head_timeout=lim.head_timeout,
-        idle_timeout=lim.idle_timeout,
-        payload_timeout=lim.payload_timeout,
-    )
 
 
 class _StoreService(service.Service):
@@ -130,31 +119,40 @@ def build_worker(
     info: WorkerInfo,
     value_max: int,
     heartbeat_interval: float,
-    limits: ServerLimits,
+    limits: Limits,
     run_in_thread: RunInThread[Any],
     listen: Callable[[ServerFactory, MasterLink], service.IService],
     free_disk: Callable[[], int] | None = None,
     retry_policy: Callable[[int], float] | None = None,
-    jobs: WorkerJobs | None = None,
+    tasks: MakeTasks | None = None,
 ) -> Worker:
     """Wire a worker over an open ``store``: no reactor, sockets or threads of its own.
 
     ``endpoint_for`` opens links to other workers, ``master_endpoint`` reaches the
     master, ``run_in_thread`` runs blocking store work (a thread pool in production,
     inline in the simulation), and ``listen(factory, master_link)`` makes the service
-    that serves ``factory`` to clients.  :func:`make_worker_service` passes the real
+    that serves ``factory`` to clients.  ``tasks(on_result)`` builds the task manager
+    (without it the worker runs no tasks).  :func:`make_worker_service` passes the real
     ones; :mod:`dsml.testing.sim` passes in-memory ones on a fake clock.
+
+    Everything is built in dependency order, each part with what it needs: the store's
+    reports to the master first (the storage server tells them of every change), the
+    master link last (it answers the master's orders and tells the reports and the jobs
+    of each registration).
     """
     name = info.name
-    links = Links(clock, endpoint_for, token, name=f"worker {name}")
-    handler = StorageHandler(store, run_in_thread, value_max, links=links)
-    orders = WorkerOrders(handler, links, jobs)
-    handler.jobs = jobs
-    task_hooks: dict[str, Any] = {}
+    jobs = WorkerJobs(clock, tasks) if tasks is not None else None
+    links = Links(
+        clock, endpoint_for, token, name=f"worker {name}", peer_roles=frozenset({Role.WORKER})
+    )
+    reports = StoreReports(clock)
+    handler = StorageHandler(store, run_in_thread, links=links, on_change=reports.report)
+    orders = WorkerOrders(handler, links)
+    task_side: dict[str, Any] = {}
     if jobs is not None and jobs.tasks is not None:
-        task_hooks = {
+        task_side = {
             "running_attempts": jobs.running,
-            "on_registered": jobs.send_results_soon,
+            "on_session": jobs.session_changed,
             "free_slots": jobs.tasks.free_slots,
         }
     master = MasterLink(
@@ -163,16 +161,16 @@ def build_worker(
         token=token,
         info=info,
         store=store,
-        orders=orders,
+        orders=order_responders(orders, TaskOrders(jobs)),
+        reports=reports,
         heartbeat_interval=heartbeat_interval,
         free_disk=free_disk,
         retry_policy=retry_policy,
-        **task_hooks,
+        **task_side,
     )
-    handler.on_change = master.report
-    if jobs is not None:
-        jobs.link = master
-    factory = ServerFactory(handler, clock, token, limits)
+    factory = ServerFactory(
+        storage_responders(handler, TaskLogs(jobs), value_max), clock, token, limits
+    )
     top = service.MultiService()
     top.setName(f"dsml-worker-{name}")
     _StoreService(store).setServiceParent(top)
@@ -224,16 +222,17 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
             return config.master.host, config.master.port
         return read_addr_file(master_addr_file)
 
-    jobs = WorkerJobs(reactor)
-    jobs.tasks = TaskManager(
-        reactor,
-        slots=wc.slots,
-        work_dir=wc.data_dir / "tasks",
-        transfers=ClusterTransfers(reactor, master_addr, cc.token),
-        on_result=jobs.on_result,
-    )
+    def make_tasks(on_result: Callable[[Any], None]) -> TaskManager:
+        return TaskManager(
+            reactor,
+            slots=wc.slots,
+            work_dir=wc.data_dir / "tasks",
+            transfers=ClusterTransfers(reactor, master_addr, cc.token),
+            on_result=on_result,
+        )
+
     return build_worker(
-        jobs=jobs,
+        tasks=make_tasks,
         store=store,
         clock=reactor,
         endpoint_for=tcp_endpoint_for(reactor),
@@ -247,7 +246,7 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         ),
         value_max=cc.value_max,
         heartbeat_interval=cc.heartbeat_interval,
-        limits=server_limits(config),
+        limits=config.limits,
         run_in_thread=run_in_thread,
         listen=listen,
     ).service

@@ -1,9 +1,11 @@
 """The worker's storage server (the seed's WorkerServer): requests in, store operations out.
 
 The handler decides and the :class:`~dsml.worker.store.Store` keeps the bytes; the
-protocol in :mod:`dsml.net.server` moves them.  A file upload streams into the store's
+connection (:mod:`dsml.net.connection`) moves them.  A file upload streams into the store's
 temporary file while hashing; the fsync and rename run in a thread so the reactor keeps
-serving, and the index commit comes back to the reactor thread.
+serving, and the index commit comes back to the reactor thread.  Each method declares
+who may call it (``@responder``); the worker's wiring builds the table
+(:func:`storage_responders`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..errors import DsmlError
-from ..net.server import Reply, Response, ServerProtocol
+from ..net.connection import Connection
+from ..net.responders import Reply, Responders, responder
+from ..net.server import Response
 from ..protocol.codec import Head, ResponseShape
 from ..protocol.limits import DEFAULT_VALUE_MAX
-from ..protocol.methods import MethodTable, storage_methods
-from .store import Entry, FileWriter, Store, StoreError
+from ..protocol.methods import ALL_ROLES, Role, storage_methods
+from .store import FileWriter, Store
+from .store import IndexEntry as Entry
 
 T = TypeVar("T")
 
@@ -38,6 +43,10 @@ OnChange = Callable[[str, Entry], None]
 #: Bytes of an upload held while the link to the next worker of its pipeline opens;
 #: past this, reading from the client pauses until the link is up.
 FORWARD_BUFFER = 8 * 1024 * 1024
+
+#: Who may read and write the store: users, and workers (pipelines, replicas, task
+#: inputs and outputs).
+_READ_WRITE = frozenset({Role.CLIENT, Role.WORKER})
 
 
 def entry_headers(entry: Entry) -> dict[str, object]:
@@ -62,24 +71,28 @@ def entry_json(entry: Entry) -> dict[str, Any]:
     }
 
 
-def _wire(e: StoreError) -> DsmlError:
-    return DsmlError(e.message, e.code)
+def storage_responders(
+    handler: StorageHandler, task_logs: object, value_max: int = DEFAULT_VALUE_MAX
+) -> Responders:
+    """The storage server's table: the store's methods from ``handler``, ``task_log``
+    from ``task_logs`` (:class:`~dsml.worker.runner.TaskLogs`)."""
+    return Responders(storage_methods(value_max), handler, task_logs)
 
 
 class StorageHandler:
-    """Answers the storage methods of :func:`dsml.protocol.methods.storage_methods`.
+    """Answers the store's methods of :func:`dsml.protocol.methods.storage_methods`.
 
     ``run_in_thread`` runs a blocking function off the reactor thread and returns a
     Deferred of its result (``deferToThreadPool`` in production; inline in tests).
     ``links`` (a :class:`dsml.net.links.Links`) lets uploads with a ``Forward`` header
     pass on down a pipeline; ``on_change`` hears of every committed write and delete.
+    Store errors are DsmlErrors: they answer with their own code.
     """
 
     def __init__(
         self,
         store: Store,
         run_in_thread: RunInThread[Any],
-        value_max: int = DEFAULT_VALUE_MAX,
         links: Any = None,
         on_change: OnChange | None = None,
     ) -> None:
@@ -87,49 +100,44 @@ class StorageHandler:
         self.run_in_thread = run_in_thread
         self.links = links
         self.on_change = on_change
-        #: The worker's side of jobs (serves ``task_log``), if it runs tasks.
-        self.jobs: Any = None
-        self.methods: MethodTable = storage_methods(value_max)
-        self._handlers: dict[str, Callable[[Head, bytes], Reply | bytes | Deferred[Reply]]] = {
-            "ping": self._ping,
-            "value_upload": self._value_upload,
-            "value_retrieve": self._value_retrieve,
-            "file_retrieve": self._file_retrieve,
-            "delete": self._delete,
-            "stat": self._stat,
-            "list": self._list,
-            "task_log": self._task_log,
-        }
 
-    def handle(
-        self, head: Head, payload: bytes, conn: ServerProtocol
-    ) -> Reply | bytes | Deferred[Reply]:
-        """Answer a buffered request."""
-        fn = self._handlers.get(head.kind)
-        if fn is None:
-            raise DsmlError(f"method {head.kind!r} is not served here", "unknown-method")
-        try:
-            return fn(head, payload)
-        except StoreError as e:
-            raise _wire(e) from None
+    def changed(self, op: str, entry: Entry) -> None:
+        """Tell the listener (the worker's reports to the master) of a committed change."""
+        if self.on_change is not None:
+            self.on_change(op, entry)
 
-    def open(self, head: Head, conn: ServerProtocol) -> Upload:
+    # -- methods ----------------------------------------------------------------------
+
+    @responder("ping", roles=ALL_ROLES)
+    def _ping(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+        return Reply()
+
+    @responder("file_upload", roles=_READ_WRITE)
+    def _file_upload(self, head: Head, conn: Connection) -> Upload:
         """Start a file upload (and its pipeline to the next workers, if Forward says so)."""
-        if head.kind != "file_upload":
-            raise DsmlError(f"method {head.kind!r} is not streamed here", "unknown-method")
         forward = _forward_list(head)
         if forward and self.links is None:
             raise DsmlError("this server does not forward uploads", "bad-header")
-        try:
-            writer = self.store.begin_file(head.headers["key"], **_version(head))
-        except StoreError as e:
-            raise _wire(e) from None
+        writer = self.store.begin_file(head.headers["key"], **_version(head))
         return Upload(self, writer, head, conn, forward)
 
-    def changed(self, op: str, entry: Entry) -> None:
-        """Tell the listener (the worker's link to the master) about a committed change."""
+    @responder("value_upload", roles=_READ_WRITE)
+    def _value_upload(
+        self, head: Head, payload: bytes, conn: Connection
+    ) -> bytes | Deferred[Reply]:
+        h = head.headers
+        # Only an upload is passed on down a pipeline (file_upload: see _file_upload).
+        forward = _forward_list(head)
+        if forward and self.links is None:
+            raise DsmlError("this server does not forward uploads", "bad-header")
+        v = h.get("version")
+        entry = self.store.put_value(h["key"], payload, None if v is None else int(v))
         if self.on_change is not None:
-            self.on_change(op, entry)
+            self.on_change("store", entry)
+        if forward:
+            local = Reply({"Version": entry.version, "Sha256": entry.sha256, "Size": entry.size})
+            return self._forward_value(head, payload, forward, local)
+        return _STORED.encode(head.id, (entry.version, entry.sha256, entry.size))
 
     def _forward_value(
         self, head: Head, payload: bytes, forward: list[str], local: Reply
@@ -145,53 +153,33 @@ class StorageHandler:
 
         return d.addCallbacks(done, _downstream_failed, errbackArgs=(first,))
 
-    # -- buffered methods -------------------------------------------------------------
-
-    def _ping(self, head: Head, payload: bytes) -> Reply:
-        return Reply()
-
-    def _value_upload(self, head: Head, payload: bytes) -> bytes | Deferred[Reply]:
-        h = head.headers
-        # Only an upload is passed on down a pipeline (file_upload: see open()).
-        forward = _forward_list(head)
-        if forward and self.links is None:
-            raise DsmlError("this server does not forward uploads", "bad-header")
-        v = h.get("version")
-        entry = self.store.put_value(h["key"], payload, None if v is None else int(v))
-        if self.on_change is not None:
-            self.on_change("store", entry)
-        if forward:
-            local = Reply({"Version": entry.version, "Sha256": entry.sha256, "Size": entry.size})
-            return self._forward_value(head, payload, forward, local)
-        return _STORED.encode(head.id, (entry.version, entry.sha256, entry.size))
-
-    def _value_retrieve(self, head: Head, payload: bytes) -> bytes:
+    @responder("value_retrieve", roles=_READ_WRITE)
+    def _value_retrieve(self, head: Head, payload: bytes, conn: Connection) -> bytes:
         entry, value = self.store.get_value(head.headers["key"])
         return _VALUE.encode(head.id, (entry.version,), value)
 
-    def _file_retrieve(self, head: Head, payload: bytes) -> Reply:
+    @responder("file_retrieve", roles=_READ_WRITE)
+    def _file_retrieve(self, head: Head, payload: bytes, conn: Connection) -> Reply:
         entry, body = self.store.open_read(head.headers["key"])
         headers = entry_headers(entry)
         headers["Action"] = "write-file"
         return Reply(headers, body=body, body_length=entry.size)
 
-    def _delete(self, head: Head, payload: bytes) -> Reply:
+    @responder("delete", roles={Role.CLIENT})
+    def _delete(self, head: Head, payload: bytes, conn: Connection) -> Reply:
         entry = self.store.delete(head.headers["key"])
         self.changed("delete", entry)
         return Reply({"Version": entry.version})
 
-    def _task_log(self, head: Head, payload: bytes) -> Reply:
-        if self.jobs is None:
-            raise DsmlError("this server runs no tasks", "not-found")
-        return self.jobs.task_log(head, payload)  # type: ignore[no-any-return]
-
-    def _stat(self, head: Head, payload: bytes) -> Reply:
+    @responder("stat", roles={Role.CLIENT})
+    def _stat(self, head: Head, payload: bytes, conn: Connection) -> Reply:
         entry = self.store.stat(head.headers["key"])
         headers = entry_headers(entry)
         headers["Mtime"] = f"{entry.mtime:.6f}"
         return Reply(headers)
 
-    def _list(self, head: Head, payload: bytes) -> Reply:
+    @responder("list", roles={Role.CLIENT})
+    def _list(self, head: Head, payload: bytes, conn: Connection) -> Reply:
         limit = int(head.headers.get("limit", LIST_DEFAULT))
         if not 1 <= limit <= LIST_MAX:
             raise DsmlError(f"Limit must be from 1 to {LIST_MAX}", "bad-header")
@@ -248,14 +236,14 @@ class Upload:
         handler: StorageHandler,
         writer: FileWriter,
         head: Head,
-        conn: ServerProtocol,
+        conn: Connection,
         forward: list[str],
     ) -> None:
         self.handler = handler
         self.writer = writer
         self.expected = head.headers.get("sha256")
         self.conn = conn
-        self.down: ServerProtocol | None = None
+        self.down: Connection | None = None
         self.down_done: Deferred[Response] | None = None
         self.down_addr = ""
         self._pending: list[bytes] = []
@@ -273,7 +261,7 @@ class Upload:
 
     # -- the next worker --------------------------------------------------------------
 
-    def _down_ready(self, link: ServerProtocol, headers: dict[str, object], length: int) -> None:
+    def _down_ready(self, link: Connection, headers: dict[str, object], length: int) -> None:
         if self._aborted or self._forward_failed:
             link.transport.abortConnection()  # type: ignore[union-attr]
             return
@@ -326,10 +314,7 @@ class Upload:
 
     def data(self, chunk: bytes) -> None:
         """Write and hash the next chunk; pass it down the pipeline."""
-        try:
-            self.writer.write(chunk)
-        except StoreError as e:
-            raise _wire(e) from None
+        self.writer.write(chunk)
         if self.down_done is None or self._forward_failed:
             return
         if self.down is not None:
@@ -373,8 +358,6 @@ class Upload:
 
     def _failed(self, failure: Any) -> None:
         self.writer.abort()
-        if failure.check(StoreError):
-            raise _wire(failure.value)
         failure.raiseException()
 
     def abort(self) -> None:
@@ -385,8 +368,8 @@ class Upload:
         if self.down is not None:
             self.down.transport.abortConnection()  # type: ignore[union-attr]
         if self.down_done is not None:
-            # Fix (tests/test_cluster_sim.py): end() will never gather the downstream
-            # outcome now; its failure was an "Unhandled error in Deferred".
+            # end() will never gather the downstream outcome now: nobody else consumes
+            # its failure.
             self.down_done.addErrback(lambda _: None)
 
 
@@ -395,11 +378,10 @@ class _ClientPacer:
     """Pauses and resumes the client's upload as the next worker of the pipeline takes
     the bytes; never closes it.
 
-    Fix (tests/test_cluster_sim.py): the client's transport itself used to be the
-    producer registered on the link to the next worker, and Twisted stops a consumer's
-    producer when that consumer's connection is lost, so the death of the next worker
-    closed the *client's* connection: the client got "connection lost" instead of the
-    replication-failed answer :meth:`Upload._down_failed` prepares.
+    This, not the client's transport, is the producer registered on the link to the next
+    worker: Twisted stops a consumer's producer when that consumer's connection is lost,
+    and the death of the next worker must not close the client's connection (the client
+    is owed the replication-failed answer :meth:`Upload._down_failed` prepares).
     """
 
     def __init__(self, transport: Any) -> None:

@@ -1,0 +1,126 @@
+"""Where keys live: the master's answers to clients about writing, reading and removing.
+
+:class:`KeySpace` is the application side of ``place``, ``locate``, ``commit``,
+``corrupt``, ``remove`` and ``list``: it combines the directory (which worker holds which
+version), the live workers (membership) and drop orders down their links.  It never sees
+a payload (clients move bytes straight to and from workers) nor a wire message: the
+request handler (:mod:`dsml.master.requests`) decodes and encodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from ..errors import DsmlError
+from .directory import Directory, DirectoryError, WorkerLoad
+from .membership import Membership, WorkerRecord
+from .repair import _order
+
+#: A ``list`` page: (key, size, sha256, version, replicas) per key.
+Row = tuple[str, int, str, int, list[str]]
+
+
+@attrs.frozen
+class Placement:
+    """Where a new write goes: its version, and the workers of its pipeline, in order."""
+
+    version: int
+    workers: list[WorkerRecord]
+
+
+@attrs.frozen
+class Location:
+    """Where a key's current version is: its size, digest, version and holders (live
+    ones first)."""
+
+    size: int
+    sha256: str
+    version: int
+    replicas: list[WorkerRecord]
+
+
+def _ignore(failure: object) -> None:
+    """An order whose outcome nobody waits for (the repairer mends what it missed)."""
+
+
+class KeySpace:
+    """Placement, lookups, commits and removals of keys, over the directory and the workers."""
+
+    def __init__(
+        self, *, directory: Directory, membership: Membership, factor: Callable[[], int]
+    ) -> None:
+        self.directory = directory
+        self.membership = membership
+        self.factor = factor
+
+    def place(self, key: str, size: int) -> Placement:
+        """Choose the workers for a new write of ``key`` and its version."""
+        alive = {r.name: r for r in self.membership.alive()}
+        loads = {n: WorkerLoad(r.free_disk, r.stored_bytes) for n, r in alive.items()}
+        names = self.directory.place(key, size, loads, self.factor())
+        version = self.directory.next_version()
+        return Placement(version, [alive[n] for n in names])
+
+    def locate(self, key: str) -> Location:
+        """Where ``key``'s current version is: live holders first (in the directory's
+        spread order), then the rest, which a client may still try if it can reach
+        them; ``unavailable`` when no known worker holds it."""
+        records = {r.name: r for r in self.membership.all()}
+        alive = {n for n, r in records.items() if r.live}
+        replicas = self.directory.locate(key)
+        ordered = [r for r in replicas if r.worker in alive] + [
+            r for r in replicas if r.worker not in alive and r.worker in records
+        ]
+        if not ordered:
+            raise DirectoryError("unavailable", f"no known worker holds {key!r}")
+        first = ordered[0]
+        return Location(
+            first.size, first.sha256, first.version, [records[r.worker] for r in ordered]
+        )
+
+    def commit(
+        self, key: str, size: int, sha256: str, version: int, workers: Sequence[str]
+    ) -> None:
+        """A client's write reached ``workers``: record the copies at once (reads see it)."""
+        unknown = [w for w in workers if self.membership.get(w) is None]
+        if unknown:
+            raise DsmlError(f"no such worker: {', '.join(unknown)}", "bad-header")
+        for worker in workers:
+            self.directory.add_replica(key, worker, size, sha256, version)
+
+    def corrupt(self, key: str, worker: str) -> None:
+        """A client found ``worker``'s copy of ``key`` corrupt: forget it, order it dropped
+        (the repairer copies a good one back)."""
+        removed = self.directory.remove_replica(key, worker)
+        record = self.membership.get(worker)
+        if removed and record is not None and record.live:
+            try:
+                version = self.directory.locate(key)[0].version
+            except DirectoryError:
+                version = 0
+            if version:
+                _order(record, "drop", {"Key": key, "Version": version}).addErrback(_ignore)
+
+    def remove(self, key: str) -> int:
+        """Delete ``key`` everywhere; the version deleted.  Live holders are ordered to
+        drop their copies now, the others when they come back."""
+        version = self.directory.delete(key)
+        for trim in self.directory.pending_deletes():
+            if trim.key != key:
+                continue
+            record = self.membership.get(trim.worker)
+            if record is not None and record.live:
+                _order(record, "drop", {"Key": key, "Version": trim.version}).addCallback(
+                    self._dropped, key, trim.worker, trim.version
+                ).addErrback(_ignore)
+        return version
+
+    def _dropped(self, _: Any, key: str, worker: str, version: int) -> None:
+        self.directory.remove_replica(key, worker, version)
+
+    def list(self, prefix: str, after: str | None, limit: int) -> list[Row]:
+        """Up to ``limit`` keys under ``prefix`` after ``after``, with their replicas."""
+        return self.directory.list(prefix, after, limit)  # type: ignore[no-any-return]

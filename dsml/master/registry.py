@@ -1,0 +1,227 @@
+"""The master's workers: who registers, on which link, and what each one reports holding.
+
+:class:`WorkerRegistry` is the application side of the worker methods (``register``,
+``heartbeat``, ``report``, and the fencing of ``task_result``): it checks a registration
+against the rules (docs/protocol.md, section 12), takes a new incarnation, records the
+worker in :class:`~dsml.master.membership.Membership` and the state, reconciles its
+inventory with the directory (ordering surplus copies dropped), and tells the listeners
+(the job router) which attempts the worker still runs.  Links are opaque here: the
+request handler (:mod:`dsml.master.requests`) decodes and encodes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.logger import Logger
+
+from .directory import Directory, DirectoryError
+from .membership import Membership, MembershipError, Versions, WorkerRecord
+from .repair import _order
+from .state import MasterState
+
+log = Logger()
+
+#: Told of each registration with the attempts the worker says it still runs.
+OnRegistered = Callable[[WorkerRecord, list[int]], None]
+
+
+@attrs.frozen
+class Registration:
+    """What a registration did: the worker's new incarnation and its inventory's fate."""
+
+    record: WorkerRecord
+    incarnation: int
+    added: int
+    removed: int
+    rejected: int
+
+
+@attrs.frozen
+class Report:
+    """What became of a worker's report of stores and deletes."""
+
+    taken: int
+    refused: int
+
+
+def parse_inventory(payload: bytes) -> tuple[list[tuple[Any, Any, Any, Any]], int]:
+    """JSON lines {key,size,sha256,version} -> entries, and the count of unreadable lines."""
+    entries: list[tuple[Any, Any, Any, Any]] = []
+    bad = 0
+    for line in payload.splitlines():
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            entries.append((d["key"], d["size"], d["sha256"], d["version"]))
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    return entries, bad
+
+
+def _ignore(failure: object) -> None:
+    """An order whose outcome nobody waits for (the repairer mends what it missed)."""
+
+
+class WorkerRegistry:
+    """Registrations, heartbeats and reports of the workers, each on its own link."""
+
+    def __init__(
+        self,
+        *,
+        state: MasterState,
+        directory: Directory,
+        membership: Membership,
+        versions: Versions,
+        on_registered: OnRegistered | None = None,
+    ) -> None:
+        self.state = state
+        self.directory = directory
+        self.membership = membership
+        self.versions = versions
+        self.on_registered = on_registered
+
+    def register(
+        self,
+        name: str,
+        *,
+        host: str,
+        port: int,
+        slots: int,
+        versions: Versions,
+        inventory: bytes,
+        running: list[int],
+        link: object,
+    ) -> Registration:
+        """Register worker ``name`` on ``link``; MembershipError when the rules refuse it."""
+        try:
+            if versions != self.versions:
+                # Checked before an incarnation is used up for a worker that is refused.
+                self.membership._check_versions(name, versions)
+            current = self.membership.get(name)
+            if current is not None and current.live and current.conn is not link:
+                raise MembershipError(
+                    f"worker {name!r} is already registered from another link "
+                    f"(incarnation {current.incarnation}); retry once it is gone",
+                    "duplicate-name",
+                )
+        except MembershipError as e:
+            log.warn("refused registration of {name}: {why} [{code}]", name=name,
+                     why=e.message, code=e.code)
+            raise
+        incarnation = self.state.next_incarnation(name)
+        record = self.membership.register(
+            name, incarnation, host=host, port=port, slots=slots, versions=versions, conn=link
+        )
+        self.state.record_worker(name, incarnation, record.host, record.port, record.slots)
+        entries, unreadable = parse_inventory(inventory)
+        result = self.directory.reconcile(name, entries)
+        rejected = len(result.rejected) + unreadable
+        if rejected:
+            log.warn(
+                "worker {name}: {n} inventory entries rejected, e.g. {why}",
+                name=name,
+                n=rejected,
+                why=result.rejected[0].reason if result.rejected else "unreadable line",
+            )
+        for trim in result.trim:
+            _order(record, "drop", {"Key": trim.key, "Version": trim.version}).addErrback(_ignore)
+        log.info(
+            "worker {name} registered: incarnation {inc}, {n} keys ({added} new, "
+            "{removed} gone, {rejected} rejected)",
+            name=name,
+            inc=incarnation,
+            n=len(entries),
+            added=result.added,
+            removed=result.removed,
+            rejected=rejected,
+        )
+        if self.on_registered is not None:
+            self.on_registered(record, running)
+        return Registration(record, incarnation, result.added, result.removed, rejected)
+
+    def registered_on(self, link: object, name: str, incarnation: int, what: str) -> WorkerRecord:
+        """The record of worker ``name`` if ``link`` carries its registration at
+        ``incarnation`` (``not-registered``, ``stale-incarnation`` otherwise, logged as a
+        refusal of ``what``)."""
+        try:
+            record = self.membership.get(name)
+            if record is None or not record.live or record.conn is not link:
+                raise MembershipError(
+                    f"worker {name!r} is not registered on this link", "not-registered"
+                )
+            if record.incarnation != incarnation:
+                raise MembershipError(
+                    f"worker {name!r} is incarnation {record.incarnation}, not {incarnation}",
+                    "stale-incarnation",
+                )
+            return record
+        except MembershipError as e:
+            log.warn("refused {method} from {name}: {why} [{code}]", method=what,
+                     name=name, why=e.message, code=e.code)
+            raise
+
+    def heartbeat(
+        self,
+        name: str,
+        incarnation: int,
+        *,
+        free_slots: int,
+        stored_bytes: int,
+        stored_files: int,
+        free_disk: int,
+        link: object,
+    ) -> None:
+        """A worker's heartbeat over ``link`` (Membership checks it)."""
+        self.membership.heartbeat(
+            name,
+            incarnation,
+            free_slots=free_slots,
+            stored_bytes=stored_bytes,
+            stored_files=stored_files,
+            free_disk=free_disk,
+            conn=link,
+        )
+
+    def report(self, record: WorkerRecord, payload: bytes) -> Report:
+        """Apply a worker's report (JSON lines of stores and deletes) to the directory.
+
+        A store the directory does not take as the current copy is ordered dropped; a
+        delete removes only the version deleted (a crossing report of a newer write
+        stays).  Unreadable lines are refused and counted.
+        """
+        taken = refused = 0
+        for line in payload.splitlines():
+            try:
+                d = json.loads(line)
+                op, key = d["op"], d["key"]
+                if op == "store":
+                    verdict = self.directory.add_replica(
+                        key, record.name, d["size"], d["sha256"], d["version"]
+                    )
+                    if verdict != "current":
+                        _order(record, "drop", {"Key": key, "Version": d["version"]}).addErrback(
+                            _ignore
+                        )
+                elif op == "delete":
+                    self.directory.remove_replica(key, record.name, d.get("version"))
+                else:
+                    raise ValueError(op)
+                taken += 1
+            except (ValueError, KeyError, TypeError, DirectoryError):
+                refused += 1
+        return Report(taken, refused)
+
+    def link_lost(self, link: object) -> None:
+        """A link closed: its worker is dead at once."""
+        record = self.membership.connection_lost(link)
+        if record is not None:
+            log.warn("worker {name} is dead: its link closed", name=record.name)
+
+    def workers(self) -> list[WorkerRecord]:
+        """Every worker the master knows, live or dead."""
+        return self.membership.all()

@@ -1,0 +1,444 @@
+"""One dsml connection: framing, authentication, deadlines and limits.
+
+:class:`Connection` is the Twisted protocol of every dsml connection, accepted or dialled.
+It feeds bytes to the sans-IO parser and enforces the connection's rules
+(docs/protocol.md, sections 7 and 8): authenticate first, the deadlines on the clock it is
+given, the connection limits, one framing error closes.  What it parses goes to its parts:
+
+- :class:`~dsml.net.answering.Answers` answers the peer's requests in order, from the
+  responders its roles allow (:attr:`Connection.roles`, set by authentication);
+- on a two-way link, :class:`~dsml.net.calling.Calls` sends this side's own requests
+  (:meth:`Connection.request`) and reads their responses.
+
+The factories say which side it is: :class:`~dsml.net.server.ServerFactory` for accepted
+connections, :class:`~dsml.net.links.LinkFactory` for dialled links.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet import interfaces
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..protocol import codec
+from ..protocol.codec import (
+    END,
+    NEED_DATA,
+    Data,
+    Head,
+    Parser,
+    ProtocolError,
+    Rejected,
+    quick_request,
+)
+from ..protocol.methods import Role
+from .answering import HELD_MAX, IDLE, READ_SIZE, RECEIVING, WAITING, Answers
+from .calling import Calls, Response
+from .limits import Limits
+from .responders import AUTH, Reply, Responder, Responders
+from .twisted_private import set_read_size
+
+log = Logger()
+
+#: Decides who a connection is from its ``auth`` request: the roles it may act as, or
+#: None for credentials that do not hold (answered ``auth-failed``, then closed).
+Authenticate = Callable[[Head], "frozenset[Role] | None"]
+
+_NO_ROLES: frozenset[Role] = frozenset()
+
+
+class ConnectionFactory(Factory):
+    """What the connections of one listener or one set of links share.
+
+    ``two_way``: either side may send requests (:meth:`Connection.request`).
+    ``dialled``: the roles of the peer this side dialled, which it trusts without an
+    ``auth`` (None for accepted connections, which must authenticate).
+    ``on_lost`` hears of each closed two-way connection.
+    """
+
+    def __init__(
+        self,
+        responders: Responders,
+        clock: Any,
+        limits: Limits | None,
+        authenticate: Authenticate | None,
+        *,
+        two_way: bool,
+        dialled: frozenset[Role] | None,
+        on_lost: Callable[[Connection], None] | None,
+    ) -> None:
+        self.responders = responders
+        self.clock = clock
+        self.limits = limits or Limits()
+        self.authenticate = authenticate
+        self.two_way = two_way
+        self.dialled = dialled
+        self.on_lost = on_lost
+        self.connections = 0
+        self.unauthenticated = 0
+        self.noisy = False  # no "Starting factory" line per outgoing link
+
+    def lost(self, conn: Connection) -> None:
+        """A two-way connection closed."""
+        if self.on_lost is not None:
+            try:
+                self.on_lost(conn)
+            except Exception:
+                log.failure("on_lost callback failed")
+
+    def buildProtocol(self, addr: Any) -> Connection:
+        return Connection(self)
+
+
+class Connection(TwistedProtocol):
+    """One connection: parse, check the connection's rules, hand requests and responses on."""
+
+    def __init__(self, factory: ConnectionFactory) -> None:
+        self.factory = factory
+        self.clock = factory.clock
+        self.limits = factory.limits
+        self.two_way = factory.two_way
+        responders = factory.responders
+        self.methods = responders.methods
+        self.parser = Parser(
+            codec.PEER if self.two_way else codec.REQUEST, responders.methods, whole=True
+        )
+        # Small requests may skip the event loop (not on a two-way link: its requests
+        # and responses interleave, see _route).
+        self._quick = not self.two_way
+        dialled = factory.dialled
+        #: Whether the peer is known: it authenticated, or this side dialled it.
+        self.authenticated = dialled is not None
+        #: What the peer may act as (docs/protocol.md, section 9): set by authentication.
+        self.roles: frozenset[Role] = dialled if dialled is not None else _NO_ROLES
+        #: The responders those roles may call, by method.
+        self.allowed: Mapping[str, Responder] = responders.allowed(self.roles)
+        #: The peer's own name for itself (the ``Client`` header of its auth).
+        self.client_name = ""
+        self.answers = Answers(self, responders, self.two_way)
+        self.calls: Calls | None = Calls(self) if self.two_way else None
+        #: Set once the connection is closing or closed: nothing more is read or sent.
+        self.closing = False
+        self._timer: interfaces.IDelayedCall | None = None
+        self._connected_at = 0.0
+        self._activity = 0.0
+        self._head_started: float | None = None
+        self._counted_unauth = False
+        self._pumping = False  # _pump() is on the stack (see resume)
+
+    @property
+    def is_open(self) -> bool:
+        """Connected and not closing: requests may still be sent."""
+        return bool(self.connected) and not self.closing
+
+    # -- connection life --------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        now = self.clock.seconds()
+        self._connected_at = self._activity = now
+        f.connections += 1
+        if not self.authenticated:
+            f.unauthenticated += 1
+            self._counted_unauth = True
+        set_read_size(self.transport, READ_SIZE)
+        if hasattr(self.transport, "setTcpNoDelay"):
+            # Replies are small and latency-bound: never hold one back for Nagle.
+            self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+        if f.connections > self.limits.max_connections:
+            self.fatal("busy", f"too many connections (limit {self.limits.max_connections})")
+            return
+        if f.unauthenticated > self.limits.max_unauthenticated:
+            self.fatal(
+                "busy",
+                f"too many unauthenticated connections (limit {self.limits.max_unauthenticated})",
+            )
+            return
+        self._arm()
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        f = self.factory
+        f.connections -= 1
+        if self._counted_unauth:
+            f.unauthenticated -= 1
+            self._counted_unauth = False
+        self.closing = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.answers.close()
+        if self.calls is not None:
+            self.calls.fail_all()
+        if self.two_way:
+            f.lost(self)
+
+    # -- calling out --------------------------------------------------------------------
+
+    def request(
+        self, method: str, headers: dict[str, object] | None = None, payload: bytes | int = b""
+    ) -> Deferred[Response]:
+        """Send a request to the peer; the Deferred fires with its :class:`Response`
+        or fails with :class:`DsmlError` (its error code) or :class:`ConnectionLost`.
+
+        With an int ``payload`` only the head goes out, promising that many bytes,
+        which the caller then writes to ``self.transport`` itself (a streamed upload).
+        """
+        if self.calls is None:
+            raise RuntimeError("request() needs a two-way connection")
+        return self.calls.request(method, headers, payload)
+
+    # -- input ------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        head = None
+        answers = self.answers
+        if self._quick and answers.state == IDLE and self.authenticated and self.parser.idle:
+            # The common small request, whole in one read: decoded in one step and
+            # answered without the event loop below (codec.quick_request).
+            head = quick_request(data, self.methods)
+        if head is not None:
+            self._activity = self.clock.seconds()
+            answers.quick(head)
+        else:
+            try:
+                self.parser.feed(data)
+            except ProtocolError:
+                return
+            self._activity = self.clock.seconds()
+            self._pump()
+        if not self.closing:
+            if answers.state == IDLE and self.parser.buffered and self._head_started is None:
+                self._head_started = self._activity
+            # Activity only moves deadlines later, and a timer that fires early re-arms
+            # itself; only a partial head (a deadline earlier than the idle one) or no
+            # timer at all needs work here: calling _arm on every read measured about a
+            # tenth of the server's time on small requests.
+            timer = self._timer
+            if timer is None or self._head_started is not None or not timer.active():
+                self._arm()
+
+    def _pump(self) -> None:
+        # Never nested: an answer can complete inside the loop (an already-fired
+        # Deferred; Twisted's TCP transport pulls a small download to its end inside
+        # registerProducer), and resume() then leaves the next request to the running
+        # loop instead of recursing (one stack level per pipelined request).
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            self._pump_events()
+        finally:
+            self._pumping = False
+
+    def _pump_events(self) -> None:
+        parser = self.parser
+        answers = self.answers
+        two_way = self.two_way
+        held = answers.held
+        while not self.closing:
+            if held and answers.state != WAITING and not answers.slots:
+                event: Any = answers.next_held()
+            elif answers.state == WAITING and not two_way:
+                return
+            else:
+                try:
+                    event = parser.next_event()
+                except ProtocolError as e:
+                    self.fatal(e.code, e.message, e.request_id)
+                    return
+                if event is NEED_DATA:
+                    return
+                if two_way and self._route(event):
+                    continue
+            kind = type(event)
+            if kind is Data:
+                answers.on_data(event.data)
+            elif event is END:
+                answers.on_end()
+            elif kind is Head:
+                self._head_started = None
+                if not self.authenticated and event.kind != AUTH:
+                    self._refuse_unauthenticated(event)
+                    return
+                answers.on_head(event)
+                body = event.body
+                if body is not None and not self.closing:
+                    # A small message that arrived whole: no Data or END follows.
+                    if body:
+                        answers.on_data(body)
+                    answers.on_end()
+            else:
+                self._on_rejected(event)
+
+    def _route(self, event: Any) -> bool:
+        """On a two-way link, take responses and hold requests that must wait their turn.
+
+        Responses to this side's requests are delivered at once, even while the peer's
+        current request waits for its answer (its responder may be waiting on one of
+        them).  A request that arrives meanwhile is held, with its payload, and run when
+        its turn comes; past HELD_MAX held bytes the transport pauses.  Returns True
+        when the event was taken here.
+        """
+        calls = self.calls
+        assert calls is not None
+        if calls.reading is not None:
+            calls.on_event(event)
+            return True
+        answers = self.answers
+        if type(event) is Head and event.kind in (codec.OK, codec.ERROR) and not answers.holding:
+            calls.on_head(event)
+            return True
+        if not answers.must_hold(event):
+            return False
+        if answers.held_bytes > HELD_MAX and not answers.held_paused:
+            answers.held_paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        return True
+
+    def _refuse_unauthenticated(self, head: Head) -> None:
+        self.answers.head = head
+        self.answers.state = RECEIVING
+        self.fatal("auth-required", "authenticate first (send auth with Token)", head.id)
+
+    def _on_rejected(self, event: Rejected) -> None:
+        if not self.authenticated:
+            if event.method == AUTH:  # a malformed auth: say what is wrong with it
+                self.fatal(event.code, event.message, event.id)
+            else:
+                self.fatal("auth-required", "authenticate first (send auth with Token)", event.id)
+            return
+        self.answers.send_error(event.id, event.code, event.message)
+
+    def authenticate(self, head: Head) -> None:
+        """Answer an ``auth`` request: the roles it grants, or auth-failed and close."""
+        check = self.factory.authenticate
+        # A dialled link has no authenticator: the peer it dialled keeps its roles.
+        roles = check(head) if check is not None else self.roles
+        if roles is None:
+            log.warn("{peer}: wrong token", peer=self.peer_name())
+            self.fatal("auth-failed", "wrong token", head.id)
+            return
+        self.roles = roles
+        self.allowed = self.factory.responders.allowed(roles)
+        if not self.authenticated:
+            self.authenticated = True
+            self.client_name = head.headers.get("client", "")
+            if self._counted_unauth:
+                self.factory.unauthenticated -= 1
+                self._counted_unauth = False
+        self.answers.send_reply(head.id, Reply())
+
+    # -- after an answer, and closing ---------------------------------------------------
+
+    def resume(self) -> None:
+        """The current request is answered: go on with pipelined bytes already buffered."""
+        if self.closing or self.answers.state == WAITING:
+            return
+        self._activity = self.clock.seconds()
+        self.answers.held_paused = False
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+        if self._pumping:
+            return  # the running _pump() loop goes on with the next request
+        self._pump()
+        if not self.closing:
+            # A partial head that arrived while the answer was pending gets the header
+            # deadline, as in dataReceived.
+            if self.answers.state == IDLE and self.parser.buffered and self._head_started is None:
+                self._head_started = self._activity
+            self._arm()
+
+    def fatal(self, code: str, message: str, req_id: int = 0) -> None:
+        """Answer once and close: the byte stream (or the peer) cannot be trusted."""
+        if self.closing:
+            return
+        log.warn(
+            "{peer}: closing: {code}: {message}", peer=self.peer_name(), code=code, message=message
+        )
+        self.closing = True
+        self.answers.abort_call()
+        self.transport.write(codec.encode_error(req_id, code, message))  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def abort(self) -> None:
+        """Cut the connection at once, without a word (the framing cannot be kept)."""
+        self.closing = True
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def peer_name(self) -> str:
+        """``host:port`` of the peer, for logs."""
+        try:
+            p = self.transport.getPeer()  # type: ignore[union-attr]
+            return f"{p.host}:{p.port}"
+        except Exception:
+            return "peer"
+
+    # -- deadlines --------------------------------------------------------------------
+
+    def _deadline(self) -> tuple[float, str] | None:
+        lim = self.limits
+        if not self.authenticated:
+            return self._connected_at + lim.auth_timeout, "authentication"
+        state = self.answers.state
+        if state == IDLE:
+            if self._head_started is not None:
+                return self._head_started + lim.head_timeout, "header block"
+            return self._activity + lim.idle_timeout, "idle"
+        if state == RECEIVING:
+            return self._activity + lim.payload_timeout, "payload"
+        body = self.answers.body
+        if body is not None:
+            return body.progress + lim.payload_timeout, "download"
+        return None
+
+    def _arm(self) -> None:
+        """Make sure a timer fires no later than the current deadline.
+
+        Deadlines move forward with activity; the timer is not moved on every byte but
+        re-armed when it fires early (cheap on the hot path).
+        """
+        d = self._deadline()
+        if d is None:
+            return
+        when = d[0]
+        timer = self._timer
+        if timer is not None and timer.active():
+            if timer.getTime() <= when:
+                return
+            timer.cancel()
+        self._timer = self.clock.callLater(max(0.0, when - self.clock.seconds()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closing:
+            return
+        d = self._deadline()
+        if d is None:
+            return
+        when, what = d
+        if self.clock.seconds() < when:
+            self._arm()
+            return
+        if what == "idle":
+            log.info("{peer}: closing idle connection", peer=self.peer_name())
+            self.closing = True
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        limit = {
+            "authentication": self.limits.auth_timeout,
+            "header block": self.limits.head_timeout,
+        }.get(what, self.limits.payload_timeout)
+        message = f"{what} not complete within {limit:g} s"
+        if what == "download":
+            log.warn("{peer}: closing: {message}", peer=self.peer_name(), message=message)
+            self.abort()
+            return
+        head = self.answers.head
+        self.fatal("timeout", message, head.id if head else 0)
