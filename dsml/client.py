@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import attrs
 
-from .errors import ChecksumMismatch, DsmlError
+from .errors import ChecksumMismatch, ConnectionLost, DsmlError
 from .protocol import codec
 from .protocol.codec import END, NEED_DATA, Head, Parser, quick_response
 
@@ -35,12 +35,6 @@ CHUNK = 1024 * 1024
 SMALL_READ = 64 * 1024
 
 Progress = Callable[[int], None]
-
-
-class ConnectionLost(DsmlError):
-    """The server closed the connection or could not be reached."""
-
-    code = "connection"
 
 
 @attrs.frozen

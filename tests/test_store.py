@@ -12,7 +12,7 @@ import pytest
 from dsml.worker.store import (
     ChecksumMismatch,
     DiskFull,
-    Entry,
+    IndexEntry,
     NotFound,
     Store,
     StoreError,
@@ -45,7 +45,7 @@ def objects(root: Path) -> list[Path]:
     return [p for p in (root / "objects").rglob("*") if p.is_file()]
 
 
-def put_file(store: Store, key: str, *chunks: bytes) -> Entry:
+def put_file(store: Store, key: str, *chunks: bytes) -> IndexEntry:
     """Write, prepare and commit a file made of chunks."""
     w = store.begin_file(key)
     for chunk in chunks:
@@ -689,7 +689,7 @@ def test_kill_keeps_pending_puts(root: Path) -> None:
         check=True,
         timeout=60,
     ).stdout
-    before = [Entry(*row) for row in json.loads(out)]
+    before = [IndexEntry(*row) for row in json.loads(out)]
     assert log_path(root).stat().st_size > 0
     s = Store(root)
     assert s.recovered.log_records_replayed == 3

@@ -83,17 +83,20 @@ from typing import BinaryIO, NamedTuple
 
 import attrs
 
+from dsml.errors import ChecksumMismatch, DsmlError, NotFound
 from dsml.fsutil import fsync_dir as _fsync_dir
 from dsml.fsutil import prefix_end as _prefix_end
 from dsml.protocol.limits import DEFAULT_VALUE_MAX
+from dsml.sqlitedb import SYNC_LEVELS, Schema, open_database, sync_level
 
 __all__ = [
     "ChecksumMismatch",
     "DiskFull",
-    "Entry",
     "FileWriter",
+    "IndexEntry",
     "NotFound",
     "Recovery",
+    "Stale",
     "Store",
     "StoreError",
     "TooLarge",
@@ -111,15 +114,14 @@ _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: SQLite's primary result code for "database or disk is full".
 _SQLITE_FULL = 13
 
-_SYNC_LEVELS = ("OFF", "NORMAL", "FULL", "EXTRA")
-
-_SCHEMA = (
+_TABLES = (
     "CREATE TABLE IF NOT EXISTS entries("
     " key TEXT PRIMARY KEY, kind TEXT NOT NULL, size INTEGER NOT NULL,"
     " sha256 TEXT NOT NULL, version INTEGER NOT NULL, mtime REAL NOT NULL,"
     " object TEXT, value BLOB) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID",
 )
+_SCHEMA = Schema(version=SCHEMA_VERSION, tables=_TABLES, meta=(("version", 0),))
 
 _SELECT_OLD = "SELECT size, object, version FROM entries WHERE key = ?"
 # REPLACE rather than an upsert: the row is rewritten whole either way and the
@@ -140,6 +142,9 @@ _LIST = {
 }
 
 _INVENTORY_PAGE = 1000
+
+#: The SQLite index, under the store's root (opened by :func:`dsml.sqlitedb.open_database`).
+INDEX_NAME = "index.sqlite3"
 
 #: The values log, under the store's root.
 LOG_NAME = "values.log"
@@ -164,20 +169,13 @@ _REPLAY = (
 _fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
-class StoreError(Exception):
-    """A store operation failed; ``code`` is the wire error code, ``message`` one line."""
+class StoreError(DsmlError):
+    """A store operation failed; ``code`` is the wire error code, ``message`` one line.
 
-    code = "internal"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class NotFound(StoreError):
-    """The key holds nothing."""
-
-    code = "not-found"
+    A key that holds nothing raises the shared :class:`dsml.errors.NotFound`, a file whose
+    sha256 is not the announced one :class:`dsml.errors.ChecksumMismatch`: both are
+    DsmlErrors but not StoreErrors.  The subclasses below are the store's own.
+    """
 
 
 class WrongKind(StoreError):
@@ -198,19 +196,13 @@ class TooLarge(StoreError):
     code = "too-large"
 
 
-class ChecksumMismatch(StoreError):
-    """The sha256 of the received file is not the one the sender announced."""
-
-    code = "checksum-mismatch"
-
-
 class DiskFull(StoreError):
     """The disk (or the quota) ran out of space while writing."""
 
     code = "disk-full"
 
 
-class Entry(NamedTuple):
+class IndexEntry(NamedTuple):
     """What the index knows about one key.
 
     A NamedTuple, not an attrs class: one is made per value write, and a frozen attrs
@@ -332,7 +324,7 @@ class FileWriter:
             self._remove()
             raise ValueError(f"writer for key {self.key!r} was aborted")
 
-    def commit(self, expected_sha256: str | None = None) -> Entry:
+    def commit(self, expected_sha256: str | None = None) -> IndexEntry:
         """Publish the prepared file as the new version of the key and return its entry.
 
         If ``expected_sha256`` is given and differs, the object is removed, the
@@ -407,9 +399,7 @@ class Store:
         ``flush_every`` and ``flush_bytes`` bound the values log: once it holds
         that many records, or that many bytes of values, :meth:`flush` runs.
         """
-        synchronous = synchronous.upper()
-        if synchronous not in _SYNC_LEVELS:
-            raise ValueError(f"synchronous must be one of {_SYNC_LEVELS}, not {synchronous!r}")
+        synchronous = sync_level(synchronous)
         if flush_every < 1:
             raise ValueError(f"flush_every must be at least 1, not {flush_every!r}")
         self.root = Path(root)
@@ -418,11 +408,11 @@ class Store:
         self.flush_bytes = flush_bytes
         # Value puts not yet in the index, newest per key; always values, and always
         # newer than the key's row, since every other write flushes first.
-        self._pending: dict[str, tuple[Entry, bytes]] = {}
+        self._pending: dict[str, tuple[IndexEntry, bytes]] = {}
         # Recently read or written values, most recent last, up to cache_max bytes:
         # a hot value is served from memory instead of an SQLite query.  Every write
         # of a key (put, file, delete) updates or drops its entry, so it is never stale.
-        self._cache: OrderedDict[str, tuple[Entry, bytes]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[IndexEntry, bytes]] = OrderedDict()
         self._cache_bytes = 0
         self.cache_max = VALUE_CACHE_BYTES
         self._log_fd = -1
@@ -434,7 +424,7 @@ class Store:
         self._sync = synchronous
         # File commits need FULL so a power loss cannot drop the row of a durable
         # object (recovery would then delete the object as an orphan).
-        self._file_sync = "FULL" if _SYNC_LEVELS.index(synchronous) < 2 else synchronous
+        self._file_sync = "FULL" if SYNC_LEVELS.index(synchronous) < 2 else synchronous
         self._count = 0
         self._bytes = 0
 
@@ -446,17 +436,17 @@ class Store:
         if created:
             _fsync_dir(self.root)
 
-        db = sqlite3.connect(
-            self.root / "index.sqlite3", isolation_level=None, check_same_thread=False
+        db, meta = open_database(
+            self.root / INDEX_NAME,
+            what="store",
+            schema=_SCHEMA,
+            synchronous=synchronous,
+            error=StoreError,
         )
         self._db = db
+        # Completed from the entries table once recovery is done (below).
+        self._version: int = meta["version"]
         try:
-            # EXCLUSIVE before WAL: then SQLite keeps the WAL index in memory and
-            # needs no -shm file; nobody else may open the index anyway.
-            db.execute("PRAGMA locking_mode=EXCLUSIVE")
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={synchronous}")
-            self._init_schema()
             log_path = self.root / LOG_NAME
             log_new = not log_path.exists()
             self._log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -481,24 +471,6 @@ class Store:
             raise
 
     # -- opening -----------------------------------------------------------------------
-
-    def _init_schema(self) -> None:
-        """Create the tables on first open, check the schema, and load the version counter."""
-        db = self._db
-        db.execute("BEGIN")
-        for statement in _SCHEMA:
-            db.execute(statement)
-        db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        db.execute("INSERT OR IGNORE INTO meta VALUES ('version', 0)")
-        db.execute("COMMIT")
-        meta = dict(db.execute("SELECT name, value FROM meta"))
-        if meta["schema"] != SCHEMA_VERSION:
-            raise StoreError(
-                f"store {str(self.root)!r} has schema {meta['schema']!r}, "
-                f"this code knows {SCHEMA_VERSION}"
-            )
-        # Completed from the entries table once recovery is done (see __init__).
-        self._version: int = meta["version"]
 
     def _replay_log(self, path: Path) -> tuple[int, int, int]:
         """Apply the good records of the values log to the index, then empty the log.
@@ -631,7 +603,7 @@ class Store:
         obj: str | None,
         value: bytes | None,
         requested: int | None = None,
-    ) -> Entry:
+    ) -> IndexEntry:
         """Replace the key's row with a new version.
 
         Updates the in-memory totals and unlinks the previous object, if any,
@@ -659,7 +631,7 @@ class Store:
             self._bytes += size - old[0]
             if old[1] is not None:
                 self._unlink_object(old[1])
-        return Entry(key, kind, size, digest, version, mtime)
+        return IndexEntry(key, kind, size, digest, version, mtime)
 
     def _allocate(self, key: str, current: int | None, requested: int | None) -> int:
         """The version of a new write of ``key``.
@@ -681,7 +653,7 @@ class Store:
         self._version = max(self._version, version)
         return version
 
-    def put_value(self, key: str, data: bytes, version: int | None = None) -> Entry:
+    def put_value(self, key: str, data: bytes, version: int | None = None) -> IndexEntry:
         """Store ``data`` as the value of ``key``, replacing whatever it held.
 
         Appends one record to the values log and returns; see the module docstring.
@@ -739,7 +711,7 @@ class Store:
         if written != total:
             raise self._append_failed(key, None)
         self._log_size += total
-        entry = Entry(key, "value", size, hashlib.sha256(data).hexdigest(), version, mtime)
+        entry = IndexEntry(key, "value", size, hashlib.sha256(data).hexdigest(), version, mtime)
         pending[key] = (entry, data)
         # The overlay serves it now; a cached older copy must go (the first read after
         # the flush caches it again).
@@ -834,7 +806,7 @@ class Store:
 
     def _commit_file(
         self, key: str, size: int, digest: str, obj: str, version: int | None = None
-    ) -> Entry:
+    ) -> IndexEntry:
         """Index a prepared object; called by :meth:`FileWriter.commit`."""
         # Pending puts go first, with the ordinary level: the FULL commit of the
         # file's row below syncs their WAL frames as well.
@@ -847,7 +819,7 @@ class Store:
         finally:
             self._db.execute(f"PRAGMA synchronous={self._sync}")
 
-    def delete(self, key: str) -> Entry:
+    def delete(self, key: str) -> IndexEntry:
         """Remove ``key`` and return the entry it held; NotFound if it held nothing."""
         self.flush()
         self._cache_drop(key)
@@ -874,7 +846,7 @@ class Store:
         self._bytes -= size
         if obj is not None:
             self._unlink_object(obj)
-        return Entry(key, kind, size, digest, version, mtime)
+        return IndexEntry(key, kind, size, digest, version, mtime)
 
     def _unlink_object(self, name: str) -> None:
         """Delete an object no row references any more.
@@ -889,7 +861,7 @@ class Store:
 
     # -- reading -----------------------------------------------------------------------
 
-    def stat(self, key: str) -> Entry:
+    def stat(self, key: str) -> IndexEntry:
         """Return the entry of ``key``; NotFound if it holds nothing."""
         pending = self._pending.get(key)
         if pending is not None:
@@ -897,9 +869,9 @@ class Store:
         row = self._db.execute(_STAT, (key,)).fetchone()
         if row is None:
             raise NotFound(f"key {key!r} not found")
-        return Entry(key, *row)
+        return IndexEntry(key, *row)
 
-    def get_value(self, key: str) -> tuple[Entry, bytes]:
+    def get_value(self, key: str) -> tuple[IndexEntry, bytes]:
         """Return the entry and bytes of a value; NotFound, or WrongKind for a file."""
         pending = self._pending.get(key)
         if pending is not None:
@@ -914,11 +886,11 @@ class Store:
         kind, size, digest, version, mtime, _obj, value = row
         if kind != "value":
             raise WrongKind(f"key {key!r} holds a {kind}, not a value")
-        found = Entry(key, kind, size, digest, version, mtime), value
+        found = IndexEntry(key, kind, size, digest, version, mtime), value
         self._cache_put(key, found)
         return found
 
-    def _cache_put(self, key: str, item: tuple[Entry, bytes]) -> None:
+    def _cache_put(self, key: str, item: tuple[IndexEntry, bytes]) -> None:
         old = self._cache.pop(key, None)
         if old is not None:
             self._cache_bytes -= len(old[1])
@@ -936,7 +908,7 @@ class Store:
         if old is not None:
             self._cache_bytes -= len(old[1])
 
-    def open_read(self, key: str) -> tuple[Entry, BinaryIO]:
+    def open_read(self, key: str) -> tuple[IndexEntry, BinaryIO]:
         """Return the entry of ``key`` and a binary stream of its content.
 
         A file's stream is its object opened for reading: it keeps reading this
@@ -949,12 +921,14 @@ class Store:
         if row is None:
             raise NotFound(f"key {key!r} not found")
         kind, size, digest, version, mtime, obj, value = row
-        entry = Entry(key, kind, size, digest, version, mtime)
+        entry = IndexEntry(key, kind, size, digest, version, mtime)
         if obj is None:
             return entry, io.BytesIO(value)
         return entry, open(self.root / "objects" / obj[:2] / obj, "rb")
 
-    def list(self, prefix: str = "", after: str | None = None, limit: int = 1000) -> list[Entry]:
+    def list(
+        self, prefix: str = "", after: str | None = None, limit: int = 1000
+    ) -> list[IndexEntry]:
         """Return up to ``limit`` entries whose key starts with ``prefix`` and is > ``after``.
 
         Sorted by key in UTF-8 byte order; one range search of the primary key,
@@ -971,9 +945,9 @@ class Store:
         high = _prefix_end(prefix)
         params: tuple[object, ...] = (low, limit) if high is None else (low, high, limit)
         rows = self._db.execute(_LIST[low_exclusive, high is not None], params)
-        return [Entry(*row) for row in rows]
+        return [IndexEntry(*row) for row in rows]
 
-    def inventory(self) -> Iterator[Entry]:
+    def inventory(self) -> Iterator[IndexEntry]:
         """Yield every entry, in key order.
 
         Reads page by page rather than holding one cursor open, so writes may

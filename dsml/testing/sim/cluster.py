@@ -1,0 +1,524 @@
+"""The simulated cluster: the production master and workers on a fake network and clock.
+
+Owns :class:`SimCluster` (starting, killing, silencing and restarting the master and the
+workers; moving time; looking inside them), :class:`SimTimeout`, :class:`ResultSeen` (what
+the master made of each task result) and :class:`FailureLog` (the ``log.failure`` events of
+a run).  The network is :mod:`.network`, a process's clock :mod:`.process`, the task runner
+:mod:`.tasks`; clients come from :mod:`.client`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+from twisted.application.internet import backoffPolicy
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ...master.jobs import JobManager, JobView
+from ...master.membership import ALIVE
+from ...master.service import Master, build_master
+from ...master.state import MasterState
+from ...net.links import USER_TIMEOUT_MS
+from ...net.server import ServerLimits
+from ...protocol.limits import DEFAULT_VALUE_MAX
+from ...worker.link import RETRY_FACTOR, RETRY_INITIAL, RETRY_MAX, MasterLink, WorkerInfo
+from ...worker.service import Worker, build_worker
+from ...worker.store import IndexEntry, Store
+from ...worker.tasks import AttemptResult
+from .client import SimClient
+from .network import FakeNetwork
+from .process import NetListen, ProcessClock, run_inline
+from .tasks import FakeTaskManager, Orphan, Script, TaskEvent, default_script
+
+T = TypeVar("T")
+
+#: Where the master listens in a simulated cluster; workers get the next ports in order.
+MASTER_HOST = "master"
+MASTER_PORT = 7000
+
+
+class SimTimeout(AssertionError):
+    """Simulated time ran out before what a test waited for happened."""
+
+
+@implementer(ILogObserver)
+class FailureLog:
+    """Keeps every ``log.failure`` event (bugs, not bad input) while installed."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if "log_failure" in event:
+            self.events.append(event)
+
+    def messages(self) -> list[str]:
+        """One line per failure: what was logged and the exception."""
+        from twisted.logger import formatEvent
+
+        return [
+            f"{formatEvent(e)}: {e['log_failure'].getErrorMessage()}" for e in self.events
+        ]
+
+
+@attrs.frozen
+class ResultSeen:
+    """A result the master was given (``JobManager.finished``): taken or refused."""
+
+    time: float
+    attempt_id: int
+    worker: str
+    incarnation: int
+    taken: bool
+    reason: str
+
+
+class SimCluster:
+    """A master and named workers over a :class:`FakeNetwork`, on one :class:`Clock`.
+
+    Worker ``name`` listens at ``name:<port>`` and keeps its store under
+    ``root/name/store``; the master listens at ``master:7000`` with its state in
+    ``root/master``.  Everything is the production code, built by
+    :func:`~dsml.master.service.build_master` and
+    :func:`~dsml.worker.service.build_worker`; only the clock, the network and
+    ``run_in_thread`` (inline) are simulated.  Workers report a free disk of ``disk``
+    minus what they store, so placement does not depend on the machine running the test,
+    and back off with a jitter drawn from ``random.Random(seed)``.  ``chunk`` caps the
+    bytes a connection delivers per round (every message then arrives in pieces);
+    ``user_timeout`` is how long a silent link lasts (TCP_USER_TIMEOUT, keepalive).
+
+    With ``start`` (the default) the master and every worker start and the constructor
+    returns once every worker is registered.
+
+    Jobs: every worker runs tasks with a :class:`FakeTaskManager` (no processes) whose
+    attempts go as :attr:`script` says (by default, as their ``SIM_*`` environment says:
+    see :func:`default_script`); ``slots`` may give each worker its own number.  What the
+    runners do is in :attr:`task_events`, what the master made of each result in
+    :attr:`results`; :attr:`checks` run after every step (say, to assert an invariant
+    at every simulated instant).
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        workers: Iterable[str] = ("w1", "w2", "w3"),
+        replication: int = 2,
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 10.0,
+        *,
+        token: str = "sim-token",
+        value_max: int = DEFAULT_VALUE_MAX,
+        slots: int | Mapping[str, int] = 2,
+        disk: int = 10**12,
+        seed: int = 0,
+        user_timeout: float | None = USER_TIMEOUT_MS / 1000,
+        limits: ServerLimits | None = None,
+        chunk: int | None = None,
+        start: bool = True,
+        script: Script = default_script,
+    ) -> None:
+        self.root = Path(root)
+        self.clock = Clock()
+        self.net = FakeNetwork(self.clock, user_timeout=user_timeout, chunk=chunk)
+        self.names = list(workers)
+        self.replication = replication
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.token = token
+        self.value_max = value_max
+        self.slots = slots
+        self.disk = disk
+        self.limits = limits or ServerLimits()
+        self.random = random.Random(seed)
+        self.master_addr = f"{MASTER_HOST}:{MASTER_PORT}"
+        self.ports = {name: MASTER_PORT + 1 + i for i, name in enumerate(self.names)}
+        #: The running master (None while it is down).
+        self.master: Master | None = None
+        #: The running workers, by name.
+        self.workers: dict[str, Worker] = {}
+        #: The clock of each running process ("master" and worker names).
+        self.clocks: dict[str, ProcessClock] = {}
+        self._boots = itertools.count(1)
+        self._clients = itertools.count(1)
+        #: How each fake attempt goes (may be replaced at any time).
+        self.script = script
+        #: The task runner of each running worker.
+        self.runners: dict[str, FakeTaskManager] = {}
+        #: Everything every task runner did, in order.
+        self.task_events: list[TaskEvent] = []
+        #: Every result the master was given, taken or refused, in order.
+        self.results: list[ResultSeen] = []
+        #: Called after every step of the clock (once the network has settled).
+        self.checks: list[Callable[[], None]] = []
+        #: Attempts each dead worker process left "running" (see :meth:`restart`).
+        self._orphans: dict[str, list[Orphan]] = {}
+        self.failures = FailureLog()
+        globalLogPublisher.addObserver(self.failures)
+        if start:
+            self.start()
+
+    # -- life ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the master and every worker; wait until all are registered."""
+        self.start_master()
+        for name in self.names:
+            self.start_worker(name)
+        self.wait_registered()
+
+    def close(self) -> None:
+        """Stop everything (as crashes: nothing more runs) and close stores and state."""
+        for name in list(self.workers):
+            self.kill(name)
+        if self.master is not None:
+            self.kill_master()
+        globalLogPublisher.removeObserver(self.failures)
+
+    def __enter__(self) -> SimCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def addr(self, name: str) -> str:
+        """The storage address of worker ``name``."""
+        return f"{name}:{self.ports[name]}"
+
+    def start_master(self) -> Master:
+        """Start the master over its state directory (created on first start)."""
+        if self.master is not None:
+            raise RuntimeError("the master is already running")
+        state_dir = self.root / "master"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.net.revive(MASTER_HOST)
+        clock = ProcessClock(self.clock)
+        master = build_master(
+            state=MasterState(state_dir / "master.sqlite3"),
+            clock=clock,
+            monotonic=self.clock.seconds,
+            replication=self.replication,
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=self.heartbeat_timeout,
+            token=self.token,
+            limits=self.limits,
+            listen=lambda factory: NetListen(self.net, self.master_addr, factory, MASTER_HOST),
+            now=self.clock.seconds,
+        )
+        self._watch_results(master.jobs)
+        master.service.startService()
+        self.master = master
+        self.clocks[MASTER_HOST] = clock
+        return master
+
+    def _watch_results(self, jobs: JobManager) -> None:
+        """Record in :attr:`results` every result ``jobs`` is given, taken or refused."""
+        finished = jobs.finished
+
+        def watched(attempt_id: int, worker: str, incarnation: int, **kw: Any) -> Any:
+            d = finished(attempt_id, worker, incarnation, **kw)
+            # A refused result fires False at once; a taken one fires once committed.
+            refused = d.called and d.result is False
+            self.results.append(
+                ResultSeen(self.clock.seconds(), attempt_id, worker, incarnation,
+                           not refused, str(kw.get("reason", "")))
+            )
+            return d
+
+        jobs.finished = watched  # type: ignore[method-assign]
+
+    def kill_master(self) -> None:
+        """The master process dies: its links close, its state is closed (what it had
+        not committed yet is lost, as in a crash)."""
+        master = self._master()
+        self.net.crash_node(MASTER_HOST)
+        master.jobs.close(flush=False)  # a crash: the pending batch never reaches disk
+        master.service.stopService()
+        self.clocks.pop(MASTER_HOST).stop()
+        self.master = None
+
+    def restart_master(self, downtime: float = 0.0) -> Master:
+        """Kill the master, wait ``downtime`` seconds, start it again over the same state.
+
+        Workers find it again by themselves (backoff, then a new registration)."""
+        self.kill_master()
+        if downtime:
+            self.advance(downtime)
+        return self.start_master()
+
+    def start_worker(self, name: str, adopt: bool = False) -> Worker:
+        """Start worker ``name`` (a new process: a new boot id) over its store directory.
+
+        With ``adopt``, the attempts its last process left running go on in this one
+        (as task processes that outlived their worker), to their scripted end; those that
+        ended meanwhile have their results waiting to be sent.  Without, they are gone."""
+        if name in self.workers:
+            raise RuntimeError(f"worker {name} is already running")
+        self.net.revive(name)
+        self.net.unsilence(name)
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        store = Store(self.root / name / "store", value_max=self.value_max)
+        endpoint_for = self.net.endpoint_for(name)
+        addr = self.addr(name)
+        clock = ProcessClock(self.clock)
+        slots = self.worker_slots(name)
+        orphans = self._orphans.pop(name, [])
+
+        def make_runner(on_result: Callable[[AttemptResult], None]) -> FakeTaskManager:
+            runner = FakeTaskManager(
+                clock,
+                name=name,
+                slots=slots,
+                work_dir=self.root / name / "tasks",
+                on_result=on_result,
+                script=lambda worker, spec: self.script(worker, spec),
+                events=self.task_events,
+            )
+            if adopt:
+                runner.adopt(orphans)
+            return runner
+
+        worker = build_worker(
+            tasks=make_runner,
+            store=store,
+            clock=clock,
+            endpoint_for=endpoint_for,
+            master_endpoint=endpoint_for(MASTER_HOST, MASTER_PORT),
+            token=self.token,
+            info=WorkerInfo(name, name, self.ports[name], slots,
+                            boot=f"sim-{next(self._boots)}"),
+            value_max=self.value_max,
+            heartbeat_interval=self.heartbeat_interval,
+            limits=self.limits,
+            run_in_thread=run_inline,
+            listen=lambda factory, _master: NetListen(self.net, addr, factory, name),
+            free_disk=lambda: max(0, self.disk - store.stored_bytes),
+            retry_policy=backoffPolicy(
+                initialDelay=RETRY_INITIAL,
+                maxDelay=RETRY_MAX,
+                factor=RETRY_FACTOR,
+                jitter=self.random.random,
+            ),
+        )
+        worker.service.startService()
+        self.workers[name] = worker
+        self.clocks[name] = clock
+        self.runners[name] = worker.jobs.tasks  # type: ignore[assignment]
+        return worker
+
+    def worker_slots(self, name: str) -> int:
+        """The task slots worker ``name`` declares."""
+        if isinstance(self.slots, Mapping):
+            return int(self.slots.get(name, 2))
+        return self.slots
+
+    def kill(self, name: str, half_open: bool = False) -> None:
+        """Worker ``name``'s process dies: its connections close (the master sees it dead
+        at once), its timers stop, its store is closed as a crash leaves it.
+
+        With ``half_open`` its machine vanishes instead (power loss): nobody sees its
+        connections close, so the master only notices the missed heartbeats."""
+        worker = self.workers.pop(name)
+        self._orphans[name] = self.runners.pop(name).orphans()
+        self.net.crash_node(name, half_open=half_open)
+        worker.service.stopService()
+        self.clocks.pop(name).stop()
+
+    def power_off(self, name: str) -> None:
+        """``kill(name, half_open=True)``."""
+        self.kill(name, half_open=True)
+
+    def restart(self, name: str, adopt: bool = False) -> Worker:
+        """A new process of worker ``name`` over its old store (killing the old one if it
+        still runs); it registers by itself.  ``adopt``: see :meth:`start_worker`."""
+        if name in self.workers:
+            self.kill(name)
+        return self.start_worker(name, adopt)
+
+    def silence(self, name: str) -> None:
+        """Worker (or ``master``) ``name`` goes silent: bytes are held, nothing closes."""
+        self.net.silence(name)
+
+    def unsilence(self, name: str) -> None:
+        """The network of ``name`` works again."""
+        self.net.unsilence(name)
+
+    # -- time ---------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Deliver everything that can move without time passing, then run the checks."""
+        self.net.flush()
+        for check in self.checks:
+            check()
+
+    def advance(self, seconds: float, step: float = 0.1) -> None:
+        """Move the clock ``seconds`` forward in steps of ``step``, flushing the network
+        after each."""
+        self.flush()
+        end = self.clock.seconds() + seconds
+        while self.clock.seconds() < end - 1e-9:
+            self.clock.advance(min(step, end - self.clock.seconds()))
+            self.flush()
+
+    def wait(
+        self,
+        d: Deferred[T] | Coroutine[Any, Any, T],
+        timeout: float = 60.0,
+        step: float = 0.1,
+    ) -> T:
+        """Advance the clock until ``d`` fires; return its result or raise its error.
+
+        :class:`SimTimeout` if it has not fired within ``timeout`` simulated seconds."""
+        if not isinstance(d, Deferred):
+            d = Deferred.fromCoroutine(d)
+        outcome: list[Any] = []
+        d.addBoth(outcome.append)
+        self.flush()
+        end = self.clock.seconds() + timeout
+        while not outcome:
+            if self.clock.seconds() >= end - 1e-9:
+                raise SimTimeout(f"not done after {timeout:g} simulated seconds")
+            self.clock.advance(step)
+            self.flush()
+        result = outcome[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result  # type: ignore[no-any-return]
+
+    def until(
+        self,
+        predicate: Callable[[], Any],
+        timeout: float = 60.0,
+        step: float = 0.1,
+        what: str = "",
+    ) -> float:
+        """Advance until ``predicate()`` is true; return the simulated seconds it took.
+
+        :class:`SimTimeout` (naming ``what``) if it stays false for ``timeout`` seconds."""
+        self.flush()
+        start = self.clock.seconds()
+        end = start + timeout
+        while not predicate():
+            if self.clock.seconds() >= end - 1e-9:
+                raise SimTimeout(
+                    f"{what or 'condition'} still false after {timeout:g} simulated seconds"
+                )
+            self.clock.advance(step)
+            self.flush()
+        return self.clock.seconds() - start
+
+    def wait_registered(self, names: Iterable[str] | None = None, timeout: float = 60.0) -> None:
+        """Advance until the named running workers (all by default) are registered and
+        alive on the running master."""
+        wanted = list(self.workers if names is None else names)
+        self.until(
+            lambda: all(self.registered(n) for n in wanted),
+            timeout,
+            what=f"registration of {', '.join(wanted)}",
+        )
+
+    # -- looking inside -----------------------------------------------------------
+
+    def _master(self) -> Master:
+        if self.master is None:
+            raise RuntimeError("the master is not running")
+        return self.master
+
+    def registered(self, name: str) -> bool:
+        """True if worker ``name`` runs and the master has it alive at its incarnation."""
+        worker = self.workers.get(name)
+        if worker is None or self.master is None:
+            return False
+        record = self.master.membership.get(name)
+        return (
+            record is not None
+            and record.state == ALIVE
+            and worker.master.incarnation == record.incarnation
+        )
+
+    def link(self, name: str) -> MasterLink:
+        """Worker ``name``'s link to the master."""
+        return self.workers[name].master
+
+    def state(self, name: str) -> str | None:
+        """The master's view of worker ``name``: alive, suspect, dead (None: unknown)."""
+        record = self._master().membership.get(name)
+        return None if record is None else record.state
+
+    def replicas(self, prefix: str = "", live: bool = False) -> dict[str, set[str]]:
+        """The master's directory: each live key and the workers holding its current
+        version (with ``live``, only workers the master does not count as dead; the
+        directory remembers a dead worker's copies, since it may come back)."""
+        master = self._master()
+        rows = master.directory.list(prefix, None, 10**9)
+        out = {key: set(workers) for key, _, _, _, workers in rows}
+        if live:
+            alive = {r.name for r in master.membership.live()}
+            out = {key: workers & alive for key, workers in out.items()}
+        return out
+
+    def stored(self, name: str) -> dict[str, IndexEntry]:
+        """What running worker ``name`` has in its store, by key."""
+        return {e.key: e for e in self.workers[name].store.inventory()}
+
+    def holders(self) -> dict[str, set[str]]:
+        """Each key any running worker stores, and which running workers store it."""
+        out: dict[str, set[str]] = {}
+        for name in self.workers:
+            for key in self.stored(name):
+                out.setdefault(key, set()).add(name)
+        return out
+
+    def read(self, name: str, key: str) -> bytes:
+        """The bytes running worker ``name`` stores for ``key``."""
+        _, body = self.workers[name].store.open_read(key)
+        with body:
+            return body.read()
+
+    def object_path(self, name: str, key: str) -> Path:
+        """The file holding ``key`` on running worker ``name`` (a file, not a value)."""
+        _, body = self.workers[name].store.open_read(key)
+        with body:
+            path = getattr(body, "name", None)
+        if not isinstance(path, str):
+            raise ValueError(f"{key!r} on {name} is a value, not a file")
+        return Path(path)
+
+    def job(self, job_id: str) -> JobView:
+        """The running master's view of a job, with its tasks and attempts."""
+        return self._master().jobs.job(job_id)
+
+    def events(self, what: str = "start", job_id: str | None = None) -> list[TaskEvent]:
+        """The task runners' events of one kind (of one job), in order."""
+        return [
+            e for e in self.task_events
+            if e.what == what and (job_id is None or e.job_id == job_id)
+        ]
+
+    def client(self, name: str | None = None) -> SimClient:
+        """A new client node on the network."""
+        return SimClient(
+            self.clock,
+            self.net.endpoint_for(name or f"client{next(self._clients)}"),
+            self.master_addr,
+            self.token,
+            name or "sim-client",
+        )
+
+
+__all__ = [
+    "MASTER_HOST",
+    "MASTER_PORT",
+    "FailureLog",
+    "ResultSeen",
+    "SimCluster",
+    "SimTimeout",
+]

@@ -1,0 +1,93 @@
+"""What one simulated process runs on, besides the network.
+
+Owns :class:`ProcessClock` (the shared clock, but a process's timers die with it),
+:func:`run_inline` (the process's ``run_in_thread``: no threads in a simulation) and
+:class:`NetListen` (its listening service, on the fake network).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.application import service
+from twisted.internet.base import DelayedCall
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from .network import FakeNetwork
+
+T = TypeVar("T")
+
+
+@implementer(IReactorTime)
+class ProcessClock:
+    """The clock of one simulated process: the shared :class:`Clock`, but the process's
+    pending calls are known, so when it dies (:meth:`stop`) its timers die with it
+    instead of running on in a process that no longer exists."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.running = True
+        self._calls: list[IDelayedCall] = []
+        self._prune_at = 256
+
+    def seconds(self) -> float:
+        """The shared time."""
+        return self.clock.seconds()
+
+    def callLater(self, delay: float, f: Callable[..., Any], *args: Any,
+                  **kw: Any) -> IDelayedCall:
+        """Schedule on the shared clock (or nowhere, once the process is dead)."""
+        if not self.running:
+            # Never runs; cancel() and active() still work for whoever holds it.
+            return DelayedCall(self.seconds() + delay, f, args, kw,
+                               lambda c: None, lambda c: None, self.seconds)
+        call = self.clock.callLater(delay, f, *args, **kw)
+        self._calls.append(call)
+        if len(self._calls) > self._prune_at:
+            self._calls = [c for c in self._calls if c.active()]
+            self._prune_at = max(256, 2 * len(self._calls))
+        return call
+
+    def getDelayedCalls(self) -> list[IDelayedCall]:
+        """This process's pending calls."""
+        return [c for c in self._calls if c.active()]
+
+    def stop(self) -> None:
+        """The process is gone: cancel its pending calls; schedule nothing more."""
+        self.running = False
+        calls, self._calls = self._calls, []
+        for call in calls:
+            if call.active():
+                call.cancel()
+
+
+def run_inline(fn: Callable[[], T]) -> Deferred[T]:
+    """The simulation's ``run_in_thread``: run now, return a fired Deferred."""
+    return maybeDeferred(fn)
+
+
+class NetListen(service.Service):
+    """Listens on the fake network while running (the ListenService of the simulation)."""
+
+    def __init__(self, net: FakeNetwork, addr: str, factory: Any, node: str) -> None:
+        self.net = net
+        self.addr = addr
+        self.factory = factory
+        self.node = node
+
+    def startService(self) -> None:
+        super().startService()
+        self.net.listen(self.addr, self.factory, self.node)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self.net.listeners.get(self.addr) is not None:
+            if self.net.listeners[self.addr].factory is self.factory:
+                self.net.stop_listening(self.addr)
+
+
+__all__ = ["NetListen", "ProcessClock", "run_inline"]
