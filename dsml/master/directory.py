@@ -84,9 +84,6 @@ class DirectoryError(DsmlError):
     content for a version already known), ``bad-request``.
     """
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message, code)
-
 
 @attrs.frozen
 class Replica:
@@ -175,16 +172,16 @@ def _entry_problem(key: Any, size: Any, sha256: Any, version: Any) -> tuple[str,
 
 def _conflict_error(worker: str, c: Conflict) -> DirectoryError:
     return DirectoryError(
-        "checksum-mismatch",
         f"worker {worker!r} reports key {c.key!r} version {c.version} with size {c.size} "
         f"and sha256 {c.sha256}, but that version has size {c.known_size} and sha256 "
         f"{c.known_sha256}",
+        "checksum-mismatch",
     )
 
 
 def _check_worker(worker: Any) -> str:
     if type(worker) is not str or not _WORKER.match(worker):
-        raise DirectoryError("bad-request", f"bad worker name {worker!r}")
+        raise DirectoryError(f"bad worker name {worker!r}", "bad-request")
     return worker
 
 
@@ -236,7 +233,7 @@ class Directory:
         _check_worker(worker)
         problem = _entry_problem(key, size, sha256, version)
         if problem is not None:
-            raise DirectoryError(*problem)
+            raise DirectoryError(problem[1], problem[0])
         st = self.state
         with st.transaction():
             outcome = st.apply_reports(worker, [(key, size, sha256, version)])
@@ -276,7 +273,7 @@ class Directory:
         with st.transaction():
             cur = st.get_key(key)
             if cur is None:
-                raise DirectoryError("not-found", f"key {key!r} not found")
+                raise DirectoryError(f"key {key!r} not found", "not-found")
             st.drop_key(key)
             st.put_tombstone(key, cur.version, self._now())
         return cur.version
@@ -420,7 +417,7 @@ class Directory:
         st = self.state
         cur = st.get_key(key)
         if cur is None:
-            raise DirectoryError("not-found", f"key {key!r} not found")
+            raise DirectoryError(f"key {key!r} not found", "not-found")
         holders = [
             Replica(r.worker, r.size, r.sha256, r.version)
             for r in st.replicas_of(key)
@@ -429,7 +426,7 @@ class Directory:
         if not holders:
             where = "" if live is None else " live"
             raise DirectoryError(
-                "unavailable", f"key {key!r} version {cur.version} has no{where} replica"
+                f"key {key!r} version {cur.version} has no{where} replica", "unavailable"
             )
         holders.sort(key=lambda r: _rank(key, r.worker))
         return holders
@@ -447,13 +444,13 @@ class Directory:
         _check_factor(factor)
         problem = _entry_problem(key, size, "0" * 64, 1)
         if problem is not None:
-            raise DirectoryError(*problem)
+            raise DirectoryError(problem[1], problem[0])
         if not live:
-            raise DirectoryError("no-workers", "no live workers")
+            raise DirectoryError("no live workers", "no-workers")
         fits = [w for w, load in live.items() if load.free_disk >= size]
         if not fits:
             raise DirectoryError(
-                "no-space", f"no live worker has {size} bytes free for key {key!r}"
+                f"no live worker has {size} bytes free for key {key!r}", "no-space"
             )
         holders = {r.worker for r in self.state.replicas_of(key)}
         fits.sort(key=lambda w: (w not in holders, -live[w].free_disk, live[w].stored_bytes, w))

@@ -75,7 +75,7 @@ class KeySpace:
             r for r in replicas if r.worker not in alive and r.worker in records
         ]
         if not ordered:
-            raise DirectoryError("unavailable", f"no known worker holds {key!r}")
+            raise DirectoryError(f"no known worker holds {key!r}", "unavailable")
         first = ordered[0]
         return Location(
             first.size, first.sha256, first.version, [records[r.worker] for r in ordered]

@@ -212,6 +212,6 @@ def _order(rec: WorkerRecord, method: str, headers: dict[str, object]) -> Deferr
     conn = rec.conn
     if conn is None or not getattr(conn, "connected", False):
         d: Deferred[Any] = Deferred()
-        d.errback(DirectoryError("unavailable", f"worker {rec.name} has no link"))
+        d.errback(DirectoryError(f"worker {rec.name} has no link", "unavailable"))
         return d
     return conn.request(method, headers)  # type: ignore[no-any-return]

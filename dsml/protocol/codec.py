@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Final
 
+from ..errors import DsmlError
 from . import limits
 from .methods import HeaderValueError, MethodTable
 
@@ -96,17 +97,17 @@ _QUICK_RESPONSE = re.compile(
 WHOLE_MAX = 64 * 1024
 
 
-class ProtocolError(Exception):
+class ProtocolError(DsmlError):
     """A framing error: the byte stream cannot be trusted any more.
 
     The receiver answers once with ``code`` and ``message`` and closes the connection.
     ``request_id`` is the id of the message being parsed when known, else 0.
     """
 
-    def __init__(self, code: str, message: str, request_id: int = 0) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+    code = "bad-frame"
+
+    def __init__(self, message: str, code: str | None = None, request_id: int = 0) -> None:
+        super().__init__(message, code)
         self.request_id = request_id
 
 
@@ -345,7 +346,7 @@ class Parser:
             return NEED_DATA
         self._scanned = 0
         if end + 4 > limits.MAX_HEAD:
-            raise ProtocolError("bad-frame", f"header block larger than {limits.MAX_HEAD} bytes")
+            raise ProtocolError(f"header block larger than {limits.MAX_HEAD} bytes")
         block = bytes(buf[:end])
         del buf[: end + 4]
         return self._decode_head(block)
@@ -356,12 +357,12 @@ class Parser:
         bad = _BAD_HEAD_BYTE.search(buf, max(0, self._scanned - 1))
         # A CR at the very end may still get its LF.
         if bad is not None and not (bad.group() == b"\r" and bad.end() == len(buf)):
-            raise ProtocolError("bad-frame", _describe_bad_byte(bad.group()))
+            raise ProtocolError(_describe_bad_byte(bad.group()))
         if len(buf) > limits.MAX_HEAD:
-            raise ProtocolError("bad-frame", f"header block larger than {limits.MAX_HEAD} bytes")
+            raise ProtocolError(f"header block larger than {limits.MAX_HEAD} bytes")
         line_start = buf.rfind(b"\r\n") + 2 if b"\r\n" in buf else 0
         if len(buf) - line_start > limits.MAX_LINE + 1:
-            raise ProtocolError("bad-frame", f"header line longer than {limits.MAX_LINE} bytes")
+            raise ProtocolError(f"header line longer than {limits.MAX_LINE} bytes")
 
     def _decode_head(self, block: bytes) -> Event:
         # Fast path: one regex validates a well-formed block of ordinary size, one
@@ -390,13 +391,13 @@ class Parser:
         if block.count(b"\n") != crlf or block.count(b"\r") != crlf or b"\x00" in block:
             bad = _BAD_HEAD_BYTE.search(block)
             assert bad is not None
-            raise ProtocolError("bad-frame", _describe_bad_byte(bad.group()))
+            raise ProtocolError(_describe_bad_byte(bad.group()))
         if crlf > limits.MAX_HEADERS:
-            raise ProtocolError("bad-frame", f"more than {limits.MAX_HEADERS} header lines")
+            raise ProtocolError(f"more than {limits.MAX_HEADERS} header lines")
         long_lines = len(block) > limits.MAX_LINE  # else no line can be too long
         start = lines[0]
         if long_lines and len(start) > limits.MAX_LINE:
-            raise ProtocolError("bad-frame", f"header line longer than {limits.MAX_LINE} bytes")
+            raise ProtocolError(f"header line longer than {limits.MAX_LINE} bytes")
         role = self._role
         m = _RESPONSE_LINE.match(start) if role == RESPONSE else _REQUEST_LINE.match(start)
         is_response = role == RESPONSE
@@ -405,7 +406,7 @@ class Parser:
             is_response = True
         if m is None:
             what = {REQUEST: "request line", RESPONSE: "status line"}.get(role, "start line")
-            raise ProtocolError("bad-frame", f"malformed {what}")
+            raise ProtocolError(f"malformed {what}")
         kind = m.group(1).decode("ascii")
         req_id = int(m.group(2))
         headers: dict[str, str] = {}
@@ -414,25 +415,24 @@ class Parser:
         for line in lines[1:]:
             if long_lines and len(line) > limits.MAX_LINE:
                 raise ProtocolError(
-                    "bad-frame", f"header line longer than {limits.MAX_LINE} bytes", req_id
+                    f"header line longer than {limits.MAX_LINE} bytes", request_id=req_id
                 )
             hm = _HEADER_LINE_CLEAN.match(line)
             if hm is None:
                 hm = _HEADER_LINE.match(line)
                 if hm is None:
-                    raise ProtocolError("bad-frame", "malformed header line", req_id)
+                    raise ProtocolError("malformed header line", request_id=req_id)
                 name = hm.group(1).decode("ascii").lower()
-                raise ProtocolError("bad-frame", f"control character in header {name!r}", req_id)
+                raise ProtocolError(f"control character in header {name!r}", request_id=req_id)
             name = hm.group(1).lower().decode("ascii")
             raw = hm.group(2)
             if name in headers or (name == "length" and raw_length is not None):
-                raise ProtocolError("bad-frame", f"duplicate header {name!r}", req_id)
+                raise ProtocolError(f"duplicate header {name!r}", request_id=req_id)
             if name == "length":
                 if not _LENGTH.match(raw):
                     raise ProtocolError(
-                        "bad-frame",
                         f"Length must be 1 to {limits.MAX_LENGTH_DIGITS} ASCII digits",
-                        req_id,
+                        request_id=req_id,
                     )
                 raw_length = raw
                 continue
@@ -455,14 +455,14 @@ class Parser:
         length = int(raw_length) if raw_length is not None else 0
         if is_response:
             if not_utf8 is not None:
-                raise ProtocolError("bad-frame", f"header {not_utf8!r} is not UTF-8", req_id)
+                raise ProtocolError(f"header {not_utf8!r} is not UTF-8", request_id=req_id)
             return self._start_payload(Head(kind, req_id, headers, length))
 
         problem = self._check_request(kind, headers, length, not_utf8)
         if problem is not None:
             code, message = problem
             if length > limits.MAX_SKIP:
-                raise ProtocolError(code, message, req_id)
+                raise ProtocolError(message, code, req_id)
             self._state = _S_SKIP
             self._remaining = length
             return Rejected(req_id, code, message, kind)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 
+from ..errors import DsmlError
 from . import limits
 
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
@@ -52,16 +53,13 @@ def roles_text(roles: Iterable[Role]) -> str:
     return "a " + " or ".join(names)
 
 
-class HeaderValueError(ValueError):
+class HeaderValueError(DsmlError, ValueError):
     """A header value does not have the form its method requires.
 
     ``code`` is the wire error code to answer with (``bad-key`` or ``bad-header``).
     """
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    code = "bad-header"
 
 
 def check_key(key: str) -> str:
@@ -71,15 +69,15 @@ def check_key(key: str) -> str:
     never paths: the store maps them to files by hash, so ``../x`` is an ordinary key.
     """
     if not key:
-        raise HeaderValueError("bad-key", "key is empty")
+        raise HeaderValueError("key is empty", "bad-key")
     try:
         size = len(key.encode("utf-8"))
     except UnicodeEncodeError:  # a lone surrogate: no UTF-8 form
-        raise HeaderValueError("bad-key", "key is not valid UTF-8") from None
+        raise HeaderValueError("key is not valid UTF-8", "bad-key") from None
     if size > limits.MAX_KEY:
-        raise HeaderValueError("bad-key", f"key is longer than {limits.MAX_KEY} bytes")
+        raise HeaderValueError(f"key is longer than {limits.MAX_KEY} bytes", "bad-key")
     if _KEY_FORBIDDEN.search(key):
-        raise HeaderValueError("bad-key", "key contains a control character")
+        raise HeaderValueError("key contains a control character", "bad-key")
     return key
 
 
@@ -91,14 +89,14 @@ def check_prefix(prefix: str) -> str:
 def check_sha256(value: str) -> str:
     """A lowercase hex sha256 digest."""
     if not _SHA256.match(value):
-        raise HeaderValueError("bad-header", "expected 64 lowercase hex digits")
+        raise HeaderValueError("expected 64 lowercase hex digits", "bad-header")
     return value
 
 
 def check_uint(value: str) -> str:
     """A non-negative integer written as plain ASCII digits."""
     if not _DIGITS.match(value):
-        raise HeaderValueError("bad-header", "expected a non-negative integer in ASCII digits")
+        raise HeaderValueError("expected a non-negative integer in ASCII digits", "bad-header")
     return value
 
 
@@ -116,7 +114,7 @@ MAX_FORWARD = 16
 def check_addr(value: str) -> str:
     """``host:port`` of a storage server."""
     if not _ADDR.match(value):
-        raise HeaderValueError("bad-header", "expected host:port")
+        raise HeaderValueError("expected host:port", "bad-header")
     return value
 
 
@@ -124,7 +122,7 @@ def check_forward(value: str) -> str:
     """A comma-separated list of ``host:port``: where a storage server passes an upload on."""
     parts = value.split(",") if value else []
     if len(parts) > MAX_FORWARD:
-        raise HeaderValueError("bad-header", f"more than {MAX_FORWARD} addresses")
+        raise HeaderValueError(f"more than {MAX_FORWARD} addresses", "bad-header")
     for part in parts:
         check_addr(part)
     return value
@@ -133,7 +131,7 @@ def check_forward(value: str) -> str:
 def check_name(value: str) -> str:
     """A worker name: 1 to 64 of ``A-Z a-z 0-9 _ . -``."""
     if not limits.WORKER_NAME.match(value):
-        raise HeaderValueError("bad-header", f"expected a worker name ({limits.WORKER_NAME_RULE})")
+        raise HeaderValueError(f"expected a worker name ({limits.WORKER_NAME_RULE})", "bad-header")
     return value
 
 
