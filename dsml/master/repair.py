@@ -87,12 +87,10 @@ class Repairer:
                 counted.add(r.name)
             elif r.died_at is not None and now - r.died_at < self.grace:
                 counted.add(r.name)
-        # Fix (tests/test_cluster_sim.py): after a master (re)start the workers come
-        # back one by one (each on its own backoff).  Those not back yet were not
-        # counted at all, so the first ones back copied what the others hold and the
-        # copies were trimmed seconds later: a restart re-copied up to most of the data.
-        # Until the grace has passed since the start, a worker the state remembers but
-        # that has not registered again counts as one that just died.
+        # After a master (re)start the workers come back one by one, each on its own
+        # backoff: until the grace has passed since the start, a worker the state
+        # remembers but that has not registered again counts as one that just died, so
+        # the first ones back do not copy what the others hold.
         if self.started_at is not None and now - self.started_at < self.grace:
             counted.update(row.name for row in self.directory.state.workers()
                            if row.name not in known)

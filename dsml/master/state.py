@@ -16,7 +16,8 @@ its key has a tombstone.  A key is in at most one of ``keys`` and ``deleted``; e
 replica row's key is in exactly one of them.  The version rules that maintain this are
 stated in :mod:`dsml.master.directory`; :meth:`MasterState.apply_reports` carries them
 out set-based, in SQL (a 100,000-entry inventory is a few statements, not 400,000), and
-the rest of this module only stores and queries.
+the rest of this module only stores and queries.  One room because those rules hold
+across the tables only while every statement that touches them stands together.
 
 One writer: this object, on the reactor thread, in plain synchronous code (no Twisted).
 The file is opened by :func:`dsml.sqlitedb.open_database`: the connection holds SQLite's

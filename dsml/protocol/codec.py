@@ -7,6 +7,10 @@ A framing error raises :class:`ProtocolError` and the parser refuses all further
 
 No I/O happens here, and nothing here imports Twisted: the Twisted protocols and the
 blocking client drive this same code.  See docs/protocol.md for the format.
+
+One room because the parser, its quick paths and the encoders are one reading of the
+format: every byte rule and limit is stated once here and the quick paths must agree
+with the parser (a test checks), which is easiest to keep true side by side.
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ Layout under ``root``::
     objects/<xx>/<name>     file contents; <name> is derived from sha256(key) + a uuid
     tmp/                    files being written; emptied on every open
 
+One room because the index, the values log with its overlay and the file commits share
+one version counter and one ordering rule (a pending put is never reordered with a later
+write of its key): each write path must see the others' state directly.
+
 Files and values share one key space.  Every write of a key replaces what was
 there and gets a new version from a per-store counter that never goes back, not
 even across deletes and restarts.  A key is never used as a path: object names
