@@ -31,10 +31,11 @@ import dsml.localcluster as localcluster  # noqa: E402
 # The wrapper: runs twistd in this interpreter with timers on the functions below, and
 # writes the totals as JSON to the path in DSML_INSITU_OUT when the reactor stops.
 WRAPPER = '''#!{python}
-import json, os, sys, time
+import functools, json, os, sys, time
 from twisted.internet import tcp
 from twisted.python import log as tlog
-import dsml.net.server as server
+import dsml.net.answering as answering
+import dsml.net.connection as connection
 import dsml.worker.storage as storage
 import dsml.worker.store as store
 from dsml.protocol import codec
@@ -44,6 +45,7 @@ totals = {{}}
 def timed(owner, name, label):
     fn = getattr(owner, name)
     clock = time.perf_counter_ns
+    @functools.wraps(fn)  # keeps what a @responder marked on it
     def wrapper(*args, **kwargs):
         start = clock()
         try:
@@ -57,10 +59,11 @@ def timed(owner, name, label):
 timed(tlog, "callWithLogger", "reactor: one event (callWithLogger)")
 timed(tcp.Connection, "doRead", "tcp: doRead (recv + dataReceived)")
 timed(tcp.Connection, "writeSomeData", "tcp: writeSomeData (send)")
-timed(server.ServerProtocol, "dataReceived", "server: dataReceived")
-timed(server.ServerProtocol, "_dispatch", "server: _dispatch")
-timed(server, "quick_request", "codec: quick_request")
-timed(storage.StorageHandler, "handle", "storage: handle")
+timed(connection.Connection, "dataReceived", "connection: dataReceived")
+timed(answering.Answers, "_dispatch", "answering: _dispatch")
+timed(connection, "quick_request", "codec: quick_request")
+timed(storage.StorageHandler, "_value_upload", "storage: _value_upload")
+timed(storage.StorageHandler, "_value_retrieve", "storage: _value_retrieve")
 timed(store.Store, "put_value", "store: put_value")
 timed(store.Store, "get_value", "store: get_value")
 timed(store.Store, "flush", "store: flush (values log -> SQLite)")
