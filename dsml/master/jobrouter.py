@@ -196,7 +196,7 @@ class JobRouter:
             if not self.jobs.queued:
                 return
             where: dict[str, set[str]] = {}  # key -> workers holding it, for this dispatch
-            passes = (True, False) if self.jobs._queued_inputs else (False,)
+            passes = (True, False) if self.jobs.queued_with_inputs else (False,)
             for local_only in passes:
                 for record in self.membership.alive():
                     if record.conn is None:
@@ -216,10 +216,7 @@ class JobRouter:
 
     def _busy(self, worker: str) -> int:
         """Slots held by the attempts the master has running on ``worker``."""
-        running = self.jobs._running
-        return sum(
-            running[a].task.spec.slots for a in self.jobs.running_attempts(worker) if a in running
-        ) + sum(self._killing.get(worker, {}).values())
+        return self.jobs.slots_running_on(worker) + sum(self._killing.get(worker, {}).values())
 
     def _holds(self, worker: str, where: dict[str, set[str]]) -> Callable[[str], bool]:
         def holds(key: str) -> bool:

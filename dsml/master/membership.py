@@ -280,7 +280,7 @@ class Membership:
             if free_slots is None:
                 free_slots = slots
             _check_stats(free_slots, stored_bytes, stored_files, free_disk)
-            self._check_versions(name, versions)
+            self.check_versions(name, versions)
             old = self._records.get(name)
             if old is not None and incarnation < old.incarnation:
                 raise MembershipError(
@@ -489,7 +489,8 @@ class Membership:
         except Exception:
             log.failure("membership check failed; the loop carries on")
 
-    def _check_versions(self, name: str, versions: Versions) -> None:
+    def check_versions(self, name: str, versions: Versions) -> None:
+        """MembershipError (``version-mismatch``) unless ``versions`` are the master's."""
         mine = self.versions
         if not isinstance(versions, Versions):
             raise MembershipError(f"versions must be given, got {versions!r}", "bad-header")

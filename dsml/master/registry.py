@@ -101,7 +101,7 @@ class WorkerRegistry:
         try:
             if versions != self.versions:
                 # Checked before an incarnation is used up for a worker that is refused.
-                self.membership._check_versions(name, versions)
+                self.membership.check_versions(name, versions)
             current = self.membership.get(name)
             if current is not None and current.live and current.conn is not link:
                 raise MembershipError(

@@ -734,6 +734,16 @@ class JobManager:
         """The attempts the master holds as running on ``worker`` (any incarnation)."""
         return sorted(self._by_worker.get(worker, ()))
 
+    def slots_running_on(self, worker: str) -> int:
+        """The slots the attempts the master holds as running on ``worker`` occupy."""
+        running = self._running
+        return sum(running[a].task.spec.slots for a in self._by_worker.get(worker, ()))
+
+    @property
+    def queued_with_inputs(self) -> int:
+        """How many queued tasks name inputs (locality is worth a look only when some do)."""
+        return self._queued_inputs
+
     def slots_of(self, attempt_id: int) -> int:
         """The slots the running attempt ``attempt_id`` occupies (0 if it is not running)."""
         a = self._running.get(attempt_id)
