@@ -95,7 +95,7 @@ def test_kill_rereplicate_and_return(sim: SimCluster) -> None:
     upload_all(sim, client)
     sim.advance(2)
     assert_consistent(sim)
-    listed = {k.key: k for k in sim.wait(client.ls())}
+    listed = {k.key: k for k in sim.wait(client.list())}
     assert set(listed) == set(expected())
     assert all(len(k.replicas) == 2 for k in listed.values())
 
@@ -208,14 +208,14 @@ def test_master_restart_keeps_the_directory(sim: SimCluster) -> None:
     client = sim.client()
     upload_all(sim, client)
     sim.advance(2)
-    listing = sim.wait(client.ls())
+    listing = sim.wait(client.list())
     directory = sim.replicas()
     incarnations = {n: sim.link(n).incarnation for n in sim.workers}
 
     sim.restart_master(downtime=3)
     sim.wait_registered()
     assert sim.replicas() == directory
-    assert sim.wait(client.ls()) == listing
+    assert sim.wait(client.list()) == listing
     for name, old in incarnations.items():
         new = sim.link(name).incarnation
         assert new is not None and old is not None and new > old

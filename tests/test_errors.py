@@ -139,7 +139,9 @@ def test_the_store_entry_and_the_client_entry_are_distinct() -> None:
 
     assert store.IndexEntry._fields == ("key", "kind", "size", "sha256", "version", "mtime")
     assert not hasattr(store, "Entry")
-    assert client.Entry.__module__ == "dsml.client"
+    # The client's records are shared by both clients (the blocking and the async one).
+    assert client.Entry.__module__ == "dsml.protocol.replies"
+    assert client.Entry is not store.IndexEntry
 
 
 def test_the_clients_connection_lost_is_the_shared_one() -> None:

@@ -742,6 +742,31 @@ def test_job_file_with_three_tasks(cluster: LocalCluster, tmp_path: Path) -> Non
     assert _download(cluster, "f8/out/greeting.txt") == b"hi from 2\n"
 
 
+def test_an_input_the_worker_holds_is_copied_from_its_own_store(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """Both workers hold every key here (replication 2): the worker running the task
+    copies the input from its own store (its log says so) and the task reads the right
+    bytes; what the task then writes over its copy never reaches the stored object."""
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    (tmp_path / "in.bin").write_bytes(data)
+    cluster.cli("upload", str(tmp_path / "in.bin"), "local/in.bin")
+    job = submit(
+        cluster, "--input", "local/in.bin:in.bin", "--output", "copy.bin:local/copy.bin",
+        "--", "sh", "-c", "cp in.bin copy.bin && echo overwritten > in.bin",
+    )
+    assert wait(cluster, job).returncode == 0
+    [task] = status(cluster, job).tasks
+    worker = task.attempts[-1].worker
+    assert _download(cluster, "local/copy.bin") == data
+    assert _download(cluster, "local/in.bin") == data
+    _poll(
+        lambda: True if "input local/in.bin staged from the local store"
+        in cluster.log_path(worker).read_text(errors="replace") else None,
+        f"{worker}'s log line of the local copy",
+    )
+
+
 # -- 9. dependencies --------------------------------------------------------------------------
 
 

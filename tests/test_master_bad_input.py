@@ -1,6 +1,6 @@
 """Bad input to a real master: a ``twistd -n dsml-master`` process on 127.0.0.1 (OS-chosen
 port), spoken to over raw sockets or the blocking :class:`dsml.client.Client` posing as a
-worker (``client._call(method, headers, payload)``).
+worker (``client.call(method, headers, payload)``).
 
 Each refusal is one error with a clear code and message; the connection stays usable
 unless the byte stream or the peer cannot be trusted (wrong token); nothing else is
@@ -82,13 +82,13 @@ def register_headers(name: str, **changes: object) -> dict[str, object]:
 
 def register(c: Client, name: str, inventory: bytes = b"", **changes: object) -> Head:
     """Register as worker ``name``; return the master's response head."""
-    head, _ = c._call("register", register_headers(name, **changes), inventory)
+    head, _ = c.call("register", register_headers(name, **changes), inventory)
     return head
 
 
 def heartbeat(c: Client, name: str, incarnation: int) -> Head:
     """One heartbeat as a worker sends it."""
-    head, _ = c._call(
+    head, _ = c.call(
         "heartbeat",
         {
             "Name": name,
@@ -111,14 +111,14 @@ def refused(fn: Callable[[], object]) -> DsmlError:
 
 def master_keys(c: Client) -> dict[str, dict[str, object]]:
     """The master's ``list``: key -> its row."""
-    _, body = c._call("list", {"Limit": 10_000})
+    _, body = c.call("list", {"Limit": 10_000})
     rows = [json.loads(line) for line in body.decode().splitlines()]
     return {row["key"]: row for row in rows}
 
 
 def nodes(c: Client) -> dict[str, dict[str, object]]:
     """The master's ``nodes``: worker name -> its row."""
-    _, body = c._call("nodes", {})
+    _, body = c.call("nodes", {})
     return {d["name"]: d for d in map(json.loads, body.decode().splitlines())}
 
 
@@ -236,7 +236,7 @@ def test_malformed_register_headers_are_bad_header(cluster: LocalCluster) -> Non
     header before anything is registered; the connection stays usable."""
     with connect(cluster) as c:
         for changes in ({"Name": "two words"}, {"Port": "eighty"}, {"Port": 0}):
-            e = refused(lambda changes=changes: c._call(
+            e = refused(lambda changes=changes: c.call(
                 "register", register_headers("w9", **changes)
             ))
             assert e.code == "bad-header", (changes, e)
@@ -359,7 +359,7 @@ _WEDGE = (
 
 def _place_fits_the_wire(c: Client, key: str) -> None:
     """``place`` answers with a version that a worker's ``Version`` header accepts."""
-    head, _ = c._call("place", {"Key": key, "Size": 1})
+    head, _ = c.call("place", {"Key": key, "Size": 1})
     check_uint(head.headers["version"])
 
 
@@ -387,7 +387,7 @@ def test_commit_of_a_version_never_issued_does_not_wedge_writes(cluster: LocalCl
     with connect(cluster) as c, connect(cluster) as w:
         heartbeat(w, "w6", int(register(w, "w6").headers["incarnation"]))
         try:
-            c._call("commit", {"Key": "k", "Size": 1, "Sha256": sha,
+            c.call("commit", {"Key": "k", "Size": 1, "Sha256": sha,
                                "Version": "9" * 18, "Workers": "w6"})
         except DsmlError:
             pass  # refusing it is fine too
@@ -404,7 +404,7 @@ def test_report_from_another_link_or_incarnation_is_refused(cluster: LocalCluste
         inc_b = int(register(b, "wb").headers["incarnation"])
 
         def report(c: Client, name: str, inc: int) -> Head:
-            return c._call("report", {"Name": name, "Incarnation": inc}, store)[0]
+            return c.call("report", {"Name": name, "Incarnation": inc}, store)[0]
 
         assert refused(lambda: report(a, "wb", inc_b)).code == "not-registered"
         assert refused(lambda: report(stranger, "wa", inc_a)).code == "not-registered"
@@ -422,7 +422,7 @@ def test_refused_report_is_logged_by_the_master(cluster: LocalCluster) -> None:
     heartbeat: a worker whose reports bounce is otherwise invisible to the operator."""
     with connect(cluster) as a:
         inc = int(register(a, "wa").headers["incarnation"])
-        refused(lambda: a._call("report", {"Name": "wa", "Incarnation": inc + 1}, b""))
+        refused(lambda: a.call("report", {"Name": "wa", "Incarnation": inc + 1}, b""))
         refused(lambda: heartbeat(a, "wa", inc + 1))  # logged: a marker after the report
     poll(lambda: master_log_has(cluster, "refused heartbeat"), "the heartbeat refusal")
     assert master_log_has(cluster, "stale-incarnation"), cluster.tail("master")
@@ -435,14 +435,14 @@ def test_place_with_no_live_workers_is_no_workers(cluster: LocalCluster) -> None
     """``place`` with no worker registered, and again once the only worker's link has
     closed (dead at once), is ``no-workers``."""
     with connect(cluster) as c:
-        e = refused(lambda: c._call("place", {"Key": "k", "Size": 10}))
+        e = refused(lambda: c.call("place", {"Key": "k", "Size": 10}))
         assert e.code == "no-workers", e
         with connect(cluster) as w:
             heartbeat(w, "w4", int(register(w, "w4").headers["incarnation"]))
-            head, _ = c._call("place", {"Key": "k", "Size": 10})
+            head, _ = c.call("place", {"Key": "k", "Size": 10})
             assert head.headers["workers"].startswith("w4=")
         poll(lambda: True if nodes(c)["w4"]["state"] == "dead" else None, "w4 to die")
-        e = refused(lambda: c._call("place", {"Key": "k", "Size": 10}))
+        e = refused(lambda: c.call("place", {"Key": "k", "Size": 10}))
         assert e.code == "no-workers", e
         assert c.ping()["role"] == "master"
 
@@ -451,7 +451,7 @@ def test_locate_of_unknown_key_is_not_found(cluster: LocalCluster) -> None:
     """``locate`` of a key the master never heard of is ``not-found`` naming the key; the
     CLI turns it into one line and exit status 1."""
     with connect(cluster) as c:
-        e = refused(lambda: c._call("locate", {"Key": "no/such/key"}))
+        e = refused(lambda: c.call("locate", {"Key": "no/such/key"}))
         assert e.code == "not-found" and "no/such/key" in e.message, e
         assert c.ping()["role"] == "master"
     result = cluster.cli("get", "no/such/key", check=False)

@@ -31,6 +31,7 @@ from dsml.worker.tasks import (
     STDOUT_NAME,
     AttemptResult,
     AttemptSpec,
+    InputVersion,
     TaskError,
     TaskManager,
     popen_launcher,
@@ -89,9 +90,11 @@ class FakeTransfers:
         self.hanging: set[str] = set()
         self.cancelled: list[str] = []
         self.storing: list[str] = []
+        self.told: dict[str, InputVersion | None] = {}
 
-    def fetch(self, key: str, dest: Path) -> Deferred[None]:
-        """Write the file for ``key`` to ``dest``."""
+    def fetch(self, key: str, dest: Path, current: InputVersion | None = None) -> Deferred[None]:
+        """Write the file for ``key`` to ``dest`` (noting the version it was told of)."""
+        self.told[key] = current
         if key in self.hanging:
             return Deferred(lambda d: self.cancelled.append(key))
         if key in self.broken:
@@ -362,6 +365,24 @@ def test_input_fetched_and_output_uploaded(h: Harness) -> None:
     assert result.reason == "" and result.ok, result
     assert result.exit_code == 0
     assert h.transfers.uploaded == {"out-key": b"HELLO\n", "copy-key": b"x"}
+    assert h.transfers.told == {"in-key": None, "other": None}
+
+
+def test_the_version_the_master_named_goes_with_each_fetch(h: Harness) -> None:
+    """Each input is fetched with the current version the run order named for it (the
+    transfers may then stage a local copy), and None for an input it did not name."""
+    h.transfers.files.update({"a": b"1", "b": b"2"})
+    m = h.manager()
+    current = InputVersion(12, "ab" * 32)
+
+    async def body() -> AttemptResult:
+        m.start(
+            spec(3, "true", inputs=(("a", "a"), ("b", "b")), versions=(("a", current),))
+        )
+        return await h.result(3)
+
+    assert h.run(body).ok
+    assert h.transfers.told == {"a": current, "b": None}
 
 
 def test_missing_output_fails_despite_exit_0(h: Harness) -> None:
@@ -539,8 +560,10 @@ def test_a_relative_path_entry_is_searched_from_the_task_directory(
     h.transfers.files["tool"] = b"#!/bin/sh\necho task-copy\n"
     fetch = h.transfers.fetch
 
-    def fetch_executable(key: str, dest: Path) -> Deferred[None]:
-        d = fetch(key, dest)
+    def fetch_executable(
+        key: str, dest: Path, current: InputVersion | None = None
+    ) -> Deferred[None]:
+        d = fetch(key, dest, current)
         dest.chmod(0o755)
         return d
 

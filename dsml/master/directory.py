@@ -406,6 +406,11 @@ class Directory:
 
     # -- reads -------------------------------------------------------------------------
 
+    def current(self, key: str) -> tuple[int, str] | None:
+        """``(version, sha256)`` of ``key``'s current version, or None if it is not live."""
+        row = self.state.get_key(key)
+        return None if row is None else (row.version, row.sha256)
+
     def locate(self, key: str, live: Collection[str] | None = None) -> list[Replica]:
         """The copies of ``key``'s current version, best first.
 

@@ -113,22 +113,33 @@ def job_json(view: JobView, queued: Mapping[int, str] | None = None) -> dict[str
     }
 
 
-def assignment_json(a: Assignment) -> bytes:
-    """The ``run`` order's payload."""
+def assignment_json(
+    a: Assignment, versions: Mapping[str, tuple[int, str]] | None = None
+) -> bytes:
+    """The ``run`` order's payload.
+
+    ``versions`` gives the current ``(version, sha256)`` of the inputs the directory
+    knows (sent as ``"versions": {key: {"version", "sha256"}}``): a worker that holds
+    exactly that copy stages it from its own store, without a request.
+    """
     s = a.spec
-    return json.dumps(
-        {
-            "attempt_id": a.attempt_id,
-            "job_id": a.job_id,
-            "task_index": a.task_index,
-            "command": list(s.command),
-            "env": [list(p) for p in s.env],
-            "inputs": [list(p) for p in s.inputs],
-            "outputs": [list(p) for p in s.outputs],
-            "slots": s.slots,
-            "timeout": s.timeout,
+    order: dict[str, Any] = {
+        "attempt_id": a.attempt_id,
+        "job_id": a.job_id,
+        "task_index": a.task_index,
+        "command": list(s.command),
+        "env": [list(p) for p in s.env],
+        "inputs": [list(p) for p in s.inputs],
+        "outputs": [list(p) for p in s.outputs],
+        "slots": s.slots,
+        "timeout": s.timeout,
+    }
+    if versions:
+        order["versions"] = {
+            key: {"version": version, "sha256": sha256}
+            for key, (version, sha256) in versions.items()
         }
-    ).encode()
+    return json.dumps(order).encode()
 
 
 class JobRouter:
@@ -231,8 +242,19 @@ class JobRouter:
 
         return holds
 
+    def _versions(self, a: Assignment) -> dict[str, tuple[int, str]]:
+        """The current version of each input of ``a`` the directory knows."""
+        out = {}
+        for key, _ in a.spec.inputs:
+            current = self.directory.current(key)
+            if current is not None:
+                out[key] = current
+        return out
+
     def _send(self, record: WorkerRecord, a: Assignment) -> None:
-        d = _order(record, "run", {"Attempt": a.attempt_id}, assignment_json(a))
+        d = _order(
+            record, "run", {"Attempt": a.attempt_id}, assignment_json(a, self._versions(a))
+        )
 
         def refused(f: Failure) -> None:
             # The worker would not start it (busy, bad task, gone): the attempt ends here

@@ -8,7 +8,8 @@ given, the connection limits, one framing error closes.  What it parses goes to 
 - :class:`~dsml.net.answering.Answers` answers the peer's requests in order, from the
   responders its roles allow (:attr:`Connection.roles`, set by authentication);
 - on a two-way link, :class:`~dsml.net.calling.Calls` sends this side's own requests
-  (:meth:`Connection.request`) and reads their responses.
+  (:meth:`Connection.request`, :meth:`Connection.request_file` for a payload streamed
+  from a file) and reads their responses (into memory, or chunk by chunk into a sink).
 
 The factories say which side it is: :class:`~dsml.net.server.ServerFactory` for accepted
 connections, :class:`~dsml.net.links.LinkFactory` for dialled links.
@@ -17,7 +18,7 @@ connections, :class:`~dsml.net.links.LinkFactory` for dialled links.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
@@ -39,7 +40,7 @@ from ..protocol.codec import (
 )
 from ..protocol.methods import Role
 from .answering import HELD_MAX, IDLE, READ_SIZE, RECEIVING, WAITING, Answers
-from .calling import Calls, Response
+from .calling import Calls, Response, ResponseSink
 from .limits import Limits
 from .responders import AUTH, Reply, Responder, Responders
 from .twisted_private import set_read_size
@@ -181,17 +182,49 @@ class Connection(TwistedProtocol):
     # -- calling out --------------------------------------------------------------------
 
     def request(
-        self, method: str, headers: dict[str, object] | None = None, payload: bytes | int = b""
+        self,
+        method: str,
+        headers: Mapping[str, object] | None = None,
+        payload: bytes | int = b"",
+        *,
+        sink: ResponseSink | None = None,
     ) -> Deferred[Response]:
         """Send a request to the peer; the Deferred fires with its :class:`Response`
         or fails with :class:`DsmlError` (its error code) or :class:`ConnectionLost`.
 
         With an int ``payload`` only the head goes out, promising that many bytes,
-        which the caller then writes to ``self.transport`` itself (a streamed upload).
+        which the caller then writes to ``self.transport`` itself (a payload relayed as
+        it arrives).  With a ``sink`` a successful response's payload goes to the sink
+        chunk by chunk instead of memory (:class:`~dsml.net.calling.ResponseSink`), and
+        cancelling the Deferred cuts the connection.
         """
         if self.calls is None:
             raise RuntimeError("request() needs a two-way connection")
-        return self.calls.request(method, headers, payload)
+        return self.calls.request(method, headers, payload, sink)
+
+    def request_file(
+        self,
+        method: str,
+        headers: Mapping[str, object],
+        source: IO[bytes],
+        length: int,
+        *,
+        on_chunk: Callable[[bytes], object] | None = None,
+        sink: ResponseSink | None = None,
+    ) -> Deferred[Response]:
+        """Send a request whose payload is the next ``length`` bytes of the open file
+        ``source``, streamed by a pull producer as the transport takes them (flat
+        memory, whatever the size); ``on_chunk`` sees each chunk as it goes (to hash it).
+
+        Fails with ``io`` if the file ends early (the connection is then cut: its head
+        promised the length).  A response that comes before the payload went out whole
+        (a refusal) stops it and closes the connection.  Cancelling the Deferred cuts
+        the connection: use a link of its own (:meth:`dsml.net.links.Links.open`).
+        ``source`` stays the caller's to close, once the Deferred has fired.
+        """
+        if self.calls is None:
+            raise RuntimeError("request_file() needs a two-way connection")
+        return self.calls.request_file(method, headers, source, length, on_chunk, sink)
 
     # -- input ------------------------------------------------------------------------
 
@@ -218,11 +251,16 @@ class Connection(TwistedProtocol):
             if answers.state == IDLE and self.parser.buffered and self._head_started is None:
                 self._head_started = self._activity
             # Activity only moves deadlines later, and a timer that fires early re-arms
-            # itself; only a partial head (a deadline earlier than the idle one) or no
-            # timer at all needs work here: calling _arm on every read measured about a
-            # tenth of the server's time on small requests.
+            # itself; only a partial head or a response arriving (deadlines earlier than
+            # the idle one) or no timer at all needs work here: calling _arm on every
+            # read measured about a tenth of the server's time on small requests.
             timer = self._timer
-            if timer is None or self._head_started is not None or not timer.active():
+            if (
+                timer is None
+                or self._head_started is not None
+                or not timer.active()
+                or (self.calls is not None and self.calls.reading is not None)
+            ):
                 self._arm()
 
     def _pump(self) -> None:
@@ -390,6 +428,14 @@ class Connection(TwistedProtocol):
         if state == IDLE:
             if self._head_started is not None:
                 return self._head_started + lim.head_timeout, "header block"
+            calls = self.calls
+            if calls is not None and calls.busy:
+                # Not idle while this side waits for its own answers: a response whose
+                # payload is arriving must keep coming; one not begun yet (a pipeline
+                # upload being written, a held ``wait``) is the peer's to bound.
+                if calls.reading is not None:
+                    return self._activity + lim.payload_timeout, "response"
+                return None
             return self._activity + lim.idle_timeout, "idle"
         if state == RECEIVING:
             return self._activity + lim.payload_timeout, "payload"
@@ -436,7 +482,7 @@ class Connection(TwistedProtocol):
             "header block": self.limits.head_timeout,
         }.get(what, self.limits.payload_timeout)
         message = f"{what} not complete within {limit:g} s"
-        if what == "download":
+        if what in ("download", "response"):
             log.warn("{peer}: closing: {message}", peer=self.peer_name(), message=message)
             self.abort()
             return

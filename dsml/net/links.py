@@ -12,9 +12,10 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from ..errors import ConnectionLost
 from ..protocol.methods import Role
@@ -47,6 +48,30 @@ def split_addr(addr: str) -> tuple[str, int]:
     """``host:port`` (or ``[v6]:port``) to a pair."""
     host, _, port = addr.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def join_addr(host: str, port: int) -> str:
+    """A pair to ``host:port`` (``[v6]:port`` for an IPv6 host)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@implementer(IStreamClientEndpoint)
+class AddressEndpoint:
+    """Dials whatever ``address()`` says at each connect (``host:port``): a peer that
+    may move between connects, such as a master found through its address file.  An
+    address that cannot be had fails the connect with ConnectionError."""
+
+    def __init__(self, endpoint_for: EndpointFor, address: Callable[[], str]) -> None:
+        self.endpoint_for = endpoint_for
+        self.address = address
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        """Connect ``factory`` to the address as it is now."""
+        try:
+            host, port = split_addr(self.address())
+        except (OSError, ValueError) as e:
+            return fail(ConnectionError(f"no address to dial: {e}"))
+        return self.endpoint_for(host, port).connect(factory)  # type: ignore[no-any-return]
 
 
 def tune_socket(transport: Any) -> None:
@@ -183,10 +208,12 @@ class Links:
 
 
 __all__ = [
+    "AddressEndpoint",
     "ConnectionLost",
     "EndpointFor",
     "LinkFactory",
     "Links",
+    "join_addr",
     "split_addr",
     "tcp_endpoint_for",
     "tune_socket",

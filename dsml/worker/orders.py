@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IPullProducer
 from twisted.logger import Logger
-from zope.interface import implementer
+from twisted.python.failure import Failure
 
 from ..errors import DsmlError
 from ..net.connection import Connection
@@ -24,9 +23,6 @@ from ..protocol.methods import ALL_ROLES, Role, worker_order_methods
 from .storage import StorageHandler
 
 log = Logger()
-
-#: Bytes read from disk per step when pushing a replica to another worker.
-PUSH_CHUNK = 1024 * 1024
 
 _MASTER = frozenset({Role.MASTER})
 
@@ -82,54 +78,24 @@ class WorkerOrders:
         else:
             d = self.links.open(to)
             d.addCallback(_push_file, headers, body, entry.size)
+            d.addErrback(_closing, body)  # the link never opened: the file is still open
         return d.addCallback(lambda r: Reply({"Replicas": r.headers.get("replicas", "1")}))
+
+
+def _closing(failure: Failure, body: IO[bytes]) -> Failure:
+    body.close()
+    return failure
 
 
 def _push_file(
     link: Connection, headers: dict[str, object], body: IO[bytes], size: int
 ) -> Deferred[Response]:
-    reply = link.request("file_upload", headers, size)
-    producer = _FilePusher(link, body, size)
-    # An empty file has no bytes to push: no producer (its first read of 0 bytes would
-    # look like a file that shrank).
-    if size:
-        link.transport.registerProducer(producer, False)  # type: ignore[union-attr]
+    """Stream the open ``body`` (``size`` bytes) to the link's server, then close both."""
+    reply = link.request_file("file_upload", headers, body, size)
 
     def done(result: Any) -> Any:
-        producer.stopProducing()
+        body.close()
         link.transport.loseConnection()  # type: ignore[union-attr]
         return result
 
     return reply.addBoth(done)
-
-
-@implementer(IPullProducer)
-class _FilePusher:
-    """Writes ``size`` bytes of a file to a link as its transport asks for them."""
-
-    def __init__(self, link: Connection, body: IO[bytes], size: int) -> None:
-        self.link = link
-        self.body: IO[bytes] | None = body
-        self.remaining = size
-
-    def resumeProducing(self) -> None:
-        if self.body is None:
-            return
-        chunk = self.body.read(min(PUSH_CHUNK, self.remaining))
-        if not chunk:
-            # The file shrank under us: the promised length cannot be met.
-            self.stopProducing()
-            self.link.transport.abortConnection()  # type: ignore[union-attr]
-            return
-        self.remaining -= len(chunk)
-        self.link.transport.write(chunk)  # type: ignore[union-attr]
-        if self.remaining == 0:
-            self.stopProducing()
-
-    def stopProducing(self) -> None:
-        if self.body is not None:
-            self.body.close()
-            self.body = None
-            transport = self.link.transport
-            if getattr(transport, "producer", None) is self:
-                transport.unregisterProducer()  # type: ignore[union-attr]

@@ -2,22 +2,18 @@
 
 The :class:`~dsml.worker.tasks.TaskManager` runs the processes; this module connects it
 to the master link (orders down, results up, re-sent after a reconnect until the master
-acknowledges them) and to the cluster's store (inputs and outputs).  The orders and
-``task_log`` are answered by :class:`TaskOrders` and :class:`TaskLogs`, which declare who
-may call them.
+acknowledges them).  Its inputs and outputs move through :mod:`dsml.worker.transfers`.
+The orders and ``task_log`` are answered by :class:`TaskOrders` and :class:`TaskLogs`,
+which declare who may call them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -27,70 +23,20 @@ from ..net.responders import Reply, responder
 from ..protocol.codec import Head
 from ..protocol.methods import Role
 from .link import MasterSession
-from .tasks import AttemptResult, AttemptSpec, TaskError, TaskManager
+from .tasks import AttemptResult, AttemptSpec, InputVersion, TaskError, TaskManager
 
 log = Logger()
 
 #: Most bytes of a task log one ``task_log`` request returns.
 LOG_CHUNK = 1024 * 1024
 
-#: How long a task's input or output transfer is retried when the master or a worker
-#: cannot be reached (a restart), before the attempt fails.
-TRANSFER_RETRY_FOR = 60.0
-
-#: Error codes worth another try of a transfer.
-_RETRYABLE = frozenset({"connection", "unavailable", "no-workers", "busy", "timeout"})
-
 #: Seconds a batch of results may wait before it goes to the master.
 RESULT_DELAY = 0.0
 
 
-class ClusterTransfers:
-    """Task inputs and outputs through the cluster (the blocking client, in threads).
-
-    ``master`` gives the master's (host, port) at the time of the call.
-    """
-
-    def __init__(
-        self, reactor: Any, master: Callable[[], tuple[str, int]], token: str | None
-    ) -> None:
-        self.reactor = reactor
-        self.master = master
-        self.token = token
-
-    def _in_thread(self, fn: Callable[[Any], Any]) -> Deferred[Any]:
-        from ..client import ClusterClient
-
-        def work() -> Any:
-            # A master restart or a worker going away must not fail a task that ran
-            # fine: retry what a later try can mend, with backoff, for a bounded time.
-            deadline = time.monotonic() + TRANSFER_RETRY_FOR
-            delay = 0.2
-            while True:
-                try:
-                    host, port = self.master()
-                    with ClusterClient(host, port, self.token, name="dsml-worker-task") as c:
-                        return fn(c)
-                except (DsmlError, OSError) as e:
-                    code = getattr(e, "code", "connection")
-                    if code not in _RETRYABLE or time.monotonic() + delay > deadline:
-                        raise
-                    time.sleep(delay)  # a pool thread, not the reactor
-                    delay = min(delay * 2, 5.0)
-
-        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), work)
-
-    def fetch(self, key: str, dest: Path) -> Deferred[None]:
-        """Download ``key`` to ``dest`` (temp file + rename, checksum checked)."""
-        return self._in_thread(lambda c: c.download(key, dest, fsync=False))
-
-    def store(self, src: Path, key: str) -> Deferred[None]:
-        """Upload ``src`` as ``key`` with the cluster's replication."""
-        return self._in_thread(lambda c: c.upload(src, key))
-
-
 def spec_from_json(payload: bytes) -> AttemptSpec:
-    """The AttemptSpec of a ``run`` order."""
+    """The AttemptSpec of a ``run`` order (``versions``, the inputs' current versions,
+    may be absent: a master that does not send them makes every input a download)."""
     try:
         d = json.loads(payload)
         return AttemptSpec(
@@ -103,6 +49,10 @@ def spec_from_json(payload: bytes) -> AttemptSpec:
             outputs=tuple((str(p), str(k)) for p, k in d.get("outputs", ())),
             slots=int(d.get("slots", 1)),
             timeout=None if d.get("timeout") is None else float(d["timeout"]),
+            versions=tuple(
+                (str(k), InputVersion(int(v["version"]), str(v["sha256"])))
+                for k, v in dict(d.get("versions") or {}).items()
+            ),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise DsmlError(f"malformed run order: {e}", "bad-task") from None

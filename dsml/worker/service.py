@@ -1,4 +1,5 @@
-"""Wiring of a worker process: its store, its storage server, its link to the master."""
+"""Wiring of a worker process: its store, its storage server, its link to the master, its
+client of the cluster (for its tasks' inputs and outputs)."""
 
 from __future__ import annotations
 
@@ -10,24 +11,23 @@ from typing import Any
 import attrs
 from twisted.application import service
 from twisted.application.internet import TimerService
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from ..config import MASTER_ADDR_FILE, WORKER_ADDR_FILE, Config
+from ..net.cluster_client import AsyncClusterClient
 from ..net.limits import Limits
-from ..net.links import EndpointFor, Links, tcp_endpoint_for
+from ..net.links import AddressEndpoint, EndpointFor, Links, join_addr, tcp_endpoint_for
 from ..net.listen import ListenService, read_addr_file
 from ..net.server import ServerFactory
 from ..protocol.methods import Role
 from .link import MasterLink, StoreReports, WorkerInfo
 from .orders import WorkerOrders, order_responders
-from .runner import ClusterTransfers, MakeTasks, TaskLogs, TaskOrders, WorkerJobs
+from .runner import OnResult, TaskLogs, TaskOrders, WorkerJobs
 from .storage import RunInThread, StorageHandler, storage_responders
 from .store import Store
 from .tasks import TaskManager
+from .transfers import TaskTransfers
 
 #: The file, under a worker's data_dir, that says where its storage server listens.
 ADDR_FILE = WORKER_ADDR_FILE
@@ -70,28 +70,6 @@ class _StoreSyncService(TimerService):
         return super().stopService()
 
 
-@implementer(IStreamClientEndpoint)
-class MasterEndpoint:
-    """Where the master is: the config's address, or (port 0, a local cluster) the
-    address its addr file says, read again at every attempt since it may move."""
-
-    def __init__(self, reactor: Any, host: str, port: int, addr_file: Any) -> None:
-        self.reactor = reactor
-        self.host = host
-        self.port = port
-        self.addr_file = addr_file
-        self._tcp = tcp_endpoint_for(reactor)
-
-    def connect(self, factory: Any) -> Deferred[Any]:
-        host, port = self.host, self.port
-        if port == 0:
-            try:
-                host, port = read_addr_file(self.addr_file)
-            except (OSError, ValueError):
-                return fail(ConnectionError(f"master address file {self.addr_file} not there"))
-        return self._tcp(host, port).connect(factory)  # type: ignore[no-any-return]
-
-
 @attrs.define
 class Worker:
     """The parts of one worker process, wired together (see :func:`build_worker`)."""
@@ -107,6 +85,15 @@ class Worker:
     service: service.MultiService
     #: The job side (None when the worker runs no tasks, as in storage-only tests).
     jobs: Any = None
+    #: The worker's client of the cluster (its tasks' inputs and outputs).
+    client: AsyncClusterClient | None = None
+    #: Its tasks' inputs and outputs: local copies, downloads, uploads, retries.
+    transfers: TaskTransfers | None = None
+
+
+#: Builds the task manager, given the callback for its results and the transfers of its
+#: inputs and outputs (production: a TaskManager; the simulation: its fake one).
+MakeTaskRunner = Callable[[OnResult, TaskTransfers], TaskManager]
 
 
 def build_worker(
@@ -114,7 +101,7 @@ def build_worker(
     store: Store,
     clock: Any,
     endpoint_for: EndpointFor,
-    master_endpoint: IStreamClientEndpoint,
+    master_addr: Callable[[], str],
     token: str | None,
     info: WorkerInfo,
     value_max: int,
@@ -124,26 +111,34 @@ def build_worker(
     listen: Callable[[ServerFactory, MasterLink], service.IService],
     free_disk: Callable[[], int] | None = None,
     retry_policy: Callable[[int], float] | None = None,
-    tasks: MakeTasks | None = None,
+    tasks: MakeTaskRunner | None = None,
 ) -> Worker:
     """Wire a worker over an open ``store``: no reactor, sockets or threads of its own.
 
-    ``endpoint_for`` opens links to other workers, ``master_endpoint`` reaches the
-    master, ``run_in_thread`` runs blocking store work (a thread pool in production,
-    inline in the simulation), and ``listen(factory, master_link)`` makes the service
-    that serves ``factory`` to clients.  ``tasks(on_result)`` builds the task manager
-    (without it the worker runs no tasks).  :func:`make_worker_service` passes the real
-    ones; :mod:`dsml.testing.sim` passes in-memory ones on a fake clock.
+    ``endpoint_for`` opens links (to other workers, and to the master at the address
+    ``master_addr()`` says at each connect), ``run_in_thread`` runs blocking store work
+    (a thread pool in production, inline in the simulation), and
+    ``listen(factory, master_link)`` makes the service that serves ``factory`` to
+    clients.  ``tasks(on_result, transfers)`` builds the task manager (without it the
+    worker runs no tasks).  :func:`make_worker_service` passes the real ones;
+    :mod:`dsml.testing.sim` passes in-memory ones on a fake clock.
 
-    Everything is built in dependency order, each part with what it needs: the store's
-    reports to the master first (the storage server tells them of every change), the
-    master link last (it answers the master's orders and tells the reports and the jobs
-    of each registration).
+    Everything is built in dependency order, each part with what it needs: the links
+    first, then the cluster client over them and the tasks' transfers over the client
+    and the store; the store's reports to the master (the storage server tells them of
+    every change); the master link last (it answers the master's orders and tells the
+    reports and the jobs of each registration).
     """
     name = info.name
-    jobs = WorkerJobs(clock, tasks) if tasks is not None else None
     links = Links(
         clock, endpoint_for, token, name=f"worker {name}", peer_roles=frozenset({Role.WORKER})
+    )
+    client = AsyncClusterClient(master_addr, links, clock)
+    transfers = TaskTransfers(client, store, clock, run_in_thread)
+    jobs = (
+        WorkerJobs(clock, lambda on_result: tasks(on_result, transfers))
+        if tasks is not None
+        else None
     )
     reports = StoreReports(clock)
     handler = StorageHandler(store, run_in_thread, links=links, on_change=reports.report)
@@ -157,7 +152,7 @@ def build_worker(
         }
     master = MasterLink(
         clock=clock,
-        endpoint=master_endpoint,
+        endpoint=AddressEndpoint(endpoint_for, master_addr),
         token=token,
         info=info,
         store=store,
@@ -190,7 +185,9 @@ def build_worker(
     master.setServiceParent(top)
     if jobs is not None and jobs.tasks is not None:
         _TasksService(jobs.tasks).setServiceParent(top)
-    return Worker(name, store, links, handler, orders, master, factory, top, jobs)
+    return Worker(
+        name, store, links, handler, orders, master, factory, top, jobs, client, transfers
+    )
 
 
 def make_worker_service(config: Config, name: str, reactor: Any) -> service.MultiService:
@@ -217,17 +214,19 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
 
     master_addr_file = config.master.state_dir / MASTER_ADDR_FILE
 
-    def master_addr() -> tuple[str, int]:
+    def master_addr() -> str:
+        # The config's address, or (port 0, a local cluster) what the master's address
+        # file says now: read again at every connect, since the master may move.
         if config.master.port:
-            return config.master.host, config.master.port
-        return read_addr_file(master_addr_file)
+            return join_addr(config.master.host, config.master.port)
+        return join_addr(*read_addr_file(master_addr_file))
 
-    def make_tasks(on_result: Callable[[Any], None]) -> TaskManager:
+    def make_tasks(on_result: OnResult, transfers: TaskTransfers) -> TaskManager:
         return TaskManager(
             reactor,
             slots=wc.slots,
             work_dir=wc.data_dir / "tasks",
-            transfers=ClusterTransfers(reactor, master_addr, cc.token),
+            transfers=transfers,
             on_result=on_result,
         )
 
@@ -236,10 +235,7 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         store=store,
         clock=reactor,
         endpoint_for=tcp_endpoint_for(reactor),
-        master_endpoint=MasterEndpoint(
-            reactor, config.master.host, config.master.port,
-            config.master.state_dir / MASTER_ADDR_FILE,
-        ),
+        master_addr=master_addr,
         token=cc.token,
         info=WorkerInfo(
             name, wc.host, wc.port, wc.slots, boot=f"{os.getpid()}-{secrets.token_hex(4)}"

@@ -3,9 +3,10 @@
 Layer 3 of the test plan (see ``design.md``): a real master and real workers (the
 production wiring of :func:`dsml.master.service.build_master` and
 :func:`dsml.worker.service.build_worker`: SQLite state, stores on disk, storage servers,
-orders, the link to the master with its heartbeats and backoff) and an asynchronous
-client, all driven by one :class:`twisted.internet.task.Clock`.  Nothing touches the
-real reactor, a socket or a thread, so a run is fast and repeats exactly.
+orders, the link to the master with its heartbeats and backoff, the worker's own cluster
+client) and clients (the production async client), all driven by one
+:class:`twisted.internet.task.Clock`.  Nothing touches the real reactor, a socket or a
+thread, so a run is fast and repeats exactly.
 
 Faults are injected with the network (:class:`FakeNetwork`: cut a link, crash a node,
 make a node silent) and with the cluster (:class:`SimCluster`: kill, silence, restart a
@@ -37,15 +38,23 @@ environment) on its worker's clock, so it dies with its worker::
 
 The rooms: :mod:`.network` (the in-memory TCP and its faults), :mod:`.process` (a
 process's clock, inline threads, listening), :mod:`.tasks` (the fake task runner),
-:mod:`.cluster` (:class:`SimCluster`), :mod:`.client` (:class:`SimClient`).  Every public
-name is importable from here.
+:mod:`.cluster` (:class:`SimCluster`).  Its clients are the production async client,
+:class:`dsml.net.cluster_client.AsyncClusterClient` (here also named :data:`SimClient`), over
+the simulated network.  Every public name is importable from here.
 """
 
 from __future__ import annotations
 
 from ...errors import ConnectionLost
-from .client import TRY_NEXT, UPLOAD_CHUNK, SimClient
-from .cluster import MASTER_HOST, MASTER_PORT, FailureLog, ResultSeen, SimCluster, SimTimeout
+from .cluster import (
+    MASTER_HOST,
+    MASTER_PORT,
+    FailureLog,
+    ResultSeen,
+    SimClient,
+    SimCluster,
+    SimTimeout,
+)
 from .network import (
     HIGH_WATER,
     MAX_ROUNDS,
@@ -67,8 +76,6 @@ __all__ = [
     "MASTER_PORT",
     "MAX_ROUNDS",
     "SIGTERM",
-    "TRY_NEXT",
-    "UPLOAD_CHUNK",
     "Connection",
     "ConnectionLost",
     "FailureLog",

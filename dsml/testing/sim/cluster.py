@@ -4,7 +4,8 @@ Owns :class:`SimCluster` (starting, killing, silencing and restarting the master
 workers; moving time; looking inside them), :class:`SimTimeout`, :class:`ResultSeen` (what
 the master made of each task result) and :class:`FailureLog` (the ``log.failure`` events of
 a run).  The network is :mod:`.network`, a process's clock :mod:`.process`, the task runner
-:mod:`.tasks`; clients come from :mod:`.client`.
+:mod:`.tasks`; clients are :class:`~dsml.net.cluster_client.AsyncClusterClient` on the
+simulated network (:meth:`SimCluster.client`).
 """
 
 from __future__ import annotations
@@ -27,19 +28,23 @@ from ...master.jobs import JobManager, JobView
 from ...master.membership import ALIVE
 from ...master.service import Master, build_master
 from ...master.state import MasterState
-from ...net.links import USER_TIMEOUT_MS
+from ...net.cluster_client import AsyncClusterClient
+from ...net.links import USER_TIMEOUT_MS, Links
 from ...net.server import ServerLimits
 from ...protocol.limits import DEFAULT_VALUE_MAX
 from ...worker.link import RETRY_FACTOR, RETRY_INITIAL, RETRY_MAX, MasterLink, WorkerInfo
 from ...worker.service import Worker, build_worker
 from ...worker.store import IndexEntry, Store
 from ...worker.tasks import AttemptResult
-from .client import SimClient
+from ...worker.transfers import TaskTransfers
 from .network import FakeNetwork
 from .process import NetListen, ProcessClock, run_inline
 from .tasks import FakeTaskManager, Orphan, Script, TaskEvent, default_script
 
 T = TypeVar("T")
+
+#: The simulation's clients are the production async client (the name tests know).
+SimClient = AsyncClusterClient
 
 #: Where the master listens in a simulated cluster; workers get the next ports in order.
 MASTER_HOST = "master"
@@ -272,7 +277,9 @@ class SimCluster:
         slots = self.worker_slots(name)
         orphans = self._orphans.pop(name, [])
 
-        def make_runner(on_result: Callable[[AttemptResult], None]) -> FakeTaskManager:
+        def make_runner(
+            on_result: Callable[[AttemptResult], None], transfers: TaskTransfers
+        ) -> FakeTaskManager:
             runner = FakeTaskManager(
                 clock,
                 name=name,
@@ -291,7 +298,7 @@ class SimCluster:
             store=store,
             clock=clock,
             endpoint_for=endpoint_for,
-            master_endpoint=endpoint_for(MASTER_HOST, MASTER_PORT),
+            master_addr=lambda: self.master_addr,
             token=self.token,
             info=WorkerInfo(name, name, self.ports[name], slots,
                             boot=f"sim-{next(self._boots)}"),
@@ -503,15 +510,16 @@ class SimCluster:
             if e.what == what and (job_id is None or e.job_id == job_id)
         ]
 
-    def client(self, name: str | None = None) -> SimClient:
-        """A new client node on the network."""
-        return SimClient(
+    def client(self, name: str | None = None) -> AsyncClusterClient:
+        """A new client node on the network: the production async client, over links
+        of its own, on the simulation's clock."""
+        links = Links(
             self.clock,
             self.net.endpoint_for(name or f"client{next(self._clients)}"),
-            self.master_addr,
             self.token,
-            name or "sim-client",
+            name=name or "sim-client",
         )
+        return AsyncClusterClient(lambda: self.master_addr, links, self.clock)
 
 
 __all__ = [
@@ -519,6 +527,7 @@ __all__ = [
     "MASTER_PORT",
     "FailureLog",
     "ResultSeen",
+    "SimClient",
     "SimCluster",
     "SimTimeout",
 ]

@@ -129,7 +129,9 @@ class FakeTaskManager(AttemptLedger):
     on the worker's :class:`ProcessClock` (so a killed worker's attempts die with it), is
     killed at its ``timeout``, ends a ``kill_delay`` after :meth:`cancel`, and then
     reports through ``on_result`` like the real one.  Its inputs and outputs are not
-    moved, only recorded (:attr:`inputs`, :attr:`outputs`); its logs are real files.
+    moved, only recorded (:attr:`inputs`, :attr:`outputs`, the whole :attr:`specs`;
+    the worker's real transfers can stage them: ``SimCluster.workers[name].transfers``);
+    its logs are real files.
     Every start, cancel and end is appended to ``events``.
     """
 
@@ -163,6 +165,8 @@ class FakeTaskManager(AttemptLedger):
         #: Inputs and outputs of every attempt started, by attempt id.
         self.inputs: dict[int, tuple[tuple[str, str], ...]] = {}
         self.outputs: dict[int, tuple[tuple[str, str], ...]] = {}
+        #: The spec of every attempt started (as the run order said), by attempt id.
+        self.specs: dict[int, AttemptSpec] = {}
         self._active: dict[int, _FakeAttempt] = {}
         self._results: dict[int, AttemptResult] = {}
         self._kept: set[int] = set()
@@ -196,6 +200,7 @@ class FakeTaskManager(AttemptLedger):
         self._begin(att)
         self.inputs[aid] = spec.inputs
         self.outputs[aid] = spec.outputs
+        self.specs[aid] = spec
         d = self.work_dir / str(aid)
         d.mkdir(parents=True, exist_ok=True)
         (d / STDOUT_NAME).write_bytes(run.stdout)

@@ -74,9 +74,9 @@ DRAIN_TIMEOUT = 2.0
 #: that never acknowledges must not grow the worker without bound).
 MAX_UNACKED = 10_000
 
-#: Per-attempt debug lines (accepted, started, ended ok) only with DSML_TRACE=1: twistd
-#: writes debug events too, and three formatted lines per task were a measurable part of
-#: a worker's CPU on arrays of short tasks.
+#: Per-attempt debug lines (accepted, inputs staged, started, ended ok) only with
+#: DSML_TRACE=1: twistd writes debug events too, and three formatted lines per task were a
+#: measurable part of a worker's CPU on arrays of short tasks.
 TRACE = os.environ.get("DSML_TRACE") == "1"
 
 
@@ -332,10 +332,17 @@ class TaskManager(AttemptLedger):
                     d.cancel()
                     d.addErrback(lambda _: None)
                 return f"input {key!r} cannot go to {rel!r}: {e.strerror or e}"
-            fetches.append(maybeDeferred(self.transfers.fetch, key, dest))
+            current = att.spec.version_of(key)
+            fetches.append(maybeDeferred(self.transfers.fetch, key, dest, current))
         att.pending = fetches
+        staging = time.monotonic()
         results = await DeferredList(fetches, consumeErrors=True)
         att.pending = []
+        if TRACE:
+            log.debug(
+                "attempt {attempt} staged {n} inputs in {seconds:.6f} s",
+                attempt=att.spec.attempt_id, n=len(fetches), seconds=time.monotonic() - staging,
+            )
         for (key, _), (ok, value) in zip(att.spec.inputs, results, strict=True):
             if ok:
                 continue

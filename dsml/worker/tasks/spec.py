@@ -33,6 +33,16 @@ class TaskError(DsmlError):
 
 
 @attrs.frozen
+class InputVersion:
+    """The version of an input key the cluster has current, as the master said when it
+    dispatched the attempt: a copy in this worker's own store at exactly this version
+    (and checksum) is the input, and is staged without asking anyone."""
+
+    version: int
+    sha256: str
+
+
+@attrs.frozen
 class AttemptSpec:
     """What the master sends for one attempt of a task.
 
@@ -41,6 +51,8 @@ class AttemptSpec:
     :param outputs: ``(relative path, key)`` pairs, uploaded after the command exits 0.
     :param timeout: seconds from spawn to SIGTERM (then SIGKILL after the grace period);
         ``None`` for no limit.  Staging inputs and uploading outputs do not count.
+    :param versions: ``(key, InputVersion)`` pairs: the current version of each input the
+        master knew of at dispatch (an input it did not name is staged from the network).
     """
 
     attempt_id: int
@@ -52,6 +64,14 @@ class AttemptSpec:
     outputs: tuple[tuple[str, str], ...] = ()
     slots: int = 1
     timeout: float | None = None
+    versions: tuple[tuple[str, InputVersion], ...] = ()
+
+    def version_of(self, key: str) -> InputVersion | None:
+        """The current version of input ``key`` the master named, or None."""
+        for k, v in self.versions:
+            if k == key:
+                return v
+        return None
 
 
 @attrs.frozen
@@ -96,11 +116,13 @@ class AttemptResult:
 class Transfers(Protocol):
     """How inputs and outputs move between the cluster's store and an attempt directory."""
 
-    def fetch(self, key: str, dest: Path) -> Deferred[None]:
+    def fetch(self, key: str, dest: Path, current: InputVersion | None = None) -> Deferred[None]:
         """Write the stored file ``key`` to ``dest`` (its directory exists).
 
-        Fail with an error whose ``code`` is ``"not-found"`` (:class:`~dsml.errors.NotFound`,
-        the store's ``NotFound``) if there is no such key; cancelling should stop the transfer.
+        ``current`` is the version the cluster holds as current, when the master said
+        (a local copy at that version may be used).  Fail with an error whose ``code``
+        is ``"not-found"`` (:class:`~dsml.errors.NotFound`, the store's ``NotFound``) if
+        there is no such key; cancelling should stop the transfer.
         """
         ...
 

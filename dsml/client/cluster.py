@@ -1,0 +1,397 @@
+"""A blocking client of a whole cluster (``ClusterClient``) and its jobs (``Job``).
+
+It asks the master where, and moves the bytes straight to and from the workers with one
+:class:`~dsml.client.server.Client` per server: uploads as a pipeline, reads failing over
+between replicas.  For users and the ``dsml`` command; the cluster's own nodes use the
+async client (:mod:`dsml.net.cluster_client`), never this one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from typing import IO, Any
+
+from ..errors import ChecksumMismatch, ConnectionLost, DsmlError
+from ..protocol import replies
+from ..protocol.replies import TRY_NEXT, Entry, ListedKey, Located, Node, Stored, job_body
+from .server import Client, Progress
+
+
+class ClusterClient:
+    """A blocking client of a whole cluster: asks the master where, moves bytes with workers.
+
+    Uploads go to the placed workers as a pipeline (the first passes the stream on) and
+    are recorded with the master before they are acknowledged; reads fail over to the
+    next replica when one is down or returns bytes with the wrong checksum (and tell
+    the master about the corrupt copy).  Same method names as :class:`Client`.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str | None = None,
+        timeout: float | None = 60.0,
+        name: str = "dsml-python",
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.token = token
+        self.timeout = timeout
+        self.name = name
+        self.master = Client(host, port, token, timeout, name)
+        self._workers: dict[str, Client] = {}
+
+    @classmethod
+    def from_config(
+        cls,
+        config: str | os.PathLike[str] | None = None,
+        *,
+        token: str | None = None,
+        timeout: float | None = 60.0,
+        name: str = "dsml-python",
+    ) -> ClusterClient:
+        """Connect to the master of the cluster a config file describes.
+
+        The file is found as the ``dsml`` command finds it: ``config``, else
+        $DSML_CONFIG, else ``etc/dsml.yaml`` in the working directory.  The token is
+        ``token``, else $DSML_TOKEN, else the config's.
+        """
+        from ..config import MASTER_ADDR_FILE, find_config, load_config, read_address
+
+        path = find_config(config)
+        if path is None:
+            raise DsmlError(
+                "no cluster config: pass one, set DSML_CONFIG or run where etc/dsml.yaml is",
+                "config",
+            )
+        loaded = load_config(path)
+        m = loaded.master
+        host, port = read_address("the master", m.host, m.port, m.state_dir / MASTER_ADDR_FILE)
+        if token is None:
+            token = os.environ.get("DSML_TOKEN") or loaded.cluster.token
+        return cls(host, port, token, timeout, name)
+
+    def close(self) -> None:
+        """Close every connection."""
+        self.master.close()
+        for c in self._workers.values():
+            c.close()
+        self._workers.clear()
+
+    def __enter__(self) -> ClusterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _worker(self, addr: str) -> Client:
+        c = self._workers.get(addr)
+        if c is None or c._sock is None:
+            host, _, port = addr.rpartition(":")
+            c = Client(host.strip("[]"), int(port), self.token, self.timeout, self.name)
+            self._workers[addr] = c
+        return c
+
+    def _drop_worker(self, addr: str) -> None:
+        c = self._workers.pop(addr, None)
+        if c is not None:
+            c.close()
+
+    # -- where ------------------------------------------------------------------------
+
+    def place(self, key: str, size: int) -> tuple[int, list[tuple[str, str]]]:
+        """The master's version for a new write of ``key`` and the workers to write to."""
+        head, _ = self.master.call("place", {"Key": key, "Size": size})
+        return int(head.headers["version"]), replies.workers(head.headers["workers"])
+
+    def locate(self, key: str) -> Located:
+        """Where ``key``'s current version lives."""
+        head, _ = self.master.call("locate", {"Key": key})
+        return replies.located(key, head.headers)
+
+    def _commit(self, key: str, stored: Stored, workers: list[tuple[str, str]]) -> None:
+        self.master.call(
+            "commit",
+            {
+                "Key": key,
+                "Size": stored.size,
+                "Sha256": stored.sha256,
+                "Version": stored.version,
+                "Workers": ",".join(name for name, _ in workers),
+            },
+        )
+
+    # -- writes -----------------------------------------------------------------------
+
+    def upload(
+        self,
+        source: str | os.PathLike[str] | IO[bytes],
+        key: str,
+        progress: Progress | None = None,
+    ) -> Stored:
+        """Upload a file to the placed workers (a pipeline); acknowledged once every one
+        has it durably and the master has recorded it."""
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                return self.upload(f, key, progress)
+        size = os.fstat(source.fileno()).st_size - source.tell()
+        version, workers = self.place(key, size)
+        first, rest = workers[0][1], ",".join(addr for _, addr in workers[1:])
+        try:
+            stored = self._worker(first).upload(source, key, progress, None, version, rest)
+        except ConnectionLost:
+            self._drop_worker(first)
+            raise
+        self._commit(key, stored, workers)
+        return stored
+
+    def set(self, key: str, value: bytes) -> Stored:
+        """Store a small value on the placed workers."""
+        version, workers = self.place(key, len(value))
+        first, rest = workers[0][1], ",".join(addr for _, addr in workers[1:])
+        try:
+            stored = self._worker(first).set(key, value, version, rest)
+        except ConnectionLost:
+            self._drop_worker(first)
+            raise
+        self._commit(key, stored, workers)
+        return stored
+
+    def delete(self, key: str) -> int:
+        """Delete ``key`` everywhere; returns the version deleted."""
+        head, _ = self.master.call("remove", {"Key": key})
+        return int(head.headers["version"])
+
+    # -- reads ------------------------------------------------------------------------
+
+    def _each_replica(self, key: str) -> Iterator[tuple[str, Client]]:
+        """Yield (worker, client) for each replica in turn, until the caller stops."""
+        located = self.locate(key)
+        last: DsmlError | None = None
+        for name, addr in located.replicas:
+            try:
+                client = self._worker(addr)
+            except ConnectionLost as e:
+                last = e
+                continue
+            yield name, client
+        raise last or DsmlError(f"no replica of {key!r} could be read", "unavailable")
+
+    def get(self, key: str) -> bytes:
+        """The value of ``key``, from the first replica that answers."""
+        for _name, client in self._each_replica(key):
+            try:
+                return client.get(key)
+            except DsmlError as e:
+                if e.code not in TRY_NEXT:
+                    raise
+                if isinstance(e, ConnectionLost):
+                    self._drop_worker(f"{client.host}:{client.port}")
+        raise AssertionError("unreachable")  # _each_replica raises when it runs out
+
+    def download(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        progress: Progress | None = None,
+        fsync: bool = True,
+    ) -> Entry:
+        """Download ``key`` to ``path`` (temp file + rename), failing over between
+        replicas; a copy with a bad checksum is reported to the master."""
+        for name, client in self._each_replica(key):
+            try:
+                return client.download(key, path, progress, fsync)
+            except ChecksumMismatch:
+                self.master.call("corrupt", {"Key": key, "Worker": name})
+            except DsmlError as e:
+                if e.code not in TRY_NEXT:
+                    raise
+                self._drop_worker(f"{client.host}:{client.port}")
+        raise AssertionError("unreachable")
+
+    def download_to(self, key: str, out: IO[bytes], progress: Progress | None = None) -> Entry:
+        """Stream ``key`` into an open file (no failover once bytes were written)."""
+        start = out.tell() if out.seekable() else None
+        for _name, client in self._each_replica(key):
+            try:
+                return client.download_to(key, out, progress)
+            except ConnectionLost:
+                if start is None or out.tell() != start:
+                    raise  # bytes already went out: another replica cannot mend that
+                self._drop_worker(f"{client.host}:{client.port}")
+        raise AssertionError("unreachable")
+
+    def stat(self, key: str) -> Entry:
+        """Describe ``key``'s current version, its kind as a replica holding it says.
+
+        The master's directory knows size, checksum and version; a file or a value is
+        the storing worker's to say, so the first replica that answers is asked (the
+        kind is "unknown" when none does).
+        """
+        located = self.locate(key)
+        kind = "unknown"
+        for _name, addr in located.replicas:
+            try:
+                entry = self._worker(addr).stat(key)
+            except DsmlError as e:
+                if e.code not in TRY_NEXT:
+                    raise
+                if isinstance(e, ConnectionLost):
+                    self._drop_worker(addr)
+                continue
+            if entry.version == located.version:
+                kind = entry.kind
+                break
+        return Entry(key, kind, located.size, located.sha256, located.version)
+
+    def list(self, prefix: str = "", page: int = 1000) -> Iterator[ListedKey]:
+        """Every key under ``prefix`` with its replicas, from the master's directory."""
+        after: str | None = None
+        while True:
+            headers: dict[str, object] = {"Limit": page}
+            if prefix:
+                headers["Prefix"] = prefix
+            if after is not None:
+                headers["After"] = after
+            head, body = self.master.call("list", headers)
+            for listed in replies.listed_keys(body):
+                yield listed
+                after = listed.key
+            if head.headers.get("more") != "1":
+                return
+
+    def nodes(self) -> list[Node]:
+        """Every worker the master knows, with its state."""
+        _, body = self.master.call("nodes", {})
+        return replies.nodes(body)
+
+    def ping(self) -> dict[str, str]:
+        """Round-trip to the master."""
+        return self.master.ping()
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def submit(
+        self,
+        command: list[str] | None = None,
+        *,
+        name: str = "",
+        tasks: list[dict[str, Any]] | None = None,
+        array: int = 1,
+        slots: int = 1,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        priority: int = 0,
+        after: list[str] | tuple[str, ...] = (),
+        inputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+        outputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> Job:
+        """Submit a job; returns its handle once the master has it durably.
+
+        Either ``command`` (run ``array`` times, each with its index in
+        ``DSML_TASK_INDEX``) or ``tasks``: a list of dicts with ``command`` and
+        optionally ``env``, ``inputs`` ([key, path]), ``outputs`` ([path, key]),
+        ``slots``, ``timeout``, ``max_attempts``.
+        """
+        body = job_body(
+            command, name=name, tasks=tasks, array=array, slots=slots, timeout=timeout,
+            max_attempts=max_attempts, priority=priority, after=after, inputs=inputs,
+            outputs=outputs, env=env,
+        )
+        head, _ = self.master.call("submit", {}, body)
+        return Job(self, head.headers["job"])
+
+    def jobs(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Recent jobs, newest first (JSON objects as ``dsml jobs`` shows them)."""
+        _, body = self.master.call("jobs", {"Limit": limit})
+        return [json.loads(line) for line in body.decode().splitlines() if line]
+
+    def job_status(self, job_id: str) -> dict[str, Any]:
+        """A job with its tasks and every attempt."""
+        _, body = self.master.call("status", {"Job": job_id})
+        return json.loads(body)  # type: ignore[no-any-return]
+
+    def cancel(self, job_id: str) -> int:
+        """Cancel a job; returns how many running attempts were told to stop."""
+        head, _ = self.master.call("cancel", {"Job": job_id})
+        return int(head.headers.get("killed", "0"))
+
+    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the job ends (or ``timeout`` seconds pass); returns its status."""
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = 60 if deadline is None else max(1, min(60, int(deadline - time.monotonic())))
+            head, body = self.master.call("wait", {"Job": job_id, "Timeout": step})
+            if head.headers.get("final") == "1":
+                return json.loads(body)  # type: ignore[no-any-return]
+            if deadline is not None and time.monotonic() >= deadline:
+                return json.loads(body)  # type: ignore[no-any-return]
+
+    def log_source(
+        self, job_id: str, task: int = 0, attempt: int | None = None
+    ) -> tuple[int, str, bool]:
+        """(attempt id, worker host:port, whether the attempt still runs) of a task's log."""
+        headers: dict[str, object] = {"Job": job_id, "Task": task}
+        if attempt is not None:
+            headers["Attempt"] = attempt
+        head, _ = self.master.call("logs", headers)
+        h = head.headers
+        return int(h["attempt"]), h["worker"].partition("=")[2], h["state"] == "running"
+
+    def read_log(
+        self, addr: str, attempt: int, stream: str = "stdout", offset: int = 0
+    ) -> tuple[bytes, int, bool]:
+        """(bytes from ``offset``, the log's size, still running) from the worker at ``addr``."""
+        head, body = self._worker(addr).call(
+            "task_log", {"Attempt": attempt, "Stream": stream, "Offset": offset}
+        )
+        return body, int(head.headers["size"]), head.headers.get("running") == "1"
+
+    def logs(
+        self, job_id: str, task: int = 0, attempt: int | None = None, stream: str = "stdout"
+    ) -> bytes:
+        """A task attempt's stdout or stderr (the last attempt by default), whole."""
+        attempt_id, addr, _ = self.log_source(job_id, task, attempt)
+        chunks, offset = [], 0
+        while True:
+            data, size, _ = self.read_log(addr, attempt_id, stream, offset)
+            chunks.append(data)
+            offset += len(data)
+            if not data or offset >= size:
+                return b"".join(chunks)
+
+
+class Job:
+    """A submitted job: ``wait()``, ``status()``, ``logs()``, ``cancel()``."""
+
+    def __init__(self, client: ClusterClient, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def status(self) -> dict[str, Any]:
+        """The job, its tasks and their attempts."""
+        return self.client.job_status(self.id)
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the job ends; returns its final status."""
+        return self.client.wait(self.id, timeout)
+
+    def logs(self, task: int = 0, attempt: int | None = None, stream: str = "stdout") -> bytes:
+        """A task's output (the last attempt by default)."""
+        return self.client.logs(self.id, task, attempt, stream)
+
+    def cancel(self) -> int:
+        """Stop every running attempt; nothing more of it runs."""
+        return self.client.cancel(self.id)
+
+
+__all__ = ["ClusterClient", "Job"]

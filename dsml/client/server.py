@@ -1,0 +1,377 @@
+"""A blocking connection to one dsml storage server (the seed's Client and RPC).
+
+One socket, one request at a time, the same sans-IO codec as the servers.  Kept lean on
+purpose: a value round trip is one ``sendall`` and usually one ``recv``.  Any method is
+reachable with :meth:`Client.call` (the seed's RPC ``call``); the typed methods are built
+on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import ChecksumMismatch, ConnectionLost, DsmlError
+from ..protocol import codec, replies
+from ..protocol.codec import END, NEED_DATA, Head, Parser, quick_response
+from ..protocol.replies import Entry, Stored
+
+#: Bytes per read and per send of a file transfer.
+CHUNK = 1024 * 1024
+
+#: Bytes asked of the socket per read outside a file transfer.  Asking for CHUNK on
+#: every small reply costs a large allocation per round trip.
+SMALL_READ = 64 * 1024
+
+Progress = Callable[[int], None]
+
+
+def _stored(key: str, head: Head) -> Stored:
+    return replies.stored(key, head.headers)
+
+
+def _error(head: Head) -> DsmlError:
+    return DsmlError(head.headers.get("message", "error"), head.headers.get("code", "internal"))
+
+
+class Client:
+    """A blocking connection to one dsml storage server.
+
+    Connects and authenticates at once; raises :class:`DsmlError` (``auth-failed``,
+    ``not-found``, ...) for error responses and :class:`ConnectionLost` when the server
+    cannot be reached or goes away.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str | None = None,
+        timeout: float | None = 60.0,
+        name: str = "dsml-python",
+    ) -> None:
+        self.host = host
+        self.port = port
+        try:
+            self._sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise ConnectionLost(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # whole=True: a small reply is one event (its payload inside the Head).
+        self._parser = Parser(codec.RESPONSE, whole=True)
+        self._next_id = 1
+        self._read_size = SMALL_READ
+        try:
+            self.call("auth", {"Token": token or "", "Client": name})
+        except BaseException:
+            self.close()
+            raise
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection."""
+        sock, self._sock = self._sock, None  # type: ignore[assignment]
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send_head(self, method: str, headers: dict[str, object], length: int) -> int:
+        req_id = self._next_id
+        self._next_id += 1
+        self._sendall(codec.encode_request(method, req_id, headers, length))
+        return req_id
+
+    def _sendall(self, data: bytes | memoryview) -> None:
+        if self._sock is None:
+            raise ConnectionLost("connection is closed")
+        try:
+            self._sock.sendall(data)
+        except OSError as e:
+            raise ConnectionLost(f"connection to {self.host}:{self.port} lost: {e}") from None
+
+    def _event(self) -> Any:
+        parser = self._parser
+        while True:
+            event = parser.next_event()
+            if event is not NEED_DATA:
+                return event
+            parser.feed(self._recv())
+
+    def _recv(self) -> bytes:
+        if self._sock is None:
+            raise ConnectionLost("connection is closed")
+        try:
+            data = self._sock.recv(self._read_size)
+        except OSError as e:
+            raise ConnectionLost(f"connection to {self.host}:{self.port} lost: {e}") from None
+        if not data:
+            raise ConnectionLost(f"{self.host}:{self.port} closed the connection")
+        return data
+
+    def _read_head(self, req_id: int) -> Head:
+        head = self._event()
+        if type(head) is not Head:
+            raise DsmlError(f"unexpected {head!r} from server", "bad-frame")
+        if head.id != req_id and head.id != 0:
+            raise DsmlError(f"response {head.id} does not answer request {req_id}", "bad-frame")
+        return head
+
+    def _read_payload(self, head: Head) -> bytes:
+        if head.body is not None:
+            return head.body
+        chunks = []
+        while True:
+            event = self._event()
+            if event is END:
+                return b"".join(chunks)
+            chunks.append(event.data)
+
+    def call(
+        self, method: str, headers: dict[str, object], payload: bytes = b""
+    ) -> tuple[Head, bytes]:
+        """Send one request and wait for its answer (the seed's RPC ``call``): the
+        response's head and payload, or the error response raised as :class:`DsmlError`.
+
+        For any method the server knows, headers and a small payload as the wire carries
+        them (docs/protocol.md); the typed methods below are built on it.
+        """
+        req_id = self._next_id
+        self._next_id += 1
+        self._sendall(codec.encode_request(method, req_id, headers, payload))
+        return self._answer(req_id)
+
+    def _key_call(self, method: str, key: str, payload: bytes = b"") -> tuple[Head, bytes]:
+        """call() for the commonest requests (a Key header only), cheaper."""
+        req_id = self._next_id
+        self._next_id += 1
+        self._sendall(codec.encode_key_request(method, req_id, key, payload))
+        return self._answer(req_id)
+
+    def _answer(self, req_id: int) -> tuple[Head, bytes]:
+        """Read the response to ``req_id``; raise its error."""
+        head = None
+        if self._parser.idle:
+            # Nothing buffered: a small reply usually comes whole in one read, and is
+            # decoded in one step (codec.quick_response); else the parser takes it.
+            data = self._recv()
+            head = quick_response(data)
+            if head is None:
+                self._parser.feed(data)
+            elif head.id != req_id and head.id != 0:
+                raise DsmlError(f"response {head.id} does not answer request {req_id}", "bad-frame")
+        if head is None:
+            head = self._read_head(req_id)
+        body = self._read_payload(head)
+        if not head.ok:
+            if head.id == 0 or head.headers.get("code") in ("auth-failed", "auth-required"):
+                self.close()
+            raise _error(head)
+        return head, body
+
+    # -- values -----------------------------------------------------------------------
+
+    def ping(self) -> dict[str, str]:
+        """Round-trip a no-op; returns the reply's headers."""
+        head, _ = self.call("ping", {})
+        return head.headers
+
+    def set(
+        self, key: str, value: bytes, version: int | None = None, forward: str = ""
+    ) -> Stored:
+        """Store a small value (up to the server's value_max) under ``key``.
+
+        ``version`` and ``forward`` are for cluster writes (see :class:`ClusterClient`):
+        the master's version, and the workers the server passes the value on to.
+        """
+        if version is None and not forward:
+            head, _ = self._key_call("value_upload", key, value)
+            return _stored(key, head)
+        headers: dict[str, object] = {"Key": key}
+        if version is not None:
+            headers["Version"] = version
+        if forward:
+            headers["Forward"] = forward
+        head, _ = self.call("value_upload", headers, value)
+        return _stored(key, head)
+
+    def get(self, key: str) -> bytes:
+        """Return the value stored under ``key``."""
+        return self._key_call("value_retrieve", key)[1]
+
+    def delete(self, key: str) -> int:
+        """Delete ``key``; return the version that was deleted."""
+        head, _ = self.call("delete", {"Key": key})
+        return int(head.headers["version"])
+
+    def stat(self, key: str) -> Entry:
+        """Describe ``key``."""
+        head, _ = self.call("stat", {"Key": key})
+        h = head.headers
+        return Entry(
+            key, h["kind"], int(h["size"]), h["sha256"], int(h["version"]), float(h["mtime"])
+        )
+
+    def list(self, prefix: str = "", page: int = 1000) -> Iterator[Entry]:
+        """Every key starting with ``prefix``, in UTF-8 byte order (fetched a page at a time)."""
+        after: str | None = None
+        while True:
+            headers: dict[str, object] = {"Limit": page}
+            if prefix:
+                headers["Prefix"] = prefix
+            if after is not None:
+                headers["After"] = after
+            head, body = self.call("list", headers)
+            for line in body.decode("utf-8").splitlines():
+                d = json.loads(line)
+                yield Entry(d["key"], d["kind"], d["size"], d["sha256"], d["version"], d["mtime"])
+                after = d["key"]
+            if head.headers.get("more") != "1":
+                return
+
+    # -- files ------------------------------------------------------------------------
+
+    def upload(
+        self,
+        source: str | os.PathLike[str] | IO[bytes],
+        key: str,
+        progress: Progress | None = None,
+        sha256: str | None = None,
+        version: int | None = None,
+        forward: str = "",
+    ) -> Stored:
+        """Stream a file to ``key``; hash it on the way and check the server's hash.
+
+        With ``sha256`` the server itself refuses bytes that do not match it.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                return self.upload(f, key, progress, sha256, version, forward)
+        f = source
+        size = os.fstat(f.fileno()).st_size - f.tell()
+        headers: dict[str, object] = {"Key": key}
+        if sha256 is not None:
+            headers["Sha256"] = sha256
+        if version is not None:
+            headers["Version"] = version
+        if forward:
+            headers["Forward"] = forward
+        req_id = self._send_head("file_upload", headers, size)
+        digest = hashlib.sha256()
+        remaining = size
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        try:
+            while remaining:
+                n = f.readinto(view[: min(CHUNK, remaining)])  # type: ignore[attr-defined]
+                if not n:
+                    self.close()  # the promised length cannot be sent: the framing is lost
+                    raise DsmlError(
+                        f"file shrank while uploading ({remaining} bytes missing)", "io"
+                    )
+                digest.update(view[:n])
+                self._sendall(view[:n])
+                remaining -= n
+                if progress is not None:
+                    progress(n)
+        except ConnectionLost:
+            # The server may have refused the upload and closed: prefer its reason.
+            try:
+                head = self._read_head(req_id)
+            except DsmlError:
+                raise
+            if not head.ok:
+                raise _error(head) from None
+            raise
+        head = self._read_head(req_id)
+        self._read_payload(head)
+        if not head.ok:
+            raise _error(head)
+        stored = _stored(key, head)
+        if stored.sha256 != digest.hexdigest():
+            raise ChecksumMismatch(
+                f"server stored sha256 {stored.sha256} for {key!r}, sent {digest.hexdigest()}"
+            )
+        return stored
+
+    def download_to(self, key: str, out: IO[bytes], progress: Progress | None = None) -> Entry:
+        """Stream ``key`` into an open binary file; raise ChecksumMismatch on a bad hash.
+
+        On a mismatch the bytes are already written: use :meth:`download` for a file
+        that only appears when it is whole and correct.
+        """
+        req_id = self._send_head("file_retrieve", {"Key": key}, 0)
+        head = self._read_head(req_id)
+        if not head.ok:
+            self._read_payload(head)
+            raise _error(head)
+        h = head.headers
+        if h.get("action") != "write-file":
+            raise DsmlError("server did not offer the file", "bad-frame")
+        digest = hashlib.sha256()
+        write = out.write
+        self._read_size = CHUNK
+        try:
+            whole = head.body
+            while True:
+                if whole is not None:  # small: it came whole with the head, no END
+                    data = whole
+                else:
+                    event = self._event()
+                    if event is END:
+                        break
+                    data = event.data
+                digest.update(data)
+                write(data)
+                if progress is not None:
+                    progress(len(data))
+                if whole is not None:
+                    break
+        finally:
+            self._read_size = SMALL_READ
+        entry = Entry(key, h["kind"], int(h["size"]), h["sha256"], int(h["version"]))
+        if digest.hexdigest() != entry.sha256:
+            raise ChecksumMismatch(
+                f"{key!r} arrived with sha256 {digest.hexdigest()}, expected {entry.sha256}"
+            )
+        return entry
+
+    def download(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        progress: Progress | None = None,
+        fsync: bool = True,
+    ) -> Entry:
+        """Download ``key`` to ``path``: a temporary file beside it, renamed when whole
+        and verified (the seed's write_to_file); nothing is left on any error."""
+        target = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                entry = self.download_to(key, out, progress)
+                out.flush()
+                if fsync:
+                    os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return entry
+
+
+__all__ = ["CHUNK", "SMALL_READ", "Client", "Progress"]

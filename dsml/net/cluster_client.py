@@ -1,0 +1,398 @@
+"""The async cluster client: the cluster's operations written once, over Twisted links.
+
+Owns :class:`AsyncClusterClient`, what :class:`dsml.client.ClusterClient` does for a user
+(ask the master where, move the bytes straight to and from workers), as Deferreds on a
+reactor: the worker stages its tasks' inputs and uploads their outputs with it, and the
+simulation's clients are this class over the in-memory network.
+
+- Writes: ``place`` with the master, then the bytes to the first placed worker with
+  ``Version`` and ``Forward`` naming the rest (a pipeline), hashed on the way and checked
+  against what the worker stored, then ``commit`` to the master.  A file is streamed from
+  disk by a pull producer (:meth:`~dsml.net.connection.Connection.request_file`), in flat
+  memory whatever its size.
+- Reads: ``locate`` with the master, then each replica in turn until one serves the
+  bytes whole and matching their checksum; a copy that does not match is reported to
+  the master (``corrupt``), and errors a later replica may not have
+  (:data:`~dsml.protocol.replies.TRY_NEXT`) move on to it.  A file goes to disk through a
+  :class:`~dsml.net.sinks.FileSink` (temporary file, renamed when verified).
+- Jobs: ``submit``, ``status``, ``jobs``, ``cancel``, ``wait``, ``logs``.
+
+The master's address is asked of a callable before every request to it (the master may
+move: its address file); links come from a :class:`~dsml.net.links.Links` (shared ones for
+small requests, one of its own for each file moved).  A peer that cannot be reached is a
+:class:`~dsml.errors.ConnectionLost` (code ``connection``) like a link that dropped.
+It never imports :mod:`dsml.client`: the blocking client is for users, not daemons.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+
+from ..errors import ChecksumMismatch, ConnectionLost, DsmlError
+from ..protocol import replies
+from ..protocol.replies import (
+    TRY_NEXT,
+    Entry,
+    ListedKey,
+    Located,
+    Node,
+    Stored,
+    job_body,
+)
+from .calling import Response, ResponseSink
+from .connection import Connection
+from .links import Links
+from .sinks import BytesSink, FileSink
+
+T = TypeVar("T")
+
+#: The master's ``host:port``, asked before every request to it.
+MasterAddr = Callable[[], str]
+
+#: Errors of a dial that mean "not reachable now" (a later try may succeed).
+_UNREACHABLE = (error.ConnectError, error.ConnectionClosed, error.TimeoutError, OSError)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> Deferred[T]:
+    return Deferred.fromCoroutine(coro)
+
+
+class AsyncClusterClient:
+    """A client of the whole cluster on a reactor; every operation returns a Deferred.
+
+    ``master()`` gives the master's ``host:port``; ``links`` opens authenticated links
+    (its token and name are this client's); ``clock`` measures :meth:`wait`'s timeout.
+    """
+
+    def __init__(self, master: MasterAddr, links: Links, clock: Any) -> None:
+        self.master = master
+        self.links = links
+        self.clock = clock
+        #: (key, worker) of every copy this client found corrupt (and reported).
+        self.corrupt_found: list[tuple[str, str]] = []
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    async def _link(self, addr: str, own: bool = False) -> Connection:
+        """The shared link to ``addr``, or (``own``) a new one for a file's bytes."""
+        try:
+            return await (self.links.open(addr) if own else self.links.shared(addr))
+        except _UNREACHABLE as e:
+            raise ConnectionLost(f"cannot reach {addr}: {e}") from None
+
+    def _master_addr(self) -> str:
+        try:
+            return self.master()
+        except (OSError, ValueError) as e:
+            raise ConnectionLost(f"the master's address is unknown: {e}") from None
+
+    async def _ask_master(
+        self, method: str, headers: dict[str, object], payload: bytes = b""
+    ) -> Response:
+        link = await self._link(self._master_addr())
+        return await link.request(method, headers, payload)
+
+    async def _each_replica(self, key: str, read: Callable[[str], Awaitable[T]]) -> T:
+        """``read(addr)`` from each replica of ``key``'s current version in turn, until
+        one succeeds; a copy with the wrong checksum is reported to the master."""
+        where = await self._located(key)
+        last: DsmlError | None = None
+        for name, addr in where.replicas:
+            try:
+                return await read(addr)
+            except ChecksumMismatch as e:
+                self.corrupt_found.append((key, name))
+                await self._ask_master("corrupt", {"Key": key, "Worker": name})
+                last = e
+            except DsmlError as e:
+                if e.code not in TRY_NEXT:
+                    raise
+                last = e
+        raise last or DsmlError(f"no replica of {key!r} could be read", "unavailable")
+
+    # -- where ------------------------------------------------------------------------
+
+    def place(self, key: str, size: int) -> Deferred[tuple[int, list[tuple[str, str]]]]:
+        """The master's version for a new write of ``key`` and the workers to write to,
+        in pipeline order: [(name, host:port)]."""
+        return _run(self._place(key, size))
+
+    async def _place(self, key: str, size: int) -> tuple[int, list[tuple[str, str]]]:
+        r = await self._ask_master("place", {"Key": key, "Size": size})
+        return int(r.headers["version"]), replies.workers(r.headers["workers"])
+
+    def locate(self, key: str) -> Deferred[Located]:
+        """Where ``key``'s current version lives, best replica first."""
+        return _run(self._located(key))
+
+    async def _located(self, key: str) -> Located:
+        r = await self._ask_master("locate", {"Key": key})
+        return replies.located(key, r.headers)
+
+    # -- writes -----------------------------------------------------------------------
+
+    def upload_file(self, key: str, path: str | os.PathLike[str]) -> Deferred[Stored]:
+        """Store the file at ``path`` as ``key`` on the placed workers (a pipeline),
+        streamed from disk, then record it with the master; fires once both are done."""
+        return _run(self._upload_path(key, Path(path)))
+
+    def upload(self, key: str, data: bytes) -> Deferred[Stored]:
+        """:meth:`upload_file` for bytes in memory."""
+        return _run(self._upload(key, io.BytesIO(data), len(data)))
+
+    async def _upload_path(self, key: str, path: Path) -> Stored:
+        with open(path, "rb") as f:
+            return await self._upload(key, f, os.fstat(f.fileno()).st_size)
+
+    async def _upload(self, key: str, source: IO[bytes], size: int) -> Stored:
+        """The one upload: place, stream to the pipeline hashing, check, commit."""
+        version, workers = await self._place(key, size)
+        headers: dict[str, object] = {"Key": key, "Version": version}
+        if len(workers) > 1:
+            headers["Forward"] = ",".join(addr for _, addr in workers[1:])
+        digest = hashlib.sha256()
+        link = await self._link(workers[0][1], own=True)
+        try:
+            response = await link.request_file(
+                "file_upload", headers, source, size, on_chunk=digest.update
+            )
+        finally:
+            link.transport.loseConnection()  # type: ignore[union-attr]
+        stored = replies.stored(key, response.headers)
+        if stored.sha256 != digest.hexdigest():
+            raise ChecksumMismatch(
+                f"server stored sha256 {stored.sha256} for {key!r}, sent {digest.hexdigest()}"
+            )
+        await self._commit(key, stored, workers)
+        return stored
+
+    def set(self, key: str, value: bytes) -> Deferred[Stored]:
+        """Store the small value ``value`` under ``key`` on the placed workers."""
+
+        async def run() -> Stored:
+            version, workers = await self._place(key, len(value))
+            headers: dict[str, object] = {"Key": key, "Version": version}
+            if len(workers) > 1:
+                headers["Forward"] = ",".join(addr for _, addr in workers[1:])
+            link = await self._link(workers[0][1])
+            r = await link.request("value_upload", headers, value)
+            stored = replies.stored(key, r.headers)
+            await self._commit(key, stored, workers)
+            return stored
+
+        return _run(run())
+
+    async def _commit(self, key: str, stored: Stored, workers: list[tuple[str, str]]) -> None:
+        await self._ask_master(
+            "commit",
+            {
+                "Key": key,
+                "Size": stored.size,
+                "Sha256": stored.sha256,
+                "Version": stored.version,
+                "Workers": ",".join(name for name, _ in workers),
+            },
+        )
+
+    def remove(self, key: str) -> Deferred[int]:
+        """Delete ``key`` everywhere (through the master); the version deleted."""
+
+        async def run() -> int:
+            r = await self._ask_master("remove", {"Key": key})
+            return int(r.headers["version"])
+
+        return _run(run())
+
+    # -- reads ------------------------------------------------------------------------
+
+    def download_file(
+        self, key: str, path: str | os.PathLike[str], fsync: bool = True
+    ) -> Deferred[Entry]:
+        """Download ``key`` to ``path``: a temporary file beside it, renamed when whole
+        and verified, nothing left on any failure; fails over between replicas."""
+        target = Path(path)
+        return _run(self._read_file(key, lambda: FileSink(target, repr(key), fsync)))
+
+    def download(self, key: str) -> Deferred[bytes]:
+        """The bytes of the file ``key`` (in memory: for small files), read as
+        :meth:`download_file` reads."""
+
+        sinks: list[BytesSink] = []  # one per replica tried; the last one served
+
+        def make_sink() -> BytesSink:
+            sinks.append(BytesSink(repr(key)))
+            return sinks[-1]
+
+        async def run() -> bytes:
+            await self._read_file(key, make_sink)
+            return sinks[-1].value
+
+        return _run(run())
+
+    async def _read_file(self, key: str, make_sink: Callable[[], ResponseSink]) -> Entry:
+        """The one file read: each replica in turn, its payload into a new sink."""
+
+        async def read(addr: str) -> Entry:
+            link = await self._link(addr, own=True)
+            try:
+                r = await link.request("file_retrieve", {"Key": key}, sink=make_sink())
+            finally:
+                link.transport.loseConnection()  # type: ignore[union-attr]
+            return replies.entry(key, r.headers)
+
+        return await self._each_replica(key, read)
+
+    def get(self, key: str) -> Deferred[bytes]:
+        """The value ``key``, from the first replica that answers."""
+
+        async def read(addr: str) -> bytes:
+            link = await self._link(addr)
+            return (await link.request("value_retrieve", {"Key": key})).payload
+
+        return _run(self._each_replica(key, read))
+
+    def list(self, prefix: str = "", page: int = 1000) -> Deferred[list[ListedKey]]:
+        """Every key under ``prefix`` with its replicas, from the master's directory."""
+
+        async def run() -> list[ListedKey]:
+            out: list[ListedKey] = []
+            after: str | None = None
+            while True:
+                headers: dict[str, object] = {"Limit": page}
+                if prefix:
+                    headers["Prefix"] = prefix
+                if after is not None:
+                    headers["After"] = after
+                r = await self._ask_master("list", headers)
+                listed = replies.listed_keys(r.payload)
+                out.extend(listed)
+                if listed:
+                    after = listed[-1].key
+                if r.headers.get("more") != "1":
+                    return out
+
+        return _run(run())
+
+    def nodes(self) -> Deferred[list[Node]]:
+        """Every worker the master knows, with its state."""
+
+        async def run() -> list[Node]:
+            return replies.nodes((await self._ask_master("nodes", {})).payload)
+
+        return _run(run())
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def submit(
+        self,
+        command: list[str] | None = None,
+        *,
+        name: str = "",
+        tasks: list[dict[str, Any]] | None = None,
+        array: int = 1,
+        slots: int = 1,
+        timeout: float | None = None,
+        max_attempts: int = 3,
+        priority: int = 0,
+        after: list[str] | tuple[str, ...] = (),
+        inputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+        outputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> Deferred[str]:
+        """Submit a job (the arguments of :meth:`dsml.client.ClusterClient.submit`);
+        fires with its id once the master has it durably."""
+        body = job_body(
+            command, name=name, tasks=tasks, array=array, slots=slots, timeout=timeout,
+            max_attempts=max_attempts, priority=priority, after=after, inputs=inputs,
+            outputs=outputs, env=env,
+        )
+
+        async def run() -> str:
+            return (await self._ask_master("submit", {}, body)).headers["job"]
+
+        return _run(run())
+
+    def jobs(self, limit: int = 100) -> Deferred[list[dict[str, Any]]]:
+        """Recent jobs, newest first (without their tasks)."""
+
+        async def run() -> list[dict[str, Any]]:
+            return replies.json_lines((await self._ask_master("jobs", {"Limit": limit})).payload)
+
+        return _run(run())
+
+    def status(self, job_id: str) -> Deferred[dict[str, Any]]:
+        """A job with its tasks and every attempt (as ``dsml status`` shows it)."""
+
+        async def run() -> dict[str, Any]:
+            r = await self._ask_master("status", {"Job": job_id})
+            return json.loads(r.payload)  # type: ignore[no-any-return]
+
+        return _run(run())
+
+    def cancel(self, job_id: str) -> Deferred[int]:
+        """Cancel a job; fires with how many running attempts were told to stop."""
+
+        async def run() -> int:
+            r = await self._ask_master("cancel", {"Job": job_id})
+            return int(r.headers.get("killed", "0"))
+
+        return _run(run())
+
+    def wait(
+        self, job_id: str, timeout: float | None = None, step: int = 30
+    ) -> Deferred[dict[str, Any]]:
+        """Fires with the job's status once it has ended (or ``timeout`` seconds of the
+        clock have passed), asking the master ``step`` seconds at a time."""
+
+        async def run() -> dict[str, Any]:
+            deadline = None if timeout is None else self.clock.seconds() + timeout
+            while True:
+                left = step if deadline is None else deadline - self.clock.seconds()
+                ask = max(1, min(step, int(left)))
+                r = await self._ask_master("wait", {"Job": job_id, "Timeout": ask})
+                if r.headers.get("final") == "1" or (
+                    deadline is not None and self.clock.seconds() >= deadline
+                ):
+                    return json.loads(r.payload)  # type: ignore[no-any-return]
+
+        return _run(run())
+
+    def logs(
+        self, job_id: str, task: int = 0, attempt: int | None = None, stream: str = "stdout"
+    ) -> Deferred[bytes]:
+        """An attempt's stdout or stderr (the task's last attempt by default), whole."""
+
+        async def run() -> bytes:
+            headers: dict[str, object] = {"Job": job_id, "Task": task}
+            if attempt is not None:
+                headers["Attempt"] = attempt
+            r = await self._ask_master("logs", headers)
+            attempt_id, addr = int(r.headers["attempt"]), r.headers["worker"].partition("=")[2]
+            link = await self._link(addr)
+            chunks, offset = [], 0
+            while True:
+                got = await link.request(
+                    "task_log", {"Attempt": attempt_id, "Stream": stream, "Offset": offset}
+                )
+                chunks.append(got.payload)
+                offset += len(got.payload)
+                if not got.payload or offset >= int(got.headers["size"]):
+                    return b"".join(chunks)
+
+        return _run(run())
+
+    def close(self) -> None:
+        """Close the shared links."""
+        self.links.close()
+
+
+__all__ = ["AsyncClusterClient", "MasterAddr"]
