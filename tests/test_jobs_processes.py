@@ -217,8 +217,10 @@ def status(c: LocalCluster, job: str) -> Status:
     r = c.cli("status", "--json", job, check=False)
     j = json.loads(r.stdout)
     assert r.returncode == (1 if j["state"] == "failed" else 0), (r.returncode, j["state"])
+    # The text form, read a moment later: the job may have moved on since (its state, new
+    # attempts), but every attempt seen above is still there, on the same worker.
     text = c.cli("status", job, check=False).stdout.decode()
-    assert text.startswith(f"job {j['id']} {j['name']!r}: {j['state']}"), text
+    assert text.startswith(f"job {j['id']} {j['name']!r}: "), text
     tasks = []
     for t in j["tasks"]:
         attempts = []
@@ -228,7 +230,7 @@ def status(c: LocalCluster, job: str) -> Status:
             attempts.append(
                 Attempt(a["id"], a["number"], a["worker"], a["state"], how, a["reason"])
             )
-            assert f"    attempt {a['number']} on {a['worker']}: {a['state']}, {how}," in text
+            assert f"    attempt {a['number']} on {a['worker']}: " in text, text
         tasks.append(Task(t["index"], t["state"], t["reason"], tuple(attempts)))
     return Status(j["id"], j["state"], j["reason"], j["done"], j["total"], tuple(tasks))
 
