@@ -469,11 +469,13 @@ def master_limits(s: Settings) -> dict[str, dict[str, object]]:
 
 def run_load(s: Settings, host: str, port: int, token: str, pid: int) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--loadgen",
-           "--host", host, "--port", str(port), "--token", token,
+           "--host", host, "--port", str(port),
            "--conns", str(s.conns), "--seconds", str(s.window), "--warmup", str(s.warmup),
            "--server-pid", str(pid)]
+    # The token through the environment: a command line is for anyone's `ps` to read.
     out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                         timeout=120 + s.window + s.warmup)
+                         timeout=120 + s.window + s.warmup,
+                         env={**os.environ, "DSML_TOKEN": token})
     if out.returncode != 0:
         raise RuntimeError(f"the load generator exited {out.returncode}:\n"
                            f"{out.stderr.strip()[-2000:]}")
@@ -850,7 +852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--minimal-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--token", default="", help=argparse.SUPPRESS)
+    p.add_argument("--token", default=os.environ.get("DSML_TOKEN", ""), help=argparse.SUPPRESS)
     p.add_argument("--conns", type=int, default=1000, help=argparse.SUPPRESS)
     p.add_argument("--seconds", type=float, default=20.0, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=float, default=2.0, help=argparse.SUPPRESS)

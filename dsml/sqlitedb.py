@@ -19,6 +19,9 @@ table.  What each file holds (its tables, its counters) stays with its owner.
   transaction: a crash leaves the file whole at its old version.  A version this code
   does not know is refused.
 * **Durable names.**  Once the file and its WAL exist, their directory is fsynced.
+* **Owner-only.**  The file is created 0600 before SQLite opens it (SQLite would use the
+  umask), so its WAL, made with the database's mode, is 0600 too; a missing directory is
+  made 0700 (:mod:`dsml.fsutil`).
 
 One connection, no thread of its own: ``check_same_thread=False`` lets an owner hand its
 commits to a thread, behind its own lock.
@@ -26,6 +29,7 @@ commits to a thread, behind its own lock.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,7 +38,7 @@ from typing import Any, Final, NamedTuple
 import attrs
 from twisted.logger import Logger
 
-from .fsutil import fsync_dir
+from .fsutil import PRIVATE_FILE, fsync_dir, makedirs_private, private_file
 
 __all__ = [
     "JOURNAL_SIZE_LIMIT",
@@ -103,11 +107,11 @@ def open_database(
     WAL mode cannot be had, or when the schema is one this code does not know.
     ``synchronous`` is the connection's level.  ``cache_kib`` sets SQLite's page cache
     (None: its default, 2 MiB); ``temp_store_memory`` keeps temporary tables in memory.
-    The parent directory is created if it is missing.
+    The file is created 0600 and a missing parent directory 0700, whatever the umask.
     """
     level = sync_level(synchronous)
     name = str(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _private_files(path)
     # timeout=0: a file held by another process is an immediate, clear error.
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
     try:
@@ -135,6 +139,26 @@ def open_database(
         db.close()
         raise
     return Opened(db, meta)
+
+
+def _private_files(path: Path) -> None:
+    """Create ``path`` (and its directory) owner-only before SQLite opens it.
+
+    SQLite creates a database with the process umask (0644 under the usual 022), and
+    its ``-wal`` (and ``-shm``, ``-journal``) with the database's own mode: so the file
+    is made here, empty (an empty file is an empty database), as 0600, and an older
+    install's more open file and its companions are tightened.
+    """
+    if not path.parent.is_dir():
+        makedirs_private(path.parent)
+    os.close(private_file(path, os.O_RDWR))
+    for suffix in ("-wal", "-shm", "-journal"):
+        try:
+            companion = os.stat(f"{path}{suffix}")
+        except FileNotFoundError:
+            continue
+        if companion.st_mode & 0o077:
+            os.chmod(f"{path}{suffix}", PRIVATE_FILE)
 
 
 def _init_schema(

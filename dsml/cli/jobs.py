@@ -46,7 +46,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         for item in args.env or []:
             k, sep, v = item.partition("=")
             if not sep or not k:
-                raise UsageError(f"--env wants K=V, got {item!r}")
+                # Not quoted: what was meant as a value may be a secret.
+                raise UsageError("--env wants K=V, got one with no K= (its text not shown)")
             env[k] = v
         try:
             inputs = [input_pair(i) for i in args.input or []]

@@ -673,9 +673,9 @@ def _encode_head(start: str, headers: Mapping[str, object], length: int) -> byte
             raise ValueError(f"header block larger than {limits.MAX_HEAD} bytes")
         for line in head.split(b"\r\n"):
             if len(line) > limits.MAX_LINE:
-                raise ValueError(
-                    f"header line {line[:40]!r}... is longer than {limits.MAX_LINE} bytes"
-                )
+                # The name only: the value may be a secret (a Token).
+                name = line.partition(b":")[0][:40].decode("ascii", "replace")
+                raise ValueError(f"header line {name!r} is longer than {limits.MAX_LINE} bytes")
     return head
 
 

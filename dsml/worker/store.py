@@ -88,6 +88,7 @@ from typing import BinaryIO, NamedTuple
 import attrs
 
 from dsml.errors import ChecksumMismatch, DsmlError, NotFound
+from dsml.fsutil import PRIVATE_FILE, mkdir_private, private_dir, private_file
 from dsml.fsutil import fsync_dir as _fsync_dir
 from dsml.fsutil import prefix_end as _prefix_end
 from dsml.protocol.limits import DEFAULT_VALUE_MAX
@@ -152,6 +153,9 @@ INDEX_NAME = "index.sqlite3"
 
 #: The values log, under the store's root.
 LOG_NAME = "values.log"
+
+#: How an object's temporary file is created (0600, see :data:`dsml.fsutil.PRIVATE_FILE`).
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 #: A log record's header: total length (header included), crc32 of everything
 #: after the crc field, version, mtime, key length, value length.  The key's
@@ -268,7 +272,9 @@ class FileWriter:
         self._lock = threading.Lock()
         self._state = "open"
         try:
-            self._file: BinaryIO = open(self._tmp_path, "xb")
+            # 0600 whatever the umask: the object is this file, renamed.
+            fd = os.open(self._tmp_path, _NEW_FILE, PRIVATE_FILE)
+            self._file: BinaryIO = os.fdopen(fd, "wb")
         except OSError as e:
             self._state = "aborted"
             raise self._os_error(e) from e
@@ -432,11 +438,13 @@ class Store:
         self._count = 0
         self._bytes = 0
 
+        # Owner-only (0700), whatever the umask; an older install's open root is
+        # tightened with everything in it (dsml.fsutil.private_dir).
         created = False
         for path in (self.root, self.root / "objects", self.root / "tmp"):
             if not path.is_dir():
-                path.mkdir(parents=True, exist_ok=True)
                 created = True
+            private_dir(path)
         if created:
             _fsync_dir(self.root)
 
@@ -453,7 +461,7 @@ class Store:
         try:
             log_path = self.root / LOG_NAME
             log_new = not log_path.exists()
-            self._log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self._log_fd = private_file(log_path, os.O_WRONLY | os.O_APPEND)
             if log_new:
                 _fsync_dir(self.root)
             # The log first: recovery below must see the index complete.
@@ -574,7 +582,7 @@ class Store:
         # so prepare() never has to create one and fsync objects/ as well.
         missing_dirs = {f"{i:02x}" for i in range(256)} - subdirs
         for name in missing_dirs:
-            (objects / name).mkdir()
+            mkdir_private(objects / name)
         if missing_dirs:
             _fsync_dir(objects)
 

@@ -396,7 +396,11 @@ def _check_task(i: int, t: object) -> None:
     seen: set[object] = set()
     for name, value in _check_pairs(t.env, f"{w} env"):
         if not isinstance(name, str) or not _ENV_NAME.match(name):
-            raise _bad(f"{w} environment name {name!r} is not [A-Za-z_][A-Za-z0-9_]*")
+            # Up to an "=": what follows may be a value, and values may be secrets.
+            shown = repr(name)
+            if isinstance(name, str) and "=" in name:
+                shown = f"{name.partition('=')[0]!r}..."
+            raise _bad(f"{w} environment name {shown} is not [A-Za-z_][A-Za-z0-9_]*")
         if name in seen:
             raise _bad(f"{w} environment name {name!r} given twice")
         seen.add(name)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from ...fsutil import PRIVATE_FILE
+
 log = Logger()
 
 #: Default cap, per stream, on the bytes of a task's log kept on disk (the tail is kept).
@@ -64,7 +66,7 @@ class CappedLog:
         try:
             if self._fd is None:
                 # A bare descriptor: the cheapest way to create the file and append.
-                self._fd = os.open(self.path, _LOG_FLAGS, 0o644)
+                self._fd = os.open(self.path, _LOG_FLAGS, PRIVATE_FILE)
             view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view) :]
@@ -85,7 +87,7 @@ class CappedLog:
             tail = f.read()
         self.dropped += self.kept - len(tail)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, _LOG_FLAGS, PRIVATE_FILE), "wb") as f:
             f.write(self.dropped_line())
             f.write(tail)
         os.replace(tmp, self.path)

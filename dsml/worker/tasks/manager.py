@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ...errors import NotFound
+from ...fsutil import makedirs_private, private_dir
 from .groups import kill_leftovers, kill_orphans, signal_group
 from .launch import (
     Executables,
@@ -198,7 +199,7 @@ class TaskManager(AttemptLedger):
         self._environment = TaskEnvironment(self.work_dir)
         self._executables = Executables(reactor.seconds)
         self._sampler = MemorySampler(reactor, sample_interval, self._live_groups)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.work_dir)  # the worker's alone, like its attempt directories
         kill_orphans(self.work_dir)
         self._dirs.recover()
 
@@ -326,7 +327,7 @@ class TaskManager(AttemptLedger):
         for key, rel in att.spec.inputs:
             dest = att.dir / relative(rel, "input")
             try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
+                makedirs_private(dest.parent)
             except OSError as e:  # e.g. inputs "a" and "a/b"
                 for d in fetches:
                     d.cancel()

@@ -195,7 +195,8 @@ def validate(spec: AttemptSpec, total_slots: int) -> None:
         raise TaskError(f"timeout must be positive, not {spec.timeout}", "bad-task")
     for name, value in spec.env:
         if not name or "=" in name or "\0" in name or "\0" in value:
-            raise TaskError(f"bad environment variable {name!r}", "bad-task")
+            # Up to an "=": what follows may be a value, and values may be secrets.
+            raise TaskError(f"bad environment variable {name.partition('=')[0]!r}", "bad-task")
     seen: set[PurePosixPath] = set()
     for _, rel in spec.inputs:
         p = relative(rel, "input")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from twisted.logger import Logger
 
+from ...fsutil import makedirs_private, mkdir_private
+
 log = Logger()
 
 #: Under the work dir: the working directories of running attempts.
@@ -72,12 +74,12 @@ class AttemptDirs:
         path = self.run_root / str(self._next)
         self._next += 1
         try:  # one mkdir in the usual case: no stat first
-            os.mkdir(path)
+            mkdir_private(path)
         except FileExistsError:
             shutil.rmtree(path)
-            os.mkdir(path)
+            mkdir_private(path)
         except FileNotFoundError:  # the run dir (or the work dir) is not there yet
-            os.makedirs(path)
+            makedirs_private(path)
         return path
 
     def retire(self, attempt_id: int, path: Path, had_inputs: bool) -> Path | None:
