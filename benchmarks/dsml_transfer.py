@@ -3,11 +3,12 @@
     dsml_transfer.py upload HOST PORT FILE KEY [--profile OUT]
     dsml_transfer.py download HOST PORT KEY FILE [--profile OUT]
 
-The token comes from $DSML_TOKEN.  Prints one JSON line: the seconds from connecting to
-the server's acknowledgement (upload: after its fsync) or to the downloaded file being
-fsynced and renamed into place, and this process's own peak RSS and CPU time, so the
-figures are the client's alone.  With ``--profile`` the transfer runs under cProfile and
-the stats are written to OUT.
+The token comes from $DSML_TOKEN; with $DSML_BENCH_PKI set (a pki_dir) the connection is
+TLS 1.3 with that directory's ``admin`` certificate. Prints one JSON line: the seconds
+from connecting to the server's acknowledgement (upload: after its fsync) or to the
+downloaded file being fsynced and renamed into place, and this process's own peak RSS and
+CPU time, so the figures are the client's alone. With ``--profile`` the transfer runs
+under cProfile and the stats are written to OUT.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 from dsml.client import Client
+from dsml.client.server import ClientTls
 
 
 def transfer(op: str, host: str, port: int, a: str, b: str) -> int:
     token = os.environ.get("DSML_TOKEN", "")
-    with Client(host, port, token, timeout=300.0, name="dsml-bench") as c:
+    pki_dir = os.environ.get("DSML_BENCH_PKI")
+    tls = ClientTls(Path(pki_dir), "admin") if pki_dir else None
+    with Client(host, port, token, timeout=300.0, name="dsml-bench", tls=tls) as c:
         if op == "upload":
             return c.upload(a, b).size
         return c.download(a, b).size

@@ -80,6 +80,7 @@ class Settings:
     file_reps: int
     tmp_parent: str | None
     command: str
+    tls: bool = False
 
 
 def settings(args: argparse.Namespace) -> Settings:
@@ -87,8 +88,10 @@ def settings(args: argparse.Namespace) -> Settings:
         f" {a}" for a in sys.argv[1:]
     )
     if args.quick:
-        return Settings(True, args.profile, 3, 1500, 300, 15.0, 256 * MIB, 3, args.tmpdir, cmd)
-    return Settings(False, args.profile, 5, 5000, 1000, 60.0, 1024 * MIB, 3, args.tmpdir, cmd)
+        return Settings(True, args.profile, 3, 1500, 300, 15.0, 256 * MIB, 3, args.tmpdir, cmd,
+                        args.tls)
+    return Settings(False, args.profile, 5, 5000, 1000, 60.0, 1024 * MIB, 3, args.tmpdir, cmd,
+                    args.tls)
 
 
 # -- output ---------------------------------------------------------------------------
@@ -220,7 +223,7 @@ def bench_values(s: Settings, tmp: Path) -> dict[str, Any]:
     rng = random.Random(1)
     keys = [f"bench/value-{i:02d}" for i in range(NKEYS)]
     values = [rng.randbytes(VALUE_SIZE) for _ in range(NKEYS)]
-    cluster = LocalCluster(tmp / "values-cluster", workers=("w1",))
+    cluster = LocalCluster(tmp / "values-cluster", workers=("w1",), tls=s.tls)
     redis_started: tuple[subprocess.Popen[bytes], int] | None = None
     closers: list[Callable[[], Any]] = []
     sides: list[ValueSide] = []
@@ -411,12 +414,14 @@ def bench_files(s: Settings, tmp: Path) -> dict[str, Any]:
     src = tmp / "source.bin"
     note(f"files: writing {s.file_size // MIB} MiB of random bytes to {src}")
     make_s = make_random_file(src, s.file_size)
-    cluster = LocalCluster(tmp / "files-cluster", workers=("w1",))
+    cluster = LocalCluster(tmp / "files-cluster", workers=("w1",), tls=s.tls)
     raw: subprocess.Popen[bytes] | None = None
     raw_port = 0
     transfers: list[Transfer] = []
     result: dict[str, Any] = {"make_s": make_s, "fs": filesystem_of(tmp)}
     env = {**os.environ, "DSML_TOKEN": cluster.token}
+    if s.tls:
+        env["DSML_BENCH_PKI"] = str(cluster.pki_dir)
     key = "bench/file.bin"
     dsml_helper = str(HERE / "dsml_transfer.py")
     raw_helper = str(HERE / "rawnet.py")
@@ -628,12 +633,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="also cProfile the dsml client (extra runs, not in the figures)")
     p.add_argument("--tmpdir", help="parent of the scratch directory (default: $TMPDIR or /tmp)")
+    p.add_argument("--tls", action="store_true",
+                   help="run the dsml side with cluster.tls (TLS 1.3, certificates)")
     args = p.parse_args(argv)
     s = settings(args)
     info = machine()
     load0 = os.getloadavg()
     t_start = time.perf_counter()
-    say(f"dsml benchmarks ({'quick' if s.quick else 'full'} run)")
+    say(f"dsml benchmarks ({'quick' if s.quick else 'full'} run"
+        f"{', dsml over TLS 1.3' if s.tls else ''})")
     say("  machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     say(f"  load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
 

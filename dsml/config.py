@@ -22,6 +22,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -94,6 +95,12 @@ DEFAULT_SLOTS: Final = 1
 MAX_SLOTS: Final = wire_limits.MAX_SLOTS
 #: Longest token, in UTF-8 bytes: it travels in one header line of at most 1 KiB.
 MAX_TOKEN_BYTES: Final = 512
+#: Shortest token, in characters: a short one is guessed (etc/dsml.yaml's example is 19).
+MIN_TOKEN_CHARS: Final = 16
+#: Largest ``cluster.token_file`` read: a token is one short line.
+MAX_TOKEN_FILE_BYTES: Final = 4096
+#: The PKI directory when ``cluster.pki_dir`` is not set, relative to the config file.
+DEFAULT_PKI_DIR: Final = "../var/pki"
 #: Longest host name (DNS limit).
 MAX_HOST: Final = 253
 
@@ -167,6 +174,11 @@ class ClusterConfig:
     heartbeat_interval: float
     #: Seconds of silence after which a worker is declared dead.
     heartbeat_timeout: float
+    #: Every link is TLS 1.3, both sides verified against the cluster CA (``cluster.tls``).
+    tls: bool = False
+    #: The CA, certificates and keys (``cluster.pki_dir``, absolute); None: not set, see
+    #: :attr:`Config.pki_dir` for the default.
+    pki_dir: Path | None = None
 
 
 @attrs.frozen
@@ -180,6 +192,14 @@ class Config:
     #: Workers by name, in file order; read-only.
     workers: Mapping[str, WorkerConfig]
     limits: Limits
+
+    @property
+    def pki_dir(self) -> Path:
+        """Where the cluster's CA, certificates and keys live (``dsml pki init`` writes
+        them): ``cluster.pki_dir``, by default ``../var/pki`` beside the config file."""
+        if self.cluster.pki_dir is not None:
+            return self.cluster.pki_dir
+        return (self.path.parent / DEFAULT_PKI_DIR).resolve()
 
     def worker(self, name: str) -> WorkerConfig:
         """Return the worker called ``name``, or raise ConfigError naming the known ones."""
@@ -262,17 +282,29 @@ def is_loopback(host: str) -> bool:
 
 
 def check_listen_safe(config: Config, host: str, role_key: str) -> None:
-    """Refuse to listen on a non-loopback ``host`` when the cluster has no token.
+    """Refuse to listen on a non-loopback ``host`` unless the cluster uses TLS.
 
     Without a token anyone who can reach the port can read, overwrite and run anything;
-    that is acceptable on 127.0.0.1 and nowhere else.  ``role_key`` is the key path the
-    host came from (``master.host``, ``workers.w1.host``), for the error message.
+    with only a token, it travels in clear text and one stolen copy speaks for every
+    machine.  That is acceptable on 127.0.0.1 and nowhere else: any other address needs
+    ``cluster.tls`` (certificates per identity, every link encrypted).  ``role_key`` is
+    the key path the host came from (``master.host``, ``workers.w1.host``), for the
+    error message.
     """
-    if config.cluster.token is None and not is_loopback(host):
+    if is_loopback(host):
+        return
+    if config.cluster.token is None and not config.cluster.tls:
         raise ConfigError(
             config.path,
             role_key,
             f"refusing to listen on non-loopback {host} without cluster.token",
+        )
+    if not config.cluster.tls:
+        raise ConfigError(
+            config.path,
+            role_key,
+            f"refusing to listen on non-loopback {host} without cluster.tls: true "
+            "(the token alone travels in clear text)",
         )
 
 
@@ -367,6 +399,8 @@ class _Parser:
             "replication",
             "heartbeat_interval",
             "heartbeat_timeout",
+            "tls",
+            "pki_dir",
         ]
         s = self.mapping("cluster", section, known)
         if "token" in s and "token_file" in s:
@@ -376,14 +410,7 @@ class _Parser:
             token = self.token("cluster.token", s["token"])
         elif "token_file" in s:
             token_path = self.path_value("cluster.token_file", s["token_file"])
-            try:
-                content = token_path.read_text(encoding="utf-8")
-            except OSError as e:
-                raise self.error(
-                    "cluster.token_file", f"cannot read {token_path}: {e.strerror or e}"
-                ) from None
-            except UnicodeDecodeError:
-                raise self.error("cluster.token_file", f"{token_path} is not UTF-8 text") from None
+            content = self.token_file("cluster.token_file", token_path)
             token = self.token("cluster.token_file", content.strip(), source=str(token_path))
         value_max = self.size("cluster.value_max", s.get("value_max", DEFAULT_VALUE_MAX))
         replication = self.integer(
@@ -400,12 +427,18 @@ class _Parser:
                 "cluster.heartbeat_timeout",
                 f"must be greater than cluster.heartbeat_interval ({interval:g}), got {timeout:g}",
             )
+        tls = s.get("tls", False)
+        if not isinstance(tls, bool):
+            raise self.error("cluster.tls", f"must be true or false, got {_show(tls)}")
+        pki_dir = self.path_value("cluster.pki_dir", s["pki_dir"]) if "pki_dir" in s else None
         return ClusterConfig(
             token=token,
             value_max=value_max,
             replication=replication,
             heartbeat_interval=interval,
             heartbeat_timeout=timeout,
+            tls=tls,
+            pki_dir=pki_dir,
         )
 
     def master(self, section: object) -> MasterConfig:
@@ -563,8 +596,39 @@ class _Parser:
             raise self.error(key, f"must be a non-empty path, got {_show(value)}")
         return (self.path.parent / Path(text).expanduser()).resolve()
 
+    def token_file(self, key: str, path: Path) -> str:
+        """The text of a token file: a regular file of at most MAX_TOKEN_FILE_BYTES that
+        only its owner may read or write (a secret: refused otherwise, as ssh refuses an
+        open private key)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+        except OSError as e:
+            raise self.error(key, f"cannot read {path}: {e.strerror or e}") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self.error(key, f"{path} is not a regular file")
+            if st.st_mode & 0o077:
+                raise self.error(
+                    key,
+                    f"{path} is open to group or others (mode {stat.S_IMODE(st.st_mode):04o});"
+                    f" a token is a secret: chmod 600 {path}",
+                )
+            try:
+                raw = f.read(MAX_TOKEN_FILE_BYTES + 1)
+            except OSError as e:
+                raise self.error(key, f"cannot read {path}: {e.strerror or e}") from None
+        if len(raw) > MAX_TOKEN_FILE_BYTES:
+            raise self.error(
+                key, f"{path} is larger than {MAX_TOKEN_FILE_BYTES} bytes: not a token file"
+            )
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.error(key, f"{path} is not UTF-8 text") from None
+
     def token(self, key: str, value: object, source: str | None = None) -> str:
-        """A shared secret; never quoted in error messages."""
+        """A shared secret; never quoted in error messages (nor its length)."""
         if not isinstance(value, str):
             # Do not echo it: it may be a secret that YAML read as a number.
             raise self.error(
@@ -577,4 +641,10 @@ class _Parser:
             raise self.error(key, f"{what} contains whitespace or control characters")
         if len(value.encode("utf-8", "surrogatepass")) > MAX_TOKEN_BYTES:
             raise self.error(key, f"{what} is longer than {MAX_TOKEN_BYTES} bytes")
+        if len(value) < MIN_TOKEN_CHARS:
+            raise self.error(
+                key,
+                f"{what} is shorter than {MIN_TOKEN_CHARS} characters: make a random one,"
+                " e.g. python3 -c 'import secrets; print(secrets.token_hex(16))'",
+            )
         return value

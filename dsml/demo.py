@@ -1,10 +1,12 @@
 """``make demo``: a local dsml cluster, driven by the real ``dsml`` command.
 
-Starts a master and two workers as twistd processes on 127.0.0.1 (OS-chosen ports,
-replication 2, a worker is dead after 3 s of silence), uploads a 64 MiB file to both
-workers, kills one worker with SIGKILL, shows the master noticing, downloads the file from
-the survivor and checks its sha256, sets and gets a value, shows that a bad request gets
-one clear line, and stops everything it started: also on Ctrl-C, SIGTERM or an error.
+Makes the cluster's CA and certificates (``dsml pki init``: every link is TLS 1.3, each
+side verified), starts a master and two workers as twistd processes on 127.0.0.1
+(OS-chosen ports, replication 2, a worker is dead after 3 s of silence), uploads a 64 MiB
+file to both workers, kills one worker with SIGKILL, shows the master noticing, downloads
+the file from the survivor and checks its sha256, sets and gets a value, shows that a bad
+request gets one clear line, and stops everything it started: also on Ctrl-C, SIGTERM or
+an error.
 """
 
 from __future__ import annotations
@@ -110,11 +112,14 @@ def demo(root: Path) -> None:
                 "heartbeat_timeout": HEARTBEAT_TIMEOUT,
             }
         },
+        tls=True,
     )
     try:
         _step(1, "start a master and two workers (twistd -n, 127.0.0.1, OS-chosen ports)")
         _note(f"config {cluster.config_path}: replication 2, heartbeat every "
               f"{HEARTBEAT_INTERVAL:g} s, dead after {HEARTBEAT_TIMEOUT:g} s of silence")
+        _note(f"TLS 1.3 on every link: `dsml pki init` made a CA and certificates for the "
+              f"master, {', '.join(WORKERS)} and the user admin in {cluster.pki_dir}")
         for name in ("master", *WORKERS):
             host, port = cluster.start(name)
             _note(f"{name:<6} pid {cluster.procs[name].pid:<7} listening on {host}:{port}")
@@ -196,7 +201,7 @@ def demo(root: Path) -> None:
         _step(8, "bad requests get one clear line and a non-zero exit status")
         _run(cluster, "get", "no/such/key", check=False)
         _run(cluster, "get", KEY, check=False)
-        _run(cluster, "--token", "not-the-token", "ls", check=False)
+        _run(cluster, "--identity", "mallory", "ls", check=False)  # no certificate of hers
     finally:
         cluster.stop()  # first: whatever happens to the lines below, nothing is left running
         _step(9, "stop everything the demo started")

@@ -3,6 +3,8 @@
 Every port is chosen by the OS (port 0 in the generated config); each process writes
 where it listens to an address file, which :class:`LocalCluster` waits for.  Everything
 it starts, :meth:`LocalCluster.stop` stops (SIGTERM, then SIGKILL after a grace period).
+With ``tls=True`` the cluster runs TLS on every link: ``dsml pki init`` makes its CA and
+certificates under ``root/pki`` first.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import IO
 import yaml
 
 from .client import Client
+from .client.server import ClientTls
 from .net.listen import read_addr_file
 
 
@@ -42,15 +45,21 @@ class LocalCluster:
         workers: Sequence[str] = ("w1",),
         token: str | None = None,
         extra: dict[str, object] | None = None,
+        tls: bool = False,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.token = token if token is not None else secrets.token_hex(16)
         self.worker_names = list(workers)
+        self.tls = tls
+        self.pki_dir = self.root / "pki"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: dict[str, IO[bytes]] = {}
+        cluster: dict[str, object] = {"token": self.token}
+        if tls:
+            cluster.update({"tls": True, "pki_dir": "pki"})
         config: dict[str, object] = {
-            "cluster": {"token": self.token},
+            "cluster": cluster,
             "master": {"host": "127.0.0.1", "port": 0, "state_dir": "master"},
             "workers": {
                 name: {"host": "127.0.0.1", "port": 0, "data_dir": name} for name in workers
@@ -60,6 +69,8 @@ class LocalCluster:
             config.setdefault(section, {}).update(values)  # type: ignore[union-attr]
         self.config_path = self.root / "dsml.yaml"
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        if tls and not (self.pki_dir / "ca.crt").exists():
+            self.cli("pki", "init")
 
     # -- processes --------------------------------------------------------------------
 
@@ -165,10 +176,14 @@ class LocalCluster:
 
     # -- clients ----------------------------------------------------------------------
 
+    def user_tls(self, user: str = "admin") -> ClientTls | None:
+        """The TLS identity of ``user`` (None when the cluster does not run TLS)."""
+        return ClientTls(self.pki_dir, user) if self.tls else None
+
     def client(self, name: str = "w1") -> Client:
-        """A blocking client connected to worker ``name``."""
+        """A blocking client connected to worker ``name`` (as ``admin`` over TLS)."""
         host, port = self.address(name)
-        return Client(host, port, self.token)
+        return Client(host, port, self.token, tls=self.user_tls())
 
     def cli(
         self, *args: str, input: bytes | None = None, check: bool = True, worker: str | None = None

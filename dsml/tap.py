@@ -16,6 +16,12 @@ Each role keeps its pid file (and, when daemonized, its log file) beside its own
 ``twistd.log`` in the working directory) would make the second process started from one
 directory refuse to start ("Another twistd server is running") and leave files in the
 checkout.  An explicit ``--pidfile`` or ``--logfile`` still wins.
+
+A role's state is its owner's alone (SQLite files hold job environments): both roles run
+with a umask that keeps group and others out (``umask | 077``, also given to twistd's own
+``--umask`` so that its pid and log files get it), on top of the explicit 0700/0600 modes
+the nodes create their directories and files with (:mod:`dsml.fsutil`).  Tasks inherit
+it: what a task writes in its attempt directory is the worker's too.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from twisted.python import usage
 
+from dsml import fsutil
 from dsml.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG,
@@ -98,10 +105,13 @@ class _ConfigOptions(usage.Options):
         parent = self.parent
         if parent is None:
             return
+        # twistd applies its --umask before it writes the pid file; keep others out of
+        # it whatever was given (a stricter umask stays as it is).
+        parent["umask"] = (parent.get("umask") or 0) | 0o077
         home, stem = self.home()
         if parent.get("pidfile") == TWISTD_DEFAULT_PIDFILE:
             try:
-                home.mkdir(parents=True, exist_ok=True)
+                fsutil.private_dir(home)
             except OSError as e:
                 raise usage.UsageError(f"cannot create {home}: {e.strerror}") from None
             parent["pidfile"] = str(home / f"{stem}.pid")
@@ -133,6 +143,7 @@ class WorkerOptions(_ConfigOptions):
             raise usage.UsageError(f"--name is required (workers in {config.path}: {known})")
         worker = config.worker(name)
         check_listen_safe(config, worker.host, f"workers.{name}.host")
+        _check_tls(config, "worker", name)
 
     def home(self) -> tuple[Path, str]:
         return self.loaded_config.worker(self["name"]).data_dir, "worker"
@@ -151,9 +162,23 @@ class MasterOptions(_ConfigOptions):
         """The master may listen on its configured host."""
         config = self.loaded_config
         check_listen_safe(config, config.master.host, "master.host")
+        _check_tls(config, "master", "master")
 
     def home(self) -> tuple[Path, str]:
         return self.loaded_config.master.state_dir, "master"
+
+
+def _check_tls(config: Config, kind: str, name: str) -> None:
+    """With cluster.tls, this role's certificate and key must load (one line if not)."""
+    if not config.cluster.tls:
+        return
+    from dsml.net.tls import TlsIdentity
+    from dsml.pki import PkiError
+
+    try:
+        TlsIdentity(config.pki_dir, kind, name)
+    except PkiError as e:
+        raise usage.UsageError(e.message) from None
 
 
 def makeWorkerService(options: WorkerOptions, reactor: IReactorCore | None = None) -> IService:
@@ -166,6 +191,7 @@ def makeWorkerService(options: WorkerOptions, reactor: IReactorCore | None = Non
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+        fsutil.private_umask()  # twistd runs us: the process is the worker's alone
     config = options.loaded_config
     name: str = options["name"]
     worker = config.worker(name)
@@ -182,6 +208,7 @@ def makeMasterService(options: MasterOptions, reactor: IReactorCore | None = Non
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+        fsutil.private_umask()  # twistd runs us: the process is the master's alone
     config = options.loaded_config
     check_listen_safe(config, config.master.host, "master.host")
 

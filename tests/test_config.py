@@ -62,7 +62,9 @@ def test_example_file_loads_with_expected_values() -> None:
         replication=2,
         heartbeat_interval=1.0,
         heartbeat_timeout=10.0,
+        tls=True,
     )
+    assert config.pki_dir == (ROOT / "var" / "pki").resolve()
     assert (config.master.host, config.master.port) == ("127.0.0.1", 7400)
     assert config.master.state_dir == (ROOT / "var" / "master").resolve()
     assert list(config.workers) == ["w1", "w2"]
@@ -352,9 +354,10 @@ def test_long_bad_value_is_shortened(tmp_path: Path) -> None:
 
 def test_token_file_is_read_and_stripped(tmp_path: Path) -> None:
     """token_file is relative to the config's directory and its content is stripped."""
-    (tmp_path / "secret").write_text("  s3cret-token\n", encoding="utf-8")
+    (tmp_path / "secret").write_text("  s3cret-token-in-a-file\n", encoding="utf-8")
+    (tmp_path / "secret").chmod(0o600)
     config = load_config(write(tmp_path, "cluster:\n  token_file: secret\n" + MINIMAL))
-    assert config.cluster.token == "s3cret-token"
+    assert config.cluster.token == "s3cret-token-in-a-file"
 
 
 def test_missing_token_file(tmp_path: Path) -> None:
@@ -370,6 +373,7 @@ def test_missing_token_file(tmp_path: Path) -> None:
 def test_empty_token_file(tmp_path: Path) -> None:
     """A token_file holding only blanks is an error naming that file."""
     (tmp_path / "secret").write_text("\n \n", encoding="utf-8")
+    (tmp_path / "secret").chmod(0o600)
     path = write(tmp_path, "cluster:\n  token_file: secret\n" + MINIMAL)
     assert load_error(path).endswith(
         f"cluster.token_file: the token in {(tmp_path / 'secret').resolve()} is empty"
@@ -472,6 +476,24 @@ def test_listen_allows_loopback_without_token(tmp_path: Path, host: str) -> None
     check_listen_safe(_config(tmp_path, None), host, "master.host")
 
 
-def test_listen_allows_non_loopback_with_token(tmp_path: Path) -> None:
-    """With a token, any address may be used."""
-    check_listen_safe(_config(tmp_path, "t0ken"), "0.0.0.0", "master.host")
+def test_listen_refuses_non_loopback_with_token_but_no_tls(tmp_path: Path) -> None:
+    """A token alone (clear text) is not enough for a non-loopback address."""
+    config = _config(tmp_path, "t0ken-of-16-chars")
+    with pytest.raises(ConfigError) as info:
+        check_listen_safe(config, "0.0.0.0", "master.host")
+    assert "without cluster.tls: true" in str(info.value)
+
+
+def test_listen_allows_non_loopback_with_tls(tmp_path: Path) -> None:
+    """With cluster.tls, any address may be used."""
+    config = load_config(write(tmp_path, "cluster:\n  tls: true\n" + MINIMAL))
+    assert config.cluster.tls
+    check_listen_safe(config, "0.0.0.0", "master.host")
+
+
+def test_pki_dir_default_and_relative(tmp_path: Path) -> None:
+    """cluster.pki_dir is relative to the config file; by default ../var/pki beside it."""
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.pki_dir == (config.path.parent / "../var/pki").resolve()
+    config = load_config(write(tmp_path, "cluster:\n  pki_dir: keys\n" + MINIMAL))
+    assert config.pki_dir == (config.path.parent / "keys").resolve()

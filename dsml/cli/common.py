@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from ..client import Client, ClusterClient, Progress
+from ..client.server import ClientTls, client_tls
 from ..config import (
     CONFIG_ENV,
     MASTER_ADDR_FILE,
@@ -86,12 +87,21 @@ def resolve_server(args: argparse.Namespace) -> tuple[str, str, int, str | None]
     return "master", host, port, token
 
 
+def _tls(args: argparse.Namespace) -> ClientTls | None:
+    """The user certificate to present when the config says ``cluster.tls``."""
+    config = getattr(args, "config_loaded", None)
+    if config is None:
+        return None
+    return client_tls(config, getattr(args, "identity", None))
+
+
 def _connect(args: argparse.Namespace) -> Any:
     role, host, port, token = resolve_server(args)
     args.target = f"{'the master' if role == 'master' else 'server'} {host}:{port}"
+    tls = _tls(args)
     if role == "master":
-        return ClusterClient(host, port, token, name="dsml-cli")
-    return Client(host, port, token, name="dsml-cli")
+        return ClusterClient(host, port, token, name="dsml-cli", tls=tls)
+    return Client(host, port, token, name="dsml-cli", tls=tls)
 
 
 def _cluster(args: argparse.Namespace) -> ClusterClient:

@@ -16,6 +16,7 @@ from .common import (
     _start_hint,
 )
 from .jobs import cmd_cancel, cmd_jobs, cmd_logs, cmd_status, cmd_submit, cmd_wait
+from .pki import add_pki_commands
 from .storage import (
     cmd_cat,
     cmd_download,
@@ -33,6 +34,7 @@ _EPILOG = """\
 storage:  upload, download (-r for a prefix), cat, set, get, rm (-r), ls, stat
 jobs:     submit, jobs, status, logs, wait, cancel
 cluster:  nodes, ping
+trust:    pki init, pki issue worker|user NAME, pki revoke NAME, pki show
 
 The cluster is found from -c FILE, else $DSML_CONFIG, else ./etc/dsml.yaml; the token
 from $DSML_TOKEN, else the config.  `dsml COMMAND -h` describes one command.
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token",
                    help="cluster token; avoid: other users see it in `ps`. Prefer "
                         "$DSML_TOKEN or the config's token/token_file")
+    p.add_argument("-i", "--identity", metavar="NAME",
+                   help="with cluster.tls: the user certificate to present, from the "
+                        "config's pki_dir (default: $DSML_IDENTITY, else admin)")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bars or progress lines")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -143,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, help="give up after this many seconds")
     sp = add("cancel", cmd_cancel, "cancel a job and stop its running attempts")
     sp.add_argument("job", help="the job id (jN)")
+    add_pki_commands(add)
     return p
 
 

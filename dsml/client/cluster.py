@@ -16,7 +16,7 @@ from typing import IO, Any
 from ..errors import ChecksumMismatch, ConnectionLost, DsmlError
 from ..protocol import replies
 from ..protocol.replies import TRY_NEXT, Entry, ListedKey, Located, Node, Stored, job_body
-from .server import Client, Progress
+from .server import Client, ClientTls, Progress, client_tls
 
 
 class ClusterClient:
@@ -35,13 +35,21 @@ class ClusterClient:
         token: str | None = None,
         timeout: float | None = 60.0,
         name: str = "dsml-python",
+        tls: ClientTls | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.token = token
         self.timeout = timeout
         self.name = name
-        self.master = Client(host, port, token, timeout, name)
+        self.tls = tls
+        self.master = Client(host, port, token, timeout, name, tls)
+        if tls is not None:
+            try:  # the master's certificate, not a worker's answering at its address
+                tls.check_peer(self.master._sock, f"the master {host}:{port}", ("master",))
+            except DsmlError:
+                self.master.close()
+                raise
         self._workers: dict[str, Client] = {}
 
     @classmethod
@@ -52,12 +60,15 @@ class ClusterClient:
         token: str | None = None,
         timeout: float | None = 60.0,
         name: str = "dsml-python",
+        identity: str | None = None,
     ) -> ClusterClient:
         """Connect to the master of the cluster a config file describes.
 
         The file is found as the ``dsml`` command finds it: ``config``, else
         $DSML_CONFIG, else ``etc/dsml.yaml`` in the working directory.  The token is
-        ``token``, else $DSML_TOKEN, else the config's.
+        ``token``, else $DSML_TOKEN, else the config's.  With ``cluster.tls`` the
+        connection presents the user certificate ``identity`` from the config's pki_dir
+        (else $DSML_IDENTITY, else ``admin``).
         """
         from ..config import MASTER_ADDR_FILE, find_config, load_config, read_address
 
@@ -72,7 +83,7 @@ class ClusterClient:
         host, port = read_address("the master", m.host, m.port, m.state_dir / MASTER_ADDR_FILE)
         if token is None:
             token = os.environ.get("DSML_TOKEN") or loaded.cluster.token
-        return cls(host, port, token, timeout, name)
+        return cls(host, port, token, timeout, name, client_tls(loaded, identity))
 
     def close(self) -> None:
         """Close every connection."""
@@ -91,7 +102,9 @@ class ClusterClient:
         c = self._workers.get(addr)
         if c is None or c._sock is None:
             host, _, port = addr.rpartition(":")
-            c = Client(host.strip("[]"), int(port), self.token, self.timeout, self.name)
+            c = Client(
+                host.strip("[]"), int(port), self.token, self.timeout, self.name, self.tls
+            )
             self._workers[addr] = c
         return c
 

@@ -12,12 +12,14 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from ..errors import ChecksumMismatch, ConnectionLost, DsmlError
+from ..fsutil import current_umask
 from ..protocol import codec, replies
 from ..protocol.codec import END, NEED_DATA, Head, Parser, quick_response
 from ..protocol.replies import Entry, Stored
@@ -30,6 +32,56 @@ CHUNK = 1024 * 1024
 SMALL_READ = 64 * 1024
 
 Progress = Callable[[int], None]
+
+
+class ClientTls:
+    """A user's TLS identity for the blocking client: TLS 1.3, its certificate and key,
+    the server verified against the cluster CA and required to be the master or a
+    worker (by its certificate, not by host name), and not revoked."""
+
+    def __init__(self, pki_dir: Path, name: str, kind: str = "user") -> None:
+        from .. import pki
+
+        paths = pki.identity_paths(pki_dir, kind, name)
+        pki.load_key(paths.key)  # refuses a key group or others may read, naming it
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        # Servers are checked by the identity in their certificate (see _check_peer).
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        try:
+            ctx.load_verify_locations(cafile=str(pki.ca_paths(pki_dir).cert))
+            ctx.load_cert_chain(str(paths.cert), str(paths.key))
+        except (OSError, ssl.SSLError) as e:
+            raise pki.PkiError(f"cannot load {paths.cert} or the CA under {pki_dir}: {e}") \
+                from None
+        self.context = ctx
+        self.revoked = pki.revoked_serials(pki_dir)
+
+    def check_peer(
+        self, sock: ssl.SSLSocket, where: str, kinds: tuple[str, ...] = ("master", "worker")
+    ) -> None:
+        """Refuse a server whose certificate is not of one of ``kinds``, or revoked."""
+        cert = sock.getpeercert() or {}
+        fields = {k: v for rdn in cert.get("subject", ()) for k, v in rdn}
+        kind = fields.get("organizationalUnitName")
+        if kind not in kinds:
+            raise DsmlError(f"{where} is not a dsml server (certificate of {kind!r})",
+                            "auth-failed")
+        if int(cert.get("serialNumber", "0"), 16) in self.revoked:
+            raise DsmlError(f"{where}'s certificate is revoked", "auth-failed")
+
+
+def client_tls(config: Any, identity: str | None = None) -> ClientTls | None:
+    """The user identity to present to the cluster of ``config``: None without
+    ``cluster.tls``; else ``identity``, else $DSML_IDENTITY, else ``admin``, from the
+    config's pki_dir."""
+    if not config.cluster.tls:
+        return None
+    from ..pki import DEFAULT_USER, IDENTITY_ENV
+
+    name = identity or os.environ.get(IDENTITY_ENV) or DEFAULT_USER
+    return ClientTls(config.pki_dir, name)
 
 
 def _stored(key: str, head: Head) -> Stored:
@@ -55,14 +107,25 @@ class Client:
         token: str | None = None,
         timeout: float | None = 60.0,
         name: str = "dsml-python",
+        tls: ClientTls | None = None,
     ) -> None:
         self.host = host
         self.port = port
         try:
-            self._sock = socket.create_connection((host, port), timeout=timeout)
+            sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as e:
             raise ConnectionLost(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            try:
+                sock = tls.context.wrap_socket(sock)
+                tls.check_peer(sock, f"{host}:{port}")
+            except (OSError, DsmlError) as e:
+                sock.close()
+                if isinstance(e, DsmlError):
+                    raise
+                raise ConnectionLost(f"TLS with {host}:{port} failed: {e}") from None
+        self._sock = sock
         # whole=True: a small reply is one event (its payload inside the Head).
         self._parser = Parser(codec.RESPONSE, whole=True)
         self._next_id = 1
@@ -118,7 +181,34 @@ class Client:
             raise ConnectionLost(f"connection to {self.host}:{self.port} lost: {e}") from None
         if not data:
             raise ConnectionLost(f"{self.host}:{self.port} closed the connection")
+        if self._read_size == CHUNK and isinstance(self._sock, ssl.SSLSocket):
+            data = self._drain(data)
         return data
+
+    def _drain(self, data: bytes) -> bytes:
+        """During a transfer over TLS: one recv gives one TLS record (16 KiB at most), so
+        take what else has already arrived, up to CHUNK, without waiting: the parser and
+        the sink then see large pieces, as without TLS."""
+        sock = self._sock
+        parts = [data]
+        got = len(data)
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)
+        try:
+            while got < CHUNK:
+                try:
+                    more = sock.recv(CHUNK - got)
+                except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break  # the next blocking recv reports it
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+        finally:
+            sock.settimeout(timeout)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read_head(self, req_id: int) -> Head:
         head = self._event()
@@ -360,6 +450,8 @@ class Client:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as out:
+                # The user's file: the mode their umask gives (mkstemp's is 0600), as cp's.
+                os.fchmod(out.fileno(), 0o666 & ~current_umask())
                 entry = self.download_to(key, out, progress)
                 out.flush()
                 if fsync:

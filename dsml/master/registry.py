@@ -99,6 +99,13 @@ class WorkerRegistry:
     ) -> Registration:
         """Register worker ``name`` on ``link``; MembershipError when the rules refuse it."""
         try:
+            # Over TLS the link's certificate says who it is: a worker registers only
+            # under its own name.
+            ident = getattr(link, "identity", None)
+            if ident is not None and (ident.kind != "worker" or ident.name != name):
+                raise MembershipError(
+                    f"{ident} may not register as worker {name!r}", "forbidden"
+                )
             if versions != self.versions:
                 # Checked before an incarnation is used up for a worker that is refused.
                 self.membership.check_versions(name, versions)

@@ -26,10 +26,13 @@ from twisted.internet.threads import deferToThreadPool
 
 from .. import __version__
 from ..config import MASTER_ADDR_FILE, Config
+from ..fsutil import private_dir
 from ..net.limits import Limits
 from ..net.listen import ListenService
 from ..net.responders import Responders
 from ..net.server import ServerFactory
+from ..net.tls import PeerCheck, load_tls
+from ..pki import MASTER_NAME
 from ..protocol.codec import PROTOCOL_VERSION
 from ..protocol.methods import master_methods
 from .directory import Directory
@@ -109,6 +112,7 @@ def build_master(
     listen: Callable[[ServerFactory], service.IService],
     now: Callable[[], float] = time.time,
     run_in_thread: Callable[[Callable[[], None]], Deferred[None]] | None = None,
+    peer_check: PeerCheck | None = None,
 ) -> Master:
     """Wire the master over an open ``state``: no reactor or sockets of its own.
 
@@ -117,7 +121,8 @@ def build_master(
     ``run_in_thread`` (deferToThreadPool) takes the job state's commits off the reactor
     thread (without it they run inline, as in the simulation).
     :func:`make_master_service` passes the real ones; :mod:`dsml.testing.sim` passes
-    a fake clock and an in-memory network.
+    a fake clock and an in-memory network.  With ``peer_check`` (TLS: ``listen`` then
+    wraps the factory in TLS) each connection's roles come from its peer's certificate.
     """
     versions = Versions(__version__, PROTOCOL_VERSION)
     directory = Directory(state, now=now)
@@ -163,6 +168,7 @@ def build_master(
         limits,
         two_way=True,
         on_lost=handler.link_lost,
+        peer_check=peer_check,
     )
     top = service.MultiService()
     top.setName("dsml-master")
@@ -178,7 +184,9 @@ def make_master_service(
     """Build the master's services from the config."""
     mc = config.master
     cc = config.cluster
-    mc.state_dir.mkdir(parents=True, exist_ok=True)
+    # Loaded first: a missing or unsafe key stops the master before anything else.
+    tls = load_tls(config, "master", MASTER_NAME)
+    private_dir(mc.state_dir)  # 0700; an older install's open one is tightened
     return build_master(
         state=MasterState(mc.state_dir / "master.sqlite3"),
         clock=reactor,
@@ -189,7 +197,9 @@ def make_master_service(
         token=cc.token,
         limits=config.limits,
         listen=lambda factory: ListenService(
-            reactor, mc.host, mc.port, factory, mc.state_dir / ADDR_FILE, "dsml master"
+            reactor, mc.host, mc.port, factory if tls is None else tls.wrap_server(factory),
+            mc.state_dir / ADDR_FILE, "dsml master",
         ),
         run_in_thread=lambda fn: deferToThreadPool(reactor, reactor.getThreadPool(), fn),
+        peer_check=None if tls is None else PeerCheck(tls, frozenset({"worker", "user"})),
     ).service

@@ -18,7 +18,7 @@ connections, :class:`~dsml.net.links.LinkFactory` for dialled links.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
@@ -45,6 +45,10 @@ from .limits import Limits
 from .responders import AUTH, Reply, Responder, Responders
 from .twisted_private import set_read_size
 
+if TYPE_CHECKING:
+    from ..pki import Identity
+    from .tls import PeerCheck
+
 log = Logger()
 
 #: Decides who a connection is from its ``auth`` request: the roles it may act as, or
@@ -61,6 +65,10 @@ class ConnectionFactory(Factory):
     ``dialled``: the roles of the peer this side dialled, which it trusts without an
     ``auth`` (None for accepted connections, which must authenticate).
     ``on_lost`` hears of each closed two-way connection.
+    ``peer_check``: the connection runs over TLS and its peer is who its certificate
+    says (:class:`~dsml.net.tls.PeerCheck`): an accepted connection then holds the
+    certificate's role instead of authenticating with a token; a dialled one is cut
+    unless the peer is of a kind it expects.
     """
 
     def __init__(
@@ -73,8 +81,10 @@ class ConnectionFactory(Factory):
         two_way: bool,
         dialled: frozenset[Role] | None,
         on_lost: Callable[[Connection], None] | None,
+        peer_check: PeerCheck | None = None,
     ) -> None:
         self.responders = responders
+        self.peer_check = peer_check
         self.clock = clock
         self.limits = limits or Limits()
         self.authenticate = authenticate
@@ -122,6 +132,12 @@ class Connection(TwistedProtocol):
         self.allowed: Mapping[str, Responder] = responders.allowed(self.roles)
         #: The peer's own name for itself (the ``Client`` header of its auth).
         self.client_name = ""
+        #: Over TLS, the identity in the peer's verified certificate (None until the
+        #: first bytes after the handshake, and without TLS).
+        self.identity: Identity | None = None
+        #: Over TLS, until the peer's certificate has been checked: nothing is read and
+        #: the auth deadline runs (it covers the handshake).
+        self._tls_pending = factory.peer_check is not None
         self.answers = Answers(self, responders, self.two_way)
         self.calls: Calls | None = Calls(self) if self.two_way else None
         #: Set once the connection is closing or closed: nothing more is read or sent.
@@ -230,6 +246,8 @@ class Connection(TwistedProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.closing:
+            return
+        if self._tls_pending and not self._identify():
             return
         head = None
         answers = self.answers
@@ -341,6 +359,36 @@ class Connection(TwistedProtocol):
             self.transport.pauseProducing()  # type: ignore[union-attr]
         return True
 
+    def _identify(self) -> bool:
+        """The handshake is done (bytes arrived through it): take the peer's identity
+        from its certificate, or close.  An accepted connection gets the certificate's
+        role; a dialled one keeps the roles of whom it dialled, if the peer is of a
+        kind it expects."""
+        from .tls import PeerRefused, roles_of
+
+        check = self.factory.peer_check
+        assert check is not None
+        self._tls_pending = False
+        try:
+            ident = check.identify(self.transport)
+        except PeerRefused as e:
+            log.warn("{peer}: refusing TLS peer: {why}", peer=self.peer_name(), why=str(e))
+            if self.factory.dialled is not None:
+                self.abort()
+            else:
+                self.fatal("forbidden", f"certificate refused: {e}")
+            return False
+        self.identity = ident
+        self.client_name = str(ident)
+        if not self.authenticated:
+            self.authenticated = True
+            self.roles = roles_of(ident)
+            self.allowed = self.factory.responders.allowed(self.roles)
+            if self._counted_unauth:
+                self.factory.unauthenticated -= 1
+                self._counted_unauth = False
+        return True
+
     def _refuse_unauthenticated(self, head: Head) -> None:
         self.answers.head = head
         self.answers.state = RECEIVING
@@ -356,7 +404,14 @@ class Connection(TwistedProtocol):
         self.answers.send_error(event.id, event.code, event.message)
 
     def authenticate(self, head: Head) -> None:
-        """Answer an ``auth`` request: the roles it grants, or auth-failed and close."""
+        """Answer an ``auth`` request: the roles it grants, or auth-failed and close.
+
+        Over TLS the certificate already said who the peer is: ``auth`` is answered
+        without looking at the token and changes nothing (a client may still send it).
+        """
+        if self.identity is not None:
+            self.answers.send_reply(head.id, Reply())
+            return
         check = self.factory.authenticate
         # A dialled link has no authenticator: the peer it dialled keeps its roles.
         roles = check(head) if check is not None else self.roles
@@ -397,6 +452,15 @@ class Connection(TwistedProtocol):
         """Answer once and close: the byte stream (or the peer) cannot be trusted."""
         if self.closing:
             return
+        if self._tls_pending:
+            # No TLS session to answer in yet; a TLS close would wait for the
+            # handshake, which may never finish: cut.
+            log.warn(
+                "{peer}: closing before the TLS handshake ended: {code}: {message}",
+                peer=self.peer_name(), code=code, message=message,
+            )
+            self.abort()
+            return
         log.warn(
             "{peer}: closing: {code}: {message}", peer=self.peer_name(), code=code, message=message
         )
@@ -422,7 +486,8 @@ class Connection(TwistedProtocol):
 
     def _deadline(self) -> tuple[float, str] | None:
         lim = self.limits
-        if not self.authenticated:
+        if not self.authenticated or self._tls_pending:
+            # Over TLS this covers the handshake, on dialled links too.
             return self._connected_at + lim.auth_timeout, "authentication"
         state = self.answers.state
         if state == IDLE:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -22,6 +22,9 @@ from ..protocol.methods import Role
 from .connection import Connection, ConnectionFactory
 from .limits import Limits
 from .responders import NO_REQUESTS, Responders
+
+if TYPE_CHECKING:
+    from .tls import PeerCheck, TlsIdentity
 
 log = Logger()
 
@@ -42,6 +45,17 @@ def tcp_endpoint_for(reactor: Any) -> EndpointFor:
         return TCP4ClientEndpoint(reactor, host, port, timeout=10)
 
     return endpoint_for
+
+
+def tls_endpoint_for(endpoint_for: EndpointFor, tls: TlsIdentity | None) -> EndpointFor:
+    """``endpoint_for`` with TLS on every endpoint it makes (unchanged without ``tls``)."""
+    if tls is None:
+        return endpoint_for
+
+    def tls_for(host: str, port: int) -> IStreamClientEndpoint:
+        return tls.wrap_endpoint(endpoint_for(host, port))
+
+    return tls_for
 
 
 def split_addr(addr: str) -> tuple[str, int]:
@@ -76,6 +90,10 @@ class AddressEndpoint:
 
 def tune_socket(transport: Any) -> None:
     """Keepalive and TCP_USER_TIMEOUT on a long-lived link, where the OS allows."""
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        transport = transport.transport  # the TCP connection beneath the TLS
     try:
         transport.setTcpKeepAlive(True)
         sock = transport.getHandle()
@@ -107,9 +125,11 @@ class LinkFactory(ConnectionFactory):
         *,
         peer_roles: frozenset[Role] = frozenset(),
         on_lost: Callable[[Connection], None] | None = None,
+        peer_check: PeerCheck | None = None,
     ) -> None:
         super().__init__(
-            responders, clock, limits, None, two_way=True, dialled=peer_roles, on_lost=on_lost
+            responders, clock, limits, None, two_way=True, dialled=peer_roles, on_lost=on_lost,
+            peer_check=peer_check,
         )
 
 
@@ -125,8 +145,11 @@ class Links:
         responders: Responders = NO_REQUESTS,
         limits: Limits | None = None,
         peer_roles: frozenset[Role] = frozenset(),
+        peer_check: PeerCheck | None = None,
     ) -> None:
         self.clock = clock
+        #: Over TLS (``endpoint_for`` then wraps TLS), what a peer's certificate must say.
+        self.peer_check = peer_check
         self.endpoint_for = endpoint_for
         self.token = token
         self.name = name
@@ -141,7 +164,8 @@ class Links:
         host, port = split_addr(addr)
         # A factory per link: its connection counts are this link's alone.
         factory = LinkFactory(
-            self.responders, self.clock, self.limits, peer_roles=self.peer_roles
+            self.responders, self.clock, self.limits, peer_roles=self.peer_roles,
+            peer_check=self.peer_check,
         )
         d: Deferred[Connection] = self.endpoint_for(host, port).connect(factory)
 
@@ -216,5 +240,6 @@ __all__ = [
     "join_addr",
     "split_addr",
     "tcp_endpoint_for",
+    "tls_endpoint_for",
     "tune_socket",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConnectionLost
 from ..protocol.codec import Head
@@ -25,6 +25,9 @@ from .calling import RESPONSE_MAX, Response
 from .connection import Authenticate, Connection, ConnectionFactory
 from .limits import Limits
 from .responders import Call, Reply, Responders
+
+if TYPE_CHECKING:
+    from .tls import PeerCheck
 
 #: Former names: a connection (accepted or dialled) and the connection limits.
 ServerProtocol = Connection
@@ -54,7 +57,8 @@ class ServerFactory(ConnectionFactory):
     """Builds a :class:`Connection` per accepted connection; holds what they share.
 
     ``token`` is the cluster token (checked by a :class:`TokenAuthenticator`), unless
-    ``authenticate`` decides instead.  ``two_way=True`` makes each connection a two-way
+    ``authenticate`` decides instead; with ``peer_check`` (TLS) the peer's certificate
+    decides and the token is not checked.  ``two_way=True`` makes each connection a two-way
     link (the master's: its workers' links carry orders back); ``on_lost`` hears of each
     two-way connection that closes.
     """
@@ -69,6 +73,7 @@ class ServerFactory(ConnectionFactory):
         two_way: bool = False,
         on_lost: Callable[[Connection], None] | None = None,
         authenticate: Authenticate | None = None,
+        peer_check: PeerCheck | None = None,
     ) -> None:
         super().__init__(
             responders,
@@ -78,6 +83,7 @@ class ServerFactory(ConnectionFactory):
             two_way=two_way,
             dialled=None,
             on_lost=on_lost,
+            peer_check=peer_check,
         )
 
 

@@ -31,6 +31,11 @@ def send_now(transport: Any, data: bytes) -> None:
     sends straight away with its own ``writeSomeData`` (what ``doWrite`` would call) and
     queues only what the socket did not take.  Other transports just ``write``.
     """
+    if not _direct(type(transport)):
+        # A TLS transport (a ProtocolWrapper) forwards unknown attributes to the TCP
+        # transport beneath it: writing there would bypass the encryption.
+        transport.write(data)
+        return
     try:
         idle = not transport.dataBuffer and not transport._tempDataBuffer
         write_some = transport.writeSomeData
@@ -43,6 +48,20 @@ def send_now(transport: Any, data: bytes) -> None:
                 return
             data = data[sent:]
     transport.write(data)
+
+
+_DIRECT: dict[type, bool] = {}
+
+
+def _direct(kind: type) -> bool:
+    """Whether transports of ``kind`` have their own ``writeSomeData`` (a socket's),
+    not one reached through ``__getattr__`` (TLS over a socket)."""
+    direct = _DIRECT.get(kind)
+    if direct is None:
+        direct = _DIRECT[kind] = not hasattr(kind, "__getattr__") or hasattr(
+            kind, "writeSomeData"
+        )
+    return direct
 
 
 def set_read_size(transport: Any, size: int) -> None:

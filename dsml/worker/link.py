@@ -35,6 +35,7 @@ from ..net.limits import Limits
 from ..net.links import LinkFactory, tune_socket
 from ..net.responders import Responders
 from ..net.server import Response
+from ..net.tls import PeerCheck
 from ..net.twisted_private import forget_reconnecting_connection
 from ..protocol.codec import PROTOCOL_VERSION
 from ..protocol.methods import Role
@@ -180,6 +181,7 @@ class MasterLink(service.Service):
         retry_policy: Callable[[int], float] | None = None,
         running_attempts: Callable[[], list[int]] | None = None,
         on_session: SessionListener | None = None,
+        peer_check: PeerCheck | None = None,
     ) -> None:
         self.clock = clock
         self.token = token
@@ -204,6 +206,9 @@ class MasterLink(service.Service):
             Limits(idle_timeout=max(60.0, 10 * heartbeat_interval)),
             peer_roles=frozenset({Role.MASTER}),
             on_lost=self._lost,
+            # Over TLS the peer must hold the master's certificate: a worker's or a
+            # user's, however valid, cannot send this worker orders.
+            peer_check=peer_check,
         )
         self._client = ClientService(
             endpoint,

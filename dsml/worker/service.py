@@ -15,11 +15,20 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from ..config import MASTER_ADDR_FILE, WORKER_ADDR_FILE, Config
+from ..fsutil import private_dir
 from ..net.cluster_client import AsyncClusterClient
 from ..net.limits import Limits
-from ..net.links import AddressEndpoint, EndpointFor, Links, join_addr, tcp_endpoint_for
+from ..net.links import (
+    AddressEndpoint,
+    EndpointFor,
+    Links,
+    join_addr,
+    tcp_endpoint_for,
+    tls_endpoint_for,
+)
 from ..net.listen import ListenService, read_addr_file
 from ..net.server import ServerFactory
+from ..net.tls import PeerCheck, TlsIdentity, load_tls
 from ..protocol.methods import Role
 from .link import MasterLink, StoreReports, WorkerInfo
 from .orders import WorkerOrders, order_responders
@@ -112,6 +121,7 @@ def build_worker(
     free_disk: Callable[[], int] | None = None,
     retry_policy: Callable[[int], float] | None = None,
     tasks: MakeTaskRunner | None = None,
+    tls: TlsIdentity | None = None,
 ) -> Worker:
     """Wire a worker over an open ``store``: no reactor, sockets or threads of its own.
 
@@ -128,10 +138,15 @@ def build_worker(
     and the store; the store's reports to the master (the storage server tells them of
     every change); the master link last (it answers the master's orders and tells the
     reports and the jobs of each registration).
+
+    With ``tls`` (``endpoint_for`` then dials TLS) every peer is checked by its
+    certificate: the master link's must be the master's, other links' the master's or a
+    worker's, and the storage server accepts workers and users, each with its role.
     """
     name = info.name
     links = Links(
-        clock, endpoint_for, token, name=f"worker {name}", peer_roles=frozenset({Role.WORKER})
+        clock, endpoint_for, token, name=f"worker {name}", peer_roles=frozenset({Role.WORKER}),
+        peer_check=None if tls is None else PeerCheck(tls, frozenset({"master", "worker"})),
     )
     client = AsyncClusterClient(master_addr, links, clock)
     transfers = TaskTransfers(client, store, clock, run_in_thread)
@@ -161,10 +176,12 @@ def build_worker(
         heartbeat_interval=heartbeat_interval,
         free_disk=free_disk,
         retry_policy=retry_policy,
+        peer_check=None if tls is None else PeerCheck(tls, frozenset({"master"})),
         **task_side,
     )
     factory = ServerFactory(
-        storage_responders(handler, TaskLogs(jobs), value_max), clock, token, limits
+        storage_responders(handler, TaskLogs(jobs), value_max), clock, token, limits,
+        peer_check=None if tls is None else PeerCheck(tls, frozenset({"worker", "user"})),
     )
     top = service.MultiService()
     top.setName(f"dsml-worker-{name}")
@@ -195,7 +212,9 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
     keep a link to the master."""
     wc = config.worker(name)
     cc = config.cluster
-    wc.data_dir.mkdir(parents=True, exist_ok=True)
+    # Loaded first: a missing or unsafe key stops the worker before anything else.
+    tls = load_tls(config, "worker", name)
+    private_dir(wc.data_dir)  # 0700; an older install's open one is tightened
     store = Store(wc.data_dir / "store", value_max=cc.value_max)
     pool = reactor.getThreadPool()
 
@@ -208,8 +227,8 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
             master.info = attrs.evolve(master.info, port=port.getHost().port)
 
         return ListenService(
-            reactor, wc.host, wc.port, factory, wc.data_dir / ADDR_FILE, f"dsml worker {name}",
-            on_listening=listening,
+            reactor, wc.host, wc.port, factory if tls is None else tls.wrap_server(factory),
+            wc.data_dir / ADDR_FILE, f"dsml worker {name}", on_listening=listening,
         )
 
     master_addr_file = config.master.state_dir / MASTER_ADDR_FILE
@@ -234,7 +253,7 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         tasks=make_tasks,
         store=store,
         clock=reactor,
-        endpoint_for=tcp_endpoint_for(reactor),
+        endpoint_for=tls_endpoint_for(tcp_endpoint_for(reactor), tls),
         master_addr=master_addr,
         token=cc.token,
         info=WorkerInfo(
@@ -245,4 +264,5 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         limits=config.limits,
         run_in_thread=run_in_thread,
         listen=listen,
+        tls=tls,
     ).service
