@@ -34,10 +34,11 @@ README = ROOT / "README.md"
 BLOCK = re.compile(r"(?:<!-- readme-test: file (\S+) -->\n)?```(\w+)\n(.*?)```", re.S)
 
 
-def tour_blocks() -> list[tuple[str, str, str | None]]:
-    """(language, text, file name) of each fenced block of the README's first hour."""
+def tour_blocks(section: str = "## A first hour") -> list[tuple[str, str, str | None]]:
+    """(language, text, file name) of each fenced block of a README section (the first
+    hour by default), up to the next section."""
     text = README.read_text()
-    start = text.index("## A first hour")
+    start = text.index(section)
     end = text.index("\n## ", start + 1)
     return [(lang, body, name) for name, lang, body in BLOCK.findall(text[start:end])]
 
@@ -139,6 +140,18 @@ def _start_roles(body: str, scratch: Path, env: dict[str, str]) -> list[subproce
         raise
     assert workers == ["w1", "w2"], workers
     return procs
+
+
+def test_the_readme_certificate_commands_run_verbatim(scratch: Path) -> None:
+    """The section on certificates: its commands, as written, in a scratch checkout."""
+    blocks = [body for lang, body, _ in tour_blocks("## Certificates and TLS") if lang == "sh"]
+    assert blocks
+    for body in blocks:
+        r = subprocess.run(["bash", "-e", "-u", "-c", body], cwd=scratch, env=_env(scratch),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, f"README block failed:\n{body}\n{r.stdout}\n{r.stderr}"
+    assert (scratch / "var" / "pki" / "users" / "alice.crt").exists()
+    assert (scratch / "var" / "pki" / "workers" / "w3.crt").exists()
 
 
 # -- the demo -------------------------------------------------------------------------
