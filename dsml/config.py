@@ -14,6 +14,9 @@ directory holding the file, so the same file works from any working directory.
 This module knows nothing of Twisted: the twistd plugins (:mod:`dsml.tap`), the CLI and the
 tests all share it.  The ``limits`` section becomes :class:`dsml.net.limits.Limits`, the
 very object the net layer enforces (that module imports no Twisted either).
+
+One room (some 660 lines, most of them the checks of single keys): one parser reads every
+key, so every problem is reported the same way.
 """
 
 from __future__ import annotations
@@ -179,6 +182,9 @@ class ClusterConfig:
     #: The CA, certificates and keys (``cluster.pki_dir``, absolute); None: not set, see
     #: :attr:`Config.pki_dir` for the default.
     pki_dir: Path | None = None
+    #: Users who may cancel any job and read any job's logs (``cluster.admins``);
+    #: every other user only their own jobs'.
+    admins: tuple[str, ...] = ("admin",)
 
 
 @attrs.frozen
@@ -401,6 +407,7 @@ class _Parser:
             "heartbeat_timeout",
             "tls",
             "pki_dir",
+            "admins",
         ]
         s = self.mapping("cluster", section, known)
         if "token" in s and "token_file" in s:
@@ -431,6 +438,11 @@ class _Parser:
         if not isinstance(tls, bool):
             raise self.error("cluster.tls", f"must be true or false, got {_show(tls)}")
         pki_dir = self.path_value("cluster.pki_dir", s["pki_dir"]) if "pki_dir" in s else None
+        admins = s.get("admins", ["admin"])
+        if not isinstance(admins, list) or not all(
+            isinstance(a, str) and wire_limits.WORKER_NAME.match(a) for a in admins
+        ):
+            raise self.error("cluster.admins", f"must be a list of user names, got {_show(admins)}")
         return ClusterConfig(
             token=token,
             value_max=value_max,
@@ -439,6 +451,7 @@ class _Parser:
             heartbeat_timeout=timeout,
             tls=tls,
             pki_dir=pki_dir,
+            admins=tuple(admins),
         )
 
     def master(self, section: object) -> MasterConfig:

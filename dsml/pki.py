@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import DsmlError
+from .net.access import TOKEN_OWNER
 from .protocol.limits import WORKER_NAME
 from .protocol.methods import Role
 
@@ -113,6 +114,10 @@ def check_name(kind: str, name: str) -> None:
         raise PkiError(f"unknown identity kind {kind!r} (master, worker or user)")
     if not WORKER_NAME.match(name):
         raise PkiError(f"identity name must be 1 to 64 of A-Z a-z 0-9 _ . -, got {name!r}")
+    if kind == "user" and name == TOKEN_OWNER:
+        raise PkiError(
+            f"user name {name!r} is reserved: it owns the jobs submitted with the token"
+        )
 
 
 # -- files --------------------------------------------------------------------------

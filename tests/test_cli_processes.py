@@ -80,8 +80,10 @@ def test_every_listing_is_one_json_document(cluster: LocalCluster, tmp_path: Pat
     assert all(w["free_disk"] > 0 and w["slots"] >= 1 for w in nodes["workers"])
     jobs = json.loads(cluster.cli("jobs", "--json").stdout)["jobs"]
     assert [j for j in jobs if j["id"] == job][0]["state"] == "succeeded"
+    assert [j for j in jobs if j["id"] == job][0]["owner"] == "token"  # no TLS here
     status = json.loads(cluster.cli("status", "--json", job).stdout)
     assert status["id"] == job and status["tasks"][0]["attempts"][0]["exit_code"] == 0
+    assert status["owner"] == "token"
 
 
 def test_stat_says_file_or_value(cluster: LocalCluster, tmp_path: Path) -> None:
@@ -205,6 +207,7 @@ def test_a_cancelled_job_says_cancelled(cluster: LocalCluster) -> None:
     line = [ln for ln in cluster.cli("jobs").stdout.decode().splitlines()
             if ln.startswith(job + " ")][0]
     assert " cancelled " in line and "3 cancelled" in line and "done" not in line, line
+    assert line.split()[2] == "token", line  # OWNER: every token holder is one principal
 
 
 def test_nodes_slot_and_disk_columns(cluster: LocalCluster) -> None:

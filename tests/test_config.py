@@ -497,3 +497,18 @@ def test_pki_dir_default_and_relative(tmp_path: Path) -> None:
     assert config.pki_dir == (config.path.parent / "../var/pki").resolve()
     config = load_config(write(tmp_path, "cluster:\n  pki_dir: keys\n" + MINIMAL))
     assert config.pki_dir == (config.path.parent / "keys").resolve()
+
+
+def test_cluster_admins_default_and_list(tmp_path: Path) -> None:
+    """cluster.admins: the users who may act on every job; by default [admin]."""
+    assert load_config(write(tmp_path, MINIMAL)).cluster.admins == ("admin",)
+    config = load_config(write(tmp_path, "cluster:\n  admins: [root, ops.team]\n" + MINIMAL))
+    assert config.cluster.admins == ("root", "ops.team")
+    assert load_config(write(tmp_path, "cluster:\n  admins: []\n" + MINIMAL)).cluster.admins == ()
+
+
+@pytest.mark.parametrize("value", ["admin", "[bad name]", "[1]", "['']"])
+def test_cluster_admins_must_be_a_list_of_names(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"cluster:\n  admins: {value}\n" + MINIMAL))
+    assert "cluster.admins: must be a list of user names" in str(info.value)

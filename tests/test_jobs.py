@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from dsml.master.jobrouter import job_json
+from dsml.master.jobrouter import assignment_json, job_json
 from dsml.master.jobs import (
     ATTEMPT_BLOCK,
     JOBS_FILE,
@@ -37,6 +37,7 @@ from dsml.master.jobs import (
     QueuePlace,
     TaskSpec,
 )
+from dsml.net.access import TOKEN_OWNER
 
 T = TypeVar("T")
 
@@ -903,8 +904,8 @@ def _counts(**n: int) -> str:
 
 def test_a_schema_1_state_file_is_migrated_in_place(tmp_path: Path) -> None:
     """A state file written by schema version 1 (no stderr tails) opens: its final and
-    live jobs read back as they were (tails empty), it is at version 2 afterwards, and a
-    tail recorded then survives a restart."""
+    live jobs read back as they were (tails empty, owners unknown), it is at the current
+    version afterwards (both migrations ran), and a tail recorded then survives a restart."""
     path = tmp_path / JOBS_FILE
     db = sqlite3.connect(path)
     for statement in SCHEMA_1:
@@ -956,8 +957,9 @@ def test_a_schema_1_state_file_is_migrated_in_place(tmp_path: Path) -> None:
         columns = [row[1] for row in db.execute("PRAGMA table_info(attempts)")]
     finally:
         db.close()
-    assert schema == SCHEMA_VERSION == 2
+    assert schema == SCHEMA_VERSION == 3
     assert columns[-1] == "stderr_tail"
+    assert old.owner == ""
     h.jm = JobManager(path, h.clock, synchronous=h.sync)
     assert tails(h.jm.job("j2")) == ["boom\n"]
     assert tails(h.jm.job("j1")) == [""]
@@ -1279,3 +1281,126 @@ def test_property_random_interleavings(
         sim.h.reopen()
         assert sim.views() == views
         sim.h.jm.close()
+
+
+# -- owners ------------------------------------------------------------------------------
+
+
+def test_a_job_records_its_owner(tmp_path: Path) -> None:
+    """The owner given to submit is in the job's view (and the job list's), goes with
+    each assignment, and survives a restart, live or final; the default is the token
+    principal."""
+    h = Harness(tmp_path / JOBS_FILE)
+    d = h.jm.submit(job(name="mine"), owner="alice")
+    h.tick()
+    assert result(d) == "j1"
+    assert h.submit(job(name="default")) == "j2"
+    assert h.jm.job("j1").owner == "alice"
+    assert h.jm.job("j2").owner == TOKEN_OWNER == "token"
+    assert {v.id: v.owner for v in h.jm.jobs()} == {"j1": "alice", "j2": "token"}
+    (a,) = h.assign()
+    assert (a.job_id, a.owner) == ("j1", "alice")
+    assert h.finish(a, code=0)
+    h.jm.close()
+
+    h.jm = JobManager(h.path, h.clock, synchronous=h.sync)
+    assert h.jm.job("j1").state == "succeeded"  # read back from the file
+    assert h.jm.job("j1").owner == "alice"
+    assert h.jm.job("j2").owner == "token"  # live, loaded back
+    assert {v.id: v.owner for v in h.jm.jobs()} == {"j1": "alice", "j2": "token"}
+    (b,) = h.assign()
+    assert (b.job_id, b.owner) == ("j2", "token")
+
+
+def test_a_job_needs_an_owner(tmp_path: Path) -> None:
+    h = Harness(tmp_path / JOBS_FILE)
+    with pytest.raises(JobError, match="owner"):
+        h.jm.submit(job(), owner="")
+    assert h.jm.jobs() == []
+
+
+SCHEMA_2 = (*SCHEMA_1[:4], SCHEMA_1[4].replace(
+    "reason TEXT NOT NULL)", "reason TEXT NOT NULL, stderr_tail TEXT NOT NULL DEFAULT '')"
+), SCHEMA_1[5])
+
+
+def test_a_schema_2_state_file_is_migrated_in_place(tmp_path: Path) -> None:
+    """A state file written by schema version 2 (no owners) opens: its jobs read back
+    with the owner "" (unknown), it is at version 3 afterwards with ``jobs.owner`` last,
+    and a job submitted then keeps its owner across a restart."""
+    assert "stderr_tail" in SCHEMA_2[4]
+    path = tmp_path / JOBS_FILE
+    db = sqlite3.connect(path)
+    for statement in SCHEMA_2:
+        db.execute(statement)
+    db.executemany(
+        "INSERT INTO meta VALUES (?, ?)",
+        [("schema", 2), ("next_job", 3), ("attempt_reserved", 10_000)],
+    )
+    db.executemany(
+        "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (1, "old", 0, "[]", "failed", 1.0, 2.0, 3.0, "task 0 failed: exit 2", 1,
+             _counts(failed=1)),
+            (2, "live", 0, "[]", "queued", 4.0, None, None, "", 1, _counts(queued=1)),
+        ],
+    )
+    db.executemany(
+        "INSERT INTO tasks VALUES (?, ?, ?, ?, ?)",
+        [
+            (1, 0, '{"command":["false"],"max_attempts":1}', "failed", "exit 2"),
+            (2, 0, '{"command":["true"]}', "queued", ""),
+        ],
+    )
+    db.execute(
+        "INSERT INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (1, 1, 0, "w1", 1, "failed", 2.0, 3.0, 2, None, 1.0, 100, "exit 2", "oops\n"),
+    )
+    db.commit()
+    db.close()
+
+    h = Harness(path)
+    old = h.jm.job("j1")
+    assert (old.name, old.state, old.owner) == ("old", "failed", "")
+    assert tails(old) == ["oops\n"]
+    assert h.jm.job("j2").owner == ""
+    (a,) = h.assign()
+    assert (a.job_id, a.owner) == ("j2", "")
+    d = h.jm.submit(job(name="new"), owner="bob")
+    h.tick()
+    assert result(d) == "j3"
+    h.jm.close()
+
+    db = sqlite3.connect(path)
+    try:
+        (schema,) = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+    finally:
+        db.close()
+    assert schema == SCHEMA_VERSION == 3
+    assert columns[-1] == "owner"
+    h.jm = JobManager(path, h.clock, synchronous=h.sync)
+    assert [(v.id, v.owner) for v in h.jm.jobs()] == [("j3", "bob"), ("j2", ""), ("j1", "")]
+
+
+def test_job_json_shows_the_owner_and_hides_tails_from_others(h: Harness) -> None:
+    """``owner`` is in the status JSON; ``private=False`` (a reader who is neither the
+    owner nor an admin) blanks the stderr tails; the run order carries the owner and the
+    job's view has no environment anywhere."""
+    d = h.jm.submit(job(task(env=(("SECRET", "hunter2"),), max_attempts=2)), owner="alice")
+    h.tick()
+    assert result(d) == "j1"
+    (a,) = h.assign()
+    assert h.finish(a, code=1, stderr_tail="secret log\n")
+    view = h.jm.job("j1")
+    mine = job_json(view)
+    assert mine["owner"] == "alice"
+    assert mine["tasks"][0]["attempts"][0]["stderr_tail"] == "secret log\n"
+    theirs = job_json(view, private=False)
+    assert theirs["owner"] == "alice"
+    assert theirs["tasks"][0]["attempts"][0]["stderr_tail"] == ""
+    assert "hunter2" not in json.dumps(mine)
+    (b,) = h.assign()
+    order = json.loads(assignment_json(b))
+    assert order["owner"] == "alice"
+    assert order["env"] == [["SECRET", "hunter2"]]  # to the worker only

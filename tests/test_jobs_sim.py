@@ -99,6 +99,7 @@ def test_killed_worker_task_finishes_elsewhere_exactly_once(make: Make, away: fl
 
     final = sim.wait(client.wait(job))
     assert final["state"] == "succeeded"
+    assert final["owner"] == "token"  # no TLS in the simulation: the token's principal
     tried = attempts(final)
     assert [a["state"] for a in tried] == ["lost", "succeeded"]
     assert tried[0]["worker"] == first.worker and tried[0]["id"] == first.attempt_id

@@ -185,3 +185,14 @@ def test_twistd_options_refuse_an_unsafe_or_missing_key(pki_dir: Path) -> None:
     pki.identity_paths(pki_dir, "worker", "w2").key.unlink()
     with pytest.raises(usage.UsageError, match="w2.key does not exist"):
         WorkerOptions().parseOptions(["-c", config, "--name", "w2"])
+
+
+def test_the_token_owner_name_is_not_a_user() -> None:
+    """Jobs submitted in token mode belong to "token": no certificate may claim it."""
+    from dsml import pki
+    from dsml.net.access import TOKEN_OWNER
+
+    with pytest.raises(pki.PkiError, match="reserved"):
+        pki.check_name("user", TOKEN_OWNER)
+    pki.check_name("worker", TOKEN_OWNER)  # a worker called so owns no jobs
+    pki.check_name("user", "alice")

@@ -206,3 +206,88 @@ def test_rotation_revoked_worker_is_refused_until_restarted_with_a_new_certifica
     cluster.kill("w2", signal.SIGTERM)
     cluster.start("w2")
     poll(lambda: states().get("w2") == "alive" or None, "w2 back with its new certificate")
+
+
+def _user(c: LocalCluster, name: str) -> ClientTls:
+    return ClientTls(c.pki_dir, name)
+
+
+def _job_id(r: object) -> str:
+    return r.stdout.strip().decode()  # type: ignore[attr-defined, no-any-return]
+
+
+def test_the_jobs_of_one_user_are_not_anothers(tmp_path: Path) -> None:
+    """Jobs have owners: alice's jobs cannot be cancelled by bob, nor their logs read
+    (through the master, or from the worker directly), nor their stderr tails seen in
+    the status; alice and the admins (``admin``, and ``carol`` from ``cluster.admins``)
+    can; ``dsml jobs`` and ``dsml status`` show the owners."""
+    c = LocalCluster(tmp_path / "c", workers=("w1",), tls=True,
+                     extra={"cluster": {"admins": ["admin", "carol"]},
+                            "workers": {"w1": {"host": "127.0.0.1", "port": 0,
+                                               "data_dir": "w1", "slots": 4}}})
+    try:
+        _started(c, "w1")
+        for name in ("alice", "bob", "carol"):
+            c.cli("pki", "issue", "user", name)
+        idle = _job_id(c.cli("-i", "alice", "-q", "submit", "--name", "idle", "--",
+                             "sleep", "600"))
+        idle2 = _job_id(c.cli("-i", "alice", "-q", "submit", "--name", "idle2", "--",
+                              "sleep", "600"))
+        done = _job_id(c.cli(
+            "-i", "alice", "-q", "submit", "--name", "secret", "--max-attempts", "1", "--",
+            "sh", "-c", "echo alice-out; echo alice-err >&2; exit 3",
+        ))
+        c.cli("-i", "alice", "wait", done, "--timeout", "60", check=False)
+        mine = _job_id(c.cli("-i", "bob", "-q", "submit", "--name", "bobs", "--", "true"))
+        c.cli("-i", "bob", "wait", mine, "--timeout", "60")
+
+        # dsml jobs shows each job's owner, to anyone.
+        listing = c.cli("-i", "bob", "jobs").stdout.decode()
+        header, *rows = listing.splitlines()
+        assert header.split() == ["JOB", "NAME", "OWNER", "STATE", "AGE", "TASKS"], listing
+        owners = {row.split()[0]: row.split()[2] for row in rows}
+        assert owners == {idle: "alice", idle2: "alice", done: "alice", mine: "bob"}, listing
+        jobs = json.loads(c.cli("-i", "bob", "jobs", "--json").stdout)["jobs"]
+        assert {j["id"]: j["owner"] for j in jobs} == owners
+        assert "  owner: alice" in c.cli("-i", "bob", "status", idle).stdout.decode()
+
+        # bob may neither cancel alice's job nor read its logs.
+        r = c.cli("-i", "bob", "cancel", idle, check=False)
+        assert r.returncode != 0 and b"[forbidden]" in r.stderr, r.stderr
+        assert b"belongs to alice" in r.stderr, r.stderr
+        r = c.cli("-i", "bob", "logs", done, check=False)
+        assert r.returncode != 0 and b"[forbidden]" in r.stderr, r.stderr
+        assert b"alice-out" not in r.stdout
+        # Nor its failed attempt's stderr tail in the status (alice sees it).
+        theirs = json.loads(c.cli("-i", "bob", "status", "--json", done, check=False).stdout)
+        assert theirs["owner"] == "alice"
+        assert theirs["tasks"][0]["attempts"][0]["stderr_tail"] == ""
+        hers = json.loads(c.cli("-i", "alice", "status", "--json", done, check=False).stdout)
+        assert "alice-err" in hers["tasks"][0]["attempts"][0]["stderr_tail"]
+        # Nor from the worker that ran it, asked directly.
+        attempt = hers["tasks"][0]["attempts"][0]["id"]
+        host, port = c.address("w1")
+        request = {"Attempt": attempt, "Stream": "stdout"}
+        with Client(host, port, c.token, timeout=10, tls=_user(c, "bob")) as w1:
+            with pytest.raises(DsmlError) as info:
+                w1.call("task_log", request)
+            assert info.value.code == "forbidden"
+        for who in ("alice", "admin", "carol"):
+            with Client(host, port, c.token, timeout=10, tls=_user(c, who)) as w1:
+                assert w1.call("task_log", request)[1] == b"alice-out\n", who
+        # bob's own job is his.
+        assert c.cli("-i", "bob", "logs", mine).returncode == 0
+
+        # The owner and the admins may do both; the job is still running after bob.
+        assert json.loads(c.cli("-i", "alice", "status", "--json", idle).stdout)["state"] in (
+            "queued", "running")
+        for who in ("alice", "admin", "carol"):
+            r = c.cli("-i", who, "logs", done, check=False)
+            assert (r.stdout, r.stderr) == (b"alice-out\n", b"alice-err\n"), who
+        c.cli("-i", "admin", "cancel", idle)
+        c.cli("-i", "alice", "cancel", idle2)
+        for job in (idle, idle2):
+            state = json.loads(c.cli("-i", "bob", "status", "--json", job, check=False).stdout)
+            assert state["state"] == "cancelled", state
+    finally:
+        c.stop()

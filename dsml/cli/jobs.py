@@ -99,11 +99,17 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"jobs": [{k: v for k, v in j.items() if k != "tasks"} for j in jobs]})
         return 0
-    print(f"{'JOB':<8} {'NAME':<20} {'STATE':<10} {'AGE':>5}  TASKS")
+    print(f"{'JOB':<8} {'NAME':<20} {'OWNER':<12} {'STATE':<10} {'AGE':>5}  TASKS")
     for j in jobs:
-        print(f"{j['id']:<8} {j['name'][:20]:<20} {j['state']:<10} {_age(j['created']):>5}  "
-              f"{_progress_text(j)}")
+        print(f"{j['id']:<8} {j['name'][:20]:<20} {_owner(j)[:12]:<12} {j['state']:<10} "
+              f"{_age(j['created']):>5}  {_progress_text(j)}")
     return 0
+
+
+def _owner(j: dict[str, Any]) -> str:
+    """Who submitted the job ("-" when the master does not know: a job stored before
+    owners were recorded, or a master that does not say)."""
+    return str(j.get("owner") or "-")
 
 
 def _attempt_how(a: dict[str, Any]) -> str:
@@ -133,6 +139,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0 if j["state"] != "failed" else 1
     reason = f" ({j['reason']})" if j.get("reason") else ""
     print(f"job {j['id']} {j['name']!r}: {j['state']}{reason}, {_progress_text(j)}")
+    print(f"  owner: {_owner(j)}")
     for t in j["tasks"]:
         treason = f" ({t['reason']})" if t.get("reason") else ""
         waits = t.get("waiting_for") or ""

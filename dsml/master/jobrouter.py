@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..errors import DsmlError
+from ..net.access import TOKEN_OWNER
 from .directory import Directory, DirectoryError
 from .jobs import (
     Assignment,
@@ -62,8 +63,14 @@ def job_spec_from_json(data: Any) -> JobSpec:
         raise JobError(f"malformed job: {e}", "bad-job") from None
 
 
-def job_json(view: JobView, queued: Mapping[int, str] | None = None) -> dict[str, Any]:
+def job_json(
+    view: JobView, queued: Mapping[int, str] | None = None, *, private: bool = True
+) -> dict[str, Any]:
     """A job view as JSON (``dsml status``, ``wait`` and ``jobs``).
+
+    ``private``: the reader may see what is the job's owner's own (the owner, an admin:
+    :func:`dsml.net.access.may_act_on`); for anyone else each attempt's ``stderr_tail``
+    (the end of its log) is "".  No view holds a task's environment.
 
     Each task's ``waiting_for`` says why it waits: the view's sentence for a ``waiting``
     task, ``queued[index]`` for a ``queued`` one (the router's, from the workers: see
@@ -74,6 +81,7 @@ def job_json(view: JobView, queued: Mapping[int, str] | None = None) -> dict[str
     return {
         "id": view.id,
         "name": view.name,
+        "owner": view.owner,
         "state": view.state,
         "priority": view.priority,
         "after": list(view.after),
@@ -103,7 +111,7 @@ def job_json(view: JobView, queued: Mapping[int, str] | None = None) -> dict[str
                         "duration": a.duration,
                         "peak_rss": a.peak_rss,
                         "reason": a.reason,
-                        "stderr_tail": a.stderr_tail,
+                        "stderr_tail": a.stderr_tail if private else "",
                     }
                     for number, a in enumerate(t.attempts, 1)
                 ],
@@ -133,6 +141,7 @@ def assignment_json(
         "outputs": [list(p) for p in s.outputs],
         "slots": s.slots,
         "timeout": s.timeout,
+        "owner": a.owner,
     }
     if versions:
         order["versions"] = {
@@ -269,8 +278,8 @@ class JobRouter:
 
     # -- what clients and workers ask for ---------------------------------------------
 
-    def submit(self, spec: JobSpec) -> Deferred[str]:
-        """Queue a job; fires with its id once committed (then dispatches)."""
+    def submit(self, spec: JobSpec, owner: str = TOKEN_OWNER) -> Deferred[str]:
+        """Queue a job of ``owner``; fires with its id once committed (then dispatches)."""
         widest = max((t.slots for t in spec.tasks), default=1)
         largest = max((r.slots for r in self.membership.all()), default=0)
         if largest and widest > largest:
@@ -284,7 +293,7 @@ class JobRouter:
             self.dispatch_soon()
             return job_id
 
-        return self.jobs.submit(spec).addCallback(acknowledged)
+        return self.jobs.submit(spec, owner).addCallback(acknowledged)
 
     def job(self, job_id: str, tasks: bool = True) -> JobView:
         """The job as it is (``not-found`` for an unknown id)."""

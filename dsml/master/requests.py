@@ -13,11 +13,13 @@ the application objects': :class:`~dsml.master.registry.WorkerRegistry` (workers
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from ..errors import DsmlError
+from ..net.access import DEFAULT_ADMINS, may_act_on, principal
 from ..net.connection import Connection
 from ..net.links import tune_socket
 from ..net.responders import Reply, responder
@@ -53,10 +55,28 @@ def _lines(items: list[str]) -> bytes:
 class MasterHandler:
     """Answers the master's methods (see :func:`dsml.protocol.methods.master_methods`)."""
 
-    def __init__(self, *, registry: WorkerRegistry, keys: KeySpace, router: JobRouter) -> None:
+    def __init__(
+        self,
+        *,
+        registry: WorkerRegistry,
+        keys: KeySpace,
+        router: JobRouter,
+        admins: Collection[str] = DEFAULT_ADMINS,
+    ) -> None:
         self.registry = registry
         self.keys = keys
         self.router = router
+        #: Users who may act on every job (``cluster.admins``).
+        self.admins = frozenset(admins)
+
+    def _check_owner(self, view: JobView, conn: Connection, what: str) -> None:
+        """``forbidden`` unless the peer may act on the job (its owner, an admin)."""
+        if not may_act_on(conn, view.owner, self.admins):
+            owner = view.owner or "an unknown user"
+            raise DsmlError(
+                f"job {view.id} belongs to {owner}; only its owner or an admin may {what}",
+                "forbidden",
+            )
 
     def link_lost(self, conn: Connection) -> None:
         """A link closed: its worker is dead at once."""
@@ -218,7 +238,7 @@ class MasterHandler:
         except ValueError as e:
             raise JobError(f"job is not JSON: {e}", "bad-job") from None
         spec = job_spec_from_json(data)
-        d = self.router.submit(spec)
+        d = self.router.submit(spec, principal(conn))
         return d.addCallback(lambda job_id: Reply({"Job": job_id, "Tasks": len(spec.tasks)}))
 
     @responder("jobs", roles=_CLIENT)
@@ -226,17 +246,22 @@ class MasterHandler:
         limit = min(int(head.headers.get("limit", 100)), 10_000)
         return Reply({}, _lines([json.dumps(job_json(v)) for v in self.router.recent(limit)]))
 
-    def _status_json(self, view: JobView) -> bytes:
-        """The status payload: the job's JSON, with why its queued tasks wait now."""
-        return json.dumps(job_json(view, self.router.queued_reasons(view))).encode()
+    def _status_json(self, view: JobView, conn: Connection) -> bytes:
+        """The status payload: the job's JSON, with why its queued tasks wait now (the
+        stderr tails only for its owner and the admins)."""
+        private = may_act_on(conn, view.owner, self.admins)
+        return json.dumps(
+            job_json(view, self.router.queued_reasons(view), private=private)
+        ).encode()
 
     @responder("status", roles=_CLIENT)
     def _status(self, head: Head, payload: bytes, conn: Connection) -> Reply:
         view = self.router.job(head.headers["job"])
-        return Reply({"State": view.state}, self._status_json(view))
+        return Reply({"State": view.state}, self._status_json(view, conn))
 
     @responder("cancel", roles=_CLIENT)
     def _cancel(self, head: Head, payload: bytes, conn: Connection) -> Deferred[Reply]:
+        self._check_owner(self.router.job(head.headers["job"], tasks=False), conn, "cancel it")
         d = self.router.cancel(head.headers["job"])
         return d.addCallback(lambda killed: Reply({"Killed": killed}))
 
@@ -247,7 +272,7 @@ class MasterHandler:
         def answer(result: tuple[JobView, bool]) -> Reply:
             view, final = result
             return Reply({"State": view.state, "Final": 1 if final else 0},
-                         self._status_json(view))
+                         self._status_json(view, conn))
 
         return d.addCallback(answer)
 
@@ -255,6 +280,7 @@ class MasterHandler:
     def _logs(self, head: Head, payload: bytes, conn: Connection) -> Reply:
         h = head.headers
         attempt = int(h["attempt"]) if "attempt" in h else None
+        self._check_owner(self.router.job(h["job"], tasks=False), conn, "read its logs")
         a, record = self.router.log_source(h["job"], int(h.get("task", 0)), attempt)
         return Reply(
             {

@@ -15,7 +15,7 @@ them, each with what it needs, and the services that start and stop them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from twisted.internet.threads import deferToThreadPool
 from .. import __version__
 from ..config import MASTER_ADDR_FILE, Config
 from ..fsutil import private_dir
+from ..net.access import DEFAULT_ADMINS
 from ..net.limits import Limits
 from ..net.listen import ListenService
 from ..net.responders import Responders
@@ -113,6 +114,7 @@ def build_master(
     now: Callable[[], float] = time.time,
     run_in_thread: Callable[[Callable[[], None]], Deferred[None]] | None = None,
     peer_check: PeerCheck | None = None,
+    admins: Collection[str] = DEFAULT_ADMINS,
 ) -> Master:
     """Wire the master over an open ``state``: no reactor or sockets of its own.
 
@@ -122,7 +124,8 @@ def build_master(
     thread (without it they run inline, as in the simulation).
     :func:`make_master_service` passes the real ones; :mod:`dsml.testing.sim` passes
     a fake clock and an in-memory network.  With ``peer_check`` (TLS: ``listen`` then
-    wraps the factory in TLS) each connection's roles come from its peer's certificate.
+    wraps the factory in TLS) each connection's roles come from its peer's certificate;
+    ``admins`` are the users who may act on every job (``cluster.admins``).
     """
     versions = Versions(__version__, PROTOCOL_VERSION)
     directory = Directory(state, now=now)
@@ -151,7 +154,7 @@ def build_master(
         on_registered=router.registered,
     )
     keys = KeySpace(directory=directory, membership=membership, factor=factor)
-    handler = MasterHandler(registry=registry, keys=keys, router=router)
+    handler = MasterHandler(registry=registry, keys=keys, router=router, admins=admins)
     repairer = Repairer(
         clock=clock,
         monotonic=monotonic,
@@ -202,4 +205,5 @@ def make_master_service(
         ),
         run_in_thread=lambda fn: deferToThreadPool(reactor, reactor.getThreadPool(), fn),
         peer_check=None if tls is None else PeerCheck(tls, frozenset({"worker", "user"})),
+        admins=cc.admins,
     ).service

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..errors import DsmlError
+from ..net.access import DEFAULT_ADMINS, may_act_on
 from ..net.connection import Connection
 from ..net.responders import Reply, responder
 from ..protocol.codec import Head
@@ -32,6 +33,10 @@ LOG_CHUNK = 1024 * 1024
 
 #: Seconds a batch of results may wait before it goes to the master.
 RESULT_DELAY = 0.0
+
+#: Owners of attempts remembered for ``task_log`` (the newest; far more than the
+#: finished attempt directories a worker keeps by default).
+MAX_OWNERS = 50_000
 
 
 def spec_from_json(payload: bytes) -> AttemptSpec:
@@ -53,6 +58,7 @@ def spec_from_json(payload: bytes) -> AttemptSpec:
                 (str(k), InputVersion(int(v["version"]), str(v["sha256"])))
                 for k, v in dict(d.get("versions") or {}).items()
             ),
+            owner=str(d.get("owner") or ""),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise DsmlError(f"malformed run order: {e}", "bad-task") from None
@@ -97,6 +103,9 @@ class WorkerJobs:
         self._session: MasterSession | None = None
         self._send_call: Any = None
         self._sending: set[int] = set()
+        #: Who owns each attempt started here (its job's submitter), newest last, for
+        #: ``task_log``; forgotten by a restart (then the attempt's logs are the admins').
+        self.owners: dict[int, str] = {}
         self.tasks: TaskManager | None = None
         if make_tasks is not None:
             self.tasks = make_tasks(self.on_result)
@@ -116,6 +125,18 @@ class WorkerJobs:
         running = self.tasks.running()
         ended = [r.attempt_id for r in self.tasks.finished_results() if r.attempt_id not in running]
         return running + ended
+
+    def started(self, attempt_id: int, owner: str) -> None:
+        """Remember who owns attempt ``attempt_id`` (the last :data:`MAX_OWNERS`)."""
+        owners = self.owners
+        owners.pop(attempt_id, None)
+        owners[attempt_id] = owner
+        while len(owners) > MAX_OWNERS:
+            del owners[next(iter(owners))]
+
+    def owner_of(self, attempt_id: int) -> str | None:
+        """Who owns attempt ``attempt_id``, None if not known here."""
+        return self.owners.get(attempt_id) or None
 
     def free_slots(self) -> int:
         """Free task slots (told to the master with each heartbeat)."""
@@ -187,6 +208,8 @@ class TaskOrders:
             self._tasks().start(spec)
         except TaskError as e:
             raise DsmlError(e.message, e.code) from None
+        assert self.jobs is not None
+        self.jobs.started(spec.attempt_id, spec.owner)
         return Reply()
 
     @responder("kill", roles={Role.MASTER})
@@ -199,11 +222,17 @@ class TaskOrders:
 class TaskLogs:
     """The storage method ``task_log``: an attempt's stdout or stderr, from ``Offset``.
 
-    Over ``jobs`` (None: a server that runs no tasks has no logs).
+    Over ``jobs`` (None: a server that runs no tasks has no logs).  Over TLS only the
+    attempt's owner (its job's submitter, from the ``run`` order) and the ``admins``
+    may read them (``forbidden`` otherwise; an attempt whose owner this worker does
+    not know, one from before a restart, is the admins' alone).
     """
 
-    def __init__(self, jobs: WorkerJobs | None) -> None:
+    def __init__(
+        self, jobs: WorkerJobs | None, admins: Collection[str] = DEFAULT_ADMINS
+    ) -> None:
         self.jobs = jobs
+        self.admins = frozenset(admins)
 
     @responder("task_log", roles={Role.CLIENT})
     def _task_log(self, head: Head, payload: bytes, conn: Connection) -> Reply:
@@ -219,6 +248,12 @@ class TaskLogs:
             out, err = tasks.logs(attempt)
         except TaskError as e:
             raise DsmlError(e.message, e.code) from None
+        owner = self.jobs.owner_of(attempt) if self.jobs is not None else None
+        if not may_act_on(conn, owner, self.admins):
+            raise DsmlError(
+                f"attempt {attempt} is not yours; only its owner or an admin may read its logs",
+                "forbidden",
+            )
         path = out if stream == "stdout" else err
         offset = int(h.get("offset", 0))
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import attrs
@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from ..config import MASTER_ADDR_FILE, WORKER_ADDR_FILE, Config
 from ..fsutil import private_dir
+from ..net.access import DEFAULT_ADMINS
 from ..net.cluster_client import AsyncClusterClient
 from ..net.limits import Limits
 from ..net.links import (
@@ -122,6 +123,7 @@ def build_worker(
     retry_policy: Callable[[int], float] | None = None,
     tasks: MakeTaskRunner | None = None,
     tls: TlsIdentity | None = None,
+    admins: Collection[str] = DEFAULT_ADMINS,
 ) -> Worker:
     """Wire a worker over an open ``store``: no reactor, sockets or threads of its own.
 
@@ -141,7 +143,9 @@ def build_worker(
 
     With ``tls`` (``endpoint_for`` then dials TLS) every peer is checked by its
     certificate: the master link's must be the master's, other links' the master's or a
-    worker's, and the storage server accepts workers and users, each with its role.
+    worker's, and the storage server accepts workers and users, each with its role;
+    ``admins`` (``cluster.admins``) may read every attempt's logs, other users only
+    their own jobs'.
     """
     name = info.name
     links = Links(
@@ -180,7 +184,7 @@ def build_worker(
         **task_side,
     )
     factory = ServerFactory(
-        storage_responders(handler, TaskLogs(jobs), value_max), clock, token, limits,
+        storage_responders(handler, TaskLogs(jobs, admins), value_max), clock, token, limits,
         peer_check=None if tls is None else PeerCheck(tls, frozenset({"worker", "user"})),
     )
     top = service.MultiService()
@@ -265,4 +269,5 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         run_in_thread=run_in_thread,
         listen=listen,
         tls=tls,
+        admins=cc.admins,
     ).service

@@ -4,7 +4,8 @@ commit, and read back for jobs no longer in memory.
 Tables (the schema version lives in ``meta``)::
 
     meta(name, value)          schema version, next job number, attempt ids reserved
-    jobs(seq, name, priority, after, state, created, started, finished, reason, ntasks, counts)
+    jobs(seq, name, priority, after, state, created, started, finished, reason, ntasks, counts,
+         owner)
     tasks(job, idx, spec, state, reason)
     attempts(id, job, idx, worker, incarnation, state, started, ended, exit_code, signal,
              duration, peak_rss, reason, stderr_tail)
@@ -30,7 +31,9 @@ results through each fsync (measured: the inline commits were a third of the mas
 time under a stream of short tasks, every slot idle meanwhile).  Changes made during a
 commit wait for the next batch, ``commit_delay`` after it ends.  The file is opened by
 :func:`dsml.sqlitedb.open_database` (exclusive lock, WAL); a state file of schema 1
-(without ``attempts.stderr_tail``) is migrated in place when opened.
+(without ``attempts.stderr_tail``) or 2 (without ``jobs.owner``) is migrated in place
+when opened; a job migrated from schema 2 has the owner "" (unknown: only an admin may
+act on it over TLS).
 """
 
 from __future__ import annotations
@@ -58,8 +61,9 @@ __all__ = ["ATTEMPT_BLOCK", "JOBS_FILE", "RETRY_DELAY", "SCHEMA_VERSION", "Journ
 
 log = Logger()
 
-#: 2 added ``attempts.stderr_tail``; a version-1 file is migrated in place when opened.
-SCHEMA_VERSION: Final = 2
+#: 2 added ``attempts.stderr_tail``, 3 ``jobs.owner``; an older file is migrated in place
+#: when opened.
+SCHEMA_VERSION: Final = 3
 
 #: The state file's name under the master's ``state_dir``.
 JOBS_FILE: Final = "jobs.sqlite3"
@@ -75,7 +79,9 @@ _TABLES: Final = (
     "CREATE TABLE IF NOT EXISTS jobs(seq INTEGER PRIMARY KEY, name TEXT NOT NULL,"
     " priority INTEGER NOT NULL, after TEXT NOT NULL, state TEXT NOT NULL,"
     " created REAL NOT NULL, started REAL, finished REAL, reason TEXT NOT NULL,"
-    " ntasks INTEGER NOT NULL, counts TEXT NOT NULL)",
+    " ntasks INTEGER NOT NULL, counts TEXT NOT NULL,"
+    # Last (schema 3), for the same reason as attempts.stderr_tail below.
+    " owner TEXT NOT NULL DEFAULT '')",
     "CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state)",
     "CREATE TABLE IF NOT EXISTS tasks(job INTEGER NOT NULL, idx INTEGER NOT NULL,"
     " spec TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL,"
@@ -96,14 +102,19 @@ def _add_stderr_tail(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE attempts ADD COLUMN stderr_tail TEXT NOT NULL DEFAULT ''")
 
 
+def _add_owner(db: sqlite3.Connection) -> None:
+    """Schema 2 to 3: jobs get their owner ("" for the jobs already stored: unknown)."""
+    db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+
+
 _SCHEMA: Final = Schema(
     version=SCHEMA_VERSION,
     tables=_TABLES,
     meta=(("next_job", 1), ("attempt_reserved", 0)),
-    migrations={1: _add_stderr_tail},
+    migrations={1: _add_stderr_tail, 2: _add_owner},
 )
 
-_INSERT_JOB: Final = "REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_JOB: Final = "REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _UPDATE_JOB: Final = (
     "UPDATE jobs SET state = ?, started = ?, finished = ?, reason = ?, counts = ? WHERE seq = ?"
 )
@@ -113,7 +124,7 @@ _PUT_ATTEMPT: Final = "REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 
 _SET_META: Final = "REPLACE INTO meta VALUES (?, ?)"
 _JOB_COLS: Final = (
     "SELECT seq, name, priority, after, state, created, started, finished, reason, ntasks,"
-    " counts FROM jobs"
+    " counts, owner FROM jobs"
 )
 _TASK_COLS: Final = "SELECT idx, spec, state, reason FROM tasks WHERE job = ? ORDER BY idx"
 _TASK_STATES: Final = "SELECT idx, state, reason FROM tasks WHERE job = ? ORDER BY idx"
@@ -249,8 +260,9 @@ class Journal:
         db = self.db
         jobs = []
         live = (JobState.QUEUED.value, JobState.RUNNING.value)
-        for seq, name, prio, after, state, created, started, finished, reason, _n, _c in list(
-            db.execute(_JOB_COLS + " WHERE state IN (?, ?) ORDER BY seq", live)
+        rows = list(db.execute(_JOB_COLS + " WHERE state IN (?, ?) ORDER BY seq", live))
+        for seq, name, prio, after, state, created, started, finished, reason, _n, _c, owner in (
+            rows
         ):
             job = JobRecord(
                 seq,
@@ -262,6 +274,7 @@ class Journal:
                 started,
                 finished,
                 reason,
+                owner=owner,
                 stored=True,
             )
             counts = job.counts
@@ -302,7 +315,9 @@ class Journal:
         }
 
     def _stored_view(self, row: tuple[Any, ...], tasks: bool) -> JobView:
-        seq, name, prio, after, state, created, started, finished, reason, ntasks, counts = row
+        seq, name, prio, after, state, created, started, finished, reason, ntasks, counts, owner = (
+            row
+        )
         counts = json.loads(counts)
         task_views: tuple[TaskView, ...] = ()
         if tasks:
@@ -327,6 +342,7 @@ class Journal:
             done=counts[SUCCEEDED] + counts[FAILED] + counts[CANCELLED],
             total=ntasks,
             tasks=task_views,
+            owner=owner,
         )
 
     # -- committing ----------------------------------------------------------------------

@@ -64,6 +64,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from ...net.access import TOKEN_OWNER
 from .journal import Journal
 from .model import (
     MAX_REASON,
@@ -228,8 +229,11 @@ class JobManager:
 
     # -- submitting ----------------------------------------------------------------------
 
-    def submit(self, spec: JobSpec) -> Deferred[str]:
+    def submit(self, spec: JobSpec, owner: str = TOKEN_OWNER) -> Deferred[str]:
         """Add a job; the Deferred fires with its id once the job and its tasks are committed.
+
+        ``owner`` is who submitted it (a user certificate's name; without TLS
+        :data:`~dsml.net.access.TOKEN_OWNER`), kept with the job.
 
         Bad input raises :class:`JobError` at once (``bad-job``, or ``not-found`` for an
         unknown ``after`` id) and nothing is stored.
@@ -241,8 +245,11 @@ class JobManager:
                 raise JobError(f"after: no job {str(dep)[:80]!r}", "not-found")
         now = self.clock.seconds()
         journal = self._journal
+        if not isinstance(owner, str) or not owner:
+            raise JobError("a job needs an owner", "bad-job")
         job = JobRecord(
-            journal.new_job_seq(), spec.name, spec.priority, spec.after, _JOB_QUEUED, now
+            journal.new_job_seq(), spec.name, spec.priority, spec.after, _JOB_QUEUED, now,
+            owner=storable(owner),
         )
         failed_dep = None
         for dep in spec.after:
@@ -266,8 +273,9 @@ class JobManager:
         journal.acks.append((d, job.id))
         journal.schedule()
         log.info(
-            "job {job} ({name!r}) submitted: {n} tasks, priority {priority}",
+            "job {job} ({name!r}) submitted by {owner}: {n} tasks, priority {priority}",
             job=job.id,
+            owner=job.owner,
             name=job.name,
             n=len(job.tasks),
             priority=job.priority,
@@ -325,7 +333,7 @@ class JobManager:
             job.state = _JOB_RUNNING
             job.started = now
             self._job_dirty(job)
-        return Assignment(aid, job.id, task.index, task.spec, len(task.attempts))
+        return Assignment(aid, job.id, task.index, task.spec, len(task.attempts), job.owner)
 
     # -- results -------------------------------------------------------------------------
 

@@ -144,6 +144,9 @@ class Assignment:
     spec: TaskSpec
     #: Which attempt of the task this is, from 1 (for log names and messages).
     number: int = 1
+    #: Who submitted the job (see :attr:`JobView.owner`): the worker lets only this
+    #: user and the admins read the attempt's logs.
+    owner: str = ""
 
 
 @attrs.frozen
@@ -227,6 +230,10 @@ class JobView:
     done: int
     total: int
     tasks: tuple[TaskView, ...] = ()
+    #: Who submitted it: the user certificate's name, ``"token"`` without TLS
+    #: (:data:`dsml.net.access.TOKEN_OWNER`), ``""`` for a job stored before owners
+    #: were recorded (schema 2).
+    owner: str = ""
 
 
 class JobError(DsmlError):

@@ -124,6 +124,8 @@ class JobRecord:
     started: float | None = None
     finished: float | None = None
     reason: str = ""
+    #: Who submitted it (see :attr:`~.model.JobView.owner`).
+    owner: str = ""
     tasks: list[TaskRecord] = attrs.Factory(list)
     counts: dict[str, int] = attrs.Factory(lambda: dict.fromkeys(TASK_STATES, 0))
     #: Sequence numbers of the jobs it still waits for.
@@ -166,6 +168,7 @@ class JobRecord:
             done=self.done,
             total=len(self.tasks),
             tasks=tuple(t.view(why) for t in self.tasks) if tasks else (),
+            owner=self.owner,
         )
 
     def update_row(self) -> tuple[object, ...]:
@@ -191,4 +194,5 @@ class JobRecord:
             self.reason,
             len(self.tasks),
             json.dumps(self.counts, separators=(",", ":")),
+            self.owner,
         )

@@ -53,6 +53,9 @@ class AttemptSpec:
         ``None`` for no limit.  Staging inputs and uploading outputs do not count.
     :param versions: ``(key, InputVersion)`` pairs: the current version of each input the
         master knew of at dispatch (an input it did not name is staged from the network).
+    :param owner: who submitted the job (a user certificate's name, ``"token"`` without
+        TLS, ``""`` if the master did not say): only this user and the admins may read
+        the attempt's logs.
     """
 
     attempt_id: int
@@ -65,6 +68,7 @@ class AttemptSpec:
     slots: int = 1
     timeout: float | None = None
     versions: tuple[tuple[str, InputVersion], ...] = ()
+    owner: str = ""
 
     def version_of(self, key: str) -> InputVersion | None:
         """The current version of input ``key`` the master named, or None."""
