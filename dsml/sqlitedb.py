@@ -29,9 +29,10 @@ commits to a thread, behind its own lock.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -47,6 +48,7 @@ __all__ = [
     "Schema",
     "open_database",
     "sync_level",
+    "transaction",
 ]
 
 log = Logger()
@@ -161,6 +163,20 @@ def _private_files(path: Path) -> None:
             os.chmod(f"{path}{suffix}", PRIVATE_FILE)
 
 
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One explicit transaction on ``db`` (opened with ``isolation_level=None``): BEGIN,
+    the body, COMMIT; on any exception ROLLBACK (if one is still open) and re-raise."""
+    db.execute("BEGIN")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
 def _init_schema(
     db: sqlite3.Connection,
     schema: Schema,
@@ -169,8 +185,7 @@ def _init_schema(
     error: Callable[[str], Exception],
 ) -> dict[str, Any]:
     """Create, seed and migrate in one transaction, then check the version."""
-    db.execute("BEGIN")
-    try:
+    with transaction(db):
         for statement in schema.tables:
             db.execute(statement)
         db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (schema.version,))
@@ -183,11 +198,6 @@ def _init_schema(
             version += 1
         if version != found:
             db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (version,))
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
     if version != found:
         log.info(
             "{what} {name} migrated from schema {old} to {new}",

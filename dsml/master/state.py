@@ -53,7 +53,7 @@ from typing import Any, NamedTuple
 import attrs
 
 from dsml.fsutil import prefix_end as _prefix_end
-from dsml.sqlitedb import SYNC_LEVELS, Schema, open_database, sync_level
+from dsml.sqlitedb import SYNC_LEVELS, Schema, open_database, sync_level, transaction
 
 __all__ = [
     "STATE_FILE",
@@ -348,14 +348,8 @@ class MasterState:
         if level != self._level:
             db.execute(f"PRAGMA synchronous={level}")
             self._level = level
-        db.execute("BEGIN")
-        try:
+        with transaction(db):
             yield
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         self.generation += 1
 
     @property

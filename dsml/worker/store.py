@@ -92,7 +92,7 @@ from dsml.fsutil import PRIVATE_FILE, mkdir_private, private_dir, private_file
 from dsml.fsutil import fsync_dir as _fsync_dir
 from dsml.fsutil import prefix_end as _prefix_end
 from dsml.protocol.limits import DEFAULT_VALUE_MAX
-from dsml.sqlitedb import SYNC_LEVELS, Schema, open_database, sync_level
+from dsml.sqlitedb import SYNC_LEVELS, Schema, open_database, sync_level, transaction
 
 __all__ = [
     "ChecksumMismatch",
@@ -529,13 +529,8 @@ class Store:
             # not be one a power loss can undo.
             db.execute(f"PRAGMA synchronous={self._file_sync}")
             try:
-                db.execute("BEGIN")
-                db.executemany(_REPLAY, rows.values())
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
+                with transaction(db):
+                    db.executemany(_REPLAY, rows.values())
             finally:
                 db.execute(f"PRAGMA synchronous={self._sync}")
         os.ftruncate(self._log_fd, 0)
@@ -592,16 +587,15 @@ class Store:
         missing = referenced - found
         if missing:
             self.flush()  # a no-op on open, where the log was replayed just before
-            self._db.execute("BEGIN")
-            # Save the counter first: a dropped row might hold the highest version.
-            self._db.execute(
-                "UPDATE meta SET value = max(value, "
-                "(SELECT coalesce(max(version), 0) FROM entries)) WHERE name = 'version'"
-            )
-            self._db.executemany(
-                "DELETE FROM entries WHERE object = ?", [(name,) for name in missing]
-            )
-            self._db.execute("COMMIT")
+            with transaction(self._db):
+                # Save the counter first: a dropped row might hold the highest version.
+                self._db.execute(
+                    "UPDATE meta SET value = max(value, "
+                    "(SELECT coalesce(max(version), 0) FROM entries)) WHERE name = 'version'"
+                )
+                self._db.executemany(
+                    "DELETE FROM entries WHERE object = ?", [(name,) for name in missing]
+                )
         return Recovery(tmp_removed, orphans, len(missing))
 
     # -- writing -----------------------------------------------------------------------
@@ -775,12 +769,9 @@ class Store:
             ]
             db = self._db
             try:
-                db.execute("BEGIN")
-                db.executemany(_REPLACE, rows)
-                db.execute("COMMIT")
+                with transaction(db):
+                    db.executemany(_REPLACE, rows)
             except sqlite3.Error as e:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
                 raise _db_error(e, rows[0][0]) from e
             # Just written, so likely read (or rewritten) again soon: keep them cached.
             for key, item in pending.items():
@@ -837,18 +828,15 @@ class Store:
         self._cache_drop(key)
         db = self._db
         try:
-            db.execute("BEGIN")
-            # fetchall(), not fetchone(): the statement only completes once
-            # RETURNING has produced all its rows.
-            rows = db.execute(_DELETE, (key,)).fetchall()
-            if rows:
-                # The deleted row may have held the highest version: persist the
-                # counter with the delete so a restart cannot issue it again.
-                db.execute(_SET_VERSION, (self._version,))
-            db.execute("COMMIT")
+            with transaction(db):
+                # fetchall(), not fetchone(): the statement only completes once
+                # RETURNING has produced all its rows.
+                rows = db.execute(_DELETE, (key,)).fetchall()
+                if rows:
+                    # The deleted row may have held the highest version: persist the
+                    # counter with the delete so a restart cannot issue it again.
+                    db.execute(_SET_VERSION, (self._version,))
         except sqlite3.Error as e:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
             raise _db_error(e, key) from e
         if not rows:
             raise NotFound(f"key {key!r} not found")

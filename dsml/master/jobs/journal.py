@@ -52,7 +52,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ...sqlitedb import Schema, open_database, sync_level
+from ...sqlitedb import Schema, open_database, sync_level, transaction
 from .model import AttemptView, JobError, JobView, TaskView, spec_from_json, spec_json
 from .records import AttemptRecord, JobRecord, TaskRecord
 from .states import CANCELLED, FAILED, RUNNING, SUCCEEDED, AttemptState, JobState, TaskState
@@ -386,15 +386,8 @@ class Journal:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         """One transaction: commit on success (counted), roll back on an exception."""
-        db = self.db
-        db.execute("BEGIN")
-        try:
+        with transaction(self.db):
             yield
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         self.commits += 1
 
     def _flush(self) -> None:
