@@ -525,7 +525,7 @@ def test_output_upload_survives_a_master_restart(
     (a master restart is not the task's failure)."""
     c = new_cluster(workers=("w1",), slots=1)
     job = submit(c, "--max-attempts", "1", "--output", "out.txt:outage/out.txt", "--",
-                 "sh", "-c", "sleep 1; echo ok > out.txt")
+                 "sh", "-c", "sleep 4; echo ok > out.txt")  # long enough to be seen
     first = _poll(lambda: a[0] if (a := status(c, job).tasks[0].attempts) else None,
                   "the task to run")
     _poll(lambda: True if _task_processes(c.root) else None, "the task's process to start")
