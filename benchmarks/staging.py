@@ -7,9 +7,10 @@ each, replication 1.  One input of ``--size-mib`` random bytes is uploaded while
 stopped, so w1 alone holds it.  Then, ``--repeat`` times each, alternating:
 
 local   a job ``true`` with that input: the master sends it to w1 (locality), whose
-        run order names the input's current version, and w1 copies it from its own store
-        into the attempt's directory (no request: a reflink where the filesystem can,
-        else ``copy_file_range``).
+        run order names the input's current version, and w1 stages it from its own store
+        into the attempt's directory with no request and no byte copied: a reflink where
+        the filesystem can, else a read-only hard link to the store's object (a copy only
+        across filesystems).
 remote  the same job while w1's only slot is held by a ``sleep`` task (whose own small
         input only w1 holds, so locality puts it there): the job goes to w2, which asks
         the master where the input is and downloads it from w1 (``file_retrieve``,
@@ -20,8 +21,8 @@ fetch started to the last one ended, just before the command is spawned (the wor
 with ``DSML_TRACE=1``, whose per-attempt line ``attempt N staged 1 inputs in S s`` is read
 from the worker's log).  Before each job the page cache is written back (``sync``, not
 timed), so that no run pays for the writeback of the previous runs' copies.  Where the
-filesystem of ``--tmpdir`` can clone (XFS with reflink, btrfs) the local copy is a
-reflink and costs no data written; on ext4 it is ``copy_file_range``.  Medians side by
+filesystem of ``--tmpdir`` can clone (XFS with reflink, btrfs) the local stage is a
+reflink; on ext4 a hard link (``link`` in the log).  Medians side by
 side and their ratio; the target is local at least 10x faster.  Nothing asserts a speed.
 Everything lives under one temporary directory, deleted at the end, and every process
 started here is stopped.
@@ -81,12 +82,14 @@ def copy_methods(c: LocalCluster, worker: str) -> list[str]:
 
 
 def start_cluster(root: Path) -> LocalCluster:
-    """Master, w1, w2: one slot each, replication 1, per-attempt trace lines on."""
+    """Master, w1, w2: one slot each, replication 1, per-attempt trace lines on, and no
+    input cache (``input_cache: 0``), so that every remote run is a real transfer."""
     os.environ["DSML_TRACE"] = "1"  # the workers inherit it: the staging line
     c = LocalCluster(root, workers=("w1", "w2"), extra={"cluster": {"replication": 1}})
     config = yaml.safe_load(c.config_path.read_text())
     for name in ("w1", "w2"):
         config["workers"][name]["slots"] = 1
+        config["workers"][name]["input_cache"] = 0
     c.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     c.start("master")
     c.start("w1")
@@ -226,13 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(table(
         ["held by", "median s", "MiB/s", "runs (s)"],
         [
-            ["the worker itself (local copy)", fmt(lm, 3), fmt(args.size_mib / lm, 0),
+            ["the worker itself (local stage)", fmt(lm, 3), fmt(args.size_mib / lm, 0),
              " ".join(f"{x:.3f}" for x in local)],
             ["the other worker (network)", fmt(rm, 3), fmt(args.size_mib / rm, 0),
              " ".join(f"{x:.3f}" for x in remote)],
         ],
     ))
-    say(f"  scratch filesystem: {fs}; local copies made by: {', '.join(methods) or '?'}")
+    say(f"  scratch filesystem: {fs}; local stages made by: {', '.join(methods) or '?'}")
     say(f"  local is {fmt(faster, 1)}x faster; target at least 10x: "
         f"{verdict(None if faster is None else faster >= 10)}")
     return 0

@@ -96,6 +96,8 @@ WORKER_ADDR_FILE: Final = "worker.addr"
 DEFAULT_SLOTS: Final = 1
 #: Most task slots one worker may declare.
 MAX_SLOTS: Final = wire_limits.MAX_SLOTS
+#: Default bytes a worker keeps of task inputs fetched from other workers (``input_cache``).
+DEFAULT_INPUT_CACHE: Final = 8 << 30
 #: Longest token, in UTF-8 bytes: it travels in one header line of at most 1 KiB.
 MAX_TOKEN_BYTES: Final = 512
 #: Shortest token, in characters: a short one is guessed (etc/dsml.yaml's example is 19).
@@ -160,6 +162,8 @@ class WorkerConfig:
     data_dir: Path
     #: How many tasks the worker runs at once.
     slots: int
+    #: Bytes of remote task inputs kept under ``data_dir/cache`` (0: none kept).
+    input_cache: int = DEFAULT_INPUT_CACHE
 
 
 @attrs.frozen
@@ -480,7 +484,7 @@ class _Parser:
 
     def worker(self, name: str, section: object) -> WorkerConfig:
         prefix = f"workers.{name}"
-        s = self.mapping(prefix, section, ["host", "port", "data_dir", "slots"])
+        s = self.mapping(prefix, section, ["host", "port", "data_dir", "slots", "input_cache"])
         for required in ("port", "data_dir"):
             if required not in s:
                 raise self.error(f"{prefix}.{required}", "required key is missing")
@@ -490,6 +494,9 @@ class _Parser:
             port=self.port(f"{prefix}.port", s["port"]),
             data_dir=self.path_value(f"{prefix}.data_dir", s["data_dir"]),
             slots=self.integer(f"{prefix}.slots", s.get("slots", DEFAULT_SLOTS), 1, MAX_SLOTS),
+            input_cache=self.integer(
+                f"{prefix}.input_cache", s.get("input_cache", DEFAULT_INPUT_CACHE), 0, 1 << 60
+            ),
         )
 
     def limits(self, section: object) -> Limits:

@@ -222,8 +222,14 @@ def test_an_input_held_here_at_the_current_version_is_staged_without_a_request(
     assert (bytes_sent_by(two, "w1"), len(two.net.connections)) == before
     assert dest.read_bytes() == data
     assert transfers.staged_locally == 1 and transfers.staged_remotely == 0
-    assert os.stat(dest).st_nlink == 1  # never a hard link to the store's object
-    dest.write_bytes(b"the task overwrote its input")
+    # No byte copied: a read-only hard link to the store's object (or, on a filesystem
+    # that can, a reflink).  A task that opens it for writing is refused.
+    st = os.stat(dest)
+    if st.st_nlink == 2:
+        assert st.st_mode & 0o777 == 0o400
+        if os.geteuid() != 0:  # root writes whatever the mode says
+            with pytest.raises(PermissionError):
+                open(dest, "r+b")
     assert two.read("w1", "data/train.bin") == data
 
     elsewhere = tmp_path / "elsewhere.bin"
@@ -233,6 +239,78 @@ def test_an_input_held_here_at_the_current_version_is_staged_without_a_request(
     assert elsewhere.read_bytes() == data and other.staged_remotely == 1
     sent = {method for node, method in requests if node == "w2"}
     assert {"locate", "file_retrieve"} <= sent
+
+
+@pytest.fixture
+def linked(two: SimCluster, tmp_path: Path) -> tuple[SimCluster, Any, Path, list[str]]:
+    """w1 alone holds "k" (1 MiB); it is staged on w1 as a read-only hard link; the
+    worker's reports of corrupt copies are collected."""
+    stored = only_on(two, "k", os.urandom(1 << 20), "w1", "w2")
+    transfers = two.workers["w1"].transfers
+    assert transfers is not None
+    reported: list[str] = []
+    transfers.report_corrupt = reported.append
+    dest = tmp_path / "k"
+    two.wait(transfers.fetch("k", dest, InputVersion(stored.version, stored.sha256)))
+    if os.stat(dest).st_nlink != 2:
+        pytest.skip("this filesystem made a reflink or a copy, not a hard link")
+    return two, transfers, dest, reported
+
+
+def test_an_unchanged_linked_input_is_released_without_a_rehash(
+    linked: tuple[SimCluster, Any, Path, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attempt ends and the link's inode is as staged (another attempt linking and
+    unlinking the same object meanwhile moves only its ctime): nothing is re-hashed."""
+    two, transfers, dest, reported = linked
+    other = dest.with_name("other-attempt")
+    os.link(dest, other)
+    other.unlink()
+
+    def no_rehash(path: str) -> str:
+        raise AssertionError("re-hashed an unchanged object")
+
+    monkeypatch.setattr(transfers_module, "_sha256_of", no_rehash)
+    assert two.wait(transfers.release(dest)) is True
+    assert reported == []
+
+
+def test_a_task_that_writes_through_its_link_gets_the_copy_reported(
+    linked: tuple[SimCluster, Any, Path, list[str]],
+) -> None:
+    """A task (same user as the worker) makes its input writable and writes it: when the
+    attempt ends the object is re-hashed, found changed, and reported corrupt."""
+    two, transfers, dest, reported = linked
+    os.chmod(dest, 0o600)
+    with open(dest, "r+b") as f:
+        f.write(b"the task wrote here")
+    assert two.wait(transfers.release(dest)) is False
+    assert reported == ["k"]
+    assert two.wait(transfers.release(dest)) is True  # released once
+
+
+def test_a_chmod_alone_is_rehashed_but_not_reported(
+    linked: tuple[SimCluster, Any, Path, list[str]],
+) -> None:
+    """Only the mode changed: the re-hash finds the bytes intact, nothing is reported."""
+    two, transfers, dest, reported = linked
+    os.chmod(dest, 0o600)
+    assert two.wait(transfers.release(dest)) is True
+    assert reported == []
+
+
+def test_a_link_to_an_object_the_store_replaced_is_not_checked(
+    linked: tuple[SimCluster, Any, Path, list[str]],
+) -> None:
+    """The key was rewritten while the task ran (the store unlinked the old object): the
+    old inode is the task's alone, whatever it did to it."""
+    two, transfers, dest, reported = linked
+    two.wait(two.client().upload("k", b"a new version"))
+    two.advance(1.1)
+    os.chmod(dest, 0o600)
+    dest.write_bytes(b"scribbled")
+    assert two.wait(transfers.release(dest)) is True
+    assert reported == []
 
 
 def test_an_older_local_copy_is_not_used(two: SimCluster, tmp_path: Path) -> None:
@@ -279,6 +357,7 @@ def test_a_local_copy_that_fails_falls_back_to_the_network(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(transfers_module, "copy_file", no_space)
+    monkeypatch.setattr(transfers_module, "_link_readonly", lambda *a: None)  # e.g. EXDEV
     transfers = two.workers["w1"].transfers
     assert transfers is not None
     dest_dir = tmp_path / "attempt"

@@ -122,7 +122,7 @@ BAD_FILES = [
     ),
     pytest.param(
         MINIMAL + "    slotz: 2\n",
-        "workers.w1.slotz: unknown key (known: host, port, data_dir, slots)",
+        "workers.w1.slotz: unknown key (known: host, port, data_dir, slots, input_cache)",
         id="unknown-worker-key",
     ),
     pytest.param(
@@ -512,3 +512,15 @@ def test_cluster_admins_must_be_a_list_of_names(tmp_path: Path, value: str) -> N
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, f"cluster:\n  admins: {value}\n" + MINIMAL))
     assert "cluster.admins: must be a list of user names" in str(info.value)
+
+
+def test_a_workers_input_cache_is_bytes_from_zero(tmp_path: Path) -> None:
+    """``input_cache`` defaults to 8 GiB; 0 turns the cache off; negative is refused."""
+    base = "master: {port: 0, state_dir: m}\nworkers:\n  w1: {port: 0, data_dir: w1%s}\n"
+    for extra, want in [("", 8 << 30), (", input_cache: 0", 0), (", input_cache: 1000", 1000)]:
+        path = tmp_path / "dsml.yaml"
+        path.write_text(base % extra)
+        assert load_config(path).worker("w1").input_cache == want
+    path.write_text(base % ", input_cache: -1")
+    with pytest.raises(ConfigError, match="workers.w1.input_cache"):
+        load_config(path)

@@ -91,6 +91,7 @@ class FakeTransfers:
         self.cancelled: list[str] = []
         self.storing: list[str] = []
         self.told: dict[str, InputVersion | None] = {}
+        self.released: list[Path] = []
 
     def fetch(self, key: str, dest: Path, current: InputVersion | None = None) -> Deferred[None]:
         """Write the file for ``key`` to ``dest`` (noting the version it was told of)."""
@@ -113,6 +114,10 @@ class FakeTransfers:
             return fail(self.broken[key])
         self.uploaded[key] = src.read_bytes()
         return succeed(None)
+
+    def release(self, dest: Path) -> None:
+        """Note that the attempt staging ``dest`` ended."""
+        self.released.append(dest)
 
 
 class Harness:
@@ -366,6 +371,10 @@ def test_input_fetched_and_output_uploaded(h: Harness) -> None:
     assert result.exit_code == 0
     assert h.transfers.uploaded == {"out-key": b"HELLO\n", "copy-key": b"x"}
     assert h.transfers.told == {"in-key": None, "other": None}
+    # Once the attempt has ended, whatever staging lent it is given back, input by input.
+    data_in, x = h.transfers.released
+    assert (data_in.parent.name, data_in.name, x.name) == ("data", "in.txt", "x")
+    assert data_in.parent.parent == x.parent and x.parent.parent == h.work_dir / RUN_DIR
 
 
 def test_the_version_the_master_named_goes_with_each_fetch(h: Harness) -> None:
@@ -463,6 +472,7 @@ def test_input_failure_fails_without_spawning(
     assert (result.reason, result.exit_code, result.duration) == (reason, None, 0.0)
     assert h.reactor.spawned == []
     assert m.free_slots() == 2
+    assert [p.name for p in h.transfers.released] == ["a", "b"]  # a failed attempt too
 
 
 def test_inputs_that_collide(h: Harness) -> None:

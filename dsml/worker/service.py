@@ -31,6 +31,7 @@ from ..net.listen import ListenService, read_addr_file
 from ..net.server import ServerFactory
 from ..net.tls import PeerCheck, TlsIdentity, load_tls
 from ..protocol.methods import Role
+from .inputcache import InputCache
 from .link import MasterLink, StoreReports, WorkerInfo
 from .orders import WorkerOrders, order_responders
 from .runner import OnResult, TaskLogs, TaskOrders, WorkerJobs
@@ -124,6 +125,7 @@ def build_worker(
     tasks: MakeTaskRunner | None = None,
     tls: TlsIdentity | None = None,
     admins: Collection[str] = DEFAULT_ADMINS,
+    input_cache: InputCache | None = None,
 ) -> Worker:
     """Wire a worker over an open ``store``: no reactor, sockets or threads of its own.
 
@@ -153,7 +155,7 @@ def build_worker(
         peer_check=None if tls is None else PeerCheck(tls, frozenset({"master", "worker"})),
     )
     client = AsyncClusterClient(master_addr, links, clock)
-    transfers = TaskTransfers(client, store, clock, run_in_thread)
+    transfers = TaskTransfers(client, store, clock, run_in_thread, cache=input_cache)
     jobs = (
         WorkerJobs(clock, lambda on_result: tasks(on_result, transfers))
         if tasks is not None
@@ -270,4 +272,6 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         listen=listen,
         tls=tls,
         admins=cc.admins,
+        # Beside tasks/ under data_dir: one filesystem, so an entry can be lent by a link.
+        input_cache=InputCache(wc.data_dir / "cache", wc.input_cache) if wc.input_cache else None,
     ).service

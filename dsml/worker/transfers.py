@@ -5,36 +5,52 @@ Owns :class:`TaskTransfers`, the :class:`~dsml.worker.tasks.Transfers` of a real
 - **Inputs.**  When the run order named the input's current version
   (:class:`~dsml.worker.tasks.InputVersion`, put there by the master at dispatch) and this
   worker's own store holds the key at exactly that version and checksum, the input is
-  staged from the store with no request at all: the stored object is *copied* into the
-  attempt's directory (a reflink where the filesystem can, else an in-kernel copy: see
-  :func:`dsml.fsutil.copy_file`), never hard-linked, so a task that writes its input
-  cannot change what the store serves.  Otherwise (no version named, no local copy, an
-  older one) the key is downloaded with the :class:`~dsml.net.cluster_client.AsyncClusterClient`,
-  failing over between replicas, into a temporary file renamed when verified.
+  staged from the store with no request at all, and without copying its bytes where it
+  can: a reflink first (the task may even write its copy), else a *read-only hard link*
+  to the very object the version check opened (``linkat`` through ``/proc/self/fd``, so a
+  write replacing the key meanwhile cannot slip another object in), the inode made 0400
+  so a task's accidental write is refused; else (another filesystem, no ``/proc``) a copy
+  (:func:`dsml.fsutil.copy_file`).  Store objects are never written after their rename,
+  so the link is a stable snapshot of that version.  A task running as the worker's user
+  could still ``chmod`` and write it; :meth:`TaskTransfers.release`, called when the
+  attempt ends, notices any change of the inode (its ctime, mtime, mode or size moved),
+  re-hashes the object, and if it no longer matches hands the key to ``report_corrupt``
+  (the worker drops its copy and tells the master, which repairs it from the others).
+  Otherwise, when a version was named and the worker has an
+  :class:`~dsml.worker.inputcache.InputCache`, the key is downloaded once into the cache
+  by (key, version, checksum) and lent the same way (a read-only hard link): a sweep's
+  hundred attempts on this worker transfer it once.  With no version named the key is
+  downloaded straight into the attempt's directory with the
+  :class:`~dsml.net.cluster_client.AsyncClusterClient`, failing over between replicas,
+  into a temporary file renamed when verified.
 - **Outputs** are uploaded with the same client (a pipeline to ``replication`` workers).
 - **Retries.**  A master restart or a worker going away must not fail a task that ran
   fine: what a later try can mend (:data:`RETRYABLE`) is retried with backoff on the
   worker's clock, for :data:`TRANSFER_RETRY_FOR` seconds.
 
-Everything runs on the reactor; only the local copy's bytes move in a thread
-(``run_in_thread``), since a large copy would stall the reactor.
+Everything runs on the reactor; only the local staging and a re-hash run in a thread
+(``run_in_thread``), since a large copy or hash would stall the reactor.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from twisted.internet.defer import Deferred
+import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ..errors import DsmlError
-from ..fsutil import copy_file
+from ..fsutil import FICLONE, copy_file
 from ..net.cluster_client import AsyncClusterClient
+from .inputcache import Ident, InputCache
 from .storage import RunInThread
 from .store import Store
 from .tasks import InputVersion
@@ -54,6 +70,29 @@ RETRYABLE = frozenset({"connection", "unavailable", "no-workers", "busy", "timeo
 RETRY_INITIAL = 0.2
 RETRY_MAX = 5.0
 
+#: Read size of the re-hash of a changed input.
+_HASH_CHUNK = 1024 * 1024
+
+
+@attrs.frozen
+class _Linked:
+    """An input hard-linked from the store: what :meth:`TaskTransfers.release` checks."""
+
+    key: str
+    sha256: str
+    #: The store's object (the link's other name) and its inode.
+    obj: str
+    ino: int
+    #: What a write (or the ``chmod`` one needs first) moves.  Not the ctime: every other
+    #: link to the same object (another attempt staging it, a directory recycled) moves it.
+    stamp: tuple[int, int, int]
+    #: Lent from the input cache (then a change only drops the entry), not the store.
+    cached: Ident | None = None
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_mtime_ns, st.st_mode, st.st_size)
+
 
 class TaskTransfers:
     """Inputs staged from the local store or the cluster, outputs uploaded, with retries.
@@ -69,6 +108,8 @@ class TaskTransfers:
         clock: Any,
         run_in_thread: RunInThread[Any],
         retry_for: float = TRANSFER_RETRY_FOR,
+        report_corrupt: Callable[[str], object] | None = None,
+        cache: InputCache | None = None,
     ) -> None:
         self.client = client
         #: This worker's own store (the Transfers interface's ``store`` is the upload).
@@ -76,9 +117,19 @@ class TaskTransfers:
         self.clock = clock
         self.run_in_thread = run_in_thread
         self.retry_for = retry_for
-        #: Inputs staged from the local store and from the network (for logs and tests).
+        #: Told the key when a task turned out to have changed the store's object through
+        #: its read-only link (the worker drops its copy and tells the master).
+        self.report_corrupt = report_corrupt
+        #: Remote inputs kept by (key, version, checksum), or None to fetch each time.
+        self.cache = cache
+        #: Inputs hard-linked from the store or the cache, by their path in an attempt's
+        #: directory.
+        self._linked: dict[Path, _Linked] = {}
+        #: Inputs staged from the local store, from the network (through the cache or
+        #: not), and lent from the cache (for logs and tests).
         self.staged_locally = 0
         self.staged_remotely = 0
+        self.staged_cached = 0
 
     def fetch(self, key: str, dest: Path, current: InputVersion | None = None) -> Deferred[None]:
         """Stage input ``key`` at ``dest``: from the local store when it holds
@@ -97,6 +148,10 @@ class TaskTransfers:
         if current is not None and await self._stage_locally(key, dest, current):
             self.staged_locally += 1
             return
+        if current is not None and self.cache is not None:
+            if await self._stage_cached(key, dest, current):
+                self.staged_cached += 1
+                return
         await self._retrying(
             f"input {key!r}", lambda: self.client.download_file(key, dest, fsync=False)
         )
@@ -113,25 +168,108 @@ class TaskTransfers:
             body.close()
             return False  # an older (or other) copy: never stage it
 
-        def copy() -> str:
-            # The thread closes the object it copies from, whatever happens: a fetch
+        def stage() -> tuple[str, os.stat_result | None]:
+            # The thread closes the object it stages from, whatever happens: a fetch
             # cancelled meanwhile must not close (and free the number of) a descriptor
             # the copy still reads.
             try:
-                return _copy_into(body, entry.size, dest)
+                return _stage_into(body, entry.size, dest)
             finally:
                 body.close()
 
         try:
-            how = await self.run_in_thread(copy)
+            how, linked = await self.run_in_thread(stage)
         except OSError as e:
             log.warn(
                 "input {key}: the local copy failed ({why}); fetching it instead",
                 key=key, why=e.strerror or e,
             )
             return False
+        if linked is not None:
+            self._linked[dest] = _Linked(key, entry.sha256, body.name, linked.st_ino,
+                                         _stamp(linked))
         log.debug("input {key} staged from the local store ({how})", key=key, how=how)
         return True
+
+    async def _stage_cached(self, key: str, dest: Path, current: InputVersion) -> bool:
+        """Lend ``dest`` the cache's file of ``key`` at ``current``, downloading it into
+        the cache first if it is not there; False if the cache cannot serve it (another
+        version came, or no link could be made): then fetch on our own."""
+        assert self.cache is not None
+        ident = (key, current.version, current.sha256)
+
+        def download(path: Path) -> Deferred[tuple[int, str]]:
+            async def run() -> tuple[int, str]:
+                entry = await self._retrying(
+                    f"input {key!r}",
+                    lambda: self.client.download_file(key, path, fsync=False),
+                )
+                self.staged_remotely += 1
+                return (entry.version, entry.sha256)
+
+            return Deferred.fromCoroutine(run())
+
+        path = await self.cache.get(ident, download)
+        if path is None:
+            return False
+        # On the reactor thread, at once: a link is one system call, and the cache may
+        # evict the entry's name as soon as its waiters have returned.
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        os.close(fd)
+        os.unlink(tmp)
+        try:
+            os.link(path, tmp)
+            st = os.stat(tmp)
+            os.replace(tmp, dest)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            log.warn("input {key}: cannot link the cached copy ({why}); fetching it",
+                     key=key, why=e.strerror or e)
+            return False
+        self._linked[dest] = _Linked(key, current.sha256, str(path), st.st_ino, _stamp(st),
+                                     cached=ident)
+        log.debug("input {key} staged from the input cache", key=key)
+        return True
+
+    def release(self, dest: Path) -> Deferred[bool]:
+        """The attempt that staged ``dest`` has ended: if ``dest`` was hard-linked from
+        the store and the object was changed through it, re-hash the object and, when it
+        no longer matches, hand the key to :attr:`report_corrupt`.  Fires with False
+        only when the store's copy was found corrupt."""
+        linked = self._linked.pop(dest, None)
+        if linked is None:
+            return succeed(True)
+        try:
+            st = os.stat(linked.obj)
+        except OSError:
+            return succeed(True)  # the store moved on: the old object is the task's alone
+        if st.st_ino != linked.ino or _stamp(st) == linked.stamp:
+            return succeed(True)
+        if linked.cached is not None:
+            if self.cache is not None:
+                log.warn("input {key}: the task changed its link to the input cache; "
+                         "dropping the cached copy", key=linked.key)
+                self.cache.forget(linked.cached)
+            return succeed(True)
+        log.warn(
+            "input {key}: its read-only link to the store was changed by the task; "
+            "re-hashing the store's copy", key=linked.key,
+        )
+
+        def checked(ok: bool) -> bool:
+            if not ok:
+                log.error("input {key}: the store's copy no longer matches its checksum",
+                          key=linked.key)
+                if self.report_corrupt is not None:
+                    self.report_corrupt(linked.key)
+            return ok
+
+        d = self.run_in_thread(lambda: _sha256_of(linked.obj) == linked.sha256)
+        d.addCallback(checked)
+        return d
 
     async def _retrying(self, what: str, attempt: Callable[[], Deferred[T]]) -> T:
         """``attempt()`` until it succeeds, fails for good, or :attr:`retry_for` passes."""
@@ -149,15 +287,83 @@ class TaskTransfers:
             delay = min(delay * 2, RETRY_MAX)
 
 
-def _copy_into(body: IO[bytes], size: int, dest: Path) -> str:
-    """Copy ``size`` bytes of the open ``body`` to ``dest`` through a temporary file
-    beside it (renamed at the end, removed on failure); returns how it copied."""
+def _stage_into(body: IO[bytes], size: int, dest: Path) -> tuple[str, os.stat_result | None]:
+    """Put the ``size`` bytes of the open store object ``body`` at ``dest`` through a
+    temporary name beside it (renamed at the end, removed on failure): a reflink, else a
+    read-only hard link to ``body`` itself (with the object's status after linking),
+    else a copy.  Returns how, and the status for a link."""
+    try:
+        src = body.fileno()
+    except (AttributeError, OSError, ValueError):  # a value: bytes in memory
+        src = -1
+    if src >= 0 and size > 0:
+        linked = _link_readonly(src, size, dest)
+        if linked is not None:
+            return linked
+    return _copy_into(body, src, size, dest), None
+
+
+def _link_readonly(src: int, size: int, dest: Path) -> tuple[str, os.stat_result | None] | None:
+    """A reflink of ``src`` at ``dest``, else a hard link to it made read-only; None if
+    neither can be made here (another filesystem, no ``/proc``, the object unlinked)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
         try:
-            src = body.fileno()
-        except (AttributeError, OSError, ValueError):  # a value: bytes in memory
-            src = -1
+            fcntl.ioctl(fd, FICLONE, src)
+            cloned = True
+        except OSError:
+            cloned = False
+        os.close(fd)
+        fd = -1
+        if cloned and os.stat(tmp).st_size == size:
+            os.replace(tmp, dest)
+            return "clone", None
+        os.unlink(tmp)
+        try:
+            # 0400 first: the store never writes an object after its rename, and a task
+            # opening its input for writing is then refused instead of changing the store.
+            os.fchmod(src, 0o400)
+            # The very inode the version check opened, not whatever the object's name
+            # holds now: linkat(AT_SYMLINK_FOLLOW) of the descriptor's /proc link (a
+            # directory descriptor makes Python call linkat, not link, which would not
+            # follow it).
+            fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.link(str(src), tmp, src_dir_fd=fds, follow_symlinks=True)
+            finally:
+                os.close(fds)
+        except OSError:
+            return None
+        st = os.fstat(src)
+        if st.st_size != size:
+            os.unlink(tmp)
+            return None
+        os.replace(tmp, dest)
+        return "link", st
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _copy_into(body: IO[bytes], src: int, size: int, dest: Path) -> str:
+    """Copy ``size`` bytes of the open ``body`` (descriptor ``src``, or -1 for bytes in
+    memory) to ``dest`` through a temporary file beside it (renamed at the end, removed
+    on failure); returns how it copied."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
         if src >= 0:
             how = copy_file(src, fd, size)
         else:

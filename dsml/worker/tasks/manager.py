@@ -453,6 +453,7 @@ class TaskManager(AttemptLedger):
         if att.logs is not None:
             att.logs[0].close()
             att.logs[1].close()
+        self._release_inputs(att)
         result = att.result(reason)
         del self._active[att.spec.attempt_id]
         self._results[att.spec.attempt_id] = result
@@ -477,6 +478,18 @@ class TaskManager(AttemptLedger):
         except Exception:
             log.failure("on_result failed for attempt {attempt}", attempt=att.spec.attempt_id)
         att.done.callback(None)
+
+    def _release_inputs(self, att: _Attempt) -> None:
+        """Give back what staging lent the attempt (links into the store, checked now
+        that nothing of the attempt runs any more)."""
+        if att.dir is None:
+            return
+        for _, rel in att.spec.inputs:
+            try:
+                self.transfers.release(att.dir / relative(rel, "input"))
+            except Exception:
+                log.failure("releasing input {rel!r} of attempt {attempt} failed",
+                            rel=rel, attempt=att.spec.attempt_id)
 
     # --- stopping processes ----------------------------------------------------------
 

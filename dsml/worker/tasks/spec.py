@@ -134,6 +134,12 @@ class Transfers(Protocol):
         """Upload the file ``src`` under ``key``."""
         ...
 
+    def release(self, dest: Path) -> object:
+        """The attempt that had its input fetched to ``dest`` has ended (whatever its
+        result): anything :meth:`fetch` lent it (a link into the store) is checked and
+        returned.  Must not raise."""
+        ...
+
 
 class TaskReactor(Protocol):
     """What :class:`TaskManager` needs of a reactor (``IReactorProcess`` + ``IReactorTime``)."""
