@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/profile_server.py values [--pairs 3000]
     .venv/bin/python benchmarks/profile_server.py files [--size-mib 256]
-    ... [--sort tottime|cumulative] [--top 25]
+    ... [--sort tottime|cumulative] [--top 25] [--tls]
 
 Starts ``twistd -n --profile FILE --profiler cprofile --savestats dsml-worker`` with a
 :class:`LocalCluster` config (so the worker is set up exactly as in run.py), drives it
@@ -41,11 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sort", default="tottime", help="pstats sort key")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--tmpdir", help="parent of the scratch directory")
+    p.add_argument("--tls", action="store_true", help="the worker and client over TLS 1.3")
     a = p.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="dsml-prof-", dir=a.tmpdir))
     proc: subprocess.Popen[bytes] | None = None
     try:
-        cluster = LocalCluster(root / "cluster", workers=("w1",))
+        cluster = LocalCluster(root / "cluster", workers=("w1",), tls=a.tls)
         stats = root / "worker.prof"
         addr = cluster.addr_file("w1")
         with open(root / "w1.log", "wb") as log:
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                                    + (root / "w1.log").read_text(errors="replace")[-2000:])
             time.sleep(0.02)
         host, port = read_addr_file(addr)
-        with Client(host, port, cluster.token, timeout=300.0) as c:
+        with Client(host, port, cluster.token, timeout=300.0,
+                    tls=cluster.user_tls()) as c:
             if a.load == "values":
                 value = os.urandom(100)
                 keys = [f"bench/value-{i:02d}" for i in range(50)]

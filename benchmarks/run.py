@@ -1,20 +1,35 @@
 """dsml benchmarks, each figure measured side by side with a reference in the same run.
 
-    .venv/bin/python benchmarks/run.py [--quick] [--only values|files] [--profile]
+    .venv/bin/python benchmarks/run.py [--quick] [--only values|files] [--tls] [--profile]
 
 values  set/get round trips on one connection: dsml (Client against a twistd worker)
         beside redis-py against a private redis-server (no persistence).
 files   upload and download of a random file: dsml's Python client (and once its CLI)
         beside a raw loopback copy (benchmarks/rawnet.py: sendfile + recv_into + fsync).
 
-The machine may be shared and noisy, so the two sides alternate, round by round, and the
-tables show medians and the ratio dsml/reference.  Nothing here asserts a speed: the
+--tls   (issue #10) adds the TLS sides, all in the same run and alternating with the rest:
+        values: dsml+tls (a cluster.tls worker, TLS 1.3, certificates both ways) beside
+        dsml without TLS and redis-py+tls (redis-server --port 0 --tls-port N with a
+        throwaway CA from dsml.pki, client certificates required, TLS 1.3 only) beside
+        redis-py without; files: dsml+tls beside dsml and the raw copy.  The tables show
+        the ratios tls/plain (target >= 0.8x), tls/redis-tls (>= 1.0x) and, for files,
+        tls/raw (>= 0.4x).  The full run, as quoted in issue #10:
+
+            .venv/bin/python benchmarks/run.py --tls
+
+The machine may be shared and noisy, so the sides alternate, round by round (the order
+rotating), and the tables show medians and the ratios.  Nothing here asserts a speed: the
 targets are printed beside the figures.  Everything runs on 127.0.0.1 under one temporary
 directory, which is deleted at the end, and every process started here is stopped.
+--rounds, --pairs and --file-mib shrink a run further (tests/test_bench_smoke.py).
+
+One file of two sections (values, files), each measured beside its own report, so that
+a figure and how it was taken read together: hence over 600 lines in one room.
 
 --profile adds cProfile runs of the dsml client (extra runs, outside the figures);
-benchmarks/profile_server.py profiles the worker itself under the same loads.
+benchmarks/profile_server.py [--tls] profiles the worker itself under the same loads.
 benchmarks/insitu.py times the worker's steps per small request inside the process.
+benchmarks/scale.py: the master at a lab's scale (simulated workers, keys, a big array).
 """
 
 from __future__ import annotations
@@ -65,6 +80,13 @@ TRANSFER_TIMEOUT = 300.0  # seconds for one helper process, whatever the file si
 # Targets printed beside the figures (never asserted).
 TARGET_PAIRS_RATIO = 1.0
 TARGET_FILE_RATIO = 0.5
+TARGET_TLS_PLAIN_RATIO = 0.8  # dsml over TLS against dsml without (values)
+TARGET_TLS_FILE_RATIO = 0.4  # dsml over TLS against the raw loopback copy (files)
+
+# The sides' names in the tables.
+DSML, DSML_TLS = "dsml", "dsml+tls"
+REDIS, REDIS_TLS = "redis-py", "redis-py+tls"
+RAW = "raw"
 TARGET_RSS_MIB = 100
 
 
@@ -88,10 +110,20 @@ def settings(args: argparse.Namespace) -> Settings:
         f" {a}" for a in sys.argv[1:]
     )
     if args.quick:
-        return Settings(True, args.profile, 3, 1500, 300, 15.0, 256 * MIB, 3, args.tmpdir, cmd,
-                        args.tls)
-    return Settings(False, args.profile, 5, 5000, 1000, 60.0, 1024 * MIB, 3, args.tmpdir, cmd,
-                    args.tls)
+        s = Settings(True, args.profile, 3, 1500, 300, 15.0, 256 * MIB, 3, args.tmpdir, cmd,
+                     args.tls)
+    else:
+        s = Settings(False, args.profile, 5, 5000, 1000, 60.0, 1024 * MIB, 3, args.tmpdir, cmd,
+                     args.tls)
+    # Smaller still, for a smoke test (tests/test_bench_smoke.py): not figures to quote.
+    if args.rounds is not None:
+        s.value_rounds = s.file_reps = args.rounds
+    if args.pairs is not None:
+        s.value_pairs = args.pairs
+        s.value_warmup = min(s.value_warmup, args.pairs)
+    if args.file_mib is not None:
+        s.file_size = args.file_mib * MIB
+    return s
 
 
 # -- output ---------------------------------------------------------------------------
@@ -153,8 +185,52 @@ class ValueSide:
     rounds: list[dict[str, float]] = field(default_factory=list)
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int] | None:
-    """A private redis-server on a free 127.0.0.1 port, without persistence."""
+@dataclass
+class RedisTls:
+    """A throwaway CA (dsml.pki) and the files redis-server and redis-py need for
+    mutual TLS 1.3, as dsml's links have: the server's certificate and key, the client's,
+    and the CA both verify against."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_redis_tls(pki_dir: Path) -> RedisTls:
+    """A CA, a server identity (dsml's master kind) and a client (user) identity."""
+    from dsml import pki
+
+    pki.init_cluster(pki_dir, "127.0.0.1", [])
+    server = pki.identity_paths(pki_dir, "master", "master")
+    client = pki.identity_paths(pki_dir, "user", pki.DEFAULT_USER)
+    return RedisTls(pki.ca_paths(pki_dir).cert, server.cert, server.key, client.cert,
+                    client.key)
+
+
+def redis_client(port: int, tls: RedisTls | None) -> Any:
+    """redis-py on one connection; over TLS 1.3 with a client certificate, the server
+    verified against the CA (by certificate, not host name, as dsml's client does)."""
+    import ssl
+
+    import redis
+
+    if tls is None:
+        return redis.Redis("127.0.0.1", port, socket_timeout=30)
+    return redis.Redis(
+        "127.0.0.1", port, socket_timeout=30, ssl=True,
+        ssl_certfile=str(tls.client_cert), ssl_keyfile=str(tls.client_key),
+        ssl_ca_certs=str(tls.ca), ssl_cert_reqs="required", ssl_check_hostname=False,
+        ssl_min_version=ssl.TLSVersion.TLSv1_3,
+    )
+
+
+def start_redis(workdir: Path, tls: RedisTls | None = None
+                ) -> tuple[subprocess.Popen[bytes], int] | None:
+    """A private redis-server on a free 127.0.0.1 port, without persistence; with
+    ``tls`` it listens only with TLS 1.3 (``--port 0 --tls-port N``) and requires a
+    client certificate from the CA."""
     exe = shutil.which("redis-server")
     if exe is None:
         return None
@@ -163,8 +239,16 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int] | None:
     workdir.mkdir(parents=True, exist_ok=True)
     for _attempt in range(3):
         port = free_port()
+        if tls is None:
+            ports = ["--port", str(port)]
+        else:
+            ports = ["--port", "0", "--tls-port", str(port),
+                     "--tls-cert-file", str(tls.server_cert),
+                     "--tls-key-file", str(tls.server_key),
+                     "--tls-ca-cert-file", str(tls.ca),
+                     "--tls-auth-clients", "yes", "--tls-protocols", "TLSv1.3"]
         proc = subprocess.Popen(
-            [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            [exe, *ports, "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
              "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -173,7 +257,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int] | None:
             deadline = time.monotonic() + 10
             while proc.poll() is None and time.monotonic() < deadline:
                 try:
-                    with redis.Redis("127.0.0.1", port, socket_timeout=1) as probe:
+                    with redis_client(port, tls) as probe:
                         if probe.ping():
                             return proc, port
                 except redis.exceptions.ConnectionError:
@@ -219,40 +303,52 @@ def value_round(side: ValueSide, keys: Sequence[str], values: Sequence[bytes],
     return out
 
 
+def dsml_variants(s: Settings) -> list[tuple[str, bool]]:
+    """The dsml sides of a run, (name, over TLS): with --tls both, TLS first."""
+    return [(DSML_TLS, True), (DSML, False)] if s.tls else [(DSML, False)]
+
+
 def bench_values(s: Settings, tmp: Path) -> dict[str, Any]:
     rng = random.Random(1)
     keys = [f"bench/value-{i:02d}" for i in range(NKEYS)]
     values = [rng.randbytes(VALUE_SIZE) for _ in range(NKEYS)]
-    cluster = LocalCluster(tmp / "values-cluster", workers=("w1",), tls=s.tls)
-    redis_started: tuple[subprocess.Popen[bytes], int] | None = None
+    clusters: list[LocalCluster] = []
+    redis_started: list[subprocess.Popen[bytes]] = []
     closers: list[Callable[[], Any]] = []
     sides: list[ValueSide] = []
     result: dict[str, Any] = {}
     try:
-        note("values: starting a dsml worker")
-        cluster.start("w1")
-        dc = cluster.client("w1")
-        closers.append(dc.close)
-        sides.append(ValueSide("dsml", dc.set, dc.get, cluster.procs["w1"].pid))
-        result["dsml_rss_start"] = proc_status_kib(cluster.procs["w1"].pid, "VmRSS")
+        for name, tls in dsml_variants(s):
+            cluster = LocalCluster(tmp / f"values-cluster-{name}", workers=("w1",), tls=tls)
+            clusters.append(cluster)
+            note(f"values: starting a dsml worker ({name})")
+            cluster.start("w1")
+            dc = cluster.client("w1")
+            closers.append(dc.close)
+            pid = cluster.procs["w1"].pid
+            sides.append(ValueSide(name, dc.set, dc.get, pid))
+            result.setdefault("dsml_rss_start", proc_status_kib(pid, "VmRSS"))
         try:
-            import redis
+            import redis  # noqa: F401
         except ImportError:
-            redis = None  # type: ignore[assignment]
             result["redis_missing"] = "redis-py is not installed (pip install -e '.[bench]')"
-        if redis is not None:
-            note("values: starting redis-server")
-            redis_started = start_redis(tmp / "redis")
-            if redis_started is None:
-                result["redis_missing"] = (
-                    "redis-server is not installed or did not start "
-                    "(sudo apt-get install redis-server)"
-                )
-            else:
-                proc, port = redis_started
-                r = redis.Redis("127.0.0.1", port, socket_timeout=30)
+        else:
+            variants = [(REDIS_TLS, True), (REDIS, False)] if s.tls else [(REDIS, False)]
+            for name, tls in variants:
+                note(f"values: starting redis-server ({name})")
+                rtls = make_redis_tls(tmp / "redis-pki") if tls else None
+                started = start_redis(tmp / f"redis-{name}", rtls)
+                if started is None:
+                    result["redis_missing"] = (
+                        f"redis-server ({name}) is not installed or did not start "
+                        "(sudo apt-get install redis-server)"
+                    )
+                    continue
+                proc, port = started
+                redis_started.append(proc)
+                r = redis_client(port, rtls)
                 closers.append(r.close)
-                sides.append(ValueSide("redis-py", r.set, r.get, proc.pid))
+                sides.append(ValueSide(name, r.set, r.get, proc.pid))
 
         note(f"values: warm-up, {s.value_warmup} pairs per side")
         for side in sides:
@@ -263,15 +359,20 @@ def bench_values(s: Settings, tmp: Path) -> dict[str, Any]:
                     raise RuntimeError(f"{side.name}: get({k!r}) did not return what was set")
 
         for rnd in range(s.value_rounds):
-            order = sides if rnd % 2 == 0 else sides[::-1]
+            # Every side runs once per round; the order rotates so that no side is
+            # always first (or last) after another's burst.
+            k = rnd % len(sides)
+            order = sides[k:] + sides[:k]
+            if rnd % 2:
+                order = order[::-1]
             for side in order:
                 note(f"values: round {rnd + 1}/{s.value_rounds}: {side.name}")
                 side.rounds.append(value_round(side, keys, values, s.value_pairs, s.phase_cap))
 
         if s.profile:
             result["profile"] = profile_values(sides[0], keys, values, min(s.value_pairs, 2000))
-        result["dsml_hwm"] = proc_status_kib(cluster.procs["w1"].pid, "VmHWM")
-        if redis_started is not None:
+        result["dsml_hwm"] = proc_status_kib(clusters[0].procs["w1"].pid, "VmHWM")
+        if redis_started:
             result["redis_hwm"] = proc_status_kib(redis_started[0].pid, "VmHWM")
     finally:
         for close in closers:
@@ -279,9 +380,10 @@ def bench_values(s: Settings, tmp: Path) -> dict[str, Any]:
                 close()
             except Exception:
                 pass
-        cluster.stop()
-        if redis_started is not None:
-            stop_process(redis_started[0])
+        for cluster in clusters:
+            cluster.stop()
+        for proc in redis_started:
+            stop_process(proc)
     result["sides"] = sides
     return result
 
@@ -323,38 +425,55 @@ def summarize_values(sides: list[ValueSide]) -> dict[str, dict[str, float]]:
     return out
 
 
+def value_ratios(s: Settings) -> list[tuple[str, str, str, float]]:
+    """The ratios of the values table: (column, numerator side, denominator side, target)."""
+    if s.tls:
+        return [("tls/plain", DSML_TLS, DSML, TARGET_TLS_PLAIN_RATIO),
+                ("tls/redis-tls", DSML_TLS, REDIS_TLS, TARGET_PAIRS_RATIO),
+                ("plain/redis", DSML, REDIS, TARGET_PAIRS_RATIO)]
+    return [("dsml/ref", DSML, REDIS, TARGET_PAIRS_RATIO)]
+
+
 def report_values(s: Settings, res: dict[str, Any]) -> dict[str, Any]:
     summ = summarize_values(res["sides"])
-    d = summ.get("dsml")
-    ref = summ.get("redis-py")
+    names = [side.name for side in res["sides"]]
+    ratios = value_ratios(s)
     say()
     say(f"VALUES: {VALUE_SIZE}-byte values, {NKEYS} keys, one connection per side, "
         f"{s.value_rounds} rounds x {s.value_pairs:,} set+get pairs per side, alternating")
     say("  (sets, then gets, timed per phase; medians over rounds; CPU = utime+stime from "
         "/proc/<pid>/stat over all rounds)")
+    if s.tls:
+        say("  +tls: TLS 1.3, both sides verified against a CA (client certificates); "
+            "redis-server --port 0 --tls-port, redis-py ssl=True")
     say()
+
+    def get(name: str, key: str) -> float | None:
+        return summ[name][key] if name in summ else None
+
+    out: dict[str, Any] = {"summary": summ, "ratios": {}}
     rows = []
-
-    def row(label: str, key: str, digits: int, higher_better: bool = True,
-            target: str = "") -> None:
-        a = d[key] if d else None
-        b = ref[key] if ref else None
-        rows.append([label, fmt(a, digits), fmt(b, digits), fmt(ratio(a, b), 2), target])
-
-    pairs_ratio = ratio(d["pairs"] if d else None, ref["pairs"] if ref else None)
-    row("set/s", "set", 0)
-    row("get/s", "get", 0)
-    ok = None if pairs_ratio is None else pairs_ratio >= TARGET_PAIRS_RATIO
-    row("pairs/s", "pairs", 0, target=f">= {TARGET_PAIRS_RATIO:.2f}x: {verdict(ok)}")
-    row("server CPU us/set", "srv_set_us", 1)
-    row("server CPU us/get", "srv_get_us", 1)
-    row("server CPU us/request", "srv_us", 1)
-    row("client CPU us/request", "cli_us", 1)
-    say(table(["", "dsml", "redis-py", "dsml/ref", "target"], rows))
+    for label, key, digits in (("set/s", "set", 0), ("get/s", "get", 0),
+                               ("pairs/s", "pairs", 0),
+                               ("server CPU us/set", "srv_set_us", 1),
+                               ("server CPU us/get", "srv_get_us", 1),
+                               ("server CPU us/request", "srv_us", 1),
+                               ("client CPU us/request", "cli_us", 1)):
+        row = [label] + [fmt(get(n, key), digits) for n in names]
+        for _col, a, b, _target in ratios:
+            row.append(fmt(ratio(get(a, key), get(b, key)), 2))
+        rows.append(row)
+    for col, a, b, target in ratios:
+        q = ratio(get(a, "pairs"), get(b, "pairs"))
+        ok = None if q is None else q >= target
+        out["ratios"][col] = (q, ok, target)
+    rows.append(["target (pairs/s)"] + [""] * len(names)
+                + [f">= {t:.2f}x: {verdict(out['ratios'][c][1])}" for c, _a, _b, t in ratios])
+    say(table(["", *names, *(c for c, *_ in ratios)], rows))
     say()
     for name, sm in summ.items():
         per = ", ".join(fmt(x) for x in sm["round_pairs"])  # type: ignore[attr-defined]
-        say(f"  {name:9} pairs/s per round: {per}")
+        say(f"  {name:12} pairs/s per round: {per}")
     if "redis_missing" in res:
         say(f"  reference skipped: {res['redis_missing']}")
     hw = res.get("dsml_hwm")
@@ -366,7 +485,9 @@ def report_values(s: Settings, res: dict[str, Any]) -> dict[str, Any]:
         say("  cProfile of the dsml client (one extra round, sorted by own time):")
         for line in res["profile"].strip().splitlines():
             say("    " + line)
-    return {"summary": summ, "pairs_ratio": pairs_ratio, "pairs_ok": ok}
+    first = ratios[0][0]
+    out["pairs_ratio"], out["pairs_ok"] = out["ratios"][first][:2]
+    return out
 
 
 # -- files ----------------------------------------------------------------------------
@@ -389,7 +510,7 @@ def make_random_file(path: Path, size: int) -> float:
 
 @dataclass
 class Transfer:
-    side: str  # "dsml" or "raw"
+    side: str  # DSML, DSML_TLS or RAW
     op: str  # "upload" or "download"
     seconds: float
     nbytes: int
@@ -414,22 +535,32 @@ def bench_files(s: Settings, tmp: Path) -> dict[str, Any]:
     src = tmp / "source.bin"
     note(f"files: writing {s.file_size // MIB} MiB of random bytes to {src}")
     make_s = make_random_file(src, s.file_size)
-    cluster = LocalCluster(tmp / "files-cluster", workers=("w1",), tls=s.tls)
+    clusters: dict[str, LocalCluster] = {}
+    # Per dsml side: its worker's address and pid, and the helper's environment.
+    servers: dict[str, tuple[str, int, int, dict[str, str]]] = {}
     raw: subprocess.Popen[bytes] | None = None
     raw_port = 0
     transfers: list[Transfer] = []
     result: dict[str, Any] = {"make_s": make_s, "fs": filesystem_of(tmp)}
-    env = {**os.environ, "DSML_TOKEN": cluster.token}
-    if s.tls:
-        env["DSML_BENCH_PKI"] = str(cluster.pki_dir)
     key = "bench/file.bin"
     dsml_helper = str(HERE / "dsml_transfer.py")
     raw_helper = str(HERE / "rawnet.py")
     try:
-        note("files: starting a dsml worker and the raw server")
-        host, port = cluster.start("w1")
-        dpid = cluster.procs["w1"].pid
+        for name, tls in dsml_variants(s):
+            note(f"files: starting a dsml worker ({name})")
+            cluster = clusters[name] = LocalCluster(
+                tmp / f"files-cluster-{name}", workers=("w1",), tls=tls)
+            h, p = cluster.start("w1")
+            env = {**os.environ, "DSML_TOKEN": cluster.token}
+            env.pop("DSML_BENCH_PKI", None)
+            if tls:
+                env["DSML_BENCH_PKI"] = str(cluster.pki_dir)
+            servers[name] = (h, p, cluster.procs["w1"].pid, env)
+        first = dsml_variants(s)[0][0]
+        cluster = clusters[first]
+        host, port, dpid, env = servers[first]
         result["dsml_rss_start"] = proc_status_kib(dpid, "VmRSS")
+        note("files: starting the raw server")
         raw = subprocess.Popen(
             [py, raw_helper, "serve", "--source", str(src), "--dest", str(tmp / "raw-recv.bin")],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -443,17 +574,17 @@ def bench_files(s: Settings, tmp: Path) -> dict[str, Any]:
         def one(side: str, op: str) -> Transfer:
             note(f"files: {side} {op}")
             target = tmp / f"download-{side}.bin"
-            if side == "dsml":
+            if side in servers:
+                shost, sport, spid, senv = servers[side]
                 args = ([str(src), key] if op == "upload" else [key, str(target)])
-                cmd = [py, dsml_helper, op, host, str(port), *args]
-                spid = dpid
+                cmd = [py, dsml_helper, op, shost, str(sport), *args]
             else:
                 cmd = [py, raw_helper, op, "127.0.0.1", str(raw_port),
                        str(src) if op == "upload" else str(target)]
                 assert raw is not None
-                spid = raw.pid
+                spid, senv = raw.pid, env
             cpu0 = cpu_seconds(spid)
-            r = run_json_helper(cmd, TRANSFER_TIMEOUT, env)
+            r = run_json_helper(cmd, TRANSFER_TIMEOUT, senv)
             server_cpu = cpu_seconds(spid) - cpu0
             if r["bytes"] != s.file_size:
                 raise RuntimeError(f"{side} {op} moved {r['bytes']} bytes, not {s.file_size}")
@@ -466,8 +597,10 @@ def bench_files(s: Settings, tmp: Path) -> dict[str, Any]:
             transfers.append(t)
             return t
 
+        names = [*servers, RAW]
         for rep in range(s.file_reps):
-            order = ["dsml", "raw"] if rep % 2 == 0 else ["raw", "dsml"]
+            k = rep % len(names)
+            order = names[k:] + names[:k]  # the sides take turns at going first
             for side in order:
                 one(side, "upload")
             for side in order:
@@ -512,8 +645,10 @@ def bench_files(s: Settings, tmp: Path) -> dict[str, Any]:
                 pass
         if raw is not None:
             stop_process(raw)
-        cluster.stop()
+        for c in clusters.values():
+            c.stop()
     result["transfers"] = transfers
+    result["sides"] = [*servers, RAW]
     return result
 
 
@@ -536,8 +671,19 @@ def profile_files(py: str, helper: str, host: str, port: int, src: Path, key: st
     return out
 
 
+def file_ratios(s: Settings) -> list[tuple[str, str, str, float | None]]:
+    """The ratios of the files table: (column, numerator side, denominator side, target)."""
+    if s.tls:
+        return [("tls/raw", DSML_TLS, RAW, TARGET_TLS_FILE_RATIO),
+                ("tls/plain", DSML_TLS, DSML, None),
+                ("plain/raw", DSML, RAW, TARGET_FILE_RATIO)]
+    return [("dsml/raw", DSML, RAW, TARGET_FILE_RATIO)]
+
+
 def report_files(s: Settings, res: dict[str, Any]) -> dict[str, Any]:
     ts: list[Transfer] = res["transfers"]
+    names: list[str] = res["sides"]
+    ratios = file_ratios(s)
     size_mib = s.file_size // MIB
 
     def pick(side: str, op: str) -> list[Transfer]:
@@ -547,39 +693,45 @@ def report_files(s: Settings, res: dict[str, Any]) -> dict[str, Any]:
     say(f"FILES: {size_mib} MiB of random bytes, {s.file_reps} repetitions per side, "
         "alternating; MB/s = 10^6 bytes/s, medians")
     say("  dsml: Client.upload / Client.download (hashes both ends, download fsynced), client "
-        "in its own process")
+        "in its own process" + ("; dsml+tls over TLS 1.3, certificates both ways" if s.tls
+                                else ""))
     say("  raw:  rawnet.py, sendfile -> recv_into(1 MiB) + write + fsync, separate processes")
     say(f"  filesystem: {res['fs']}; writing the source file took {res['make_s']:.1f} s "
         f"({s.file_size / res['make_s'] / MB:,.0f} MB/s incl. fsync)")
     say()
     rows = []
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"mbps": {}, "ratios": {}}
+    gib = s.file_size / (1024 * MIB)
     for op in ("upload", "download"):
-        d, r = pick("dsml", op), pick("raw", op)
-        dm = median([t.mbps for t in d])
-        rm = median([t.mbps for t in r])
-        q = ratio(dm, rm)
-        ok = None if q is None else q >= TARGET_FILE_RATIO
-        out[op] = (dm, rm, q, ok)
-        rows.append([f"{op} MB/s", fmt(dm), fmt(rm), fmt(q, 2),
-                     f">= {TARGET_FILE_RATIO:.2f}x: {verdict(ok)}"])
-        rows.append(["  per run (dsml | raw)", " ".join(fmt(t.mbps) for t in d),
-                     " ".join(fmt(t.mbps) for t in r), "", ""])
+        mbps = out["mbps"][op] = {n: median([t.mbps for t in pick(n, op)]) for n in names}
+        out["ratios"][op] = {}
+        row = [f"{op} MB/s"] + [fmt(mbps[n]) for n in names]
+        for col, a, b, target in ratios:
+            q = ratio(mbps.get(a), mbps.get(b))
+            ok = None if q is None or target is None else q >= target
+            out["ratios"][op][col] = (q, ok, target)
+            row.append(fmt(q, 2))
+        rows.append(row)
+        rows.append(["  target"] + [""] * len(names)
+                    + [f">= {t:.2f}x: {verdict(out['ratios'][op][c][1])}" if t else ""
+                       for c, _a, _b, t in ratios])
+        rows.append(["  per run"] + [" ".join(fmt(t.mbps) for t in pick(n, op)) for n in names]
+                    + [""] * len(ratios))
     for op in ("upload", "download"):
-        d, r = pick("dsml", op), pick("raw", op)
-        gib = s.file_size / (1024 * MIB)
-        cd = median([t.client_cpu for t in d]) / gib
-        cr = median([t.client_cpu for t in r]) / gib
-        sd = median([t.server_cpu for t in d]) / gib
-        sr = median([t.server_cpu for t in r]) / gib
-        rows.append([f"{op} client CPU s/GiB", fmt(cd, 2), fmt(cr, 2), fmt(ratio(cd, cr), 1), ""])
-        rows.append([f"{op} server CPU s/GiB", fmt(sd, 2), fmt(sr, 2), fmt(ratio(sd, sr), 1), ""])
-    say(table(["", "dsml", "raw", "dsml/raw", "target"], rows))
+        for who, attr in (("client", "client_cpu"), ("server", "server_cpu")):
+            cpu = {n: median([getattr(t, attr) for t in pick(n, op)]) / gib for n in names}
+            rows.append([f"{op} {who} CPU s/GiB"] + [fmt(cpu[n], 2) for n in names]
+                        + [fmt(ratio(cpu.get(a), cpu.get(b)), 1) for _c, a, b, _t in ratios])
+    say(table(["", *names, *(c for c, *_ in ratios)], rows))
+    first = ratios[0][0]
+    for op in ("upload", "download"):
+        q, ok, _t = out["ratios"][op][first]
+        out[op] = (out["mbps"][op].get(names[0]), out["mbps"][op].get(RAW), q, ok)
 
     say()
     hwm = res.get("dsml_hwm")
-    up_rss = max((t.client_rss_kib for t in pick("dsml", "upload")), default=0)
-    down_rss = max((t.client_rss_kib for t in pick("dsml", "download")), default=0)
+    up_rss = max((t.client_rss_kib for t in pick(names[0], "upload")), default=0)
+    down_rss = max((t.client_rss_kib for t in pick(names[0], "download")), default=0)
     raw_cli = max((t.client_rss_kib for t in ts if t.side == "raw"), default=0)
     cli = res.get("cli", {})
     peaks = [("dsml server (worker VmHWM)", hwm)]
@@ -633,15 +785,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="also cProfile the dsml client (extra runs, not in the figures)")
     p.add_argument("--tmpdir", help="parent of the scratch directory (default: $TMPDIR or /tmp)")
+    p.add_argument("--rounds", type=int, help="value rounds and file repetitions per side")
+    p.add_argument("--pairs", type=int, help="set+get pairs per value round")
+    p.add_argument("--file-mib", type=int, help="file size in MiB")
     p.add_argument("--tls", action="store_true",
-                   help="run the dsml side with cluster.tls (TLS 1.3, certificates)")
+                   help="add TLS sides: dsml with cluster.tls (TLS 1.3, certificates) beside "
+                        "dsml without, redis over TLS beside redis without")
     args = p.parse_args(argv)
     s = settings(args)
     info = machine()
     load0 = os.getloadavg()
     t_start = time.perf_counter()
     say(f"dsml benchmarks ({'quick' if s.quick else 'full'} run"
-        f"{', dsml over TLS 1.3' if s.tls else ''})")
+        f"{', with TLS 1.3 sides' if s.tls else ''})")
     say("  machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     say(f"  load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
 
@@ -664,23 +820,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"redis-server {info['redis-server']}, load {load0[0]:.1f} -> {load1[0]:.1f}")
     if values_out is not None:
         sm = values_out["summary"]
-        d, r = sm.get("dsml", {}), sm.get("redis-py", {})
+        sides = ", ".join(
+            f"{name} {fmt(d.get('pairs'))} pairs/s (set {fmt(d.get('set'))}/s, get "
+            f"{fmt(d.get('get'))}/s, server CPU {fmt(d.get('srv_us'), 1)} us/request)"
+            for name, d in sm.items())
         say(f"values ({VALUE_SIZE} B, {NKEYS} keys, 1 connection, {s.value_rounds}x"
-            f"{s.value_pairs} pairs, medians): dsml {fmt(d.get('pairs'))} pairs/s "
-            f"(set {fmt(d.get('set'))}/s, get {fmt(d.get('get'))}/s) vs redis-py "
-            f"{fmt(r.get('pairs'))} pairs/s (set {fmt(r.get('set'))}/s, get "
-            f"{fmt(r.get('get'))}/s) = {fmt(values_out['pairs_ratio'], 2)}x "
-            f"[target >= {TARGET_PAIRS_RATIO:.2f}x: {verdict(values_out['pairs_ok'])}]")
-        say(f"  server CPU per request: dsml {fmt(d.get('srv_us'), 1)} us vs redis "
-            f"{fmt(r.get('srv_us'), 1)} us; client CPU per request: dsml "
-            f"{fmt(d.get('cli_us'), 1)} us vs redis-py {fmt(r.get('cli_us'), 1)} us")
+            f"{s.value_pairs} pairs, medians): {sides}")
+        say("  pairs/s ratios: " + "; ".join(
+            f"{col} {fmt(q, 2)}x [target >= {t:.2f}x: {verdict(ok)}]"
+            for col, (q, ok, t) in values_out["ratios"].items()))
     if files_out is not None:
-        parts = []
         for op in ("upload", "download"):
-            dm, rm, q, ok = files_out[op]
-            parts.append(f"{op} dsml {fmt(dm)} MB/s vs raw {fmt(rm)} MB/s = {fmt(q, 2)}x "
-                         f"[target >= {TARGET_FILE_RATIO:.2f}x: {verdict(ok)}]")
-        say(f"files ({s.file_size // MIB} MiB, {s.file_reps} reps, medians): " + "; ".join(parts))
+            mbps = ", ".join(f"{n} {fmt(v)} MB/s" for n, v in files_out["mbps"][op].items())
+            qs = "; ".join(
+                f"{col} {fmt(q, 2)}x" + (f" [target >= {t:.2f}x: {verdict(ok)}]" if t else "")
+                for col, (q, ok, t) in files_out["ratios"][op].items())
+            say(f"files {op} ({s.file_size // MIB} MiB, {s.file_reps} reps, medians): "
+                f"{mbps}; {qs}")
         if "cli" in files_out:
             say(f"  CLI (one run, incl. start-up): upload {fmt(files_out['cli']['upload'])} "
                 f"MB/s, download {fmt(files_out['cli']['download'])} MB/s")

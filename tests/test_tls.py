@@ -1,21 +1,40 @@
 """TLS connections without the real reactor: a handshake that never finishes is cut at the
-auth deadline (task.Clock), on accepted and on dialled connections alike."""
+auth deadline (task.Clock), on accepted and on dialled connections alike; the TLS
+transport (dsml.net.tls_transport) between two in-memory peers (iosim); decrypting what
+has arrived (dsml.net.tlsbio) at every packet size; and the blocking client's TLS
+(dsml.client.tls_socket) against a stdlib TLS server on a socketpair."""
 
 from __future__ import annotations
 
+import os
+import socket
+import ssl
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPullProducer
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from zope.interface import implementer
 
 from dsml import pki
+from dsml.client.server import ClientTls
+from dsml.client.tls_socket import TlsSocket
 from dsml.net.limits import Limits
 from dsml.net.links import LinkFactory
 from dsml.net.responders import NO_REQUESTS
 from dsml.net.server import ServerFactory
 from dsml.net.tls import PeerCheck, TlsIdentity
+from dsml.net.tls_transport import READ_MAX, TlsFactory
+from dsml.net.tlsbio import decrypt_available
+from dsml.net.twisted_private import set_read_size
 from dsml.protocol.methods import Role
 
 AUTH_TIMEOUT = 3.0
@@ -60,11 +79,324 @@ def test_dialled_handshake_never_finished_is_cut_at_the_deadline(pki_dir: Path) 
         peer_roles=frozenset({Role.MASTER}),
         peer_check=PeerCheck(tls, frozenset({"master"})),
     )
-    from twisted.protocols.tls import TLSMemoryBIOFactory
-
-    proto = TLSMemoryBIOFactory(tls.options, True, factory).buildProtocol(ADDR)
+    proto = TlsFactory(tls.client_context, True, factory).buildProtocol(ADDR)
     transport = StringTransport()
     proto.makeConnection(transport)
     assert transport.value()  # the ClientHello went out
     clock.advance(AUTH_TIMEOUT + 0.1)
     assert transport.disconnecting
+
+
+# -- the TLS transport (dsml.net.tls_transport) and its decryption (dsml.net.tlsbio) ------
+
+
+class Collector(Protocol):
+    """Keeps what arrives and how the connection ended."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.lost: Failure | None = None
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def dataReceived(self, data: bytes) -> None:
+        assert type(data) is bytes
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.lost = reason
+
+
+def tls_pair(
+    server: TlsIdentity, client: TlsIdentity, connect: bool = True
+) -> tuple[Collector, Collector, Any, Any, Any]:
+    """A TLS server and client over iosim's in-memory transports: (server app, client
+    app, server TLS protocol, client TLS protocol, pump)."""
+    s_app, c_app = Collector(), Collector()
+    s_tls = TlsFactory(server.server_context, False, Factory.forProtocol(lambda: s_app))
+    c_tls = TlsFactory(client.client_context, True, Factory.forProtocol(lambda: c_app))
+    s_proto = s_tls.buildProtocol(ADDR)
+    c_proto = c_tls.buildProtocol(ADDR)
+    pump = iosim.connect(
+        s_proto, iosim.FakeTransport(s_proto, True),
+        c_proto, iosim.FakeTransport(c_proto, False),
+        greet=connect,
+    )
+    return s_app, c_app, s_proto, c_proto, pump
+
+
+@pytest.fixture(scope="module")
+def worker_tls(pki_dir: Path) -> TlsIdentity:
+    return TlsIdentity(pki_dir, "worker", "w1")
+
+
+@pytest.fixture(scope="module")
+def master_tls(pki_dir: Path) -> TlsIdentity:
+    return TlsIdentity(pki_dir, "master", "master")
+
+
+def test_bytes_written_before_the_handshake_arrive_after_it(
+    worker_tls: TlsIdentity, master_tls: TlsIdentity
+) -> None:
+    """A client may write at once: its bytes wait for the handshake, then go whole; each
+    side learns the other's verified identity from its certificate."""
+    s_app, c_app, s_proto, c_proto, pump = tls_pair(worker_tls, master_tls, connect=False)
+    c_proto.write(b"hello ")
+    c_proto.writeSequence([b"wor", b"ld"])
+    assert s_proto.getPeerCertificate() is None  # no handshake yet
+    pump.flush()
+    assert s_app.received == b"hello world"
+    s_proto.write(b"answer")
+    pump.flush()
+    assert c_app.received == b"answer"
+    assert worker_tls.peer_identity(s_proto).kind == "master"
+    assert master_tls.peer_identity(c_proto).name == "w1"
+
+
+def test_a_large_write_arrives_whole_in_few_pieces(
+    worker_tls: TlsIdentity, master_tls: TlsIdentity
+) -> None:
+    """3 MiB written at once arrive intact; the receiver gets the records of one read
+    together, not one call per 16 KiB record."""
+    s_app, c_app, s_proto, c_proto, pump = tls_pair(worker_tls, master_tls)
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    c_proto.write(data)
+    pump.flush()
+    assert s_app.received == data
+    assert len(s_app.chunks) < len(data) // (16 * 1024) // 4
+
+
+def test_lose_connection_delivers_everything_then_closes_cleanly(
+    worker_tls: TlsIdentity, master_tls: TlsIdentity
+) -> None:
+    """Bytes written before loseConnection arrive; then both sides see a clean close."""
+    s_app, c_app, s_proto, c_proto, pump = tls_pair(worker_tls, master_tls)
+    s_proto.write(b"last words")
+    s_proto.loseConnection()
+    s_proto.write(b"dropped")  # after loseConnection, without a producer
+    pump.flush()
+    assert c_app.received == b"last words"
+    assert c_app.lost is not None and c_app.lost.check(ConnectionDone)
+    assert s_app.lost is not None and s_app.lost.check(ConnectionDone)
+
+
+def test_a_certificate_from_another_ca_is_refused_before_any_data(
+    tmp_path: Path, worker_tls: TlsIdentity
+) -> None:
+    """A client whose certificate another CA signed: the handshake fails, the
+    server's application never sees a byte, both sides end with the TLS failure."""
+    other = tmp_path / "other-pki"
+    pki.init_cluster(other, "127.0.0.1", [("w1", "127.0.0.1")])
+    stranger = TlsIdentity(other, "master", "master")
+    s_app, c_app, s_proto, c_proto, pump = tls_pair(worker_tls, stranger, connect=False)
+    c_proto.write(b"let me in")
+    pump.flush()
+    assert s_app.received == b""
+    assert s_app.lost is not None and s_app.lost.check(ssl.SSLError)
+    assert c_app.lost is not None  # the server's alert, or the close that follows
+
+
+def test_plaintext_to_a_tls_listener_is_refused(worker_tls: TlsIdentity) -> None:
+    """Bytes that are not TLS end the connection; nothing reaches the application."""
+    s_app = Collector()
+    proto = TlsFactory(
+        worker_tls.server_context, False, Factory.forProtocol(lambda: s_app)
+    ).buildProtocol(ADDR)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"ping 1 0\r\nKey: x\r\n\r\n")
+    assert transport.disconnecting
+    assert s_app.received == b""
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert s_app.lost is not None and s_app.lost.check(ssl.SSLError)
+
+
+def test_read_size_reaches_the_tcp_transport(worker_tls: TlsIdentity) -> None:
+    """set_read_size on the TLS transport sets the TCP transport's read size beneath,
+    up to READ_MAX."""
+    proto = worker_tls.wrap_server(Factory.forProtocol(Collector)).buildProtocol(ADDR)
+    transport = StringTransport()
+    transport.bufferSize = 4096  # type: ignore[attr-defined]
+    proto.makeConnection(transport)
+    set_read_size(proto, 32 * 1024)
+    assert transport.bufferSize == 32 * 1024  # type: ignore[attr-defined]
+    set_read_size(proto, 1024 * 1024)
+    assert transport.bufferSize == READ_MAX  # type: ignore[attr-defined]
+    assert proto.bufferSize == READ_MAX
+
+
+def test_a_producer_runs_on_the_tcp_transport_and_close_waits_for_it(
+    worker_tls: TlsIdentity, master_tls: TlsIdentity
+) -> None:
+    """A pull producer registered on the TLS transport is driven by the TCP transport;
+    loseConnection while it is registered closes only after it is unregistered."""
+    s_app, c_app, s_proto, c_proto, pump = tls_pair(worker_tls, master_tls)
+    pieces = [b"a" * 100_000, b"b" * 100_000]
+
+    @implementer(IPullProducer)
+    class Pieces:
+        def resumeProducing(self) -> None:
+            if pieces:
+                s_proto.write(pieces.pop(0))
+
+        def stopProducing(self) -> None:
+            pieces.clear()
+
+    s_proto.registerProducer(Pieces(), False)
+    s_proto.loseConnection()
+    pump.flush()
+    assert c_app.lost is None  # the producer is still registered
+    while pieces:
+        s_proto.transport.producer.resumeProducing()
+    s_proto.unregisterProducer()
+    pump.flush()
+    assert c_app.received == b"a" * 100_000 + b"b" * 100_000
+    assert c_app.lost is not None and c_app.lost.check(ConnectionDone)
+
+
+def _memory_pair(worker_tls: TlsIdentity, master_tls: TlsIdentity) -> tuple[Any, ...]:
+    """Two SSLObjects over memory BIOs, handshake done: (sender, its outgoing BIO,
+    receiver, its incoming BIO)."""
+    si, so, ci, co = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = worker_tls.server_context.wrap_bio(si, so, server_side=True)
+    client = master_tls.client_context.wrap_bio(ci, co)
+    for _ in range(4):
+        for side, out, into in ((client, co, si), (server, so, ci)):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            into.write(out.read())
+    return server, so, client, ci
+
+
+@pytest.mark.parametrize("piece", [1, 5, 700, 4096, 4097, 16 * 1024 + 22, 50_000, 1 << 20])
+def test_decrypt_available_at_every_packet_size(
+    worker_tls: TlsIdentity, master_tls: TlsIdentity, piece: int
+) -> None:
+    """However the records are cut into reads (a record begun in one read and ended in a
+    small next one included), all the plaintext comes out, in order, and the peer's
+    close is seen after it."""
+    sender, out, receiver, incoming = _memory_pair(worker_tls, master_tls)
+    plain = os.urandom(40_000) + b"small" + os.urandom(70_000)
+    sender.write(plain[:40_000])
+    sender.write(plain[40_000:40_005])
+    sender.write(plain[40_005:])
+    try:
+        sender.unwrap()
+    except ssl.SSLWantReadError:
+        pass
+    wire = out.read()
+    got = []
+    ended = False
+    for i in range(0, len(wire), piece):
+        incoming.write(wire[i : i + piece])
+        data, ended = decrypt_available(receiver, incoming)
+        got.append(data)
+    assert b"".join(got) == plain
+    assert ended
+
+
+def test_decrypt_available_keeps_what_is_over_the_limit(
+    worker_tls: TlsIdentity, master_tls: TlsIdentity
+) -> None:
+    """With a limit, the rest stays for the next call: nothing is lost."""
+    sender, out, receiver, incoming = _memory_pair(worker_tls, master_tls)
+    plain = os.urandom(100_000)
+    sender.write(plain)
+    incoming.write(out.read())
+    first, _ = decrypt_available(receiver, incoming, 30_000)
+    assert len(first) == 30_000
+    rest = []
+    while True:
+        data, _ = decrypt_available(receiver, incoming, 30_000)
+        if not data:
+            break
+        rest.append(data)
+    assert first + b"".join(rest) == plain
+
+
+def test_decrypt_available_reports_a_corrupt_record(
+    worker_tls: TlsIdentity, master_tls: TlsIdentity
+) -> None:
+    """A record altered on the way fails its authentication tag: an SSLError."""
+    sender, out, receiver, incoming = _memory_pair(worker_tls, master_tls)
+    sender.write(b"x" * 10_000)
+    wire = bytearray(out.read())
+    wire[100] ^= 1
+    incoming.write(bytes(wire))
+    with pytest.raises(ssl.SSLError):
+        decrypt_available(receiver, incoming)
+
+
+# -- the blocking client's TLS (dsml.client.tls_socket) ------------------------------------
+
+
+def _serve_one(sock: socket.socket, context: ssl.SSLContext, script: Any) -> threading.Thread:
+    """A TLS server on one end of a socketpair, in a thread: the handshake, then
+    ``script(tls_socket)``; errors are kept on the thread (``.error``)."""
+
+    def run() -> None:
+        try:
+            with context.wrap_socket(sock, server_side=True) as tls:
+                script(tls)
+        except Exception as e:  # reported by the test through .error
+            thread.error = e  # type: ignore[attr-defined]
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.error = None  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+def test_tls_socket_round_trips_small_and_large(
+    worker_tls: TlsIdentity, pki_dir: Path
+) -> None:
+    """A request and its answer, then 3 MiB from the server: all intact; the large
+    answer comes in reads of many records each; the server's close reads as b""."""
+    big = os.urandom(3 * 1024 * 1024)
+
+    def script(tls: ssl.SSLSocket) -> None:
+        assert tls.recv(100) == b"ping"
+        tls.sendall(b"pong")
+        assert tls.recv(100) == b"more"
+        tls.sendall(big)
+
+    a, b = socket.socketpair()
+    a.settimeout(30)
+    thread = _serve_one(b, worker_tls.server_context, script)
+    client = ClientTls(pki_dir, "admin")
+    sock = TlsSocket(a, client.context)
+    try:
+        client.check_peer(sock, "w1")  # the certificate names a worker
+        sock.sendall(b"ping")
+        assert sock.recv(65536) == b"pong"
+        sock.sendall(b"more")
+        pieces = []
+        while sum(map(len, pieces)) < len(big):
+            pieces.append(sock.recv(1024 * 1024))
+        thread.join(30)
+        assert thread.error is None  # type: ignore[attr-defined]
+        assert b"".join(pieces) == big
+        assert len(pieces) < len(big) // (16 * 1024)
+        assert sock.recv(65536) == b""
+    finally:
+        sock.close()
+
+
+def test_tls_socket_refuses_a_server_of_another_ca(tmp_path: Path, pki_dir: Path) -> None:
+    """A server whose certificate another CA signed fails the handshake: SSLError."""
+    other = tmp_path / "other-pki"
+    pki.init_cluster(other, "127.0.0.1", [("w1", "127.0.0.1")])
+    stranger = TlsIdentity(other, "worker", "w1")
+    a, b = socket.socketpair()
+    a.settimeout(30)
+    thread = _serve_one(b, stranger.server_context, lambda tls: None)
+    try:
+        with pytest.raises(ssl.SSLError):
+            TlsSocket(a, ClientTls(pki_dir, "admin").context)
+    finally:
+        a.close()
+        thread.join(30)

@@ -1,10 +1,12 @@
 """TLS 1.3 on every dsml link, both sides verified against the cluster CA.
 
 :class:`TlsIdentity` holds one process's own certificate and key, the CA and the revoked
-serials (:mod:`dsml.pki`), and makes Twisted's ``CertificateOptions`` for both sides:
-TLS 1.3 only, a peer certificate required and verified against the cluster CA.  A
-listener's factory is wrapped in a ``TLSMemoryBIOFactory`` (:meth:`TlsIdentity.wrap_server`),
-a dialled endpoint with ``wrapClientTLS`` (:meth:`TlsIdentity.wrap_endpoint`).
+serials (:mod:`dsml.pki`), and makes the stdlib ``ssl`` contexts of both sides: TLS 1.3
+only, a peer certificate required and verified against the cluster CA.  A listener's
+factory is wrapped in a :class:`~dsml.net.tls_transport.TlsFactory`
+(:meth:`TlsIdentity.wrap_server`), a dialled endpoint with
+:func:`~dsml.net.tls_transport.tls_client_endpoint` (:meth:`TlsIdentity.wrap_endpoint`);
+that module is the TLS transport itself (why not Twisted's: see there).
 
 Who the peer is comes from its certificate (:meth:`TlsIdentity.peer_identity`): CN the
 name, OU the role.  :class:`~dsml.net.connection.Connection` asks for it when the first
@@ -14,17 +16,16 @@ bytes arrive after the handshake, and sets the connection's roles from it (see
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Any
 
 import attrs
-from OpenSSL import crypto
-from twisted.internet import ssl
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from .. import pki
 from ..protocol.methods import Role
+from .tls_transport import TlsFactory, tls_client_endpoint
 
 
 class PeerRefused(Exception):
@@ -54,15 +55,16 @@ class PeerCheck:
 
 
 class TlsIdentity:
-    """One process's certificate and key, the cluster CA and the CRL, as TLS options."""
+    """One process's certificate and key, the cluster CA and the CRL, as ``ssl`` contexts
+    for both sides of a connection."""
 
     def __init__(self, pki_dir: Path, kind: str, name: str) -> None:
         paths = pki.identity_paths(pki_dir, kind, name)
         ca = pki.ca_paths(pki_dir)
         # Loaded (and the key's mode checked) through dsml.pki: one clear error per file.
-        own_key = pki.load_key(paths.key)
+        pki.load_key(paths.key)
         own_cert = pki.load_cert(paths.cert)
-        ca_cert = pki.load_cert(ca.cert)
+        pki.load_cert(ca.cert)
         self.identity = pki.identity_of(own_cert)
         self.revoked = pki.revoked_serials(pki_dir)
         if self.identity.serial in self.revoked:
@@ -70,34 +72,16 @@ class TlsIdentity:
         self.cert_path = paths.cert
         self.key_path = paths.key
         self.ca_path = ca.cert
-        # pyOpenSSL takes cryptography's key and certificate (its own wrappers are
-        # deprecated); its X509Store still wants its own X509 for the CA.
-        self._options = ssl.CertificateOptions(
-            privateKey=own_key,  # type: ignore[arg-type]
-            certificate=own_cert,  # type: ignore[arg-type]
-            verify=True,
-            caCerts=[crypto.X509.from_cryptography(ca_cert)],
-            requireCertificate=True,
-            raiseMinimumTo=ssl.TLSVersion.TLSv1_3,
-        )
+        self.server_context = _context(True, paths, ca.cert)
+        self.client_context = _context(False, paths, ca.cert)
 
-    @property
-    def options(self) -> ssl.CertificateOptions:
-        """The context factory of both sides (TLS 1.3, peer verified against the CA)."""
-        return self._options
-
-    def wrap_server(self, factory: Any) -> TLSMemoryBIOFactory:
+    def wrap_server(self, factory: Any) -> TlsFactory:
         """``factory`` behind TLS, for a listener."""
-        return TLSMemoryBIOFactory(self._options, False, factory)
+        return TlsFactory(self.server_context, False, factory)
 
     def wrap_endpoint(self, endpoint: IStreamClientEndpoint) -> IStreamClientEndpoint:
         """``endpoint`` with TLS on top, for dialling."""
-        from twisted.internet.endpoints import wrapClientTLS
-
-        # CertificateOptions is a context factory, not a creator for one host: the peer
-        # is checked by its certificate's identity (PeerCheck), not by the name dialled.
-        # (TLSMemoryBIOFactory adapts the context factory itself.)
-        return wrapClientTLS(self._options, endpoint)  # type: ignore[arg-type]
+        return tls_client_endpoint(self.client_context, endpoint)
 
     def peer_identity(self, transport: Any) -> pki.Identity:
         """The identity in the (already verified) peer certificate of ``transport``."""
@@ -105,12 +89,31 @@ class TlsIdentity:
         if peer is None:
             raise PeerRefused("peer presented no certificate")
         try:
-            ident = pki.identity_of(peer.to_cryptography())
+            ident = pki.identity_of(peer)
         except pki.PkiError as e:
             raise PeerRefused(str(e)) from None
         if ident.serial in self.revoked:
             raise PeerRefused(f"{ident}'s certificate (serial {ident.serial:x}) is revoked")
         return ident
+
+
+def _context(server_side: bool, own: pki.Paths, ca_cert: Path) -> ssl.SSLContext:
+    """TLS 1.3 only, ``own`` certificate presented, the peer's required and verified
+    against the CA (expiry included).  A client does not check the host name: the peer
+    is checked by its certificate's identity (:class:`PeerCheck`), not the name dialled."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if not server_side:
+        ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cafile=str(ca_cert))
+        ctx.load_cert_chain(str(own.cert), str(own.key))
+    except (OSError, ssl.SSLError) as e:
+        raise pki.PkiError(f"cannot load {own.cert} or {ca_cert}: {e}") from None
+    if server_side:
+        ctx.num_tickets = 0  # no session resumption: every link is long-lived
+    return ctx
 
 
 def roles_of(ident: pki.Identity) -> frozenset[Role]:
