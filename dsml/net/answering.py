@@ -10,6 +10,9 @@ request order (docs/protocol.md, sections 1 and 12):
 - Methods a responder marks ``pipelined`` may overlap on a two-way link: each gets a slot,
   answered in order as the slots fill.
 - A download is a pull producer that reads the file as the peer takes the bytes.
+- Every answer counts against the connection's unsent output: while it is above the
+  transport's bound (the connection's output gate is paused) the next request waits, and
+  a download's payload starts only once its head has gone out.
 """
 
 from __future__ import annotations
@@ -73,6 +76,10 @@ class Answers:
         self._failed: DsmlError | None = None  # refused, or a streamed call that failed
         #: The download being streamed, if any (its progress is a deadline).
         self.body: _BodyProducer | None = None
+        #: A download whose head is written, waiting for the output to drain.
+        self.pending_body: _BodyProducer | None = None
+        #: When the current request's head arrived (its payload's deadline).
+        self.started = 0.0
         # Answers owed, in request order: [request id, encoded response or None].
         self.slots: deque[list[Any]] = deque()
         self._pipelined = responders.pipelined if two_way else frozenset()
@@ -100,6 +107,7 @@ class Answers:
         if (
             self.state == WAITING
             or self.held
+            or self.conn.blocked
             or (self.slots and kind is Head and event.kind not in self._pipelined)
         ):
             self.held.append(event)
@@ -134,6 +142,7 @@ class Answers:
         """A request head was accepted; its payload (if any) follows."""
         self.head = head
         self.state = RECEIVING
+        self.started = self.conn._activity
         self._chunks = []
         self._failed = None
         self._responder = None
@@ -256,8 +265,21 @@ class Answers:
             self._send(b"")
             return
         self._wait()
-        self.body = _BodyProducer(self, reply.body, reply.body_length)
-        transport.registerProducer(self.body, False)  # type: ignore[union-attr]
+        body = _BodyProducer(self, reply.body, reply.body_length)
+        if self.conn.blocked:
+            # The head filled the output: the payload follows once it drained.
+            self.pending_body = body
+            return
+        self.body = body
+        self.conn.start_producer(body)
+
+    def start_body(self) -> None:
+        """The output drained: stream the download that waited for it."""
+        body, self.pending_body = self.pending_body, None
+        if body is not None:
+            body.progress = self.conn.clock.seconds()
+            self.body = body
+            self.conn.start_producer(body)
 
     def _wait(self) -> None:
         """Stop reading until the current request is answered (no unbounded buffering).
@@ -314,8 +336,8 @@ class Answers:
 
     def body_done(self) -> None:
         """The download went out whole."""
-        self.body = None
-        self.conn.transport.unregisterProducer()  # type: ignore[union-attr]
+        body, self.body = self.body, None
+        self.conn.stop_producer(body)
         self._send(b"")
         self.conn.resume()
 
@@ -323,8 +345,8 @@ class Answers:
         """The download cannot be finished: the head promised its length, so the
         connection is cut (nothing else would keep the framing)."""
         log.error("{peer}: download aborted: {why}", peer=self.conn.peer_name(), why=why)
-        self.body = None
-        self.conn.transport.unregisterProducer()  # type: ignore[union-attr]
+        body, self.body = self.body, None
+        self.conn.stop_producer(body)
         self.conn.abort()
 
     def close(self) -> None:
@@ -332,9 +354,10 @@ class Answers:
         if self._call is not None:
             call, self._call = self._call, None
             call.abort()
-        if self.body is not None:
-            self.body.close()
-            self.body = None
+        for body in (self.body, self.pending_body):
+            if body is not None:
+                body.close()
+        self.body = self.pending_body = None
         self.slots.clear()
 
     def abort_call(self) -> None:

@@ -172,7 +172,7 @@ class Calls:
             pending.body = self._body = body
             # A pull producer: the transport asks for each chunk once it sent the last
             # (Twisted's TCP transport asks for the first one inside registerProducer).
-            transport.registerProducer(body, False)  # type: ignore[union-attr]
+            self.conn.start_producer(body)
         return d
 
     def _open(
@@ -221,8 +221,9 @@ class Calls:
         """A response head arrived (with its payload when it came whole)."""
         pending = self._pending.pop(head.id, None)
         if pending is None:
-            log.warn("{peer}: response {id} answers no request", peer=self.conn.peer_name(),
-                     id=head.id)
+            self.conn.factory.peer_log.warn(
+                "{peer}: response {id} answers no request", peer=self.conn.peer_name(), id=head.id
+            )
             pending = _Pending(None)
         body = pending.body
         if body is not None and body.active:
@@ -231,8 +232,7 @@ class Calls:
             body.stop()
             self._body = None
             self._queued = []
-            self.conn.transport.loseConnection()  # type: ignore[union-attr]
-            self.conn.closing = True
+            self.conn.lose()
         pending.head = head
         sink = pending.sink if head.ok else None
         if sink is None and head.length > RESPONSE_MAX:
@@ -402,6 +402,4 @@ class _FilePayload:
     def stop(self) -> None:
         """Stop sending and let go of the transport."""
         self.source = None
-        transport = self.calls.conn.transport
-        if getattr(transport, "producer", None) is self:
-            transport.unregisterProducer()  # type: ignore[union-attr]
+        self.calls.conn.stop_producer(self)

@@ -13,6 +13,18 @@ given, the connection limits, one framing error closes.  What it parses goes to 
 
 The factories say which side it is: :class:`~dsml.net.server.ServerFactory` for accepted
 connections, :class:`~dsml.net.links.LinkFactory` for dialled links.
+
+Bounds (docs/protocol.md, section 8): before it has authenticated a connection may send
+an ``auth`` and nothing else, in at most PREAUTH_MAX bytes; unauthenticated connections
+are a pool of their own (the factory's), where a newcomer over the cap closes the oldest,
+so they never keep an authenticated peer out; an accepted connection's unsent output is
+watched by a push producer registered with its transport (:class:`_OutputGate`), and
+while it is above the transport's bound no further request is answered and (one-way)
+nothing is read.
+
+One room because these rules all read and change the same few fields of one connection
+(authenticated, closing, the answering state, the deadline timer, the gate) on every
+read and every answer; split apart, each would reach into the others' state.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ..protocol import codec
 from ..protocol.codec import (
@@ -38,10 +51,12 @@ from ..protocol.codec import (
     Rejected,
     quick_request,
 )
+from ..protocol.limits import PREAUTH_MAX
 from ..protocol.methods import Role
 from .answering import HELD_MAX, IDLE, READ_SIZE, RECEIVING, WAITING, Answers
 from .calling import Calls, Response, ResponseSink
 from .limits import Limits
+from .peerlog import PeerLog
 from .responders import AUTH, Reply, Responder, Responders
 from .twisted_private import set_read_size
 
@@ -91,9 +106,53 @@ class ConnectionFactory(Factory):
         self.two_way = two_way
         self.dialled = dialled
         self.on_lost = on_lost
+        #: Open connections, authenticated or not.
         self.connections = 0
-        self.unauthenticated = 0
+        #: Authenticated connections (at most ``limits.max_connections``).
+        self.authenticated = 0
+        # Unauthenticated connections, oldest first, and the same by source address.
+        self._waiting: dict[Connection, None] = {}
+        self._waiting_by_host: dict[str, dict[Connection, None]] = {}
+        #: Lines about misbehaving peers go through here (rate-limited).
+        self.peer_log = PeerLog(clock)
         self.noisy = False  # no "Starting factory" line per outgoing link
+
+    @property
+    def unauthenticated(self) -> int:
+        """Connections that have not authenticated yet."""
+        return len(self._waiting)
+
+    def admit_unauthenticated(self, conn: Connection, host: str) -> None:
+        """Count ``conn`` among the unauthenticated; close the oldest unauthenticated
+        connection of its source address, or of all, when it takes one over the caps."""
+        self._waiting[conn] = None
+        same = self._waiting_by_host.setdefault(host, {})
+        same[conn] = None
+        lim = self.limits
+        if len(same) > lim.max_unauthenticated_per_host:
+            self.evict(next(iter(same)), f"from {host}", lim.max_unauthenticated_per_host)
+        if len(self._waiting) > lim.max_unauthenticated:
+            self.evict(next(iter(self._waiting)), "in all", lim.max_unauthenticated)
+
+    def evict(self, conn: Connection, where: str, limit: int) -> None:
+        """Close the unauthenticated connection ``conn`` to make room for a newer one."""
+        self.forget_unauthenticated(conn)
+        self.peer_log.info(
+            "{peer}: closed: the oldest of more than {limit} unauthenticated connections "
+            "{where}", peer=conn.peer_name(), limit=limit, where=where,
+        )
+        conn.abort()
+
+    def forget_unauthenticated(self, conn: Connection) -> None:
+        """``conn`` authenticated or closed: it leaves the unauthenticated pool."""
+        if conn in self._waiting:
+            del self._waiting[conn]
+            host = conn.peer_host
+            same = self._waiting_by_host.get(host)
+            if same is not None:
+                same.pop(conn, None)
+                if not same:
+                    del self._waiting_by_host[host]
 
     def lost(self, conn: Connection) -> None:
         """A two-way connection closed."""
@@ -146,8 +205,19 @@ class Connection(TwistedProtocol):
         self._connected_at = 0.0
         self._activity = 0.0
         self._head_started: float | None = None
-        self._counted_unauth = False
+        self._counted_auth = False
         self._pumping = False  # _pump() is on the stack (see resume)
+        #: The source address (set when connected), for the per-address pool.
+        self.peer_host = ""
+        self._preauth_bytes = 0
+        # Accepted connections watch their unsent output with a push producer; a
+        # producer of their own (a download) takes its place while it runs.
+        self._gate: _OutputGate | None = _OutputGate(self) if dialled is None else None
+        self._gate_on = False
+        self._producer: Any = None
+        #: The unsent output is above the transport's bound (the gate was paused).
+        self.blocked = False
+        self._blocked_since = 0.0
 
     @property
     def is_open(self) -> bool:
@@ -161,31 +231,66 @@ class Connection(TwistedProtocol):
         now = self.clock.seconds()
         self._connected_at = self._activity = now
         f.connections += 1
-        if not self.authenticated:
-            f.unauthenticated += 1
-            self._counted_unauth = True
-        set_read_size(self.transport, READ_SIZE)
+        try:
+            self.peer_host = str(self.transport.getPeer().host)  # type: ignore[union-attr]
+        except Exception:
+            self.peer_host = "?"
         if hasattr(self.transport, "setTcpNoDelay"):
             # Replies are small and latency-bound: never hold one back for Nagle.
             self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
-        if f.connections > self.limits.max_connections:
-            self.fatal("busy", f"too many connections (limit {self.limits.max_connections})")
-            return
-        if f.unauthenticated > self.limits.max_unauthenticated:
-            self.fatal(
-                "busy",
-                f"too many unauthenticated connections (limit {self.limits.max_unauthenticated})",
-            )
-            return
+        if self._gate is not None:
+            self._hold_gate()
+        limit = self.limits.max_connections
+        if self.authenticated:
+            set_read_size(self.transport, READ_SIZE)
+            f.authenticated += 1
+            self._counted_auth = True
+            if f.authenticated > limit:
+                self.fatal("busy", f"too many connections (limit {limit})")
+                return
+        else:
+            # Small reads until authenticated: a peer that has not said who it is gets
+            # no more than PREAUTH_MAX bytes of this process's memory.
+            set_read_size(self.transport, PREAUTH_MAX)
+            if f.authenticated >= limit:
+                # No place for it once authenticated.
+                self.fatal("busy", f"too many connections (limit {limit})")
+                return
+            f.admit_unauthenticated(self, self.peer_host)
+            if self.closing:
+                return
         self._arm()
+
+    def _authenticated(self, roles: frozenset[Role]) -> bool:
+        """The peer proved who it is: it leaves the unauthenticated pool for a place
+        among the authenticated (False, and closed ``busy``, when there is none)."""
+        self.roles = roles
+        self.allowed = self.factory.responders.allowed(roles)
+        if self.authenticated:
+            return True
+        f = self.factory
+        self.authenticated = True
+        f.forget_unauthenticated(self)
+        set_read_size(self.transport, READ_SIZE)
+        f.authenticated += 1
+        self._counted_auth = True
+        limit = self.limits.max_connections
+        if f.authenticated > limit:
+            self.fatal("busy", f"too many connections (limit {limit})")
+            return False
+        return True
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         f = self.factory
         f.connections -= 1
-        if self._counted_unauth:
-            f.unauthenticated -= 1
-            self._counted_unauth = False
+        f.forget_unauthenticated(self)
+        if self._counted_auth:
+            f.authenticated -= 1
+            self._counted_auth = False
         self.closing = True
+        self._gate_on = False
+        self._producer = None
+        self.blocked = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -249,9 +354,17 @@ class Connection(TwistedProtocol):
             return
         if self._tls_pending and not self._identify():
             return
+        if not self.authenticated:
+            self._preauth_bytes += len(data)
         head = None
         answers = self.answers
-        if self._quick and answers.state == IDLE and self.authenticated and self.parser.idle:
+        if (
+            self._quick
+            and answers.state == IDLE
+            and self.authenticated
+            and not self.blocked
+            and self.parser.idle
+        ):
             # The common small request, whole in one read: decoded in one step and
             # answered without the event loop below (codec.quick_request).
             head = quick_request(data, self.methods)
@@ -265,6 +378,13 @@ class Connection(TwistedProtocol):
                 return
             self._activity = self.clock.seconds()
             self._pump()
+        if not self.authenticated and self._preauth_bytes > PREAUTH_MAX and not self.closing:
+            # Whatever it is, it is not an auth: buffer none of it.
+            self.fatal(
+                "auth-required",
+                f"more than {PREAUTH_MAX} bytes before authenticating (send auth first)",
+            )
+            return
         if not self.closing:
             if answers.state == IDLE and self.parser.buffered and self._head_started is None:
                 self._head_started = self._activity
@@ -300,10 +420,12 @@ class Connection(TwistedProtocol):
         two_way = self.two_way
         held = answers.held
         while not self.closing:
-            if held and answers.state != WAITING and not answers.slots:
+            if held and answers.state != WAITING and not answers.slots and not self.blocked:
                 event: Any = answers.next_held()
             elif answers.state == WAITING and not two_way:
                 return
+            elif self.blocked and answers.state == IDLE and not two_way:
+                return  # the gate's resumeProducing goes on (see _output_drained)
             else:
                 try:
                     event = parser.next_event()
@@ -312,7 +434,10 @@ class Connection(TwistedProtocol):
                     return
                 if event is NEED_DATA:
                     return
-                if two_way and self._route(event):
+                if not self.authenticated:
+                    if not self._may_come_first(event):
+                        return
+                elif two_way and self._route(event):
                     continue
             kind = type(event)
             if kind is Data:
@@ -372,7 +497,9 @@ class Connection(TwistedProtocol):
         try:
             ident = check.identify(self.transport)
         except PeerRefused as e:
-            log.warn("{peer}: refusing TLS peer: {why}", peer=self.peer_name(), why=str(e))
+            self.factory.peer_log.warn(
+                "{peer}: refusing TLS peer: {why}", peer=self.peer_name(), why=str(e)
+            )
             if self.factory.dialled is not None:
                 self.abort()
             else:
@@ -381,13 +508,22 @@ class Connection(TwistedProtocol):
         self.identity = ident
         self.client_name = str(ident)
         if not self.authenticated:
-            self.authenticated = True
-            self.roles = roles_of(ident)
-            self.allowed = self.factory.responders.allowed(self.roles)
-            if self._counted_unauth:
-                self.factory.unauthenticated -= 1
-                self._counted_unauth = False
+            return self._authenticated(roles_of(ident))
         return True
+
+    def _may_come_first(self, event: Any) -> bool:
+        """Before authentication only an ``auth`` request (or its rejection, which says
+        what is wrong with it) is taken; anything else, a response frame included, is
+        answered ``auth-required`` and closes the connection, its payload unread."""
+        kind = type(event)
+        if (kind is Head and event.kind == AUTH) or (kind is Rejected and event.method == AUTH):
+            return True
+        if kind is Head:
+            self._refuse_unauthenticated(event)
+        else:
+            self.fatal("auth-required", "authenticate first (send auth with Token)",
+                       getattr(event, "id", 0))
+        return False
 
     def _refuse_unauthenticated(self, head: Head) -> None:
         self.answers.head = head
@@ -416,25 +552,21 @@ class Connection(TwistedProtocol):
         # A dialled link has no authenticator: the peer it dialled keeps its roles.
         roles = check(head) if check is not None else self.roles
         if roles is None:
-            log.warn("{peer}: wrong token", peer=self.peer_name())
+            self.factory.peer_log.warn("{peer}: wrong token", peer=self.peer_name())
             self.fatal("auth-failed", "wrong token", head.id)
             return
-        self.roles = roles
-        self.allowed = self.factory.responders.allowed(roles)
         if not self.authenticated:
-            self.authenticated = True
             self.client_name = head.headers.get("client", "")
-            if self._counted_unauth:
-                self.factory.unauthenticated -= 1
-                self._counted_unauth = False
+        if not self._authenticated(roles):
+            return
         self.answers.send_reply(head.id, Reply())
 
     # -- after an answer, and closing ---------------------------------------------------
 
     def resume(self) -> None:
         """The current request is answered: go on with pipelined bytes already buffered."""
-        if self.closing or self.answers.state == WAITING:
-            return
+        if self.closing or self.answers.state == WAITING or self.blocked:
+            return  # (a blocked connection goes on when its output drains)
         self._activity = self.clock.seconds()
         self.answers.held_paused = False
         self.transport.resumeProducing()  # type: ignore[union-attr]
@@ -455,24 +587,94 @@ class Connection(TwistedProtocol):
         if self._tls_pending:
             # No TLS session to answer in yet; a TLS close would wait for the
             # handshake, which may never finish: cut.
-            log.warn(
+            self.factory.peer_log.warn(
                 "{peer}: closing before the TLS handshake ended: {code}: {message}",
                 peer=self.peer_name(), code=code, message=message,
             )
             self.abort()
             return
-        log.warn(
+        self.factory.peer_log.warn(
             "{peer}: closing: {code}: {message}", peer=self.peer_name(), code=code, message=message
         )
         self.closing = True
         self.answers.abort_call()
         self.transport.write(codec.encode_error(req_id, code, message))  # type: ignore[union-attr]
+        self.lose()
+
+    def lose(self) -> None:
+        """Close once the output is written (the gate let go first: a transport holding
+        a producer waits for it before it closes)."""
+        self.closing = True
+        self.factory.forget_unauthenticated(self)
+        self._release_gate()
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def abort(self) -> None:
         """Cut the connection at once, without a word (the framing cannot be kept)."""
         self.closing = True
+        self.factory.forget_unauthenticated(self)
         self.transport.abortConnection()  # type: ignore[union-attr]
+
+    # -- output: the gate and the producers ---------------------------------------------
+
+    def _hold_gate(self) -> None:
+        gate = self._gate
+        if gate is None or self._gate_on or self._producer is not None or self.closing:
+            return
+        self._gate_on = True
+        self.transport.registerProducer(gate, True)  # type: ignore[union-attr]
+
+    def _release_gate(self) -> None:
+        if self._gate_on:
+            self._gate_on = False
+            self.blocked = False
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+
+    def start_producer(self, producer: Any, streaming: bool = False) -> None:
+        """Register ``producer`` (a download, a streamed payload) with the transport in
+        the gate's place; it paces its own output until :meth:`stop_producer`."""
+        self._release_gate()
+        self._producer = producer
+        self.transport.registerProducer(producer, streaming)  # type: ignore[union-attr]
+
+    def stop_producer(self, producer: Any) -> None:
+        """``producer`` is done: unregister it (if it is the one registered) and put the
+        gate back."""
+        if self._producer is not producer:
+            return
+        self._producer = None
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
+        if not self.closing:
+            self._hold_gate()
+
+    def _output_full(self) -> None:
+        """The transport's unsent output went above its bound: answer nothing more
+        (and, one-way, read nothing more) until it drains."""
+        if self.closing:
+            return
+        self.blocked = True
+        self._blocked_since = self.clock.seconds()
+        if not self.two_way:
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._arm()
+
+    def _output_drained(self) -> None:
+        """The transport sent what it held: go on with a download that waited for it,
+        or with the next requests."""
+        if self.closing or getattr(self.transport, "disconnecting", False):
+            # Closing: a transport holding a producer would wait for it to close.
+            self._release_gate()
+            return
+        if not self.blocked:
+            return
+        self.blocked = False
+        answers = self.answers
+        if answers.pending_body is not None:
+            answers.start_body()
+            return
+        if answers.state == WAITING:
+            return  # the answer pending resumes the connection when it is sent
+        self.resume()
 
     def peer_name(self) -> str:
         """``host:port`` of the peer, for logs."""
@@ -489,6 +691,9 @@ class Connection(TwistedProtocol):
         if not self.authenticated or self._tls_pending:
             # Over TLS this covers the handshake, on dialled links too.
             return self._connected_at + lim.auth_timeout, "authentication"
+        if self.blocked:
+            # The peer does not take what it was sent: its output must drain in time.
+            return self._blocked_since + lim.payload_timeout, "output"
         state = self.answers.state
         if state == IDLE:
             if self._head_started is not None:
@@ -503,7 +708,18 @@ class Connection(TwistedProtocol):
                 return None
             return self._activity + lim.idle_timeout, "idle"
         if state == RECEIVING:
-            return self._activity + lim.payload_timeout, "payload"
+            when = self._activity + lim.payload_timeout
+            head = self.answers.head
+            if head is not None and head.length and lim.payload_min_rate > 0:
+                # However it trickles, a payload must be whole in a bounded time.
+                total = (
+                    self.answers.started
+                    + lim.payload_total_timeout
+                    + head.length / lim.payload_min_rate
+                )
+                if total < when:
+                    return total, "whole payload"
+            return when, "payload"
         body = self.answers.body
         if body is not None:
             return body.progress + lim.payload_timeout, "download"
@@ -538,18 +754,44 @@ class Connection(TwistedProtocol):
             self._arm()
             return
         if what == "idle":
-            log.info("{peer}: closing idle connection", peer=self.peer_name())
-            self.closing = True
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.factory.peer_log.info("{peer}: closing idle connection", peer=self.peer_name())
+            self.lose()
             return
         limit = {
             "authentication": self.limits.auth_timeout,
             "header block": self.limits.head_timeout,
         }.get(what, self.limits.payload_timeout)
         message = f"{what} not complete within {limit:g} s"
-        if what in ("download", "response"):
-            log.warn("{peer}: closing: {message}", peer=self.peer_name(), message=message)
+        if what == "whole payload":
+            message = f"payload not whole within {when - self.answers.started:.0f} s"
+        if what in ("download", "response", "output"):
+            self.factory.peer_log.warn(
+                "{peer}: closing: {message}", peer=self.peer_name(), message=message
+            )
             self.abort()
             return
         head = self.answers.head
         self.fatal("timeout", message, head.id if head else 0)
+
+
+@implementer(interfaces.IPushProducer)
+class _OutputGate:
+    """Registered with an accepted connection's transport as a streaming producer: the
+    transport pauses it when its unsent output goes above its bound and resumes it when
+    it has sent it all, and the connection answers (and reads) accordingly."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def pauseProducing(self) -> None:  # noqa: N802 - Twisted's name
+        """Too much unsent output."""
+        if self.conn._gate_on:
+            self.conn._output_full()
+
+    def resumeProducing(self) -> None:  # noqa: N802 - Twisted's name
+        """The output drained."""
+        if self.conn._gate_on:
+            self.conn._output_drained()
+
+    def stopProducing(self) -> None:  # noqa: N802 - Twisted's name
+        """The connection is gone (connectionLost follows)."""

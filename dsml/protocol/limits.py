@@ -35,6 +35,11 @@ DEFAULT_VALUE_MAX = 1024 * 1024
 #: Largest payload of a small, buffered request (auth, stat, list, ...).
 SMALL_PAYLOAD_MAX = 64 * 1024
 
+#: Most bytes a connection may send before it has authenticated: an ``auth`` request
+#: (a Token of at most 1 KiB and a Client name) fits with room to spare; anything more,
+#: before the auth is done, closes the connection.
+PREAUTH_MAX = 8 * 1024
+
 #: Largest payload the parser will read and throw away after rejecting a request
 #: (unknown method, bad key, too large).  A larger one is a framing error and
 #: closes the connection: draining a terabyte to keep a connection is not worth it.
