@@ -201,6 +201,10 @@ def identity_of(cert: x509.Certificate) -> Identity:
     name, kind = str(cns[0].value), str(ous[0].value)
     if kind not in ROLE_OF_OU or not WORKER_NAME.match(name):
         raise PkiError(f"certificate names no dsml identity (OU={kind!r}, CN={name!r})")
+    if kind == "user" and name == TOKEN_OWNER:
+        # ``dsml pki issue`` never makes one (:func:`check_name`); one made some other
+        # way would speak for every job submitted with the token.
+        raise PkiError(f"certificate names the reserved user {name!r}")
     return Identity(name, kind, cert.serial_number)
 
 

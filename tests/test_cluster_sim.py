@@ -293,11 +293,11 @@ def test_pipeline_survives_the_next_worker_dying_mid_upload(sim: SimCluster) -> 
     first worker's complete copy is recorded, and repair brings it to two copies."""
     client = sim.client()
     data = bytes(i % 253 for i in range(3 * MiB))
-    version, workers = sim.wait(client.place("big", len(data)))
+    grant, _, workers = sim.wait(client.placement("big", len(data)))
     (first, first_addr), (second, second_addr) = workers
     link = sim.wait(client.links.open(first_addr))
     answer = link.request(
-        "file_upload", {"Key": "big", "Version": version, "Forward": second_addr}, len(data)
+        "file_upload", {"Key": "big", "Grant": grant, "Forward": second_addr}, len(data)
     )
     outcome: list[object] = []
     answer.addBoth(outcome.append)

@@ -228,18 +228,23 @@ def test_add_replica_rejects_malformed_reports(
 
 
 def test_next_version_increases_across_reopen(d: Directory) -> None:
-    """Issued versions only go up: past a reopen, and past any version reported."""
+    """Issued versions only go up, past a reopen; a report never moves the counter (a
+    claim above it is quarantined, and the counter stays where it was persisted)."""
     v1, v2 = d.next_version(), d.next_version()
     assert 0 < v1 < v2
     d = reopen(d)
     v3 = d.next_version()
     assert v3 > v2
-    add(d, "k", "w1", v3 + 5000)
-    assert d.next_version() > v3 + 5000
+    with pytest.raises(DirectoryError) as e:
+        d.add_replica("k", "w1", 1, sha("k", 1), v3 + 5000, issued=d.state.last_version)
+    assert e.value.code == "forbidden"
+    add(d, "other", "w1", 7)  # unchecked (no issued): recorded, but moves no counter
+    assert d.next_version() == v3 + 1
+    assert d.current("k") is None
     top = d.state.last_version
-    d.state.close()  # no further issue: the counter must come back from the rows
+    d.state.close()  # no further issue: the counter comes back from the reservation
     d = Directory(MasterState(d.state.path))
-    assert d.next_version() > top
+    assert top < d.next_version() < v3 + 5000
     d.state.close()
 
 

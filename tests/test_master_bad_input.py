@@ -36,13 +36,14 @@ T = TypeVar("T")
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    """A running master (worker ``w1`` configured, not started); always stopped.
+    """A running master (the fake workers these tests register configured, at any port,
+    none started); always stopped.
 
     Replication 1, so the master never sends a copy order down a fake worker's link.
     """
     c = LocalCluster(
         tmp_path / "cluster",
-        workers=("w1",),
+        workers=("w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8", "w9", "wa", "wb", "wv"),
         extra={
             "cluster": {
                 "replication": 1,
@@ -301,6 +302,15 @@ def test_heartbeat_before_registration_is_not_registered(cluster: LocalCluster) 
 # -- inventories and reports ---------------------------------------------------------------
 
 
+def issue_versions(cluster: LocalCluster, n: int) -> None:
+    """Have the master issue ``n`` versions (``place`` through a throwaway worker "wv"):
+    an inventory or report is trusted only up to the versions the master issued."""
+    with connect(cluster) as w, connect(cluster) as c:
+        heartbeat(w, "wv", int(register(w, "wv").headers["incarnation"]))
+        for i in range(n):
+            c.call("place", {"Key": f"issue/{i}", "Size": 1})
+
+
 def _entry(key: str, data: bytes, version: int = 1) -> dict[str, object]:
     return {"key": key, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "version": version}
@@ -331,6 +341,7 @@ def test_bad_inventory_entries_are_rejected_and_good_ones_kept(cluster: LocalClu
     lines = [json.dumps(e).encode() for e in good[:3]]
     lines += [json.dumps(e).encode() for e in bad_entries] + unreadable
     lines += [json.dumps(e).encode() for e in good[3:]]
+    issue_versions(cluster, 9)
     with connect(cluster) as c:
         head = register(c, "w3", b"\n".join(lines) + b"\n")
         assert head.ok
@@ -372,6 +383,7 @@ def test_inventory_versions_beyond_the_wire_are_rejected(cluster: LocalCluster) 
         json.dumps({"key": key, "size": 1, "sha256": sha, "version": version}).encode() + b"\n"
         for key, version in (("ok", 1), ("huge/1e18", 10**18), ("huge/max", 2**63 - 1))
     )
+    issue_versions(cluster, 1)
     with connect(cluster) as c:
         head = register(c, "w6", inventory)
         heartbeat(c, "w6", int(head.headers["incarnation"]))
@@ -387,8 +399,8 @@ def test_commit_of_a_version_never_issued_does_not_wedge_writes(cluster: LocalCl
     with connect(cluster) as c, connect(cluster) as w:
         heartbeat(w, "w6", int(register(w, "w6").headers["incarnation"]))
         try:
-            c.call("commit", {"Key": "k", "Size": 1, "Sha256": sha,
-                               "Version": "9" * 18, "Workers": "w6"})
+            c.call("commit", {"Key": "k", "Size": 1, "Sha256": sha, "Version": "9" * 18,
+                               "Grant": f"{'9' * 18}.{'0' * 32}", "Workers": "w6"})
         except DsmlError:
             pass  # refusing it is fine too
         _place_fits_the_wire(c, "next")
@@ -399,6 +411,7 @@ def test_report_from_another_link_or_incarnation_is_refused(cluster: LocalCluste
     this link's worker at another incarnation is ``stale-incarnation``; neither changes the
     directory, and the link's own report is still taken."""
     store = (json.dumps({"op": "store", **_entry("report/k", b"payload")}) + "\n").encode()
+    issue_versions(cluster, 1)
     with connect(cluster) as a, connect(cluster) as b, connect(cluster) as stranger:
         inc_a = int(register(a, "wa").headers["incarnation"])
         inc_b = int(register(b, "wb").headers["incarnation"])

@@ -173,6 +173,7 @@ SAMPLES = {
     methods.check_forward: "h:1",
     methods.check_name: "w1",
     methods.check_names: "w1",
+    methods.check_grant: "1." + "0" * 32,
 }
 
 #: Tokens that grant one role each (the next issue fills roles from certificates).

@@ -27,6 +27,12 @@ Every write that acknowledges something (a replica report, a delete, a reconcile
 committed durably before the method returns; :meth:`Directory.remove_replica`
 acknowledges nothing and commits lazily.
 
+Versions are the master's alone (:mod:`dsml.protocol.grants`).  A worker's report
+or inventory entry of a version above ``issued`` (the highest version the master ever
+handed out, which the caller passes) was never issued: it is *quarantined*, neither
+recorded nor trusted over what the directory has, nor able to make real copies look
+stale (:data:`QUARANTINED`).  The counter itself never moves for a report.
+
 Trim orders carry the version they apply to (:class:`Trim`): a worker should only drop
 its copy if it still holds that version (or an older one), since it may have stored a
 newer one in the meantime.
@@ -44,11 +50,13 @@ import attrs
 
 from ..errors import DsmlError
 from ..protocol import limits
+from ..protocol.grants import Grants
 from ..protocol.methods import HeaderValueError, check_key
 from .state import MAX_INT, MAX_VERSION, Conflict, MasterState
 
 __all__ = [
     "CURRENT",
+    "QUARANTINED",
     "DELETED",
     "STALE",
     "SURPLUS",
@@ -67,6 +75,8 @@ CURRENT = "current"  #: the copy is (one of) the key's current version
 STALE = "stale"  #: older than the key's current version: trim it
 DELETED = "deleted"  #: the key was deleted at this version or later: trim it
 SURPLUS = "surplus"  #: a current copy beyond the replication factor: trim it
+#: The reason a report of a version never issued is set aside (:class:`Rejection`).
+QUARANTINED = "quarantined"
 
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 #: Keys that check_key surely accepts: at most MAX_KEY / 4 characters (so at most MAX_KEY
@@ -179,6 +189,10 @@ def _conflict_error(worker: str, c: Conflict) -> DirectoryError:
     )
 
 
+def _never_issued(version: int, issued: int) -> str:
+    return f"version {version} was never issued (the master's counter is at {issued})"
+
+
 def _check_worker(worker: Any) -> str:
     if type(worker) is not str or not _WORKER.match(worker):
         raise DirectoryError(f"bad worker name {worker!r}", "bad-request")
@@ -214,6 +228,7 @@ class Directory:
         """Work over ``state``; ``now`` (wall clock) only timestamps tombstones."""
         self.state = state
         self._now = now
+        self._grants: Grants | None = None
 
     # -- writes ------------------------------------------------------------------------
 
@@ -221,19 +236,37 @@ class Directory:
         """A new version for a write (higher than every version the directory knows)."""
         return self.state.issue_version()
 
-    def add_replica(self, key: str, worker: str, size: int, sha256: str, version: int) -> str:
+    @property
+    def grants(self) -> Grants:
+        """Signs and checks the grants of the versions :meth:`next_version` issues."""
+        if self._grants is None:
+            self._grants = Grants(self.state.grant_secret)
+        return self._grants
+
+    def add_replica(
+        self,
+        key: str,
+        worker: str,
+        size: int,
+        sha256: str,
+        version: int,
+        issued: int | None = None,
+    ) -> str:
         """Record that ``worker`` stored ``key`` at ``version``; committed on return.
 
         Returns the verdict: CURRENT (the copy is current), STALE (older than the
         current version: trim it) or DELETED (the key was deleted at this version or
         later: trim it).  Raises DirectoryError for a malformed report (``bad-key``,
         ``bad-checksum``, ``bad-request``) or another content for the current version
-        (``checksum-mismatch``); nothing is recorded then.
+        (``checksum-mismatch``), and ``forbidden`` for a version above ``issued`` (one
+        the master never issued, see the module docstring); nothing is recorded then.
         """
         _check_worker(worker)
         problem = _entry_problem(key, size, sha256, version)
         if problem is not None:
             raise DirectoryError(problem[1], problem[0])
+        if issued is not None and version > issued:
+            raise DirectoryError(_never_issued(version, issued), "forbidden")
         st = self.state
         with st.transaction():
             outcome = st.apply_reports(worker, [(key, size, sha256, version)])
@@ -298,6 +331,7 @@ class Directory:
         inventory: Iterable[Sequence[Any]],
         live: Collection[str] | Mapping[str, WorkerLoad] | None = None,
         factor: int | None = None,
+        issued: int | None = None,
     ) -> ReconcileResult:
         """Make the directory's view of ``worker`` match its full inventory, in one commit.
 
@@ -311,6 +345,10 @@ class Directory:
         The result's ``trim`` lists the copies on this worker to delete: stale versions
         and tombstoned keys, and, if ``live`` and ``factor`` are given, current copies
         beyond the factor that :meth:`surplus` would trim from this worker.
+
+        With ``issued``, an entry of a higher version is quarantined: rejected (its reason
+        starts with :data:`QUARANTINED`) and the directory keeps what it had for the key
+        on this worker.
         """
         _check_worker(worker)
         if factor is not None:
@@ -356,6 +394,17 @@ class Directory:
                 continue
             add_seen(key)
             add_report((key, size, sha256, version))
+        if issued is not None:
+            trusted = []
+            for report in reports:
+                if report[3] > issued:
+                    keep.append(report[0])
+                    rejected.append(
+                        Rejection(report[0], f"{QUARANTINED}: {_never_issued(report[3], issued)}")
+                    )
+                else:
+                    trusted.append(report)
+            reports = trusted
         with st.transaction():
             outcome = st.apply_reports(worker, reports, keep, full=True)
             trim = self._trims(worker)

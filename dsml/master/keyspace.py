@@ -5,6 +5,14 @@
 version), the live workers (membership) and drop orders down their links.  It never sees
 a payload (clients move bytes straight to and from workers) nor a wire message: the
 request handler (:mod:`dsml.master.requests`) decodes and encodes.
+
+Versions are issued here only: ``place`` answers a new version with its grant
+(:mod:`dsml.protocol.grants`), which the client hands to the first worker of the
+pipeline (and each worker to the next) and back to ``commit``; a commit records the
+version its grant names, never one the client picked.  A client's ``corrupt`` is a hint:
+the named worker is ordered to ``verify`` its copy (re-hash it against the directory's
+sha256); the copy is forgotten only when the worker itself says ``bad_copy``
+(:meth:`dsml.master.registry.WorkerRegistry.bad_copy`).
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ class Placement:
 
     version: int
     workers: list[WorkerRecord]
+    #: The master's signature of (key, version): what the workers store it under.
+    grant: str = ""
 
 
 @attrs.frozen
@@ -55,6 +65,8 @@ class KeySpace:
         self.directory = directory
         self.membership = membership
         self.factor = factor
+        #: (key, worker) of verify orders in flight.
+        self._verifying: set[tuple[str, str]] = set()
 
     def place(self, key: str, size: int) -> Placement:
         """Choose the workers for a new write of ``key`` and its version."""
@@ -62,7 +74,8 @@ class KeySpace:
         loads = {n: WorkerLoad(r.free_disk, r.stored_bytes) for n, r in alive.items()}
         names = self.directory.place(key, size, loads, self.factor())
         version = self.directory.next_version()
-        return Placement(version, [alive[n] for n in names])
+        grant = self.directory.grants.issue(key, version, names)
+        return Placement(version, [alive[n] for n in names], grant)
 
     def locate(self, key: str) -> Location:
         """Where ``key``'s current version is: live holders first (in the directory's
@@ -82,27 +95,48 @@ class KeySpace:
         )
 
     def commit(
-        self, key: str, size: int, sha256: str, version: int, workers: Sequence[str]
-    ) -> None:
-        """A client's write reached ``workers``: record the copies at once (reads see it)."""
+        self, key: str, size: int, sha256: str, grant: str, workers: Sequence[str]
+    ) -> int:
+        """A client's write reached ``workers``: record the copies at once (reads see it).
+
+        The version is the one ``grant`` (place's answer) was issued for ``key``
+        (``forbidden`` for any other grant); returns it.
+        """
+        version = self.directory.grants.version_of(key, grant)
         unknown = [w for w in workers if self.membership.get(w) is None]
         if unknown:
             raise DsmlError(f"no such worker: {', '.join(unknown)}", "bad-header")
         for worker in workers:
-            self.directory.add_replica(key, worker, size, sha256, version)
+            self.directory.add_replica(
+                key, worker, size, sha256, version, issued=self.directory.state.last_version
+            )
+        return version
 
-    def corrupt(self, key: str, worker: str) -> None:
-        """A client found ``worker``'s copy of ``key`` corrupt: forget it, order it dropped
-        (the repairer copies a good one back)."""
-        removed = self.directory.remove_replica(key, worker)
+    def corrupt(self, key: str, worker: str) -> bool:
+        """A client says ``worker``'s copy of ``key`` is corrupt: a hint only.
+
+        ``worker`` is ordered to re-hash its copy of the current version against the
+        directory's sha256 (``verify``); if it finds it bad it forgets it and says
+        ``bad_copy``, and only that makes the master forget the copy.  One check per
+        (key, worker) at a time.  Returns whether a check was ordered (False: the key is
+        not live, the worker holds no current copy or is not live, or one is running).
+        """
         record = self.membership.get(worker)
-        if removed and record is not None and record.live:
-            try:
-                version = self.directory.locate(key)[0].version
-            except DirectoryError:
-                version = 0
-            if version:
-                _order(record, "drop", {"Key": key, "Version": version}).addErrback(_ignore)
+        if record is None or not record.live or (key, worker) in self._verifying:
+            return False
+        try:
+            mine = [r for r in self.directory.locate(key) if r.worker == worker]
+        except DirectoryError:
+            return False
+        if not mine:
+            return False
+        self._verifying.add((key, worker))
+        d = _order(
+            record, "verify", {"Key": key, "Version": mine[0].version, "Sha256": mine[0].sha256}
+        )
+        d.addErrback(_ignore)
+        d.addBoth(lambda _: self._verifying.discard((key, worker)))
+        return True
 
     def remove(self, key: str) -> int:
         """Delete ``key`` everywhere; the version deleted.  Live holders are ordered to

@@ -7,23 +7,34 @@ worker in :class:`~dsml.master.membership.Membership` and the state, reconciles 
 inventory with the directory (ordering surplus copies dropped), and tells the listeners
 (the job router) which attempts the worker still runs.  Links are opaque here: the
 request handler (:mod:`dsml.master.requests`) decodes and encodes.
+
+Over TLS a worker registers only under its own certificate's name, only as a worker of
+the config and at the config's host (and port, when the config fixes one).  What a
+worker claims is checked, not believed: an inventory entry or a report of a
+version the master never issued (above its counter) is quarantined by the directory,
+logged once per (worker, key, version), and never ordered dropped nor allowed to make
+other copies stale.  A worker's ``bad_copy`` (its own re-hash failed, :meth:`bad_copy`)
+is the only thing that makes the master forget a copy as corrupt.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 from twisted.logger import Logger
 
-from .directory import Directory, DirectoryError
+from .directory import QUARANTINED, Directory, DirectoryError
 from .membership import Membership, MembershipError, Versions, WorkerRecord
 from .repair import _order
 from .state import MasterState
 
 log = Logger()
+
+#: Quarantined claims remembered so each is logged once (past this, the set restarts).
+QUARANTINE_LOG_MAX = 10_000
 
 #: Told of each registration with the attempts the worker says it still runs.
 OnRegistered = Callable[[WorkerRecord, list[int]], None]
@@ -78,12 +89,32 @@ class WorkerRegistry:
         membership: Membership,
         versions: Versions,
         on_registered: OnRegistered | None = None,
+        configured: Mapping[str, tuple[str, int]] | None = None,
     ) -> None:
         self.state = state
+        #: The config's workers (name -> host, port; port 0: any), which a worker over TLS
+        #: must be one of, at that address (None: any name, as in the simulation).
+        self.configured = configured
         self.directory = directory
         self.membership = membership
         self.versions = versions
         self.on_registered = on_registered
+        #: (worker, key, version) of quarantined claims already logged.
+        self._quarantined: set[tuple[str, str, int]] = set()
+        #: Claims quarantined since start (for tests and ``nodes`` diagnostics).
+        self.quarantined = 0
+
+    def _quarantine(self, worker: str, key: str, version: Any, why: str) -> None:
+        """Log a claim of a version never issued, once per (worker, key, version)."""
+        self.quarantined += 1
+        mark = (worker, str(key), version if type(version) is int else -1)
+        if mark in self._quarantined:
+            return
+        if len(self._quarantined) >= QUARANTINE_LOG_MAX:
+            self._quarantined.clear()
+        self._quarantined.add(mark)
+        log.warn("worker {worker} claims {key!r}: {why}; quarantined, not trusted",
+                 worker=worker, key=key, why=why)
 
     def register(
         self,
@@ -106,6 +137,10 @@ class WorkerRegistry:
                 raise MembershipError(
                     f"{ident} may not register as worker {name!r}", "forbidden"
                 )
+            # Over TLS and with the token alike: only the config's workers, where it
+            # says (a token holder is not thereby a worker of this cluster).
+            if self.configured is not None:
+                self._check_configured(name, host, port)
             if versions != self.versions:
                 # Checked before an incarnation is used up for a worker that is refused.
                 self.membership.check_versions(name, versions)
@@ -126,7 +161,11 @@ class WorkerRegistry:
         )
         self.state.record_worker(name, incarnation, record.host, record.port, record.slots)
         entries, unreadable = parse_inventory(inventory)
-        result = self.directory.reconcile(name, entries)
+        result = self.directory.reconcile(name, entries, issued=self.state.last_version)
+        versions_of = {e[0]: e[3] for e in entries if type(e[0]) is str}
+        for r in result.rejected:
+            if r.reason.startswith(QUARANTINED):
+                self._quarantine(name, r.key, versions_of.get(r.key), r.reason)
         rejected = len(result.rejected) + unreadable
         if rejected:
             log.warn(
@@ -150,6 +189,22 @@ class WorkerRegistry:
         if self.on_registered is not None:
             self.on_registered(record, running)
         return Registration(record, incarnation, result.added, result.removed, rejected)
+
+    def _check_configured(self, name: str, host: str, port: int) -> None:
+        """``forbidden`` unless ``name`` is a worker of the config, at its host (and its
+        port, when the config fixes one): else uploads would go where it chose."""
+        assert self.configured is not None
+        where = self.configured.get(name)
+        if where is None:
+            raise MembershipError(f"worker {name!r} is not in the config", "forbidden")
+        want_host, want_port = where
+        if host != want_host or (want_port and port != want_port):
+            at = f"{want_host}:{want_port}" if want_port else f"{want_host} (any port)"
+            raise MembershipError(
+                f"worker {name!r} must register at {at}, as the config says, not "
+                f"{host}:{port}",
+                "forbidden",
+            )
 
     def registered_on(self, link: object, name: str, incarnation: int, what: str) -> WorkerRecord:
         """The record of worker ``name`` if ``link`` carries its registration at
@@ -207,9 +262,15 @@ class WorkerRegistry:
                 d = json.loads(line)
                 op, key = d["op"], d["key"]
                 if op == "store":
-                    verdict = self.directory.add_replica(
-                        key, record.name, d["size"], d["sha256"], d["version"]
-                    )
+                    try:
+                        verdict = self.directory.add_replica(
+                            key, record.name, d["size"], d["sha256"], d["version"],
+                            issued=self.state.last_version,
+                        )
+                    except DirectoryError as e:
+                        if e.code == "forbidden":  # a version never issued
+                            self._quarantine(record.name, key, d["version"], e.message)
+                        raise
                     if verdict != "current":
                         _order(record, "drop", {"Key": key, "Version": d["version"]}).addErrback(
                             _ignore
@@ -222,6 +283,16 @@ class WorkerRegistry:
             except (ValueError, KeyError, TypeError, DirectoryError):
                 refused += 1
         return Report(taken, refused)
+
+    def bad_copy(self, record: WorkerRecord, key: str, version: int) -> bool:
+        """Worker ``record`` re-hashed its copy of ``key`` at ``version``, found it bad and
+        forgot it: forget it here too (the repairer copies a good one back).  False if
+        the directory had no such copy (or a newer one) of that worker."""
+        forgotten = self.directory.remove_replica(key, record.name, version)
+        log.warn("worker {name} found its copy of {key!r} v{version} corrupt and dropped it"
+                 "{known}", name=record.name, key=key, version=version,
+                 known="" if forgotten else " (the directory had no such copy)")
+        return forgotten
 
     def link_lost(self, link: object) -> None:
         """A link closed: its worker is dead at once."""

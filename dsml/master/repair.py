@@ -145,7 +145,13 @@ class Repairer:
         d = _order(
             src,
             "replicate",
-            {"Key": key, "Version": source.version, "To": f"{target.host}:{target.port}"},
+            {
+                "Key": key,
+                "Version": source.version,
+                "To": f"{target.host}:{target.port}",
+                # The target stores the copy only under a version the master signed.
+                "Grant": self.directory.grants.issue(key, source.version, [target.name]),
+            },
         )
 
         def done(_: object) -> None:

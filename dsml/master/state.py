@@ -2,7 +2,8 @@
 
 Tables (the schema version lives in ``meta``)::
 
-    meta(name, value)                         schema version, reserved version counter
+    meta(name, value)                         schema version, reserved version counter,
+                                              the grant secret
     settings(name, value)                     cluster settings, values as JSON text
     workers(name, last_incarnation, host, port, slots, first_seen, last_seen)
     keys(key, version, size, sha256)          the current version of every live key
@@ -36,9 +37,13 @@ times), batched by the caller.  A FULL commit makes every earlier NORMAL one dur
 
 Versions: :meth:`MasterState.issue_version` hands out cluster-wide version numbers that
 never go back, not even across restarts.  Versions are reserved on disk in blocks of
-:data:`VERSION_BLOCK` (one FULL commit per block), and on open the counter starts above
-both the reservation and every version stored in any table; a crash therefore skips the
-rest of a block but never reissues a number.
+:data:`VERSION_BLOCK` (one FULL commit per block), and on open the counter starts at the
+reservation (and above every current version and tombstone, which only issued versions
+reach); a crash therefore skips the rest of a block but never reissues a number.  Nothing
+a worker reports moves the counter: the master alone issues versions, and a report of a
+version above the counter was never issued (:mod:`dsml.master.directory` quarantines it).
+``meta`` also keeps the secret behind write grants (:mod:`dsml.protocol.grants`), made
+on first open.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from typing import Any, NamedTuple
 import attrs
 
 from dsml.fsutil import prefix_end as _prefix_end
+from dsml.protocol.grants import new_secret
 from dsml.sqlitedb import SYNC_LEVELS, Schema, open_database, sync_level, transaction
 
 __all__ = [
@@ -215,7 +221,6 @@ _INV_REPLICAS = (
     "REPLACE INTO replicas SELECT key, ?, size, sha256, version FROM temp.inv WHERE ok = 1"
 )
 _INV_GONE = "DELETE FROM replicas WHERE worker = ? AND key NOT IN (SELECT key FROM temp.inv)"
-_INV_TOP = "SELECT max(version) FROM temp.inv WHERE ok = 1"
 
 
 class StateError(Exception):
@@ -318,18 +323,30 @@ class MasterState:
         )
         self._db = db
         try:
+            # Not replicas: a worker's claim never moves the counter.  Keys and
+            # tombstones only hold versions issued here (an older state's may hold
+            # more: starting above them keeps new writes newer than what is current).
             top = db.execute(
                 "SELECT max(coalesce((SELECT max(version) FROM keys), 0),"
-                " coalesce((SELECT max(version) FROM deleted), 0),"
-                " coalesce((SELECT max(version) FROM replicas), 0))"
+                " coalesce((SELECT max(version) FROM deleted), 0))"
             ).fetchone()[0]
+            row = db.execute("SELECT value FROM meta WHERE name = 'grant_secret'").fetchone()
+            if row is None:
+                secret = new_secret()
+                with transaction(db):
+                    db.execute("INSERT INTO meta VALUES ('grant_secret', ?)", (secret,))
+            else:
+                secret = str(row[0])
         except BaseException:
             db.close()
             raise
         #: The highest version reserved on disk; issue_version() stays at or below it.
         self._reserved: int = meta["version"]
-        #: The highest version issued or seen.
-        self._version: int = max(self._reserved, top)
+        #: The highest version issued (at or below the reservation, after a restart
+        #: the reservation itself).
+        self._version: int = min(max(self._reserved, top), MAX_VERSION)
+        #: The secret of write grants (hex), kept across restarts.
+        self.grant_secret: str = secret
 
     # -- transactions ------------------------------------------------------------------
 
@@ -453,14 +470,9 @@ class MasterState:
         self._version = version
         return version
 
-    def note_version(self, version: int) -> None:
-        """Keep the counter above ``version``, which a row being written records."""
-        if version > self._version:
-            self._version = version
-
     @property
     def last_version(self) -> int:
-        """The highest version issued or stored."""
+        """The highest version issued: no version above it was ever handed out."""
         return self._version
 
     # -- keys and tombstones -----------------------------------------------------------
@@ -544,10 +556,7 @@ class MasterState:
             db.execute(_INV_KEYS)
             applied = db.execute(_INV_REPLICAS, (worker,)).rowcount
             removed = db.execute(_INV_GONE, (worker,)).rowcount if full else 0
-            (top,) = db.execute(_INV_TOP).fetchone()
             db.execute("DELETE FROM temp.inv")
-        if top is not None:
-            self.note_version(top)
         return ApplyOutcome(unchanged, applied, removed, conflicts)
 
     def get_replica(self, key: str, worker: str) -> ReplicaRow | None:

@@ -62,6 +62,13 @@ MasterAddr = Callable[[], str]
 _UNREACHABLE = (error.ConnectError, error.ConnectionClosed, error.TimeoutError, OSError)
 
 
+def _value_matches(value: bytes, where: Located) -> None:
+    """ChecksumMismatch unless ``value`` is the bytes the directory names."""
+    digest = hashlib.sha256(value).hexdigest()
+    if digest != where.sha256:
+        raise ChecksumMismatch(f"a replica's value hashes to {digest}, not {where.sha256}")
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> Deferred[T]:
     return Deferred.fromCoroutine(coro)
 
@@ -101,14 +108,23 @@ class AsyncClusterClient:
         link = await self._link(self._master_addr())
         return await link.request(method, headers, payload)
 
-    async def _each_replica(self, key: str, read: Callable[[str], Awaitable[T]]) -> T:
+    async def _each_replica(
+        self,
+        key: str,
+        read: Callable[[str], Awaitable[T]],
+        check: Callable[[T, Located], None] | None = None,
+    ) -> T:
         """``read(addr)`` from each replica of ``key``'s current version in turn, until
-        one succeeds; a copy with the wrong checksum is reported to the master."""
+        one succeeds (and passes ``check``, which raises ChecksumMismatch for bytes other
+        than the directory's); a copy with the wrong checksum is reported to the master."""
         where = await self._located(key)
         last: DsmlError | None = None
         for name, addr in where.replicas:
             try:
-                return await read(addr)
+                got = await read(addr)
+                if check is not None:
+                    check(got, where)
+                return got
             except ChecksumMismatch as e:
                 self.corrupt_found.append((key, name))
                 await self._ask_master("corrupt", {"Key": key, "Worker": name})
@@ -124,11 +140,22 @@ class AsyncClusterClient:
     def place(self, key: str, size: int) -> Deferred[tuple[int, list[tuple[str, str]]]]:
         """The master's version for a new write of ``key`` and the workers to write to,
         in pipeline order: [(name, host:port)]."""
+        async def run() -> tuple[int, list[tuple[str, str]]]:
+            _, version, workers = await self._place(key, size)
+            return version, workers
+
+        return _run(run())
+
+    def placement(self, key: str, size: int) -> Deferred[tuple[str, int, list[tuple[str, str]]]]:
+        """:meth:`place` with the master's grant first: (grant, version, workers)."""
         return _run(self._place(key, size))
 
-    async def _place(self, key: str, size: int) -> tuple[int, list[tuple[str, str]]]:
+    async def _place(self, key: str, size: int) -> tuple[str, int, list[tuple[str, str]]]:
+        """:meth:`place`, with the master's grant of the version (what the workers store
+        the write under, and what ``commit`` records)."""
         r = await self._ask_master("place", {"Key": key, "Size": size})
-        return int(r.headers["version"]), replies.workers(r.headers["workers"])
+        h = r.headers
+        return h["grant"], int(h["version"]), replies.workers(h["workers"])
 
     def locate(self, key: str) -> Deferred[Located]:
         """Where ``key``'s current version lives, best replica first."""
@@ -155,8 +182,8 @@ class AsyncClusterClient:
 
     async def _upload(self, key: str, source: IO[bytes], size: int) -> Stored:
         """The one upload: place, stream to the pipeline hashing, check, commit."""
-        version, workers = await self._place(key, size)
-        headers: dict[str, object] = {"Key": key, "Version": version}
+        grant, _, workers = await self._place(key, size)
+        headers: dict[str, object] = {"Key": key, "Grant": grant}
         if len(workers) > 1:
             headers["Forward"] = ",".join(addr for _, addr in workers[1:])
         digest = hashlib.sha256()
@@ -172,33 +199,35 @@ class AsyncClusterClient:
             raise ChecksumMismatch(
                 f"server stored sha256 {stored.sha256} for {key!r}, sent {digest.hexdigest()}"
             )
-        await self._commit(key, stored, workers)
+        await self._commit(key, stored, grant, workers)
         return stored
 
     def set(self, key: str, value: bytes) -> Deferred[Stored]:
         """Store the small value ``value`` under ``key`` on the placed workers."""
 
         async def run() -> Stored:
-            version, workers = await self._place(key, len(value))
-            headers: dict[str, object] = {"Key": key, "Version": version}
+            grant, _, workers = await self._place(key, len(value))
+            headers: dict[str, object] = {"Key": key, "Grant": grant}
             if len(workers) > 1:
                 headers["Forward"] = ",".join(addr for _, addr in workers[1:])
             link = await self._link(workers[0][1])
             r = await link.request("value_upload", headers, value)
             stored = replies.stored(key, r.headers)
-            await self._commit(key, stored, workers)
+            await self._commit(key, stored, grant, workers)
             return stored
 
         return _run(run())
 
-    async def _commit(self, key: str, stored: Stored, workers: list[tuple[str, str]]) -> None:
+    async def _commit(
+        self, key: str, stored: Stored, grant: str, workers: list[tuple[str, str]]
+    ) -> None:
         await self._ask_master(
             "commit",
             {
                 "Key": key,
                 "Size": stored.size,
                 "Sha256": stored.sha256,
-                "Version": stored.version,
+                "Grant": grant,
                 "Workers": ",".join(name for name, _ in workers),
             },
         )
@@ -258,7 +287,7 @@ class AsyncClusterClient:
             link = await self._link(addr)
             return (await link.request("value_retrieve", {"Key": key})).payload
 
-        return _run(self._each_replica(key, read))
+        return _run(self._each_replica(key, read, _value_matches))
 
     def list(self, prefix: str = "", page: int = 1000) -> Deferred[list[ListedKey]]:
         """Every key under ``prefix`` with its replicas, from the master's directory."""

@@ -88,6 +88,8 @@ class MasterSession:
     link: Connection
     name: str
     incarnation: int
+    #: The master's grant secret (hex), from the registration reply.
+    grant_key: str = ""
 
     def request(
         self, method: str, payload: bytes = b"", headers: dict[str, object] | None = None
@@ -129,6 +131,25 @@ class StoreReports:
         self._reports.append((op, entry))
         if self._report_call is None or not self._report_call.active():
             self._report_call = self.clock.callLater(REPORT_DELAY, self._send_reports)
+
+    def bad_copy(self, entry: Entry) -> Deferred[bool]:
+        """Tell the master now that this worker's copy ``entry`` failed its re-hash and
+        was forgotten (``bad_copy``); fires True if the master forgot it too, False if it
+        had no such copy or the worker is not registered (the next registration's
+        inventory lacks the copy: the master learns it then)."""
+        session = self._session
+        if session is None:
+            d: Deferred[bool] = Deferred()
+            d.callback(False)
+            return d
+        sent = session.request("bad_copy", headers={"Key": entry.key, "Version": entry.version})
+
+        def failed(f: Failure) -> bool:
+            log.info("bad_copy of {key!r} not taken ({f}); the next registration covers it",
+                     key=entry.key, f=f.getErrorMessage())
+            return False
+
+        return sent.addCallbacks(lambda r: r.headers.get("forgotten") == "1", failed)
 
     def stop(self) -> None:
         """Send nothing more."""
@@ -237,6 +258,10 @@ class MasterLink(service.Service):
         self.reports.stop()
         return self._client.stopService()
 
+    def add_listener(self, listener: SessionListener) -> None:
+        """Tell ``listener`` too of every registration and loss from now on."""
+        self._listeners.append(listener)
+
     def whenRegistered(self) -> Deferred[Connection]:
         """Fires with the link once it is connected and registered."""
         return self._client.whenConnected()
@@ -282,7 +307,8 @@ class MasterLink(service.Service):
             # Beat at once: a registration says nothing of free disk, and until the
             # first heartbeat the master would see none and refuse uploads.
             self._heartbeat()
-            self._tell(MasterSession(link, info.name, self.incarnation))
+            self._tell(MasterSession(link, info.name, self.incarnation,
+                                     response.headers.get("grant-key", "")))
 
         def refused(failure: Failure) -> Failure:
             e = failure.value

@@ -6,6 +6,19 @@ temporary file while hashing; the fsync and rename run in a thread so the reacto
 serving, and the index commit comes back to the reactor thread.  Each method declares
 who may call it (``@responder``); the worker's wiring builds the table
 (:func:`storage_responders`).
+
+Trust (docs/protocol.md, section 12): a write's version is the master's.  A ``Version``
+header on a write is refused ``forbidden`` from anyone; a cluster worker (one with a
+:class:`~dsml.worker.trust.MasterTrust`) stores a write only under the version of the
+``Grant`` the master signed for its key, and passes the grant, never a version, down the
+pipeline.  ``Forward`` hops go only to workers the master has registered: anything else
+is refused ``forbidden`` before a connection to it is attempted (synchronously when the
+peer table in hand says so, else once the master's fresh table does; a file upload
+refused that way is drained, stores nothing, and is answered ``forbidden``).  A
+standalone server numbers writes itself: one without trust (the storage tests), or a
+worker whose store never registered with a master (:meth:`Store.mark_joined
+<dsml.worker.store.Store.mark_joined>`: the first registration ends that for good, so
+no restart while the master is away reopens it).
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, fail, gatherResults
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -28,6 +41,7 @@ from ..protocol.limits import DEFAULT_VALUE_MAX
 from ..protocol.methods import ALL_ROLES, Role, storage_methods
 from .store import FileWriter, Store
 from .store import IndexEntry as Entry
+from .trust import MasterTrust
 
 T = TypeVar("T")
 
@@ -95,11 +109,43 @@ class StorageHandler:
         run_in_thread: RunInThread[Any],
         links: Any = None,
         on_change: OnChange | None = None,
+        trust: MasterTrust | None = None,
     ) -> None:
         self.store = store
         self.run_in_thread = run_in_thread
         self.links = links
         self.on_change = on_change
+        #: The master's grants and peers (None: a standalone server).
+        self.trust = trust
+
+    def _version_for(self, head: Head) -> int | None:
+        """The version a write is stored under: its grant's (a cluster worker), or
+        None (a standalone server numbers it).  A Version header is refused."""
+        h = head.headers
+        if "version" in h:
+            raise DsmlError(
+                "a write may not choose its Version: versions are the master's to issue "
+                "(send the Grant that place answered)",
+                "forbidden",
+            )
+        if self.trust is None:
+            if "grant" in h:
+                raise DsmlError("this server is not a cluster worker: no Grant", "bad-header")
+            return None
+        if "grant" not in h and not self.store.joined:
+            return None  # never registered with a master: a standalone server
+        return self.trust.version_of(h["key"], h.get("grant"))
+
+    def _check_forward(self, forward: list[str]) -> Deferred[None] | None:
+        """None if ``forward`` may be used now; a Deferred of the master's answer; or
+        raises (``forbidden``, ``unavailable``)."""
+        if not forward:
+            return None
+        if self.links is None:
+            raise DsmlError("this server does not forward uploads", "bad-header")
+        if self.trust is None:
+            return None
+        return self.trust.forward_check(forward)
 
     def changed(self, op: str, entry: Entry) -> None:
         """Tell the listener (the worker's reports to the master) of a committed change."""
@@ -116,27 +162,38 @@ class StorageHandler:
     def _file_upload(self, head: Head, conn: Connection) -> Upload:
         """Start a file upload (and its pipeline to the next workers, if Forward says so)."""
         forward = _forward_list(head)
-        if forward and self.links is None:
-            raise DsmlError("this server does not forward uploads", "bad-header")
-        writer = self.store.begin_file(head.headers["key"], **_version(head))
-        return Upload(self, writer, head, conn, forward)
+        version = self._version_for(head)
+        check = self._check_forward(forward)
+        writer = self.store.begin_file(head.headers["key"], version)
+        return Upload(self, writer, head, conn, forward, check)
 
     @responder("value_upload", roles=_READ_WRITE)
     def _value_upload(
         self, head: Head, payload: bytes, conn: Connection
     ) -> bytes | Deferred[Reply]:
-        h = head.headers
         # Only an upload is passed on down a pipeline (file_upload: see _file_upload).
         forward = _forward_list(head)
-        if forward and self.links is None:
-            raise DsmlError("this server does not forward uploads", "bad-header")
-        v = h.get("version")
-        entry = self.store.put_value(h["key"], payload, None if v is None else int(v))
+        version = self._version_for(head)
+        check = self._check_forward(forward)
+        if check is None:
+            return self._store_value(head, payload, forward, version)
+        # Checked with the master first: stored only once every hop is known.
+        return check.addCallback(
+            lambda _: self._store_value(head, payload, forward, version, reply=True)
+        )
+
+    def _store_value(
+        self, head: Head, payload: bytes, forward: list[str], version: int | None,
+        reply: bool = False,
+    ) -> Any:
+        entry = self.store.put_value(head.headers["key"], payload, version)
         if self.on_change is not None:
             self.on_change("store", entry)
+        local = Reply({"Version": entry.version, "Sha256": entry.sha256, "Size": entry.size})
         if forward:
-            local = Reply({"Version": entry.version, "Sha256": entry.sha256, "Size": entry.size})
             return self._forward_value(head, payload, forward, local)
+        if reply:
+            return local
         return _STORED.encode(head.id, (entry.version, entry.sha256, entry.size))
 
     def _forward_value(
@@ -192,12 +249,6 @@ class StorageHandler:
         return Reply({"More": 1} if more else {}, body)
 
 
-def _version(head: Head) -> dict[str, int]:
-    """The Version the writer asked for (the master's, in a cluster), as store kwargs."""
-    v = head.headers.get("version")
-    return {"version": int(v)} if v is not None else {}
-
-
 #: The replies to value_upload and value_retrieve, the hottest requests.
 _STORED = ResponseShape("Version", "Sha256", "Size")
 _VALUE = ResponseShape("Version")
@@ -211,8 +262,8 @@ def _forward_list(head: Head) -> list[str]:
 def _downstream_headers(head: Head, rest: list[str]) -> dict[str, object]:
     h = head.headers
     headers: dict[str, object] = {"Key": h["key"]}
-    if "version" in h:
-        headers["Version"] = h["version"]
+    if "grant" in h:
+        headers["Grant"] = h["grant"]  # each hop checks the master's grant itself
     if "sha256" in h:
         headers["Sha256"] = h["sha256"]
     if rest:
@@ -238,6 +289,7 @@ class Upload:
         head: Head,
         conn: Connection,
         forward: list[str],
+        check: Deferred[None] | None = None,
     ) -> None:
         self.handler = handler
         self.writer = writer
@@ -252,12 +304,41 @@ class Upload:
         self._aborted = False
         self._forward_failed = False
         self._pacer = _ClientPacer(conn.transport)
+        #: Why the master refused the pipeline (its Forward): nothing is stored then.
+        self._refusal: Failure | None = None
         if forward:
             self.down_addr = forward[0]
             self.down_done = Deferred()
             headers = _downstream_headers(head, forward[1:])
-            opening = handler.links.open(self.down_addr)
-            opening.addCallbacks(self._down_ready, self._down_failed, (headers, head.length))
+            if check is None:
+                self._open_down(headers, head.length)
+            else:
+                # end() waits for the master's answer: a refusal answers forbidden.
+                self._checked = Deferred()
+                check.addCallbacks(
+                    lambda _: self._open_down(headers, head.length), self._refused
+                )
+                check.addBoth(lambda _: self._checked.callback(None))  # type: ignore[union-attr]
+
+    #: Fires once the master's table has answered for the Forward (None: no wait).
+    _checked: Deferred[None] | None = None
+
+    def _open_down(self, headers: dict[str, object], length: int) -> None:
+        if self._aborted:
+            return
+        opening = self.handler.links.open(self.down_addr)
+        opening.addCallbacks(self._down_ready, self._down_failed, (headers, length))
+
+    def _refused(self, failure: Failure) -> None:
+        """The master's table does not list a hop: drain the client, store nothing."""
+        self._refusal = failure
+        self._forward_failed = True
+        self._pending = []
+        self._unpause()
+        assert self.down_done is not None
+        self.down_done.addErrback(lambda _: None)  # end() answers with the refusal
+        if not self.down_done.called:
+            self.down_done.errback(failure)
 
     # -- the next worker --------------------------------------------------------------
 
@@ -314,6 +395,8 @@ class Upload:
 
     def data(self, chunk: bytes) -> None:
         """Write and hash the next chunk; pass it down the pipeline."""
+        if self._refusal is not None:
+            return  # refused: the rest is drained, not stored
         self.writer.write(chunk)
         if self.down_done is None or self._forward_failed:
             return
@@ -331,6 +414,14 @@ class Upload:
         once the next worker has answered too."""
         self.writer_done = True
         self._release_client()
+        if self._checked is not None and not self._checked.called:
+            return self._checked.addCallback(lambda _: self._finish())
+        return self._finish()
+
+    def _finish(self) -> Deferred[Reply]:
+        if self._refusal is not None:
+            self.writer.abort()
+            return fail(self._refusal)
         local = self.handler.run_in_thread(self.writer.prepare)
         local.addCallback(self._commit)
         local.addErrback(self._failed)

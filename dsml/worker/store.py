@@ -101,6 +101,7 @@ __all__ = [
     "IndexEntry",
     "NotFound",
     "Recovery",
+    "Rehash",
     "Stale",
     "Store",
     "StoreError",
@@ -112,6 +113,9 @@ SCHEMA_VERSION = 1
 
 #: Bytes of recently used values kept in memory (see Store.get_value).
 VALUE_CACHE_BYTES = 32 * 1024 * 1024
+
+#: Bytes read at a time when a copy is re-hashed (:meth:`Store.verifier`).
+_HASH_CHUNK = 1024 * 1024
 
 #: errnos that mean "no room left": a full disk or an exhausted quota.
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -390,6 +394,36 @@ class FileWriter:
         return exc
 
 
+class Rehash:
+    """A re-hash of one stored copy, ready to run in any thread (see :meth:`Store.verifier`)."""
+
+    def __init__(self, entry: IndexEntry, body: BinaryIO | None) -> None:
+        self.entry = entry
+        self._body = body
+
+    def __call__(self) -> bool:
+        """Read the copy to its end: True if it still hashes to its entry's sha256."""
+        body, self._body = self._body, None
+        if body is None:
+            return False
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with body:
+                while chunk := body.read(_HASH_CHUNK):
+                    digest.update(chunk)
+                    size += len(chunk)
+        except OSError:
+            return False
+        return size == self.entry.size and digest.hexdigest() == self.entry.sha256
+
+    def close(self) -> None:
+        """Give the copy up unread."""
+        body, self._body = self._body, None
+        if body is not None:
+            body.close()
+
+
 class Store:
     """The worker's files and values: an SQLite index, one object file per file,
     and a log of the value puts not yet applied to the index."""
@@ -458,6 +492,8 @@ class Store:
         self._db = db
         # Completed from the entries table once recovery is done (below).
         self._version: int = meta["version"]
+        #: Whether this store has ever served a cluster (see :meth:`mark_joined`).
+        self.joined: bool = bool(meta.get("joined", 0))
         try:
             log_path = self.root / LOG_NAME
             log_new = not log_path.exists()
@@ -925,6 +961,55 @@ class Store:
         if obj is None:
             return entry, io.BytesIO(value)
         return entry, open(self.root / "objects" / obj[:2] / obj, "rb")
+
+    # -- checking ----------------------------------------------------------------------
+
+    def verifier(self, key: str) -> tuple[IndexEntry, Rehash]:
+        """The entry of ``key`` and a :class:`Rehash` of its content.
+
+        The lookup runs here (the reactor thread, like every index access); the rehash
+        touches no SQLite, so it may run in any thread: calling it re-reads the object
+        (or the value) and returns True if its sha256 and size match the entry's, False
+        if they do not or the object is gone.  Call it once, or ``close()`` it.
+        NotFound if ``key`` holds nothing.
+        """
+        try:
+            entry, body = self.open_read(key)
+        except FileNotFoundError:  # the object is gone: a re-hash fails
+            entry = self.stat(key)
+            return entry, Rehash(entry, None)
+        return entry, Rehash(entry, body)
+
+    def verify(self, key: str) -> bool:
+        """Re-hash ``key``'s content now, in the caller's thread: True if it still
+        matches the sha256 stored with it (False: corrupt, or its object is gone).
+
+        Blocks for the whole read: for a large file call :meth:`verifier` on the
+        reactor thread and run its function in a thread instead.  NotFound if ``key``
+        holds nothing.
+        """
+        return self.verifier(key)[1]()
+
+    def mark_joined(self) -> None:
+        """Remember, durably, that this store serves a cluster: from now on its worker
+        stores only writes whose version the master granted (a standalone store, never
+        registered with a master, numbers its writes itself)."""
+        if self.joined:
+            return
+        with transaction(self._db):
+            self._db.execute("REPLACE INTO meta VALUES ('joined', 1)")
+        self.joined = True
+
+    def forget(self, key: str, version: int) -> IndexEntry | None:
+        """Remove ``key`` (a copy found corrupt) if it still holds ``version``; return
+        the entry removed, or None if the key holds another version or nothing.  Like
+        :meth:`delete`, no tombstone is kept: the store simply no longer has the key."""
+        try:
+            if self.stat(key).version != version:
+                return None
+            return self.delete(key)
+        except NotFound:
+            return None
 
     def list(
         self, prefix: str = "", after: str | None = None, limit: int = 1000
