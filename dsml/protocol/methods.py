@@ -7,6 +7,11 @@ make sure all parameters are included").
 
 It also names the kinds of peer (:class:`Role`) a connection may act as; which role may
 call which method is declared beside each method's handler (``dsml.net.responders``).
+
+And it states what bounds every field a peer sends (:class:`Bound`): each header
+validator's bound (:data:`VALIDATOR_BOUNDS`), and per method the bounds of free-text
+headers, the payload and its JSON fields (:data:`FIELD_BOUNDS`, on each spec as
+``MethodSpec.bounds``); ``tests/test_trust_fields.py`` walks every method against them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import attrs
 
 from ..errors import DsmlError
 from . import limits
+from .grants import GRANT_RE
 
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 _DIGITS = re.compile(r"[0-9]{1,18}\Z")
@@ -145,6 +151,15 @@ def check_names(value: str) -> str:
 Validator = Callable[[str], str]
 
 
+def check_grant(value: str) -> str:
+    """A write grant from ``place``: ``VERSION.MAC[,NAME=MAC...]`` (see
+    :mod:`dsml.protocol.grants`)."""
+    if not GRANT_RE.match(value):
+        raise HeaderValueError("expected VERSION.MAC[,NAME=MAC...] (a grant from place)",
+                               "bad-header")
+    return value
+
+
 @attrs.frozen
 class MethodSpec:
     """What one request method needs.
@@ -160,6 +175,9 @@ class MethodSpec:
     required: frozenset[str] = frozenset()
     max_payload: int = 0
     streamed: bool = False
+    #: What bounds the fields a peer sends beyond the headers' validators (text headers,
+    #: the payload and its JSON fields): see :data:`FIELD_BOUNDS`.
+    bounds: Mapping[str, Bound] = attrs.field(factory=dict)
 
 
 @attrs.define
@@ -193,7 +211,9 @@ def _spec(
 ) -> MethodSpec:
     required = dict(required or {})
     headers = {**required, **(optional or {})}
-    return MethodSpec(name, headers, frozenset(required), max_payload, streamed)
+    return MethodSpec(
+        name, headers, frozenset(required), max_payload, streamed, FIELD_BOUNDS.get(name, {})
+    )
 
 
 def storage_methods(value_max: int = limits.DEFAULT_VALUE_MAX) -> MethodTable:
@@ -206,7 +226,13 @@ def storage_methods(value_max: int = limits.DEFAULT_VALUE_MAX) -> MethodTable:
         _spec(
             "file_upload",
             key,
-            {"sha256": check_sha256, "forward": check_forward, "version": check_uint},
+            # Version is refused (the master's to issue); Grant carries the master's.
+            {
+                "sha256": check_sha256,
+                "forward": check_forward,
+                "version": check_uint,
+                "grant": check_grant,
+            },
             max_payload=limits.FILE_MAX,
             streamed=True,
         ),
@@ -214,7 +240,7 @@ def storage_methods(value_max: int = limits.DEFAULT_VALUE_MAX) -> MethodTable:
         _spec(
             "value_upload",
             key,
-            {"forward": check_forward, "version": check_uint},
+            {"forward": check_forward, "version": check_uint, "grant": check_grant},
             max_payload=value_max,
         ),
         _spec("value_retrieve", key),
@@ -246,8 +272,15 @@ def worker_order_methods() -> MethodTable:
     for spec in [
         _spec("ping"),
         # Push the current copy of Key (if it still has Version) to the storage
-        # server at To, as a file_upload.
-        _spec("replicate", {**key, "version": check_uint, "to": check_addr}),
+        # server at To, as a file_upload carrying Grant (the master's for that version).
+        _spec(
+            "replicate",
+            {**key, "version": check_uint, "to": check_addr},
+            {"grant": check_grant},
+        ),
+        # Re-hash the copy of Key: is it Version, with content Sha256?  A bad copy is
+        # forgotten and reported (bad_copy); the answer says which (Good: 1 or 0).
+        _spec("verify", {**key, "version": check_uint, "sha256": check_sha256}),
         # Delete Key if its stored version is Version (a surplus or stale replica).
         _spec("drop", {**key, "version": check_uint}),
         # Run one task attempt: payload = JSON of the attempt (command, env, inputs,
@@ -300,18 +333,25 @@ def master_methods() -> MethodTable:
         # Where Key lives: Replicas = name=host:port,... (live ones first).
         _spec("locate", key),
         # A client's upload to Workers finished: record it at once (read your writes).
+        # Grant is place's answer: the version recorded is the grant's.
         _spec(
             "commit",
             {
                 **key,
                 "size": check_uint,
                 "sha256": check_sha256,
-                "version": check_uint,
+                "grant": check_grant,
                 "workers": check_names,
             },
+            {"version": check_uint},
         ),
-        # A client found Worker's copy of Key corrupt.
+        # A client found Worker's copy of Key corrupt: a hint (the worker is asked to
+        # re-hash its copy; only its own bad_copy makes the master forget it).
         _spec("corrupt", {**key, "worker": check_name}),
+        # A worker found its own copy of Key (Version) bad, and forgot it.
+        _spec("bad_copy", {**worker, **key, "version": check_uint}),
+        # The registered (live) workers' storage addresses: JSON lines {name, addr}.
+        _spec("peers", worker),
         _spec("remove", key),
         _spec("list", None, {"prefix": check_prefix, "limit": check_uint, "after": check_key}),
         _spec("nodes"),
@@ -319,8 +359,10 @@ def master_methods() -> MethodTable:
         # payload = JSON {name, priority, after: [job ids], tasks: [{command, env,
         # inputs: [[key, path]], outputs: [[path, key]], slots, timeout, max_attempts}]}
         _spec("submit", None, max_payload=JOB_MAX),
-        _spec("jobs", None, {"limit": check_uint}),
-        _spec("status", {"job": check_text}),
+        _spec("jobs", None, {"limit": check_uint, "before": check_text}),
+        # One page of a job's tasks, from index From, at most Limit (Next: where the
+        # next page starts, absent after the last).
+        _spec("status", {"job": check_text}, {"from": check_uint, "limit": check_uint}),
         _spec("cancel", {"job": check_text}),
         # Answered when the job reaches a final state, or after Timeout seconds.
         _spec("wait", {"job": check_text}, {"timeout": check_uint}),
@@ -331,3 +373,168 @@ def master_methods() -> MethodTable:
     ]:
         table.add(spec)
     return table
+
+
+# -- bounds: what limits every field a peer sends (issue #10) ----------------------------
+
+
+@attrs.frozen
+class Bound:
+    """What bounds one header or JSON field a peer sends: nothing a peer says is unbounded.
+
+    ``kind`` is ``length``, ``range``, ``pattern``, ``count`` or ``enum``; ``rule`` says
+    the bound in words; ``where`` is the dotted name of the code or constant that
+    enforces it (empty: the header's own validator); ``limit`` is the number the rule
+    names (equal to the constant ``where`` names, when that is a number); ``refused``
+    is a value the header's validator refuses; ``values`` are an enum's values.
+    ``tests/test_trust_fields.py`` holds every method of every table to these.
+    """
+
+    kind: str
+    rule: str
+    where: str = ""
+    limit: int | None = None
+    refused: str | None = None
+    values: tuple[str, ...] = ()
+
+
+#: The bound each header validator enforces, by the validator's name.  ``check_text``
+#: is left out on purpose: it bounds a value by the framing's line alone, so every
+#: ``check_text`` header states its own bound in :data:`FIELD_BOUNDS`.
+VALIDATOR_BOUNDS: dict[str, Bound] = {
+    "check_key": Bound("length", f"1 to {limits.MAX_KEY} bytes of UTF-8, no control character",
+                       "dsml.protocol.limits.MAX_KEY", limits.MAX_KEY,
+                       refused="k" * (limits.MAX_KEY + 1)),
+    "check_prefix": Bound("length", f"0 to {limits.MAX_KEY} bytes of UTF-8, no control "
+                          "character", "dsml.protocol.limits.MAX_KEY", limits.MAX_KEY,
+                          refused="k" * (limits.MAX_KEY + 1)),
+    "check_sha256": Bound("pattern", "64 lowercase hex digits", refused="A" * 64),
+    "check_uint": Bound("range", "0 to 10**18 - 1 (1 to 18 ASCII digits)", limit=10**18 - 1,
+                        refused="1" * 19),
+    "check_addr": Bound("pattern", "host:port: a host of 1 to 255 of A-Z a-z 0-9 . _ : [ ] -, "
+                        "a port of 1 to 5 digits", limit=255, refused="h" * 256 + ":1"),
+    "check_forward": Bound("count", f"at most {MAX_FORWARD} host:port", "dsml.protocol.methods."
+                           "MAX_FORWARD", MAX_FORWARD, refused=",".join(["h:1"] * 17)),
+    "check_name": Bound("pattern", limits.WORKER_NAME_RULE, refused="w" * 65),
+    "check_names": Bound("pattern", f"worker names ({limits.WORKER_NAME_RULE}), as many as one "
+                         f"header line holds ({limits.MAX_LINE} bytes)", "dsml.protocol.limits."
+                         "MAX_LINE", limits.MAX_LINE, refused="w1,,w2"),
+    "check_grant": Bound("pattern", "VERSION.MAC[,NAME=MAC...]: 1 to 18 digits, 32 lowercase "
+                         "hex digits, at most 17 worker names with theirs",
+                         "dsml.protocol.grants.GRANT_RE", refused="1.xyz"),
+}
+
+_LINE = f"one header line ({limits.MAX_LINE} bytes)"
+_JOB = "dsml.master.jobs.model"
+_ENTRY = "dsml.master.directory._entry_problem"
+_INVENTORY_FIELDS = {
+    "payload.key": Bound("length", f"a key: 1 to {limits.MAX_KEY} bytes", _ENTRY, limits.MAX_KEY),
+    "payload.size": Bound("range", "0 to 2**63 - 1", "dsml.master.state.MAX_INT", 2**63 - 1),
+    "payload.sha256": Bound("pattern", "64 lowercase hex digits", _ENTRY),
+    "payload.version": Bound("range", "1 to 10**15 - 1, and never one the master did not issue",
+                             "dsml.master.state.MAX_VERSION", 10**15 - 1),
+}
+_JOB_ID = Bound("pattern", "j and 1 to 18 digits", f"{_JOB}.parse_job_id")
+_TASK_FIELDS = {
+    "payload.command": Bound("count", "1 or more arguments of text without NUL, within the "
+                             "payload's 64 MiB", f"{_JOB}.check_task"),
+    "payload.env": Bound("pattern", "NAME=value pairs, names [A-Za-z_][A-Za-z0-9_]*, within "
+                         "the payload's 64 MiB", f"{_JOB}.check_task"),
+    "payload.inputs": Bound("pattern", "[key, path] pairs: a key, a path inside the task's "
+                            "directory", f"{_JOB}.check_task"),
+    "payload.outputs": Bound("pattern", "[path, key] pairs: a path inside the task's "
+                             "directory, a key", f"{_JOB}.check_task"),
+    "payload.slots": Bound("range", "1 to 1024 slots", f"{_JOB}.MAX_SLOTS", 1024),
+    "payload.timeout": Bound("range", "a positive number of seconds up to 30 days",
+                             f"{_JOB}.MAX_TIMEOUT", 30 * 24 * 3600),
+}
+
+#: The bounds each method states beyond its headers' validators, by method name: every
+#: ``check_text`` header, the payload (``payload``) and each JSON field of a JSON payload
+#: (``payload.FIELD``, nested fields flattened).  :func:`_spec` puts them on the spec.
+FIELD_BOUNDS: dict[str, dict[str, Bound]] = {
+    "auth": {
+        "token": Bound("length", f"{_LINE}; compared in constant time, never stored",
+                       "dsml.protocol.limits.MAX_LINE", limits.MAX_LINE),
+        "client": Bound("length", f"{_LINE}; only logged", "dsml.protocol.limits.MAX_LINE",
+                        limits.MAX_LINE),
+    },
+    "file_upload": {"payload": Bound("length", "Length: at most 999,999,999,999 opaque bytes, "
+                                     "streamed to disk", "dsml.protocol.limits.FILE_MAX",
+                                     limits.FILE_MAX)},
+    "value_upload": {"payload": Bound("length", "at most the server's value_max (1 MiB by "
+                                      "default), opaque", "dsml.protocol.limits."
+                                      "DEFAULT_VALUE_MAX", limits.DEFAULT_VALUE_MAX)},
+    "task_log": {"stream": Bound("enum", "stdout or stderr", "dsml.worker.runner.TaskOrders",
+                                 values=("stdout", "stderr"))},
+    "run": {
+        "payload": Bound("length", "a JSON object of at most 64 MiB", "dsml.protocol.methods."
+                         "JOB_MAX", 64 * 1024 * 1024),
+        "payload.attempt_id": Bound("range", "0 to 10**18 - 1, the Attempt header's",
+                                    "dsml.worker.tasks.spec.AttemptSpec"),
+        "payload.job_id": _JOB_ID,
+        "payload.task_index": Bound("range", "below the job's at most 100,000 tasks",
+                                    f"{_JOB}.MAX_TASKS", 100_000),
+        **_TASK_FIELDS,
+        "payload.owner": Bound("pattern", limits.WORKER_NAME_RULE, "dsml.net.access.principal"),
+        "payload.versions": Bound("count", "one per input: the inputs' count",
+                                  "dsml.worker.tasks.spec.AttemptSpec"),
+        "payload.version": _INVENTORY_FIELDS["payload.version"],
+        "payload.sha256": _INVENTORY_FIELDS["payload.sha256"],
+    },
+    "register": {
+        "host": Bound("length", "1 to 253 printable characters",
+                      "dsml.master.membership.MAX_HOST", 253),
+        "dsml-version": Bound("pattern", "exactly the master's own version, else "
+                              "version-mismatch",
+                              "dsml.master.membership.Membership.check_versions"),
+        "boot": Bound("length", f"{_LINE}; not kept", "dsml.protocol.limits.MAX_LINE",
+                      limits.MAX_LINE),
+        "running": Bound("count", f"attempt ids in {_LINE}; digits only are taken",
+                         "dsml.protocol.limits.MAX_LINE", limits.MAX_LINE),
+        "payload": Bound("length", "JSON lines, at most 64 MiB", "dsml.protocol.methods."
+                         "INVENTORY_MAX", 64 * 1024 * 1024),
+        **_INVENTORY_FIELDS,
+    },
+    "report": {
+        "payload": Bound("length", "JSON lines, at most 64 MiB", "dsml.protocol.methods."
+                         "INVENTORY_MAX", 64 * 1024 * 1024),
+        "payload.op": Bound("enum", "store or delete", "dsml.master.registry.WorkerRegistry."
+                            "report", values=("store", "delete")),
+        **_INVENTORY_FIELDS,
+    },
+    "task_result": {
+        "payload": Bound("length", "JSON lines, at most 64 MiB", "dsml.protocol.methods."
+                         "INVENTORY_MAX", 64 * 1024 * 1024),
+        "payload.attempt_id": Bound("range", "an attempt of this worker's incarnation, else "
+                                    "refused", "dsml.master.jobrouter.finished_report"),
+        "payload.exit_code": Bound("range", "an integer or null",
+                                   "dsml.master.jobrouter.finished_report"),
+        "payload.signal": Bound("range", "an integer or null",
+                                "dsml.master.jobrouter.finished_report"),
+        "payload.duration": Bound("range", "a number", "dsml.master.jobrouter.finished_report"),
+        "payload.peak_rss": Bound("range", "an integer", "dsml.master.jobrouter.finished_report"),
+        "payload.reason": Bound("length", "cut to 1,024 characters", f"{_JOB}.MAX_REASON", 1024),
+        "payload.stderr_tail": Bound("length", "cut to 2,048 characters",
+                                     f"{_JOB}.MAX_STDERR_TAIL", 2048),
+    },
+    "submit": {
+        "payload": Bound("length", "a JSON object of at most 64 MiB",
+                         "dsml.protocol.methods.JOB_MAX", 64 * 1024 * 1024),
+        "payload.name": Bound("length", "at most 1,024 characters, no control character",
+                              f"{_JOB}.MAX_NAME", 1024),
+        "payload.priority": Bound("range", "-1000 to 1000", f"{_JOB}.MAX_PRIORITY", 1000),
+        "payload.after": Bound("count", "at most 1,000 job ids", f"{_JOB}.MAX_AFTER", 1000),
+        "payload.tasks": Bound("count", "1 to 100,000 tasks", f"{_JOB}.MAX_TASKS", 100_000),
+        **_TASK_FIELDS,
+        "payload.max_attempts": Bound("range", "1 to 100", f"{_JOB}.MAX_ATTEMPTS", 100),
+        "payload.array": Bound("range", "0 to 100,000 tasks from one template",
+                               f"{_JOB}.MAX_TASKS", 100_000),
+    },
+    "jobs": {"before": _JOB_ID},
+    "status": {"job": _JOB_ID},
+    "cancel": {"job": _JOB_ID},
+    "wait": {"job": _JOB_ID, "timeout": Bound("range", "at most 600 seconds are waited",
+                                              "dsml.master.jobrouter.WAIT_MAX", 600)},
+    "logs": {"job": _JOB_ID},
+}
