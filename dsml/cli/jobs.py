@@ -1,4 +1,7 @@
 """The job commands: submit, jobs, status, logs, wait, cancel.
+
+``status`` reads a job's tasks a page at a time (the client follows the master's
+``Next``); ``wait`` on a terminal polls the first page only, for its progress line.
 """
 
 from __future__ import annotations
@@ -212,7 +215,8 @@ def cmd_wait(args: argparse.Namespace) -> int:
             step = 1.0 if tty else args.timeout
             if deadline is not None:
                 step = min(step or 60.0, max(0.0, deadline - time.monotonic()))
-            j = c.wait(args.job, step)
+            # A progress line needs the counts only: the first page of tasks, not all.
+            j = c.wait(args.job, step, all_tasks=not tty)
             final = j["state"] in ("succeeded", "failed", "cancelled")
             if tty:
                 line = f"\r{j['id']}: {j['state']}, {_progress_text(j)}"
@@ -221,6 +225,8 @@ def cmd_wait(args: argparse.Namespace) -> int:
                 shown = line
             if final or (deadline is not None and time.monotonic() >= deadline):
                 break
+        if tty and j.get("next") is not None and (j.get("counts") or {}).get("failed"):
+            j = c.job_status(args.job)  # every page, to name each failed task
     if tty:
         sys.stderr.write("\n")
     reason = f" ({j['reason']})" if j.get("reason") else ""

@@ -2,9 +2,16 @@
 
 The :class:`~dsml.master.jobs.JobManager` decides (queue, attempts, fencing) and keeps
 it durable; :class:`JobRouter` moves work: tasks go to a worker down its link the moment
-it has free slots (after a submit, a result, a registration), not at the next heartbeat,
-and kill orders follow a cancel.  The job methods' requests are decoded and answered by
-the master's request handler (:mod:`dsml.master.requests`), which calls the router.
+it has free slots (after a submit, a result, a registration, a slice of a big job's
+tasks reaching the queue), not at the next heartbeat, and kill orders follow a cancel.
+The job methods' requests are decoded and answered by the master's request handler
+(:mod:`dsml.master.requests`), which calls the router.
+
+Bounded answers (issue 11): ``status`` and ``wait`` carry one page of a job's tasks (at
+most :data:`~dsml.master.jobs.STATUS_PAGE`, the view's ``next`` saying where the next
+starts), ``jobs`` one page of jobs (at most :data:`JOBS_PAGE`); a submit may be a
+compact array (``"array": N`` and one task template), which the manager expands in
+slices.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from ..errors import DsmlError
 from ..net.access import TOKEN_OWNER
 from .directory import Directory, DirectoryError
 from .jobs import (
+    STATUS_PAGE,
     Assignment,
     AttemptView,
     FinishedReport,
@@ -30,17 +38,28 @@ from .jobs import (
     JobView,
     TaskSpec,
 )
+from .jobs.model import parse_job_id
 from .membership import Membership, WorkerRecord
 
 log = Logger()
 
 #: Longest a ``wait`` request is held before it is answered with the job as it is.
 WAIT_MAX = 600
+#: Most jobs in one page of a ``jobs`` answer (a client asking for more follows ``Next``).
+JOBS_PAGE = 1000
 
 
 def job_spec_from_json(data: Any) -> JobSpec:
-    """A JobSpec from the JSON a client submits; JobError for anything malformed."""
+    """A JobSpec from the JSON a client submits; JobError for anything malformed.
+
+    ``"array": N`` with ONE task makes a compact array job (see
+    :class:`~dsml.master.jobs.JobSpec`): N tasks from that template, ``{index}`` in its
+    input and output keys and paths replaced by each task's index.
+    """
     try:
+        array = data.get("array", 0)
+        if isinstance(array, bool) or not isinstance(array, int):
+            raise JobError(f"array must be an integer, not {array!r}", "bad-job")
         tasks = tuple(
             TaskSpec(
                 command=tuple(str(a) for a in t["command"]),
@@ -58,6 +77,7 @@ def job_spec_from_json(data: Any) -> JobSpec:
             tasks=tasks,
             priority=int(data.get("priority", 0)),
             after=tuple(str(j) for j in data.get("after", ())),
+            array=array,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise JobError(f"malformed job: {e}", "bad-job") from None
@@ -92,6 +112,8 @@ def job_json(
         "counts": view.counts,
         "done": view.done,
         "total": view.total,
+        # The index the next page of tasks starts at (None: these are the last).
+        "next": view.next,
         "tasks": [
             {
                 "index": t.index,
@@ -175,6 +197,8 @@ class JobRouter:
         # be refused as busy and waste one of the task's attempts.
         self._killing: dict[str, dict[int, int]] = {}
         membership.on_dead.append(self._worker_dead)
+        # A big job's tasks reach the queue in slices, after its submit: feed them.
+        jobs.on_queued.append(self.dispatch_soon)
 
     # -- events from the rest of the master --------------------------------------------
 
@@ -296,12 +320,34 @@ class JobRouter:
         return self.jobs.submit(spec, owner).addCallback(acknowledged)
 
     def job(self, job_id: str, tasks: bool = True) -> JobView:
-        """The job as it is (``not-found`` for an unknown id)."""
-        return self.jobs.job(job_id, tasks=tasks)
+        """The job as it is (``not-found`` for an unknown id): with ``tasks``, its first
+        page of them (:data:`STATUS_PAGE`; the view's ``next`` says where the rest
+        start)."""
+        return self.jobs.job(job_id, tasks=tasks, limit=STATUS_PAGE if tasks else None)
 
-    def recent(self, limit: int) -> list[JobView]:
-        """The newest ``limit`` jobs, newest first."""
-        return self.jobs.jobs(limit)  # type: ignore[no-any-return]
+    def status(self, job_id: str, first: int = 0, limit: int = STATUS_PAGE) -> JobView:
+        """One page of a job's status: its tasks from index ``first``, at most ``limit``
+        (at most :data:`STATUS_PAGE`); the view's ``next`` is where the next page
+        starts, None after the last.  Bounded work whatever the job's size: the counts
+        are kept as tasks move, and only the page's tasks are read.
+        ``bad-header`` for a ``limit`` outside 1..STATUS_PAGE."""
+        if not 1 <= limit <= STATUS_PAGE:
+            raise JobError(f"Limit must be from 1 to {STATUS_PAGE}", "bad-header")
+        return self.jobs.job(job_id, first=first, limit=limit)
+
+    def recent(self, limit: int, before: str | None = None) -> tuple[list[JobView], str | None]:
+        """One page of the jobs, newest first: at most ``limit`` (at most
+        :data:`JOBS_PAGE`) of those older than job ``before`` if given; and the id to
+        ask ``before`` for the next page (None when this one is the last)."""
+        limit = max(0, min(limit, JOBS_PAGE))
+        seq = None
+        if before is not None:
+            seq = parse_job_id(before)
+            if seq is None:
+                raise JobError(f"Before must be a job id, not {before[:80]!r}", "bad-header")
+        views = self.jobs.jobs(limit, seq)
+        more = bool(views) and len(views) == limit and parse_job_id(views[-1].id) != 1
+        return views, views[-1].id if more else None
 
     def queued_reasons(self, view: JobView) -> dict[int, str]:
         """Why each queued task of ``view`` waits, by task index, as the workers are now.
@@ -313,9 +359,10 @@ class JobRouter:
         (:meth:`~dsml.master.jobs.JobManager.queue_places`).  O(tasks of the job) plus
         O(workers).
         """
-        if not view.counts.get("queued"):
+        if not view.counts.get("queued") or not view.tasks:
             return {}
-        places = self.jobs.queue_places(view.id)
+        first = view.tasks[0].index
+        places = self.jobs.queue_places(view.id, first, view.tasks[-1].index + 1 - first)
         if not places:
             return {}
         alive = self.membership.alive()
@@ -339,12 +386,8 @@ class JobRouter:
     def cancel(self, job_id: str) -> Deferred[int]:
         """Cancel a job; fires with how many running attempts were told to stop."""
         # Their slots, read before the cancel forgets them (see _killing).
-        held = {
-            a.id: (a.worker, self.jobs.slots_of(a.id))
-            for t in self.jobs.job(job_id).tasks
-            for a in t.attempts
-            if a.state == "running"
-        }
+        self.jobs.job(job_id, tasks=False)  # not-found at once
+        held = {a: (worker, slots) for a, worker, slots in self.jobs.running_of(job_id)}
         d = self.jobs.cancel(job_id)
         for attempt, (worker, slots) in held.items():
             self._killing.setdefault(worker, {})[attempt] = slots
@@ -370,11 +413,11 @@ class JobRouter:
             if timer.active():
                 timer.cancel()
             if not result.called:
-                result.callback((self.jobs.job(view.id), True))
+                result.callback((self.job(view.id), True))
 
         def expired() -> None:
             if not result.called:
-                result.callback((self.jobs.job(job_id), False))
+                result.callback((self.job(job_id), False))
 
         timer = self.clock.callLater(timeout, expired)
         d.addCallback(final)
@@ -386,7 +429,7 @@ class JobRouter:
     ) -> tuple[AttemptView, WorkerRecord]:
         """The attempt whose logs were asked for (the last one by default) and the
         worker that ran it."""
-        view = self.jobs.job(job_id)
+        view = self.jobs.job(job_id, first=max(0, task_index), limit=1)
         tasks = [t for t in view.tasks if t.index == task_index]
         if not tasks:
             raise JobError(f"job {view.id} has no task {task_index}", "not-found")

@@ -20,6 +20,12 @@ submit order, then task index, with locality in a window at the head of the queu
 Every change is made in memory at once and acknowledged once a group commit has put it
 on disk; on restart the live jobs are loaded back and workers reconcile their attempts.
 
+Bounded (issue 11): no call does more than a slice of work on the reactor whatever a
+job's size.  A big submit (or a compact ``array`` spec) is checked, made and queued in
+slices, one per reactor turn; a job's view is read a page of tasks at a time; the counts
+by state are kept as tasks move; finished jobs are purged by age and count, their rows
+deleted in bounded batches (:meth:`JobManager.purge`).
+
 The rooms:
 
 * :mod:`.model`: specs, assignments, reports, views, limits, spec checks (plain values).
@@ -29,12 +35,14 @@ The rooms:
 * :mod:`.journal`: the SQLite file, its group commit (in a thread), its schema, reads
   of stored jobs.
 * :mod:`.manager`: :class:`JobManager`, the transitions, built on the three above.
+* :mod:`.slices`: work done a slice per reactor turn (big submits and enqueues).
+* :mod:`.retention`: purges of finished jobs by age and count, in bounded batches.
 
 Every name that ``dsml.master.jobs`` had as one module is importable from here.
 """
 
 from .journal import ATTEMPT_BLOCK, JOBS_FILE, RETRY_DELAY, SCHEMA_VERSION
-from .manager import JobManager
+from .manager import ENQUEUE_SLICE, STATUS_PAGE, SUBMIT_SLICE, JobManager
 from .model import (
     MAX_AFTER,
     MAX_ATTEMPTS,
@@ -84,6 +92,7 @@ __all__ = [
     "ATTEMPT_BLOCK",
     "ATTEMPT_STATES",
     "CANCELLED",
+    "ENQUEUE_SLICE",
     "FAILED",
     "FINAL",
     "JOBS_FILE",
@@ -108,6 +117,8 @@ __all__ = [
     "RETRY_DELAY",
     "RUNNING",
     "SCHEMA_VERSION",
+    "STATUS_PAGE",
+    "SUBMIT_SLICE",
     "SUCCEEDED",
     "TASK_STATES",
     "TIMEOUT",

@@ -20,6 +20,12 @@ the changes stay dirty and are retried after :data:`RETRY_DELAY`; nothing is
 acknowledged before it is on disk.  Jobs that became final in a batch are handed back to
 the manager (``on_final``) once it is on disk, to be evicted from memory.
 
+A new job's task rows are made with its tasks (:func:`task_row`, in the manager's slices
+for a big job) and kept on the job until its insert is committed; a task's later changes
+are dirty updates, written after the inserts of the same batch.  :meth:`Journal.run`
+runs a bounded piece of other work on the file (a purge's batch, see :mod:`.retention`)
+in the commit thread, behind the same lock.
+
 Attempt ids are reserved on disk in blocks of :data:`ATTEMPT_BLOCK` ahead of use (with a
 batch when half a block is left, inline in a transaction of its own when used up), so an
 id handed out before a crash is never handed out again.
@@ -47,17 +53,25 @@ from pathlib import Path
 from typing import Any, Final
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ...sqlitedb import Schema, open_database, sync_level, transaction
-from .model import AttemptView, JobError, JobView, TaskView, spec_from_json, spec_json
+from .model import (
+    AttemptView,
+    JobError,
+    JobView,
+    TaskSpec,
+    TaskView,
+    spec_from_json,
+    spec_json,
+)
 from .records import AttemptRecord, JobRecord, TaskRecord
 from .states import CANCELLED, FAILED, RUNNING, SUCCEEDED, AttemptState, JobState, TaskState
 
-__all__ = ["ATTEMPT_BLOCK", "JOBS_FILE", "RETRY_DELAY", "SCHEMA_VERSION", "Journal"]
+__all__ = ["ATTEMPT_BLOCK", "JOBS_FILE", "RETRY_DELAY", "SCHEMA_VERSION", "Journal", "task_row"]
 
 log = Logger()
 
@@ -94,6 +108,9 @@ _TABLES: Final = (
     # column order as a new one and _PUT_ATTEMPT fits both.
     " stderr_tail TEXT NOT NULL DEFAULT '')",
     "CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job, id)",
+    # A page of a stored job's status reads its attempts by task index; a purge deletes
+    # them by task index in bounded ranges.  (Made on open of an older file too.)
+    "CREATE INDEX IF NOT EXISTS attempts_task ON attempts(job, idx)",
 )
 
 
@@ -127,11 +144,32 @@ _JOB_COLS: Final = (
     " counts, owner FROM jobs"
 )
 _TASK_COLS: Final = "SELECT idx, spec, state, reason FROM tasks WHERE job = ? ORDER BY idx"
-_TASK_STATES: Final = "SELECT idx, state, reason FROM tasks WHERE job = ? ORDER BY idx"
+_TASK_PAGE: Final = (
+    "SELECT idx, state, reason FROM tasks WHERE job = ? AND idx >= ? AND idx < ? ORDER BY idx"
+)
 _ATTEMPT_COLS: Final = (
     "SELECT id, idx, worker, incarnation, state, started, ended, exit_code, signal,"
     " duration, peak_rss, reason, stderr_tail FROM attempts WHERE job = ? ORDER BY id"
 )
+_ATTEMPT_PAGE: Final = (
+    "SELECT id, idx, worker, incarnation, state, started, ended, exit_code, signal,"
+    " duration, peak_rss, reason, stderr_tail FROM attempts"
+    " WHERE job = ? AND idx >= ? AND idx < ? ORDER BY id"
+)
+
+
+#: The final job states, as stored.
+_FINAL_STATES: Final = (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
+
+
+def task_row(seq: int, index: int, spec: TaskSpec, state: TaskState) -> tuple[Any, ...]:
+    """The row that inserts a new task of job ``seq`` (its reason "")."""
+    return (seq, index, spec_json(spec), state._value_, "")
+
+
+def _rows_now(job: JobRecord) -> list[tuple[Any, ...]]:
+    """A new job's task rows as its tasks are now (a job made without its rows)."""
+    return [(job.seq, t.index, spec_json(t.spec), t.state._value_, t.reason) for t in job.tasks]
 
 
 @attrs.define(eq=False)
@@ -148,7 +186,8 @@ class Batch:
     reserve: int | None
     next_job: int
     job_rows: list[tuple[Any, ...]]
-    task_rows: list[tuple[Any, ...]]
+    #: One list of task insert rows per new job.
+    task_rows: list[list[tuple[Any, ...]]]
     job_updates: list[tuple[Any, ...]]
     task_updates: list[tuple[Any, ...]]
     attempt_rows: list[tuple[Any, ...]]
@@ -301,32 +340,46 @@ class Journal:
         rows = self.read("SELECT state FROM jobs WHERE seq = ?", (seq,))
         return None if not rows else str(rows[0][0])
 
-    def stored_job(self, seq: int, tasks: bool) -> JobView | None:
-        """The stored view of job ``seq`` (``tasks``: with them), None if there is none."""
+    def stored_job(
+        self, seq: int, tasks: bool, first: int = 0, limit: int | None = None
+    ) -> JobView | None:
+        """The stored view of job ``seq`` (``tasks``: with those from ``first``, at most
+        ``limit``), None if there is none."""
         rows = self.read(_JOB_COLS + " WHERE seq = ?", (seq,))
-        return self._stored_view(rows[0], tasks) if rows else None
+        return self._stored_view(rows[0], tasks, first, limit) if rows else None
 
-    def stored_jobs(self, limit: int, skip: Container[int]) -> dict[int, JobView]:
-        """Views (without tasks) of the ``limit`` newest stored jobs not in ``skip``."""
+    def stored_jobs(
+        self, limit: int, skip: Container[int], before: int | None = None
+    ) -> dict[int, JobView]:
+        """Views (without tasks) of the ``limit`` newest stored jobs (numbered below
+        ``before`` if given) not in ``skip``."""
+        top = (1 << 62) if before is None else before
         return {
             row[0]: self._stored_view(row, False)
-            for row in self.read(_JOB_COLS + " ORDER BY seq DESC LIMIT ?", (limit,))
+            for row in self.read(
+                _JOB_COLS + " WHERE seq < ? ORDER BY seq DESC LIMIT ?", (top, limit)
+            )
             if row[0] not in skip
         }
 
-    def _stored_view(self, row: tuple[Any, ...], tasks: bool) -> JobView:
+    def _stored_view(
+        self, row: tuple[Any, ...], tasks: bool, first: int = 0, limit: int | None = None
+    ) -> JobView:
         seq, name, prio, after, state, created, started, finished, reason, ntasks, counts, owner = (
             row
         )
         counts = json.loads(counts)
         task_views: tuple[TaskView, ...] = ()
+        nxt = None
         if tasks:
+            end = ntasks if limit is None else min(ntasks, first + limit)
+            nxt = end if end < ntasks else None
             attempts: dict[int, list[AttemptView]] = {}
-            for aid, idx, *rest in self.read(_ATTEMPT_COLS, (seq,)):
+            for aid, idx, *rest in self.read(_ATTEMPT_PAGE, (seq, first, end)):
                 attempts.setdefault(idx, []).append(AttemptView(aid, *rest))
             task_views = tuple(
                 TaskView(idx, tstate, treason, tuple(attempts.get(idx, ())))
-                for idx, tstate, treason in self.read(_TASK_STATES, (seq,))
+                for idx, tstate, treason in self.read(_TASK_PAGE, (seq, first, end))
             )
         return JobView(
             id=f"j{seq}",
@@ -342,8 +395,62 @@ class Journal:
             done=counts[SUCCEEDED] + counts[FAILED] + counts[CANCELLED],
             total=ntasks,
             tasks=task_views,
+            next=nxt,
             owner=owner,
         )
+
+    # -- purging -------------------------------------------------------------------------
+
+    def run(self, fn: Callable[[], Any]) -> Deferred[Any]:
+        """Run ``fn`` (a bounded piece of work on the file, behind the lock) in the
+        commit thread if there is one, else inline; a Deferred of its result."""
+        def locked() -> Any:
+            with self._db_lock:
+                if self.closed:
+                    raise JobError("the job state is closed", "internal")
+                return fn()
+
+        if self._run_in_thread is None:
+            try:
+                return succeed(locked())
+            except Exception:
+                return fail()
+        return self._run_in_thread(locked)  # type: ignore[arg-type,return-value]
+
+    def purge_candidates(
+        self, now: float, max_age: float, max_count: int, limit: int
+    ) -> list[tuple[int, int]]:
+        """(seq, task count) of at most ``limit`` final jobs beyond retention, oldest
+        first: finished more than ``max_age`` seconds before ``now``, or older than the
+        newest ``max_count`` final jobs.  (Call it through :meth:`run`.)"""
+        final = _FINAL_STATES
+        row = self.db.execute(
+            "SELECT seq FROM jobs WHERE state IN (?, ?, ?) ORDER BY seq DESC LIMIT 1 OFFSET ?",
+            (*final, max_count),
+        ).fetchone()
+        boundary = row[0] if row else 0
+        return self.db.execute(
+            "SELECT seq, ntasks FROM jobs WHERE state IN (?, ?, ?)"
+            " AND (finished < ? OR seq <= ?) ORDER BY seq LIMIT ?",
+            (*final, now - max_age, boundary, limit),
+        ).fetchall()
+
+    def purge_tasks(self, seq: int, start: int, end: int) -> int:
+        """Delete the tasks ``start`` .. ``end`` of stored job ``seq`` and their
+        attempts, in one transaction; the rows deleted.  (Through :meth:`run`.)"""
+        with self._transaction():
+            a = self.db.execute(
+                "DELETE FROM attempts WHERE job = ? AND idx >= ? AND idx < ?", (seq, start, end)
+            ).rowcount
+            t = self.db.execute(
+                "DELETE FROM tasks WHERE job = ? AND idx >= ? AND idx < ?", (seq, start, end)
+            ).rowcount
+        return int(a) + int(t)
+
+    def purge_job(self, seq: int) -> None:
+        """Delete stored job ``seq``'s row (its tasks first: :meth:`purge_tasks`)."""
+        with self._transaction():
+            self.db.execute("DELETE FROM jobs WHERE seq = ?", (seq,))
 
     # -- committing ----------------------------------------------------------------------
 
@@ -431,11 +538,8 @@ class Journal:
             reserve=reserve,
             next_job=self.next_job,
             job_rows=[j.insert_row() for j in new_jobs],
-            task_rows=[
-                (j.seq, t.index, spec_json(t.spec), t.state._value_, t.reason)
-                for j in new_jobs
-                for t in j.tasks
-            ],
+            # Made with the tasks (in slices for a big job); later changes are dirty.
+            task_rows=[j.task_rows if j.task_rows is not None else _rows_now(j) for j in new_jobs],
             job_updates=[j.update_row() for j in self.dirty_jobs],
             task_updates=[
                 (t.state._value_, t.reason, t.job.seq, t.index) for t in self.dirty_tasks
@@ -464,7 +568,8 @@ class Journal:
         with self._transaction():
             if batch.job_rows:
                 db.executemany(_INSERT_JOB, batch.job_rows)
-                db.executemany(_INSERT_TASK, batch.task_rows)
+                for rows in batch.task_rows:
+                    db.executemany(_INSERT_TASK, rows)
                 db.execute(_SET_META, ("next_job", batch.next_job))
             if batch.job_updates:
                 db.executemany(_UPDATE_JOB, batch.job_updates)
@@ -495,6 +600,7 @@ class Journal:
             self.reserved = max(self.reserved, batch.reserve)
         for j in batch.new_jobs:
             j.stored = True
+            j.task_rows = None
         for d, value in batch.acks:
             d.callback(value)
         if batch.finalized:

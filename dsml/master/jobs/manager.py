@@ -45,43 +45,62 @@ Costs: each task given is one queue pop and a scan of at most the locality windo
 :meth:`JobManager.finished` is O(1) plus a queue push on a retry;
 :meth:`JobManager.worker_lost` and :meth:`JobManager.reconcile` touch only that worker's
 attempts; :meth:`JobManager.cancel` is O(tasks of the job), and the queue entries it
-leaves behind are dropped when met or compacted in bulk.
+leaves behind are dropped when met or compacted in bulk.  Bounded per reactor turn
+(issue 11): a submit of more than :data:`SUBMIT_AT_ONCE` tasks is checked and made
+:data:`SUBMIT_SLICE` tasks per turn and queued :data:`ENQUEUE_SLICE` per turn
+(:mod:`.slices`), its stored rows made with it so its commit encodes nothing on the
+reactor; :meth:`JobManager.job` reads a page of tasks (the counts by state are kept as
+tasks move, the queued tasks before a page are counted per block of task indexes);
+:meth:`JobManager.jobs` makes views for one page of jobs; purges of finished jobs
+(:mod:`.retention`) delete a bounded batch per transaction.  Still O(tasks of the
+job) in one turn: a cancel, and the release or failure of a job's waiting tasks when a
+job it comes after ends.
 
 One writer: this object.  Its state changes on the reactor thread, in plain synchronous
 code; every state change is checked against the tables of :mod:`.states`.
 
-One room (some 800 lines, a fifth of them docstrings): every transition below moves the
-same live indexes (task counts, queued counters, running attempts by worker, dependents,
-dirty sets) under one set of invariants, which one class keeps in one place.
+One room (some 1,050 lines, a fifth of them docstrings): every transition below moves the
+same live indexes (task counts, queued counters and blocks, running attempts by worker,
+dependents, dirty sets) under one set of invariants, which one class keeps in one place;
+the slices' runner and the purges, which need none of them, live apart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import heapq
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Final
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ...net.access import TOKEN_OWNER
-from .journal import Journal
+from .journal import Journal, task_row
 from .model import (
     MAX_REASON,
+    MAX_TASKS,
     Assignment,
     FinishedReport,
     JobError,
     JobSpec,
     JobView,
     QueuePlace,
-    check_job_spec,
+    check_io,
+    check_job_head,
+    check_task,
     clean_tail,
+    expand_task,
     holds_nothing,
     parse_job_id,
+    spec_json,
     storable,
 )
 from .queue import TaskQueue, queue_places
-from .records import AttemptRecord, JobRecord, TaskRecord
+from .records import BLOCK, AttemptRecord, JobRecord, TaskRecord
+from .retention import PURGE_JOBS, PURGE_TASKS, RETENTION_INTERVAL, JobRetention
+from .slices import Slicer
 from .states import (
     ATTEMPT_NEXT,
     CANCELLED,
@@ -103,9 +122,26 @@ from .states import (
     TaskState,
 )
 
-__all__ = ["JobManager"]
+__all__ = ["ENQUEUE_SLICE", "STATUS_PAGE", "SUBMIT_AT_ONCE", "SUBMIT_SLICE", "JobManager"]
+
+#: Tasks of a submitted job checked and made into records per reactor turn (some tens
+#: of microseconds each: a slice is some ms to a few tens on a busy machine).
+SUBMIT_SLICE: Final = 500
+#: A job of at most this many tasks is admitted at once; a bigger one in slices (see
+#: :meth:`JobManager.submit`).
+SUBMIT_AT_ONCE: Final = 2000
+#: Tasks of big submits being admitted at once, at most: a submit beyond is refused
+#: ``busy`` (try again), so parallel big submits cannot grow the master without bound.
+MAX_ADMITTING: Final = 4 * MAX_TASKS
+#: Tasks of an admitted job put in the queue per reactor turn.
+ENQUEUE_SLICE: Final = 5000
+#: Tasks in one page of a job's view unless asked for fewer (see :meth:`JobManager.job`).
+STATUS_PAGE: Final = 1000
 
 log = Logger()
+
+#: The job of task records made before their job is (see JobManager._materialise).
+_NO_JOB: Final = JobRecord(0, "", 0, (), JobState.QUEUED, 0.0)
 
 # The members set once or more per task, as module globals: an enum attribute costs a
 # lookup each time.
@@ -152,6 +188,17 @@ class JobManager:
         #: when some do; the router reads it too).
         self._nqueued = 0
         self._queued_inputs = 0
+        #: Work done a slice per reactor turn (big submits, big enqueues).
+        self._slicer = Slicer(clock)
+        #: Submits being materialised: their task counts and Deferreds (failed if the
+        #: manager closes).
+        self._admitting: dict[int, tuple[int, Deferred[str]]] = {}
+        self.submit_slice = SUBMIT_SLICE
+        self.submit_at_once = SUBMIT_AT_ONCE
+        self.enqueue_slice = ENQUEUE_SLICE
+        #: Called when tasks reach the queue later than their submit or release (a
+        #: slice of a big job): the router dispatches then.
+        self.on_queued: list[Callable[[], None]] = []
         self._journal = Journal(
             path,
             clock,
@@ -161,6 +208,7 @@ class JobManager:
             on_final=self._settled,
         )
         self.path = self._journal.path
+        self._retention = JobRetention(self._journal, clock, self._protected)
         try:
             self._load(self._journal.load())
         except BaseException:
@@ -181,6 +229,7 @@ class JobManager:
                     self._by_worker.setdefault(a.worker, set()).add(a.id)
                 if task.state == QUEUED:
                     queued.append(task)
+                    job.note_queued(task.index, 1)
                     self._nqueued += 1
                     if task.spec.inputs:
                         self._queued_inputs += 1
@@ -236,40 +285,159 @@ class JobManager:
         :data:`~dsml.net.access.TOKEN_OWNER`), kept with the job.
 
         Bad input raises :class:`JobError` at once (``bad-job``, or ``not-found`` for an
-        unknown ``after`` id) and nothing is stored.
+        unknown ``after`` id) and nothing is stored.  A job of more than
+        :attr:`submit_at_once` tasks is checked and made in slices of
+        :attr:`submit_slice`, one per reactor turn
+        (each task's check, record and stored row), then admitted: its tasks are queued
+        (in slices of :attr:`enqueue_slice`) and it is committed.  Until it is admitted
+        it is not visible; a bad task found in a slice fails the Deferred (``bad-job``)
+        with nothing stored, and so does a close meanwhile (``internal``).
         """
         self._check_open()
-        check_job_spec(spec)
+        check_job_head(spec)
         for dep in spec.after:
             if not isinstance(dep, str) or self._dep_state(dep) is None:
                 raise JobError(f"after: no job {str(dep)[:80]!r}", "not-found")
-        now = self.clock.seconds()
-        journal = self._journal
         if not isinstance(owner, str) or not owner:
             raise JobError("a job needs an owner", "bad-job")
-        job = JobRecord(
-            journal.new_job_seq(), spec.name, spec.priority, spec.after, _JOB_QUEUED, now,
-            owner=storable(owner),
+        n = spec.count
+        d: Deferred[str] = Deferred()
+        if n <= self.submit_at_once:
+            tasks, rows = self._materialise(spec, 0, n)  # raises before anything is kept
+            job = self._new_job(spec, owner)
+            self._admit(job, spec, tasks, rows, d, sum(1 for t in tasks if t.spec.inputs))
+            return d
+        pending = sum(n for n, _ in self._admitting.values())
+        if pending + n > MAX_ADMITTING:
+            raise JobError(
+                f"busy: {pending} tasks of other jobs are being admitted; try again", "busy"
+            )
+        job = self._new_job(spec, owner)
+        self._admitting[job.seq] = (n, d)
+        self._later(self._admit_in_slices(job, spec, d))
+        log.info(
+            "job {job} ({name!r}) of {n} tasks: being admitted in slices of {slice}",
+            job=job.id, name=job.name, n=n, slice=self.submit_slice,
         )
+        return d
+
+    def _new_job(self, spec: JobSpec, owner: str) -> JobRecord:
+        return JobRecord(
+            self._journal.new_job_seq(), spec.name, spec.priority, spec.after, _JOB_QUEUED,
+            self.clock.seconds(), owner=storable(owner),
+        )
+
+    def _materialise(
+        self, spec: JobSpec, start: int, end: int, job: JobRecord | None = None
+    ) -> tuple[list[TaskRecord], list[tuple[object, ...]]]:
+        """Check tasks ``start``..``end`` of ``spec``; their records (of ``job``, set
+        later when None) in their first state, and the rows that store them."""
+        first = WAITING if spec.after else QUEUED
+        holder = job if job is not None else _NO_JOB
+        tasks = []
+        rows = []
+        seq = holder.seq
+        if spec.array:
+            # The template's command, environment and limits were checked once
+            # (check_job_head); only what {index} changes is checked per task, and a
+            # template without it is shared by every task, with one stored form.
+            template = spec.tasks[0]
+            indexed = any("{index}" in x for pair in template.inputs for x in pair) or any(
+                "{index}" in x for pair in template.outputs for x in pair
+            )
+            shared = None if indexed else spec_json(template)
+            for i in range(start, end):
+                t = expand_task(template, i) if indexed else template
+                if indexed:
+                    check_io(i, t)
+                tasks.append(TaskRecord(holder, i, t, first))
+                rows.append(
+                    task_row(seq, i, t, first)
+                    if shared is None
+                    else (seq, i, shared, first._value_, "")
+                )
+            return tasks, rows
+        for i in range(start, end):
+            t = spec.task(i)
+            check_task(i, t)
+            tasks.append(TaskRecord(holder, i, t, first))
+            rows.append(task_row(seq, i, t, first))
+        return tasks, rows
+
+    def _admit_in_slices(self, job: JobRecord, spec: JobSpec, d: Deferred[str]) -> Iterator[None]:
+        """Materialise a big job a slice per turn, then admit it (see :meth:`submit`)."""
+        tasks: list[TaskRecord] = []
+        rows: list[tuple[object, ...]] = []
+        with_inputs = 0
+        n = spec.count
+        try:
+            for start in range(0, n, self.submit_slice):
+                more, more_rows = self._materialise(
+                    spec, start, min(n, start + self.submit_slice), job
+                )
+                tasks += more
+                rows += more_rows
+                with_inputs += sum(1 for t in more if t.spec.inputs)
+                yield
+        except JobError as e:
+            del self._admitting[job.seq]
+            log.info("job {job} refused: {why}", job=job.id, why=e.message)
+            d.errback(e)
+            return
+        del self._admitting[job.seq]
+        if self._closed:
+            return
+        try:
+            # Its dependencies may have ended meanwhile: _admit looks at them now.
+            self._admit(job, spec, tasks, rows, d, with_inputs)
+        except JobError as e:
+            d.errback(e)
+            return
+        # Its submitter has waited through the slices already: commit it now, not a
+        # group-commit delay later (in the commit thread when there is one).
+        self._journal.flush()
+
+    def _admit(
+        self,
+        job: JobRecord,
+        spec: JobSpec,
+        tasks: list[TaskRecord],
+        rows: list[tuple[object, ...]],
+        d: Deferred[str],
+        with_inputs: int,
+    ) -> None:
+        """Make the job live: index it, queue or hold its tasks, commit it, then ``d``."""
+        for dep in spec.after:
+            if self._dep_state(dep) is None:  # (purged meanwhile)
+                raise JobError(f"after: no job {dep[:80]!r}", "not-found")
+        if tasks and tasks[0].job is not job:  # made before the job (at once)
+            for t in tasks:
+                t.job = job
+        if rows and rows[0][0] != job.seq:
+            rows = [(job.seq, *r[1:]) for r in rows]
+        job.tasks = tasks
+        job.task_rows = rows
+        job.with_inputs = with_inputs
+        first = WAITING if spec.after else QUEUED
+        job.counts[first] = len(tasks)
+        journal = self._journal
+        self._jobs[job.seq] = job
+        journal.new_jobs.append(job)
         failed_dep = None
         for dep in spec.after:
             state = self._dep_state(dep)
             if state in (FAILED, CANCELLED):
                 failed_dep = f"dependency {dep} {state}"
                 break
-        blocked = failed_dep is None and any(self._dep_state(d) != SUCCEEDED for d in spec.after)
-        first = WAITING if blocked or failed_dep else QUEUED
-        job.tasks = [TaskRecord(job, i, t, first) for i, t in enumerate(spec.tasks)]
-        job.counts[first] = len(job.tasks)
-        self._jobs[job.seq] = job
-        journal.new_jobs.append(job)
+        blocked = failed_dep is None and any(self._dep_state(x) != SUCCEEDED for x in spec.after)
         if failed_dep is not None:
             self._fail_dependent(job, failed_dep)
         elif blocked:
             self._wire_dependencies(job)
+        elif first == WAITING:
+            self._release(job)  # every dependency succeeded meanwhile
         else:
             self._enqueue_all(job)
-        d: Deferred[str] = Deferred()
         journal.acks.append((d, job.id))
         journal.schedule()
         log.info(
@@ -280,7 +448,29 @@ class JobManager:
             n=len(job.tasks),
             priority=job.priority,
         )
-        return d
+
+    # -- work in slices ------------------------------------------------------------------
+
+    def _later(self, work: Iterator[None]) -> None:
+        """Run ``work`` a slice per reactor turn (:class:`~.slices.Slicer`)."""
+        self._slicer.add(work)
+
+    @property
+    def slices(self) -> int:
+        """Slices of work run since open (a big submit's, a big enqueue's)."""
+        return self._slicer.slices
+
+    def _on_queued(self) -> None:
+        for hook in self.on_queued:
+            try:
+                hook()
+            except Exception:
+                log.failure("jobs: an on_queued hook failed")
+
+    @property
+    def busy(self) -> bool:
+        """Whether work in slices waits (a big submit being admitted or queued)."""
+        return self._slicer.busy
 
     # -- scheduling ----------------------------------------------------------------------
 
@@ -593,18 +783,21 @@ class JobManager:
         job.counts[state] += 1
         if old == QUEUED:
             self._nqueued -= 1
+            job.note_queued(task.index, -1)
             if task.spec.inputs:
                 self._queued_inputs -= 1
             if state != RUNNING:
                 self._queue.dead += 1  # its entry stays behind (see .queue)
         elif state == QUEUED:
             self._nqueued += 1
+            job.note_queued(task.index, 1)
             if task.spec.inputs:
                 self._queued_inputs += 1
         task.state = state
         journal = self._journal
-        if job.stored:
-            journal.dirty_tasks.add(task)
+        # Also before the job is stored: its insert rows hold the tasks' first states,
+        # and the batch that inserts them applies the updates after.
+        journal.dirty_tasks.add(task)
         journal.schedule()
 
     def _job_dirty(self, job: JobRecord) -> None:
@@ -615,18 +808,37 @@ class JobManager:
 
     def _enqueue_all(self, job: JobRecord) -> None:
         """Queue every task of a new job whose tasks were created queued."""
-        self._queue.push_all(job, job.tasks)
-        for task in job.tasks:
-            self._nqueued += 1
-            if task.spec.inputs:
-                self._queued_inputs += 1
+        n = len(job.tasks)
+        self._nqueued += n
+        # Every task is queued: whole blocks, counted without a walk.
+        job.queued_blocks = [min(BLOCK, n - start) for start in range(0, n, BLOCK)]
+        self._queued_inputs += job.with_inputs
+        self._push(job, job.tasks)
+
+    def _push(self, job: JobRecord, tasks: list[TaskRecord]) -> None:
+        """Put ``tasks`` (counted as queued already) in the queue: at once if they are
+        few, else :attr:`enqueue_slice` per reactor turn (a task cancelled before its
+        turn is skipped; until then the dispatcher does not see it)."""
+        if len(tasks) <= self.enqueue_slice:
+            self._queue.push_all(job, tasks)
+            return
+
+        def slices() -> Iterator[None]:
+            step = self.enqueue_slice
+            for start in range(0, len(tasks), step):
+                part = [t for t in tasks[start : start + step] if t.state == QUEUED]
+                self._queue.push_all(job, part)
+                self._on_queued()
+                yield
+
+        self._later(slices())
 
     def _release(self, job: JobRecord) -> None:
         """Every dependency of ``job`` succeeded: its waiting tasks are queued."""
         released = [task for task in job.tasks if task.state == WAITING]
         for task in released:
             self._set_state(task, QUEUED)
-        self._queue.push_all(job, released)
+        self._push(job, released)
         log.debug("job {job}: dependencies succeeded, tasks queued", job=job.id)
 
     def _fail_dependent(self, job: JobRecord, reason: str) -> None:
@@ -683,50 +895,66 @@ class JobManager:
                 del self._jobs[job.seq]
             waiters, job.waiters = job.waiters, []
             if waiters:
-                view = job.view()
+                view = job.view(True, 0, STATUS_PAGE)
                 for w in waiters:
                     w.callback(view)
 
     # -- reading -------------------------------------------------------------------------
 
-    def job(self, job_id: str, *, tasks: bool = True) -> JobView:
+    def job(
+        self, job_id: str, *, tasks: bool = True, first: int = 0, limit: int | None = None
+    ) -> JobView:
         """The job ``job_id`` with its tasks and their attempts (``tasks=False``: without).
 
-        Raises ``not-found`` for an unknown id.
+        ``first`` and ``limit`` make it a page: the tasks from index ``first``, at most
+        ``limit`` of them, and the view's ``next`` is the index the next page starts at
+        (None after the last).  Without ``limit``, every task: O(tasks), for callers
+        inside the master that need them all; requests ask for pages
+        (:data:`STATUS_PAGE`).  Raises ``not-found`` for an unknown id.
         """
         self._check_open()
+        if first < 0 or (limit is not None and limit < 0):
+            raise JobError("first and limit must not be negative", "bad-header")
         seq = parse_job_id(job_id)
         if seq is not None:
             job = self._jobs.get(seq)
             if job is not None:
-                return job.view(tasks)
-            view = self._journal.stored_job(seq, tasks)
+                return job.view(tasks, first, limit)
+            view = self._journal.stored_job(seq, tasks, first, limit)
             if view is not None:
                 return view
         raise JobError(f"no job {str(job_id)[:80]!r}", "not-found")
 
-    def jobs(self, limit: int = 100) -> list[JobView]:
-        """The ``limit`` most recent jobs, newest first, without their tasks."""
+    def jobs(self, limit: int = 100, before: int | None = None) -> list[JobView]:
+        """The ``limit`` most recent jobs (those numbered below ``before`` if given: the
+        next page), newest first, without their tasks.  Views are made for at most
+        ``limit`` live jobs and read for at most ``limit`` stored ones."""
         self._check_open()
         if limit <= 0:
             return []
-        views = {seq: job.view(False) for seq, job in self._jobs.items()}
-        views.update(self._journal.stored_jobs(limit, views))
+        live = self._jobs
+        seqs = live if before is None else (s for s in live if s < before)
+        views = {seq: live[seq].view(False) for seq in heapq.nlargest(limit, seqs)}
+        views.update(self._journal.stored_jobs(limit, live, before))
         return [views[seq] for seq in sorted(views, reverse=True)[:limit]]
 
     def wait_for(self, job_id: str) -> Deferred[JobView]:
-        """Fire with the job's view once its final state is committed (at once if it is)."""
+        """Fire with the job's view (its first :data:`STATUS_PAGE` tasks) once its final
+        state is committed (at once if it is)."""
         self._check_open()
         seq = parse_job_id(job_id)
         job = self._jobs.get(seq) if seq is not None else None
         if job is None:
-            return succeed(self.job(job_id))  # stored final, or not-found
+            return succeed(self.job(job_id, limit=STATUS_PAGE))  # stored final, or not-found
         d: Deferred[JobView] = Deferred()
         job.waiters.append(d)
         return d
 
-    def queue_places(self, job_id: str) -> dict[int, QueuePlace]:
-        """Where each queued task of a live job stands, by task index ({} for none).
+    def queue_places(
+        self, job_id: str, first: int = 0, limit: int | None = None
+    ) -> dict[int, QueuePlace]:
+        """Where each queued task of a live job stands, by task index ({} for none);
+        only tasks ``first`` .. ``first + limit`` (a page of a status) when asked.
 
         See :func:`~.queue.queue_places`: ``ahead`` is None while there are too many live
         jobs to count cheaply.
@@ -736,7 +964,20 @@ class JobManager:
         job = self._jobs.get(seq) if seq is not None else None
         if job is None or not job.counts[QUEUED]:
             return {}
-        return queue_places(job, self._jobs.values())
+        return queue_places(job, self._jobs.values(), first, limit)
+
+    def running_of(self, job_id: str) -> list[tuple[int, str, int]]:
+        """(attempt id, worker, slots) of each running attempt of a live job ([] for a
+        final or unknown one): O(tasks of the job), no views made."""
+        seq = parse_job_id(job_id)
+        job = self._jobs.get(seq) if seq is not None else None
+        if job is None:
+            return []
+        return [
+            (t.current.id, t.current.worker, t.spec.slots)
+            for t in job.tasks
+            if t.current is not None
+        ]
 
     def running_attempts(self, worker: str) -> list[int]:
         """The attempts the master holds as running on ``worker`` (any incarnation)."""
@@ -766,6 +1007,40 @@ class JobManager:
     def queued(self) -> int:
         """How many tasks are queued (ready to be offered to a worker)."""
         return self._nqueued
+
+    # -- retention -----------------------------------------------------------------------
+
+    def purge(
+        self,
+        max_age: float,
+        max_count: int,
+        *,
+        jobs: int = PURGE_JOBS,
+        rows: int = PURGE_TASKS,
+    ) -> Deferred[int]:
+        """Delete at most ``jobs`` final jobs beyond retention (finished more than
+        ``max_age`` seconds ago, or older than the newest ``max_count`` final jobs) from
+        the state file, ``rows`` task indexes per transaction; fires with how many.
+        See :meth:`.retention.JobRetention.purge`."""
+        self._check_open()
+        return self._retention.purge(max_age, max_count, jobs, rows)
+
+    def start_retention(
+        self, max_age: float, max_count: int, interval: float = RETENTION_INTERVAL
+    ) -> None:
+        """Purge finished jobs beyond retention every ``interval`` seconds until
+        :meth:`close` (``retention.jobs_max_age`` and ``jobs_max_count``)."""
+        self._check_open()
+        self._retention.start(max_age, max_count, interval)
+
+    def stop_retention(self) -> None:
+        """Stop the retention loop started by :meth:`start_retention`."""
+        self._retention.stop()
+
+    def _protected(self) -> set[int]:
+        """Jobs a purge must not delete: the live ones and those they come after."""
+        named = {parse_job_id(dep) for job in self._jobs.values() for dep in job.after}
+        return {seq for seq in named if seq is not None} | set(self._jobs)
 
     # -- committing ----------------------------------------------------------------------
 
@@ -809,5 +1084,10 @@ class JobManager:
         """
         if self._closed:
             return
+        self.stop_retention()
         self._journal.close(flush)
         self._closed = True
+        self._slicer.stop()
+        admitting, self._admitting = self._admitting, {}
+        for _, d in admitting.values():
+            d.errback(JobError("the job manager closed before the job was stored", "internal"))

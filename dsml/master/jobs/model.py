@@ -47,8 +47,12 @@ __all__ = [
     "QueuePlace",
     "TaskSpec",
     "TaskView",
+    "check_job_head",
+    "check_io",
     "check_job_spec",
+    "check_task",
     "clean_tail",
+    "expand_task",
     "holds_nothing",
     "parse_job_id",
     "spec_from_json",
@@ -125,13 +129,58 @@ class TaskSpec:
 
 @attrs.frozen
 class JobSpec:
-    """A job: tasks, a priority (higher first), and the jobs it must wait for."""
+    """A job: tasks, a priority (higher first), and the jobs it must wait for.
+
+    With ``array`` (> 0) the job is compact: ``tasks`` holds ONE template and the job has
+    ``array`` tasks, task ``i`` being the template with ``{index}`` in its input and
+    output keys and paths replaced by ``i`` (:func:`expand_task`), so a 100,000-task
+    array costs one template on the wire and in the check of the request.
+    """
 
     name: str
     tasks: tuple[TaskSpec, ...] = attrs.field(converter=_tuple)
     priority: int = 0
     #: Job ids that must all succeed before this job's tasks are queued.
     after: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
+    #: 0: ``tasks`` are the tasks; N > 0: ``tasks`` is one template for N tasks.
+    array: int = 0
+
+    @property
+    def count(self) -> int:
+        """How many tasks the job has."""
+        return self.array if self.array else len(self.tasks)
+
+    def task(self, index: int) -> TaskSpec:
+        """Task ``index`` of the job (expanded from the template for an array)."""
+        if self.array:
+            return expand_task(self.tasks[0], index)
+        return self.tasks[index]
+
+
+def _fill(text: str, index: str) -> str:
+    return text.replace("{index}", index)
+
+
+def expand_task(template: TaskSpec, index: int) -> TaskSpec:
+    """Task ``index`` of an array: ``{index}`` in input and output keys and paths
+    replaced by the index (the task's command and environment are the template's; the
+    worker gives each task its index in ``DSML_TASK_INDEX``)."""
+    if not isinstance(template, TaskSpec) or not (template.inputs or template.outputs):
+        return template  # (not a task spec: check_task says so)
+    i = str(index)
+    t = template
+    try:
+        return TaskSpec(
+            t.command,
+            t.env,
+            tuple((_fill(k, i), _fill(p, i)) for k, p in t.inputs),
+            tuple((_fill(p, i), _fill(k, i)) for p, k in t.outputs),
+            t.slots,
+            t.timeout,
+            t.max_attempts,
+        )
+    except (TypeError, ValueError, AttributeError):
+        raise _bad(f"task {index}: inputs and outputs must be lists of pairs of text") from None
 
 
 @attrs.frozen
@@ -230,6 +279,9 @@ class JobView:
     done: int
     total: int
     tasks: tuple[TaskView, ...] = ()
+    #: The index of the first task of the next page when ``tasks`` is one page of them
+    #: and more follow (:meth:`JobManager.job` with ``first``/``limit``), else None.
+    next: int | None = None
     #: Who submitted it: the user certificate's name, ``"token"`` without TLS
     #: (:data:`dsml.net.access.TOKEN_OWNER`), ``""`` for a job stored before owners
     #: were recorded (schema 2).
@@ -310,7 +362,19 @@ def check_job_spec(spec: object) -> None:
     """Raise a ``bad-job`` JobError for anything in ``spec`` a submit must refuse.
 
     Whether the jobs it comes ``after`` exist is the manager's to check, after this.
+    It checks every task: a big job's are checked in slices instead
+    (:func:`check_job_head`, then :func:`check_task` for each).
     """
+    check_job_head(spec)
+    assert isinstance(spec, JobSpec)
+    for i in range(spec.count):
+        check_task(i, spec.task(i))
+
+
+def check_job_head(spec: object) -> None:
+    """Check all of ``spec`` but its tasks after the first and the last (see
+    :func:`check_job_spec`): the job's fields, its task count, and for an array the
+    template expanded at both ends."""
     if not isinstance(spec, JobSpec):
         raise _bad("not a job spec")
     name = spec.name
@@ -328,12 +392,18 @@ def check_job_spec(spec: object) -> None:
     tasks = spec.tasks
     if not isinstance(tasks, tuple) or not tasks:
         raise _bad("a job needs at least one task")
+    if not _is_int(spec.array) or not 0 <= spec.array <= MAX_TASKS:
+        raise _bad(f"array must be an integer from 1 to {MAX_TASKS}, not {spec.array!r}")
+    if spec.array and len(tasks) != 1:
+        raise _bad("an array job has exactly one task template")
     if len(tasks) > MAX_TASKS:
         raise _bad(f"a job has at most {MAX_TASKS} tasks, not {len(tasks)}")
-    for i, t in enumerate(tasks):
-        _check_task(i, t)
     if not isinstance(spec.after, tuple) or len(spec.after) > MAX_AFTER:
         raise _bad(f"after must be a list of at most {MAX_AFTER} job ids")
+    check_task(0, spec.task(0))
+    last = spec.count - 1
+    if last:
+        check_task(last, spec.task(last))
 
 
 def _bad(message: str) -> JobError:
@@ -389,7 +459,19 @@ def _check_pairs(value: object, what: str) -> tuple[tuple[object, object], ...]:
     return value
 
 
-def _check_task(i: int, t: object) -> None:
+def check_io(i: int, t: TaskSpec) -> None:
+    """Check only the inputs and outputs of task ``i`` (an array's task: the rest is
+    its template's, checked once by :func:`check_job_head`)."""
+    w = f"task {i}:"
+    for key, path in _check_pairs(t.inputs, f"{w} inputs"):
+        _check_job_key(key, f"{w} input key")
+        _check_path(path, f"{w} input path")
+    for path, key in _check_pairs(t.outputs, f"{w} outputs"):
+        _check_path(path, f"{w} output path")
+        _check_job_key(key, f"{w} output key")
+
+
+def check_task(i: int, t: object) -> None:
     """Raise a ``bad-job`` JobError naming task ``i`` and what is wrong with it."""
     w = f"task {i}:"
     if not isinstance(t, TaskSpec):

@@ -171,23 +171,28 @@ class TaskQueue:
         return out
 
 
-def queue_places(job: JobRecord, live: Collection[JobRecord]) -> dict[int, QueuePlace]:
-    """Where each queued task of ``job`` stands, by task index, among the ``live`` jobs.
+def queue_places(
+    job: JobRecord, live: Collection[JobRecord], first: int = 0, limit: int | None = None
+) -> dict[int, QueuePlace]:
+    """Where each queued task of ``job`` stands, by task index, among the ``live`` jobs;
+    only its tasks ``first`` .. ``first + limit`` (one page of a status) when asked.
 
     ``ahead`` counts the queued tasks before the task in the queue order (priority,
-    submit order, index): its own job's, counted over its tasks, and other jobs',
+    submit order, index): its own job's, counted from the job's queued blocks
+    (:meth:`~.records.JobRecord.queued_before`) and over the page, and other jobs',
     counted over the live jobs, only while there are at most :data:`MAX_JOBS_COUNTED`
-    (else it is None).  So it costs O(tasks of the job) plus at most that many jobs,
-    never a walk of the queue.  (The order is the queue's, not a promise: a wider task
-    ahead may be passed, locality may reorder a window.)
+    (else it is None).  So it costs O(the page + tasks / BLOCK + BLOCK) plus at most
+    that many jobs, never a walk of the queue.  (The order is the queue's, not a
+    promise: a wider task ahead may be passed, locality may reorder a window.)
     """
     before: int | None = None
     if len(live) <= MAX_JOBS_COUNTED:
         key = (-job.priority, job.seq)
         before = sum(j.counts[QUEUED] for j in live if (-j.priority, j.seq) < key)
     places: dict[int, QueuePlace] = {}
-    mine = 0
-    for task in job.tasks:
+    end = len(job.tasks) if limit is None else min(len(job.tasks), first + limit)
+    mine = job.queued_before(first) if first else 0
+    for task in job.tasks[first:end]:
         if task.state == QUEUED:
             places[task.index] = QueuePlace(
                 task.spec.slots, None if before is None else before + mine

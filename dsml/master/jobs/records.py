@@ -22,6 +22,7 @@ from .model import AttemptView, JobView, TaskSpec, TaskView
 from .states import (
     CANCELLED,
     FAILED,
+    QUEUED,
     SUCCEEDED,
     TASK_STATES,
     WAITING,
@@ -30,7 +31,10 @@ from .states import (
     TaskState,
 )
 
-__all__ = ["AttemptRecord", "JobRecord", "TaskRecord"]
+__all__ = ["BLOCK", "AttemptRecord", "JobRecord", "TaskRecord"]
+
+#: Task indexes per block of :attr:`JobRecord.queued_blocks`.
+BLOCK = 1024
 
 
 @attrs.define(eq=False)
@@ -134,6 +138,32 @@ class JobRecord:
     stored: bool = False
     #: Deferreds of :meth:`JobManager.wait_for`.
     waiters: list[Deferred[JobView]] = attrs.Factory(list)
+    #: The rows that insert its tasks (made while they are materialised, in slices, so
+    #: the commit that stores the job does not encode 100,000 specs on the reactor);
+    #: None once stored.  Each row holds a task's first state: later changes are dirty.
+    task_rows: list[tuple[Any, ...]] | None = None
+    #: Queued tasks per block of :data:`BLOCK` task indexes (kept by the manager), so
+    #: a page of a status counts the job's queued tasks before it without a walk.
+    queued_blocks: list[int] = attrs.Factory(list)
+    #: How many of its tasks name inputs (counted as they are made).
+    with_inputs: int = 0
+
+    def note_queued(self, index: int, delta: int) -> None:
+        """Task ``index`` entered (+1) or left (-1) the ``queued`` state."""
+        blocks = self.queued_blocks
+        b = index // BLOCK
+        if b >= len(blocks):
+            blocks.extend([0] * (b + 1 - len(blocks)))
+        blocks[b] += delta
+
+    def queued_before(self, index: int) -> int:
+        """How many of its tasks before ``index`` are queued: O(index / BLOCK + BLOCK)."""
+        b = index // BLOCK
+        n = sum(self.queued_blocks[:b])
+        for t in self.tasks[b * BLOCK : index]:
+            if t.state == QUEUED:
+                n += 1
+        return n
 
     @property
     def id(self) -> str:
@@ -151,9 +181,16 @@ class JobRecord:
             return f"job {ids[0]} to succeed"
         return f"jobs {', '.join(ids)} to succeed"
 
-    def view(self, tasks: bool = True) -> JobView:
+    def view(self, tasks: bool = True, first: int = 0, limit: int | None = None) -> JobView:
+        """Its view; with ``tasks``, those from index ``first``, at most ``limit``."""
         # One sentence for all its waiting tasks (they wait for the same jobs).
         why = self.waiting_for() if tasks and self.counts[WAITING] else ""
+        page: list[TaskRecord] = []
+        nxt = None
+        if tasks:
+            end = len(self.tasks) if limit is None else min(len(self.tasks), first + limit)
+            page = self.tasks[first:end]
+            nxt = end if end < len(self.tasks) else None
         return JobView(
             id=self.id,
             name=self.name,
@@ -167,7 +204,8 @@ class JobRecord:
             counts=dict(self.counts),
             done=self.done,
             total=len(self.tasks),
-            tasks=tuple(t.view(why) for t in self.tasks) if tasks else (),
+            tasks=tuple(t.view(why) for t in page),
+            next=nxt,
             owner=self.owner,
         )
 

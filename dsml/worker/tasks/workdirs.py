@@ -5,19 +5,30 @@ home of its two logs.  When it ends, the directory becomes ``work_dir/<attempt i
 attempt left anything in it (logs, inputs, outputs, files the task made); an empty one is
 kept for the next attempt instead, so a task that writes nothing costs no mkdir and no
 rmtree (measured: those cost ~0.4 ms of the worker's time per task on ext4, about an eighth
-of all the CPU a one-shot task costs).  The ``keep_finished`` newest kept directories stay;
-older ones are removed.  At start-up, ``run/`` (attempts an earlier run did not finish) is
-removed and the ``work_dir/<id>`` directories it left count as finished, oldest first.
+of all the CPU a one-shot task costs).
+
+Retention (``retention`` in etc/dsml.yaml): kept directories are removed oldest first
+while there are more than ``keep_finished`` (``attempt_dirs_max_count``), while together
+they hold more than ``max_bytes`` (``attempt_dirs_max_bytes``: each one's size is
+measured once, when it is kept), and once they are older than ``max_age`` seconds
+(``attempt_dirs_max_age``; checked at every retire and by :meth:`AttemptDirs.cleanup`,
+which the owner may also call from a timer).  A directory's age is from when it was
+kept (its mtime for those adopted at start-up).  At start-up, ``run/`` (attempts an
+earlier run did not finish) is removed and the ``work_dir/<id>`` directories it left
+count as finished, oldest first.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.logger import Logger
 
+from ...config import DEFAULT_ATTEMPT_DIRS_MAX_AGE, DEFAULT_ATTEMPT_DIRS_MAX_BYTES
 from ...fsutil import makedirs_private, mkdir_private
 
 log = Logger()
@@ -26,19 +37,64 @@ log = Logger()
 RUN_DIR = "run"
 
 
+def tree_size(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (links not followed; 0 if it is gone).
+
+    A file with other hard links is not counted: it is an input lent from the store or
+    the input cache (or shared with another attempt), whose bytes are held, and bounded,
+    where it came from."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if st.st_nlink == 1:
+                total += st.st_size
+    return total
+
+
 class AttemptDirs:
     """The attempt directories under ``work_dir``.
 
     :param keep_finished: finished attempt directories kept; older ones are removed.
+    :param max_bytes: bytes the kept directories may hold together (None: no bound;
+        by default ``retention.attempt_dirs_max_bytes``'s default, 10 GiB).
+    :param max_age: seconds a kept directory is kept (None: no bound; by default
+        ``retention.attempt_dirs_max_age``'s default, 7 days).
+    :param now: the wall clock, in seconds (file ages are wall-clock times).
     """
 
-    def __init__(self, work_dir: Path, keep_finished: int) -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        keep_finished: int,
+        *,
+        max_bytes: int | None = DEFAULT_ATTEMPT_DIRS_MAX_BYTES,
+        max_age: float | None = DEFAULT_ATTEMPT_DIRS_MAX_AGE,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        if keep_finished < 0 or (max_bytes is not None and max_bytes < 0):
+            raise ValueError("keep_finished and max_bytes must not be negative")
+        if max_age is not None and not max_age > 0:
+            raise ValueError("max_age must be greater than 0")
         self.work_dir = work_dir
         self.run_root = work_dir / RUN_DIR
         self.keep_finished = keep_finished
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self.now = now
         #: Finished attempts whose logs can still be read, oldest first: True if their
         #: directory is on disk (work_dir/<id>), False if they left nothing behind.
         self.kept: dict[int, bool] = {}
+        #: Bytes and time kept of each kept directory (attempts in :attr:`kept`).
+        self._size: dict[int, int] = {}
+        self._when: dict[int, float] = {}
+        #: Bytes the kept directories hold together.
+        self.kept_bytes = 0
+        #: Directories removed by retention since start.
+        self.removed = 0
         # Empty working directories (run/<n>) left by attempts that wrote nothing.
         self._free: list[Path] = []
         self._next = 0
@@ -51,16 +107,29 @@ class AttemptDirs:
         for entry in self.work_dir.iterdir():
             if entry.name.lstrip("-").isdigit() and entry.is_dir():
                 old.append((entry.stat().st_mtime, int(entry.name)))
-        for _, attempt_id in sorted(old):
-            self.kept[attempt_id] = True
+        for mtime, attempt_id in sorted(old):
+            self._note(attempt_id, True, tree_size(self.work_dir / str(attempt_id)), mtime)
         self.cleanup()
+
+    def _note(self, attempt_id: int, on_disk: bool, size: int, when: float) -> None:
+        self._forget(attempt_id)
+        self.kept[attempt_id] = on_disk
+        self._size[attempt_id] = size
+        self._when[attempt_id] = when
+        self.kept_bytes += size
+
+    def _forget(self, attempt_id: int) -> bool | None:
+        """Drop an attempt from the books; whether its directory was on disk."""
+        self.kept_bytes -= self._size.pop(attempt_id, 0)
+        self._when.pop(attempt_id, None)
+        return self.kept.pop(attempt_id, None)
 
     def make(self, attempt_id: int) -> Path:
         """An empty working directory for an attempt: an empty one left by an earlier
         attempt if there is one, else a new ``run/<n>`` (a name never used twice).
         Raises OSError."""
         if attempt_id in self.kept:  # the same id again, after a master reset
-            if self.kept.pop(attempt_id):
+            if self._forget(attempt_id):
                 shutil.rmtree(self.work_dir / str(attempt_id), ignore_errors=True)
         while self._free:
             path = self._free.pop()
@@ -87,9 +156,10 @@ class AttemptDirs:
         anything, else keep it empty for the next attempt; then remove the oldest kept
         beyond ``keep_finished``.  Where its directory is now, or ``None``."""
         kept = self._keep(attempt_id, path, had_inputs)
-        self.kept[attempt_id] = kept is not None
+        size = 0 if kept is None else tree_size(kept)
+        self._note(attempt_id, kept is not None, size, self.now())
         self.cleanup()
-        return kept
+        return kept if kept is None or attempt_id in self.kept else None
 
     def _keep(self, attempt_id: int, path: Path, had_inputs: bool) -> Path | None:
         if path == self.run_root:  # it never got a directory
@@ -111,9 +181,22 @@ class AttemptDirs:
             shutil.rmtree(path, ignore_errors=True)
             return None
 
-    def cleanup(self) -> None:
-        """Remove the oldest finished attempt directories beyond ``keep_finished``."""
-        while len(self.kept) > self.keep_finished:
+    def cleanup(self) -> int:
+        """Remove the oldest finished attempt directories while there are more than
+        ``keep_finished``, while they hold more than ``max_bytes``, or while the oldest
+        is older than ``max_age``; how many were removed.  O(removed)."""
+        removed = 0
+        oldest_allowed = None if self.max_age is None else self.now() - self.max_age
+        while self.kept:
             attempt_id = next(iter(self.kept))
-            if self.kept.pop(attempt_id):
+            if not (
+                len(self.kept) > self.keep_finished
+                or (self.max_bytes is not None and self.kept_bytes > self.max_bytes)
+                or (oldest_allowed is not None and self._when[attempt_id] < oldest_allowed)
+            ):
+                break
+            if self._forget(attempt_id):
                 shutil.rmtree(self.work_dir / str(attempt_id), ignore_errors=True)
+            removed += 1
+        self.removed += removed
+        return removed
