@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
@@ -461,6 +463,16 @@ def settings(args: argparse.Namespace) -> Settings:
 # -- heartbeats -----------------------------------------------------------------------
 
 
+def name_sim_workers(cluster: Any, n: int) -> None:
+    """Put the ``n`` simulated workers (sim00000..., at 127.0.0.1, any port) in the
+    cluster's config: the master lets only the config's workers register."""
+    config = yaml.safe_load(cluster.config_path.read_text())
+    for i in range(n):
+        config["workers"][f"sim{i:05d}"] = {"host": "127.0.0.1", "port": 0,
+                                           "data_dir": str(cluster.root / "unused")}
+    cluster.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
 def master_limits(s: Settings) -> dict[str, dict[str, object]]:
     """Config ``extra`` letting s.conns links (and a few clients) in at once."""
     room = s.conns + 100
@@ -507,6 +519,7 @@ def one_master_run(s: Settings, tmp: Path, rep: int) -> dict[str, Any]:
 
     # "w1" only because the config needs a worker; it is never started.
     cluster = LocalCluster(tmp / f"hb-master-{rep}", workers=("w1",), extra=master_limits(s))
+    name_sim_workers(cluster, s.conns)
     try:
         host, port = cluster.start("master")
         pid = cluster.procs["master"].pid
@@ -567,6 +580,7 @@ def profile_master(s: Settings, tmp: Path) -> str:
 
     note("heartbeats: profiling the master under the same load (not part of the figures)")
     cluster = LocalCluster(tmp / "hb-profile", workers=("w1",), extra=master_limits(s))
+    name_sim_workers(cluster, s.conns)
     stats = tmp / "master.prof"
     addr = cluster.addr_file("master")
     proc: subprocess.Popen[bytes] | None = None

@@ -41,7 +41,10 @@ from dsml.net.limits import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_UNAUTHENTICATED,
+    DEFAULT_MAX_UNAUTHENTICATED_PER_HOST,
+    DEFAULT_PAYLOAD_MIN_RATE,
     DEFAULT_PAYLOAD_TIMEOUT,
+    DEFAULT_PAYLOAD_TOTAL_TIMEOUT,
     Limits,
 )
 from dsml.protocol import limits as wire_limits
@@ -56,6 +59,7 @@ __all__ = [
     "ConfigError",
     "Limits",
     "MasterConfig",
+    "Retention",
     "WorkerConfig",
     "check_listen_safe",
     "find_config",
@@ -191,6 +195,34 @@ class ClusterConfig:
     admins: tuple[str, ...] = ("admin",)
 
 
+#: Finished jobs older than this are purged from the master's job state (30 days).
+DEFAULT_JOBS_MAX_AGE: Final = 30 * 86400.0
+#: Finished jobs kept at most (the newest); older ones are purged.
+DEFAULT_JOBS_MAX_COUNT: Final = 10_000
+#: Bytes of finished attempt directories a worker keeps at most (10 GiB).
+DEFAULT_ATTEMPT_DIRS_MAX_BYTES: Final = 10 * 1024**3
+#: Finished attempt directories older than this are removed (7 days).
+DEFAULT_ATTEMPT_DIRS_MAX_AGE: Final = 7 * 86400.0
+#: Finished attempt directories a worker keeps at most (the newest).
+DEFAULT_ATTEMPT_DIRS_MAX_COUNT: Final = 1000
+
+
+@attrs.frozen
+class Retention:
+    """What is kept of finished work, and for how long (the ``retention`` section)."""
+
+    #: Seconds a finished job (its tasks and attempts) is kept on the master.
+    jobs_max_age: float = DEFAULT_JOBS_MAX_AGE
+    #: Finished jobs kept at most on the master (the newest).
+    jobs_max_count: int = DEFAULT_JOBS_MAX_COUNT
+    #: Bytes of finished attempt directories (logs, inputs, outputs) a worker keeps.
+    attempt_dirs_max_bytes: int = DEFAULT_ATTEMPT_DIRS_MAX_BYTES
+    #: Seconds a finished attempt directory is kept on a worker.
+    attempt_dirs_max_age: float = DEFAULT_ATTEMPT_DIRS_MAX_AGE
+    #: Finished attempt directories a worker keeps at most (the newest).
+    attempt_dirs_max_count: int = DEFAULT_ATTEMPT_DIRS_MAX_COUNT
+
+
 @attrs.frozen
 class Config:
     """A whole cluster's configuration, as loaded from one file."""
@@ -202,6 +234,7 @@ class Config:
     #: Workers by name, in file order; read-only.
     workers: Mapping[str, WorkerConfig]
     limits: Limits
+    retention: Retention = Retention()
 
     @property
     def pki_dir(self) -> Path:
@@ -384,7 +417,9 @@ class _Parser:
     # -- sections -------------------------------------------------------------
 
     def config(self, document: object) -> Config:
-        top = self.mapping(None, document, ["cluster", "master", "workers", "limits"])
+        top = self.mapping(
+            None, document, ["cluster", "master", "workers", "limits", "retention"]
+        )
         for required in ("master", "workers"):
             if required not in top:
                 raise self.error(required, "required section is missing")
@@ -392,6 +427,7 @@ class _Parser:
         master = self.master(top["master"])
         workers = self.workers(top["workers"])
         limits = self.limits(top.get("limits", {}))
+        retention = self.retention(top.get("retention", {}))
         self.check_distinct_addresses(master, workers)
         return Config(
             path=self.path,
@@ -399,6 +435,7 @@ class _Parser:
             master=master,
             workers=MappingProxyType(workers),
             limits=limits,
+            retention=retention,
         )
 
     def cluster(self, section: object) -> ClusterConfig:
@@ -494,9 +531,8 @@ class _Parser:
             port=self.port(f"{prefix}.port", s["port"]),
             data_dir=self.path_value(f"{prefix}.data_dir", s["data_dir"]),
             slots=self.integer(f"{prefix}.slots", s.get("slots", DEFAULT_SLOTS), 1, MAX_SLOTS),
-            input_cache=self.integer(
-                f"{prefix}.input_cache", s.get("input_cache", DEFAULT_INPUT_CACHE), 0, 1 << 60
-            ),
+            input_cache=self.byte_count(f"{prefix}.input_cache",
+                                        s.get("input_cache", DEFAULT_INPUT_CACHE)),
         )
 
     def limits(self, section: object) -> Limits:
@@ -511,6 +547,18 @@ class _Parser:
             1,
             max_connections,
         )
+        per_host = self.integer(
+            "limits.max_unauthenticated_per_host",
+            s.get(
+                "max_unauthenticated_per_host",
+                min(DEFAULT_MAX_UNAUTHENTICATED_PER_HOST, max_unauthenticated),
+            ),
+            1,
+            max_unauthenticated,
+        )
+        min_rate = self.integer(
+            "limits.payload_min_rate", s.get("payload_min_rate", DEFAULT_PAYLOAD_MIN_RATE), 0, None
+        )
         timeouts = {
             name: self.seconds(f"limits.{name}", s.get(name, default))
             for name, default in [
@@ -518,12 +566,54 @@ class _Parser:
                 ("head_timeout", DEFAULT_HEAD_TIMEOUT),
                 ("idle_timeout", DEFAULT_IDLE_TIMEOUT),
                 ("payload_timeout", DEFAULT_PAYLOAD_TIMEOUT),
+                ("payload_total_timeout", DEFAULT_PAYLOAD_TOTAL_TIMEOUT),
             ]
         }
         return Limits(
             max_connections=max_connections,
             max_unauthenticated=max_unauthenticated,
+            max_unauthenticated_per_host=per_host,
+            payload_min_rate=min_rate,
             **timeouts,
+        )
+
+    def byte_count(self, key: str, value: object) -> int:
+        """A byte count: an int, or a string such as ``8GiB`` (:func:`parse_size`)."""
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise self.error(key, f"want a size such as 8GiB or a number of bytes, got "
+                                  f"{_show(value)}")
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            raise self.error(key, str(e)) from None
+
+    def retention(self, section: object) -> Retention:
+        """The ``retention`` section: every key optional (see :class:`Retention`)."""
+        d = Retention()
+        s = self.mapping("retention", section, [f.name for f in attrs.fields(Retention)])
+        max_bytes = s.get("attempt_dirs_max_bytes", d.attempt_dirs_max_bytes)
+        try:
+            max_bytes = parse_size(max_bytes)
+        except ValueError as e:
+            raise self.error("retention.attempt_dirs_max_bytes", str(e)) from None
+        return Retention(
+            jobs_max_age=self.seconds(
+                "retention.jobs_max_age", s.get("jobs_max_age", d.jobs_max_age)
+            ),
+            jobs_max_count=self.integer(
+                "retention.jobs_max_count", s.get("jobs_max_count", d.jobs_max_count), 0, None
+            ),
+            attempt_dirs_max_bytes=max_bytes,
+            attempt_dirs_max_age=self.seconds(
+                "retention.attempt_dirs_max_age",
+                s.get("attempt_dirs_max_age", d.attempt_dirs_max_age),
+            ),
+            attempt_dirs_max_count=self.integer(
+                "retention.attempt_dirs_max_count",
+                s.get("attempt_dirs_max_count", d.attempt_dirs_max_count),
+                0,
+                None,
+            ),
         )
 
     def check_distinct_addresses(

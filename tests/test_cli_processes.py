@@ -78,6 +78,10 @@ def test_every_listing_is_one_json_document(cluster: LocalCluster, tmp_path: Pat
     assert {w["name"] for w in nodes["workers"]} == {"w1", "w2"}
     assert nodes["unregistered"] == []
     assert all(w["free_disk"] > 0 and w["slots"] >= 1 for w in nodes["workers"])
+    # The master's reactor-lag probe (a 100 ms timer) has run since the master started.
+    lag = nodes["master"]["reactor_lag_ms"]
+    assert set(lag) == {"worst", "recent_worst", "last"}
+    assert 0 <= lag["last"] <= lag["recent_worst"] <= lag["worst"]
     jobs = json.loads(cluster.cli("jobs", "--json").stdout)["jobs"]
     assert [j for j in jobs if j["id"] == job][0]["state"] == "succeeded"
     assert [j for j in jobs if j["id"] == job][0]["owner"] == "token"  # no TLS here

@@ -117,7 +117,7 @@ def test_token_is_not_in_repr(tmp_path: Path) -> None:
 BAD_FILES = [
     pytest.param(
         "masterz: {}\n" + MINIMAL,
-        "masterz: unknown key (known: cluster, master, workers, limits)",
+        "masterz: unknown key (known: cluster, master, workers, limits, retention)",
         id="unknown-top-level-key",
     ),
     pytest.param(
@@ -517,7 +517,8 @@ def test_cluster_admins_must_be_a_list_of_names(tmp_path: Path, value: str) -> N
 def test_a_workers_input_cache_is_bytes_from_zero(tmp_path: Path) -> None:
     """``input_cache`` defaults to 8 GiB; 0 turns the cache off; negative is refused."""
     base = "master: {port: 0, state_dir: m}\nworkers:\n  w1: {port: 0, data_dir: w1%s}\n"
-    for extra, want in [("", 8 << 30), (", input_cache: 0", 0), (", input_cache: 1000", 1000)]:
+    for extra, want in [("", 8 << 30), (", input_cache: 0", 0), (", input_cache: 1000", 1000),
+                        (", input_cache: 2GiB", 2 << 30)]:
         path = tmp_path / "dsml.yaml"
         path.write_text(base % extra)
         assert load_config(path).worker("w1").input_cache == want

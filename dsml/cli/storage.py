@@ -252,13 +252,14 @@ def cmd_stat(args: argparse.Namespace) -> int:
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     with _cluster(args) as c:
-        nodes = c.nodes()
+        nodes, lag = c.nodes_and_lag()
     configured = list(args.config_loaded.workers) if getattr(args, "config_loaded", None) \
         else []
     known = {n.name for n in nodes}
     missing = [name for name in configured if name not in known]
     if args.json:
-        _print_json({"workers": [_node_json(n) for n in nodes], "unregistered": missing})
+        _print_json({"workers": [_node_json(n) for n in nodes], "unregistered": missing,
+                     "master": {"reactor_lag_ms": lag}})
         return 0
     if not nodes:
         first = configured[0] if configured else "NAME"

@@ -8,6 +8,7 @@ async client (:mod:`dsml.net.cluster_client`), never this one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -117,22 +118,31 @@ class ClusterClient:
 
     def place(self, key: str, size: int) -> tuple[int, list[tuple[str, str]]]:
         """The master's version for a new write of ``key`` and the workers to write to."""
+        _, version, workers = self.placement(key, size)
+        return version, workers
+
+    def placement(self, key: str, size: int) -> tuple[str, int, list[tuple[str, str]]]:
+        """:meth:`place`, with the master's grant of the version (what the workers store
+        the write under, and what ``commit`` records)."""
         head, _ = self.master.call("place", {"Key": key, "Size": size})
-        return int(head.headers["version"]), replies.workers(head.headers["workers"])
+        h = head.headers
+        return h["grant"], int(h["version"]), replies.workers(h["workers"])
 
     def locate(self, key: str) -> Located:
         """Where ``key``'s current version lives."""
         head, _ = self.master.call("locate", {"Key": key})
         return replies.located(key, head.headers)
 
-    def _commit(self, key: str, stored: Stored, workers: list[tuple[str, str]]) -> None:
+    def _commit(
+        self, key: str, stored: Stored, grant: str, workers: list[tuple[str, str]]
+    ) -> None:
         self.master.call(
             "commit",
             {
                 "Key": key,
                 "Size": stored.size,
                 "Sha256": stored.sha256,
-                "Version": stored.version,
+                "Grant": grant,
                 "Workers": ",".join(name for name, _ in workers),
             },
         )
@@ -151,26 +161,26 @@ class ClusterClient:
             with open(source, "rb") as f:
                 return self.upload(f, key, progress)
         size = os.fstat(source.fileno()).st_size - source.tell()
-        version, workers = self.place(key, size)
+        grant, _, workers = self.placement(key, size)
         first, rest = workers[0][1], ",".join(addr for _, addr in workers[1:])
         try:
-            stored = self._worker(first).upload(source, key, progress, None, version, rest)
+            stored = self._worker(first).upload(source, key, progress, None, grant, rest)
         except ConnectionLost:
             self._drop_worker(first)
             raise
-        self._commit(key, stored, workers)
+        self._commit(key, stored, grant, workers)
         return stored
 
     def set(self, key: str, value: bytes) -> Stored:
         """Store a small value on the placed workers."""
-        version, workers = self.place(key, len(value))
+        grant, _, workers = self.placement(key, len(value))
         first, rest = workers[0][1], ",".join(addr for _, addr in workers[1:])
         try:
-            stored = self._worker(first).set(key, value, version, rest)
+            stored = self._worker(first).set(key, value, grant, rest)
         except ConnectionLost:
             self._drop_worker(first)
             raise
-        self._commit(key, stored, workers)
+        self._commit(key, stored, grant, workers)
         return stored
 
     def delete(self, key: str) -> int:
@@ -180,9 +190,12 @@ class ClusterClient:
 
     # -- reads ------------------------------------------------------------------------
 
-    def _each_replica(self, key: str) -> Iterator[tuple[str, Client]]:
+    def _each_replica(
+        self, key: str, located: Located | None = None
+    ) -> Iterator[tuple[str, Client]]:
         """Yield (worker, client) for each replica in turn, until the caller stops."""
-        located = self.locate(key)
+        if located is None:
+            located = self.locate(key)
         last: DsmlError | None = None
         for name, addr in located.replicas:
             try:
@@ -194,10 +207,16 @@ class ClusterClient:
         raise last or DsmlError(f"no replica of {key!r} could be read", "unavailable")
 
     def get(self, key: str) -> bytes:
-        """The value of ``key``, from the first replica that answers."""
-        for _name, client in self._each_replica(key):
+        """The value of ``key``, from the first replica that answers with the bytes the
+        master's directory names (another is reported corrupt, and the next tried)."""
+        located = self.locate(key)
+        for name, client in self._each_replica(key, located):
             try:
-                return client.get(key)
+                value = client.get(key)
+                if hashlib.sha256(value).hexdigest() != located.sha256:
+                    self.master.call("corrupt", {"Key": key, "Worker": name})
+                    continue
+                return value
             except DsmlError as e:
                 if e.code not in TRY_NEXT:
                     raise
@@ -278,8 +297,13 @@ class ClusterClient:
 
     def nodes(self) -> list[Node]:
         """Every worker the master knows, with its state."""
-        _, body = self.master.call("nodes", {})
-        return replies.nodes(body)
+        return self.nodes_and_lag()[0]
+
+    def nodes_and_lag(self) -> tuple[list[Node], dict[str, float]]:
+        """:meth:`nodes`, and the master's reactor-lag figures in milliseconds
+        (``worst``, ``recent_worst``, ``last``; empty from a master without the probe)."""
+        head, body = self.master.call("nodes", {})
+        return replies.nodes(body), replies.lag(head.headers)
 
     def ping(self) -> dict[str, str]:
         """Round-trip to the master."""
@@ -311,40 +335,75 @@ class ClusterClient:
         ``slots``, ``timeout``, ``max_attempts``.
         """
         body = job_body(
-            command, name=name, tasks=tasks, array=array, slots=slots, timeout=timeout,
-            max_attempts=max_attempts, priority=priority, after=after, inputs=inputs,
-            outputs=outputs, env=env,
+            command, name=name, tasks=tasks, array=min(array, 1), slots=slots,
+            timeout=timeout, max_attempts=max_attempts, priority=priority, after=after,
+            inputs=inputs, outputs=outputs, env=env,
         )
+        if tasks is None and array > 1:
+            body = _compact_array(body, array, inputs, outputs)
         head, _ = self.master.call("submit", {}, body)
         return Job(self, head.headers["job"])
 
     def jobs(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Recent jobs, newest first (JSON objects as ``dsml jobs`` shows them)."""
-        _, body = self.master.call("jobs", {"Limit": limit})
-        return [json.loads(line) for line in body.decode().splitlines() if line]
+        """Recent jobs, newest first (JSON objects as ``dsml jobs`` shows them); the
+        master answers a page at a time (``Next``), this asks for each in turn."""
+        out: list[dict[str, Any]] = []
+        headers: dict[str, object] = {"Limit": limit}
+        while len(out) < limit:
+            headers["Limit"] = limit - len(out)
+            head, body = self.master.call("jobs", headers)
+            page = [json.loads(line) for line in body.decode().splitlines() if line]
+            out += page
+            nxt = head.headers.get("next")
+            if nxt is None or not page or nxt == headers.get("Before"):
+                break
+            headers["Before"] = nxt
+        return out[:limit]
 
     def job_status(self, job_id: str) -> dict[str, Any]:
-        """A job with its tasks and every attempt."""
-        _, body = self.master.call("status", {"Job": job_id})
-        return json.loads(body)  # type: ignore[no-any-return]
+        """A job with its tasks and every attempt (the master sends them a page at a
+        time: this asks for each page in turn)."""
+        head, body = self.master.call("status", {"Job": job_id})
+        return self._rest_of(job_id, head.headers, json.loads(body))
+
+    def _rest_of(
+        self, job_id: str, headers: dict[str, str], job: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``job`` (a first page) with the tasks of every later page appended."""
+        tasks = job.setdefault("tasks", [])
+        while "next" in headers:
+            start = int(headers["next"])
+            if tasks and start <= tasks[-1]["index"]:
+                raise DsmlError(f"the master's status pages of {job_id} go backwards", "internal")
+            head, body = self.master.call("status", {"Job": job_id, "From": start})
+            headers = head.headers
+            tasks.extend(json.loads(body).get("tasks", ()))
+        job["next"] = None
+        return job
 
     def cancel(self, job_id: str) -> int:
         """Cancel a job; returns how many running attempts were told to stop."""
         head, _ = self.master.call("cancel", {"Job": job_id})
         return int(head.headers.get("killed", "0"))
 
-    def wait(self, job_id: str, timeout: float | None = None) -> dict[str, Any]:
-        """Block until the job ends (or ``timeout`` seconds pass); returns its status."""
+    def wait(
+        self, job_id: str, timeout: float | None = None, *, all_tasks: bool = True
+    ) -> dict[str, Any]:
+        """Block until the job ends (or ``timeout`` seconds pass); returns its status
+        (with every task; ``all_tasks=False``: only the first page of them, for a
+        progress line)."""
         import time
 
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             step = 60 if deadline is None else max(1, min(60, int(deadline - time.monotonic())))
             head, body = self.master.call("wait", {"Job": job_id, "Timeout": step})
-            if head.headers.get("final") == "1":
-                return json.loads(body)  # type: ignore[no-any-return]
-            if deadline is not None and time.monotonic() >= deadline:
-                return json.loads(body)  # type: ignore[no-any-return]
+            final = head.headers.get("final") == "1"
+            if final or (deadline is not None and time.monotonic() >= deadline):
+                job = json.loads(body)
+                if not all_tasks:
+                    return job  # type: ignore[no-any-return]
+                return self._rest_of(job_id, head.headers, job)
 
     def log_source(
         self, job_id: str, task: int = 0, attempt: int | None = None
@@ -378,6 +437,23 @@ class ClusterClient:
             offset += len(data)
             if not data or offset >= size:
                 return b"".join(chunks)
+
+
+def _compact_array(
+    body: bytes,
+    array: int,
+    inputs: list[tuple[str, str]] | tuple[tuple[str, str], ...],
+    outputs: list[tuple[str, str]] | tuple[tuple[str, str], ...],
+) -> bytes:
+    """A submit of one task made an array: ``"array": N`` and the task as its template
+    (``{index}`` left in its keys and paths, the master fills it in for each task), so
+    a 100,000-task array is one small request, not 100,000 task objects."""
+    job = json.loads(body)
+    template = job["tasks"][0]
+    template["inputs"] = [[k, p] for k, p in inputs]
+    template["outputs"] = [[p, k] for p, k in outputs]
+    job["array"] = array
+    return json.dumps(job).encode()
 
 
 class Job:

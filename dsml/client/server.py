@@ -23,6 +23,7 @@ from ..fsutil import current_umask
 from ..protocol import codec, replies
 from ..protocol.codec import END, NEED_DATA, Head, Parser, quick_response
 from ..protocol.replies import Entry, Stored
+from .tls_socket import TlsSocket
 
 #: Bytes per read and per send of a file transfer.
 CHUNK = 1024 * 1024
@@ -59,7 +60,7 @@ class ClientTls:
         self.revoked = pki.revoked_serials(pki_dir)
 
     def check_peer(
-        self, sock: ssl.SSLSocket, where: str, kinds: tuple[str, ...] = ("master", "worker")
+        self, sock: TlsSocket, where: str, kinds: tuple[str, ...] = ("master", "worker")
     ) -> None:
         """Refuse a server whose certificate is not of one of ``kinds``, or revoked."""
         cert = sock.getpeercert() or {}
@@ -118,7 +119,7 @@ class Client:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls is not None:
             try:
-                sock = tls.context.wrap_socket(sock)
+                sock = TlsSocket(sock, tls.context)  # type: ignore[assignment]
                 tls.check_peer(sock, f"{host}:{port}")
             except (OSError, DsmlError) as e:
                 sock.close()
@@ -181,34 +182,7 @@ class Client:
             raise ConnectionLost(f"connection to {self.host}:{self.port} lost: {e}") from None
         if not data:
             raise ConnectionLost(f"{self.host}:{self.port} closed the connection")
-        if self._read_size == CHUNK and isinstance(self._sock, ssl.SSLSocket):
-            data = self._drain(data)
         return data
-
-    def _drain(self, data: bytes) -> bytes:
-        """During a transfer over TLS: one recv gives one TLS record (16 KiB at most), so
-        take what else has already arrived, up to CHUNK, without waiting: the parser and
-        the sink then see large pieces, as without TLS."""
-        sock = self._sock
-        parts = [data]
-        got = len(data)
-        timeout = sock.gettimeout()
-        sock.settimeout(0.0)
-        try:
-            while got < CHUNK:
-                try:
-                    more = sock.recv(CHUNK - got)
-                except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    break  # the next blocking recv reports it
-                if not more:
-                    break
-                parts.append(more)
-                got += len(more)
-        finally:
-            sock.settimeout(timeout)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _read_head(self, req_id: int) -> Head:
         head = self._event()
@@ -278,19 +252,20 @@ class Client:
         return head.headers
 
     def set(
-        self, key: str, value: bytes, version: int | None = None, forward: str = ""
+        self, key: str, value: bytes, grant: str | None = None, forward: str = ""
     ) -> Stored:
         """Store a small value (up to the server's value_max) under ``key``.
 
-        ``version`` and ``forward`` are for cluster writes (see :class:`ClusterClient`):
-        the master's version, and the workers the server passes the value on to.
+        ``grant`` and ``forward`` are for cluster writes (see :class:`ClusterClient`):
+        the master's grant of the write's version (place's answer), and the workers the
+        server passes the value on to.
         """
-        if version is None and not forward:
+        if grant is None and not forward:
             head, _ = self._key_call("value_upload", key, value)
             return _stored(key, head)
         headers: dict[str, object] = {"Key": key}
-        if version is not None:
-            headers["Version"] = version
+        if grant is not None:
+            headers["Grant"] = grant
         if forward:
             headers["Forward"] = forward
         head, _ = self.call("value_upload", headers, value)
@@ -338,23 +313,24 @@ class Client:
         key: str,
         progress: Progress | None = None,
         sha256: str | None = None,
-        version: int | None = None,
+        grant: str | None = None,
         forward: str = "",
     ) -> Stored:
         """Stream a file to ``key``; hash it on the way and check the server's hash.
 
-        With ``sha256`` the server itself refuses bytes that do not match it.
+        With ``sha256`` the server itself refuses bytes that do not match it; ``grant``
+        and ``forward`` as for :meth:`set`.
         """
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as f:
-                return self.upload(f, key, progress, sha256, version, forward)
+                return self.upload(f, key, progress, sha256, grant, forward)
         f = source
         size = os.fstat(f.fileno()).st_size - f.tell()
         headers: dict[str, object] = {"Key": key}
         if sha256 is not None:
             headers["Sha256"] = sha256
-        if version is not None:
-            headers["Version"] = version
+        if grant is not None:
+            headers["Grant"] = grant
         if forward:
             headers["Forward"] = forward
         req_id = self._send_head("file_upload", headers, size)

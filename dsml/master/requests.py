@@ -13,7 +13,7 @@ the application objects': :class:`~dsml.master.registry.WorkerRegistry` (workers
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -48,6 +48,11 @@ def worker_addr(r: WorkerRecord) -> str:
     return f"{r.name}={host}:{r.port}"
 
 
+def _page_headers(view: JobView) -> dict[str, object]:
+    """A status page's headers: State, and Next when more tasks follow."""
+    return {"State": view.state} if view.next is None else {"State": view.state, "Next": view.next}
+
+
 def _lines(items: list[str]) -> bytes:
     return ("\n".join(items) + "\n").encode() if items else b""
 
@@ -62,10 +67,13 @@ class MasterHandler:
         keys: KeySpace,
         router: JobRouter,
         admins: Collection[str] = DEFAULT_ADMINS,
+        lag: Callable[[], Mapping[str, object]] | None = None,
     ) -> None:
         self.registry = registry
         self.keys = keys
         self.router = router
+        #: The reactor-lag probe's figures (in the ``nodes`` answer's headers).
+        self.lag = lag
         #: Users who may act on every job (``cluster.admins``).
         self.admins = frozenset(admins)
 
@@ -109,6 +117,9 @@ class MasterHandler:
                 "Added": done.added,
                 "Removed": done.removed,
                 "Rejected": done.rejected,
+                # Its own key: it checks the grants of writes placed on it (and can sign
+                # for nobody else).
+                "Grant-Key": self.keys.directory.grants.worker_key(h["name"]),
             }
         )
 
@@ -136,6 +147,24 @@ class MasterHandler:
         done = self.registry.report(self._sender(head, conn), payload)
         return Reply({"Taken": done.taken, "Refused": done.refused})
 
+    @responder("bad_copy", roles=_WORKER)
+    def _bad_copy(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+        # Only on the worker's own registered link, about its own copy.
+        record = self._sender(head, conn)
+        h = head.headers
+        forgotten = self.registry.bad_copy(record, h["key"], int(h["version"]))
+        return Reply({"Forgotten": 1 if forgotten else 0})
+
+    @responder("peers", roles=_WORKER)
+    def _peers(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+        # Where a worker may forward an upload: the live registered workers.
+        self._sender(head, conn)
+        return Reply({}, _lines([
+            json.dumps({"name": r.name, "addr": worker_addr(r).split("=", 1)[1]})
+            for r in self.registry.workers()
+            if r.live
+        ]))
+
     @responder("task_result", roles=_WORKER, pipelined=True)
     def _task_result(self, head: Head, payload: bytes, conn: Connection) -> Deferred[Reply]:
         # Pipelined: a batch of results is answered after its commit, and the next batch
@@ -154,7 +183,10 @@ class MasterHandler:
     @responder("nodes", roles=_CLIENT)
     def _nodes(self, head: Head, payload: bytes, conn: Connection) -> Reply:
         now = self.registry.membership.monotonic()
-        return Reply({}, _lines([
+        lag = self.lag() if self.lag is not None else {}
+        headers = {f"Lag-{name[:-3].replace('_', '-').title()}-Ms": lag[name]
+                   for name in ("worst_ms", "recent_worst_ms", "last_ms") if name in lag}
+        return Reply(headers, _lines([
             json.dumps(
                 {
                     "name": r.name,
@@ -179,7 +211,11 @@ class MasterHandler:
     def _place(self, head: Head, payload: bytes, conn: Connection) -> Reply:
         placed = self.keys.place(head.headers["key"], int(head.headers["size"]))
         return Reply(
-            {"Version": placed.version, "Workers": ",".join(map(worker_addr, placed.workers))}
+            {
+                "Version": placed.version,
+                "Grant": placed.grant,
+                "Workers": ",".join(map(worker_addr, placed.workers)),
+            }
         )
 
     @responder("locate", roles=_USERS)
@@ -197,17 +233,23 @@ class MasterHandler:
     @responder("commit", roles=_USERS)
     def _commit(self, head: Head, payload: bytes, conn: Connection) -> Reply:
         h = head.headers
-        self.keys.commit(
-            h["key"], int(h["size"]), h["sha256"], int(h["version"]), h["workers"].split(",")
+        version = self.keys.commit(
+            h["key"], int(h["size"]), h["sha256"], h["grant"], h["workers"].split(",")
         )
-        return Reply()
+        if "version" in h and int(h["version"]) != version:
+            # Recorded all the same: the grant, not the claim, says the version.
+            log.warn("a commit of {key!r} claimed version {claimed}; its grant says {v}",
+                     key=h["key"], claimed=h["version"], v=version)
+        return Reply({"Version": version})
 
     @responder("corrupt", roles=_USERS)
     def _corrupt(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+        # A hint: the worker re-hashes its copy; only its own bad_copy forgets it.
         key, worker = head.headers["key"], head.headers["worker"]
-        log.warn("a client found {worker}'s copy of {key!r} corrupt", worker=worker, key=key)
-        self.keys.corrupt(key, worker)
-        return Reply()
+        checking = self.keys.corrupt(key, worker)
+        log.info("a client says {worker}'s copy of {key!r} is corrupt: {what}", worker=worker,
+                 key=key, what="ordered a re-hash" if checking else "nothing to check")
+        return Reply({"Checking": 1 if checking else 0})
 
     @responder("remove", roles=_CLIENT)
     def _remove(self, head: Head, payload: bytes, conn: Connection) -> Reply:
@@ -239,12 +281,14 @@ class MasterHandler:
             raise JobError(f"job is not JSON: {e}", "bad-job") from None
         spec = job_spec_from_json(data)
         d = self.router.submit(spec, principal(conn))
-        return d.addCallback(lambda job_id: Reply({"Job": job_id, "Tasks": len(spec.tasks)}))
+        return d.addCallback(lambda job_id: Reply({"Job": job_id, "Tasks": spec.count}))
 
     @responder("jobs", roles=_CLIENT)
     def _jobs(self, head: Head, payload: bytes, conn: Connection) -> Reply:
-        limit = min(int(head.headers.get("limit", 100)), 10_000)
-        return Reply({}, _lines([json.dumps(job_json(v)) for v in self.router.recent(limit)]))
+        h = head.headers
+        views, nxt = self.router.recent(int(h.get("limit", 100)), h.get("before"))
+        body = _lines([json.dumps(job_json(v)) for v in views])
+        return Reply({} if nxt is None else {"Next": nxt}, body)
 
     def _status_json(self, view: JobView, conn: Connection) -> bytes:
         """The status payload: the job's JSON, with why its queued tasks wait now (the
@@ -256,8 +300,9 @@ class MasterHandler:
 
     @responder("status", roles=_CLIENT)
     def _status(self, head: Head, payload: bytes, conn: Connection) -> Reply:
-        view = self.router.job(head.headers["job"])
-        return Reply({"State": view.state}, self._status_json(view, conn))
+        h = head.headers
+        view = self.router.status(h["job"], int(h.get("from", 0)), int(h.get("limit", 1000)))
+        return Reply(_page_headers(view), self._status_json(view, conn))
 
     @responder("cancel", roles=_CLIENT)
     def _cancel(self, head: Head, payload: bytes, conn: Connection) -> Deferred[Reply]:
@@ -271,7 +316,7 @@ class MasterHandler:
 
         def answer(result: tuple[JobView, bool]) -> Reply:
             view, final = result
-            return Reply({"State": view.state, "Final": 1 if final else 0},
+            return Reply({**_page_headers(view), "Final": 1 if final else 0},
                          self._status_json(view, conn))
 
         return d.addCallback(answer)

@@ -15,7 +15,7 @@ them, each with what it needs, and the services that start and stop them.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
 from .. import __version__
-from ..config import MASTER_ADDR_FILE, Config
+from ..config import MASTER_ADDR_FILE, Config, Retention
 from ..fsutil import private_dir
+from ..lagprobe import LagProbe
 from ..net.access import DEFAULT_ADMINS
 from ..net.limits import Limits
 from ..net.listen import ListenService
@@ -58,19 +59,30 @@ class _MasterRuntime(service.Service):
         repairer: Repairer,
         state: MasterState,
         jobs: JobManager | None = None,
+        probe: LagProbe | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self.membership = membership
         self.repairer = repairer
         self.state = state
         self.jobs = jobs
+        self.probe = probe
+        self.retention = retention
 
     def startService(self) -> None:
         super().startService()
         self.membership.start()
         self.repairer.start()
+        if self.probe is not None:
+            self.probe.start()
+        if self.jobs is not None and self.retention is not None:
+            self.jobs.start_retention(self.retention.jobs_max_age,
+                                      self.retention.jobs_max_count)
 
     def stopService(self) -> None:
         super().stopService()
+        if self.probe is not None:
+            self.probe.stop()
         self.repairer.stop()
         self.membership.stop()
         # Worker links close after this, as the reactor shuts down: a master that is
@@ -115,6 +127,8 @@ def build_master(
     run_in_thread: Callable[[Callable[[], None]], Deferred[None]] | None = None,
     peer_check: PeerCheck | None = None,
     admins: Collection[str] = DEFAULT_ADMINS,
+    configured: Mapping[str, tuple[str, int]] | None = None,
+    retention: Retention | None = None,
 ) -> Master:
     """Wire the master over an open ``state``: no reactor or sockets of its own.
 
@@ -125,7 +139,10 @@ def build_master(
     :func:`make_master_service` passes the real ones; :mod:`dsml.testing.sim` passes
     a fake clock and an in-memory network.  With ``peer_check`` (TLS: ``listen`` then
     wraps the factory in TLS) each connection's roles come from its peer's certificate;
-    ``admins`` are the users who may act on every job (``cluster.admins``).
+    ``admins`` are the users who may act on every job (``cluster.admins``);
+    ``configured`` (the config's workers: name -> host, port) is who may register over
+    TLS, and where.  ``retention`` (the config's section) starts the purge of finished
+    jobs; a reactor-lag probe on ``clock`` is in every ``nodes`` answer.
     """
     versions = Versions(__version__, PROTOCOL_VERSION)
     directory = Directory(state, now=now)
@@ -152,9 +169,12 @@ def build_master(
         membership=membership,
         versions=versions,
         on_registered=router.registered,
+        configured=configured,
     )
     keys = KeySpace(directory=directory, membership=membership, factor=factor)
-    handler = MasterHandler(registry=registry, keys=keys, router=router, admins=admins)
+    probe = LagProbe(clock)
+    handler = MasterHandler(registry=registry, keys=keys, router=router, admins=admins,
+                            lag=probe.snapshot)
     repairer = Repairer(
         clock=clock,
         monotonic=monotonic,
@@ -175,7 +195,7 @@ def build_master(
     )
     top = service.MultiService()
     top.setName("dsml-master")
-    _MasterRuntime(membership, repairer, state, jobs).setServiceParent(top)
+    _MasterRuntime(membership, repairer, state, jobs, probe, retention).setServiceParent(top)
     listen(factory).setServiceParent(top)
     return Master(state, directory, membership, handler, repairer, factory, jobs, router, top,
                   registry, keys)
@@ -206,4 +226,6 @@ def make_master_service(
         run_in_thread=lambda fn: deferToThreadPool(reactor, reactor.getThreadPool(), fn),
         peer_check=None if tls is None else PeerCheck(tls, frozenset({"worker", "user"})),
         admins=cc.admins,
+        configured={name: (w.host, w.port) for name, w in config.workers.items()},
+        retention=config.retention,
     ).service

@@ -135,6 +135,20 @@ def nodes(payload: bytes) -> list[Node]:
     return [Node(**json.loads(line)) for line in payload.decode().splitlines() if line]
 
 
+def lag(headers: Mapping[str, str]) -> dict[str, float]:
+    """The master's reactor-lag figures from a ``nodes`` answer's ``Lag-*-Ms`` headers,
+    in milliseconds by name (``worst``, ``recent_worst``, ``last``)."""
+    out = {}
+    for name in ("worst", "recent_worst", "last"):
+        value = headers.get(f"lag-{name.replace('_', '-')}-ms")
+        if value is not None:
+            try:
+                out[name] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
 def json_lines(payload: bytes) -> list[dict[str, Any]]:
     """JSON lines (the master's ``jobs`` answer) as dicts."""
     return [json.loads(line) for line in payload.decode().splitlines() if line]

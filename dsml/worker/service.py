@@ -1,5 +1,11 @@
 """Wiring of a worker process: its store, its storage server, its link to the master, its
-client of the cluster (for its tasks' inputs and outputs)."""
+client of the cluster (for its tasks' inputs and outputs), and what it takes on the
+master's word (:class:`~dsml.worker.trust.MasterTrust`: write grants, registered peers).
+
+A part that finds one of the worker's copies bad (a task input changed under it, a
+failed read) calls :meth:`Worker.check_copy` (re-hash in a thread, then report if bad)
+or, when it already knows, :meth:`Worker.report_corrupt`; both run on the reactor thread.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import Any
 import attrs
 from twisted.application import service
 from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -32,13 +39,14 @@ from ..net.server import ServerFactory
 from ..net.tls import PeerCheck, TlsIdentity, load_tls
 from ..protocol.methods import Role
 from .inputcache import InputCache
-from .link import MasterLink, StoreReports, WorkerInfo
+from .link import MasterLink, MasterSession, StoreReports, WorkerInfo
 from .orders import WorkerOrders, order_responders
 from .runner import OnResult, TaskLogs, TaskOrders, WorkerJobs
 from .storage import RunInThread, StorageHandler, storage_responders
 from .store import Store
 from .tasks import TaskManager
 from .transfers import TaskTransfers
+from .trust import MasterTrust
 
 #: The file, under a worker's data_dir, that says where its storage server listens.
 ADDR_FILE = WORKER_ADDR_FILE
@@ -100,6 +108,26 @@ class Worker:
     client: AsyncClusterClient | None = None
     #: Its tasks' inputs and outputs: local copies, downloads, uploads, retries.
     transfers: TaskTransfers | None = None
+    #: The master's grants and registered peers, as of the current registration.
+    trust: MasterTrust | None = None
+
+    def report_corrupt(self, key: str, version: int | None = None) -> Deferred[bool]:
+        """This worker's copy of ``key`` is known bad: forget it (no tombstone) and tell
+        the master (``bad_copy``), which forgets it and copies a good one back.
+
+        Call on the reactor thread.  With ``version``, only that version is forgotten
+        (a newer write since stays).  Fires True once the master has forgotten the copy,
+        False if there was none to forget or the master could not be told (the next
+        registration's inventory then tells it).  Never fails.
+        """
+        return self.orders.forget_bad_copy(key, version)
+
+    def check_copy(self, key: str) -> Deferred[bool]:
+        """Re-hash this worker's copy of ``key`` against its stored sha256 (in a thread,
+        :meth:`Store.verifier <dsml.worker.store.Store.verifier>`); if it does not match,
+        :meth:`report_corrupt` it.  Fires True if the copy is good, False if it was bad
+        or absent.  Call on the reactor thread."""
+        return self.orders.check_copy(key)
 
 
 #: Builds the task manager, given the callback for its results and the transfers of its
@@ -150,20 +178,32 @@ def build_worker(
     their own jobs'.
     """
     name = info.name
+    # Over TLS the certificates say who is who and nobody checks the token: it is never
+    # sent (not even to a peer that turns out not to be the master).
+    sent_token = None if tls is not None else token
     links = Links(
-        clock, endpoint_for, token, name=f"worker {name}", peer_roles=frozenset({Role.WORKER}),
+        clock, endpoint_for, sent_token, name=f"worker {name}",
+        peer_roles=frozenset({Role.WORKER}),
         peer_check=None if tls is None else PeerCheck(tls, frozenset({"master", "worker"})),
     )
     client = AsyncClusterClient(master_addr, links, clock)
-    transfers = TaskTransfers(client, store, clock, run_in_thread, cache=input_cache)
+    transfers = TaskTransfers(
+        client, store, clock, run_in_thread, cache=input_cache,
+        # A task changed its read-only input through the store's object: forget the
+        # copy and tell the master (``orders`` is built below, before any task runs).
+        report_corrupt=lambda key: orders.forget_bad_copy(key),
+    )
     jobs = (
         WorkerJobs(clock, lambda on_result: tasks(on_result, transfers))
         if tasks is not None
         else None
     )
     reports = StoreReports(clock)
-    handler = StorageHandler(store, run_in_thread, links=links, on_change=reports.report)
-    orders = WorkerOrders(handler, links)
+    trust = MasterTrust(clock, name)
+    handler = StorageHandler(
+        store, run_in_thread, links=links, on_change=reports.report, trust=trust
+    )
+    orders = WorkerOrders(handler, links, report_bad=reports.bad_copy)
     task_side: dict[str, Any] = {}
     if jobs is not None and jobs.tasks is not None:
         task_side = {
@@ -174,7 +214,7 @@ def build_worker(
     master = MasterLink(
         clock=clock,
         endpoint=AddressEndpoint(endpoint_for, master_addr),
-        token=token,
+        token=sent_token,
         info=info,
         store=store,
         orders=order_responders(orders, TaskOrders(jobs)),
@@ -185,6 +225,18 @@ def build_worker(
         peer_check=None if tls is None else PeerCheck(tls, frozenset({"master"})),
         **task_side,
     )
+
+    def trust_session(session: MasterSession | None) -> None:
+        if session is None:
+            trust.lost()
+            return
+        if session.grant_key:
+            store.mark_joined()  # no ungranted write from now on, even after a restart
+        trust.registered(
+            session.grant_key, lambda: session.request("peers").addCallback(_payload)
+        )
+
+    master.add_listener(trust_session)
     factory = ServerFactory(
         storage_responders(handler, TaskLogs(jobs, admins), value_max), clock, token, limits,
         peer_check=None if tls is None else PeerCheck(tls, frozenset({"worker", "user"})),
@@ -209,8 +261,13 @@ def build_worker(
     if jobs is not None and jobs.tasks is not None:
         _TasksService(jobs.tasks).setServiceParent(top)
     return Worker(
-        name, store, links, handler, orders, master, factory, top, jobs, client, transfers
+        name, store, links, handler, orders, master, factory, top, jobs, client, transfers,
+        trust,
     )
+
+
+def _payload(response: Any) -> bytes:
+    return response.payload  # type: ignore[no-any-return]
 
 
 def make_worker_service(config: Config, name: str, reactor: Any) -> service.MultiService:
@@ -253,6 +310,9 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
             work_dir=wc.data_dir / "tasks",
             transfers=transfers,
             on_result=on_result,
+            keep_finished=config.retention.attempt_dirs_max_count,
+            dirs_max_bytes=config.retention.attempt_dirs_max_bytes,
+            dirs_max_age=config.retention.attempt_dirs_max_age,
         )
 
     return build_worker(

@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ...config import DEFAULT_ATTEMPT_DIRS_MAX_AGE, DEFAULT_ATTEMPT_DIRS_MAX_BYTES
 from ...errors import NotFound
 from ...fsutil import makedirs_private, private_dir
 from .groups import kill_leftovers, kill_orphans, signal_group
@@ -151,6 +152,8 @@ class TaskManager(AttemptLedger):
     :param log_cap: bytes kept per stream and attempt (the tail).
     :param keep_finished: finished attempt directories kept (with their logs); older ones are
         removed (their inputs and outputs too: on a small disk, keep fewer).
+    :param dirs_max_bytes: bytes the kept directories may hold (inputs lent by a link not
+        counted); ``dirs_max_age``: seconds one is kept (None: no bound).
     :param launcher: how a command is started in its own session (the default is
         :func:`default_launcher`): :func:`popen_launcher` for ``subprocess.Popen`` watched
         through a pidfd (the reactor must then provide ``IReactorFDSet``), anything else
@@ -170,6 +173,8 @@ class TaskManager(AttemptLedger):
         grace: float = 5.0,
         log_cap: int = LOG_CAP,
         keep_finished: int = 1000,
+        dirs_max_bytes: int | None = DEFAULT_ATTEMPT_DIRS_MAX_BYTES,
+        dirs_max_age: float | None = DEFAULT_ATTEMPT_DIRS_MAX_AGE,
         launcher: Launcher | None = None,
         sample_interval: float = SAMPLE_INTERVAL,
     ) -> None:
@@ -192,7 +197,9 @@ class TaskManager(AttemptLedger):
         self.sample_interval = sample_interval
         self._active: dict[int, _Attempt] = {}
         self._results: dict[int, AttemptResult] = {}
-        self._dirs = AttemptDirs(self.work_dir, keep_finished)
+        # Ages on the wall clock: recovered directories are dated by their mtime.
+        self._dirs = AttemptDirs(self.work_dir, keep_finished, max_bytes=dirs_max_bytes,
+                                 max_age=dirs_max_age)
         # The ledger's finished attempts whose logs can still be read (the same dict).
         self._kept = self._dirs.kept
         self._stopping = False
