@@ -237,61 +237,95 @@ def test_a_task_that_writes_its_cached_input_gets_the_entry_dropped(
 # -- through real processes -----------------------------------------------------------------
 
 
+def _disk_use(root: Path) -> int:
+    """Bytes ``root`` takes on disk: allocated blocks, each inode counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for p in [root, *root.rglob("*")]:
+        st = p.lstat()
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total
+
+
+class _TwoWorkers:
+    """A twistd master, w1 and w2 (one slot each), replication 1; ``input`` stored on
+    w1 only.  :meth:`ran_on` runs an array job on one chosen worker."""
+
+    def __init__(self, root: Path, data: bytes, workers_extra: dict[str, Any]) -> None:
+        import yaml
+
+        from dsml.client import ClusterClient
+        from dsml.localcluster import LocalCluster
+        from dsml.testing.poll import poll
+
+        self.poll = poll
+        self.c = LocalCluster(root, workers=("w1", "w2"),
+                              extra={"cluster": {"replication": 1}})
+        config = yaml.safe_load(self.c.config_path.read_text())
+        for name in ("w1", "w2"):
+            config["workers"][name].update(workers_extra.get(name, {}))
+        config.update(workers_extra.get("top", {}))
+        self.c.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.c.start("master")
+        self.c.start("w1")
+        host, port = self.c.address("master")
+        self.client = ClusterClient(host, port, self.c.token, timeout=120.0,
+                                    tls=self.c.user_tls())
+        poll(lambda: self.alive() == {"w1"} or None, "w1 to register", 30)
+        (root / "in.bin").write_bytes(data)
+        self.client.upload(root / "in.bin", "ds/in.bin")
+        self.c.start("w2")
+        poll(lambda: self.alive() == {"w1", "w2"} or None, "w2 to register", 30)
+
+    def alive(self) -> set[str]:
+        return {n.name for n in self.client.nodes() if n.state == "alive"}
+
+    def ran_on(self, worker: str, command: list[str], n: int) -> list[int]:
+        """Run ``command`` ``n`` times (an array, the input as ``in.bin``) on
+        ``worker`` only; the attempt ids."""
+        client = self.client
+        other = "w2" if worker == "w1" else "w1"
+        # One slot per worker: a sleep on each, then ``worker``'s cancelled, so that the
+        # job can only run there.
+        pins = [client.submit(["sleep", "600"], max_attempts=1) for _ in range(2)]
+        self.poll(lambda: all(
+            (a := j.status()["tasks"][0]["attempts"]) and a[-1]["state"] == "running"
+            for j in pins) or None, "the sleeps to start", 30)
+        on = {j.status()["tasks"][0]["attempts"][-1]["worker"]: j for j in pins}
+        client.cancel(on[worker].id)
+        job = client.submit(command, inputs=[("ds/in.bin", "in.bin")], array=n,
+                            max_attempts=1)
+        status = job.wait(timeout=600)
+        client.cancel(on[other].id)
+        assert status["state"] == "succeeded", status
+        workers = {t["attempts"][-1]["worker"] for t in status["tasks"]}
+        assert workers == {worker}, workers
+        return [int(t["attempts"][-1]["id"]) for t in status["tasks"]]
+
+    def close(self) -> None:
+        self.client.close()
+        self.c.stop()
+
+
 @pytest.mark.processes
 def test_real_workers_lend_local_inputs_and_fetch_remote_ones_once(tmp_path: Path) -> None:
-    """A twistd master and two twistd workers, replication 1, the input (2 MiB) on w1
-    only.  A job of 4 tasks runs on w1 while a ``sleep`` holds w2, then another of 6 on
-    w2 while a ``sleep`` holds w1: every w1 attempt's input is a link to w1's stored
-    object, every w2 attempt's a link to the one file w2 downloaded into its cache."""
-    from dsml.client import ClusterClient
-    from dsml.localcluster import LocalCluster
-    from dsml.testing.poll import poll
-
-    c = LocalCluster(tmp_path / "c", workers=("w1", "w2"), extra={"cluster": {"replication": 1}})
+    """The input (2 MiB) on w1 only.  A job of 4 tasks runs on w1, then one of 6 on w2:
+    every w1 attempt's input is a link to w1's stored object, every w2 attempt's a link
+    to the one file w2 downloaded into its cache; each reads the right bytes and cannot
+    write them."""
+    data = os.urandom(2 << 20)
+    sha = hashlib.sha256(data).hexdigest()
+    # The right bytes, and read-only (root may write anything: not checked then).
+    check = ["sh", "-c", f'test "$(sha256sum < in.bin)" = "{sha}  -" && '
+                         '{ test ! -w in.bin || test "$(id -u)" = 0; }']
+    two = _TwoWorkers(tmp_path / "c", data, {})
     try:
-        c.start("master")
-        c.start("w1")
-        host, port = c.address("master")
-        tls = c.user_tls()
-        with ClusterClient(host, port, c.token, timeout=60.0, tls=tls) as client:
-            def alive() -> set[str]:
-                return {n.name for n in client.nodes() if n.state == "alive"}
-
-            poll(lambda: alive() == {"w1"} or None, "w1 to register", 30)
-            data = os.urandom(2 << 20)
-            (tmp_path / "in.bin").write_bytes(data)
-            client.upload(tmp_path / "in.bin", "ds/in.bin")
-            c.start("w2")
-            poll(lambda: alive() == {"w1", "w2"} or None, "w2 to register", 30)
-            sha = hashlib.sha256(data).hexdigest()
-            # The right bytes, and read-only (root may write anything: not checked then).
-            check = (f'test "$(sha256sum < in.bin)" = "{sha}  -" && '
-                     '{ test ! -w in.bin || test "$(id -u)" = 0; }')
-
-            def ran_on(worker: str, n: int) -> list[int]:
-                other = "w2" if worker == "w1" else "w1"
-                # One slot per worker: a sleep on each, then ``worker``'s cancelled, so
-                # that the job can only run there.
-                pin = client.submit(["sleep", "600"], max_attempts=1)
-                pin2 = client.submit(["sleep", "600"], max_attempts=1)
-                poll(lambda: all(
-                    (a := j.status()["tasks"][0]["attempts"]) and a[-1]["state"] == "running"
-                    for j in (pin, pin2)) or None, "the sleeps to start", 30)
-                on = {j.status()["tasks"][0]["attempts"][-1]["worker"]: j for j in (pin, pin2)}
-                client.cancel(on[worker].id)
-                job = client.submit(["sh", "-c", check], inputs=[("ds/in.bin", "in.bin")],
-                                    array=n, max_attempts=1)
-                status = job.wait(timeout=120)
-                client.cancel(on[other].id)
-                assert status["state"] == "succeeded", status
-                workers = {t["attempts"][-1]["worker"] for t in status["tasks"]}
-                assert workers == {worker}, workers
-                return [int(t["attempts"][-1]["id"]) for t in status["tasks"]]
-
-            w1_attempts = ran_on("w1", 4)
-            w2_attempts = ran_on("w2", 6)
+        w1_attempts = two.ran_on("w1", check, 4)
+        w2_attempts = two.ran_on("w2", check, 6)
     finally:
-        c.stop()
+        two.close()
     data_dir = {w: tmp_path / "c" / w for w in ("w1", "w2")}
     w1_inputs = [data_dir["w1"] / "tasks" / str(a) / "in.bin" for a in w1_attempts]
     w2_inputs = [data_dir["w2"] / "tasks" / str(a) / "in.bin" for a in w2_attempts]
@@ -302,3 +336,38 @@ def test_real_workers_lend_local_inputs_and_fetch_remote_ones_once(tmp_path: Pat
     assert {p.stat().st_ino for p in w1_inputs} == {objects[0].stat().st_ino}
     assert {p.stat().st_ino for p in w2_inputs} == {cached.stat().st_ino}
     assert cached.read_bytes() == data
+
+
+#: Attempts per worker of the disk-budget test; the issue's figure is 500
+#: (``DSML_STAGING_ATTEMPTS=500``, a few minutes).
+STAGING_ATTEMPTS = int(os.environ.get("DSML_STAGING_ATTEMPTS", "30"))
+
+
+@pytest.mark.processes
+def test_many_attempts_of_a_big_input_stay_within_the_disk_budget(tmp_path: Path) -> None:
+    """A 50 MiB input on w1 only; STAGING_ATTEMPTS attempts on each worker, each also
+    writing 1 MiB of scratch.  Attempt directories are bounded to 8 MiB, w2's input cache
+    to 64 MiB: w1's data directory stays within its store (the input, lent by links,
+    never copied) + 8 MiB + slack, w2's within 64 MiB + 8 MiB + slack, and w2 fetched
+    the input once (its kept attempts' inputs are all the cache's one inode)."""
+    size = 50 << 20
+    data = os.urandom(size)
+    budget = 8 << 20
+    two = _TwoWorkers(tmp_path / "c", data, {
+        "w2": {"input_cache": "64MiB"},
+        "top": {"retention": {"attempt_dirs_max_bytes": budget}},
+    })
+    scratch = ["sh", "-c", "head -c 1048576 in.bin > scratch.bin"]
+    try:
+        two.ran_on("w1", scratch, STAGING_ATTEMPTS)
+        w2_attempts = two.ran_on("w2", scratch, STAGING_ATTEMPTS)
+    finally:
+        two.close()
+    slack = 4 << 20  # indexes, logs, directories
+    w1, w2 = tmp_path / "c" / "w1", tmp_path / "c" / "w2"
+    assert _disk_use(w1) <= size + budget + slack, _disk_use(w1)
+    assert _disk_use(w2) <= (64 << 20) + budget + slack, _disk_use(w2)
+    [cached] = list((w2 / "cache").iterdir())
+    kept = [w2 / "tasks" / str(a) / "in.bin" for a in w2_attempts]
+    kept = [p for p in kept if p.exists()]
+    assert kept and {p.stat().st_ino for p in kept} == {cached.stat().st_ino}
