@@ -227,6 +227,33 @@ def test_read_size_reaches_the_tcp_transport(worker_tls: TlsIdentity) -> None:
     assert proto.bufferSize == READ_MAX
 
 
+def test_a_links_keepalive_reaches_the_tcp_socket_beneath_tls(worker_tls: TlsIdentity) -> None:
+    """tune_socket on a TLS link sets keepalive and TCP_USER_TIMEOUT on the TCP socket
+    beneath (a long-lived link must notice a peer that vanished)."""
+    import socket
+
+    from dsml.net.links import USER_TIMEOUT_MS, tune_socket
+
+    class Tcp(StringTransport):
+        keepalive = False
+
+        def setTcpKeepAlive(self, on: bool) -> None:  # noqa: N802 - Twisted's name
+            self.keepalive = on
+
+        def getHandle(self) -> socket.socket:  # noqa: N802 - Twisted's name
+            return self.sock
+
+    proto = worker_tls.wrap_server(Factory.forProtocol(Collector)).buildProtocol(ADDR)
+    tcp = Tcp()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp.sock:
+        proto.makeConnection(tcp)
+        tune_socket(proto)
+        assert tcp.keepalive
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            got = tcp.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+            assert got == USER_TIMEOUT_MS
+
+
 def test_a_producer_runs_on_the_tcp_transport_and_close_waits_for_it(
     worker_tls: TlsIdentity, master_tls: TlsIdentity
 ) -> None:

@@ -89,11 +89,9 @@ class AddressEndpoint:
 
 
 def tune_socket(transport: Any) -> None:
-    """Keepalive and TCP_USER_TIMEOUT on a long-lived link, where the OS allows."""
-    from twisted.protocols.tls import TLSMemoryBIOProtocol
-
-    if isinstance(transport, TLSMemoryBIOProtocol):
-        transport = transport.transport  # the TCP connection beneath the TLS
+    """Keepalive and TCP_USER_TIMEOUT on a long-lived link, where the OS allows (through
+    a TLS transport too: :class:`~dsml.net.tls_transport.TlsProtocol` passes both calls
+    to the TCP connection beneath it)."""
     try:
         transport.setTcpKeepAlive(True)
         sock = transport.getHandle()
