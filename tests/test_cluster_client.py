@@ -452,3 +452,18 @@ def test_on_a_cloning_filesystem_the_copy_is_a_reflink() -> None:
     finally:
         src.unlink(missing_ok=True)
         dest.unlink(missing_ok=True)
+
+
+def test_status_and_wait_follow_the_masters_pages(sim: SimCluster) -> None:
+    """The master answers a job's tasks a page at a time: the async client's status
+    (and wait) asks for every page, each task once, in order."""
+    from dsml.master.jobs import STATUS_PAGE
+
+    client = sim.client()
+    n = STATUS_PAGE * 2 + 5
+    job = sim.wait(client.submit(["true"], array=n))
+    status = sim.wait(client.status(job))
+    assert [t["index"] for t in status["tasks"]] == list(range(n))
+    ended = sim.wait(client.wait(job, timeout=600), timeout=600)
+    assert [t["index"] for t in ended["tasks"]] == list(range(n))
+    assert ended["state"] == "succeeded"

@@ -30,7 +30,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -359,13 +359,30 @@ class AsyncClusterClient:
         return _run(run())
 
     def status(self, job_id: str) -> Deferred[dict[str, Any]]:
-        """A job with its tasks and every attempt (as ``dsml status`` shows it)."""
+        """A job with its tasks and every attempt (as ``dsml status`` shows it); the
+        master sends the tasks a page at a time: this asks for each page in turn."""
 
         async def run() -> dict[str, Any]:
             r = await self._ask_master("status", {"Job": job_id})
-            return json.loads(r.payload)  # type: ignore[no-any-return]
+            return await self._rest_of(job_id, r.headers, json.loads(r.payload))
 
         return _run(run())
+
+    async def _rest_of(
+        self, job_id: str, headers: Mapping[str, str], job: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``job`` (a first page) with the tasks of every later page appended."""
+        tasks = job.setdefault("tasks", [])
+        while "next" in headers:
+            start = int(headers["next"])
+            if tasks and start <= tasks[-1]["index"]:
+                raise DsmlError(f"the master's status pages of {job_id} go backwards",
+                                "internal")
+            r = await self._ask_master("status", {"Job": job_id, "From": start})
+            headers = r.headers
+            tasks.extend(json.loads(r.payload).get("tasks", ()))
+        job["next"] = None
+        return job
 
     def cancel(self, job_id: str) -> Deferred[int]:
         """Cancel a job; fires with how many running attempts were told to stop."""
@@ -391,7 +408,7 @@ class AsyncClusterClient:
                 if r.headers.get("final") == "1" or (
                     deadline is not None and self.clock.seconds() >= deadline
                 ):
-                    return json.loads(r.payload)  # type: ignore[no-any-return]
+                    return await self._rest_of(job_id, r.headers, json.loads(r.payload))
 
         return _run(run())
 
