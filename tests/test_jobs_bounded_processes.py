@@ -11,7 +11,9 @@ request, which before took as long as the whole status backlog (about 32 s at 10
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -24,6 +26,7 @@ from dsml.client import ClusterClient
 from dsml.localcluster import LocalCluster
 from dsml.protocol import codec
 from dsml.protocol.codec import END, NEED_DATA, Head, Parser
+from dsml.testing.poll import poll
 
 pytestmark = pytest.mark.processes
 
@@ -190,3 +193,28 @@ def test_the_master_log_shows_the_slices(master: LocalCluster, big_job: tuple[st
     job_id, _ = big_job
     text = Path(master.log_path("master")).read_text(errors="replace")
     assert f"job {job_id} ('big') of {TASKS} tasks: being admitted in slices" in text
+
+
+def test_a_restarted_master_purges_finished_jobs_beyond_retention(tmp_path: Path) -> None:
+    """``retention.jobs_max_count: 2``: after three jobs have finished, the master's
+    purge (its first runs when it starts) keeps the two newest; `dsml jobs` says so."""
+    c = LocalCluster(tmp_path / "c", workers=("w1",),
+                     extra={"retention": {"jobs_max_count": 2}})
+    try:
+        c.start("master")
+        c.start("w1")
+        ids = []
+        for _ in range(3):
+            ids.append(c.cli("submit", "--", "true").stdout.decode().strip())
+            c.cli("wait", ids[-1])
+        c.kill("master", signal.SIGTERM)
+        c.start("master")
+
+        def listed() -> list[str] | None:
+            jobs = json.loads(c.cli("jobs", "--json").stdout)["jobs"]
+            names = [j["id"] for j in jobs]
+            return names if len(names) == 2 else None
+
+        assert sorted(poll(listed, "the purge at start-up", 30)) == sorted(ids[1:])
+    finally:
+        c.stop()
