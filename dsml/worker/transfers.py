@@ -341,13 +341,19 @@ def _link_readonly(src: int, size: int, dest: Path) -> tuple[str, os.stat_result
         os.replace(tmp, dest)
         return "link", st
     except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _discard(fd, tmp)
         raise
+
+
+def _discard(fd: int, tmp: str) -> None:
+    """Close ``fd`` (if still open, >= 0) and remove ``tmp`` (if there): a stage that
+    failed leaves nothing behind."""
+    if fd >= 0:
+        os.close(fd)
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
 
 
 def _sha256_of(path: str) -> str:
@@ -379,12 +385,7 @@ def _copy_into(body: IO[bytes], src: int, size: int, dest: Path) -> str:
         os.replace(tmp, dest)
         return how
     except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _discard(fd, tmp)
         raise
 
 
