@@ -136,6 +136,23 @@ def test_the_least_recently_used_entries_go_past_the_budget(tmp_path: Path) -> N
     assert (tmp_path / "attempt-link").read_bytes() == b"z" * 30
 
 
+def test_an_entry_changed_behind_the_caches_back_is_downloaded_again(tmp_path: Path) -> None:
+    """A task kept a link to its input past its attempt and wrote it later: the next hit
+    sees the file differ from when it was cached and downloads it again."""
+    cache = InputCache(tmp_path / "c", 100)
+    dl = Downloads()
+    cache.get(("k", 1, SHA), dl)
+    dl.finish(0, b"abc", (1, SHA))
+    path = cache.path_of(("k", 1, SHA))
+    os.link(path, tmp_path / "kept-by-a-task")
+    os.chmod(tmp_path / "kept-by-a-task", 0o600)
+    (tmp_path / "kept-by-a-task").write_bytes(b"xyz")
+    got = results([cache.get(("k", 1, SHA), dl)])
+    assert len(dl.started) == 2 and got == []  # a new download, not the changed file
+    dl.finish(1, b"abc", (1, SHA))
+    assert got == [path] and path.read_bytes() == b"abc"
+
+
 def test_a_removed_entry_is_downloaded_again(tmp_path: Path) -> None:
     cache = InputCache(tmp_path / "c", 100)
     dl = Downloads()

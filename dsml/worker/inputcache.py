@@ -19,7 +19,11 @@ and attempts that want it while the download runs wait for that one download.
   large cache at start-up would cost more than fetching what is needed again.
 - **Tampering.**  A task running as the worker's user may ``chmod`` its link and write it;
   :meth:`InputCache.forget` drops such an entry (the caller notices, see
-  :meth:`dsml.worker.transfers.TaskTransfers.release`) so no later attempt is lent it.
+  :meth:`dsml.worker.transfers.TaskTransfers.release`) so no later attempt is lent it, and
+  a hit whose file's inode, mtime, mode or size differ from when it was cached (a link
+  kept past the attempt, written later) is fetched again.  A task that also restores the
+  mtime and mode is not caught: only the isolation of tasks from the worker's user
+  (issue #13) closes that, as for the store itself.
 
 File work (emptying the directory, unlinking) is small and runs on the caller's thread;
 the bytes move in the caller's download.
@@ -27,6 +31,7 @@ the bytes move in the caller's download.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections import OrderedDict
@@ -49,6 +54,18 @@ Ident = tuple[str, int, str]
 class _Entry:
     path: Path
     size: int
+    #: (inode, mtime, mode, size) when it was cached: a hit whose file differs was
+    #: changed behind the cache's back (a task keeping a link past its attempt) and is
+    #: fetched again.
+    stamp: tuple[int, int, int, int]
+
+
+def _stamp_of(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_mode, st.st_size)
 
 
 class InputCache:
@@ -74,10 +91,11 @@ class InputCache:
         self.hits = 0
 
     def path_of(self, ident: Ident) -> Path:
-        """Where the entry for ``ident`` lives (the checksum names the bytes; the
-        version keeps two versions with equal bytes apart)."""
-        _, version, sha256 = ident
-        return self.root / f"{sha256}-{version}"
+        """Where the entry for ``ident`` lives: named by a hash of the whole identity
+        (two keys with equal bytes, or one key's versions, never share a file)."""
+        key, version, sha256 = ident
+        name = hashlib.sha256(f"{key}\0{version}\0{sha256}".encode()).hexdigest()
+        return self.root / name
 
     def get(
         self, ident: Ident, download: Callable[[Path], Deferred[tuple[int, str]]]
@@ -91,11 +109,13 @@ class InputCache:
         download; cancelling one caller's Deferred leaves the download to the others.
         """
         entry = self._entries.get(ident)
-        if entry is not None and entry.path.exists():
+        if entry is not None and _stamp_of(entry.path) == entry.stamp:
             self._entries.move_to_end(ident)
             self.hits += 1
             return _fired(entry.path)
-        if entry is not None:  # removed behind our back: fetch it again
+        if entry is not None:  # removed or changed behind our back: fetch it again
+            log.info("input cache: {key} v{version} changed on disk; fetching it again",
+                     key=ident[0], version=ident[1])
             self._drop(ident)
         waiter: Deferred[Path | None] = Deferred(lambda d: self._cancelled(ident, d))
         waiting = self._downloads.get(ident)
@@ -130,8 +150,13 @@ class InputCache:
             return
         # Read-only: an attempt's link to it is refused writes (the owner may chmod).
         os.chmod(path, 0o400)
-        size = path.stat().st_size
-        self._entries[ident] = _Entry(path, size)
+        stamp = _stamp_of(path)
+        if stamp is None:  # gone already
+            for w in waiters:
+                w.callback(None)
+            return
+        size = stamp[3]
+        self._entries[ident] = _Entry(path, size, stamp)
         self.bytes += size
         # Lend it to every waiter first, then evict: an entry over the budget is still
         # linked by its attempts (the links were made before the caller returns).
