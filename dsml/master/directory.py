@@ -62,6 +62,7 @@ __all__ = [
     "SURPLUS",
     "Directory",
     "DirectoryError",
+    "KeyView",
     "ReconcileResult",
     "Rejection",
     "Replica",
@@ -153,6 +154,18 @@ class ReconcileResult:
         return sum(1 for t in self.trim if t.reason == DELETED)
 
 
+@attrs.frozen
+class KeyView:
+    """One key as the repairer sees it: its current version (None if it is not live:
+    deleted) and every copy, as (worker, version), by worker."""
+
+    key: str
+    version: int | None
+    size: int
+    sha256: str
+    copies: list[tuple[str, int]]
+
+
 class Stats(NamedTuple):
     """Directory totals."""
 
@@ -229,6 +242,16 @@ class Directory:
         self.state = state
         self._now = now
         self._grants: Grants | None = None
+        #: Told, after each commit, of the keys whose copies it may have changed (the
+        #: repairer's queue: it re-examines those keys and never scans for them).
+        self.watchers: list[Callable[[Iterable[str]], None]] = []
+
+    def _changed(self, keys: Iterable[str]) -> None:
+        """Tell the watchers that the copies of ``keys`` may have changed."""
+        keys = tuple(keys)
+        if keys:
+            for watcher in self.watchers:
+                watcher(keys)
 
     # -- writes ------------------------------------------------------------------------
 
@@ -273,6 +296,7 @@ class Directory:
             if outcome.conflicts:
                 raise _conflict_error(worker, outcome.conflicts[0])
             cur = st.get_key(key)
+        self._changed(outcome.changed)
         if cur is None:
             return DELETED
         return CURRENT if cur.version == version else STALE
@@ -293,7 +317,10 @@ class Directory:
                 row = st.get_replica(key, worker)
                 if row is None or row.version > version:
                     return False
-            return st.drop_replica(key, worker)
+            dropped = st.drop_replica(key, worker)
+        if dropped:
+            self._changed((key,))
+        return dropped
 
     def delete(self, key: str) -> int:
         """Delete ``key`` (a client's delete); return the version deleted.
@@ -309,6 +336,7 @@ class Directory:
                 raise DirectoryError(f"key {key!r} not found", "not-found")
             st.drop_key(key)
             st.put_tombstone(key, cur.version, self._now())
+        self._changed((key,))
         return cur.version
 
     def purge_tombstones(self, before: float) -> int:
@@ -410,6 +438,7 @@ class Directory:
             trim = self._trims(worker)
             if live is not None and factor is not None:
                 trim.extend(self._surplus_on(worker, live, factor))
+        self._changed(outcome.changed)
         for c in outcome.conflicts:
             err = _conflict_error(worker, c)
             rejected.append(Rejection(c.key, f"{err.code}: {err.message}"))
@@ -431,6 +460,12 @@ class Directory:
     def pending_deletes(self, worker: str | None = None) -> list[Trim]:
         """Copies of deleted keys still on some worker (on ``worker``, or anywhere)."""
         return [Trim(k, w, v, DELETED) for k, w, v in self.state.doomed_rows(worker)]
+
+    def pending_deletes_of(self, key: str) -> list[Trim]:
+        """Copies of ``key`` still on some worker, if ``key`` is deleted (one key's rows)."""
+        if self.state.get_key(key) is not None:
+            return []
+        return [Trim(key, r.worker, r.version, DELETED) for r in self.state.replicas_of(key)]
 
     def _trims(self, worker: str) -> list[Trim]:
         return [
@@ -553,6 +588,32 @@ class Directory:
             (key, sorted(sorted(holders, key=order)[factor:]))
             for key, _, _, _, holders in self.state.live_holders(live, factor + 1, MAX_INT)
         ]
+
+    def examine(self, keys: Iterable[str]) -> list[KeyView]:
+        """The current version and every copy of each of ``keys`` (one query), by key.
+
+        For the repairer, which works through a bounded batch of keys at a time.
+        """
+        out: list[KeyView] = []
+        for key, version, size, digest, worker, have in self.state.examine(keys):
+            if not out or out[-1].key != key:
+                out.append(KeyView(key, version, size or 0, digest or "", []))
+            if worker is not None:
+                out[-1].copies.append((worker, have))
+        return out
+
+    def keys_off(
+        self, after: str, limit: int, low: int, high: int, tombstones: bool = False
+    ) -> tuple[list[str], str | None]:
+        """A slice of the directory's keys that may need repair (see
+        :meth:`MasterState.keys_off`), and the cursor of the next slice (None: done)."""
+        return self.state.keys_off(after, limit, low, high, tombstones)
+
+    def held_after(
+        self, worker: str, after: tuple[int, str], limit: int
+    ) -> list[tuple[int, str]]:
+        """A slice of ``worker``'s copies after the cursor ``after``, as (version, key)."""
+        return self.state.held_after(worker, after, limit)
 
     def stats(self) -> Stats:
         """(live keys, current copies, bytes of the current versions)."""

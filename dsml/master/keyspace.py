@@ -142,9 +142,7 @@ class KeySpace:
         """Delete ``key`` everywhere; the version deleted.  Live holders are ordered to
         drop their copies now, the others when they come back."""
         version = self.directory.delete(key)
-        for trim in self.directory.pending_deletes():
-            if trim.key != key:
-                continue
+        for trim in self.directory.pending_deletes_of(key):
             record = self.membership.get(trim.worker)
             if record is not None and record.live:
                 _order(record, "drop", {"Key": key, "Version": trim.version}).addCallback(

@@ -5,7 +5,9 @@
 against the rules (docs/protocol.md, section 12), takes a new incarnation, records the
 worker in :class:`~dsml.master.membership.Membership` and the state, reconciles its
 inventory with the directory (ordering surplus copies dropped), and tells the listeners
-(the job router) which attempts the worker still runs.  Links are opaque here: the
+(the job router) which attempts the worker still runs.  The incarnation, the worker's
+row and the inventory are one transaction with one durable commit: a registration costs
+one fsync, and the master's directory is never left with half of one.  Links are opaque here: the
 request handler (:mod:`dsml.master.requests`) decodes and encodes.
 
 Over TLS a worker registers only under its own certificate's name, only as a worker of
@@ -155,13 +157,25 @@ class WorkerRegistry:
             log.warn("refused registration of {name}: {why} [{code}]", name=name,
                      why=e.message, code=e.code)
             raise
-        incarnation = self.state.next_incarnation(name)
-        record = self.membership.register(
-            name, incarnation, host=host, port=port, slots=slots, versions=versions, conn=link
-        )
-        self.state.record_worker(name, incarnation, record.host, record.port, record.slots)
         entries, unreadable = parse_inventory(inventory)
-        result = self.directory.reconcile(name, entries, issued=self.state.last_version)
+        # One transaction, one durable commit: the incarnation, the worker's row and its
+        # inventory.  Membership refuses a malformed registration before it changes
+        # anything, and the transaction then rolls back (no incarnation used up).
+        with self.state.transaction():
+            incarnation = self.state.next_incarnation(name)
+            record = self.membership.register(
+                name, incarnation, host=host, port=port, slots=slots, versions=versions,
+                conn=link,
+            )
+            try:
+                self.state.record_worker(
+                    name, incarnation, record.host, record.port, record.slots
+                )
+                result = self.directory.reconcile(name, entries, issued=self.state.last_version)
+            except BaseException:
+                # Nothing of it was committed: the worker is not registered after all.
+                self.membership.connection_lost(link)
+                raise
         versions_of = {e[0]: e[3] for e in entries if type(e[0]) is str}
         for r in result.rejected:
             if r.reason.startswith(QUARANTINED):

@@ -1,15 +1,36 @@
 """Keeps the replication factor: copies under-replicated keys, trims surplus and stale copies.
 
-Runs on a timer.  Decisions come from the :class:`~dsml.master.directory.Directory`; orders
-go to workers over their links (``replicate`` to a source, ``drop`` to a holder).  A worker
-that died less than ``grace`` seconds ago still counts as a holder, so a restart or a
-short network blip does not start copies; past the grace its copies are replaced from the
-survivors.  At most ``concurrency`` copies run at once, so repair never swamps a cluster.
+Works from a queue, never by scanning the directory on a timer.  The queue holds the
+keys whose copies may need work; they come from:
+
+* the :class:`~dsml.master.directory.Directory` itself, which tells its watchers the keys
+  each commit touched (a report or an inventory that changed a worker's copies, a copy
+  forgotten or corrupt, a delete);
+* a worker entering or leaving the set of workers whose copies count (registered, or
+  dead past its grace): its copies, walked in slices of one indexed query each;
+* a full pass over the directory (in slices, one per reactor turn) once after the
+  master starts (when the start's grace has passed) and whenever the number of copies
+  to keep changes (the replication factor, or a cluster smaller than it that grows).
+
+Each pass takes a bounded batch (``batch`` keys, one query for all of them) and decides
+per key.  A key that needs work that cannot be done now waits in a side set: a copy
+when ``concurrency`` copies are already running (the *backlog*, taken first as copies
+finish), a copy without a live source or target or a trim while some counted worker is
+not alive (*parked*, back in the queue whenever the alive or counted workers change),
+an order that failed (*retry*, back at the next tick).  So the steady cost is zero
+when nothing changes, and a dead worker costs a pass over its own keys.
+
+Orders go to workers over their links (``replicate`` to a source, ``drop`` to a holder).
+A worker that died less than ``grace`` seconds ago still counts as a holder, so a restart
+or a short network blip does not start copies; past the grace its copies are replaced
+from the survivors.  At most ``concurrency`` copies run at once, so repair never swamps a
+cluster.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -17,14 +38,27 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .directory import Directory, DirectoryError, WorkerLoad
+from .directory import Directory, DirectoryError, KeyView, Replica, WorkerLoad, _keep_order
 from .membership import DEAD, Membership, WorkerRecord
 
 log = Logger()
 
+#: Keys examined per pass (one query); small enough to keep a pass to milliseconds.
+BATCH = 500
+
+#: Keys a start-up (or factor change) pass walks per reactor turn, in SQL.
+SCAN_SLICE = 5000
+
+Scan = Iterator[list[str]]
+
+
+def _take(queue: OrderedDict[str, None], n: int) -> list[str]:
+    """Pop up to ``n`` keys from the front of ``queue``."""
+    return [queue.popitem(last=False)[0] for _ in range(min(n, len(queue)))]
+
 
 class Repairer:
-    """Re-replicates and trims; one pass every ``interval`` seconds."""
+    """Re-replicates and trims, from a queue of keys; see the module docstring."""
 
     def __init__(
         self,
@@ -37,6 +71,7 @@ class Repairer:
         grace: float = 10.0,
         interval: float = 1.0,
         concurrency: int = 4,
+        batch: int = BATCH,
     ) -> None:
         self.clock = clock
         self.monotonic = monotonic
@@ -46,13 +81,29 @@ class Repairer:
         self.grace = grace
         self.interval = interval
         self.concurrency = concurrency
+        self.batch = batch
         self.copying: dict[str, str] = {}  # key -> target worker, copies in flight
         self.dropping: set[tuple[str, str]] = set()  # (key, worker) drops in flight
         self.copies_done = 0
         self.drops_done = 0
+        #: Keys examined since start (a figure for tests and benchmarks).
+        self.examined = 0
         self.started_at: float | None = None
+        #: Keys to examine, oldest first.
+        self.queue: OrderedDict[str, None] = OrderedDict()
+        self._backlog: OrderedDict[str, None] = OrderedDict()
+        self._parked: dict[str, None] = {}
+        self._retry: dict[str, None] = {}
+        #: Slices of keys still to feed the queue (full passes, workers' copies).
+        self._scans: list[Scan] = []
+        self._seeded = False
+        self._counted_before: set[str] | None = None
+        self._alive_before: set[str] = set()
+        self._want_before: tuple[int, int] | None = None
+        self._next: Any = None  # the follow-up pass scheduled on the clock
         self._loop = LoopingCall(self.run_once)
         self._loop.clock = clock
+        directory.watchers.append(self.enqueue)
 
     def start(self) -> None:
         """Start the timer."""
@@ -62,16 +113,96 @@ class Repairer:
         )
 
     def stop(self) -> None:
-        """Stop the timer."""
+        """Stop the timer (and any follow-up pass)."""
         if self._loop.running:
             self._loop.stop()
+        if self._next is not None and self._next.active():
+            self._next.cancel()
+        self._next = None
+
+    def enqueue(self, keys: Iterable[str]) -> None:
+        """Have ``keys`` examined by a coming pass (the directory's watcher)."""
+        self.queue.update((k, None) for k in keys)
+
+    def rescan(self) -> None:
+        """Feed every key of the directory (live and deleted) to the queue, in slices."""
+        self._scans.append(self._table(tombstones=False))
+        self._scans.append(self._table(tombstones=True))
+
+    @property
+    def pending(self) -> int:
+        """Keys waiting: queued, for a copy slot, parked or to retry."""
+        return len(self.queue) + len(self._backlog) + len(self._parked) + len(self._retry)
 
     def run_once(self) -> None:
-        """One pass; never raises (the timer would stop for good)."""
+        """One pass (the timer's); never raises (the timer would stop for good)."""
+        if self._retry:
+            self.queue.update(self._retry)
+            self._retry.clear()
+        self._step()
+
+    def _step(self) -> None:
+        """One bounded pass, then another on the next reactor turn if work is left."""
+        self._next = None
+        more = False
         try:
-            self._pass()
+            more = self._pass()
         except Exception:
             log.failure("repair pass failed")
+        if more:
+            self._soon()
+
+    def _soon(self) -> None:
+        if self._next is None and self._loop.running:
+            self._next = self.clock.callLater(0, self._step)
+
+    # -- feeding the queue ---------------------------------------------------------------
+
+    def _table(self, tombstones: bool) -> Scan:
+        """Slices of the directory's keys that may need work (a healthy key, with the
+        right number of current copies and no stale one, is never queued: the workers
+        whose copies stop counting have theirs queued themselves)."""
+        after: str | None = ""
+        while after is not None:
+            factor = self.factor()
+            low = self._want_before[1] if self._want_before is not None else factor
+            keys, after = self.directory.keys_off(
+                after, SCAN_SLICE, low, factor, tombstones
+            )
+            yield keys
+
+    def _held(self, worker: str) -> Scan:
+        after = (0, "")
+        while True:
+            rows = self.directory.held_after(worker, after, self.batch)
+            if not rows:
+                return
+            yield [key for _, key in rows]
+            after = rows[-1]
+
+    def _feed(self) -> None:
+        """One slice of the oldest scan into the queue, if the queue runs low."""
+        while self._scans and len(self.queue) < self.batch:
+            try:
+                self.enqueue(next(self._scans[0]))
+                return
+            except StopIteration:
+                self._scans.pop(0)
+
+    def _changes(self, alive: set[str], counted: set[str], want: tuple[int, int]) -> None:
+        """Queue what a change of the alive or counted workers, or of the factor, may need."""
+        before = self._counted_before
+        if before is not None:
+            for name in sorted(counted ^ before):
+                self._scans.append(self._held(name))
+            if self._want_before != want:
+                self.rescan()
+        if self._parked and (alive != self._alive_before or counted != before):
+            self.queue.update(self._parked)
+            self._parked.clear()
+        self._counted_before, self._alive_before, self._want_before = counted, alive, want
+
+    # -- a pass ---------------------------------------------------------------------------
 
     def _alive(self) -> dict[str, WorkerRecord]:
         return {r.name: r for r in self.membership.alive()}
@@ -91,47 +222,93 @@ class Repairer:
         # backoff: until the grace has passed since the start, a worker the state
         # remembers but that has not registered again counts as one that just died, so
         # the first ones back do not copy what the others hold.
-        if self.started_at is not None and now - self.started_at < self.grace:
+        if self._in_start_grace(now):
             counted.update(row.name for row in self.directory.state.workers()
                            if row.name not in known)
         return counted
 
-    def _pass(self) -> None:
+    def _in_start_grace(self, now: float) -> bool:
+        return self.started_at is not None and now - self.started_at < self.grace
+
+    def _pass(self) -> bool:
+        """Examine one batch of keys; True if more work can be done at once."""
         alive = self._alive()
         if not alive:
-            return
+            return False
         factor = self.factor()
         counted = self._counted(alive)
-        # Copies: keys whose counted copies fall short, sourced from alive holders.
-        if len(self.copying) < self.concurrency:
-            want = min(factor, len(counted))
-            for key, holders, missing in self.directory.under_replicated(counted, want):
-                if len(self.copying) >= self.concurrency:
-                    break
-                if key in self.copying or missing <= 0:
-                    continue
-                sources = [h for h in holders if h.worker in alive]
-                if not sources:
-                    continue
-                have = {h.worker for h in holders}
-                targets = sorted(
-                    (r for name, r in alive.items() if name not in have),
-                    key=lambda r: (-r.free_disk, r.stored_bytes, r.name),
-                )
-                if not targets:
-                    continue
-                self._copy(key, sources[0], alive[sources[0].worker], targets[0])
-        # Trims only where every holder is alive (never trim while a copy is pending).
+        want = min(factor, len(counted))
+        self._changes(set(alive), counted, (factor, want))
+        if not self._seeded and not self._in_start_grace(self.monotonic()):
+            # Once after the start, when the workers have had their grace to come back.
+            self._seeded = True
+            self.rescan()
+        self._feed()
+        free = self.concurrency - len(self.copying)
+        keys = _take(self._backlog, free) if free > 0 else []
+        keys += _take(self.queue, self.batch - len(keys))
+        if not keys:
+            return bool(self._scans)
+        self.examined += len(keys)
         loads = {n: WorkerLoad(r.free_disk, r.stored_bytes) for n, r in alive.items()}
-        if counted == set(alive):
-            for key, workers in self.directory.surplus(loads, factor):
-                if key in self.copying:
-                    continue
-                for worker in workers:
-                    self._drop_current(key, worker, alive)
-        for trim in self.directory.stale_replicas() + self.directory.pending_deletes():
-            if trim.worker in alive:
-                self._drop(trim.key, trim.worker, trim.version, alive[trim.worker])
+        trims_ok = counted == set(alive)
+        for view in self.directory.examine(keys):
+            self._decide(view, alive, counted, factor, want, loads, trims_ok)
+        return bool(self.queue or self._scans
+                    or (self._backlog and len(self.copying) < self.concurrency))
+
+    def _decide(
+        self,
+        view: KeyView,
+        alive: dict[str, WorkerRecord],
+        counted: set[str],
+        factor: int,
+        want: int,
+        loads: dict[str, WorkerLoad],
+        trims_ok: bool,
+    ) -> None:
+        """What one key needs: a copy, surplus trims, trims of stale or deleted copies."""
+        key = view.key
+        if key in self.copying:
+            return  # examined again when the copy ends
+        if view.version is None:  # deleted: every copy goes (the dead ones' at return)
+            for worker, version in view.copies:
+                if worker in alive:
+                    self._drop(key, worker, version, alive[worker])
+            return
+        current = []
+        for worker, version in view.copies:
+            if version == view.version:
+                current.append(worker)
+            elif worker in alive:  # stale
+                self._drop(key, worker, version, alive[worker])
+        holders = [w for w in current if w in counted]
+        if not holders:
+            return  # lost: queued again when a holder comes back
+        if len(holders) < want:
+            if len(self.copying) >= self.concurrency:
+                self._backlog[key] = None
+                return
+            sources = [w for w in holders if w in alive]
+            have = set(holders)
+            targets = sorted(
+                (r for name, r in alive.items() if name not in have),
+                key=lambda r: (-r.free_disk, r.stored_bytes, r.name),
+            )
+            if not sources or not targets:
+                self._parked[key] = None
+                return
+            source = Replica(sources[0], view.size, view.sha256, view.version)
+            self._copy(key, source, alive[sources[0]], targets[0])
+            return
+        live = [w for w in current if w in alive]
+        if len(live) > factor:
+            # Trims only where every counted holder is alive (a copy may be pending).
+            if not trims_ok:
+                self._parked[key] = None
+                return
+            for worker in sorted(sorted(live, key=_keep_order(loads))[factor:]):
+                self._drop(key, worker, view.version, alive[worker])
 
     def _copy(self, key: str, source: Any, src: WorkerRecord, target: WorkerRecord) -> None:
         self.copying[key] = target.name
@@ -163,7 +340,7 @@ class Repairer:
                     key, target.name, source.size, source.sha256, source.version
                 )
             except DirectoryError:
-                pass
+                self._retry[key] = None
 
         def failed(f: Failure) -> None:
             log.warn(
@@ -172,18 +349,19 @@ class Repairer:
                 dst=target.name,
                 why=f.getErrorMessage(),
             )
+            self._retry[key] = None
+
+        def ended(_: object) -> None:
+            self.copying.pop(key, None)
+            if key not in self._retry:
+                # Examined again: a report that crossed the copy was skipped meanwhile,
+                # and the key may need more (a third copy, a trim).
+                self.queue[key] = None
+            # A copy slot is free for the backlog.
+            self._soon()
 
         d.addCallbacks(done, failed)
-        d.addBoth(lambda _: self.copying.pop(key, None))
-
-    def _drop_current(self, key: str, worker: str, alive: dict[str, WorkerRecord]) -> None:
-        try:
-            replicas = self.directory.locate(key)
-        except DirectoryError:
-            return
-        for r in replicas:
-            if r.worker == worker:
-                self._drop(key, worker, r.version, alive[worker])
+        d.addBoth(ended)
 
     def _drop(self, key: str, worker: str, version: int, rec: WorkerRecord) -> None:
         if (key, worker) in self.dropping:
@@ -200,6 +378,7 @@ class Repairer:
             if code in ("not-found",):
                 self.directory.remove_replica(key, worker, version)
             else:
+                self._retry[key] = None
                 log.info(
                     "drop of {key!r} on {w} not done: {why}",
                     key=key,

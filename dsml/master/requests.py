@@ -7,15 +7,18 @@ clients (and workers acting as clients for task inputs and outputs) place, locat
 commit keys; clients alone remove, list, watch the nodes and run jobs.  The decisions are
 the application objects': :class:`~dsml.master.registry.WorkerRegistry` (workers),
 :class:`~dsml.master.keyspace.KeySpace` (keys), :class:`~dsml.master.jobrouter.JobRouter`
-(jobs).  Here headers become arguments and results become replies.
+(jobs).  Here headers become arguments and results become replies.  Registrations,
+the heaviest worker request (a whole inventory), run one per reactor turn.
 """
 
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable, Collection, Mapping
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from ..errors import DsmlError
@@ -68,8 +71,15 @@ class MasterHandler:
         router: JobRouter,
         admins: Collection[str] = DEFAULT_ADMINS,
         lag: Callable[[], Mapping[str, object]] | None = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.registry = registry
+        #: With a clock, at most one registration runs per reactor turn (the others
+        #: wait their turn), so a crowd of workers re-registering after a master restart
+        #: never holds the reactor for the whole crowd at once.
+        self.clock = clock
+        self._registrations: deque[tuple[Deferred[Reply], Head, bytes, Connection]] = deque()
+        self._turn: IDelayedCall | None = None
         self.keys = keys
         self.router = router
         #: The reactor-lag probe's figures (in the ``nodes`` answer's headers).
@@ -97,7 +107,37 @@ class MasterHandler:
         return Reply({"Role": "master"})
 
     @responder("register", roles=_WORKER)
-    def _register(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+    def _register(self, head: Head, payload: bytes, conn: Connection) -> Reply | Deferred[Reply]:
+        if self.clock is None:
+            return self._register_now(head, payload, conn)
+        if self._turn is None:
+            # The first of this reactor turn runs at once; the turn ends with the next.
+            self._turn = self.clock.callLater(0, self._next_registration)
+            return self._register_now(head, payload, conn)
+        d: Deferred[Reply] = Deferred()
+        self._registrations.append((d, head, payload, conn))
+        return d
+
+    def _next_registration(self) -> None:
+        """One waiting registration, then the next on the next turn."""
+        self._turn = None
+        while self._registrations:
+            d, head, payload, conn = self._registrations.popleft()
+            if not getattr(conn, "connected", False):
+                # The link closed while it waited: nothing to register, nobody to answer.
+                d.errback(DsmlError("the link closed before its registration", "unavailable"))
+                continue
+            assert self.clock is not None
+            self._turn = self.clock.callLater(0, self._next_registration)
+            try:
+                reply = self._register_now(head, payload, conn)
+            except Exception as e:
+                d.errback(e)
+            else:
+                d.callback(reply)
+            return
+
+    def _register_now(self, head: Head, payload: bytes, conn: Connection) -> Reply:
         h = head.headers
         running = [int(x) for x in h.get("running", "").split(",") if x.strip().isdigit()]
         done = self.registry.register(

@@ -174,7 +174,7 @@ def build_master(
     keys = KeySpace(directory=directory, membership=membership, factor=factor)
     probe = LagProbe(clock)
     handler = MasterHandler(registry=registry, keys=keys, router=router, admins=admins,
-                            lag=probe.snapshot)
+                            lag=probe.snapshot, clock=clock)
     repairer = Repairer(
         clock=clock,
         monotonic=monotonic,

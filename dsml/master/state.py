@@ -220,7 +220,41 @@ _INV_KEYS = (
 _INV_REPLICAS = (
     "REPLACE INTO replicas SELECT key, ?, size, sha256, version FROM temp.inv WHERE ok = 1"
 )
-_INV_GONE = "DELETE FROM replicas WHERE worker = ? AND key NOT IN (SELECT key FROM temp.inv)"
+_INV_APPLIED = "SELECT key FROM temp.inv WHERE ok = 1"
+_INV_GONE = (
+    "DELETE FROM replicas WHERE worker = ? AND key NOT IN (SELECT key FROM temp.inv)"
+    " RETURNING key"
+)
+
+# The repairer's reads, each bounded: a slice of a table in key order (an index search
+# from the cursor, never a whole scan), one worker's copies in index order from a cursor on
+# (version, key), and the whole picture of a batch of keys (their current version and
+# every copy, whatever its version) through temp.batch.
+# The end of a slice of a table: the limit-th key after the cursor (an index walk).
+_SLICE_END = "SELECT key FROM {table} WHERE key > ? ORDER BY key LIMIT 1 OFFSET ?"
+_SLICE_LAST = "SELECT max(key) FROM {table} WHERE key > ?"
+# In a slice of the live keys, those whose copies are not as they should be: fewer
+# current copies than low or more than high, or any stale copy.  All in C.
+_KEYS_OFF = (
+    "SELECT k.key FROM keys AS k LEFT JOIN replicas AS r ON r.key = k.key"
+    " WHERE k.key > ? AND k.key <= ? GROUP BY k.key"
+    " HAVING sum(r.version = k.version) NOT BETWEEN ? AND ? OR sum(r.version < k.version) > 0"
+)
+# In a slice of the tombstones, those of which some worker still holds a copy.
+_TOMBS_HELD = (
+    "SELECT d.key FROM deleted AS d WHERE d.key > ? AND d.key <= ?"
+    " AND EXISTS (SELECT 1 FROM replicas AS r WHERE r.key = d.key)"
+)
+_HELD_AFTER = (
+    "SELECT version, key FROM replicas WHERE worker = ? AND (version, key) > (?, ?)"
+    " ORDER BY version, key LIMIT ?"
+)
+_BATCH = "CREATE TEMP TABLE IF NOT EXISTS batch(key TEXT PRIMARY KEY) WITHOUT ROWID"
+_EXAMINE = (
+    "SELECT b.key, k.version, k.size, k.sha256, r.worker, r.version FROM temp.batch AS b"
+    " LEFT JOIN keys AS k ON k.key = b.key LEFT JOIN replicas AS r ON r.key = b.key"
+    " ORDER BY b.key, r.worker"
+)
 
 
 class StateError(Exception):
@@ -268,6 +302,8 @@ class ApplyOutcome:
     applied: int  #: reports recorded (new or changed copies)
     removed: int  #: copies of the worker missing from a full inventory, forgotten
     conflicts: tuple[Conflict, ...]  #: reports refused (another content, same version)
+    #: Keys whose copies on the worker were recorded, changed or forgotten.
+    changed: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -554,10 +590,11 @@ class MasterState:
                 db.executemany(_INV_REFUSE, ((c.key,) for c in conflicts))
             db.execute(_INV_UNBURY)
             db.execute(_INV_KEYS)
+            changed = [row[0] for row in db.execute(_INV_APPLIED)]
             applied = db.execute(_INV_REPLICAS, (worker,)).rowcount
-            removed = db.execute(_INV_GONE, (worker,)).rowcount if full else 0
+            gone = [row[0] for row in db.execute(_INV_GONE, (worker,))] if full else []
             db.execute("DELETE FROM temp.inv")
-        return ApplyOutcome(unchanged, applied, removed, conflicts)
+        return ApplyOutcome(unchanged, applied, len(gone), conflicts, tuple(changed + gone))
 
     def get_replica(self, key: str, worker: str) -> ReplicaRow | None:
         """``worker``'s copy of ``key``, or None."""
@@ -625,6 +662,54 @@ class MasterState:
         ]
         db.execute("DELETE FROM temp.live")
         return out
+
+    def keys_off(
+        self, after: str, limit: int, low: int, high: int, tombstones: bool = False
+    ) -> tuple[list[str], str | None]:
+        """In the next ``limit`` live keys after ``after``, those with fewer than ``low``
+        or more than ``high`` current copies or with a stale copy (with ``tombstones``:
+        in the next tombstones, those some worker still holds).
+
+        Returns them and the cursor for the next slice (None at the end): one walk of
+        ``limit`` keys in SQL, whatever few it returns.
+        """
+        table = "deleted" if tombstones else "keys"
+        db = self._db
+        row = db.execute(_SLICE_END.format(table=table), (after, limit - 1)).fetchone()
+        if row is None:
+            row = db.execute(_SLICE_LAST.format(table=table), (after,)).fetchone()
+            if row is None or row[0] is None:
+                return [], None
+        end = row[0]
+        if tombstones:
+            keys = [r[0] for r in db.execute(_TOMBS_HELD, (after, end))]
+        else:
+            keys = [r[0] for r in db.execute(_KEYS_OFF, (after, end, low, high))]
+        return keys, end
+
+    def held_after(
+        self, worker: str, after: tuple[int, str], limit: int
+    ) -> list[tuple[int, str]]:
+        """Up to ``limit`` of ``worker``'s copies after ``after``, as (version, key).
+
+        In the order of the ``replicas_worker`` index, so a cursor on the last row walks
+        one worker's copies in slices, each an index search.
+        """
+        return list(self._db.execute(_HELD_AFTER, (worker, after[0], after[1], limit)))
+
+    def examine(
+        self, keys: Iterable[str]
+    ) -> list[tuple[str, int | None, int | None, str | None, str | None, int | None]]:
+        """Everything about a batch of keys: (key, current version, size, sha256, worker,
+        that worker's version), one row per copy (worker None when there is none; the
+        current version None when the key is not live), by key then worker."""
+        db = self._db
+        db.execute(_BATCH)
+        db.execute("DELETE FROM temp.batch")
+        db.executemany("INSERT OR IGNORE INTO temp.batch VALUES (?)", ((k,) for k in keys))
+        rows = list(db.execute(_EXAMINE))
+        db.execute("DELETE FROM temp.batch")
+        return rows
 
     def list_keys(
         self, prefix: str = "", after: str | None = None, limit: int = 1000
