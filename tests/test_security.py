@@ -19,6 +19,7 @@ import socket
 import ssl
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,20 @@ def snapshot(s: Sec) -> Snapshot:
     return Snapshot(keys, nodes, jobs, counter)
 
 
+def settled_snapshot(s: Sec, replication: int = 2) -> Snapshot:
+    """:func:`snapshot`, once repair has finished what an earlier test set in motion
+    (every key at ``replication`` copies, or WAIT seconds): a "before" must not catch a
+    copy still on its way, which would then look like a change the attack made.  Only
+    the "before" waits: an "after" that waited would hide a copy an attack destroyed
+    and repair put back."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        snap = snapshot(s)
+        if all(len(k[4]) >= replication for k in snap.keys) or time.monotonic() > deadline:
+            return snap
+        time.sleep(0.1)
+
+
 def unchanged(
     s: Sec, before: Snapshot, registered: str | None = None, placed: int = 0
 ) -> None:
@@ -273,7 +288,7 @@ def refused_identity(addr: tuple[str, int], ctx: ssl.SSLContext, why: str) -> No
 def test_tls_certificate_from_another_ca_is_refused(sec: Sec, where: str) -> None:
     """A user certificate signed by another CA (named admin, like the real one) is cut
     in the handshake with an unknown-CA alert, on the master and on a worker."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     p = pki.identity_paths(sec.other_pki, "user", "admin")
     ctx = client_context(pki.ca_paths(sec.pki).cert, p.cert, p.key)
     assert "unknown ca" in cut_by_tls(sec.addr(where), ctx).lower()
@@ -282,7 +297,7 @@ def test_tls_certificate_from_another_ca_is_refused(sec: Sec, where: str) -> Non
 
 def test_tls_expired_certificate_is_refused(sec: Sec) -> None:
     """A certificate the cluster CA signed but that has expired is cut in the handshake."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     ca = pki.ca_paths(sec.pki)
     cert, key = forge_certificate(sec.forged, ca.cert, ca.key, cn="admin", ou="user",
                                   days_valid=(-30, -1), name="expired-admin")
@@ -295,7 +310,7 @@ def test_tls_expired_certificate_is_refused(sec: Sec) -> None:
 def test_tls_revoked_certificate_is_refused(sec: Sec, where: str) -> None:
     """A user certificate revoked before the cluster started (its CRL is read at
     start-up) is refused by the master and the workers, naming the revocation."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     cert, key = sec.revoked
     ctx = client_context(pki.ca_paths(sec.pki).cert, cert, key)
     refused_identity(sec.addr(where), ctx, "is revoked")
@@ -304,7 +319,7 @@ def test_tls_revoked_certificate_is_refused(sec: Sec, where: str) -> None:
 
 def test_tls_no_client_certificate_is_refused(sec: Sec) -> None:
     """A client that trusts the cluster CA but presents no certificate is cut."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     ctx = client_context(pki.ca_paths(sec.pki).cert)
     assert "certificate required" in cut_by_tls(sec.addr("master"), ctx).lower()
     unchanged(sec, before)
@@ -314,7 +329,7 @@ def test_tls_no_client_certificate_is_refused(sec: Sec) -> None:
 def test_tls_certificate_naming_no_identity_is_refused(sec: Sec, where: str) -> None:
     """A certificate the cluster CA signed with no OU (no dsml role) holds no role: it
     is refused on the master and on a worker."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     ca = pki.ca_paths(sec.pki)
     cert, key = forge_certificate(sec.forged, ca.cert, ca.key, cn="admin", ou=None,
                                   name=f"no-role-{where}")
@@ -326,7 +341,7 @@ def test_tls_certificate_naming_no_identity_is_refused(sec: Sec, where: str) -> 
 def test_tls_plaintext_to_a_tls_port_gets_no_answer(sec: Sec, where: str) -> None:
     """The protocol in clear to a TLS port (with the cluster token) gets no protocol
     answer: at most a TLS alert record, then the close."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with RawConn.open(sec.addr(where), None, timeout=WAIT) as conn:
         conn.send(f"auth 1\r\nToken: {sec.c.token}\r\n\r\nnodes 2\r\n\r\n".encode())
         seen = conn.wait_closed()
@@ -338,7 +353,7 @@ def test_tls_plaintext_to_a_tls_port_gets_no_answer(sec: Sec, where: str) -> Non
 def test_tls_silent_connection_is_closed_by_the_deadline(sec: Sec, where: str) -> None:
     """A TCP connection that never starts its handshake is closed by the server (the
     authentication deadline): we wait on the close, not on a clock."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with RawConn.open(sec.addr(where), None, timeout=WAIT) as conn:
         assert conn.wait_closed() == b""
     unchanged(sec, before)
@@ -350,7 +365,7 @@ def test_tls_handshake_that_never_finishes_is_closed_by_the_deadline(
 ) -> None:
     """A ClientHello and then silence: the server answers its part of the handshake,
     then closes the connection when the deadline passes."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     ctx = sec.ctx("user", "admin")
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = ctx.wrap_bio(incoming, outgoing)
@@ -369,7 +384,7 @@ def test_tls_handshake_that_never_finishes_is_closed_by_the_deadline(
 def test_tls_master_certificate_dialling_a_node_is_forbidden(sec: Sec, where: str) -> None:
     """The master's own certificate is not a kind a node accepts from a peer that
     dials it (orders travel only down a worker's own link): ``forbidden``, then closed."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     refused_identity(sec.addr(where), sec.ctx("master", "master"), "expected user or worker")
     unchanged(sec, before)
 
@@ -588,7 +603,7 @@ def test_role_worker_orders_from_a_user_or_worker_are_refused(
 ) -> None:
     """A user, or another worker, sending a master's order to a worker's storage server:
     the order is not served there (only down the worker's own link to the master)."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     headers, payload = ORDERS[method]
     with sec.conn("w1", kind, name) as conn:
         head = refused(conn, method, headers, payload, code="unknown-method")
@@ -614,7 +629,7 @@ def test_role_user_calling_worker_methods_on_the_master_is_forbidden(
 ) -> None:
     """A user certificate (even an admin's) may not register, beat, report or send
     task results: ``forbidden``, naming who may."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with sec.conn("master", "user", "admin") as conn:
         head = refused(conn, method, WORKER_ONLY[method])
     assert "worker" in head.headers["message"]
@@ -640,7 +655,7 @@ def test_role_worker_calling_client_methods_on_the_master_is_forbidden(
 ) -> None:
     """A worker certificate may not use the master's client methods (remove a key, run
     or cancel jobs, list): ``forbidden``."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     payload = json.dumps({"tasks": [{"command": ["true"]}]}).encode() if method == "submit" else b""
     with sec.conn("master", "worker", "w1") as conn:
         refused(conn, method, CLIENT_ONLY_MASTER[method], payload)
@@ -661,7 +676,7 @@ def test_role_worker_calling_client_methods_on_a_worker_is_forbidden(
 ) -> None:
     """A worker certificate may not delete, stat, list or read task logs on another
     worker's storage server: ``forbidden``."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with sec.conn("w1", "worker", "w2") as conn:
         refused(conn, method, CLIENT_ONLY_STORAGE[method])
     unchanged(sec, before)
@@ -678,7 +693,7 @@ def _register(name: str, host: str = "127.0.0.1", port: int = W3_PORT) -> dict[s
 def test_role_user_certificate_named_like_a_worker_cannot_register(sec: Sec) -> None:
     """A user certificate named w1 (a worker of the config) registering as w1:
     its role is client, so ``forbidden``, whatever its name."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with sec.conn("master", "user", "w1") as conn:
         head = refused(conn, "register", _register("w1"))
     assert "worker" in head.headers["message"]
@@ -687,7 +702,7 @@ def test_role_user_certificate_named_like_a_worker_cannot_register(sec: Sec) -> 
 
 def test_role_worker_registering_under_another_workers_name_is_forbidden(sec: Sec) -> None:
     """w2's certificate registering as w3: ``forbidden``, naming both."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with sec.conn("master", "worker", "w2") as conn:
         head = refused(conn, "register", _register("w3"))
     assert "w2" in head.headers["message"] and "w3" in head.headers["message"]
@@ -697,7 +712,7 @@ def test_role_worker_registering_under_another_workers_name_is_forbidden(sec: Se
 def test_role_register_of_a_name_not_in_the_config_is_forbidden(sec: Sec) -> None:
     """A valid worker certificate for w9, a name the config does not list, may not
     register: ``forbidden``."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with sec.conn("master", "worker", "w9") as conn:
         refused(conn, "register", _register("w9"))
     unchanged(sec, before)
@@ -709,7 +724,7 @@ def test_role_register_with_another_host_or_port_than_the_configs_is_forbidden(
 ) -> None:
     """w3's own certificate registering w3 at a host or port other than the config's
     (127.0.0.1:9): ``forbidden`` (else uploads would be sent where w3 chose)."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with sec.conn("master", "worker", "w3") as conn:
         refused(conn, "register", _register("w3", host, port))
     unchanged(sec, before)
@@ -717,7 +732,7 @@ def test_role_register_with_another_host_or_port_than_the_configs_is_forbidden(
 
 def test_role_user_cannot_cancel_another_users_job(sec: Sec) -> None:
     """bob cancelling alice's running job: ``forbidden`` naming the owner; it runs on."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with sec.conn("master", "user", "bob") as conn:
         head = refused(conn, "cancel", {"Job": sec.idle_job})
     assert "alice" in head.headers["message"]
@@ -726,7 +741,7 @@ def test_role_user_cannot_cancel_another_users_job(sec: Sec) -> None:
 
 def test_role_user_cannot_locate_another_users_logs(sec: Sec) -> None:
     """bob asking the master where alice's logs are: ``forbidden``."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with sec.conn("master", "user", "bob") as conn:
         refused(conn, "logs", {"Job": sec.done_job})
     unchanged(sec, before)
@@ -735,7 +750,7 @@ def test_role_user_cannot_locate_another_users_logs(sec: Sec) -> None:
 def test_role_user_cannot_read_another_users_logs_from_the_worker(sec: Sec) -> None:
     """bob asking the worker that ran alice's attempt for its log: ``forbidden``; alice
     herself reads it there."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     request = {"Attempt": sec.done_attempt, "Stream": "stdout"}
     with sec.conn(sec.done_worker, "user", "bob") as conn:
         head = refused(conn, "task_log", request)
@@ -750,7 +765,7 @@ def test_role_user_cannot_read_another_users_logs_from_the_worker(sec: Sec) -> N
 def test_role_no_user_reads_a_jobs_environment(sec: Sec) -> None:
     """A task's env holds secrets: it is in no answer to bob (status, wait, jobs), nor
     even to alice, its owner."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     for user in ("bob", "alice"):
         with sec.conn("master", "user", user) as conn:
             for method, headers in [("status", {"Job": sec.done_job}),
@@ -775,7 +790,7 @@ def test_role_a_forged_certificate_named_token_is_refused(sec: Sec) -> None:
     """A certificate the CA signed for user ``token`` (made by hand, around the CLI's
     refusal) would speak for every token holder (the owner of every job submitted with
     the token): the master refuses it like any certificate naming no identity it takes."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     ca = pki.ca_paths(sec.pki)
     cert, key = forge_certificate(sec.forged, ca.cert, ca.key, cn="token", ou="user",
                                   name="token-user")
@@ -789,7 +804,7 @@ def test_role_a_forged_certificate_named_token_is_refused(sec: Sec) -> None:
 def test_attack_direct_write_with_a_huge_version_is_forbidden(sec: Sec) -> None:
     """A user writing straight to a worker with ``Version: 999999999999999``:
     ``forbidden``; the key's version and the master's counter are unchanged."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with sec.conn("w1", "user", "admin") as conn:
         refused(conn, "value_upload", {"Key": "seed/value", "Version": HUGE_VERSION}, b"evil")
         refused(conn, "file_upload", {"Key": "seed/file", "Version": HUGE_VERSION}, b"evil")
@@ -803,7 +818,7 @@ def test_attack_forward_to_an_address_the_client_chose_is_forbidden(sec: Sec) ->
     """An upload whose ``Forward`` names a listener of the attacker's: ``forbidden``, and
     no connection ever reaches that listener (the worker answers only after its forward
     has connected or failed, so a connection would already be queued)."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     trap = socket.create_server(("127.0.0.1", 0))
     trap.setblocking(False)
     try:
@@ -828,7 +843,7 @@ def test_attack_forward_to_an_address_the_client_chose_is_forbidden(sec: Sec) ->
 def test_attack_corrupt_report_from_a_client_keeps_the_healthy_copy(sec: Sec) -> None:
     """A client reporting a healthy copy corrupt: the copy stays in the directory (same
     replicas, same version) and stays readable from that worker."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     entry = next(k for k in before.keys if k[0] == "seed/file")
     victim = entry[4][0]
     with sec.conn("master", "user", "admin") as conn:
@@ -853,7 +868,7 @@ FORGED_GRANT = f"{HUGE_VERSION}.{'0' * 32}"
 def test_attack_write_with_a_forged_grant_is_forbidden(sec: Sec) -> None:
     """A write carrying a grant the master never signed (a huge version, any MAC):
     ``forbidden``; the key's version and the counter are unchanged."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with sec.conn("w1", "user", "admin") as conn:
         refused(conn, "value_upload", {"Key": "seed/value", "Grant": FORGED_GRANT}, b"evil")
         refused(conn, "file_upload", {"Key": "seed/file", "Grant": FORGED_GRANT}, b"evil")
@@ -863,7 +878,7 @@ def test_attack_write_with_a_forged_grant_is_forbidden(sec: Sec) -> None:
 def test_attack_grant_of_one_key_replayed_on_another_is_forbidden(sec: Sec) -> None:
     """The master's real grant for a key of the attacker's, used to overwrite another
     key: ``forbidden`` (a grant is for its key only); seed/value keeps its version."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with sec.conn("master", "user", "bob") as m:
         head, body = m.call("place", {"Key": "bob/own", "Size": 4})
         _ok(head, body)
@@ -876,7 +891,7 @@ def test_attack_grant_of_one_key_replayed_on_another_is_forbidden(sec: Sec) -> N
 def test_attack_commit_with_a_forged_grant_is_refused(sec: Sec) -> None:
     """A client committing seed/value at a version of its choosing (a forged grant):
     refused with ``forbidden``; the directory is unchanged."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     entry = next(k for k in before.keys if k[0] == "seed/value")
     with sec.conn("master", "user", "admin") as conn:
         refused(conn, "commit", {"Key": "seed/value", "Size": entry[1], "Sha256": entry[2],
@@ -888,7 +903,7 @@ def test_role_bad_copy_about_another_workers_copy_is_refused(sec: Sec) -> None:
     """w2's certificate saying w1's copy is bad, on a link that does not carry w1's
     registration: ``not-registered`` (only the holder, on its own link, speaks for its
     copy); w1's copy stays."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     entry = next(k for k in before.keys if k[0] == "seed/file")
     with sec.conn("master", "worker", "w2") as conn:
         refused(conn, "bad_copy", {"Name": "w1", "Incarnation": before.nodes["w1"][1],
@@ -906,7 +921,7 @@ def test_attack_register_with_a_never_issued_newer_version_is_not_trusted(sec: S
     """w3 (a real identity, its process not running) registers with an inventory
     claiming seed/file at a version the master never issued: the claim is not trusted,
     the real copies are not dropped, the counter does not move."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with sec.conn("master", "worker", "w3") as conn:
         head, body = conn.call("register", _register("w3"), _inventory("seed/file", HUGE_VERSION))
         # Registered or refused, the inventory must not be believed.
@@ -918,7 +933,7 @@ def test_attack_register_with_a_never_issued_newer_version_is_not_trusted(sec: S
 def test_attack_report_of_a_never_issued_version_is_not_trusted(sec: Sec) -> None:
     """A registered w3 reporting a store of seed/value at a never-issued version: not
     taken; the real copies stay; the counter does not move."""
-    before = snapshot(sec)
+    before = settled_snapshot(sec)
     with sec.conn("master", "worker", "w3") as conn:
         head, body = conn.call("register", _register("w3"))
         _ok(head, body)
