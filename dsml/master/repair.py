@@ -93,6 +93,11 @@ class Repairer:
         self.queue: OrderedDict[str, None] = OrderedDict()
         self._backlog: OrderedDict[str, None] = OrderedDict()
         self._parked: dict[str, None] = {}
+        #: The alive or counted workers changed since the parked keys were last looked
+        #: at: they go back to the queue at the next timer pass (not at once: with many
+        #: workers some flap between alive and suspect all the time under load, and
+        #: re-examining every parked key each reactor turn kept a saturated master so).
+        self._unpark = False
         self._retry: dict[str, None] = {}
         #: Slices of keys still to feed the queue (full passes, workers' copies).
         self._scans: list[Scan] = []
@@ -139,6 +144,10 @@ class Repairer:
         if self._retry:
             self.queue.update(self._retry)
             self._retry.clear()
+        if self._unpark:
+            self._unpark = False
+            self.queue.update(self._parked)
+            self._parked.clear()
         self._step()
 
     def _step(self) -> None:
@@ -198,8 +207,7 @@ class Repairer:
             if self._want_before != want:
                 self.rescan()
         if self._parked and (alive != self._alive_before or counted != before):
-            self.queue.update(self._parked)
-            self._parked.clear()
+            self._unpark = True
         self._counted_before, self._alive_before, self._want_before = counted, alive, want
 
     # -- a pass ---------------------------------------------------------------------------
