@@ -283,12 +283,7 @@ class ClusterClient:
         """Every key under ``prefix`` with its replicas, from the master's directory."""
         after: str | None = None
         while True:
-            headers: dict[str, object] = {"Limit": page}
-            if prefix:
-                headers["Prefix"] = prefix
-            if after is not None:
-                headers["After"] = after
-            head, body = self.master.call("list", headers)
+            head, body = self.master.call("list", replies.list_headers(prefix, page, after))
             for listed in replies.listed_keys(body):
                 yield listed
                 after = listed.key
@@ -371,10 +366,7 @@ class ClusterClient:
     ) -> dict[str, Any]:
         """``job`` (a first page) with the tasks of every later page appended."""
         tasks = job.setdefault("tasks", [])
-        while "next" in headers:
-            start = int(headers["next"])
-            if tasks and start <= tasks[-1]["index"]:
-                raise DsmlError(f"the master's status pages of {job_id} go backwards", "internal")
+        while (start := replies.next_status_page(job_id, headers, tasks)) is not None:
             head, body = self.master.call("status", {"Job": job_id, "From": start})
             headers = head.headers
             tasks.extend(json.loads(body).get("tasks", ()))

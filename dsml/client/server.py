@@ -292,12 +292,7 @@ class Client:
         """Every key starting with ``prefix``, in UTF-8 byte order (fetched a page at a time)."""
         after: str | None = None
         while True:
-            headers: dict[str, object] = {"Limit": page}
-            if prefix:
-                headers["Prefix"] = prefix
-            if after is not None:
-                headers["After"] = after
-            head, body = self.call("list", headers)
+            head, body = self.call("list", replies.list_headers(prefix, page, after))
             for line in body.decode("utf-8").splitlines():
                 d = json.loads(line)
                 yield Entry(d["key"], d["kind"], d["size"], d["sha256"], d["version"], d["mtime"])

@@ -296,12 +296,7 @@ class AsyncClusterClient:
             out: list[ListedKey] = []
             after: str | None = None
             while True:
-                headers: dict[str, object] = {"Limit": page}
-                if prefix:
-                    headers["Prefix"] = prefix
-                if after is not None:
-                    headers["After"] = after
-                r = await self._ask_master("list", headers)
+                r = await self._ask_master("list", replies.list_headers(prefix, page, after))
                 listed = replies.listed_keys(r.payload)
                 out.extend(listed)
                 if listed:
@@ -373,11 +368,7 @@ class AsyncClusterClient:
     ) -> dict[str, Any]:
         """``job`` (a first page) with the tasks of every later page appended."""
         tasks = job.setdefault("tasks", [])
-        while "next" in headers:
-            start = int(headers["next"])
-            if tasks and start <= tasks[-1]["index"]:
-                raise DsmlError(f"the master's status pages of {job_id} go backwards",
-                                "internal")
+        while (start := replies.next_status_page(job_id, headers, tasks)) is not None:
             r = await self._ask_master("status", {"Job": job_id, "From": start})
             headers = r.headers
             tasks.extend(json.loads(r.payload).get("tasks", ()))

@@ -149,6 +149,30 @@ def lag(headers: Mapping[str, str]) -> dict[str, float]:
     return out
 
 
+def list_headers(prefix: str, page: int, after: str | None) -> dict[str, object]:
+    """The headers of one ``list`` request: ``page`` keys under ``prefix`` after
+    ``after`` (None: from the start)."""
+    headers: dict[str, object] = {"Limit": page}
+    if prefix:
+        headers["Prefix"] = prefix
+    if after is not None:
+        headers["After"] = after
+    return headers
+
+
+def next_status_page(
+    job_id: str, headers: Mapping[str, str], tasks: list[dict[str, Any]]
+) -> int | None:
+    """Where the next page of a ``status`` answer starts (its ``Next`` header), or None
+    after the last; refuses pages that go backwards (``tasks``: those read so far)."""
+    if "next" not in headers:
+        return None
+    start = int(headers["next"])
+    if tasks and start <= tasks[-1]["index"]:
+        raise DsmlError(f"the master's status pages of {job_id} go backwards", "internal")
+    return start
+
+
 def json_lines(payload: bytes) -> list[dict[str, Any]]:
     """JSON lines (the master's ``jobs`` answer) as dicts."""
     return [json.loads(line) for line in payload.decode().splitlines() if line]
