@@ -86,6 +86,7 @@ class FakeTransfers:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.uploaded: dict[str, bytes] = {}
+        self.attempts: dict[str, int | None] = {}  # the attempt each output was stored for
         self.broken: dict[str, Exception] = {}
         self.hanging: set[str] = set()
         self.cancelled: list[str] = []
@@ -105,9 +106,10 @@ class FakeTransfers:
         dest.write_bytes(self.files[key])
         return succeed(None)
 
-    def store(self, src: Path, key: str) -> Deferred[None]:
-        """Keep the bytes of ``src`` under ``key``."""
+    def store(self, src: Path, key: str, attempt: int | None = None) -> Deferred[None]:
+        """Keep the bytes of ``src`` under ``key`` (stored as ``attempt``'s output)."""
         self.storing.append(key)
+        self.attempts[key] = attempt
         if key in self.hanging:
             return Deferred(lambda d: self.cancelled.append(key))
         if key in self.broken:
@@ -370,6 +372,8 @@ def test_input_fetched_and_output_uploaded(h: Harness) -> None:
     assert result.reason == "" and result.ok, result
     assert result.exit_code == 0
     assert h.transfers.uploaded == {"out-key": b"HELLO\n", "copy-key": b"x"}
+    # Stored as this attempt's outputs (the master fences them by it).
+    assert h.transfers.attempts == {"out-key": 2, "copy-key": 2}
     assert h.transfers.told == {"in-key": None, "other": None}
     # Once the attempt has ended, whatever staging lent it is given back, input by input.
     data_in, x = h.transfers.released

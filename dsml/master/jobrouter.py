@@ -224,6 +224,14 @@ class JobRouter:
             )
         self.dispatch_soon()
 
+    def check_output(self, attempt_id: int, key: str, worker: str | None) -> None:
+        """``fenced`` unless attempt ``attempt_id`` (on ``worker``, when the peer is a
+        known worker) may place its output ``key`` now (see ``JobManager.output_refusal``)."""
+        why = self.jobs.output_refusal(attempt_id, key, worker)
+        if why:
+            log.info("refused an output write: {why}", why=why)
+            raise DsmlError(why, "fenced")
+
     def dispatch_soon(self) -> None:
         """Dispatch on the next reactor turn (a burst of events dispatches once)."""
         if self._dispatch_call is None or not self._dispatch_call.active():

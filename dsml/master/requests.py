@@ -249,7 +249,13 @@ class MasterHandler:
 
     @responder("place", roles=_USERS)
     def _place(self, head: Head, payload: bytes, conn: Connection) -> Reply:
-        placed = self.keys.place(head.headers["key"], int(head.headers["size"]))
+        h = head.headers
+        if "attempt" in h:
+            # A task's output: only its running attempt may write it (fenced otherwise).
+            ident = getattr(conn, "identity", None)
+            worker = ident.name if ident is not None and ident.kind == "worker" else None
+            self.router.check_output(int(h["attempt"]), h["key"], worker)
+        placed = self.keys.place(h["key"], int(h["size"]))
         return Reply(
             {
                 "Version": placed.version,

@@ -150,10 +150,15 @@ class AsyncClusterClient:
         """:meth:`place` with the master's grant first: (grant, version, workers)."""
         return _run(self._place(key, size))
 
-    async def _place(self, key: str, size: int) -> tuple[str, int, list[tuple[str, str]]]:
+    async def _place(
+        self, key: str, size: int, attempt: int | None = None
+    ) -> tuple[str, int, list[tuple[str, str]]]:
         """:meth:`place`, with the master's grant of the version (what the workers store
-        the write under, and what ``commit`` records)."""
-        r = await self._ask_master("place", {"Key": key, "Size": size})
+        the write under, and what ``commit`` records); ``attempt``: see :meth:`upload_file`."""
+        headers: dict[str, object] = {"Key": key, "Size": size}
+        if attempt is not None:
+            headers["Attempt"] = attempt
+        r = await self._ask_master("place", headers)
         h = r.headers
         return h["grant"], int(h["version"]), replies.workers(h["workers"])
 
@@ -167,22 +172,29 @@ class AsyncClusterClient:
 
     # -- writes -----------------------------------------------------------------------
 
-    def upload_file(self, key: str, path: str | os.PathLike[str]) -> Deferred[Stored]:
+    def upload_file(
+        self, key: str, path: str | os.PathLike[str], attempt: int | None = None
+    ) -> Deferred[Stored]:
         """Store the file at ``path`` as ``key`` on the placed workers (a pipeline),
-        streamed from disk, then record it with the master; fires once both are done."""
-        return _run(self._upload_path(key, Path(path)))
+        streamed from disk, then record it with the master; fires once both are done.
+
+        ``attempt``: the task attempt whose output this is (a worker storing outputs):
+        the master places it only while that attempt runs (``fenced`` otherwise)."""
+        return _run(self._upload_path(key, Path(path), attempt))
 
     def upload(self, key: str, data: bytes) -> Deferred[Stored]:
         """:meth:`upload_file` for bytes in memory."""
         return _run(self._upload(key, io.BytesIO(data), len(data)))
 
-    async def _upload_path(self, key: str, path: Path) -> Stored:
+    async def _upload_path(self, key: str, path: Path, attempt: int | None = None) -> Stored:
         with open(path, "rb") as f:
-            return await self._upload(key, f, os.fstat(f.fileno()).st_size)
+            return await self._upload(key, f, os.fstat(f.fileno()).st_size, attempt)
 
-    async def _upload(self, key: str, source: IO[bytes], size: int) -> Stored:
+    async def _upload(
+        self, key: str, source: IO[bytes], size: int, attempt: int | None = None
+    ) -> Stored:
         """The one upload: place, stream to the pipeline hashing, check, commit."""
-        grant, _, workers = await self._place(key, size)
+        grant, _, workers = await self._place(key, size, attempt)
         headers: dict[str, object] = {"Key": key, "Grant": grant}
         if len(workers) > 1:
             headers["Forward"] = ",".join(addr for _, addr in workers[1:])

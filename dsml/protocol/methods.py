@@ -329,7 +329,9 @@ def master_methods() -> MethodTable:
         # {op: "store"|"delete", key, size, sha256, version}.
         _spec("report", worker, max_payload=INVENTORY_MAX),
         # Where to write Key (Size bytes): Workers = name=host:port,...
-        _spec("place", {**key, "size": check_uint}),
+        # Attempt: a task attempt's output (its worker writes it): refused ``fenced``
+        # unless that attempt is running and declared Key as an output (issue #12).
+        _spec("place", {**key, "size": check_uint}, {"attempt": check_uint}),
         # Where Key lives: Replicas = name=host:port,... (live ones first).
         _spec("locate", key),
         # A client's upload to Workers finished: record it at once (read your writes).

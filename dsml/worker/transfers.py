@@ -136,11 +136,15 @@ class TaskTransfers:
         ``current``, else from the cluster (temporary file + rename, checksum checked)."""
         return Deferred.fromCoroutine(self._fetch(key, dest, current))
 
-    def store(self, src: Path, key: str) -> Deferred[None]:
-        """Upload ``src`` as ``key`` with the cluster's replication."""
+    def store(self, src: Path, key: str, attempt: int | None = None) -> Deferred[None]:
+        """Upload ``src`` as ``key`` with the cluster's replication; as the output of
+        ``attempt`` when given (the master refuses it, ``fenced``, once that attempt no
+        longer runs: a paused worker's late output never replaces the retry's)."""
 
         async def run() -> None:
-            await self._retrying(f"output {key!r}", lambda: self.client.upload_file(key, src))
+            await self._retrying(
+                f"output {key!r}", lambda: self.client.upload_file(key, src, attempt)
+            )
 
         return Deferred.fromCoroutine(run())
 

@@ -993,6 +993,28 @@ class JobManager:
         """How many queued tasks name inputs (locality is worth a look only when some do)."""
         return self._queued_inputs
 
+    def output_refusal(self, attempt_id: int, key: str, worker: str | None = None) -> str:
+        """Why attempt ``attempt_id`` may not write ``key`` now ("" when it may).
+
+        A task's outputs are ordinary cluster writes, placed by the worker that runs the
+        attempt before it reports.  Only a running attempt may place one, and only a key
+        its task declared as an output (and, when ``worker`` is known, only from the
+        worker it runs on).  An attempt that was fenced (its worker declared dead and
+        the task requeued, cancelled, or ended) is refused: its output can never replace
+        the committed attempt's, which is placed later and so at a higher version.
+        """
+        a = self._running.get(attempt_id)
+        if a is None:
+            return (
+                f"attempt {attempt_id} is not running (it ended, or was lost or cancelled):"
+                f" its output {key!r} is refused"
+            )
+        if worker is not None and a.worker != worker:
+            return f"attempt {attempt_id} runs on {a.worker}, not on {worker}"
+        if all(k != key for _, k in a.task.spec.outputs):
+            return f"{key!r} is not an output of attempt {attempt_id}"
+        return ""
+
     def slots_of(self, attempt_id: int) -> int:
         """The slots the running attempt ``attempt_id`` occupies (0 if it is not running)."""
         a = self._running.get(attempt_id)

@@ -130,6 +130,7 @@ class SimCluster:
         chunk: int | None = None,
         start: bool = True,
         script: Script = default_script,
+        move_outputs: bool = False,
     ) -> None:
         self.root = Path(root)
         self.clock = Clock()
@@ -156,6 +157,9 @@ class SimCluster:
         self._clients = itertools.count(1)
         #: How each fake attempt goes (may be replaced at any time).
         self.script = script
+        #: Whether fake attempts that exit 0 store their declared outputs through the
+        #: worker's real transfers (as attempt-scoped, fenced writes) before reporting.
+        self.move_outputs = move_outputs
         #: The task runner of each running worker.
         self.runners: dict[str, FakeTaskManager] = {}
         #: Everything every task runner did, in order.
@@ -288,6 +292,7 @@ class SimCluster:
                 on_result=on_result,
                 script=lambda worker, spec: self.script(worker, spec),
                 events=self.task_events,
+                transfers=transfers if self.move_outputs else None,
             )
             if adopt:
                 runner.adopt(orphans)
@@ -353,6 +358,17 @@ class SimCluster:
     def silence(self, name: str) -> None:
         """Worker (or ``master``) ``name`` goes silent: bytes are held, nothing closes."""
         self.net.silence(name)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP worker ``name`` (or "master"): its timers stop and its links go quiet
+        (held, nothing closes but by TCP's user timeout), until :meth:`resume`."""
+        self.net.silence(name)
+        self.clocks[name].pause()
+
+    def resume(self, name: str) -> None:
+        """SIGCONT: its overdue timers fire at once, its held bytes flow again."""
+        self.clocks[name].resume()
+        self.net.unsilence(name)
 
     def unsilence(self, name: str) -> None:
         """The network of ``name`` works again."""

@@ -33,6 +33,8 @@ class ProcessClock:
         self.running = True
         self._calls: list[IDelayedCall] = []
         self._prune_at = 256
+        #: While paused (:meth:`pause`): each held call and the time it was due.
+        self._held: dict[IDelayedCall, float] | None = None
 
     def seconds(self) -> float:
         """The shared time."""
@@ -47,6 +49,8 @@ class ProcessClock:
                                lambda c: None, lambda c: None, self.seconds)
         call = self.clock.callLater(delay, f, *args, **kw)
         self._calls.append(call)
+        if self._held is not None:
+            self._hold(call)
         if len(self._calls) > self._prune_at:
             self._calls = [c for c in self._calls if c.active()]
             self._prune_at = max(256, 2 * len(self._calls))
@@ -56,13 +60,48 @@ class ProcessClock:
         """This process's pending calls."""
         return [c for c in self._calls if c.active()]
 
+    def pause(self) -> None:
+        """SIGSTOP: none of the process's calls runs until :meth:`resume` (each is held
+        far in the future, its due time kept); what is scheduled meanwhile is held too."""
+        if self._held is not None or not self.running:
+            return
+        self._held = {}
+        for call in self._calls:
+            if call.active():
+                self._hold(call)
+
+    def _hold(self, call: IDelayedCall) -> None:
+        assert self._held is not None
+        self._held[call] = call.getTime()
+        call.reset(_FAR)
+
+    @property
+    def paused(self) -> bool:
+        return self._held is not None
+
+    def resume(self) -> None:
+        """SIGCONT: every held call runs at its due time, or at once if that passed
+        (in due order), as a stopped process's overdue timers do when it continues."""
+        held, self._held = self._held, None
+        if not held:
+            return
+        now = self.seconds()
+        for call, due in sorted(held.items(), key=lambda item: item[1]):
+            if call.active():
+                call.reset(max(0.0, due - now))
+
     def stop(self) -> None:
         """The process is gone: cancel its pending calls; schedule nothing more."""
+        self._held = None
         self.running = False
         calls, self._calls = self._calls, []
         for call in calls:
             if call.active():
                 call.cancel()
+
+
+#: Where a paused process's calls wait (seconds from now): beyond any simulated run.
+_FAR = 1e9
 
 
 def run_inline(fn: Callable[[], T]) -> Deferred[T]:

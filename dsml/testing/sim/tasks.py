@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -106,6 +107,7 @@ class _FakeAttempt:
     ends_at: float
     timer: IDelayedCall | None = None
     stop_reason: str = ""
+    uploading: Deferred[Any] | None = None
 
 
 @attrs.frozen
@@ -147,8 +149,14 @@ class FakeTaskManager(AttemptLedger):
         events: list[TaskEvent] | None = None,
         on_change: Callable[[], None] = lambda: None,
         kill_delay: float = 0.0,
+        transfers: Any = None,
     ) -> None:
         self.clock = clock
+        #: With the worker's transfers, an attempt that exits 0 stores its declared
+        #: outputs (as the real runner does, through ``transfers.store`` as that
+        #: attempt's outputs) before it reports: each output file holds
+        #: :func:`output_bytes` of the attempt.  Without, outputs are only recorded.
+        self.transfers = transfers
         self.name = name
         self.slots = slots
         self.work_dir = Path(work_dir)
@@ -270,7 +278,37 @@ class FakeTaskManager(AttemptLedger):
 
     def _exited(self, att: _FakeAttempt) -> None:
         att.timer = None
-        self._finish(att, att.run.result(att.spec.attempt_id, att.run.duration))
+        result = att.run.result(att.spec.attempt_id, att.run.duration)
+        if self.transfers is None or not att.spec.outputs or result.reason:
+            self._finish(att, result)
+            return
+        self._upload(att, result)
+
+    def _upload(self, att: _FakeAttempt, result: AttemptResult) -> None:
+        """Store the attempt's outputs, then finish it (failed if an upload failed)."""
+        spec = att.spec
+        d = self.work_dir / str(spec.attempt_id)
+        uploads = []
+        for i, (_, key) in enumerate(spec.outputs):
+            path = d / f"output-{i}"
+            path.write_bytes(output_bytes(self.name, spec.attempt_id, key))
+            uploads.append(self.transfers.store(path, key, spec.attempt_id))
+        att.uploading = DeferredList(uploads, consumeErrors=True)
+
+        def done(results: list[tuple[bool, Any]]) -> None:
+            att.uploading = None
+            if spec.attempt_id not in self._active or att.stop_reason:
+                return  # cancelled or killed meanwhile: _killed reports it
+            bad = [v for ok, v in results if not ok]
+            if bad:
+                why = getattr(bad[0].value, "message", None) or bad[0].getErrorMessage()
+                self._finish(att, attrs.evolve(result, exit_code=None,
+                                               reason=f"output upload failed: {why}"))
+            else:
+                self._finish(att, result)
+
+        att.uploading.addCallback(done)
+        self._event("upload", att)
 
     def _stop(self, att: _FakeAttempt, reason: str, delay: float) -> None:
         if att.stop_reason or att.spec.attempt_id not in self._active:
@@ -316,8 +354,15 @@ class FakeTaskManager(AttemptLedger):
             log.failure("on_change failed")
 
 
+def output_bytes(worker: str, attempt_id: int, key: str) -> bytes:
+    """What a fake attempt writes as its output ``key``: names the attempt, so a check
+    can tell whose output a stored key is."""
+    return f"output {key} of attempt {attempt_id} on {worker}\n".encode()
+
+
 __all__ = [
     "SIGTERM",
+    "output_bytes",
     "FakeRun",
     "FakeTaskManager",
     "Orphan",

@@ -441,7 +441,8 @@ class TaskManager(AttemptLedger):
             if not path.is_file() or os.path.commonpath([root, real]) != root:
                 return f"output {rel!r} missing"
         uploads = [
-            maybeDeferred(self.transfers.store, att.dir / rel, key) for rel, key in att.spec.outputs
+            maybeDeferred(self.transfers.store, att.dir / rel, key, att.spec.attempt_id)
+            for rel, key in att.spec.outputs
         ]
         att.pending = uploads
         results = await DeferredList(uploads, consumeErrors=True)
