@@ -116,3 +116,29 @@ def test_an_attempt_may_place_only_its_own_declared_outputs(
     assert "not running" in fenced.value.message
 
 
+
+
+def test_a_worker_that_dies_while_the_master_is_down_loses_its_attempts(
+    tmp_path: Path, sims: list[SimCluster]
+) -> None:
+    """Found by the nemesis (seed 10): a worker that died while the master was down
+    never registers again, so it is never declared dead, and the attempts the master's
+    journal holds as running there stayed "running" for ever.  Now, heartbeat_timeout
+    after the master starts, they are lost and their tasks run elsewhere."""
+    sim = SimCluster(tmp_path / "c", workers=("w1", "w2"), heartbeat_timeout=10.0, slots=1,
+                     script=lambda w, s: FakeRun(duration=20.0))
+    sims.append(sim)
+    client = sim.client()
+    job = sim.wait(client.submit(["work"], array=2))
+    sim.until(lambda: len(sim.events("start", job)) == 2, what="both starts")
+    assert {e.worker for e in sim.events("start", job)} == {"w1", "w2"}
+    sim.advance(2)  # the attempts are in the master's journal
+    sim.kill_master()
+    sim.kill("w1")  # for good, while nobody is listening
+    sim.advance(5)
+    sim.start_master()
+    sim.wait_registered(["w2"])
+    final = sim.wait(client.wait(job), timeout=120)
+    assert final["state"] == "succeeded"
+    lost = [a for t in final["tasks"] for a in t["attempts"] if a["state"] == "lost"]
+    assert [a["worker"] for a in lost] == ["w1"], [t["attempts"] for t in final["tasks"]]

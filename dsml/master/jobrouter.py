@@ -173,6 +173,10 @@ def assignment_json(
     return json.dumps(order).encode()
 
 
+#: Every incarnation of a worker name (see ``JobManager.worker_lost``).
+ANY_INCARNATION = 2**62
+
+
 class JobRouter:
     """Answers the job methods and keeps workers busy."""
 
@@ -189,6 +193,7 @@ class JobRouter:
         self.directory = directory
         self.clock = clock
         self._dispatch_call: Any = None
+        self._orphan_call: Any = None
         # The slots of attempts a worker was told to kill, by worker then attempt, until
         # the worker reports them ended (a result, taken or refused), re-registers (its
         # Running list is then the truth) or dies.  The manager forgets a cancelled
@@ -222,6 +227,35 @@ class JobRouter:
                 "worker {name} died with {n} attempts running: lost, tasks requeued",
                 name=record.name, n=len(lost),
             )
+        self.dispatch_soon()
+
+    def start(self, grace: float) -> None:
+        """The master started: attempts its journal holds as running on a worker that
+        does not register again within ``grace`` seconds are lost (requeued).  A worker
+        that died while the master was down never registers, never heartbeats, and so
+        is never declared dead: without this its attempts would run for ever."""
+        self._orphan_call = self.clock.callLater(grace, self._lose_unregistered)
+
+    def stop(self) -> None:
+        call, self._orphan_call = self._orphan_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+    def _lose_unregistered(self) -> None:
+        self._orphan_call = None
+        if self.jobs.closed:
+            return
+        for worker in self.jobs.workers_with_attempts():
+            record = self.membership.get(worker)
+            if record is not None and record.live:
+                continue  # registered again (its attempts were reconciled then)
+            lost = self.jobs.worker_lost(worker, ANY_INCARNATION)
+            if lost:
+                log.warn(
+                    "worker {name} did not register again after the master started:"
+                    " its {n} running attempts are lost, tasks requeued",
+                    name=worker, n=len(lost),
+                )
         self.dispatch_soon()
 
     def check_output(self, attempt_id: int, key: str, worker: str | None) -> None:

@@ -61,8 +61,12 @@ class _MasterRuntime(service.Service):
         jobs: JobManager | None = None,
         probe: LagProbe | None = None,
         retention: Retention | None = None,
+        router: JobRouter | None = None,
+        orphan_grace: float = 0.0,
     ) -> None:
         self.membership = membership
+        self.router = router
+        self.orphan_grace = orphan_grace
         self.repairer = repairer
         self.state = state
         self.jobs = jobs
@@ -73,6 +77,8 @@ class _MasterRuntime(service.Service):
         super().startService()
         self.membership.start()
         self.repairer.start()
+        if self.router is not None:
+            self.router.start(self.orphan_grace)
         if self.probe is not None:
             self.probe.start()
         if self.jobs is not None and self.retention is not None:
@@ -85,6 +91,8 @@ class _MasterRuntime(service.Service):
             self.probe.stop()
         self.repairer.stop()
         self.membership.stop()
+        if self.router is not None:
+            self.router.stop()
         # Worker links close after this, as the reactor shuts down: a master that is
         # stopping must not record its workers' attempts as lost on the way out.
         self.membership.on_dead.clear()
@@ -195,7 +203,8 @@ def build_master(
     )
     top = service.MultiService()
     top.setName("dsml-master")
-    _MasterRuntime(membership, repairer, state, jobs, probe, retention).setServiceParent(top)
+    _MasterRuntime(membership, repairer, state, jobs, probe, retention, router,
+                   orphan_grace=heartbeat_timeout).setServiceParent(top)
     listen(factory).setServiceParent(top)
     return Master(state, directory, membership, handler, repairer, factory, jobs, router, top,
                   registry, keys)

@@ -979,6 +979,10 @@ class JobManager:
             if t.current is not None
         ]
 
+    def workers_with_attempts(self) -> list[str]:
+        """The workers the master holds running attempts on."""
+        return sorted(self._by_worker)
+
     def running_attempts(self, worker: str) -> list[int]:
         """The attempts the master holds as running on ``worker`` (any incarnation)."""
         return sorted(self._by_worker.get(worker, ()))

@@ -294,6 +294,9 @@ class FakeNetwork:
         #: Addresses of machines that vanished: connects there hang until the timeout.
         self.vanished: set[str] = set()
         self.silenced: dict[str, IDelayedCall | None] = {}
+        #: Directions blocked by :meth:`partition`: (from node, to node) -> the timer
+        #: that breaks their connections after ``user_timeout`` (None once it has).
+        self.blocked: dict[tuple[str, str], IDelayedCall | None] = {}
         self.errors: list[Failure] = []
         self._connecting: list[_Connecting] = []
         self._ports = itertools.count(40000)
@@ -386,6 +389,35 @@ class FakeNetwork:
         if timer is not None and timer.active():
             timer.cancel()
 
+    def partition(self, a: str, b: str, one_way: bool = False) -> None:
+        """Bytes from ``a`` to ``b`` (and, unless ``one_way``, from ``b`` to ``a``) are
+        held; connects between them hang until ``connect_timeout`` (a SYN or its answer
+        is lost either way); after ``user_timeout`` their connections break (the side
+        whose bytes go unacknowledged gives up; with TCP both ends then see a reset)."""
+        for pair in ((a, b),) if one_way else ((a, b), (b, a)):
+            if pair in self.blocked:
+                continue
+            timer = None
+            if self.user_timeout is not None:
+                timer = self.clock.callLater(self.user_timeout, self._expire_pair, pair)
+            self.blocked[pair] = timer
+
+    def heal(self, a: str, b: str) -> None:
+        """Undo :meth:`partition` between ``a`` and ``b`` (both directions)."""
+        for pair in ((a, b), (b, a)):
+            timer = self.blocked.pop(pair, None)
+            if timer is not None and timer.active():
+                timer.cancel()
+
+    def _expire_pair(self, pair: tuple[str, str]) -> None:
+        self.blocked[pair] = None
+        for conn in self.connections_of(pair[0]):
+            if pair[1] in conn.nodes():
+                self._close(conn, conn.client, error.TimeoutError(), error.TimeoutError())
+
+    def _blocked(self, src: str, dst: str) -> bool:
+        return bool(self.blocked) and (src, dst) in self.blocked
+
     def _expire(self, name: str) -> None:
         # TCP_USER_TIMEOUT / keepalive: unanswered links break at both ends.
         self.silenced[name] = None
@@ -427,6 +459,8 @@ class FakeNetwork:
         moved = False
         if not self._silent(conn):
             for src, dst in ((a, b), (b, a)):
+                if src.out and self._blocked(src.node, dst.node):
+                    continue
                 if src.out and dst.dead:
                     src._take(None)  # to a machine that is gone
                     moved = True
@@ -534,6 +568,10 @@ class FakeNetwork:
         src = pending.node
         if listener is not None and (src in self.silenced or listener.node in self.silenced):
             return False  # SYNs go unanswered: wait for the connect timeout
+        if listener is not None and (
+            self._blocked(src, listener.node) or self._blocked(listener.node, src)
+        ):
+            return False  # partitioned: the SYN or its answer is lost
         if listener is None and pending.addr in self.vanished:
             return False
         self._connecting.remove(pending)

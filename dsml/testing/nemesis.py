@@ -1,0 +1,772 @@
+"""A seeded nemesis over the simulated cluster: faults, a workload, a history, checkers.
+
+    .venv/bin/python -m dsml.testing.nemesis --seed 7 --minutes 5
+    .venv/bin/python -m dsml.testing.nemesis --seeds 1-40 --minutes 3
+    .venv/bin/python -m dsml.testing.nemesis --seed 7 --shrink
+    .venv/bin/python -m dsml.testing.nemesis --budget 120         # as many seeds as fit
+
+One run (:func:`run`) builds a :class:`~dsml.testing.sim.SimCluster` (the production
+master and workers on one fake clock), draws a fault schedule from the seed
+(:func:`schedule`: worker crashes and power losses with restarts, SIGSTOP/SIGCONT of a
+worker or the master past the heartbeat timeout, cable cuts, pairwise and one-way
+partitions, short link stalls, master crashes, one permanent worker death) and a
+workload from the same seed (clients writing values and files, reading them back,
+overwriting, deleting, submitting jobs with outputs and cancelling them), records every
+client operation as ok / failed / unknown, heals every fault at the end, lets the
+cluster settle, and checks (:class:`Checker`):
+
+- **no acknowledged write lost**: every read (and the final read of every key, after
+  healing) returns the last write acknowledged before it began or a later one that was
+  not answered "failed"; reads never go back in version (a read that begins after
+  another ended never returns an older write);
+- **failed means absent**: a write answered "failed" is never read, ever;
+- **jobs**: every acknowledged job reaches one final state; each task has at most one
+  succeeded attempt (and the master took at most one success), and each stored output
+  of a succeeded task is exactly what that attempt wrote;
+- **the store matches the directory**: after healing, every live key has its
+  replication (or as many copies as there are live workers), each listed copy is in
+  its worker's store at the directory's version, and no stale copy is left;
+- **nothing logged as a bug** (an unhandled error, a ``[critical]`` traceback), no
+  protocol callback raised, every client call ended.
+
+Everything is driven by the simulation's clock and two ``random.Random`` streams (faults
+and workload) drawn from the seed, so a seed replays the same run: :attr:`Outcome.digest`
+hashes the history to show it (run with ``PYTHONHASHSEED=0``, as ``__main__`` does, for
+identical runs across processes).  :func:`shrink` removes fault episodes one at a time
+while the same checker still fails, and prints the smallest schedule found.
+
+What it does not model yet: a disk that loses what was not fsynced, full disks and I/O
+errors, wall-clock jumps apart from the monotonic clock, a thread pool that completes
+late, an old incarnation replaying its messages, and byte-level loss, duplication or
+reordering (the links are TCP: those surface as stalls and resets, which it does model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from ..errors import DsmlError
+from .sim import SimCluster, SimTimeout
+from .sim.tasks import output_bytes
+
+WORKERS = ("w1", "w2", "w3", "w4")
+CLIENTS = ("c1", "c2", "c3")
+REPLICATION = 2
+HEARTBEAT_TIMEOUT = 10.0
+MASTER = "master"
+
+#: Error codes that say a write did not happen (nothing of it can become visible).
+#: Any other error (a lost connection, a timeout, ``outcome-unknown``) leaves it unknown.
+DEFINITELY_FAILED = frozenset(
+    {"no-workers", "bad-key", "bad-header", "too-large", "forbidden", "fenced", "failed",
+     "write-failed", "not-placed"}
+)
+#: A client call still pending this long (simulated seconds) is a hang.
+HANG = 600.0
+#: How long the cluster may take to settle after the faults heal.
+SETTLE = 300.0
+
+
+@attrs.frozen
+class Episode:
+    """One fault: from ``start`` for ``length`` simulated seconds, on ``target``."""
+
+    start: float
+    length: float
+    kind: str
+    target: str
+    other: str = ""  # a partition's other side
+    flag: bool = False  # crash: the next process adopts the orphaned attempts
+
+    def __str__(self) -> str:
+        other = f"<->{self.other}" if self.other else ""
+        if self.kind == "oneway":
+            other = f"->{self.other}"
+        flag = " (adopt)" if self.flag else ""
+        return (f"t={self.start:7.1f}s +{self.length:5.1f}s {self.kind:<12} "
+                f"{self.target}{other}{flag}")
+
+
+#: Fault kinds and their weights in a schedule.
+KINDS = {
+    "crash": 3, "power": 2, "pause": 3, "cut": 3, "partition": 3, "oneway": 2, "stall": 3,
+    "master-crash": 2, "master-pause": 1, "master-cut": 1, "death": 1,
+}
+
+
+def schedule(seed: int, minutes: float, workers: Sequence[str] = WORKERS) -> list[Episode]:
+    """The fault schedule of ``seed``: episodes over ``minutes``, at most one at a time
+    per target, every one over before the end (but a worker's permanent death)."""
+    rng = random.Random(f"faults/{seed}")
+    horizon = minutes * 60.0
+    kinds = list(KINDS)
+    weights = [KINDS[k] for k in kinds]
+    free_at: dict[str, float] = {}
+    out: list[Episode] = []
+    dead = False
+    t = rng.uniform(3.0, 12.0)
+    while t < horizon - 5.0:
+        kind = rng.choices(kinds, weights)[0]
+        if kind.startswith("master"):
+            target = MASTER
+        else:
+            target = rng.choice(workers)
+        length = rng.choice(
+            (rng.uniform(0.5, 5.0), rng.uniform(5.0, 2.5 * HEARTBEAT_TIMEOUT),
+             rng.uniform(2.5 * HEARTBEAT_TIMEOUT, 60.0))
+        )
+        other = ""
+        flag = False
+        if kind == "stall":
+            length = rng.uniform(0.2, 3.0)
+        elif kind in ("partition", "oneway"):
+            other = rng.choice([n for n in (*workers, MASTER, *CLIENTS) if n != target])
+        elif kind == "crash":
+            flag = rng.random() < 0.5
+        elif kind == "death":
+            if dead:
+                kind = "crash"
+            else:
+                dead = True
+                length = horizon - t
+        busy = [n for n in (target, other) if n and free_at.get(n, 0.0) > t]
+        if not busy and (kind != "death" or target not in free_at or free_at[target] <= t):
+            length = min(length, horizon - t - 1.0)
+            out.append(Episode(round(t, 3), round(length, 3), kind, target, other, flag))
+            end = horizon + 1e9 if kind == "death" else t + length + 1.0
+            for n in (target, other):
+                if n and n not in CLIENTS:
+                    free_at[n] = end
+        t += rng.expovariate(1 / 12.0)
+    return out
+
+
+# -- the history -------------------------------------------------------------------------
+
+
+@attrs.define
+class Op:
+    """One client operation: what it asked, when, and how it ended."""
+
+    id: int
+    client: str
+    kind: str  # set, upload, remove, get, download, submit, cancel
+    key: str
+    seq: int  # the write's number on its key (writes), the number read (reads; -1 absent)
+    start: float
+    end: float | None = None
+    outcome: str = "pending"  # ok, failed, unknown (writes); ok, error (reads)
+    detail: str = ""
+    #: The order of its start and end among all starts and ends (many happen at one
+    #: simulated instant: this says which came first).
+    began: int = 0
+    ended: int = -1
+
+    def line(self) -> str:
+        end = "   ...  " if self.end is None else f"{self.end:8.2f}"
+        return (f"#{self.id:<5} {self.client} {self.start:8.2f}-{end} {self.kind:<8} "
+                f"{self.key:<14} seq={self.seq:<4} {self.outcome:<8} {self.detail}")
+
+
+@attrs.define
+class Violation:
+    checker: str
+    message: str
+    key: str = ""
+
+
+@attrs.define
+class Outcome:
+    """What one run found."""
+
+    seed: int
+    minutes: float
+    episodes: list[Episode]
+    ops: list[Op]
+    violations: list[Violation]
+    jobs: int
+    sim_seconds: float
+    wall_seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for op in self.ops:
+            h.update(op.line().encode())
+        for v in self.violations:
+            h.update(f"{v.checker}:{v.message}".encode())
+        return h.hexdigest()[:16]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for op in self.ops:
+            out[op.outcome] = out.get(op.outcome, 0) + 1
+        return out
+
+    def report(self, history: bool = True) -> str:
+        lines = [
+            f"seed {self.seed}: {'ok' if self.ok else 'FAILED'}, {len(self.ops)} operations "
+            f"{self.counts()}, {self.jobs} jobs, {len(self.episodes)} faults, "
+            f"{self.sim_seconds:.0f} simulated s in {self.wall_seconds:.1f} s "
+            f"(x{self.sim_seconds / max(self.wall_seconds, 1e-9):.0f}), digest {self.digest}"
+        ]
+        if self.ok:
+            return "\n".join(lines)
+        lines.append("faults:")
+        lines += [f"  {e}" for e in self.episodes]
+        lines.append("violations:")
+        lines += [f"  [{v.checker}] {v.message}" for v in self.violations]
+        if history:
+            keys = {v.key for v in self.violations if v.key}
+            shown = [op for op in self.ops if op.key in keys] if keys else self.ops[-40:]
+            lines.append(f"history ({'of ' + ', '.join(sorted(keys)) if keys else 'last 40'}):")
+            lines += [f"  {op.line()}" for op in shown]
+        return "\n".join(lines)
+
+
+# -- one run ------------------------------------------------------------------------------
+
+
+def _seq_of(data: bytes) -> int:
+    """The write number a stored value or file starts with (``key=SEQ;``)."""
+    head = data[:200].split(b";", 1)[0]
+    try:
+        return int(head.rsplit(b"=", 1)[1])
+    except (IndexError, ValueError):
+        return -2  # not anything this workload wrote
+
+
+class Run:
+    """One seeded run: the cluster, the fault actions, the workload and its history."""
+
+    def __init__(
+        self,
+        root: Path,
+        seed: int,
+        minutes: float,
+        episodes: list[Episode] | None = None,
+        workers: Sequence[str] = WORKERS,
+    ) -> None:
+        self.seed = seed
+        self.minutes = minutes
+        self.horizon = minutes * 60.0
+        self.workers = tuple(workers)
+        self.episodes = schedule(seed, minutes, workers) if episodes is None else episodes
+        self.rng = random.Random(f"work/{seed}")
+        self.sim = SimCluster(
+            root, workers=workers, replication=REPLICATION,
+            heartbeat_timeout=HEARTBEAT_TIMEOUT, seed=seed, slots=2, move_outputs=True,
+        )
+        self.ops: list[Op] = []
+        self.seqs: dict[str, int] = {}
+        self.jobs: dict[str, tuple[str, int, list[str]]] = {}  # id -> (client, tasks, outputs)
+        self.dead: set[str] = set()
+        self.active: dict[int, Episode] = {}
+        self.stopped = False
+        self._events = itertools.count()
+
+    # -- faults ---------------------------------------------------------------------
+
+    def _begin(self, i: int, e: Episode) -> None:
+        sim, net = self.sim, self.sim.net
+        if e.kind in ("crash", "death"):
+            if e.target in sim.workers:
+                sim.kill(e.target)
+        elif e.kind == "power":
+            if e.target in sim.workers:
+                sim.kill(e.target, half_open=True)
+        elif e.kind in ("pause", "master-pause"):
+            if e.target in sim.clocks:
+                sim.pause(e.target)
+        elif e.kind in ("cut", "stall", "master-cut"):
+            net.silence(e.target)
+        elif e.kind in ("partition", "oneway"):
+            net.partition(e.target, e.other, one_way=e.kind == "oneway")
+        elif e.kind == "master-crash":
+            if sim.master is not None:
+                sim.kill_master()
+        if e.kind == "death":
+            self.dead.add(e.target)
+            return
+        self.active[i] = e
+        sim.clock.callLater(e.length, self._end, i)
+
+    def _end(self, i: int) -> None:
+        e = self.active.pop(i, None)
+        if e is None:
+            return
+        sim, net = self.sim, self.sim.net
+        if e.kind in ("crash", "power"):
+            if e.target not in sim.workers:
+                sim.start_worker(e.target, adopt=e.flag)
+        elif e.kind in ("pause", "master-pause"):
+            if e.target in sim.clocks and sim.clocks[e.target].paused:
+                sim.resume(e.target)
+        elif e.kind in ("cut", "stall", "master-cut"):
+            net.unsilence(e.target)
+        elif e.kind in ("partition", "oneway"):
+            net.heal(e.target, e.other)
+        elif e.kind == "master-crash":
+            if sim.master is None:
+                sim.start_master()
+
+    def heal(self) -> None:
+        """End every fault still on (a permanent death stays)."""
+        for i in sorted(self.active):
+            self._end(i)
+
+    # -- the workload ---------------------------------------------------------------
+
+    def _op(self, client: str, kind: str, key: str, seq: int) -> Op:
+        op = Op(len(self.ops), client, kind, key, seq, self.sim.clock.seconds(),
+                began=next(self._events))
+        self.ops.append(op)
+        return op
+
+    def _done(self, op: Op, outcome: str, detail: str = "", seq: int | None = None) -> None:
+        op.end = self.sim.clock.seconds()
+        op.ended = next(self._events)
+        op.outcome = outcome
+        op.detail = detail
+        if seq is not None:
+            op.seq = seq
+
+    def _write_outcome(self, op: Op, f: Failure) -> None:
+        e = f.value
+        code = getattr(e, "code", "") if isinstance(e, DsmlError) else type(e).__name__
+        outcome = "failed" if code in DEFINITELY_FAILED else "unknown"
+        self._done(op, outcome, f"{code}: {str(e)[:80]}")
+
+    def _remove_outcome(self, op: Op, f: Failure) -> None:
+        if isinstance(f.value, DsmlError) and f.value.code == "not-found":
+            self._done(op, "ok", "was absent")  # nothing to delete: absent, as asked
+        else:
+            self._write_outcome(op, f)
+
+    def _next_write(self, key: str) -> int:
+        self.seqs[key] = self.seqs.get(key, 0) + 1
+        return self.seqs[key]
+
+    def _payload(self, key: str, seq: int, size: int) -> bytes:
+        head = f"{key}={seq};".encode()
+        return head + self.rng.randbytes(max(0, size - len(head)))
+
+    def client_loop(self, name: str) -> None:
+        client = self.sim.client(name)
+        rng = self.rng
+        njobs = [0]
+
+        def step() -> None:
+            if self.stopped or self.sim.clock.seconds() >= self.horizon:
+                return
+            d = one()
+            d.addBoth(lambda _: self.sim.clock.callLater(rng.uniform(0.05, 1.5), step))
+
+        def one() -> Deferred[Any]:
+            r = rng.random()
+            mine = [f"v/{name}/{i}" for i in range(3)] + [f"f/{name}/{i}" for i in range(2)]
+            if r < 0.35:  # write one of mine
+                key = rng.choice(mine)
+                seq = self._next_write(key)
+                if key.startswith("v/"):
+                    op = self._op(name, "set", key, seq)
+                    d = client.set(key, self._payload(key, seq, rng.randint(8, 4000)))
+                else:
+                    op = self._op(name, "upload", key, seq)
+                    size = rng.choice((200, 64 * 1024, 300 * 1024, 1024 * 1024))
+                    d = client.upload(key, self._payload(key, seq, size))
+                d.addCallbacks(lambda s: self._done(op, "ok", f"v{s.version}"),
+                               lambda f: self._write_outcome(op, f))
+                return d
+            if r < 0.40:  # delete one of mine
+                key = rng.choice(mine)
+                seq = self._next_write(key)
+                op = self._op(name, "remove", key, seq)
+                d = client.remove(key)
+                d.addCallbacks(lambda v: self._done(op, "ok", f"v{v}"),
+                               lambda f: self._remove_outcome(op, f))
+                return d
+            if r < 0.80:  # read anyone's
+                owner = rng.choice(CLIENTS)
+                key = rng.choice([f"v/{owner}/{i}" for i in range(3)]
+                                 + [f"f/{owner}/{i}" for i in range(2)])
+                op = self._op(name, "get" if key.startswith("v/") else "download", key, -1)
+                d = client.get(key) if key.startswith("v/") else client.download(key)
+                d.addCallbacks(lambda data: self._done(op, "ok", seq=_seq_of(data)),
+                               lambda f: self._read_error(op, f))
+                return d
+            if r < 0.95:  # a job with outputs
+                n = rng.randint(1, 4)
+                njobs[0] += 1
+                prefix = f"o/{name}/{njobs[0]}"
+                env = {"SIM_DURATION": f"{rng.choice((0.5, 2.0, 8.0, 25.0)):g}",
+                       "SIM_EXIT": "1" if rng.random() < 0.1 else "0"}
+                op = self._op(name, "submit", prefix, 0)
+                d = client.submit(["work"], array=n, env=env,
+                                  outputs=[("out", prefix + "/{index}")])
+
+                def submitted(job: str) -> None:
+                    self._done(op, "ok", job)
+                    self.jobs[job] = (name, n, [f"{prefix}/{i}" for i in range(n)])
+
+                d.addCallbacks(submitted, lambda f: self._write_outcome(op, f))
+                return d
+            mine_jobs = [j for j, (c, _, _) in self.jobs.items() if c == name]
+            if not mine_jobs:
+                return Deferred.fromCoroutine(_noop())
+            job = rng.choice(mine_jobs)
+            op = self._op(name, "cancel", job, 0)
+            d = client.cancel(job)
+            d.addCallbacks(lambda n: self._done(op, "ok", f"{n} killed"),
+                           lambda f: self._write_outcome(op, f))
+            return d
+
+        self.sim.clock.callLater(rng.uniform(0.0, 1.0), step)
+
+    def _read_error(self, op: Op, f: Failure) -> None:
+        e = f.value
+        code = getattr(e, "code", "") if isinstance(e, DsmlError) else type(e).__name__
+        if code == "not-found":
+            self._done(op, "ok", "absent", seq=-1)
+        else:
+            self._done(op, "error", f"{code}: {str(e)[:80]}")
+
+    # -- the whole run ----------------------------------------------------------------
+
+    def go(self) -> Outcome:
+        wall = time.monotonic()
+        sim = self.sim
+        t0 = sim.clock.seconds()
+        for i, e in enumerate(self.episodes):
+            sim.clock.callLater(e.start, self._begin, i, e)
+        for name in CLIENTS:
+            self.client_loop(name)
+        sim.advance(self.horizon, step=0.1)
+        self.stopped = True
+        self.heal()
+        checker = Checker(self)
+        try:
+            checker.settle()
+            checker.final_reads()
+            checker.check_jobs()
+            checker.check_store()
+        except SimTimeout as e:
+            checker.fail("settle", f"the cluster did not settle: {e}")
+        checker.check_history()
+        checker.check_logs()
+        return Outcome(
+            self.seed, self.minutes, self.episodes, self.ops, checker.violations,
+            len(self.jobs), sim.clock.seconds() - t0, time.monotonic() - wall,
+        )
+
+    def close(self) -> None:
+        self.sim.close()
+
+
+async def _noop() -> None:
+    return None
+
+
+# -- the checkers -------------------------------------------------------------------------
+
+
+class Checker:
+    """The invariants, over a finished run's history and its settled cluster."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.sim = run.sim
+        self.violations: list[Violation] = []
+
+    def fail(self, checker: str, message: str, key: str = "") -> None:
+        self.violations.append(Violation(checker, message, key))
+
+    def live(self) -> list[str]:
+        return [w for w in self.run.workers if w not in self.run.dead]
+
+    def settle(self) -> None:
+        """Every live worker registered again, every client call ended."""
+        sim = self.sim
+        sim.until(lambda: sim.master is not None, timeout=5, what="the master")
+        sim.wait_registered(self.live(), timeout=SETTLE)
+        sim.until(lambda: all(op.end is not None for op in self.run.ops), timeout=HANG,
+                  what="every client call to end")
+
+    def final_reads(self) -> None:
+        """Read every key once more, after healing, through a new client."""
+        client = self.sim.client("checker")
+        for key in sorted(self.run.seqs):
+            op = self.run._op("checker", "get" if key.startswith("v/") else "download", key, -1)
+            d = client.get(key) if key.startswith("v/") else client.download(key)
+            d.addCallbacks(lambda data, op=op: self.run._done(op, "ok", seq=_seq_of(data)),
+                           lambda f, op=op: self.run._read_error(op, f))
+            self.sim.until(lambda op=op: op.end is not None, timeout=120,
+                           what=f"the final read of {key}")
+            if op.outcome != "ok":
+                self.fail("durability", f"after healing, {key} cannot be read: {op.detail}",
+                          key)
+
+    def check_history(self) -> None:
+        """Reads against writes, key by key (each key has one writer, writing in turn)."""
+        ops = self.run.ops
+        hung = [op for op in ops if op.end is None]
+        for op in hung:
+            self.fail("hang", f"a client call never ended: {op.line()}", op.key)
+        writes: dict[str, list[Op]] = {}
+        reads: dict[str, list[Op]] = {}
+        for op in ops:
+            if op.kind in ("set", "upload", "remove"):
+                writes.setdefault(op.key, []).append(op)
+            elif op.kind in ("get", "download") and op.outcome == "ok":
+                reads.setdefault(op.key, []).append(op)
+        for key, rs in reads.items():
+            ws = {w.seq: w for w in writes.get(key, [])}
+            for r in rs:
+                assert r.end is not None
+                acked = [w.seq for w in ws.values()
+                         if w.outcome == "ok" and 0 <= w.ended < r.began]
+                floor = max(acked, default=0)
+                if r.seq == -1:
+                    got = None
+                    # absent: no write acknowledged before, or the newest such is a remove
+                    # (or a later remove that was not answered failed)
+                    ok = floor == 0 or ws[floor].kind == "remove" or any(
+                        w.kind == "remove" and w.seq > floor and w.outcome != "failed"
+                        and w.began < r.ended for w in ws.values()
+                    )
+                else:
+                    got = ws.get(r.seq)
+                    ok = got is not None and got.kind != "remove" and r.seq >= floor and (
+                        got.outcome != "failed") and got.began < r.ended
+                if not ok:
+                    what = "absent" if r.seq == -1 else f"write {r.seq}"
+                    why = (f"{r.client} read {what} of {key} at {r.start:.2f}-{r.end:.2f}, but "
+                           f"write {floor} was acknowledged before it began")
+                    if got is not None and got.outcome == "failed":
+                        why = f"{r.client} read write {r.seq} of {key}, answered failed"
+                        self.fail("failed-visible", why, key)
+                    else:
+                        self.fail("durability", why, key)
+            # monotonic: a read that begins after another ended never sees an older write
+            done = sorted(rs, key=lambda r: r.ended)
+            for r in rs:
+                for prev in done:
+                    if prev.ended >= r.began:
+                        break
+                    if prev.seq > r.seq and not self._removed_between(ws, r.seq, prev.seq):
+                        self.fail("monotonic", f"{r.client} read {r.seq} of {key} at "
+                                  f"{r.start:.2f} after {prev.client} read {prev.seq} "
+                                  f"(ended {prev.end:.2f})", key)
+                        break
+
+    @staticmethod
+    def _removed_between(ws: dict[int, Op], low: int, high: int) -> bool:
+        # Reading "absent" (-1) after a remove at a higher number is a newer state.
+        return low == -1 and any(w.kind == "remove" and w.seq > high for w in ws.values())
+
+    def check_jobs(self) -> None:
+        """Every acknowledged job ends once; at most one success per task; the stored
+        outputs of a succeeded task are its succeeded attempt's."""
+        sim = self.sim
+        final = {"succeeded", "failed", "cancelled"}
+        client = sim.client("job-checker")
+        for job, (_, _n, outputs) in sorted(self.run.jobs.items()):
+            try:
+                sim.until(lambda job=job: sim.job(job).state in final, timeout=SETTLE,
+                          what=f"job {job} to end")
+            except SimTimeout:
+                self.fail("jobs", f"job {job} did not end: {sim.job(job).state}")
+                continue
+            view = sim.job(job)
+            taken = {}
+            for r in sim.results:
+                if r.taken and not r.reason:
+                    taken[r.attempt_id] = taken.get(r.attempt_id, 0) + 1
+            for t in view.tasks:
+                wins = [a for a in t.attempts if a.state == "succeeded"]
+                if len(wins) > 1:
+                    self.fail("jobs", f"job {job} task {t.index}: {len(wins)} successes")
+                if t.state == "succeeded" and len(wins) != 1:
+                    self.fail("jobs", f"job {job} task {t.index} succeeded without a "
+                              "succeeded attempt")
+                if view.state == "succeeded" and t.state != "succeeded":
+                    self.fail("jobs", f"job {job} succeeded but task {t.index} is {t.state}")
+                if t.state != "succeeded" or len(wins) != 1:
+                    continue
+                a = wins[0]
+                key = outputs[t.index]
+                want = output_bytes(a.worker, a.id, key)
+                d = client.download(key)
+                got: list[Any] = []
+                d.addBoth(got.append)
+                sim.until(lambda got=got: bool(got), timeout=120, what=f"output {key}")
+                if isinstance(got[0], Failure):
+                    self.fail("outputs", f"job {job} task {t.index}: output {key} unreadable: "
+                              f"{got[0].getErrorMessage()}", key)
+                elif got[0] != want:
+                    self.fail("outputs", f"job {job} task {t.index}: {key} holds "
+                              f"{got[0][:60]!r}, not attempt {a.id}'s output", key)
+
+    def check_store(self) -> None:
+        """Replication restored; the directory and the stores agree; no stale copies."""
+        sim = self.sim
+        live = self.live()
+        want = min(REPLICATION, len(live))
+
+        def replicated() -> bool:
+            return all(len(ws) >= want for ws in sim.replicas(live=True).values())
+
+        try:
+            sim.until(replicated, timeout=SETTLE, what="replication")
+        except SimTimeout:
+            short = {k: sorted(ws) for k, ws in sim.replicas(live=True).items() if len(ws) < want}
+            self.fail("replication", f"under-replicated after {SETTLE:g} s: {short}")
+
+        master = sim.master
+        assert master is not None
+
+        def agreed() -> list[str]:
+            problems = []
+            rows = master.directory.list("", None, 10**9)
+            current = {}
+            for key, _size, _sha, version, holders in rows:
+                current[key] = version
+                for w in holders:
+                    if w not in sim.workers or w in self.run.dead:
+                        continue
+                    entry = sim.stored(w).get(key)
+                    if entry is None or entry.version != version:
+                        have = "nothing" if entry is None else f"version {entry.version}"
+                        problems.append(f"{w} should hold {key} v{version}, has {have}")
+            for w in sim.workers:
+                for key, entry in sim.stored(w).items():
+                    if key in current and entry.version < current[key]:
+                        problems.append(f"{w} keeps a stale copy of {key}: v{entry.version} "
+                                        f"< v{current[key]}")
+            return problems
+
+        try:
+            sim.until(lambda: not agreed(), timeout=SETTLE, what="the stores to match")
+        except SimTimeout:
+            for p in agreed()[:10]:
+                self.fail("store", p)
+
+    def check_logs(self) -> None:
+        for m in self.sim.failures.messages()[:5]:
+            self.fail("bug-logged", m[:300])
+        for f in self.sim.net.errors[:5]:
+            self.fail("callback-raised", f.getErrorMessage()[:300])
+
+
+# -- running seeds ------------------------------------------------------------------------
+
+
+def run(seed: int, minutes: float = 3.0, episodes: list[Episode] | None = None,
+        root: Path | None = None) -> Outcome:
+    """Run one seed (in ``root``, else a temporary directory removed afterwards)."""
+    if root is not None:
+        r = Run(root, seed, minutes, episodes)
+        try:
+            return r.go()
+        finally:
+            r.close()
+    with tempfile.TemporaryDirectory(prefix=f"dsml-nemesis-{seed}-") as tmp:
+        return run(seed, minutes, episodes, Path(tmp))
+
+
+def shrink(seed: int, minutes: float, outcome: Outcome,
+           say: Callable[[str], None] = print) -> Outcome:
+    """Remove fault episodes one at a time while the same checker still fails."""
+    target = {v.checker for v in outcome.violations}
+    best = outcome
+    episodes = list(outcome.episodes)
+    i = 0
+    while i < len(episodes):
+        trial = episodes[:i] + episodes[i + 1:]
+        got = run(seed, minutes, trial)
+        if got.violations and {v.checker for v in got.violations} & target:
+            say(f"  without {episodes[i]}: still fails ({len(trial)} faults left)")
+            episodes, best = trial, got
+        else:
+            i += 1
+    return best
+
+
+def _seeds(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out += range(int(a), int(b) + 1)
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dsml.testing.nemesis",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--seed", type=int, help="one seed")
+    p.add_argument("--seeds", help="seeds: 1-20,33")
+    p.add_argument("--budget", type=float,
+                   help="run seeds from --first on until this many wall seconds have passed")
+    p.add_argument("--first", type=int, default=1)
+    p.add_argument("--minutes", type=float, default=3.0, help="simulated minutes per seed")
+    p.add_argument("--shrink", action="store_true", help="shrink a failing seed's schedule")
+    p.add_argument("--quiet", action="store_true", help="no history for failures")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    seeds = ([args.seed] if args.seed is not None else _seeds(args.seeds) if args.seeds
+             else [])
+    start = time.monotonic()
+    failed = 0
+    ran = 0
+    sim_s = 0.0
+    wall = 0.0
+    queue = list(seeds)
+    n = args.first
+    while True:
+        if queue:
+            seed = queue.pop(0)
+        elif args.budget is not None and time.monotonic() - start < args.budget:
+            seed, n = n, n + 1
+        else:
+            break
+        out = run(seed, args.minutes)
+        ran += 1
+        sim_s += out.sim_seconds
+        wall += out.wall_seconds
+        print(out.report(history=not args.quiet), flush=True)
+        if not out.ok:
+            failed += 1
+            if args.shrink:
+                print(f"shrinking seed {seed} ...", flush=True)
+                small = shrink(seed, args.minutes, out)
+                print(small.report(), flush=True)
+    print(f"{ran} seeds, {failed} failed; {sim_s:.0f} simulated s in {wall:.0f} s "
+          f"(x{sim_s / max(wall, 1e-9):.0f} real time)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.environ["PYTHONHASHSEED"] = "0"  # the same set order in every process
+        os.execv(sys.executable, [sys.executable, "-m", "dsml.testing.nemesis", *sys.argv[1:]])
+    sys.exit(main())
