@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from dsml.testing import nemesis
-from dsml.testing.nemesis import Checker, Episode, Op, Run
+from dsml.testing.history import Op, check_history
+from dsml.testing.nemesis import Episode, Run
 from dsml.testing.sim import FakeRun
 
 SEEDS_FILE = Path(__file__).with_name("nemesis_seeds.txt")
@@ -77,19 +78,8 @@ def test_schedules_cover_every_fault_kind() -> None:
 # -- the checkers, on histories made by hand ------------------------------------------------
 
 
-class _FakeRun:
-    def __init__(self, ops: list[Op]) -> None:
-        self.ops = ops
-        self.workers = ("w1",)
-        self.dead: set[str] = set()
-
-
 def _check(ops: list[Op]) -> list[str]:
-    checker = Checker.__new__(Checker)
-    checker.run = _FakeRun(ops)  # type: ignore[assignment]
-    checker.violations = []
-    checker.check_history()
-    return [v.checker for v in checker.violations]
+    return [v.checker for v in check_history(ops)]
 
 
 def _op(i: int, kind: str, seq: int, began: int, ended: int, outcome: str = "ok") -> Op:

@@ -60,26 +60,15 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from ..errors import DsmlError
+from .history import Op, Violation, seq_of, write_outcome
 from .sim import SimCluster, SimTimeout
-from .sim.tasks import output_bytes
+from .simcheck import Checker
 
 WORKERS = ("w1", "w2", "w3", "w4")
 CLIENTS = ("c1", "c2", "c3")
 REPLICATION = 2
 HEARTBEAT_TIMEOUT = 10.0
 MASTER = "master"
-
-#: Error codes that say a write did not happen (nothing of it can become visible).
-#: Any other error (a lost connection, a timeout, ``outcome-unknown``) leaves it unknown.
-DEFINITELY_FAILED = frozenset(
-    {"no-workers", "bad-key", "bad-header", "too-large", "forbidden", "fenced", "failed",
-     "write-failed", "not-placed"}
-)
-#: A client call still pending this long (simulated seconds) is a hang.
-HANG = 600.0
-#: How long the cluster may take to settle after the faults heal.
-SETTLE = 300.0
-
 
 @attrs.frozen
 class Episode:
@@ -159,37 +148,6 @@ def schedule(seed: int, minutes: float, workers: Sequence[str] = WORKERS) -> lis
 
 
 @attrs.define
-class Op:
-    """One client operation: what it asked, when, and how it ended."""
-
-    id: int
-    client: str
-    kind: str  # set, upload, remove, get, download, submit, cancel
-    key: str
-    seq: int  # the write's number on its key (writes), the number read (reads; -1 absent)
-    start: float
-    end: float | None = None
-    outcome: str = "pending"  # ok, failed, unknown (writes); ok, error (reads)
-    detail: str = ""
-    #: The order of its start and end among all starts and ends (many happen at one
-    #: simulated instant: this says which came first).
-    began: int = 0
-    ended: int = -1
-
-    def line(self) -> str:
-        end = "   ...  " if self.end is None else f"{self.end:8.2f}"
-        return (f"#{self.id:<5} {self.client} {self.start:8.2f}-{end} {self.kind:<8} "
-                f"{self.key:<14} seq={self.seq:<4} {self.outcome:<8} {self.detail}")
-
-
-@attrs.define
-class Violation:
-    checker: str
-    message: str
-    key: str = ""
-
-
-@attrs.define
 class Outcome:
     """What one run found."""
 
@@ -243,15 +201,6 @@ class Outcome:
 
 
 # -- one run ------------------------------------------------------------------------------
-
-
-def _seq_of(data: bytes) -> int:
-    """The write number a stored value or file starts with (``key=SEQ;``)."""
-    head = data[:200].split(b";", 1)[0]
-    try:
-        return int(head.rsplit(b"=", 1)[1])
-    except (IndexError, ValueError):
-        return -2  # not anything this workload wrote
 
 
 class Run:
@@ -352,8 +301,7 @@ class Run:
     def _write_outcome(self, op: Op, f: Failure) -> None:
         e = f.value
         code = getattr(e, "code", "") if isinstance(e, DsmlError) else type(e).__name__
-        outcome = "failed" if code in DEFINITELY_FAILED else "unknown"
-        self._done(op, outcome, f"{code}: {str(e)[:80]}")
+        self._done(op, write_outcome(e, op.kind), f"{code}: {str(e)[:80]}")
 
     def _remove_outcome(self, op: Op, f: Failure) -> None:
         if isinstance(f.value, DsmlError) and f.value.code == "not-found":
@@ -410,7 +358,7 @@ class Run:
                                  + [f"f/{owner}/{i}" for i in range(2)])
                 op = self._op(name, "get" if key.startswith("v/") else "download", key, -1)
                 d = client.get(key) if key.startswith("v/") else client.download(key)
-                d.addCallbacks(lambda data: self._done(op, "ok", seq=_seq_of(data)),
+                d.addCallbacks(lambda data: self._done(op, "ok", seq=seq_of(data)),
                                lambda f: self._read_error(op, f))
                 return d
             if r < 0.95:  # a job with outputs
@@ -486,194 +434,6 @@ async def _noop() -> None:
 
 
 # -- the checkers -------------------------------------------------------------------------
-
-
-class Checker:
-    """The invariants, over a finished run's history and its settled cluster."""
-
-    def __init__(self, run: Run) -> None:
-        self.run = run
-        self.sim = run.sim
-        self.violations: list[Violation] = []
-
-    def fail(self, checker: str, message: str, key: str = "") -> None:
-        self.violations.append(Violation(checker, message, key))
-
-    def live(self) -> list[str]:
-        return [w for w in self.run.workers if w not in self.run.dead]
-
-    def settle(self) -> None:
-        """Every live worker registered again, every client call ended."""
-        sim = self.sim
-        sim.until(lambda: sim.master is not None, timeout=5, what="the master")
-        sim.wait_registered(self.live(), timeout=SETTLE)
-        sim.until(lambda: all(op.end is not None for op in self.run.ops), timeout=HANG,
-                  what="every client call to end")
-
-    def final_reads(self) -> None:
-        """Read every key once more, after healing, through a new client."""
-        client = self.sim.client("checker")
-        for key in sorted(self.run.seqs):
-            op = self.run._op("checker", "get" if key.startswith("v/") else "download", key, -1)
-            d = client.get(key) if key.startswith("v/") else client.download(key)
-            d.addCallbacks(lambda data, op=op: self.run._done(op, "ok", seq=_seq_of(data)),
-                           lambda f, op=op: self.run._read_error(op, f))
-            self.sim.until(lambda op=op: op.end is not None, timeout=120,
-                           what=f"the final read of {key}")
-            if op.outcome != "ok":
-                self.fail("durability", f"after healing, {key} cannot be read: {op.detail}",
-                          key)
-
-    def check_history(self) -> None:
-        """Reads against writes, key by key (each key has one writer, writing in turn)."""
-        ops = self.run.ops
-        hung = [op for op in ops if op.end is None]
-        for op in hung:
-            self.fail("hang", f"a client call never ended: {op.line()}", op.key)
-        writes: dict[str, list[Op]] = {}
-        reads: dict[str, list[Op]] = {}
-        for op in ops:
-            if op.kind in ("set", "upload", "remove"):
-                writes.setdefault(op.key, []).append(op)
-            elif op.kind in ("get", "download") and op.outcome == "ok":
-                reads.setdefault(op.key, []).append(op)
-        for key, rs in reads.items():
-            ws = {w.seq: w for w in writes.get(key, [])}
-            for r in rs:
-                assert r.end is not None
-                acked = [w.seq for w in ws.values()
-                         if w.outcome == "ok" and 0 <= w.ended < r.began]
-                floor = max(acked, default=0)
-                if r.seq == -1:
-                    got = None
-                    # absent: no write acknowledged before, or the newest such is a remove
-                    # (or a later remove that was not answered failed)
-                    ok = floor == 0 or ws[floor].kind == "remove" or any(
-                        w.kind == "remove" and w.seq > floor and w.outcome != "failed"
-                        and w.began < r.ended for w in ws.values()
-                    )
-                else:
-                    got = ws.get(r.seq)
-                    ok = got is not None and got.kind != "remove" and r.seq >= floor and (
-                        got.outcome != "failed") and got.began < r.ended
-                if not ok:
-                    what = "absent" if r.seq == -1 else f"write {r.seq}"
-                    why = (f"{r.client} read {what} of {key} at {r.start:.2f}-{r.end:.2f}, but "
-                           f"write {floor} was acknowledged before it began")
-                    if got is not None and got.outcome == "failed":
-                        why = f"{r.client} read write {r.seq} of {key}, answered failed"
-                        self.fail("failed-visible", why, key)
-                    else:
-                        self.fail("durability", why, key)
-            # monotonic: a read that begins after another ended never sees an older write
-            done = sorted(rs, key=lambda r: r.ended)
-            for r in rs:
-                for prev in done:
-                    if prev.ended >= r.began:
-                        break
-                    if prev.seq > r.seq and not self._removed_between(ws, r.seq, prev.seq):
-                        self.fail("monotonic", f"{r.client} read {r.seq} of {key} at "
-                                  f"{r.start:.2f} after {prev.client} read {prev.seq} "
-                                  f"(ended {prev.end:.2f})", key)
-                        break
-
-    @staticmethod
-    def _removed_between(ws: dict[int, Op], low: int, high: int) -> bool:
-        # Reading "absent" (-1) after a remove at a higher number is a newer state.
-        return low == -1 and any(w.kind == "remove" and w.seq > high for w in ws.values())
-
-    def check_jobs(self) -> None:
-        """Every acknowledged job ends once; at most one success per task; the stored
-        outputs of a succeeded task are its succeeded attempt's."""
-        sim = self.sim
-        final = {"succeeded", "failed", "cancelled"}
-        client = sim.client("job-checker")
-        for job, (_, _n, outputs) in sorted(self.run.jobs.items()):
-            try:
-                sim.until(lambda job=job: sim.job(job).state in final, timeout=SETTLE,
-                          what=f"job {job} to end")
-            except SimTimeout:
-                self.fail("jobs", f"job {job} did not end: {sim.job(job).state}")
-                continue
-            view = sim.job(job)
-            taken = {}
-            for r in sim.results:
-                if r.taken and not r.reason:
-                    taken[r.attempt_id] = taken.get(r.attempt_id, 0) + 1
-            for t in view.tasks:
-                wins = [a for a in t.attempts if a.state == "succeeded"]
-                if len(wins) > 1:
-                    self.fail("jobs", f"job {job} task {t.index}: {len(wins)} successes")
-                if t.state == "succeeded" and len(wins) != 1:
-                    self.fail("jobs", f"job {job} task {t.index} succeeded without a "
-                              "succeeded attempt")
-                if view.state == "succeeded" and t.state != "succeeded":
-                    self.fail("jobs", f"job {job} succeeded but task {t.index} is {t.state}")
-                if t.state != "succeeded" or len(wins) != 1:
-                    continue
-                a = wins[0]
-                key = outputs[t.index]
-                want = output_bytes(a.worker, a.id, key)
-                d = client.download(key)
-                got: list[Any] = []
-                d.addBoth(got.append)
-                sim.until(lambda got=got: bool(got), timeout=120, what=f"output {key}")
-                if isinstance(got[0], Failure):
-                    self.fail("outputs", f"job {job} task {t.index}: output {key} unreadable: "
-                              f"{got[0].getErrorMessage()}", key)
-                elif got[0] != want:
-                    self.fail("outputs", f"job {job} task {t.index}: {key} holds "
-                              f"{got[0][:60]!r}, not attempt {a.id}'s output", key)
-
-    def check_store(self) -> None:
-        """Replication restored; the directory and the stores agree; no stale copies."""
-        sim = self.sim
-        live = self.live()
-        want = min(REPLICATION, len(live))
-
-        def replicated() -> bool:
-            return all(len(ws) >= want for ws in sim.replicas(live=True).values())
-
-        try:
-            sim.until(replicated, timeout=SETTLE, what="replication")
-        except SimTimeout:
-            short = {k: sorted(ws) for k, ws in sim.replicas(live=True).items() if len(ws) < want}
-            self.fail("replication", f"under-replicated after {SETTLE:g} s: {short}")
-
-        master = sim.master
-        assert master is not None
-
-        def agreed() -> list[str]:
-            problems = []
-            rows = master.directory.list("", None, 10**9)
-            current = {}
-            for key, _size, _sha, version, holders in rows:
-                current[key] = version
-                for w in holders:
-                    if w not in sim.workers or w in self.run.dead:
-                        continue
-                    entry = sim.stored(w).get(key)
-                    if entry is None or entry.version != version:
-                        have = "nothing" if entry is None else f"version {entry.version}"
-                        problems.append(f"{w} should hold {key} v{version}, has {have}")
-            for w in sim.workers:
-                for key, entry in sim.stored(w).items():
-                    if key in current and entry.version < current[key]:
-                        problems.append(f"{w} keeps a stale copy of {key}: v{entry.version} "
-                                        f"< v{current[key]}")
-            return problems
-
-        try:
-            sim.until(lambda: not agreed(), timeout=SETTLE, what="the stores to match")
-        except SimTimeout:
-            for p in agreed()[:10]:
-                self.fail("store", p)
-
-    def check_logs(self) -> None:
-        for m in self.sim.failures.messages()[:5]:
-            self.fail("bug-logged", m[:300])
-        for f in self.sim.net.errors[:5]:
-            self.fail("callback-raised", f.getErrorMessage()[:300])
 
 
 # -- running seeds ------------------------------------------------------------------------

@@ -1,0 +1,161 @@
+"""The checks of a nemesis run on its settled simulated cluster (:class:`Checker`).
+
+After the faults heal (:mod:`dsml.testing.nemesis`): every live worker registered and
+every client call ended; every key read once more through a new client; every
+acknowledged job ended once, with at most one success per task and exactly that
+attempt's outputs stored; replication restored and the directory matching the stores
+with no stale copy left; nothing logged as a bug.  The reads against the writes are
+:func:`dsml.testing.history.check_history`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.python.failure import Failure
+
+from .history import Violation, check_history, seq_of
+from .sim import SimTimeout
+from .sim.tasks import output_bytes
+
+if TYPE_CHECKING:
+    from .nemesis import Run
+
+#: A client call still pending this long (simulated seconds) is a hang.
+HANG = 600.0
+#: How long the cluster may take to settle after the faults heal.
+SETTLE = 300.0
+
+
+
+class Checker:
+    """The invariants, over a finished run's history and its settled cluster."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.sim = run.sim
+        self.violations: list[Violation] = []
+
+    def fail(self, checker: str, message: str, key: str = "") -> None:
+        self.violations.append(Violation(checker, message, key))
+
+    def live(self) -> list[str]:
+        return [w for w in self.run.workers if w not in self.run.dead]
+
+    def settle(self) -> None:
+        """Every live worker registered again, every client call ended."""
+        sim = self.sim
+        sim.until(lambda: sim.master is not None, timeout=5, what="the master")
+        sim.wait_registered(self.live(), timeout=SETTLE)
+        sim.until(lambda: all(op.end is not None for op in self.run.ops), timeout=HANG,
+                  what="every client call to end")
+
+    def final_reads(self) -> None:
+        """Read every key once more, after healing, through a new client."""
+        client = self.sim.client("checker")
+        for key in sorted(self.run.seqs):
+            op = self.run._op("checker", "get" if key.startswith("v/") else "download", key, -1)
+            d = client.get(key) if key.startswith("v/") else client.download(key)
+            d.addCallbacks(lambda data, op=op: self.run._done(op, "ok", seq=seq_of(data)),
+                           lambda f, op=op: self.run._read_error(op, f))
+            self.sim.until(lambda op=op: op.end is not None, timeout=120,
+                           what=f"the final read of {key}")
+            if op.outcome != "ok":
+                self.fail("durability", f"after healing, {key} cannot be read: {op.detail}",
+                          key)
+
+    def check_history(self) -> None:
+        self.violations += check_history(self.run.ops)
+
+    def check_jobs(self) -> None:
+        """Every acknowledged job ends once; at most one success per task; the stored
+        outputs of a succeeded task are its succeeded attempt's."""
+        sim = self.sim
+        final = {"succeeded", "failed", "cancelled"}
+        client = sim.client("job-checker")
+        for job, (_, _n, outputs) in sorted(self.run.jobs.items()):
+            try:
+                sim.until(lambda job=job: sim.job(job).state in final, timeout=SETTLE,
+                          what=f"job {job} to end")
+            except SimTimeout:
+                self.fail("jobs", f"job {job} did not end: {sim.job(job).state}")
+                continue
+            view = sim.job(job)
+            taken = {}
+            for r in sim.results:
+                if r.taken and not r.reason:
+                    taken[r.attempt_id] = taken.get(r.attempt_id, 0) + 1
+            for t in view.tasks:
+                wins = [a for a in t.attempts if a.state == "succeeded"]
+                if len(wins) > 1:
+                    self.fail("jobs", f"job {job} task {t.index}: {len(wins)} successes")
+                if t.state == "succeeded" and len(wins) != 1:
+                    self.fail("jobs", f"job {job} task {t.index} succeeded without a "
+                              "succeeded attempt")
+                if view.state == "succeeded" and t.state != "succeeded":
+                    self.fail("jobs", f"job {job} succeeded but task {t.index} is {t.state}")
+                if t.state != "succeeded" or len(wins) != 1:
+                    continue
+                a = wins[0]
+                key = outputs[t.index]
+                want = output_bytes(a.worker, a.id, key)
+                d = client.download(key)
+                got: list[Any] = []
+                d.addBoth(got.append)
+                sim.until(lambda got=got: bool(got), timeout=120, what=f"output {key}")
+                if isinstance(got[0], Failure):
+                    self.fail("outputs", f"job {job} task {t.index}: output {key} unreadable: "
+                              f"{got[0].getErrorMessage()}", key)
+                elif got[0] != want:
+                    self.fail("outputs", f"job {job} task {t.index}: {key} holds "
+                              f"{got[0][:60]!r}, not attempt {a.id}'s output", key)
+
+    def check_store(self) -> None:
+        """Replication restored; the directory and the stores agree; no stale copies."""
+        sim = self.sim
+        live = self.live()
+        want = min(sim.replication, len(live))
+
+        def replicated() -> bool:
+            return all(len(ws) >= want for ws in sim.replicas(live=True).values())
+
+        try:
+            sim.until(replicated, timeout=SETTLE, what="replication")
+        except SimTimeout:
+            short = {k: sorted(ws) for k, ws in sim.replicas(live=True).items() if len(ws) < want}
+            self.fail("replication", f"under-replicated after {SETTLE:g} s: {short}")
+
+        master = sim.master
+        assert master is not None
+
+        def agreed() -> list[str]:
+            problems = []
+            rows = master.directory.list("", None, 10**9)
+            current = {}
+            for key, _size, _sha, version, holders in rows:
+                current[key] = version
+                for w in holders:
+                    if w not in sim.workers or w in self.run.dead:
+                        continue
+                    entry = sim.stored(w).get(key)
+                    if entry is None or entry.version != version:
+                        have = "nothing" if entry is None else f"version {entry.version}"
+                        problems.append(f"{w} should hold {key} v{version}, has {have}")
+            for w in sim.workers:
+                for key, entry in sim.stored(w).items():
+                    if key in current and entry.version < current[key]:
+                        problems.append(f"{w} keeps a stale copy of {key}: v{entry.version} "
+                                        f"< v{current[key]}")
+            return problems
+
+        try:
+            sim.until(lambda: not agreed(), timeout=SETTLE, what="the stores to match")
+        except SimTimeout:
+            for p in agreed()[:10]:
+                self.fail("store", p)
+
+    def check_logs(self) -> None:
+        for m in self.sim.failures.messages()[:5]:
+            self.fail("bug-logged", m[:300])
+        for f in self.sim.net.errors[:5]:
+            self.fail("callback-raised", f.getErrorMessage()[:300])
