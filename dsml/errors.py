@@ -45,3 +45,24 @@ class ConnectionLost(DsmlError):
     """The peer closed the connection, or could not be reached, before it answered."""
 
     code = "connection"
+
+
+class OutcomeUnknown(DsmlError):
+    """A write failed in a way that leaves its outcome open: some worker may have stored
+    it (a later hop of its pipeline failed, the connection dropped after the whole write
+    was sent, or the master's commit failed or went unanswered), so it may or may not
+    become visible.  Any other error of a write means it will not become visible
+    (docs/protocol.md, section 12, "What a write's answer guarantees")."""
+
+    code = "outcome-unknown"
+
+
+#: Error codes of a first worker's answer to a write that mean a worker stored it.
+STORED_SOMEWHERE = frozenset({"replication-failed", "outcome-unknown"})
+
+
+def outcome_unknown(key: str, why: object) -> OutcomeUnknown:
+    """The error for a write of ``key`` whose outcome is not known, saying ``why``."""
+    return OutcomeUnknown(
+        f"the write of {key!r} may or may not become visible: {why}"
+    )

@@ -19,7 +19,7 @@ from here.
 
 from __future__ import annotations
 
-from ..errors import ChecksumMismatch, ConnectionLost, DsmlError
+from ..errors import ChecksumMismatch, ConnectionLost, DsmlError, OutcomeUnknown
 from ..protocol.replies import Entry, ListedKey, Located, Node, Stored, job_body
 from .cluster import ClusterClient, Job
 from .server import CHUNK, SMALL_READ, Client, Progress
@@ -37,6 +37,7 @@ __all__ = [
     "ListedKey",
     "Located",
     "Node",
+    "OutcomeUnknown",
     "Progress",
     "Stored",
     "job_body",

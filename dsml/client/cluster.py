@@ -11,10 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-from ..errors import ChecksumMismatch, ConnectionLost, DsmlError
+from ..errors import (
+    STORED_SOMEWHERE,
+    ChecksumMismatch,
+    ConnectionLost,
+    DsmlError,
+    outcome_unknown,
+)
 from ..protocol import replies
 from ..protocol.replies import TRY_NEXT, Entry, ListedKey, Located, Node, Stored, job_body
 from .server import Client, ClientTls, Progress, client_tls
@@ -44,13 +50,12 @@ class ClusterClient:
         self.timeout = timeout
         self.name = name
         self.tls = tls
-        self.master = Client(host, port, token, timeout, name, tls)
-        if tls is not None:
-            try:  # the master's certificate, not a worker's answering at its address
-                tls.check_peer(self.master._sock, f"the master {host}:{port}", ("master",))
-            except DsmlError:
-                self.master.close()
-                raise
+        # Over TLS: the master's certificate, not a worker's answering at its address.
+        # After a timeout or a dropped connection it reconnects at the next request.
+        self.master = Client(
+            host, port, token, timeout, name, tls,
+            kinds=("master",), what=f"the master {host}:{port}",
+        )
         self._workers: dict[str, Client] = {}
 
     @classmethod
@@ -156,32 +161,63 @@ class ClusterClient:
         progress: Progress | None = None,
     ) -> Stored:
         """Upload a file to the placed workers (a pipeline); acknowledged once every one
-        has it durably and the master has recorded it."""
+        has it durably and the master has recorded it.
+
+        Raises :class:`~dsml.errors.OutcomeUnknown` (``outcome-unknown``) when it failed
+        but a worker may have stored it (it may or may not become visible); any other
+        error means it will not become visible (docs/protocol.md, section 12)."""
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as f:
                 return self.upload(f, key, progress)
         size = os.fstat(source.fileno()).st_size - source.tell()
         grant, _, workers = self.placement(key, size)
         first, rest = workers[0][1], ",".join(addr for _, addr in workers[1:])
-        try:
-            stored = self._worker(first).upload(source, key, progress, None, grant, rest)
-        except ConnectionLost:
-            self._drop_worker(first)
-            raise
-        self._commit(key, stored, grant, workers)
+        stored = self._write(
+            key, first, lambda c: c.upload(source, key, progress, None, grant, rest)
+        )
+        self._record(key, stored, grant, workers)
         return stored
 
     def set(self, key: str, value: bytes) -> Stored:
-        """Store a small value on the placed workers."""
+        """Store a small value on the placed workers (failures as for :meth:`upload`)."""
         grant, _, workers = self.placement(key, len(value))
         first, rest = workers[0][1], ",".join(addr for _, addr in workers[1:])
-        try:
-            stored = self._worker(first).set(key, value, grant, rest)
-        except ConnectionLost:
-            self._drop_worker(first)
-            raise
-        self._commit(key, stored, grant, workers)
+        stored = self._write(key, first, lambda c: c.set(key, value, grant, rest))
+        self._record(key, stored, grant, workers)
         return stored
+
+    def _write(self, key: str, first: str, send: Callable[[Client], Stored]) -> Stored:
+        """``send`` a write to the first worker of its pipeline; its failures sorted
+        (docs/protocol.md, section 12): :class:`OutcomeUnknown` when a worker may have
+        stored it, any other error only when none did."""
+        client = self._worker(first)  # not reached: nothing was sent
+        try:
+            return send(client)
+        except ChecksumMismatch as e:  # it stored other bytes than were sent
+            raise outcome_unknown(key, e) from e
+        except ConnectionLost as e:
+            self._drop_worker(first)
+            if client.sent_whole:
+                raise outcome_unknown(
+                    key, f"the connection broke before the answer: {e}"
+                ) from e
+            raise
+        except DsmlError as e:
+            if e.code in STORED_SOMEWHERE:
+                raise outcome_unknown(key, e) from e
+            raise
+
+    def _record(
+        self, key: str, stored: Stored, grant: str, workers: list[tuple[str, str]]
+    ) -> None:
+        """``commit`` a write the workers stored: any failure leaves its outcome open
+        (the workers report their copies themselves)."""
+        try:
+            self._commit(key, stored, grant, workers)
+        except DsmlError as e:
+            raise outcome_unknown(
+                key, f"stored on the workers, but the master's commit failed: {e}"
+            ) from e
 
     def delete(self, key: str) -> int:
         """Delete ``key`` everywhere; returns the version deleted."""

@@ -98,7 +98,13 @@ class Client:
 
     Connects and authenticates at once; raises :class:`DsmlError` (``auth-failed``,
     ``not-found``, ...) for error responses and :class:`ConnectionLost` when the server
-    cannot be reached or goes away.
+    cannot be reached, goes away or does not answer within ``timeout`` seconds.
+
+    A request that did not get its whole answer (a timeout, a dropped connection, a
+    reply that cannot be read, an exception while a payload moved) leaves the byte
+    stream unusable: the connection is closed then, and the next request opens a new
+    one (authenticating again), so a late reply is never taken for a later request's.
+    Only :meth:`close` makes it stay closed.
     """
 
     def __init__(
@@ -109,41 +115,90 @@ class Client:
         timeout: float | None = 60.0,
         name: str = "dsml-python",
         tls: ClientTls | None = None,
+        *,
+        kinds: tuple[str, ...] = ("master", "worker"),
+        what: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self.token = token
+        self.timeout = timeout
+        self.name = name
+        self.tls = tls
+        #: The kinds of server (by TLS certificate) this connection may reach.
+        self.kinds = kinds
+        #: How the server is named in errors.
+        self.what = what or f"{host}:{port}"
+        self._sock: Any = None
+        self._parser = Parser(codec.RESPONSE, whole=True)
+        self._next_id = 1
+        self._read_size = SMALL_READ
+        #: A request is out whose answer has not been read whole.
+        self._busy = False
+        #: close() was called: no reconnecting.
+        self._closed = False
+        #: The last request went out whole (its payload too): if its answer is lost, a
+        #: write's outcome is not known (the server may have stored it).
+        self.sent_whole = False
+        self._connect()
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Open and authenticate a new connection (a new parser, ids from 1)."""
+        host, port, tls = self.host, self.port, self.tls
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
+            sock = socket.create_connection((host, port), timeout=self.timeout)
         except OSError as e:
-            raise ConnectionLost(f"cannot connect to {host}:{port}: {e.strerror or e}") from None
+            raise ConnectionLost(
+                f"cannot connect to {self.what}: {e.strerror or e}"
+            ) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls is not None:
             try:
                 sock = TlsSocket(sock, tls.context)  # type: ignore[assignment]
-                tls.check_peer(sock, f"{host}:{port}")
+                tls.check_peer(sock, self.what, self.kinds)  # type: ignore[arg-type]
             except (OSError, DsmlError) as e:
                 sock.close()
                 if isinstance(e, DsmlError):
                     raise
-                raise ConnectionLost(f"TLS with {host}:{port} failed: {e}") from None
+                raise ConnectionLost(f"TLS with {self.what} failed: {e}") from None
         self._sock = sock
         # whole=True: a small reply is one event (its payload inside the Head).
         self._parser = Parser(codec.RESPONSE, whole=True)
         self._next_id = 1
         self._read_size = SMALL_READ
+        self._busy = False
         try:
-            self.call("auth", {"Token": token or "", "Client": name})
+            self.call("auth", {"Token": self.token or "", "Client": self.name})
         except BaseException:
-            self.close()
+            self._drop()
             raise
 
-    # -- plumbing ---------------------------------------------------------------------
+    def _open(self) -> None:
+        """Before a request: reconnect if a fault closed the connection."""
+        if self._sock is None:
+            if self._closed:
+                raise ConnectionLost("connection is closed")
+            self._connect()
 
-    def close(self) -> None:
-        """Close the connection."""
-        sock, self._sock = self._sock, None  # type: ignore[assignment]
+    def _drop(self) -> None:
+        """Close the connection after a fault (the next request reconnects)."""
+        sock, self._sock = self._sock, None
+        self._busy = False
         if sock is not None:
             sock.close()
+
+    def _abandon(self) -> None:
+        """An exception interrupts a request: if its answer was not read whole, the
+        connection cannot be used again."""
+        if self._busy:
+            self._drop()
+
+    def close(self) -> None:
+        """Close the connection (for good: later requests raise ConnectionLost)."""
+        self._closed = True
+        self._drop()
 
     def __enter__(self) -> Client:
         return self
@@ -152,9 +207,13 @@ class Client:
         self.close()
 
     def _send_head(self, method: str, headers: dict[str, object], length: int) -> int:
+        self._open()
         req_id = self._next_id
         self._next_id += 1
+        self._busy = True
+        self.sent_whole = False
         self._sendall(codec.encode_request(method, req_id, headers, length))
+        self.sent_whole = length == 0
         return req_id
 
     def _sendall(self, data: bytes | memoryview) -> None:
@@ -163,7 +222,8 @@ class Client:
         try:
             self._sock.sendall(data)
         except OSError as e:
-            raise ConnectionLost(f"connection to {self.host}:{self.port} lost: {e}") from None
+            # Not closed here: an upload reads the server's reason, if it sent one.
+            raise ConnectionLost(f"connection to {self.what} lost: {e}") from None
 
     def _event(self) -> Any:
         parser = self._parser
@@ -178,10 +238,19 @@ class Client:
             raise ConnectionLost("connection is closed")
         try:
             data = self._sock.recv(self._read_size)
+        except TimeoutError as e:
+            self._drop()  # the reply may still come: never read it as another's
+            within = f"within {self.timeout:g} s" if self.timeout is not None else f"({e})"
+            raise ConnectionLost(
+                f"no answer from {self.what} {within}: connection closed (the next "
+                "request opens a new one)"
+            ) from None
         except OSError as e:
-            raise ConnectionLost(f"connection to {self.host}:{self.port} lost: {e}") from None
+            self._drop()
+            raise ConnectionLost(f"connection to {self.what} lost: {e}") from None
         if not data:
-            raise ConnectionLost(f"{self.host}:{self.port} closed the connection")
+            self._drop()
+            raise ConnectionLost(f"{self.what} closed the connection")
         return data
 
     def _read_head(self, req_id: int) -> Head:
@@ -211,17 +280,33 @@ class Client:
         For any method the server knows, headers and a small payload as the wire carries
         them (docs/protocol.md); the typed methods below are built on it.
         """
+        self._open()
         req_id = self._next_id
         self._next_id += 1
-        self._sendall(codec.encode_request(method, req_id, headers, payload))
-        return self._answer(req_id)
+        self._busy = True
+        self.sent_whole = False
+        try:
+            self._sendall(codec.encode_request(method, req_id, headers, payload))
+            self.sent_whole = True
+            return self._answer(req_id)
+        except BaseException:
+            self._abandon()
+            raise
 
     def _key_call(self, method: str, key: str, payload: bytes = b"") -> tuple[Head, bytes]:
         """call() for the commonest requests (a Key header only), cheaper."""
+        self._open()
         req_id = self._next_id
         self._next_id += 1
-        self._sendall(codec.encode_key_request(method, req_id, key, payload))
-        return self._answer(req_id)
+        self._busy = True
+        self.sent_whole = False
+        try:
+            self._sendall(codec.encode_key_request(method, req_id, key, payload))
+            self.sent_whole = True
+            return self._answer(req_id)
+        except BaseException:
+            self._abandon()
+            raise
 
     def _answer(self, req_id: int) -> tuple[Head, bytes]:
         """Read the response to ``req_id``; raise its error."""
@@ -238,9 +323,10 @@ class Client:
         if head is None:
             head = self._read_head(req_id)
         body = self._read_payload(head)
+        self._busy = False
         if not head.ok:
             if head.id == 0 or head.headers.get("code") in ("auth-failed", "auth-required"):
-                self.close()
+                self._drop()  # the server closes it
             raise _error(head)
         return head, body
 
@@ -328,6 +414,20 @@ class Client:
             headers["Grant"] = grant
         if forward:
             headers["Forward"] = forward
+        try:
+            return self._upload(f, key, size, headers, progress)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _upload(
+        self,
+        f: IO[bytes],
+        key: str,
+        size: int,
+        headers: dict[str, object],
+        progress: Progress | None,
+    ) -> Stored:
         req_id = self._send_head("file_upload", headers, size)
         digest = hashlib.sha256()
         remaining = size
@@ -337,7 +437,7 @@ class Client:
             while remaining:
                 n = f.readinto(view[: min(CHUNK, remaining)])  # type: ignore[attr-defined]
                 if not n:
-                    self.close()  # the promised length cannot be sent: the framing is lost
+                    self._drop()  # the promised length cannot be sent: the framing is lost
                     raise DsmlError(
                         f"file shrank while uploading ({remaining} bytes missing)", "io"
                     )
@@ -346,8 +446,10 @@ class Client:
                 remaining -= n
                 if progress is not None:
                     progress(n)
+            self.sent_whole = True
         except ConnectionLost:
             # The server may have refused the upload and closed: prefer its reason.
+            # (The connection is closed after either way: the payload was cut short.)
             try:
                 head = self._read_head(req_id)
             except DsmlError:
@@ -357,6 +459,7 @@ class Client:
             raise
         head = self._read_head(req_id)
         self._read_payload(head)
+        self._busy = False
         if not head.ok:
             raise _error(head)
         stored = _stored(key, head)
@@ -372,15 +475,32 @@ class Client:
         On a mismatch the bytes are already written: use :meth:`download` for a file
         that only appears when it is whole and correct.
         """
+        digest = hashlib.sha256()
+        try:
+            h = self._retrieve(key, out, progress, digest)
+        except BaseException:
+            self._abandon()
+            raise
+        entry = Entry(key, h["kind"], int(h["size"]), h["sha256"], int(h["version"]))
+        if digest.hexdigest() != entry.sha256:
+            raise ChecksumMismatch(
+                f"{key!r} arrived with sha256 {digest.hexdigest()}, expected {entry.sha256}"
+            )
+        return entry
+
+    def _retrieve(
+        self, key: str, out: IO[bytes], progress: Progress | None, digest: Any
+    ) -> dict[str, str]:
+        """Send ``file_retrieve`` and write its payload to ``out``; its headers."""
         req_id = self._send_head("file_retrieve", {"Key": key}, 0)
         head = self._read_head(req_id)
         if not head.ok:
             self._read_payload(head)
+            self._busy = False
             raise _error(head)
         h = head.headers
         if h.get("action") != "write-file":
             raise DsmlError("server did not offer the file", "bad-frame")
-        digest = hashlib.sha256()
         write = out.write
         self._read_size = CHUNK
         try:
@@ -401,12 +521,8 @@ class Client:
                     break
         finally:
             self._read_size = SMALL_READ
-        entry = Entry(key, h["kind"], int(h["size"]), h["sha256"], int(h["version"]))
-        if digest.hexdigest() != entry.sha256:
-            raise ChecksumMismatch(
-                f"{key!r} arrived with sha256 {digest.hexdigest()}, expected {entry.sha256}"
-            )
-        return entry
+        self._busy = False
+        return h
 
     def download(
         self,

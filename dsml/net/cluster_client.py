@@ -9,7 +9,9 @@ simulation's clients are this class over the in-memory network.
   ``Version`` and ``Forward`` naming the rest (a pipeline), hashed on the way and checked
   against what the worker stored, then ``commit`` to the master.  A file is streamed from
   disk by a pull producer (:meth:`~dsml.net.connection.Connection.request_file`), in flat
-  memory whatever its size.
+  memory whatever its size.  A write that fails where some worker may have stored it
+  fails :class:`~dsml.errors.OutcomeUnknown` (``outcome-unknown``); any other error means
+  it will never be visible (docs/protocol.md, section 12).
 - Reads: ``locate`` with the master, then each replica in turn until one serves the
   bytes whole and matching their checksum; a copy that does not match is reported to
   the master (``corrupt``), and errors a later replica may not have
@@ -37,7 +39,13 @@ from typing import IO, Any, TypeVar
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 
-from ..errors import ChecksumMismatch, ConnectionLost, DsmlError
+from ..errors import (
+    STORED_SOMEWHERE,
+    ChecksumMismatch,
+    ConnectionLost,
+    DsmlError,
+    outcome_unknown,
+)
 from ..protocol import replies
 from ..protocol.replies import (
     TRY_NEXT,
@@ -71,6 +79,62 @@ def _value_matches(value: bytes, where: Located) -> None:
 
 def _run(coro: Coroutine[Any, Any, T]) -> Deferred[T]:
     return Deferred.fromCoroutine(coro)
+
+
+class _Sent:
+    """Hashes a payload as it goes out and counts its bytes."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self.sent = 0
+
+    def update(self, chunk: bytes) -> None:
+        self._digest.update(chunk)
+        self.sent += len(chunk)
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+async def _stored_or_not(
+    key: str, answer: Deferred[Response], sent_whole: Callable[[], bool]
+) -> Response:
+    """The first worker's answer to a write of ``key``, its failures sorted
+    (docs/protocol.md, section 12): :class:`~dsml.errors.OutcomeUnknown` when a worker
+    may have stored the write (it said so, or the link broke once the whole write was
+    sent), else the error as it came (nothing was stored anywhere)."""
+    try:
+        return await answer
+    except ConnectionLost as e:
+        if sent_whole():
+            raise outcome_unknown(key, f"the connection broke before the answer: {e}") from e
+        raise
+    except DsmlError as e:
+        if e.code in STORED_SOMEWHERE:
+            raise outcome_unknown(key, e) from e
+        raise
+
+
+def _checked(key: str, response: Response, sent: str) -> Stored:
+    """What the first worker stored; OutcomeUnknown if it is not the bytes sent (it
+    stored something: a copy it will report)."""
+    stored = replies.stored(key, response.headers)
+    if stored.sha256 != sent:
+        raise outcome_unknown(key, ChecksumMismatch(
+            f"server stored sha256 {stored.sha256} for {key!r}, sent {sent}"
+        ))
+    return stored
+
+
+async def _recorded(key: str, commit: Awaitable[None]) -> None:
+    """The master's commit of a write the workers stored: any failure leaves the
+    outcome open (the workers report their copies themselves)."""
+    try:
+        await commit
+    except Exception as e:
+        raise outcome_unknown(
+            key, f"stored on the workers, but the master's commit failed: {e}"
+        ) from e
 
 
 class AsyncClusterClient:
@@ -198,20 +262,16 @@ class AsyncClusterClient:
         headers: dict[str, object] = {"Key": key, "Grant": grant}
         if len(workers) > 1:
             headers["Forward"] = ",".join(addr for _, addr in workers[1:])
-        digest = hashlib.sha256()
+        digest = _Sent()
         link = await self._link(workers[0][1], own=True)
         try:
-            response = await link.request_file(
+            response = await _stored_or_not(key, link.request_file(
                 "file_upload", headers, source, size, on_chunk=digest.update
-            )
+            ), lambda: digest.sent >= size)
         finally:
             link.transport.loseConnection()  # type: ignore[union-attr]
-        stored = replies.stored(key, response.headers)
-        if stored.sha256 != digest.hexdigest():
-            raise ChecksumMismatch(
-                f"server stored sha256 {stored.sha256} for {key!r}, sent {digest.hexdigest()}"
-            )
-        await self._commit(key, stored, grant, workers)
+        stored = _checked(key, response, digest.hexdigest())
+        await _recorded(key, self._commit(key, stored, grant, workers))
         return stored
 
     def set(self, key: str, value: bytes) -> Deferred[Stored]:
@@ -223,9 +283,12 @@ class AsyncClusterClient:
             if len(workers) > 1:
                 headers["Forward"] = ",".join(addr for _, addr in workers[1:])
             link = await self._link(workers[0][1])
-            r = await link.request("value_upload", headers, value)
+            sent = link.is_open  # then the request goes out whole at once
+            r = await _stored_or_not(
+                key, link.request("value_upload", headers, value), lambda: sent
+            )
             stored = replies.stored(key, r.headers)
-            await self._commit(key, stored, grant, workers)
+            await _recorded(key, self._commit(key, stored, grant, workers))
             return stored
 
         return _run(run())

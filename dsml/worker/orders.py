@@ -16,11 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import IO, Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet import error
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..errors import DsmlError, NotFound
+from ..errors import ConnectionLost, DsmlError, NotFound
 from ..net.connection import Connection
 from ..net.links import Links
 from ..net.responders import Reply, Responders, responder
@@ -33,6 +34,18 @@ from .store import IndexEntry as Entry
 log = Logger()
 
 _MASTER = frozenset({Role.MASTER})
+
+#: Failures of opening a link that mean the target cannot be reached (now): an expected
+#: fault of a cluster, answered ``unreachable`` (the master's repair tries again).
+_UNREACHABLE = (
+    error.ConnectError,
+    error.ConnectionClosed,
+    error.TimeoutError,
+    error.ConnectingCancelledError,
+    CancelledError,
+    ConnectionLost,
+    OSError,
+)
 
 
 def order_responders(orders: WorkerOrders, tasks: object) -> Responders:
@@ -159,17 +172,29 @@ class WorkerOrders:
             data = body.read()
             body.close()
             d = self.links.shared(to)
+            d.addErrback(_unreachable, key, to)
             d.addCallback(lambda link: link.request("value_upload", headers, data))
         else:
             d = self.links.open(to)
-            d.addCallback(_push_file, headers, body, entry.size)
             d.addErrback(_closing, body)  # the link never opened: the file is still open
+            d.addErrback(_unreachable, key, to)
+            d.addCallback(_push_file, headers, body, entry.size)
         return d.addCallback(lambda r: Reply({"Replicas": r.headers.get("replicas", "1")}))
 
 
 def _closing(failure: Failure, body: IO[bytes]) -> Failure:
     body.close()
     return failure
+
+
+def _unreachable(failure: Failure, key: str, to: str) -> Failure:
+    """The link to a replicate order's target did not open: one warning line, and the
+    order answered ``unreachable`` (not a bug: a worker may be down or cut off)."""
+    if not failure.check(*_UNREACHABLE):
+        return failure
+    why = failure.getErrorMessage()
+    log.warn("cannot copy {key!r} to {to}: {why}", key=key, to=to, why=why)
+    raise DsmlError(f"cannot reach {to} to copy {key!r} there: {why}", "unreachable")
 
 
 def _push_file(

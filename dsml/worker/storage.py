@@ -27,12 +27,12 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..errors import DsmlError
+from ..errors import STORED_SOMEWHERE, ConnectionLost, DsmlError, OutcomeUnknown
 from ..net.connection import Connection
 from ..net.responders import Reply, Responders, responder
 from ..net.server import Response
@@ -57,6 +57,16 @@ OnChange = Callable[[str, Entry], None]
 #: Bytes of an upload held while the link to the next worker of its pipeline opens;
 #: past this, reading from the client pauses until the link is up.
 FORWARD_BUFFER = 8 * 1024 * 1024
+
+#: Seconds the link to the next worker of a pipeline may take to open (connect and
+#: authenticate): a worker that does not answer is out of the pipeline, fast, rather
+#: than after the client's whole-payload deadline.
+FORWARD_CONNECT_TIMEOUT = 5.0
+
+#: Seconds the next worker of a pipeline may take no bytes at all while more wait to go
+#: down to it (its link stalled: a pulled cable, a hung process): it is then out of the
+#: pipeline, and the client's bytes flow again.
+FORWARD_STALL = 10.0
 
 #: Who may read and write the store: users, and workers (pipelines, replicas, task
 #: inputs and outputs).
@@ -201,7 +211,7 @@ class StorageHandler:
     ) -> Deferred[Reply]:
         first, rest = forward[0], forward[1:]
         headers = _downstream_headers(head, rest)
-        d = self.links.shared(first)
+        d = _opened_in_time(self.links.shared(first), getattr(self.links, "clock", None), first)
         d.addCallback(lambda link: link.request("value_upload", headers, payload))
 
         def done(response: Response) -> Reply:
@@ -271,10 +281,34 @@ def _downstream_headers(head: Head, rest: list[str]) -> dict[str, object]:
     return headers
 
 
-def _downstream_failed(failure: Failure, addr: str) -> None:
+def _opened_in_time(opening: Deferred[T], clock: Any, addr: str) -> Deferred[T]:
+    """``opening`` (a link to the next worker of a pipeline), failed ``unreachable`` if
+    it is not open within FORWARD_CONNECT_TIMEOUT seconds of ``clock`` (None: no bound)."""
+    if clock is None:
+        return opening
+    timer = clock.callLater(FORWARD_CONNECT_TIMEOUT, opening.cancel)
+
+    def opened(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        elif isinstance(result, Failure) and result.check(CancelledError):
+            return Failure(DsmlError(
+                f"no link to {addr} within {FORWARD_CONNECT_TIMEOUT:g} s", "unreachable"
+            ))
+        return result
+
+    return opening.addBoth(opened)
+
+
+def _why(failure: Failure) -> str:
     e = failure.value
-    why = f"{e.message} [{e.code}]" if isinstance(e, DsmlError) else str(e)
-    raise DsmlError(f"stored here, but forwarding to {addr} failed: {why}", "replication-failed")
+    return f"{e.message} [{e.code}]" if isinstance(e, DsmlError) else str(e)
+
+
+def _downstream_failed(failure: Failure, addr: str) -> None:
+    raise DsmlError(
+        f"stored here, but forwarding to {addr} failed: {_why(failure)}", "replication-failed"
+    )
 
 
 class Upload:
@@ -303,7 +337,13 @@ class Upload:
         self._paused = False
         self._aborted = False
         self._forward_failed = False
-        self._pacer = _ClientPacer(conn.transport)
+        links = handler.links
+        self._clock = getattr(links, "clock", None)
+        self._pacer = _ClientPacer(conn.transport, self._clock, self._stalled)
+        #: The payload's length, and how much of it went down the pipeline: once all
+        #: of it did, the next worker may have stored the write whatever it answers.
+        self.length = head.length
+        self._forwarded = 0
         #: Why the master refused the pipeline (its Forward): nothing is stored then.
         self._refusal: Failure | None = None
         if forward:
@@ -326,8 +366,17 @@ class Upload:
     def _open_down(self, headers: dict[str, object], length: int) -> None:
         if self._aborted:
             return
-        opening = self.handler.links.open(self.down_addr)
+        opening = _opened_in_time(
+            self.handler.links.open(self.down_addr), self._clock, self.down_addr
+        )
         opening.addCallbacks(self._down_ready, self._down_failed, (headers, length))
+
+    def _stalled(self) -> None:
+        """The next worker took no bytes for FORWARD_STALL seconds: out of the pipeline."""
+        if self.down_done is not None and not self.down_done.called:
+            self._down_failed(Failure(DsmlError(
+                f"{self.down_addr} took no bytes for {FORWARD_STALL:g} s", "timeout"
+            )))
 
     def _refused(self, failure: Failure) -> None:
         """The master's table does not list a hop: drain the client, store nothing."""
@@ -348,11 +397,12 @@ class Upload:
             return
         self.down = link
         link.request("file_upload", headers, length).addCallbacks(
-            self._down_answered, self._down_failed
+            self._down_answered, self._down_refused
         )
         transport = link.transport
         for chunk in self._pending:
             transport.write(chunk)  # type: ignore[union-attr]
+            self._forwarded += len(chunk)
         self._pending = []
         if not self.writer_done:
             # Pace the client by the next worker (Twisted pauses a streaming producer
@@ -369,9 +419,19 @@ class Upload:
         if not self.down_done.called:
             self.down_done.callback(response)
 
+    def _down_refused(self, failure: Failure) -> None:
+        """The next worker's request failed: its own error answer, or its link broke."""
+        if failure.check(DsmlError) and not failure.check(ConnectionLost):
+            self._down_said = failure.value  # type: ignore[assignment]
+        self._down_failed(failure)
+
+    #: The next worker's own error answer (it stored nothing, unless it says otherwise).
+    _down_said: DsmlError | None = None
+
     def _down_failed(self, failure: Failure, *args: object) -> None:
         self._forward_failed = True
         self._pending = []
+        self._pacer.release(resume=True)  # the client's bytes flow again
         self._release_client()
         if self.down is not None:
             self.down.transport.abortConnection()  # type: ignore[union-attr]
@@ -386,6 +446,7 @@ class Upload:
             self.conn.transport.resumeProducing()  # type: ignore[union-attr]
 
     def _release_client(self) -> None:
+        self._pacer.release(resume=False)
         if self.down is not None and self.down.transport is not None:
             transport = self.down.transport
             if getattr(transport, "producer", None) is self._pacer:
@@ -402,6 +463,7 @@ class Upload:
             return
         if self.down is not None:
             self.down.transport.write(chunk)  # type: ignore[union-attr]
+            self._forwarded += len(chunk)
             return
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
@@ -427,20 +489,59 @@ class Upload:
         local.addErrback(self._failed)
         if self.down_done is None:
             return local
-        return gatherResults([local, self.down_done], consumeErrors=True).addCallbacks(
-            self._combine, self._explain
-        )
+        local.addErrback(self._bound_down)
+        # Both outcomes, whichever fails: the answer says what may have been stored.
+        both = DeferredList([local, self.down_done], consumeErrors=True)
+        return both.addCallback(self._outcome)
 
-    def _combine(self, results: list[Any]) -> Reply:
-        reply, response = results
-        reply.headers["Replicas"] = 1 + int(response.headers.get("replicas", "1"))
-        return reply
+    def _outcome(self, results: list[tuple[bool, Any]]) -> Reply:
+        """The pipeline's answer (docs/protocol.md, section 12): OK when this copy and
+        the rest are stored; ``replication-failed`` when this copy is (the write will
+        be visible) but a later hop failed; ``outcome-unknown`` when this copy failed
+        but a later worker may have stored it; else this copy's error (nothing stored
+        anywhere)."""
+        (local_ok, local), (down_ok, down) = results
+        if local_ok and down_ok:
+            local.headers["Replicas"] = 1 + int(down.headers.get("replicas", "1"))
+            return local  # type: ignore[no-any-return]
+        if local_ok:
+            _downstream_failed(down, self.down_addr)
+        if down_ok or self._down_may_have_stored(down):
+            raise OutcomeUnknown(
+                f"not stored here ({_why(local)}), but {self.down_addr} may have stored "
+                "it: the write may or may not become visible"
+            )
+        local.raiseException()
+        raise AssertionError("unreachable")
 
-    def _explain(self, failure: Failure) -> None:
-        first = failure.value  # a FirstError: which of (local, downstream) failed first
-        if first.index == 1:  # type: ignore[union-attr]
-            _downstream_failed(first.subFailure, self.down_addr)  # type: ignore[union-attr]
-        first.subFailure.raiseException()  # type: ignore[union-attr]
+    def _down_may_have_stored(self, failure: Failure) -> bool:
+        """Whether the next worker may hold the write although it failed ``failure``:
+        it said so, or it did not answer (its link broke, or it was given up on) after
+        the whole payload went down it."""
+        e = failure.value
+        if isinstance(e, DsmlError) and e.code in STORED_SOMEWHERE:
+            return True
+        if self._down_said is not None:
+            return False  # its own answer: nothing stored there or further on
+        return self.down is not None and self._forwarded >= self.length
+
+    def _bound_down(self, failure: Failure) -> Failure:
+        """This copy failed: the next worker's answer (which only says whether the write
+        may be stored there) is waited for FORWARD_STALL seconds at most."""
+        down_done = self.down_done
+        if self._clock is not None and down_done is not None and not down_done.called:
+            timer = self._clock.callLater(FORWARD_STALL, self._down_failed, Failure(
+                DsmlError(f"no answer from {self.down_addr} within {FORWARD_STALL:g} s",
+                          "timeout")
+            ))
+
+            def answered(result: Any) -> Any:
+                if timer.active():
+                    timer.cancel()
+                return result
+
+            down_done.addBoth(answered)
+        return failure
 
     def _commit(self, _: object) -> Reply:
         entry = self.writer.commit(self.expected)
@@ -475,16 +576,59 @@ class _ClientPacer:
     is owed the replication-failed answer :meth:`Upload._down_failed` prepares).
     """
 
-    def __init__(self, transport: Any) -> None:
+    def __init__(
+        self,
+        transport: Any,
+        clock: Any = None,
+        on_stall: Callable[[], None] | None = None,
+    ) -> None:
         self.transport = transport
+        self.clock = clock
+        self.on_stall = on_stall
+        #: The client's reading is paused by this pacer.
+        self.paused = False
+        #: Out of the pipeline: this pacer neither pauses nor resumes any more.
+        self.released = False
+        self._timer: Any = None
 
     def pauseProducing(self) -> None:
-        """The next worker is behind: stop reading from the client."""
+        """The next worker is behind: stop reading from the client (and watch that the
+        next worker takes bytes again within FORWARD_STALL seconds)."""
+        if self.released:
+            return
+        self.paused = True
         self.transport.pauseProducing()
+        if self.clock is not None and self.on_stall is not None and self._timer is None:
+            self._timer = self.clock.callLater(FORWARD_STALL, self._stalled)
 
     def resumeProducing(self) -> None:
         """The next worker caught up: read from the client again."""
+        if self.released:
+            return
+        self._stop_timer()
+        self.paused = False
         self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
         """The next worker's link closed: Upload._down_failed answers the client."""
+
+    def release(self, resume: bool) -> None:
+        """The next worker's part is over (failed, or the client's payload is whole):
+        stop watching it; with ``resume`` the client's reading goes on if this paused it."""
+        self._stop_timer()
+        if self.released:
+            return
+        self.released = True
+        if resume and self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _stalled(self) -> None:
+        self._timer = None
+        if not self.released and self.on_stall is not None:
+            self.on_stall()

@@ -64,7 +64,10 @@ T = TypeVar("T")
 TRANSFER_RETRY_FOR = 60.0
 
 #: Error codes worth another try of a transfer.
-RETRYABLE = frozenset({"connection", "unavailable", "no-workers", "busy", "timeout"})
+# outcome-unknown: the write may or may not land; a retry is a newer version either way.
+RETRYABLE = frozenset(
+    {"connection", "unavailable", "no-workers", "busy", "timeout", "outcome-unknown"}
+)
 
 #: The first wait between two tries, and the longest (the wait doubles each time).
 RETRY_INITIAL = 0.2
