@@ -142,3 +142,28 @@ def test_a_worker_that_dies_while_the_master_is_down_loses_its_attempts(
     assert final["state"] == "succeeded"
     lost = [a for t in final["tasks"] for a in t["attempts"] if a["state"] == "lost"]
     assert [a["worker"] for a in lost] == ["w1"], [t["attempts"] for t in final["tasks"]]
+
+
+@pytest.mark.parametrize("fault", ["pause", "cut"])
+def test_a_master_cut_off_past_the_timeout_keeps_its_running_attempts(
+    tmp_path: Path, sims: list[SimCluster], fault: str
+) -> None:
+    """The master paused, or its network silent, for longer than heartbeat_timeout: it
+    hears no worker at all.  It used to declare them all dead, requeue every running
+    attempt (finished ones waiting to report included) and make every worker register
+    again.  Now it holds its verdict until a worker is heard, and nothing is lost."""
+    sim = SimCluster(tmp_path / "c", workers=("w1", "w2"), heartbeat_timeout=10.0, slots=2,
+                     script=lambda w, s: FakeRun(duration=20.0))
+    sims.append(sim)
+    client = sim.client()
+    job = sim.wait(client.submit(["work"], array=4))
+    sim.until(lambda: len(sim.events("start", job)) == 4, what="every start")
+    sim.advance(2)
+    (sim.pause if fault == "pause" else sim.silence)("master")
+    sim.advance(13)  # past heartbeat_timeout, short of TCP's user timeout (15 s)
+    (sim.resume if fault == "pause" else sim.unsilence)("master")
+    final = sim.wait(client.wait(job), timeout=120)
+    assert final["state"] == "succeeded"
+    assert [len(t["attempts"]) for t in final["tasks"]] == [1, 1, 1, 1]
+    assert all(sim.state(w) == "alive" for w in ("w1", "w2"))
+    assert len(sim.events("start", job)) == 4

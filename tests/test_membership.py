@@ -458,10 +458,36 @@ def test_wall_clock_jump_kills_nobody() -> None:
     assert h.dead_calls == []
     assert [r.name for r in h.m.alive()] == ["w1", "w2", "w3"]
     assert h.m.running
-    # ... while monotonic silence still kills, the loop driven by the jumped clock.
+    # ... while monotonic silence still kills, the loop driven by the jumped clock
+    # (w3 still beats: the master is not cut off, w1 and w2 are).
     for _ in range(2 * int(TIMEOUT) + 1):
         h.advance(0.5)
-    assert sorted(c[0] for c in h.dead_calls) == ["w1", "w2", "w3"]
+        h.beat("w3")
+    assert sorted(c[0] for c in h.dead_calls) == ["w1", "w2"]
+
+
+def test_every_worker_silent_at_once_is_the_master_cut_off() -> None:
+    """Two or more live workers all overdue at once: the master holds its verdict (it is
+    the likelier one cut off); the first worker heard gives every other a whole timeout
+    from then; one that stays silent then dies.  A lone silent worker dies as ever."""
+    h = Harness()
+    for n in ("w1", "w2", "w3"):
+        h.register(n)
+    h.advance(3 * TIMEOUT)
+    assert h.m.check() == [] and h.m.isolated
+    assert h.dead_calls == []
+    h.beat("w1")
+    assert not h.m.isolated
+    h.advance(TIMEOUT - EPS)
+    h.beat("w1")
+    h.beat("w2")
+    assert h.m.check() == []
+    h.advance(2 * EPS)
+    assert [r.name for r in h.m.check()] == ["w3"]
+    lone = Harness()
+    lone.register("w1")
+    lone.advance(TIMEOUT + EPS)
+    assert [r.name for r in lone.m.check()] == ["w1"]
 
 
 def test_a_thousand_workers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -578,6 +604,8 @@ def test_random_interleavings_keep_liveness_honest(ops: list[tuple[str, object]]
             assert rec is not None
             silence = rec.seconds_since_heartbeat(now)
             if rec.state != DEAD:
+                if h.m.isolated:
+                    continue  # every live worker overdue: the verdicts are held
                 assert silence < TIMEOUT
                 assert rec.state == (ALIVE if silence < 3 * INTERVAL else SUSPECT)
             elif not conn_lost[w]:

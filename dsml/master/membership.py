@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 import attrs
@@ -205,6 +205,8 @@ class Membership:
             )
         self.clock = clock
         self.monotonic = monotonic
+        #: True while every live worker is overdue at once (see :meth:`check`).
+        self._isolated = False
         self.versions = versions
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -236,6 +238,22 @@ class Membership:
         return sorted(
             (r for r in self._by_heartbeat.values() if r.state == ALIVE), key=lambda r: r.name
         )
+
+    @property
+    def isolated(self) -> bool:
+        """Every live worker (two or more) went silent at once: no death is declared
+        until one is heard again (see :meth:`check`)."""
+        return self._isolated
+
+    def alive_map(self) -> dict[str, WorkerRecord]:
+        """Workers in state ``alive``, by name, in no particular order: O(n), no sort
+        (for callers that ask on every pass)."""
+        return {n: r for n, r in self._by_heartbeat.items() if r.state == ALIVE}
+
+    def records(self) -> Iterable[WorkerRecord]:
+        """The latest record of every worker ever registered, in no particular order
+        (a view: do not register or kill while walking it)."""
+        return self._records.values()
 
     def live(self) -> list[WorkerRecord]:
         """Workers not dead (alive or suspect), by name: those that still own attempts."""
@@ -345,6 +363,7 @@ class Membership:
         self._records[name] = record
         self._by_heartbeat[name] = record
         self._by_conn[id(conn)] = record
+        self._touch(record, now)  # a sign of life: ends an isolation (see check)
         log.info(
             "worker {name!r} registered: incarnation {incarnation}, {host}:{port}, {slots} slots",
             name=name,
@@ -453,6 +472,21 @@ class Membership:
                     name=record.name,
                     silent=silent,
                 )
+        if len(newly_dead) >= 2 and len(newly_dead) == len(self._by_heartbeat):
+            # Not one of two or more live workers heard within the timeout: the master
+            # itself is far more likely cut off (or was paused) than every worker dead
+            # at once, and were they all dead there would be nowhere to move their
+            # work.  (A lone worker's silence says nothing either way: it dies.)  Hold the
+            # verdict until a worker is heard again (see _touch): declaring them all
+            # dead would requeue every running task, finished ones waiting to report
+            # included, and make every worker re-register.
+            if not self._isolated:
+                self._isolated = True
+                log.warn(
+                    "no worker heard for {t:g} s: this master looks cut off; no worker is"
+                    " declared dead until one is heard again", t=self.heartbeat_timeout,
+                )
+            return []
         for record in newly_dead:
             silent = record.seconds_since_heartbeat(now)
             self._kill(record, now, REASON_TIMEOUT, silent)
@@ -509,6 +543,15 @@ class Membership:
 
     def _touch(self, record: WorkerRecord, now: float) -> None:
         """A sign of life from ``record`` at ``now``: alive again, newest in the order."""
+        if self._isolated:
+            # Heard again after every worker went silent: each live worker gets a whole
+            # timeout from now to be heard too (their clocks stopped with the master's
+            # link to the world, not with them).
+            self._isolated = False
+            for other in self._by_heartbeat.values():
+                other.last_heartbeat = now
+                other.state = ALIVE  # suspect again, if it stays silent, by the check
+            log.info("a worker is heard again: failure detection resumes")
         record.last_heartbeat = now
         self._by_heartbeat.move_to_end(record.name)
         if record.state == SUSPECT:
