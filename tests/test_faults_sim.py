@@ -167,3 +167,31 @@ def test_a_master_cut_off_past_the_timeout_keeps_its_running_attempts(
     assert [len(t["attempts"]) for t in final["tasks"]] == [1, 1, 1, 1]
     assert all(sim.state(w) == "alive" for w in ("w1", "w2"))
     assert len(sim.events("start", job)) == 4
+
+
+def test_a_restarted_master_takes_no_write_below_the_replication_factor(
+    tmp_path: Path, sims: list[SimCluster]
+) -> None:
+    """Right after a master restart, writes were acknowledged with one replica in the
+    moment before the second worker registered again (placement by min(replication,
+    live)).  Now, within a heartbeat timeout of its start, a master that knew enough
+    workers refuses such a write (``unavailable``: try again) and, once they are back,
+    places it on as many as the factor asks."""
+    sim = SimCluster(tmp_path / "c", workers=("w1", "w2"), heartbeat_timeout=10.0)
+    sims.append(sim)
+    client = sim.client()
+    sim.wait(client.set("k", b"before"))
+    sim.kill("w2")
+    sim.restart_master()
+    sim.wait_registered(["w1"])
+    with pytest.raises(DsmlError) as refused:
+        sim.wait(client.set("k", b"one copy"))
+    assert refused.value.code == "unavailable"
+    sim.start_worker("w2")
+    sim.wait_registered(["w1", "w2"])
+    stored = sim.wait(client.set("k", b"two copies"))
+    assert stored.replicas == 2 and sim.replicas()["k"] == {"w1", "w2"}
+    # Past the grace, a cluster that really lost a worker takes writes on those it has.
+    sim.kill("w2")
+    sim.advance(11)
+    assert sim.wait(client.set("k", b"degraded")).replicas == 1

@@ -60,19 +60,42 @@ class KeySpace:
     """Placement, lookups, commits and removals of keys, over the directory and the workers."""
 
     def __init__(
-        self, *, directory: Directory, membership: Membership, factor: Callable[[], int]
+        self,
+        *,
+        directory: Directory,
+        membership: Membership,
+        factor: Callable[[], int],
+        full_until: float = 0.0,
+        known_workers: int = 0,
     ) -> None:
         self.directory = directory
         self.membership = membership
         self.factor = factor
+        #: Until this monotonic time (a master that just started: its workers are still
+        #: registering again) a write is placed only on as many workers as the
+        #: replication factor asks (or as the master knew of before it started, if
+        #: fewer: ``known_workers``), else refused ``unavailable`` (try again); after it,
+        #: a cluster with fewer live workers takes writes on those it has.
+        self.full_until = full_until
+        self.known_workers = known_workers
         #: (key, worker) of verify orders in flight.
         self._verifying: set[tuple[str, str]] = set()
 
     def place(self, key: str, size: int) -> Placement:
         """Choose the workers for a new write of ``key`` and its version."""
         alive = {r.name: r for r in self.membership.alive()}
+        factor = self.factor()
+        if (
+            len(alive) < min(factor, self.known_workers)
+            and self.membership.monotonic() < self.full_until
+        ):
+            raise DsmlError(
+                f"the master has just started and {len(alive)} of the {factor} workers a"
+                " write needs have registered again: try again in a moment",
+                "unavailable",
+            )
         loads = {n: WorkerLoad(r.free_disk, r.stored_bytes) for n, r in alive.items()}
-        names = self.directory.place(key, size, loads, self.factor())
+        names = self.directory.place(key, size, loads, factor)
         version = self.directory.next_version()
         grant = self.directory.grants.issue(key, version, names)
         return Placement(version, [alive[n] for n in names], grant)

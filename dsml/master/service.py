@@ -179,7 +179,11 @@ def build_master(
         on_registered=router.registered,
         configured=configured,
     )
-    keys = KeySpace(directory=directory, membership=membership, factor=factor)
+    # A restarted master takes no write below the replication factor while the workers
+    # it knew are still registering again (within a heartbeat timeout of its start).
+    keys = KeySpace(directory=directory, membership=membership, factor=factor,
+                    full_until=monotonic() + heartbeat_timeout,
+                    known_workers=len(state.workers()))
     probe = LagProbe(clock)
     handler = MasterHandler(registry=registry, keys=keys, router=router, admins=admins,
                             lag=probe.snapshot, clock=clock)
