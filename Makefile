@@ -4,6 +4,7 @@
 #   make test    ruff, then the test suite (PYTEST_ARGS="-k store -x" to narrow it)
 #   make demo    a small local cluster, driven end to end
 #   make bench   benchmarks, with redis-server as a reference (installed if root)
+#   make test-faults  the multi-host fault scenarios (root, namespaces, nftables) x3
 #   make lint    ruff only
 #   make clean   caches, build output and the example cluster's data under var/
 
@@ -20,7 +21,7 @@ export PATH := $(VENV)/bin:$(PATH)
 LINT_PATHS := dsml tests twisted/plugins $(wildcard benchmarks)
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench lint clean distclean venv
+.PHONY: test test-faults nft demo bench lint clean distclean venv
 
 venv: $(STAMP)
 
@@ -46,8 +47,23 @@ $(BENCH_STAMP): $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 
-test: lint
+# The multi-host fault tests need nftables: installed here when we are root and it is
+# not; never an error (those tests skip, saying why, without it).
+nft:
+	@command -v nft >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 \
+		|| DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null 2>&1 \
+		     && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables >/dev/null 2>&1; } \
+		|| true
+	@command -v nft >/dev/null 2>&1 || echo "no nftables: the multi-host fault tests will skip" >&2
+
+test: lint nft
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Every multi-host fault scenario, RUNS times each (default 3), and the nemesis for 10 min.
+test-faults: $(STAMP) nft
+	DSML_FAULT_SCENARIOS=all DSML_FAULT_RUNS=$${RUNS:-3} DSML_NEMESIS_BUDGET=600 \
+		$(VENV)/bin/python -m pytest -q -s tests/test_faults_hosts.py tests/test_nemesis.py
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m dsml.demo

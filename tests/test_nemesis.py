@@ -125,3 +125,27 @@ def test_checker_finds_a_stale_output_and_a_double_success(tmp_path: Path) -> No
     finally:
         run.close()
     assert "outputs" in {v.checker for v in out.violations}, out.report()
+
+
+def test_the_readme_fault_commands_run_as_written() -> None:
+    """The README's Faults block, verbatim: the nemesis lines and the mutation listing run
+    (and succeed); ``make test-faults`` (root, half an hour) is only dry-run here, and
+    runs for real in ``tests/test_faults_hosts.py``'s scenario."""
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text()
+    section = text[text.index("## Faults"):]
+    block = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert block is not None
+    lines = [ln.strip() for ln in block.group(1).splitlines() if ln.strip()]
+    assert "make test-faults" in lines
+    for line in lines:
+        if line == "make test-faults":
+            line = "make -n test-faults"
+        else:
+            assert line.startswith(".venv/bin/python "), line
+        r = subprocess.run(["bash", "-c", line], cwd=root, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, f"{line}: {r.stdout[-800:]}{r.stderr[-800:]}"
