@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 #: What runs against each mutant by default (``--full``: the whole suite).
 CATCH_SET = (
     "tests/test_faults_sim.py",
+    "tests/test_faults_net.py",
     "tests/test_durability_order.py",
     "tests/test_jobs_sim.py",
     "tests/test_jobs.py",
@@ -81,6 +82,20 @@ MUTATIONS = (
         "dsml/worker/store.py",
         "self._obj_path)\n            _fsync_dir(self._obj_dir)",
         "self._obj_path)",
+    ),
+    Mutation(
+        "fewer-copies-file", "a file write acknowledged as whole although a later hop of "
+        "its pipeline failed", "dsml/worker/storage.py",
+        "        if local_ok and down_ok:\n            local.headers[\"Replicas\"] = 1 + int("
+        "down.headers.get(\"replicas\", \"1\"))",
+        "        if local_ok:\n            local.headers[\"Replicas\"] = 1 + int(getattr("
+        "down, \"headers\", {}).get(\"replicas\", \"1\"))",
+    ),
+    Mutation(
+        "fewer-copies-value", "a value write acknowledged although a replica in its "
+        "pipeline failed", "dsml/worker/storage.py",
+        "return d.addCallbacks(done, _downstream_failed, errbackArgs=(first,))",
+        "return d.addCallbacks(done, lambda f, a: local, errbackArgs=(first,))",
     ),
     Mutation(
         "version-reused", "the master issues the same version twice",
