@@ -419,6 +419,7 @@ class Run:
         except SimTimeout as e:
             checker.fail("settle", f"the cluster did not settle: {e}")
         checker.check_history()
+        checker.check_calls()
         checker.check_logs()
         return Outcome(
             self.seed, self.minutes, self.episodes, self.ops, checker.violations,

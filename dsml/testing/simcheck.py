@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 HANG = 600.0
 #: How long the cluster may take to settle after the faults heal.
 SETTLE = 300.0
+#: No client call may take longer (simulated seconds): a fault costs a call at most a
+#: connect timeout (10 s) or TCP's user timeout (15 s) and a stalled hop (10 s), not
+#: the 60 s payload deadline a write once waited on a dead next hop.
+SLOW_CALL = 45.0
 
 
 
@@ -153,6 +157,13 @@ class Checker:
         except SimTimeout:
             for p in agreed()[:10]:
                 self.fail("store", p)
+
+    def check_calls(self) -> None:
+        """Every client call ended within :data:`SLOW_CALL` (the final reads aside)."""
+        slow = [op for op in self.run.ops if op.end is not None and op.client != "checker"
+                and op.end - op.start > SLOW_CALL]
+        for op in slow[:5]:
+            self.fail("slow-call", f"{op.end - op.start:.1f} s: {op.line()}", op.key)
 
     def check_logs(self) -> None:
         for m in self.sim.failures.messages()[:5]:
