@@ -2,12 +2,13 @@
 
     .venv/bin/python benchmarks/profile_server.py values [--pairs 3000]
     .venv/bin/python benchmarks/profile_server.py files [--size-mib 256]
-    ... [--sort tottime|cumulative] [--top 25] [--tls]
+    ... [--sort tottime|cumulative] [--top 25] [--tls] [--client]
 
 Starts ``twistd -n --profile FILE --profiler cprofile --savestats dsml-worker`` with a
 :class:`LocalCluster` config (so the worker is set up exactly as in run.py), drives it
 from this process with the blocking Client, stops it with SIGTERM (twistd then writes the
-stats) and prints the top functions.  cProfile measures wall time: a ``send`` that wakes
+stats) and prints the top functions; with ``--client``, the client's own (cProfile of
+the driving loop in this process) after them.  cProfile measures wall time: a ``send`` that wakes
 the client may be charged for the client's turn on a busy CPU.  Figures under the
 profiler are slower than run.py's and are not benchmarks.
 """
@@ -42,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--tmpdir", help="parent of the scratch directory")
     p.add_argument("--tls", action="store_true", help="the worker and client over TLS 1.3")
+    p.add_argument("--client", action="store_true",
+                   help="also profile the client (this process) and print its top functions")
     a = p.parse_args(argv)
+    client_prof = None
+    if a.client:
+        import cProfile
+
+        client_prof = cProfile.Profile()
     root = Path(tempfile.mkdtemp(prefix="dsml-prof-", dir=a.tmpdir))
     proc: subprocess.Popen[bytes] | None = None
     try:
@@ -69,10 +77,16 @@ def main(argv: list[str] | None = None) -> int:
             if a.load == "values":
                 value = os.urandom(100)
                 keys = [f"bench/value-{i:02d}" for i in range(50)]
+                def pairs() -> None:
+                    for i in range(a.pairs):
+                        c.set(keys[i % 50], value)
+                        c.get(keys[i % 50])
+
                 t0 = time.perf_counter()
-                for i in range(a.pairs):
-                    c.set(keys[i % 50], value)
-                    c.get(keys[i % 50])
+                if client_prof is not None:
+                    client_prof.runcall(pairs)
+                else:
+                    pairs()
                 dt = time.perf_counter() - t0
                 print(f"{a.pairs / dt:,.0f} pairs/s under the profiler")
             else:
@@ -82,16 +96,20 @@ def main(argv: list[str] | None = None) -> int:
                     for _ in range(a.size_mib):
                         f.write(rng.randbytes(MIB))
                 size = a.size_mib * MIB
+                run = client_prof.runcall if client_prof is not None else (lambda f, *x: f(*x))
                 t0 = time.perf_counter()
-                c.upload(src, "bench/file.bin")
+                run(c.upload, src, "bench/file.bin")
                 t1 = time.perf_counter()
-                c.download("bench/file.bin", root / "download.bin")
+                run(c.download, "bench/file.bin", root / "download.bin")
                 t2 = time.perf_counter()
                 print(f"upload {size / (t1 - t0) / 1e6:,.0f} MB/s, download "
                       f"{size / (t2 - t1) / 1e6:,.0f} MB/s under the profiler")
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         pstats.Stats(str(stats)).sort_stats(a.sort).print_stats(a.top)
+        if client_prof is not None:
+            print("the client (this process):")
+            pstats.Stats(client_prof).sort_stats(a.sort).print_stats(a.top)
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()

@@ -427,3 +427,312 @@ def test_tls_socket_refuses_a_server_of_another_ca(tmp_path: Path, pki_dir: Path
     finally:
         a.close()
         thread.join(30)
+
+
+# -- the small message's fast paths (issue #10) ----------------------------------------
+
+
+def test_ssl_core_is_the_stdlib_objects_c_half(
+    worker_tls: TlsIdentity, master_tls: TlsIdentity
+) -> None:
+    """tlsbio.ssl_core finds ``SSLObject._sslobj`` (a private attribute of the stdlib: a
+    Python release without it would quietly cost a frame per call; this says so loudly),
+    and it reads, writes and reports pending bytes as the SSLObject does."""
+    from dsml.net.tlsbio import ssl_core
+
+    sender, out, receiver, incoming = _memory_pair(worker_tls, master_tls)
+    core = ssl_core(receiver)
+    assert core is not receiver
+    assert type(core).__module__ == "_ssl"
+    assert ssl_core(sender).write(b"hello") == 5
+    incoming.write(out.read())
+    assert core.read(3) == b"hel"
+    assert core.pending() == 2 == receiver.pending()
+    assert core.read(100) == b"lo"
+    with pytest.raises(ssl.SSLWantReadError):
+        core.read(100)
+
+
+def _tls_server_on_a_string_transport(
+    worker_tls: TlsIdentity, master_tls: TlsIdentity
+) -> tuple[Collector, Any, StringTransport, Any, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A server TlsProtocol on a StringTransport, its handshake done with an SSLObject
+    client over memory BIOs: (app, protocol, transport, client, client's incoming,
+    client's outgoing)."""
+    app = Collector()
+    proto = worker_tls.wrap_server(Factory.forProtocol(lambda: app)).buildProtocol(ADDR)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    ci, co = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = master_tls.client_context.wrap_bio(ci, co)
+    for _ in range(4):
+        try:
+            client.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        if co.pending:
+            proto.dataReceived(co.read())
+        ci.write(transport.value())
+        transport.clear()
+    assert proto.getPeerCertificate() is not None
+    return app, proto, transport, client, ci, co
+
+
+def test_small_records_through_the_transport_however_they_are_cut(
+    worker_tls: TlsIdentity, master_tls: TlsIdentity
+) -> None:
+    """Small requests, as the fast path in dataReceived takes them: one record a read;
+    a record cut anywhere into two reads; two records in one read; and a record with
+    the peer's close_notify behind it.  All arrive, in order, and the close is clean
+    (ours sent, the TCP connection closed)."""
+    app, proto, transport, client, ci, co = _tls_server_on_a_string_transport(
+        worker_tls, master_tls
+    )
+    client.write(b"first request")
+    proto.dataReceived(co.read())
+    assert app.chunks == [b"first request"]  # one record, one call, as it came
+    proto.dataReceived(b"")  # nothing: nothing happens
+    assert not transport.disconnecting
+    record = b"x" * 90 + b"split"
+    expected = [b"first request"]
+    client.write(record)
+    wire = co.read()
+    proto.dataReceived(wire)
+    expected.append(record)
+    for cut in range(1, len(wire)):  # the same record, cut at every byte
+        client.write(record)
+        wire = co.read()
+        proto.dataReceived(wire[:cut])
+        proto.dataReceived(wire[cut:])
+        expected.append(record)
+    client.write(b"two ")
+    client.write(b"records")
+    proto.dataReceived(co.read())
+    expected.append(b"two records")
+    client.write(b"last")
+    try:
+        client.unwrap()
+    except ssl.SSLWantReadError:
+        pass
+    proto.dataReceived(co.read())
+    expected.append(b"last")
+    assert app.received == b"".join(expected)
+    assert transport.disconnecting  # the peer's close_notify: ours, then close
+    ci.write(transport.value())
+    client.unwrap()  # ours arrived: the client's unwrap completes
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert app.lost is not None and app.lost.check(ConnectionDone)
+
+
+def test_a_close_notify_alone_and_a_corrupt_small_record(
+    worker_tls: TlsIdentity, master_tls: TlsIdentity
+) -> None:
+    """The peer's close_notify arriving alone closes cleanly; a small record altered on
+    the way ends the connection with the TLS failure, delivering nothing of it."""
+    app, proto, transport, client, ci, co = _tls_server_on_a_string_transport(
+        worker_tls, master_tls
+    )
+    try:
+        client.unwrap()
+    except ssl.SSLWantReadError:
+        pass
+    proto.dataReceived(co.read())
+    assert transport.disconnecting
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert app.lost is not None and app.lost.check(ConnectionDone)
+
+    app, proto, transport, client, ci, co = _tls_server_on_a_string_transport(
+        worker_tls, master_tls
+    )
+    client.write(b"good")
+    proto.dataReceived(co.read())
+    client.write(b"x" * 100)
+    wire = bytearray(co.read())
+    wire[30] ^= 1
+    proto.dataReceived(bytes(wire))
+    assert app.received == b"good"
+    assert transport.disconnecting
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert app.lost is not None and app.lost.check(ssl.SSLError)
+
+
+def test_small_writes_go_out_as_records_at_once(
+    worker_tls: TlsIdentity, master_tls: TlsIdentity
+) -> None:
+    """A small write after the handshake is one record on the TCP transport at once;
+    after loseConnection, writes are dropped and close_notify goes out."""
+    app, proto, transport, client, ci, co = _tls_server_on_a_string_transport(
+        worker_tls, master_tls
+    )
+    proto.write(b"reply one")
+    proto.writeSequence([b"reply ", b"two"])
+    ci.write(transport.value())
+    transport.clear()
+    assert client.read(100) == b"reply one"
+    assert client.read(100) == b"reply two"
+    proto.loseConnection()
+    proto.write(b"dropped")
+    ci.write(transport.value())
+    try:
+        closed = client.read(100) == b""  # close_notify, with nothing before it
+    except ssl.SSLZeroReturnError:
+        closed = True
+    assert closed
+    assert transport.disconnecting
+
+
+def test_sender_writes_to_an_idle_socket_and_queues_the_rest() -> None:
+    """twisted_private.sender: on a real TCP transport with nothing queued, bytes go to
+    the socket at once; with something queued, behind it (the transport's write)."""
+    from twisted.internet import tcp
+
+    from dsml.net.twisted_private import sender
+
+    class Reactor:
+        def addWriter(self, w: object) -> None:  # noqa: N802 - Twisted's name
+            self.writer = w
+
+        def removeWriter(self, w: object) -> None:  # noqa: N802 - Twisted's name
+            pass
+
+    a, b = socket.socketpair()
+    try:
+        conn = tcp.Connection(a, Protocol(), reactor=Reactor())  # type: ignore[arg-type]
+        conn.connected = True
+        send = sender(conn)
+        send(b"now")
+        b.settimeout(5)
+        assert b.recv(100) == b"now"
+        conn.write(b"queued ")
+        send(b"after")
+        assert conn.dataBuffer or conn._tempDataBuffer
+        conn.doWrite()
+        assert b.recv(100) == b"queued after"
+    finally:
+        a.close()
+        b.close()
+    plain = StringTransport()
+    sender(plain)(b"to a test transport")
+    assert plain.value() == b"to a test transport"
+
+
+def _raw_tls_server(sock: socket.socket, context: ssl.SSLContext, script: Any) -> threading.Thread:
+    """A TLS server over memory BIOs on one end of a socketpair, in a thread: the
+    handshake, then ``script(records, send)``: ``records(*chunks)`` encrypts each chunk
+    as a record and returns the bytes, ``send`` sends raw bytes; errors on ``.error``."""
+
+    def run() -> None:
+        try:
+            inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = context.wrap_bio(inc, out, server_side=True)
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    if out.pending:
+                        sock.sendall(out.read())
+                    inc.write(sock.recv(65536))
+            if out.pending:
+                sock.sendall(out.read())
+            while True:  # the client's Finished (and certificate), and its first record
+                try:
+                    if tls.read(100) == b"go":
+                        break
+                except ssl.SSLWantReadError:
+                    inc.write(sock.recv(65536))
+
+            def records(*chunks: bytes) -> bytes:
+                for c in chunks:
+                    tls.write(c)
+                return out.read()
+
+            script(records, sock.sendall, tls, out)
+        except Exception as e:  # reported by the test through .error
+            thread.error = e  # type: ignore[attr-defined]
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.error = None  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+def test_tls_socket_small_replies_however_they_are_cut(
+    worker_tls: TlsIdentity, pki_dir: Path
+) -> None:
+    """The client's recv: a record cut into two socket reads, two records in one read,
+    a record with close_notify behind it; then b"" for good."""
+    import time
+
+    def script(records: Any, send: Any, tls: Any, out: Any) -> None:
+        wire = records(b"pong")
+        send(wire[:7])
+        time.sleep(0.2)  # the client reads the first piece alone
+        send(wire[7:])
+        time.sleep(0.2)
+        send(records(b"two ", b"records"))
+        time.sleep(0.2)
+        tls.write(b"last")
+        try:
+            tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        send(out.read())
+
+    a, b = socket.socketpair()
+    a.settimeout(30)
+    thread = _raw_tls_server(b, worker_tls.server_context, script)
+    sock = TlsSocket(a, ClientTls(pki_dir, "admin").context)
+    try:
+        sock.sendall(b"go")
+        assert sock.recv(65536) == b"pong"
+        got = b""
+        while len(got) < len(b"two records"):
+            got += sock.recv(65536)
+        assert got == b"two records"
+        got = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            got += data
+        assert got == b"last"
+        assert sock.recv(65536) == b""
+        thread.join(30)
+        assert thread.error is None  # type: ignore[attr-defined]
+    finally:
+        sock.close()
+        b.close()
+
+
+def test_tls_socket_sends_more_than_the_socket_buffer_holds(
+    worker_tls: TlsIdentity, pki_dir: Path
+) -> None:
+    """A send larger than the socket's buffer: the first write takes part of it, the
+    rest waits for the reader; all of it arrives intact."""
+    big = os.urandom(5 * 1024 * 1024)
+    got: list[bytes] = []
+
+    def script(tls: ssl.SSLSocket) -> None:
+        import time
+
+        time.sleep(0.3)  # the client's first write fills the buffer meanwhile
+        n = 0
+        while n < len(big):
+            data = tls.recv(1024 * 1024)
+            got.append(data)
+            n += len(data)
+        tls.sendall(b"done")
+
+    a, b = socket.socketpair()
+    a.settimeout(30)
+    thread = _serve_one(b, worker_tls.server_context, script)
+    sock = TlsSocket(a, ClientTls(pki_dir, "admin").context)
+    try:
+        sock.sendall(big)
+        assert sock.recv(100) == b"done"
+        thread.join(30)
+        assert thread.error is None  # type: ignore[attr-defined]
+        assert b"".join(got) == big
+    finally:
+        sock.close()

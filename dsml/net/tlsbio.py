@@ -13,6 +13,7 @@ OpenSSL may have begun reading from the BIO earlier), and copied out once.
 from __future__ import annotations
 
 import ssl
+from typing import Any
 
 #: Plaintext bytes one TLS record holds at most.
 RECORD_MAX = 16 * 1024
@@ -22,13 +23,31 @@ RECORD_MAX = 16 * 1024
 SMALL = 4096
 
 
+def ssl_core(tls: ssl.SSLObject) -> Any:
+    """The C object under ``tls`` (``ssl.SSLObject._sslobj``, an ``_ssl._SSLSocket``),
+    whose ``read``, ``write``, ``pending`` and ``do_handshake`` are what ``tls``'s own
+    (Python methods in ``ssl.py``) call, with the same arguments, results and errors.
+
+    Called directly they save a Python frame each, several per small message on each
+    side of a connection; a private attribute of the stdlib, so ``tls`` itself stands in
+    should a Python release take it away (``tests/test_tls.py`` checks it is there).
+    """
+    core = getattr(tls, "_sslobj", None)
+    if core is None or not all(
+        hasattr(core, name) for name in ("read", "write", "pending", "do_handshake")
+    ):
+        return tls
+    return core
+
+
 def decrypt_available(
-    tls: ssl.SSLObject, incoming: ssl.MemoryBIO, limit: int | None = None
+    tls: ssl.SSLObject | Any, incoming: ssl.MemoryBIO, limit: int | None = None
 ) -> tuple[bytes, bool]:
     """All the plaintext that has arrived in ``incoming`` (at most ``limit`` bytes, the
     rest left for the next call), and whether the peer's close_notify came after it.
     Raises :class:`ssl.SSLError` for bytes that are not TLS from the peer (a bad record,
-    an alert), as OpenSSL reports it.
+    an alert), as OpenSSL reports it.  ``tls`` may be an :class:`ssl.SSLObject` or its
+    :func:`ssl_core`.
     """
     avail = incoming.pending + tls.pending()
     if avail <= 0:
@@ -82,4 +101,4 @@ def decrypt_available(
     return data, ended
 
 
-__all__ = ["RECORD_MAX", "decrypt_available"]
+__all__ = ["RECORD_MAX", "SMALL", "decrypt_available", "ssl_core"]
