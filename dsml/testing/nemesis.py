@@ -90,7 +90,8 @@ class Episode:
                 f"{self.target}{other}{flag}")
 
 
-#: Fault kinds and their weights in a schedule.
+#: Fault kinds and their weights in a schedule (and "slow-disk", drawn apart: see
+#: :func:`schedule`).
 KINDS = {
     "crash": 3, "power": 2, "pause": 3, "cut": 3, "partition": 3, "oneway": 2, "stall": 3,
     "master-crash": 2, "master-pause": 1, "master-cut": 1, "death": 1,
@@ -141,6 +142,16 @@ def schedule(seed: int, minutes: float, workers: Sequence[str] = WORKERS) -> lis
                 if n and n not in CLIENTS:
                     free_at[n] = end
         t += rng.expovariate(1 / 12.0)
+    # Slow disks come from a stream of their own (the schedules above stay as they were
+    # when this kind came), and may overlap any other fault on their worker: a crash
+    # while the thread pool lags is the case they are for.
+    disk = random.Random(f"disks/{seed}")
+    t = disk.uniform(5.0, 40.0)
+    while t < horizon - 5.0:
+        length = min(disk.uniform(5.0, 40.0), horizon - t - 1.0)
+        out.append(Episode(round(t, 3), round(length, 3), "slow-disk", disk.choice(workers)))
+        t += length + disk.expovariate(1 / 30.0)
+    out.sort(key=lambda e: e.start)
     return out
 
 
@@ -231,6 +242,8 @@ class Run:
         self.active: dict[int, Episode] = {}
         self.stopped = False
         self._events = itertools.count()
+        #: When the master started again after a crash (simulated seconds).
+        self.master_starts: list[float] = []
 
     # -- faults ---------------------------------------------------------------------
 
@@ -249,6 +262,8 @@ class Run:
             net.silence(e.target)
         elif e.kind in ("partition", "oneway"):
             net.partition(e.target, e.other, one_way=e.kind == "oneway")
+        elif e.kind == "slow-disk":
+            sim.slow_disk(e.target, 0.5)
         elif e.kind == "master-crash":
             if sim.master is not None:
                 sim.kill_master()
@@ -273,9 +288,12 @@ class Run:
             net.unsilence(e.target)
         elif e.kind in ("partition", "oneway"):
             net.heal(e.target, e.other)
+        elif e.kind == "slow-disk":
+            sim.slow_disk(e.target, 0.0)
         elif e.kind == "master-crash":
             if sim.master is None:
                 sim.start_master()
+                self.master_starts.append(sim.clock.seconds())
 
     def heal(self) -> None:
         """End every fault still on (a permanent death stays)."""
@@ -302,6 +320,19 @@ class Run:
         e = f.value
         code = getattr(e, "code", "") if isinstance(e, DsmlError) else type(e).__name__
         self._done(op, write_outcome(e, op.kind), f"{code}: {str(e)[:80]}")
+
+    def _acked(self, op: Op, stored: Any) -> None:
+        """A write acknowledged: its version, its copies, and how many workers were
+        running and reachable then (not crashed, paused, cut or partitioned)."""
+        self._done(op, "ok", f"v{stored.version} r{stored.replicas} up{self._up()}")
+
+    def _up(self) -> int:
+        net = self.sim.net
+        return sum(
+            1 for w in self.sim.workers
+            if w not in net.silenced and not self.sim.clocks[w].paused
+            and (w, MASTER) not in net.blocked and (MASTER, w) not in net.blocked
+        )
 
     def _remove_outcome(self, op: Op, f: Failure) -> None:
         if isinstance(f.value, DsmlError) and f.value.code == "not-found":
@@ -341,7 +372,7 @@ class Run:
                     op = self._op(name, "upload", key, seq)
                     size = rng.choice((200, 64 * 1024, 300 * 1024, 1024 * 1024))
                     d = client.upload(key, self._payload(key, seq, size))
-                d.addCallbacks(lambda s: self._done(op, "ok", f"v{s.version}"),
+                d.addCallbacks(lambda s: self._acked(op, s),
                                lambda f: self._write_outcome(op, f))
                 return d
             if r < 0.40:  # delete one of mine
@@ -420,6 +451,8 @@ class Run:
             checker.fail("settle", f"the cluster did not settle: {e}")
         checker.check_history()
         checker.check_calls()
+        checker.check_acks()
+        checker.check_losses()
         checker.check_logs()
         return Outcome(
             self.seed, self.minutes, self.episodes, self.ops, checker.violations,

@@ -165,6 +165,53 @@ class Checker:
         for op in slow[:5]:
             self.fail("slow-call", f"{op.end - op.start:.1f} s: {op.line()}", op.key)
 
+    def check_acks(self) -> None:
+        """Right after a master restart (within a heartbeat timeout of it) no write is
+        acknowledged with fewer copies than the replication factor while that many
+        workers were up: the restarted master must wait for them, not place on the
+        first to register."""
+        grace = self.sim.heartbeat_timeout
+        want = self.sim.replication
+        for op in self.run.ops:
+            if op.kind not in ("set", "upload") or op.outcome != "ok" or op.end is None:
+                continue
+            fields = dict((f[0], f[1:]) for f in op.detail.split() if f[:1] in "vru")
+            copies, up = int(fields.get("r", want)), int(fields.get("u", "p0")[1:] or 0)
+            if copies < want <= up and any(
+                t <= op.end <= t + grace for t in self.run.master_starts
+            ):
+                self.fail("under-replicated-ack", f"{op.line()}: {copies} of {want} copies "
+                          f"with {up} workers up, {grace:g} s after a master restart", op.key)
+
+    def check_losses(self) -> None:
+        """An attempt is lost only when its worker met a fault: one lost while nothing
+        happened to its worker (only to the master) was a finished or running task
+        thrown away, to be run again."""
+        faults: dict[str, list[tuple[float, float]]] = {}
+        for e in self.run.episodes:
+            for w in (e.target, e.other):
+                if w and w != "master":
+                    faults.setdefault(w, []).append((e.start, e.start + e.length))
+        slack = 2 * self.sim.heartbeat_timeout
+        # An attempt whose run order never reached its worker (the master crashed or
+        # was cut right after sending it) is lost rightly: only those that ran count.
+        started = {e.attempt_id for e in self.sim.task_events if e.what in ("start", "adopt")}
+        for job in sorted(self.run.jobs):
+            try:
+                view = self.sim.job(job)
+            except Exception:
+                continue
+            for t in view.tasks:
+                for a in t.attempts:
+                    if a.state != "lost" or a.ended is None or a.id not in started:
+                        continue
+                    hit = any(s - slack <= a.ended and a.started <= e + slack
+                              for s, e in faults.get(a.worker, []))
+                    if not hit:
+                        self.fail("needless-loss", f"job {job} task {t.index}: attempt {a.id} "
+                                  f"on {a.worker} lost at {a.ended:.1f} s ({a.reason}) though "
+                                  "nothing happened to its worker")
+
     def check_logs(self) -> None:
         for m in self.sim.failures.messages()[:5]:
             self.fail("bug-logged", m[:300])

@@ -38,7 +38,7 @@ from ...worker.store import IndexEntry, Store
 from ...worker.tasks import AttemptResult
 from ...worker.transfers import TaskTransfers
 from .network import FakeNetwork
-from .process import NetListen, ProcessClock, run_inline
+from .process import NetListen, ProcessClock, run_later
 from .tasks import FakeTaskManager, Orphan, Script, TaskEvent, default_script
 
 T = TypeVar("T")
@@ -168,6 +168,8 @@ class SimCluster:
         self.results: list[ResultSeen] = []
         #: Called after every step of the clock (once the network has settled).
         self.checks: list[Callable[[], None]] = []
+        #: Workers whose thread pool is slow (see :meth:`slow_disk`): the most delay.
+        self.disk_delays: dict[str, float] = {}
         #: Attempts each dead worker process left "running" (see :meth:`restart`).
         self._orphans: dict[str, list[Orphan]] = {}
         self.failures = FailureLog()
@@ -310,7 +312,7 @@ class SimCluster:
             value_max=self.value_max,
             heartbeat_interval=self.heartbeat_interval,
             limits=self.limits,
-            run_in_thread=run_inline,
+            run_in_thread=run_later(clock, lambda: self._thread_delay(name)),
             listen=lambda factory, _master: NetListen(self.net, addr, factory, name),
             free_disk=lambda: max(0, self.disk - store.stored_bytes),
             retry_policy=backoffPolicy(
@@ -358,6 +360,15 @@ class SimCluster:
     def silence(self, name: str) -> None:
         """Worker (or ``master``) ``name`` goes silent: bytes are held, nothing closes."""
         self.net.silence(name)
+
+    def slow_disk(self, name: str, max_delay: float) -> None:
+        """Worker ``name``'s blocking work (store writes and commits: its thread pool)
+        finishes up to ``max_delay`` simulated seconds late, at random; 0: inline again."""
+        self.disk_delays[name] = max_delay
+
+    def _thread_delay(self, name: str) -> float:
+        top = self.disk_delays.get(name, 0.0)
+        return self.random.uniform(0.0, top) if top > 0 else 0.0
 
     def pause(self, name: str) -> None:
         """SIGSTOP worker ``name`` (or "master"): its timers stop and its links go quiet

@@ -109,6 +109,27 @@ def run_inline(fn: Callable[[], T]) -> Deferred[T]:
     return maybeDeferred(fn)
 
 
+def run_later(clock: IReactorTime, delay: Callable[[], float]) -> Callable[..., Any]:
+    """A ``run_in_thread`` whose thread is slow: each piece of work runs ``delay()``
+    simulated seconds later (at once when that is 0), then its Deferred fires.  On a
+    :class:`ProcessClock`, work not yet run when the process dies never runs (the
+    crash came before the thread finished)."""
+
+    def run(fn: Callable[[], T]) -> Deferred[T]:
+        wait = delay()
+        if wait <= 0:
+            return maybeDeferred(fn)
+        d: Deferred[T] = Deferred()
+
+        def go() -> None:
+            maybeDeferred(fn).chainDeferred(d)
+
+        clock.callLater(wait, go)
+        return d
+
+    return run
+
+
 class NetListen(service.Service):
     """Listens on the fake network while running (the ListenService of the simulation)."""
 
@@ -129,4 +150,4 @@ class NetListen(service.Service):
                 self.net.stop_listening(self.addr)
 
 
-__all__ = ["NetListen", "ProcessClock", "run_inline"]
+__all__ = ["NetListen", "ProcessClock", "run_inline", "run_later"]
