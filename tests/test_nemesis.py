@@ -63,13 +63,13 @@ def test_a_seed_replays_identically(tmp_path: Path) -> None:
 
 def test_schedules_cover_every_fault_kind() -> None:
     kinds = {e.kind for seed in range(1, 30) for e in nemesis.schedule(seed, 3.0)}
-    assert kinds == set(nemesis.KINDS) | {"slow-disk"}
+    assert kinds == set(nemesis.KINDS) | {"slow-disk", "replay"}
     for seed in range(1, 30):
         eps = nemesis.schedule(seed, 3.0)
         busy: dict[str, float] = {}
         for e in eps:
             assert e.start + e.length <= 180.0
-            if e.kind == "slow-disk":
+            if e.kind in ("slow-disk", "replay"):
                 continue  # may overlap anything on its worker
             for n in (e.target, e.other):
                 if n and n not in nemesis.CLIENTS:

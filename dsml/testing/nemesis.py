@@ -151,6 +151,12 @@ def schedule(seed: int, minutes: float, workers: Sequence[str] = WORKERS) -> lis
         length = min(disk.uniform(5.0, 40.0), horizon - t - 1.0)
         out.append(Episode(round(t, 3), round(length, 3), "slow-disk", disk.choice(workers)))
         t += length + disk.expovariate(1 / 30.0)
+    # An old incarnation replaying its link: its own stream too, a few per run.
+    old = random.Random(f"replays/{seed}")
+    t = old.uniform(30.0, 60.0)
+    while t < horizon - 5.0:
+        out.append(Episode(round(t, 3), 0.0, "replay", old.choice(workers)))
+        t += old.expovariate(1 / 40.0)
     out.sort(key=lambda e: e.start)
     return out
 
@@ -235,6 +241,7 @@ class Run:
             root, workers=workers, replication=REPLICATION,
             heartbeat_timeout=HEARTBEAT_TIMEOUT, seed=seed, slots=2, move_outputs=True,
         )
+        self.sim.record_links()
         self.ops: list[Op] = []
         self.seqs: dict[str, int] = {}
         self.jobs: dict[str, tuple[str, int, list[str]]] = {}  # id -> (client, tasks, outputs)
@@ -264,6 +271,9 @@ class Run:
             net.partition(e.target, e.other, one_way=e.kind == "oneway")
         elif e.kind == "slow-disk":
             sim.slow_disk(e.target, 0.5)
+        elif e.kind == "replay":
+            sim.replay_old_link(e.target)
+            return
         elif e.kind == "master-crash":
             if sim.master is not None:
                 sim.kill_master()

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import attrs
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
@@ -360,6 +361,39 @@ class SimCluster:
     def silence(self, name: str) -> None:
         """Worker (or ``master``) ``name`` goes silent: bytes are held, nothing closes."""
         self.net.silence(name)
+
+    def record_links(self) -> None:
+        """From now on keep what each worker process sends the master on its link (the
+        bytes, from the connection's first), for :meth:`replay_old_link`."""
+        self.transcripts: dict[str, dict[int, bytearray]] = {}
+
+        def tap(t: Any, data: bytes) -> None:
+            conn = t.conn
+            if t is conn.client and conn.addr == self.master_addr and t.node in self.ports:
+                self.transcripts.setdefault(t.node, {}).setdefault(id(conn), bytearray()) \
+                    .extend(data)
+
+        self.net.tap = tap
+
+    def replay_old_link(self, name: str) -> bool:
+        """An old incarnation of worker ``name`` speaks again: a new connection from its
+        host to the master carries, byte for byte, everything one of its earlier links
+        sent (authentication, registration, heartbeats, reports, task results).  The
+        answers are ignored.  False if nothing was recorded."""
+        links = getattr(self, "transcripts", {}).get(name, {})
+        if not links:
+            return False
+        first = bytes(next(iter(links.values())))
+        host, _, port = self.master_addr.rpartition(":")
+        endpoint = self.net.endpoint_for(name)(host, int(port))
+
+        class Replay(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(first)  # type: ignore[union-attr]
+
+        factory = Factory.forProtocol(Replay)
+        endpoint.connect(factory).addErrback(lambda f: None)
+        return True
 
     def slow_disk(self, name: str, max_delay: float) -> None:
         """Worker ``name``'s blocking work (store writes and commits: its thread pool)

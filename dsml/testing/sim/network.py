@@ -10,7 +10,7 @@ dsml's master or workers: any Twisted protocol factory can listen or dial here.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -129,6 +129,8 @@ class FakeTransport:
         self.out.append(chunk)
         self.out_bytes += len(chunk)
         self.sent += len(chunk)
+        if self.net.tap is not None:
+            self.net.tap(self, chunk)
         if (
             self.producer is not None
             and self.streaming
@@ -298,6 +300,8 @@ class FakeNetwork:
         #: that breaks their connections after ``user_timeout`` (None once it has).
         self.blocked: dict[tuple[str, str], IDelayedCall | None] = {}
         self.errors: list[Failure] = []
+        #: Called with (transport, bytes) for every write (a recorder, say); or None.
+        self.tap: Callable[[FakeTransport, bytes], None] | None = None
         self._connecting: list[_Connecting] = []
         self._ports = itertools.count(40000)
 
