@@ -1,7 +1,8 @@
 """The master at a lab's scale: N simulated workers, K keys, an M-task array (issue #11).
 
     .venv/bin/python benchmarks/scale.py [--workers 1000] [--keys 1000000] [--array 100000]
-                                         [--quick] [--no-preload] [--tmpdir DIR] [--keep]
+                                         [--quick] [--no-preload] [--no-digest]
+                                         [--tmpdir DIR] [--keep]
 
 ``--quick`` (a smoke run of under a minute): 50 workers, 20,000 keys, a 2,000-task
 array, a 5 s steady window and ``heartbeat_timeout`` 3 s (so the repair's grace is 3 s).
@@ -16,6 +17,10 @@ Each simulated worker behaves like ``dsml.worker.link.MasterLink``:
   ``register``s with its inventory, the JSON lines ``{key, size, sha256, version}``: the
   K keys ``k/00000000``... of 1 KiB each, each held by 2 workers (replication 2; key i
   on worker ``i % N`` and on another one that varies with ``i // N``);
+* with ``Inventory-Digest``, the digest of that inventory
+  (:func:`dsml.protocol.inventory.inventory_digest`, kept up to date as copies come and go),
+  so a master that holds exactly that inventory for it skips the reconcile (a restart);
+  ``--no-digest`` leaves the header out, as ``dsml.worker`` does until it sends one;
 * it heartbeats every second (a phase of its own, so the N beats spread over the second),
   at once after each registration, with the real fields (``Free-Slots``, ``Stored-Bytes``,
   ``Stored-Files``, ``Free-Disk``); ``not-registered``/``stale-incarnation`` make it
@@ -45,7 +50,10 @@ Phases, each measured from outside the master (its /proc files, and round trips)
    once they are all in and the repair's copies and trims of keys whose other holder
    was not in yet have stopped (no order for 3 s), the master's RSS (VmRSS, VmHWM);
 2. a steady window (20 s; --quick 5 s) with all N heartbeating and nothing else: the
-   master's CPU (utime+stime from /proc/PID/stat) per second, as % of one core;
+   master's CPU (utime+stime from /proc/PID/stat) per second, as % of one core.  It
+   starts once the master's repairer says (``Repair-Pending``, ``Repair-Scanning`` of
+   its ``nodes`` answer) that its start-up pass over the directory, made once after the
+   start's grace, is over: a start-up cost, printed apart;
 3. a ``--array M`` submit through ``dsml.client.ClusterClient`` (in a helper process, so
    that encoding M tasks does not hold this process's GIL), until 2 s after it: the
    worst stall, i.e. the worst round trip of a probe connection sending ``ping`` every
@@ -133,13 +141,16 @@ from dsml.protocol.codec import (  # noqa: E402
     encode_request,
     encode_response,
 )
+from dsml.protocol.inventory import entry_digest  # noqa: E402
 from dsml.protocol.methods import worker_order_methods  # noqa: E402
 
 HOST = "127.0.0.1"
 KEY_SIZE = 1024
 FREE_DISK = 1 << 40
-#: The real worker's reconnection backoff (dsml.worker.link): 0.2 * 2**n, at most 5 s.
-RETRY = backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=2.0)
+#: The real worker's reconnection backoff (dsml.worker.link): 0.2 * 1.5**n, at most 5 s,
+#: plus up to 0.3 s of jitter.
+RETRY = backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=1.5,
+                      jitter=lambda: random.uniform(0.0, 0.3))
 #: Registrations in flight at once while the cluster is first loaded (under the
 #: master's 64 unauthenticated connections).
 LOAD_CONCURRENCY = 32
@@ -319,12 +330,15 @@ def _ms(xs: list[float], q: float | None = None) -> float | None:
 class SimWorker:
     """One simulated worker's link to the master (see the module docstring)."""
 
-    def __init__(self, bench: Bench, index: int, name: str, port: int, base: bytes) -> None:
+    def __init__(self, bench: Bench, index: int, name: str, port: int, base: bytes,
+                 digest: int | None = None, version: int = 0) -> None:
         self.bench = bench
         self.index = index
         self.name = name
         self.port = port
         self.base = base  # the inventory as first built
+        self.base_digest = digest  # its digest (None: send none)
+        self.version = version  # the version of its keys
         self.files = base.count(b"\n")
         self.extra: dict[str, bytes] = {}  # copies the master had made onto this worker
         self.dropped: set[str] = set()
@@ -380,6 +394,22 @@ class SimWorker:
         lines += [v for k, v in self.extra.items() if k not in self.dropped]
         return b"\n".join(lines) + b"\n"
 
+    def digest(self) -> int | None:
+        """The digest of :meth:`inventory`, from the base's and the changes since (a
+        dropped key is one it held: of the base unless it came as a copy)."""
+        if self.base_digest is None:
+            return None
+        d = self.base_digest
+        for key in self.dropped:
+            if key not in self.extra and key.startswith("k/"):
+                d ^= key_digest(int(key[2:]), self.version)
+        for key, line in self.extra.items():
+            if key not in self.dropped:
+                entry = json.loads(line)
+                d ^= entry_digest(entry["key"], entry["size"], entry["sha256"],
+                                  entry["version"])
+        return d
+
     def connect(self) -> None:
         self.retry_call = None
         if self.stopped or self.keep_away or self.link is not None or self.pending is not None:
@@ -401,6 +431,9 @@ class SimWorker:
         }
         if self.running:
             headers["Running"] = ",".join(str(a) for a in self.running)
+        digest = self.digest()
+        if digest is not None:
+            headers["Inventory-Digest"] = f"{digest:016x}"
         d = link.request("auth", {"Token": self.bench.token, "Client": f"worker {self.name}"})
         d.addCallback(lambda _: link.request("register", headers, self.inventory()))
         return d.addCallback(self._registered, link)
@@ -596,6 +629,7 @@ class LagReader:
         self.link: Link | None = None
         self.first: float | None = None
         self.last: float | None = None
+        self.repair: tuple[Any, Any] = (None, None)
 
     async def read(self) -> float | None:
         """One reading of ``Lag-Worst-Ms`` (None when the master has no such header)."""
@@ -605,8 +639,22 @@ class LagReader:
             await link.request("auth", {"Token": self.bench.token, "Client": "scale-lag"})
             self.link = link
         head, _ = await self.link.request("nodes", {})
+        self.repair = (head.headers.get("repair-pending"), head.headers.get("repair-scanning"))
         value = head.headers.get("lag-worst-ms")
         return None if value is None else float(value)
+
+    async def repair_busy(self) -> bool | None:
+        """Whether the master's repairer has keys waiting or a walk under way (its
+        ``Repair-Pending`` and ``Repair-Scanning``; None if it does not say)."""
+        await self.read()
+        pending, scanning = self.repair
+        if pending is None or scanning is None:
+            return None
+        return int(pending) > 0 or int(scanning) > 0
+
+    def close(self) -> None:
+        if self.link is not None and self.link.transport is not None:
+            self.link.transport.loseConnection()
 
     async def start(self) -> None:
         self.first = await self.read()
@@ -638,12 +686,15 @@ class Settings:
     steady: float
     repair_window: float
     heartbeat_timeout: float | None
+    #: The simulated workers send ``Inventory-Digest`` with their registrations.
+    digest: bool = True
 
 
 @attrs.define
 class Results:
     load_seconds: float = 0.0
     load_orders: tuple[int, int] = (0, 0)
+    repair_start_s: float | None = None
     loaded: int = 0
     rss_mib: float | None = None
     hwm_after_load_mib: float | None = None
@@ -681,6 +732,23 @@ def build_inventories(held: list[list[int]], version: int) -> list[bytes]:
     """Each worker's inventory payload (JSON lines)."""
     return [b"\n".join(key_line(i, version) for i in keys) + b"\n" if keys else b""
             for keys in held]
+
+
+def key_digest(i: int, version: int) -> int:
+    """Key ``i``'s entry in an inventory digest (as the line key_line makes)."""
+    return entry_digest(key_name(i), KEY_SIZE, f"{i:064x}", version)
+
+
+def build_digests(held: list[list[int]], version: int) -> list[int]:
+    """Each worker's inventory digest (dsml.protocol.inventory.inventory_digest), as the
+    real worker would send it beside its inventory."""
+    out = []
+    for keys in held:
+        d = 0
+        for i in keys:
+            d ^= key_digest(i, version)
+        out.append(d)
+    return out
 
 
 def preload_state(state_dir: Path, names: Sequence[str], held: list[list[int]]) -> int:
@@ -812,7 +880,9 @@ async def run(
             version = await bootstrap_version(bench, names[0])
         note(f"building {n:,} inventories")
         inventories = build_inventories(held, version)
-        workers = [SimWorker(bench, i, names[i], fake_port(i), inventories[i])
+        digests = build_digests(held, version) if s.digest else [None] * n
+        workers = [SimWorker(bench, i, names[i], fake_port(i), inventories[i],
+                             digests[i], version)
                    for i in range(n)]
         del inventories
         for w in workers:
@@ -846,6 +916,21 @@ async def run(
         r.hwm_after_load_mib = rss_mib(pid, "VmHWM")
         note(f"{r.loaded:,} of {n:,} registered in {r.load_seconds:.1f} s; master RSS "
              f"{fmt(r.rss_mib)} MiB")
+
+        # The master's start-up repair pass (one walk of the directory in SQL slices,
+        # once its start's grace has passed) is a start-up cost, not a steady one: the
+        # steady window begins once the repairer says it has nothing under way.
+        t1 = time.monotonic()
+        reader = LagReader(bench)
+        try:
+            while time.monotonic() - t1 < SETTLE_MAX:
+                if not await reader.repair_busy():
+                    break
+                await sleep(reactor, 0.5)
+        finally:
+            reader.close()
+        r.repair_start_s = time.monotonic() - t1
+        note(f"the master's start-up repair pass was over {r.repair_start_s:.1f} s later")
 
         # 2. steady heartbeats
         note(f"steady window: {s.steady:g} s of heartbeats")
@@ -1004,6 +1089,9 @@ def report(s: Settings, r: Results) -> None:
         f"{r.load_orders[0]:,} copies and {r.load_orders[1]:,} trims ordered (keys whose "
         f"other holder was not in yet); VmHWM then {fmt(r.hwm_after_load_mib)} MiB; RSS "
         f"after the restart and re-registration {fmt(r.rss_after_restart_mib)} MiB")
+    say(f"  - start-up repair pass (one walk of the directory after the start's grace): "
+        f"over {fmt(r.repair_start_s, 1)} s after the loading settled; the steady window "
+        "began then")
     for label, w in (("steady", r.steady), ("submit", r.submit), ("repair", r.repair)):
         parts = [f"{w.seconds:.1f} s", f"master CPU {fmt(w.cpu_pct, 1)} % of a core"]
         if w.probe_n:
@@ -1026,7 +1114,8 @@ def report(s: Settings, r: Results) -> None:
         f"{fmt(r.restart_start_s, 2)} s; {r.registered_after:,} of {s.workers:,} registered "
         f"again, {fmt(r.rereg_from_term_s, 2)} s after the SIGTERM, first to last "
         f"{fmt(r.rereg_spread_s, 2)} s (workers redial with the real backoff: 0.4 s, "
-        "0.8 s, 1.6 s... plus up to 1 s of jitter)")
+        "0.8 s, 1.6 s... plus up to 1 s of jitter)"
+        + ("; with Inventory-Digest" if s.digest else "; without Inventory-Digest"))
     missed = [row[0] for row in rows if row[3] == "NOT met"]
     say(f"  targets missed: {', '.join(missed) if missed else 'none'}")
 
@@ -1040,6 +1129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="a smoke run: 50 workers, 20,000 keys, 2,000 tasks, short windows")
     p.add_argument("--tmpdir", help="parent of the scratch directory (default: $TMPDIR or /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (logs)")
+    p.add_argument("--no-digest", action="store_true",
+                   help="register without Inventory-Digest (as a worker of an older dsml does)")
     p.add_argument("--no-preload", action="store_true",
                    help="load the keys through the registrations alone (slow at scale)")
     args = p.parse_args(argv)
@@ -1051,6 +1142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steady=5.0 if q else 20.0,
         repair_window=5.0 if q else 30.0,
         heartbeat_timeout=3.0 if q else None,
+        digest=not args.no_digest,
     )
     if s.workers < 2:
         p.error("--workers must be at least 2")

@@ -90,6 +90,16 @@ class Cluster:
                                  conn=link, free_disk=10**12)
         return link
 
+    def close_link(self, name: str) -> None:
+        """``name``'s link closes, its process gone: every worker was heard just before
+        (a link that closes after a silence is the heartbeat timeout's to judge)."""
+        for r in self.membership.live():
+            self.membership.heartbeat(r.name, r.incarnation, free_slots=r.free_slots,
+                                      stored_bytes=r.stored_bytes, stored_files=0,
+                                      free_disk=r.free_disk, conn=r.conn)
+        self.links[name].connected = False
+        self.membership.connection_lost(self.links[name])
+
     def store(self, key: str, *workers: str, version: int = 1) -> None:
         for w in workers:
             self.directory.add_replica(key, w, 10, sha(key, version), version)
@@ -196,7 +206,7 @@ def test_a_dead_workers_keys_are_repaired_from_its_own_copies(
     cluster.forbid_scans(monkeypatch)
     sizes = cluster.count_examined_keys(monkeypatch)
     cluster.repairer.concurrency = 10_000
-    cluster.membership.connection_lost(cluster.links["d"])
+    cluster.close_link("d")
     cluster.clock.pump([1.0] * int(GRACE - 1))
     assert cluster.orders("replicate") == []  # within the grace: nothing
     cluster.clock.pump([1.0] * 5)
@@ -219,8 +229,7 @@ def test_copies_beyond_the_concurrency_wait_and_go_on_as_copies_end(
     for key in keys_of(40):
         cluster.store(key, "b", "c")
     settle(cluster)
-    cluster.links["c"].connected = False
-    cluster.membership.connection_lost(cluster.links["c"])
+    cluster.close_link("c")
     sizes = cluster.count_examined_keys(monkeypatch)
     cluster.clock.pump([1.0] * (int(GRACE) + 1))
     assert len(b.held) == cluster.repairer.concurrency == 4
@@ -312,7 +321,7 @@ def test_a_worker_back_after_its_grace_has_its_surplus_trimmed(
         cluster.store(key, "a", "b")
     settle(cluster)
     cluster.forbid_scans(monkeypatch)
-    cluster.membership.connection_lost(cluster.links["b"])
+    cluster.close_link("b")
     cluster.repairer.concurrency = 1000
     cluster.clock.pump([1.0] * (int(GRACE) + 2))
     assert len(cluster.orders("replicate")) == 30
@@ -368,12 +377,18 @@ def test_the_start_up_walk_returns_only_keys_that_need_work(cluster: Cluster) ->
     assert cluster.directory.keys_off(end, 64, 2, 2, tombstones=True) == ([], None)
 
 
-def test_registrations_take_one_reactor_turn_each(tmp_path: Path) -> None:
-    """A crowd of registrations arriving at once is served one per reactor turn (the
-    first at once), so no turn holds the reactor for the whole crowd; a registration
-    whose link closed while it waited is not registered."""
+def test_registrations_take_one_reactor_turn_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crowd of registrations arriving at once is served in batches, one batch per
+    reactor turn with one commit (the first registration at once), so no turn holds the
+    reactor for the whole crowd; a registration whose link closed while it waited is
+    not registered."""
     from types import SimpleNamespace
 
+    from twisted.python.failure import Failure
+
+    from dsml.master import requests
     from dsml.master.requests import MasterHandler
 
     c = Cluster(tmp_path)
@@ -394,16 +409,17 @@ def test_registrations_take_one_reactor_turn_each(tmp_path: Path) -> None:
             return link, handler._register(head, b"", link)  # type: ignore[arg-type]
 
         # Each turn (a delayed call: task.Clock runs them all in one advance) registers
-        # at most one worker.
-        per_turn: list[int] = []
+        # at most a batch, with one commit.
+        per_turn: list[tuple[int, int]] = []
         step = handler._next_registration
 
         def turn() -> None:
-            before = len(c.membership.all())
+            before, commits = len(c.membership.all()), c.state.generation
             step()
-            per_turn.append(len(c.membership.all()) - before)
+            per_turn.append((len(c.membership.all()) - before, c.state.generation - commits))
         handler._next_registration = turn  # type: ignore[method-assign]
-        answers = [register(f"w{i}") for i in range(4)]
+        monkeypatch.setattr(requests, "REGISTRATIONS_PER_TURN", 3)
+        answers = [register(f"w{i}") for i in range(6)]
         assert not isinstance(answers[0][1], Deferred)  # the first of the turn: at once
         assert [r.name for r in c.membership.all()] == ["w0"]
         assert len(c.clock.getDelayedCalls()) == 1  # the others wait for the next turn
@@ -412,8 +428,12 @@ def test_registrations_take_one_reactor_turn_each(tmp_path: Path) -> None:
         for _, d in answers[1:]:
             d.addBoth(got.append)
         c.clock.advance(0)
-        assert per_turn == [1, 1, 0]
-        assert [r.name for r in c.membership.all()] == ["w0", "w1", "w3"]
-        assert len(got) == 3 and "unavailable" in str(got[1])
+        # w1, w3 (w2's link closed) and w4 in one turn and one commit; w5 the next.
+        assert per_turn == [(3, 1), (1, 1)]
+        assert [r.name for r in c.membership.all()] == ["w0", "w1", "w3", "w4", "w5"]
+        failed = [g for g in got if isinstance(g, Failure)]
+        assert len(got) == 5 and len(failed) == 1 and "unavailable" in str(failed[0])
+        assert [g.headers["Incarnation"] for g in got  # type: ignore[attr-defined]
+                if not isinstance(g, Failure)] == [1, 1, 1, 1]
     finally:
         c.state.close()

@@ -47,6 +47,8 @@ log = Logger()
 WAIT_MAX = 600
 #: Most jobs in one page of a ``jobs`` answer (a client asking for more follows ``Next``).
 JOBS_PAGE = 1000
+#: Most tasks sent to workers in one reactor turn (the rest on the next turns).
+DISPATCH_PER_TURN = 128
 
 
 def job_spec_from_json(data: Any) -> JobSpec:
@@ -194,6 +196,7 @@ class JobRouter:
         self.clock = clock
         self._dispatch_call: Any = None
         self._orphan_call: Any = None
+        self._orphan_grace = 0.0
         # The slots of attempts a worker was told to kill, by worker then attempt, until
         # the worker reports them ended (a result, taken or refused), re-registers (its
         # Running list is then the truth) or dies.  The manager forgets a cancelled
@@ -233,7 +236,10 @@ class JobRouter:
         """The master started: attempts its journal holds as running on a worker that
         does not register again within ``grace`` seconds are lost (requeued).  A worker
         that died while the master was down never registers, never heartbeats, and so
-        is never declared dead: without this its attempts would run for ever."""
+        is never declared dead: without this its attempts would run for ever.  While
+        the master hears no worker at all (it is cut off: none could register), the
+        verdict waits another ``grace``."""
+        self._orphan_grace = grace
         self._orphan_call = self.clock.callLater(grace, self._lose_unregistered)
 
     def stop(self) -> None:
@@ -244,6 +250,10 @@ class JobRouter:
     def _lose_unregistered(self) -> None:
         self._orphan_call = None
         if self.jobs.closed:
+            return
+        if not self.membership.heard_lately():
+            self._orphan_call = self.clock.callLater(self._orphan_grace,
+                                                     self._lose_unregistered)
             return
         for worker in self.jobs.workers_with_attempts():
             record = self.membership.get(worker)
@@ -277,26 +287,36 @@ class JobRouter:
         A first pass offers every free worker only tasks whose inputs it holds (priority
         still first), then a second pass offers what is left: offering in worker order
         alone would give every task to the first free worker, whoever held its inputs.
+        At most :data:`DISPATCH_PER_TURN` tasks go out per reactor turn (a thousand free
+        workers fed at once held the reactor for a fifth of a second); the rest follow
+        on the next turn, the same way.
         """
         try:
             if not self.jobs.queued:
                 return
             where: dict[str, set[str]] = {}  # key -> workers holding it, for this dispatch
             passes = (True, False) if self.jobs.queued_with_inputs else (False,)
+            sent = 0
             for local_only in passes:
                 for record in self.membership.alive():
                     if record.conn is None:
                         continue
-                    free = record.slots - self._busy(record.name)
+                    free = min(record.slots - self._busy(record.name), DISPATCH_PER_TURN - sent)
                     if free <= 0:
+                        if sent >= DISPATCH_PER_TURN:
+                            self.dispatch_soon()
+                            return
                         continue
                     holds = self._holds(record.name, where)
                     for a in self.jobs.next_assignments(
                         record.name, record.incarnation, free, holds, local_only=local_only
                     ):
                         self._send(record, a)
+                        sent += 1
                     if not self.jobs.queued:
                         return
+            if sent >= DISPATCH_PER_TURN:
+                self.dispatch_soon()  # the last one may have had room for more
         except Exception:
             log.failure("dispatch failed")
 
@@ -538,8 +558,10 @@ def _order(
     if conn is None or not getattr(conn, "connected", False):
         d: Deferred[Any] = Deferred()
         d.errback(DsmlError(f"worker {record.name} has no link", "unavailable"))
-        return d
-    d = conn.request(method, headers, payload)
+    else:
+        d = conn.request(method, headers, payload)
     if method == "kill":
+        # Nobody waits for a kill: a worker without a link kills it itself when it
+        # registers again and the master does not name the attempt among its own.
         d.addErrback(lambda f: None)
-    return d  # type: ignore[no-any-return]
+    return d

@@ -22,13 +22,13 @@ is the only thing that makes the master forget a copy as corrupt.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
 from twisted.logger import Logger
 
-from .directory import QUARANTINED, Directory, DirectoryError
+from .directory import QUARANTINED, Directory, DirectoryError, ReconcileResult
 from .membership import Membership, MembershipError, Versions, WorkerRecord
 from .repair import _order
 from .state import MasterState
@@ -54,6 +54,37 @@ class Registration:
 
 
 @attrs.frozen
+class RegisterRequest:
+    """One ``register`` request, decoded (see :meth:`WorkerRegistry.register`)."""
+
+    name: str
+    host: str
+    port: int
+    slots: int
+    versions: Versions
+    inventory: bytes
+    running: list[int]
+    link: object
+    digest: int | None = None
+    #: What the worker's first heartbeat will say, said at once (optional headers):
+    #: without them a worker just registered has no room the master knows of.
+    free_disk: int = 0
+    stored_bytes: int = 0
+
+
+@attrs.frozen
+class _Staged:
+    """A registration done inside the transaction, not yet committed nor told."""
+
+    req: RegisterRequest
+    record: WorkerRecord
+    incarnation: int
+    result: ReconcileResult
+    entries: list[tuple[Any, Any, Any, Any]]
+    unreadable: int
+
+
+@attrs.frozen
 class Report:
     """What became of a worker's report of stores and deletes."""
 
@@ -74,6 +105,25 @@ def parse_inventory(payload: bytes) -> tuple[list[tuple[Any, Any, Any, Any]], in
         except (ValueError, KeyError, TypeError):
             bad += 1
     return entries, bad
+
+
+def parse_digest(value: object) -> int | None:
+    """An ``Inventory-Digest`` header (16 hex digits) as a number; None if absent or
+    malformed (the inventory is then reconciled)."""
+    if type(value) is not str or len(value) != 16:
+        return None
+    try:
+        return int(value, 16)
+    except ValueError:
+        return None
+
+
+def _count_lines(payload: bytes) -> int:
+    """Entries of an inventory as :func:`parse_inventory` reads it, if no line is blank
+    or unreadable (then the count is off, no digest matches, and it is reconciled)."""
+    if not payload:
+        return 0
+    return payload.count(b"\n") + (0 if payload.endswith(b"\n") else 1)
 
 
 def _ignore(failure: object) -> None:
@@ -129,8 +179,63 @@ class WorkerRegistry:
         inventory: bytes,
         running: list[int],
         link: object,
+        digest: int | None = None,
     ) -> Registration:
-        """Register worker ``name`` on ``link``; MembershipError when the rules refuse it."""
+        """Register worker ``name`` on ``link``; MembershipError when the rules refuse it.
+
+        ``digest``: the worker's :func:`~dsml.protocol.inventory.inventory_digest` of
+        ``inventory`` (its ``Inventory-Digest``), if it sent one.
+        """
+        (out,) = self.register_many([RegisterRequest(
+            name, host, port, slots, versions, inventory, running, link, digest)])
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def register_many(
+        self, requests: Sequence[RegisterRequest], more: Callable[[], bool] | None = None
+    ) -> list[Registration | Exception]:
+        """Several registrations with one durable commit: each one whole or not at all.
+
+        Each registration (its incarnation, its worker's row, its inventory) runs in a
+        savepoint of one transaction, so one that fails leaves nothing and the others
+        stand; the transaction commits once (one fsync for a crowd of workers coming
+        back after a master restart), and only then is any of them told, ordered or
+        handed to the listeners.  Returns, in order, each one's Registration or the
+        exception that refused it.  If the commit itself fails, none is registered and
+        the exception propagates.  With ``more``, asked before each registration after
+        the first, the rest are left undone once it says no: the list is then shorter.
+        """
+        staged: list[_Staged | Exception] = []
+        try:
+            with self.state.transaction():
+                for req in requests:
+                    if staged and more is not None and not more():
+                        break
+                    try:
+                        staged.append(self._stage(req))
+                    except Exception as e:
+                        staged.append(e)
+        except BaseException:
+            # Nothing was committed: none of them is registered after all.
+            for st in staged:
+                if not isinstance(st, Exception):
+                    self.membership.connection_lost(st.req.link)
+            raise
+        out: list[Registration | Exception] = []
+        for st in staged:
+            if isinstance(st, Exception):
+                out.append(st)
+                continue
+            try:
+                out.append(self._finish(st))
+            except Exception as e:
+                out.append(e)
+        return out
+
+    def _stage(self, req: RegisterRequest) -> _Staged:
+        """One registration inside the caller's transaction, in a savepoint of its own."""
+        name, link, inventory = req.name, req.link, req.inventory
         try:
             # Over TLS the link's certificate says who it is: a worker registers only
             # under its own name.
@@ -142,12 +247,13 @@ class WorkerRegistry:
             # Over TLS and with the token alike: only the config's workers, where it
             # says (a token holder is not thereby a worker of this cluster).
             if self.configured is not None:
-                self._check_configured(name, host, port)
-            if versions != self.versions:
+                self._check_configured(name, req.host, req.port)
+            if req.versions != self.versions:
                 # Checked before an incarnation is used up for a worker that is refused.
-                self.membership.check_versions(name, versions)
+                self.membership.check_versions(name, req.versions)
             current = self.membership.get(name)
-            if current is not None and current.live and current.conn is not link:
+            if (current is not None and current.live and current.conn is not None
+                    and current.conn is not link):
                 raise MembershipError(
                     f"worker {name!r} is already registered from another link "
                     f"(incarnation {current.incarnation}); retry once it is gone",
@@ -157,30 +263,51 @@ class WorkerRegistry:
             log.warn("refused registration of {name}: {why} [{code}]", name=name,
                      why=e.message, code=e.code)
             raise
-        entries, unreadable = parse_inventory(inventory)
-        # One transaction, one durable commit: the incarnation, the worker's row and its
-        # inventory.  Membership refuses a malformed registration before it changes
-        # anything, and the transaction then rolls back (no incarnation used up).
-        with self.state.transaction():
+        entries: list[tuple[Any, Any, Any, Any]] = []
+        unreadable = 0
+        # One savepoint: the incarnation, the worker's row and its inventory.
+        # Membership refuses a malformed registration before it changes anything, and
+        # the savepoint then rolls back (no incarnation used up).
+        with self.state.savepoint():
             incarnation = self.state.next_incarnation(name)
             record = self.membership.register(
-                name, incarnation, host=host, port=port, slots=slots, versions=versions,
-                conn=link,
+                name, incarnation, host=req.host, port=req.port, slots=req.slots,
+                versions=req.versions, conn=link, free_disk=req.free_disk,
+                stored_bytes=req.stored_bytes,
             )
             try:
                 self.state.record_worker(
                     name, incarnation, record.host, record.port, record.slots
                 )
-                result = self.directory.reconcile(name, entries, issued=self.state.last_version)
+                # A worker that says what its inventory digests to, and holds what the
+                # directory has for it (a master restart, a link that dropped): no
+                # inventory to parse or reconcile.
+                known = None
+                if req.digest is not None:
+                    known = self.directory.known_inventory(
+                        name, req.digest, _count_lines(inventory))
+                if known is not None:
+                    result = known
+                else:
+                    entries, unreadable = parse_inventory(inventory)
+                    result = self.directory.reconcile(
+                        name, entries, issued=self.state.last_version,
+                        digest=req.digest is not None)
             except BaseException:
-                # Nothing of it was committed: the worker is not registered after all.
+                # Rolled back: the worker is not registered after all.
                 self.membership.connection_lost(link)
                 raise
-        versions_of = {e[0]: e[3] for e in entries if type(e[0]) is str}
-        for r in result.rejected:
-            if r.reason.startswith(QUARANTINED):
-                self._quarantine(name, r.key, versions_of.get(r.key), r.reason)
-        rejected = len(result.rejected) + unreadable
+        return _Staged(req, record, incarnation, result, entries, unreadable)
+
+    def _finish(self, st: _Staged) -> Registration:
+        """What follows a registration once it is committed: logs, trims, listeners."""
+        name, record, result = st.req.name, st.record, st.result
+        if result.rejected:
+            versions_of = {e[0]: e[3] for e in st.entries if type(e[0]) is str}
+            for r in result.rejected:
+                if r.reason.startswith(QUARANTINED):
+                    self._quarantine(name, r.key, versions_of.get(r.key), r.reason)
+        rejected = len(result.rejected) + st.unreadable
         if rejected:
             log.warn(
                 "worker {name}: {n} inventory entries rejected, e.g. {why}",
@@ -194,15 +321,15 @@ class WorkerRegistry:
             "worker {name} registered: incarnation {inc}, {n} keys ({added} new, "
             "{removed} gone, {rejected} rejected)",
             name=name,
-            inc=incarnation,
-            n=len(entries),
+            inc=st.incarnation,
+            n=result.added + result.unchanged + len(result.rejected),
             added=result.added,
             removed=result.removed,
             rejected=rejected,
         )
         if self.on_registered is not None:
-            self.on_registered(record, running)
-        return Registration(record, incarnation, result.added, result.removed, rejected)
+            self.on_registered(record, st.req.running)
+        return Registration(record, st.incarnation, result.added, result.removed, rejected)
 
     def _check_configured(self, name: str, host: str, port: int) -> None:
         """``forbidden`` unless ``name`` is a worker of the config, at its host (and its

@@ -38,7 +38,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .directory import Directory, DirectoryError, KeyView, Replica, WorkerLoad, _keep_order
+from .directory import Directory, DirectoryError, KeyView, Replica
 from .membership import DEAD, Membership, WorkerRecord
 
 log = Logger()
@@ -85,6 +85,7 @@ class Repairer:
         self.copying: dict[str, str] = {}  # key -> target worker, copies in flight
         self.dropping: set[tuple[str, str]] = set()  # (key, worker) drops in flight
         self.copies_done = 0
+        self.copies_started = 0
         self.drops_done = 0
         #: Keys examined since start (a figure for tests and benchmarks).
         self.examined = 0
@@ -102,10 +103,13 @@ class Repairer:
         #: Slices of keys still to feed the queue (full passes, workers' copies).
         self._scans: list[Scan] = []
         self._seeded = False
+        #: The workers the state remembered at the start (read once, in the start grace).
+        self._remembered: frozenset[str] | None = None
         self._counted_before: set[str] | None = None
         self._alive_before: set[str] = set()
         self._want_before: tuple[int, int] | None = None
         self._next: Any = None  # the follow-up pass scheduled on the clock
+        self._rank: list[WorkerRecord] | None = None  # this pass's copy targets, best first
         self._loop = LoopingCall(self.run_once)
         self._loop.clock = clock
         directory.watchers.append(self.enqueue)
@@ -138,6 +142,12 @@ class Repairer:
     def pending(self) -> int:
         """Keys waiting: queued, for a copy slot, parked or to retry."""
         return len(self.queue) + len(self._backlog) + len(self._parked) + len(self._retry)
+
+    def status(self) -> dict[str, int]:
+        """For the ``nodes`` answer: keys waiting, and 1 while a walk of the directory
+        (the start-up pass, a factor change) or of a worker's copies is still to end."""
+        return {"pending": self.pending,
+                "scanning": int(bool(self._scans) or not self._seeded)}
 
     def run_once(self) -> None:
         """One pass (the timer's); never raises (the timer would stop for good)."""
@@ -213,33 +223,45 @@ class Repairer:
     # -- a pass ---------------------------------------------------------------------------
 
     def _alive(self) -> dict[str, WorkerRecord]:
-        return {r.name: r for r in self.membership.alive()}
+        # Every pass asks: a map in no particular order (nothing here depends on it),
+        # never a sorted list (1,000 workers, a pass per reactor turn while work lasts).
+        return self.membership.alive_map()
 
     def _counted(self, alive: dict[str, WorkerRecord]) -> set[str]:
         """Workers whose copies still count: alive, or dead for less than the grace."""
         now = self.monotonic()
         counted = set(alive)
-        known = set()
-        for r in self.membership.all():
-            known.add(r.name)
-            if r.state != DEAD:
-                counted.add(r.name)
-            elif r.died_at is not None and now - r.died_at < self.grace:
+        grace = self.grace
+        for r in self.membership.records():
+            if r.state != DEAD or (r.died_at is not None and now - r.died_at < grace):
                 counted.add(r.name)
         # After a master (re)start the workers come back one by one, each on its own
         # backoff: until the grace has passed since the start, a worker the state
         # remembers but that has not registered again counts as one that just died, so
         # the first ones back do not copy what the others hold.
         if self._in_start_grace(now):
-            counted.update(row.name for row in self.directory.state.workers()
-                           if row.name not in known)
+            if self._remembered is None:
+                # Read once: the workers the state knew at the start (a worker that
+                # registers since is in the membership, and counts from there).
+                self._remembered = frozenset(row.name for row in self.directory.state.workers())
+            counted.update(name for name in self._remembered
+                           if self.membership.get(name) is None)
         return counted
 
     def _in_start_grace(self, now: float) -> bool:
         return self.started_at is not None and now - self.started_at < self.grace
 
+    def _ranked(self, alive: dict[str, WorkerRecord]) -> list[WorkerRecord]:
+        """The alive workers, best copy target first (most free disk, fewest stored
+        bytes, name): sorted once per pass, not once per key to copy."""
+        if self._rank is None:
+            self._rank = sorted(alive.values(),
+                                key=lambda r: (-r.free_disk, r.stored_bytes, r.name))
+        return self._rank
+
     def _pass(self) -> bool:
         """Examine one batch of keys; True if more work can be done at once."""
+        self._rank = None
         alive = self._alive()
         if not alive:
             return False
@@ -252,18 +274,44 @@ class Repairer:
             self._seeded = True
             self.rescan()
         self._feed()
-        free = self.concurrency - len(self.copying)
-        keys = _take(self._backlog, free) if free > 0 else []
-        keys += _take(self.queue, self.batch - len(keys))
-        if not keys:
-            return bool(self._scans)
-        self.examined += len(keys)
-        loads = {n: WorkerLoad(r.free_disk, r.stored_bytes) for n, r in alive.items()}
         trims_ok = counted == set(alive)
-        for view in self.directory.examine(keys):
-            self._decide(view, alive, counted, factor, want, loads, trims_ok)
+        budget = self.batch
+        # The backlog first, while copy slots are free: a few keys at a time (each may
+        # take a slot), twice as many after a round that started no copy, within one
+        # batch.  Keys that wait for a slot mostly need nothing any more by the time
+        # they come up (their other holder came back, a report crossed): taking only
+        # as many as there were free slots, one pass per reactor turn, kept a master
+        # with a backlog of 100,000 such keys busy for minutes.
+        chunk = max(1, self.concurrency - len(self.copying))
+        while budget > 0 and self._backlog and len(self.copying) < self.concurrency:
+            keys = _take(self._backlog, min(chunk, budget))
+            budget -= len(keys)
+            before = self.copies_started
+            self._examine(keys, alive, counted, factor, want, trims_ok)
+            if self.copies_started == before:
+                chunk *= 2
+            else:
+                chunk = max(1, self.concurrency - len(self.copying))
+        keys = _take(self.queue, budget)
+        if keys:
+            self._examine(keys, alive, counted, factor, want, trims_ok)
+        elif budget == self.batch:
+            return bool(self._scans)
         return bool(self.queue or self._scans
                     or (self._backlog and len(self.copying) < self.concurrency))
+
+    def _examine(
+        self,
+        keys: list[str],
+        alive: dict[str, WorkerRecord],
+        counted: set[str],
+        factor: int,
+        want: int,
+        trims_ok: bool,
+    ) -> None:
+        self.examined += len(keys)
+        for view in self.directory.examine(keys):
+            self._decide(view, alive, counted, factor, want, trims_ok)
 
     def _decide(
         self,
@@ -272,7 +320,6 @@ class Repairer:
         counted: set[str],
         factor: int,
         want: int,
-        loads: dict[str, WorkerLoad],
         trims_ok: bool,
     ) -> None:
         """What one key needs: a copy, surplus trims, trims of stale or deleted copies."""
@@ -283,6 +330,10 @@ class Repairer:
             for worker, version in view.copies:
                 if worker in alive:
                     self._drop(key, worker, version, alive[worker])
+                elif worker in counted:
+                    # Suspect, or its link lost to silence: not dead, so it will not
+                    # register again and be told then; look again at the next pass.
+                    self._parked[key] = None
             return
         current = []
         for worker, version in view.copies:
@@ -290,6 +341,8 @@ class Repairer:
                 current.append(worker)
             elif worker in alive:  # stale
                 self._drop(key, worker, version, alive[worker])
+            elif worker in counted:
+                self._parked[key] = None  # as above: a suspect worker's stale copy
         holders = [w for w in current if w in counted]
         if not holders:
             return  # lost: queued again when a holder comes back
@@ -299,15 +352,12 @@ class Repairer:
                 return
             sources = [w for w in holders if w in alive]
             have = set(holders)
-            targets = sorted(
-                (r for name, r in alive.items() if name not in have),
-                key=lambda r: (-r.free_disk, r.stored_bytes, r.name),
-            )
-            if not sources or not targets:
+            target = next((r for r in self._ranked(alive) if r.name not in have), None)
+            if not sources or target is None:
                 self._parked[key] = None
                 return
             source = Replica(sources[0], view.size, view.sha256, view.version)
-            self._copy(key, source, alive[sources[0]], targets[0])
+            self._copy(key, source, alive[sources[0]], target)
             return
         live = [w for w in current if w in alive]
         if len(live) > factor:
@@ -315,11 +365,15 @@ class Repairer:
             if not trims_ok:
                 self._parked[key] = None
                 return
-            for worker in sorted(sorted(live, key=_keep_order(loads))[factor:]):
+            # Keep the copies on the most free disk (then by name), as
+            # Directory.surplus does with the workers' loads.
+            order = sorted(live, key=lambda w: (-alive[w].free_disk, w))
+            for worker in sorted(order[factor:]):
                 self._drop(key, worker, view.version, alive[worker])
 
     def _copy(self, key: str, source: Any, src: WorkerRecord, target: WorkerRecord) -> None:
         self.copying[key] = target.name
+        self.copies_started += 1
         log.info(
             "re-replicating {key!r} v{version} from {src} to {dst}",
             key=key,
@@ -342,10 +396,13 @@ class Repairer:
         def done(_: object) -> None:
             self.copies_done += 1
             # The target reports the copy itself; record it now too, so the next
-            # pass does not copy again while that report is on its way.
+            # pass does not copy again while that report is on its way.  Lazily: it
+            # acknowledges nothing (the target's report or inventory is the durable
+            # word), and a full commit per copy cost an fsync each.
             try:
                 self.directory.add_replica(
-                    key, target.name, source.size, source.sha256, source.version
+                    key, target.name, source.size, source.sha256, source.version,
+                    lazy=True,
                 )
             except DirectoryError:
                 self._retry[key] = None

@@ -8,7 +8,9 @@ commit keys; clients alone remove, list, watch the nodes and run jobs.  The deci
 the application objects': :class:`~dsml.master.registry.WorkerRegistry` (workers),
 :class:`~dsml.master.keyspace.KeySpace` (keys), :class:`~dsml.master.jobrouter.JobRouter`
 (jobs).  Here headers become arguments and results become replies.  Registrations,
-the heaviest worker request (a whole inventory), run one per reactor turn.
+the heaviest worker request (a whole inventory), run in batches, one per reactor turn:
+a batch commits once (:meth:`~dsml.master.registry.WorkerRegistry.register_many`) and
+takes at most :data:`REGISTRATIONS_PER_TURN` or :data:`REGISTRATION_BUDGET` seconds.
 """
 
 from __future__ import annotations
@@ -32,11 +34,15 @@ from .jobrouter import JobRouter, finished_report, job_json, job_spec_from_json
 from .jobs import FinishedReport, JobError, JobView
 from .keyspace import KeySpace
 from .membership import Versions, WorkerRecord
-from .registry import WorkerRegistry
+from .registry import RegisterRequest, Registration, WorkerRegistry, parse_digest
 
 log = Logger()
 
 LIST_DEFAULT = 1000
+#: Most registrations committed together in one reactor turn (one fsync for them all),
+#: and the seconds after which a turn takes no more (the rest wait for the next turn).
+REGISTRATIONS_PER_TURN = 64
+REGISTRATION_BUDGET = 0.02
 LIST_MAX = 10_000
 
 _WORKER = frozenset({Role.WORKER})
@@ -72,6 +78,7 @@ class MasterHandler:
         admins: Collection[str] = DEFAULT_ADMINS,
         lag: Callable[[], Mapping[str, object]] | None = None,
         clock: IReactorTime | None = None,
+        repair: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.registry = registry
         #: With a clock, at most one registration runs per reactor turn (the others
@@ -84,6 +91,8 @@ class MasterHandler:
         self.router = router
         #: The reactor-lag probe's figures (in the ``nodes`` answer's headers).
         self.lag = lag
+        #: The repairer's backlog (``Repair-Pending``, ``Repair-Scanning`` in ``nodes``).
+        self.repair = repair
         #: Users who may act on every job (``cluster.admins``).
         self.admins = frozenset(admins)
 
@@ -119,37 +128,69 @@ class MasterHandler:
         return d
 
     def _next_registration(self) -> None:
-        """One waiting registration, then the next on the next turn."""
+        """The registrations waiting (up to :data:`REGISTRATIONS_PER_TURN`), with one
+        commit, then the next ones on the next turn."""
         self._turn = None
-        while self._registrations:
-            d, head, payload, conn = self._registrations.popleft()
+        assert self.clock is not None
+        clock = self.clock
+        batch: list[tuple[tuple[Deferred[Reply], Head, bytes, Connection], RegisterRequest]] = []
+        while self._registrations and len(batch) < REGISTRATIONS_PER_TURN:
+            waiting = self._registrations.popleft()
+            d, head, payload, conn = waiting
             if not getattr(conn, "connected", False):
                 # The link closed while it waited: nothing to register, nobody to answer.
                 d.errback(DsmlError("the link closed before its registration", "unavailable"))
                 continue
-            assert self.clock is not None
-            self._turn = self.clock.callLater(0, self._next_registration)
             try:
-                reply = self._register_now(head, payload, conn)
+                batch.append((waiting, self._decode(head, payload, conn)))
             except Exception as e:
                 d.errback(e)
-            else:
-                d.callback(reply)
-            return
+        if batch:
+            # Within a time budget: a registration that has to reconcile a big inventory
+            # takes tens of ms, one that its digest spares well under one.
+            start = clock.seconds()
+            try:
+                outcomes = self.registry.register_many(
+                    [req for _, req in batch],
+                    more=lambda: clock.seconds() - start < REGISTRATION_BUDGET,
+                )
+            except Exception as e:
+                outcomes = [e] * len(batch)
+            # Those left for lack of time go first next turn.
+            self._registrations.extendleft(reversed([w for w, _ in batch[len(outcomes):]]))
+            for ((d, head, _, conn), _), out in zip(batch[: len(outcomes)], outcomes, strict=True):
+                if isinstance(out, Exception):
+                    d.errback(out)
+                else:
+                    d.callback(self._registered(head, conn, out))
+        if self._registrations and self._turn is None:
+            self._turn = clock.callLater(0, self._next_registration)
 
     def _register_now(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+        done = self.registry.register_many([self._decode(head, payload, conn)])[0]
+        if isinstance(done, Exception):
+            raise done
+        return self._registered(head, conn, done)
+
+    @staticmethod
+    def _decode(head: Head, payload: bytes, conn: Connection) -> RegisterRequest:
         h = head.headers
         running = [int(x) for x in h.get("running", "").split(",") if x.strip().isdigit()]
-        done = self.registry.register(
+        return RegisterRequest(
             h["name"],
-            host=h["host"],
-            port=int(h["port"]),
-            slots=int(h["slots"]),
-            versions=Versions(h["dsml-version"], int(h["protocol-version"])),
-            inventory=payload,
-            running=running,
-            link=conn,
+            h["host"],
+            int(h["port"]),
+            int(h["slots"]),
+            Versions(h["dsml-version"], int(h["protocol-version"])),
+            payload,
+            running,
+            conn,
+            parse_digest(h.get("inventory-digest")),
+            int(h.get("free-disk", 0)),
+            int(h.get("stored-bytes", 0)),
         )
+
+    def _registered(self, head: Head, conn: Connection, done: Registration) -> Reply:
         tune_socket(conn.transport)  # keepalive + TCP_USER_TIMEOUT on worker links
         return Reply(
             {
@@ -159,7 +200,7 @@ class MasterHandler:
                 "Rejected": done.rejected,
                 # Its own key: it checks the grants of writes placed on it (and can sign
                 # for nobody else).
-                "Grant-Key": self.keys.directory.grants.worker_key(h["name"]),
+                "Grant-Key": self.keys.directory.grants.worker_key(head.headers["name"]),
             }
         )
 
@@ -226,6 +267,10 @@ class MasterHandler:
         lag = self.lag() if self.lag is not None else {}
         headers = {f"Lag-{name[:-3].replace('_', '-').title()}-Ms": lag[name]
                    for name in ("worst_ms", "recent_worst_ms", "last_ms") if name in lag}
+        if self.repair is not None:
+            repair = self.repair()
+            headers["Repair-Pending"] = repair["pending"]
+            headers["Repair-Scanning"] = repair["scanning"]
         return Reply(headers, _lines([
             json.dumps(
                 {

@@ -185,8 +185,6 @@ def build_master(
                     full_until=monotonic() + heartbeat_timeout,
                     known_workers=len(state.workers()))
     probe = LagProbe(clock)
-    handler = MasterHandler(registry=registry, keys=keys, router=router, admins=admins,
-                            lag=probe.snapshot, clock=clock)
     repairer = Repairer(
         clock=clock,
         monotonic=monotonic,
@@ -196,6 +194,8 @@ def build_master(
         grace=heartbeat_timeout,
         interval=max(0.5, heartbeat_interval),
     )
+    handler = MasterHandler(registry=registry, keys=keys, router=router, admins=admins,
+                            lag=probe.snapshot, clock=clock, repair=repairer.status)
     factory = ServerFactory(
         Responders(master_methods(), handler),
         clock,

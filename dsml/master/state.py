@@ -51,7 +51,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -59,6 +59,7 @@ import attrs
 
 from dsml.fsutil import prefix_end as _prefix_end
 from dsml.protocol.grants import new_secret
+from dsml.protocol.inventory import entry_digest, inventory_digest  # noqa: F401 (re-exported)
 from dsml.sqlitedb import SYNC_LEVELS, Schema, open_database, sync_level, transaction
 
 __all__ = [
@@ -82,6 +83,14 @@ VERSION_BLOCK = 1000
 
 #: SQLite's page cache, in KiB (its default is 2 MiB, a tenth of a 100,000-key directory).
 CACHE_KIB = 64 * 1024
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(x: int) -> int:
+    """A 64-bit digest as SQLite's signed INTEGER."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
 
 #: Largest integer SQLite stores (and so the largest size or version we accept).
 MAX_INT = 2**63 - 1
@@ -107,6 +116,22 @@ _TABLES = (
     "CREATE INDEX IF NOT EXISTS replicas_worker ON replicas(worker, version)",
     "CREATE TABLE IF NOT EXISTS deleted(key TEXT PRIMARY KEY, version INTEGER NOT NULL,"
     " deleted_at REAL NOT NULL) WITHOUT ROWID",
+    # What the directory holds for each worker, digested (inventory_digest): kept up to
+    # date with every write to that worker's copies, so a worker that registers again
+    # with the same digest need not be reconciled.  ``clean``: none of its copies is
+    # stale or of a deleted key (the triggers below clear it when the current version
+    # or tombstone of a key it holds moves).  A worker without a row is reconciled.
+    # (Added to schema 1 by CREATE IF NOT EXISTS: an older file gains it on open.)
+    "CREATE TABLE IF NOT EXISTS inventories(worker TEXT PRIMARY KEY,"
+    " digest INTEGER NOT NULL, entries INTEGER NOT NULL, clean INTEGER NOT NULL)"
+    " WITHOUT ROWID",
+    *(
+        f"CREATE TRIGGER IF NOT EXISTS inventories_{table}_{event.lower()} AFTER {event}"
+        f" ON {table} BEGIN UPDATE inventories SET clean = 0 WHERE clean AND worker IN"
+        f" (SELECT worker FROM replicas WHERE key = {row}.key); END"
+        for table in ("keys", "deleted")
+        for event, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD"))
+    ),
 )
 _SCHEMA = Schema(version=SCHEMA_VERSION, tables=_TABLES, meta=(("version", 0),))
 
@@ -118,6 +143,7 @@ _PUT_TOMB = "REPLACE INTO deleted VALUES (?, ?, ?)"
 _DROP_TOMB = "DELETE FROM deleted WHERE key = ?"
 _PUT_REPLICA = "REPLACE INTO replicas VALUES (?, ?, ?, ?, ?)"
 _DROP_REPLICA = "DELETE FROM replicas WHERE key = ? AND worker = ?"
+_RETURNING = " RETURNING size, sha256, version"
 _REPLICAS_OF = "SELECT worker, size, sha256, version FROM replicas WHERE key = ? ORDER BY worker"
 _REPLICAS_ON = "SELECT key, size, sha256, version FROM replicas WHERE worker = ?"
 
@@ -220,7 +246,18 @@ _INV_KEYS = (
 _INV_REPLICAS = (
     "REPLACE INTO replicas SELECT key, ?, size, sha256, version FROM temp.inv WHERE ok = 1"
 )
-_INV_APPLIED = "SELECT key FROM temp.inv WHERE ok = 1"
+_INV_APPLIED = "SELECT key, size, sha256, version FROM temp.inv WHERE ok = 1"
+# The worker's copies that the reports to apply replace (for its digest).  CROSS JOIN
+# fixes the order: a primary-key search per report, never a walk of the worker's copies.
+_INV_BEFORE = (
+    "SELECT r.key, r.size, r.sha256, r.version FROM temp.inv AS i CROSS JOIN replicas AS r"
+    " ON r.key = i.key AND r.worker = ? WHERE i.ok = 1"
+)
+# Reports to apply that will not be current copies (stale, or of a deleted key).
+_INV_DIRTY = (
+    "SELECT count(*) FROM temp.inv AS i WHERE i.ok = 1 AND NOT EXISTS"
+    " (SELECT 1 FROM keys AS k WHERE k.key = i.key AND k.version = i.version)"
+)
 _INV_GONE = (
     "DELETE FROM replicas WHERE worker = ? AND key NOT IN (SELECT key FROM temp.inv)"
     " RETURNING key"
@@ -405,6 +442,26 @@ class MasterState:
             yield
         self.generation += 1
 
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Run the body as one unit inside the current transaction: on an exception its
+        writes are undone (and the exception re-raised), the transaction goes on.
+        Outside a transaction, the same as :meth:`transaction`."""
+        db = self._db
+        if not db.in_transaction:
+            with self.transaction():
+                yield
+            return
+        db.execute("SAVEPOINT unit")
+        try:
+            yield
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK TO unit")
+                db.execute("RELEASE unit")
+            raise
+        db.execute("RELEASE unit")
+
     @property
     def in_transaction(self) -> bool:
         """True inside :meth:`transaction`."""
@@ -547,16 +604,25 @@ class MasterState:
 
     def put_replica(self, key: str, worker: str, size: int, sha256: str, version: int) -> None:
         """Record that ``worker`` holds ``key`` at ``version`` (replacing what it held)."""
+        self._forget_digest(worker)  # first: a crash in between leaves no stale digest
         self._db.execute(_PUT_REPLICA, (key, worker, size, sha256, version))
 
     def drop_replica(self, key: str, worker: str) -> bool:
         """Forget ``worker``'s copy of ``key``; False if there was none."""
-        return self._db.execute(_DROP_REPLICA, (key, worker)).rowcount > 0
+        with self.transaction(lazy=True):
+            gone = self._db.execute(_DROP_REPLICA + _RETURNING, (key, worker)).fetchall()
+            if gone:
+                self._digest_change(worker, [(key, *row) for row in gone], ())
+        return bool(gone)
 
     def drop_replicas(self, worker: str, keys: Iterable[str]) -> int:
         """Forget ``worker``'s copies of ``keys``; return how many there were."""
+        self._forget_digest(worker)
         cur = self._db.executemany(_DROP_REPLICA, ((key, worker) for key in keys))
         return cur.rowcount
+
+    def _forget_digest(self, worker: str) -> None:
+        self._db.execute("DELETE FROM inventories WHERE worker = ?", (worker,))
 
     def apply_reports(
         self,
@@ -590,11 +656,78 @@ class MasterState:
                 db.executemany(_INV_REFUSE, ((c.key,) for c in conflicts))
             db.execute(_INV_UNBURY)
             db.execute(_INV_KEYS)
-            changed = [row[0] for row in db.execute(_INV_APPLIED)]
+            digested = not full and self.inventory(worker) is not None
+            if digested:
+                # The copies replaced, for the worker's digest (a full inventory is
+                # digested again from scratch by its caller: Directory.reconcile).
+                before = db.execute(_INV_BEFORE, (worker,)).fetchall()
+                dirty = db.execute(_INV_DIRTY).fetchone()[0] > 0
+            else:
+                self._forget_digest(worker)
+            rows = db.execute(_INV_APPLIED).fetchall()
+            changed = [row[0] for row in rows]
             applied = db.execute(_INV_REPLICAS, (worker,)).rowcount
             gone = [row[0] for row in db.execute(_INV_GONE, (worker,))] if full else []
+            if digested:
+                self._digest_change(worker, before, rows, dirty)
             db.execute("DELETE FROM temp.inv")
         return ApplyOutcome(unchanged, applied, len(gone), conflicts, tuple(changed + gone))
+
+    # -- inventory digests -------------------------------------------------------------
+
+    def inventory(self, worker: str) -> tuple[int, int, bool] | None:
+        """(digest, entries, clean) of what the directory holds for ``worker`` (see the
+        ``inventories`` table), or None if it is not kept for it."""
+        row = self._db.execute(
+            "SELECT digest, entries, clean FROM inventories WHERE worker = ?", (worker,)
+        ).fetchone()
+        return None if row is None else (row[0] & _MASK64, int(row[1]), bool(row[2]))
+
+    def set_clean(self, worker: str) -> None:
+        """Note that none of ``worker``'s copies is stale or of a deleted key."""
+        self._db.execute("UPDATE inventories SET clean = 1 WHERE worker = ?", (worker,))
+
+    def digest_worker(
+        self, worker: str, clean: bool, copies: Iterable[Sequence[Any]] | None = None
+    ) -> None:
+        """Digest ``worker``'s copies from scratch (after a full reconcile): ``copies``
+        if the caller knows them exactly (key, size, sha256, version), else as read."""
+        if copies is None:
+            copies = self._db.execute(_REPLICAS_ON, (worker,))
+        digest = 0
+        entries = 0
+        for key, size, sha256, version in copies:
+            digest ^= entry_digest(key, size, sha256, version)
+            entries += 1
+        self._db.execute(
+            "REPLACE INTO inventories VALUES (?, ?, ?, ?)",
+            (worker, _signed(digest), entries, int(clean)),
+        )
+
+    def forget_digest(self, worker: str) -> None:
+        """Keep no digest of ``worker``'s copies (its registrations reconcile)."""
+        self._forget_digest(worker)
+
+    def _digest_change(self, worker: str, out: Iterable[Sequence[Any]],
+                       into: Iterable[Sequence[Any]], dirty: bool = False) -> None:
+        """Copies of ``worker`` (key, size, sha256, version) gone (``out``) and recorded
+        (``into``): its digest follows, inside the caller's transaction."""
+        row = self._db.execute(
+            "SELECT digest, entries FROM inventories WHERE worker = ?", (worker,)
+        ).fetchone()
+        if row is None:
+            return
+        digest, entries = row[0] & _MASK64, row[1]
+        for key, size, sha256, version in out:
+            digest ^= entry_digest(key, size, sha256, version)
+            entries -= 1
+        for key, size, sha256, version in into:
+            digest ^= entry_digest(key, size, sha256, version)
+            entries += 1
+        self._db.execute(
+            "UPDATE inventories SET digest = ?, entries = ?, clean = clean AND ?"
+            " WHERE worker = ?", (_signed(digest), entries, int(not dirty), worker),
+        )
 
     def get_replica(self, key: str, worker: str) -> ReplicaRow | None:
         """``worker``'s copy of ``key``, or None."""

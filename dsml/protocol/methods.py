@@ -99,6 +99,16 @@ def check_sha256(value: str) -> str:
     return value
 
 
+_DIGEST = re.compile(r"[0-9a-f]{16}\Z")
+
+
+def check_digest(value: str) -> str:
+    """An inventory digest: 16 lowercase hex digits (dsml.protocol.inventory)."""
+    if not _DIGEST.match(value):
+        raise HeaderValueError("expected 16 lowercase hex digits", "bad-header")
+    return value
+
+
 def check_uint(value: str) -> str:
     """A non-negative integer written as plain ASCII digits."""
     if not _DIGITS.match(value):
@@ -312,7 +322,8 @@ def master_methods() -> MethodTable:
                 "dsml-version": check_text,
                 "protocol-version": check_uint,
             },
-            {"boot": check_text, "running": check_text},
+            {"boot": check_text, "running": check_text, "inventory-digest": check_digest,
+             "free-disk": check_uint, "stored-bytes": check_uint},
             max_payload=INVENTORY_MAX,
         ),
         _spec(
@@ -404,6 +415,7 @@ class Bound:
 #: is left out on purpose: it bounds a value by the framing's line alone, so every
 #: ``check_text`` header states its own bound in :data:`FIELD_BOUNDS`.
 VALIDATOR_BOUNDS: dict[str, Bound] = {
+    "check_digest": Bound("pattern", "16 lowercase hex digits", refused="ABCDEF0123456789"),
     "check_key": Bound("length", f"1 to {limits.MAX_KEY} bytes of UTF-8, no control character",
                        "dsml.protocol.limits.MAX_KEY", limits.MAX_KEY,
                        refused="k" * (limits.MAX_KEY + 1)),
