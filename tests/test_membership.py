@@ -571,7 +571,7 @@ def test_random_interleavings_keep_liveness_honest(ops: list[tuple[str, object]]
         elif kind == "beat":
             assert isinstance(arg, str)
             rec = h.m.get(arg)
-            if rec is not None and rec.state != DEAD:
+            if rec is not None and rec.state != DEAD and rec.conn is not None:
                 h.beat(arg, incarnation[arg])
             else:
                 with pytest.raises(MembershipError):
@@ -580,8 +580,14 @@ def test_random_interleavings_keep_liveness_honest(ops: list[tuple[str, object]]
             assert isinstance(arg, str)
             rec = h.m.get(arg)
             was_live = rec is not None and rec.state != DEAD
+            silent = rec is not None and rec.seconds_since_heartbeat(h.mono.seconds()) >= (
+                h.m.suspect_after)
+            attached = rec is not None and rec.conn is not None
             got = h.m.connection_lost(h.conns[arg])
-            if was_live:
+            if was_live and attached and silent:
+                # A link that died of silence: detached, left to the heartbeat timeout.
+                assert got is None and rec.live and rec.conn is None
+            elif was_live and attached:
                 assert got is rec and rec.state == DEAD
                 conn_lost[arg] = True
             else:
@@ -589,9 +595,10 @@ def test_random_interleavings_keep_liveness_honest(ops: list[tuple[str, object]]
         elif kind == "register":
             assert isinstance(arg, str)
             rec = h.m.get(arg)
-            if rec is not None and rec.state == DEAD:
+            if rec is not None and (rec.state == DEAD or rec.conn is None):
                 incarnation[arg] += 1
-                h.register(arg, incarnation[arg])
+                again = h.register(arg, incarnation[arg])
+                assert again.live and again.conn is h.conns[arg]
                 conn_lost[arg] = False
             else:
                 with pytest.raises(MembershipError) as e:
@@ -616,3 +623,29 @@ def test_random_interleavings_keep_liveness_honest(ops: list[tuple[str, object]]
     event(f"deaths: {sorted({r.dead_reason or '' for r in deaths})}")
     assert len(deaths) == len({id(r) for r in deaths})
     assert all(r.state == DEAD for r in deaths)
+
+
+def test_a_link_that_dies_of_silence_leaves_its_worker_to_the_timeout() -> None:
+    """A link closed while its worker is heard: dead at once (a process exited).  A link
+    closed after the worker went silent (TCP's user timeout): the worker stays live,
+    without a link, and registers again on a new one in place (nothing dies); if it is
+    never heard again the heartbeat timeout declares it dead."""
+    h = Harness()
+    h.register("w1")
+    h.register("w2")
+    h.advance(INTERVAL)
+    h.beat("w1")
+    assert h.m.connection_lost(h.conns["w1"]) is h.m.get("w1")  # heard: dead at once
+    h.advance(h.m.suspect_after)
+    assert h.m.connection_lost(h.conns["w2"]) is None  # silent: detached
+    rec = h.m.get("w2")
+    assert rec is not None and rec.live and rec.conn is None
+    again = h.register("w2", 2)
+    assert again is rec and rec.incarnation == 2 and rec.live
+    assert h.dead_calls == [("w1", 1, "connection lost")]
+    h.advance(INTERVAL)
+    h.beat("w2", 2)
+    h.advance(h.m.suspect_after)
+    assert h.m.connection_lost(h.conns["w2"]) is None
+    h.advance(TIMEOUT)
+    assert [r.name for r in h.m.check()] == ["w2"]

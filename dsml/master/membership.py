@@ -239,10 +239,16 @@ class Membership:
             (r for r in self._by_heartbeat.values() if r.state == ALIVE), key=lambda r: r.name
         )
 
+    def heard_lately(self) -> bool:
+        """Whether some live worker was heard within ``suspect_after`` (False while the
+        master hears nobody: cut off, just started, or every worker gone)."""
+        newest = next(reversed(self._by_heartbeat.values()), None)
+        return newest is not None and (
+            newest.seconds_since_heartbeat(self.monotonic()) < self.suspect_after)
+
     @property
     def isolated(self) -> bool:
-        """Every live worker (two or more) went silent at once: no death is declared
-        until one is heard again (see :meth:`check`)."""
+        """All live workers (two or more) fell silent at once: see :meth:`check`."""
         return self._isolated
 
     def alive_map(self) -> dict[str, WorkerRecord]:
@@ -315,7 +321,7 @@ class Membership:
                     "already-registered",
                 )
             now = self.monotonic()
-            if old is not None and old.live and old.conn is not conn:
+            if old is not None and old.live and old.conn is not None and old.conn is not conn:
                 raise MembershipError(
                     f"worker {name!r} is already registered (incarnation {old.incarnation}, "
                     f"{old.state}, last heartbeat {old.seconds_since_heartbeat(now):.1f} s ago) "
@@ -338,6 +344,19 @@ class Membership:
                 name=name,
                 incarnation=incarnation,
             )
+            return old
+
+        if old is not None and old.live and old.conn is None:
+            # Its link died of silence (connection_lost) and it is back: the same record
+            # on the new link; the caller reconciles its attempts.
+            old.incarnation = incarnation
+            old.conn = conn
+            old.host, old.port, old.slots = host, port, slots
+            self._set_stats(old, free_slots, stored_bytes, stored_files, free_disk)
+            self._by_conn[id(conn)] = old
+            self._touch(old, now)
+            log.info("worker {name!r} is back on a new link (incarnation {inc})", name=name,
+                     inc=incarnation)
             return old
 
         replaced = None
@@ -436,14 +455,23 @@ class Membership:
         return record
 
     def connection_lost(self, conn: object) -> WorkerRecord | None:
-        """The connection ``conn`` closed: its worker, if any, is dead at once.
-
-        Returns that worker's record (now dead), or None if no live worker was on ``conn``.
-        """
+        """The connection ``conn`` closed: its worker is dead at once, unless the link
+        died of silence (see below).  Returns the record killed, or None."""
         record = self._by_conn.get(id(conn))
         if record is None or record.conn is not conn:
             return None
-        self._kill(record, self.monotonic(), REASON_CONNECTION_LOST)
+        now = self.monotonic()
+        silent = record.seconds_since_heartbeat(now)
+        if silent >= self.suspect_after:
+            # The link died of silence (TCP's user timeout), not of a process closing
+            # it: the worker stays live without a link (no work is sent to it) until it
+            # registers again, or the check declares it dead (by check's rules).
+            del self._by_conn[id(conn)]
+            record.conn = None
+            log.info("worker {name!r}: link closed after {s:.1f} s of silence",
+                     name=record.name, s=silent)
+            return None
+        self._kill(record, now, REASON_CONNECTION_LOST)
         self._fire(self.on_dead, record, "on_dead")
         return record
 
@@ -472,20 +500,15 @@ class Membership:
                     name=record.name,
                     silent=silent,
                 )
-        if len(newly_dead) >= 2 and len(newly_dead) == len(self._by_heartbeat):
-            # Not one of two or more live workers heard within the timeout: the master
-            # itself is far more likely cut off (or was paused) than every worker dead
-            # at once, and were they all dead there would be nowhere to move their
-            # work.  (A lone worker's silence says nothing either way: it dies.)  Hold the
-            # verdict until a worker is heard again (see _touch): declaring them all
-            # dead would requeue every running task, finished ones waiting to report
-            # included, and make every worker re-register.
+        if newly_dead and len(self._by_heartbeat) >= 2 and not self.heard_lately():
+            # None of two or more live workers heard lately: the master is likelier cut
+            # off (or paused) than all of them dead, and there would be nowhere to move
+            # their work.  Hold the verdict until one is heard (_touch).  A lone
+            # worker's silence says nothing either way: it dies.
             if not self._isolated:
                 self._isolated = True
-                log.warn(
-                    "no worker heard for {t:g} s: this master looks cut off; no worker is"
-                    " declared dead until one is heard again", t=self.heartbeat_timeout,
-                )
+                log.warn("no worker heard lately: this master looks cut off; none is"
+                         " declared dead until one is heard again")
             return []
         for record in newly_dead:
             silent = record.seconds_since_heartbeat(now)
@@ -544,9 +567,8 @@ class Membership:
     def _touch(self, record: WorkerRecord, now: float) -> None:
         """A sign of life from ``record`` at ``now``: alive again, newest in the order."""
         if self._isolated:
-            # Heard again after every worker went silent: each live worker gets a whole
-            # timeout from now to be heard too (their clocks stopped with the master's
-            # link to the world, not with them).
+            # Heard again after all went silent: every live worker gets a whole timeout
+            # from now (their silence was the master's, not theirs).
             self._isolated = False
             for other in self._by_heartbeat.values():
                 other.last_heartbeat = now
