@@ -95,11 +95,13 @@ def _entry(key: str) -> IndexEntry:
 
 def test_store_reports_batch_on_the_current_registration() -> None:
     """Changes while unregistered are not queued (the inventory says them); changes
-    while registered go in one batch after REPORT_DELAY; a new registration starts over."""
+    while registered go in one batch after REPORT_DELAY; a new registration starts over
+    from its inventory, and what changed after that was taken goes once it is answered."""
     clock = Clock()
     reports = StoreReports(clock)
     reports.report("store", _entry("before"))
     link = RecordingLink()
+    reports.inventory_taken()
     reports.session_changed(MasterSession(link, "w1", 1))  # type: ignore[arg-type]
     reports.report("store", _entry("a"))
     reports.report("delete", _entry("b"))
@@ -108,9 +110,12 @@ def test_store_reports_batch_on_the_current_registration() -> None:
     assert (method, headers["Incarnation"]) == ("report", 1)
     assert payload.count(b"\n") == 2 and b"before" not in payload
     reports.report("store", _entry("c"))
+    reports.inventory_taken()  # "c" is in the new registration's inventory
+    reports.report("store", _entry("d"))  # ... "d" is not
     reports.session_changed(MasterSession(link, "w1", 2))  # type: ignore[arg-type]
     clock.advance(REPORT_DELAY)
-    assert len(link.sent) == 1  # covered by the new registration's inventory
+    [_, (method, headers, payload)] = link.sent
+    assert headers["Incarnation"] == 2 and b'"d"' in payload and b'"c"' not in payload
 
 
 class ThreadlessReactor(MemoryReactorClock):

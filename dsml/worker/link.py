@@ -15,6 +15,7 @@ deleted) and the worker's jobs (task results, :mod:`dsml.worker.runner`).
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,8 @@ from ..net.server import Response
 from ..net.tls import PeerCheck
 from ..net.twisted_private import forget_reconnecting_connection
 from ..protocol.codec import PROTOCOL_VERSION
+from ..protocol.inventory import HEADER as INVENTORY_HEADER
+from ..protocol.inventory import format_digest, inventory_digest
 from ..protocol.methods import Role
 from .store import IndexEntry as Entry
 from .store import Store
@@ -47,12 +50,21 @@ log = Logger()
 #: Seconds a batch of store/delete reports may wait before it is sent.
 REPORT_DELAY = 0.05
 
+#: Changes kept while a registration is answered (its inventory lacks them); beyond
+#: this many, the worker registers again instead.
+REPORTS_MAX = 10_000
+
 #: Reconnection backoff to the master: retry n waits RETRY_INITIAL * RETRY_FACTOR**n
-#: seconds (0.4, 0.8, 1.6, 3.2), at most RETRY_MAX, plus up to 1 s of jitter so workers
-#: that lost the master together do not all come back in one burst (backoffPolicy).
+#: seconds (0.3, 0.45, 0.68, 1.0, ...), at most RETRY_MAX, plus up to RETRY_JITTER s of
+#: jitter so workers that lost the master together do not all come back in one burst
+#: (backoffPolicy).  With 1 s of jitter and a factor of 2, the last of 1,000 workers
+#: first dialled a restarted master about 2.5 s after it listened (issue #11): the
+#: master now takes a crowd of registrations in batches with one commit, and a worker
+#: whose inventory digest it knows costs a lookup, so a tighter spread is affordable.
 RETRY_INITIAL = 0.2
-RETRY_FACTOR = 2.0
+RETRY_FACTOR = 1.5
 RETRY_MAX = 5.0
+RETRY_JITTER = 0.3
 
 
 @attrs.frozen
@@ -66,16 +78,19 @@ class WorkerInfo:
     boot: str = ""
 
 
-def inventory_payload(store: Store) -> bytes:
-    """The full inventory as JSON lines {key, size, sha256, version}."""
+def inventory_payload(store: Store) -> tuple[bytes, str]:
+    """The full inventory as JSON lines {key, size, sha256, version}, and its digest
+    (the ``Inventory-Digest`` header, :mod:`dsml.protocol.inventory`)."""
+    entries = list(store.inventory())
     lines = [
         json.dumps(
             {"key": e.key, "size": e.size, "sha256": e.sha256, "version": e.version},
             ensure_ascii=False,
         )
-        for e in store.inventory()
+        for e in entries
     ]
-    return ("\n".join(lines) + "\n").encode() if lines else b""
+    digest = inventory_digest((e.key, e.size, e.sha256, e.version) for e in entries)
+    return (("\n".join(lines) + "\n").encode() if lines else b""), format_digest(digest)
 
 
 @attrs.frozen
@@ -117,18 +132,48 @@ class StoreReports:
         self._session: MasterSession | None = None
         self._reports: list[tuple[str, Entry]] = []
         self._report_call: Any = None
+        #: A registration's inventory was taken and its answer has not come: changes
+        #: from now on are not in it, so they wait for the session it opens.
+        self._registering = False
+        self._overflow = False
+
+    def inventory_taken(self) -> None:
+        """A registration is about to send the store's inventory: what was queued is in
+        it; what changes from now until its session opens is not, and is kept."""
+        self._reports = []
+        self._registering = True
+        self._overflow = False
 
     def session_changed(self, session: MasterSession | None) -> None:
-        """A new registration (its inventory covers what was queued), or the link lost."""
+        """A new registration (changes since its inventory was taken are sent now), or
+        the link lost (the next registration's inventory covers everything)."""
         self._session = session
-        self._reports = []
+        self._registering = False
+        if session is None:
+            self._reports = []
+            return
+        if self._overflow:
+            # More changed during the registration than a queue should hold: register
+            # again, with an inventory that has them all.
+            self._overflow, self._reports = False, []
+            session.link.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        if self._reports:
+            self._schedule()
 
     def report(self, op: str, entry: Entry) -> None:
         """Queue a store or delete for the master; sent in batches."""
-        if self._session is None:
+        if self._session is None and not self._registering:
             return  # the next registration's inventory says it
+        if self._session is None and len(self._reports) >= REPORTS_MAX:
+            self._overflow = True
+            return
         # Encoded when sent, not here: this runs before the write is answered.
         self._reports.append((op, entry))
+        if self._session is not None:
+            self._schedule()
+
+    def _schedule(self) -> None:
         if self._report_call is None or not self._report_call.active():
             self._report_call = self.clock.callLater(REPORT_DELAY, self._send_reports)
 
@@ -169,10 +214,16 @@ class StoreReports:
             for op, e in reports
         ]
         d = session.request("report", ("\n".join(lines) + "\n").encode())
-        d.addErrback(
-            lambda f: log.info("report not taken ({f}); the next registration covers it",
-                               f=f.getErrorMessage())
-        )
+
+        def failed(f: Failure) -> None:
+            log.info("report not taken ({f}); the next registration covers it",
+                     f=f.getErrorMessage())
+            if self._session is session:
+                # The link is still up, so no registration is coming by itself: start
+                # one (its inventory says what this report would have).
+                session.link.transport.loseConnection()  # type: ignore[union-attr]
+
+        d.addErrback(failed)
 
 
 class MasterLink(service.Service):
@@ -235,7 +286,8 @@ class MasterLink(service.Service):
             endpoint,
             factory,
             retryPolicy=retry_policy
-            or backoffPolicy(initialDelay=RETRY_INITIAL, maxDelay=RETRY_MAX, factor=RETRY_FACTOR),
+            or backoffPolicy(initialDelay=RETRY_INITIAL, maxDelay=RETRY_MAX, factor=RETRY_FACTOR,
+                             jitter=lambda: random.uniform(0.0, RETRY_JITTER)),
             clock=clock,
             prepareConnection=self._register,
         )
@@ -293,7 +345,16 @@ class MasterLink(service.Service):
         if running:
             headers["Running"] = ",".join(str(a) for a in running)
         d = link.request("auth", {"Token": self.token or "", "Client": f"worker {info.name}"})
-        d.addCallback(lambda _: link.request("register", headers, inventory_payload(self.store)))
+        def register(_: object) -> Deferred[Response]:
+            self.reports.inventory_taken()
+            payload, digest = inventory_payload(self.store)
+            # Its room at once (the first heartbeat follows): until the master knows
+            # it, no write is placed here.
+            room = {"Free-Disk": self.free_disk(), "Stored-Bytes": self.store.stored_bytes}
+            return link.request("register", {**headers, **room, INVENTORY_HEADER: digest},
+                                payload)
+
+        d.addCallback(register)
 
         def registered(response: Response) -> None:
             self.link = link
