@@ -177,6 +177,64 @@ def test_every_replica_corrupt_fails_and_leaves_nothing(sim: SimCluster, tmp_pat
     assert os.listdir(out) == []
 
 
+def test_a_read_that_a_newer_write_overtook_asks_the_master_again(sim: SimCluster) -> None:
+    """The master named copies that a newer write has since replaced (a replica answers
+    ``not-found`` or other bytes): the read asks the master again and returns the new
+    value; it never says the key is absent when the master says it exists."""
+    import attrs
+
+    client = sim.client()
+    sim.wait(client.set("k", b"one"))
+    sim.advance(1.1)
+    holders = sim.replicas()["k"]
+    (stranger,) = set(sim.workers) - holders
+    old = sim.wait(client.locate("k"))
+    sim.wait(client.set("k", b"two"))
+    sim.advance(1.1)
+    stale = [
+        attrs.evolve(old, replicas=((stranger, sim.addr(stranger)),)),  # not-found there
+        old,  # holders that now have "two": other bytes than "one"'s checksum
+    ]
+    for where in stale:
+        real = client._located
+        asked: list[str] = []
+
+        async def once(key: str, where: Any = where, real: Any = real,
+                       asked: list[str] = asked) -> Any:
+            asked.append(key)
+            return where if len(asked) == 1 else await real(key)
+
+        client._located = once  # type: ignore[method-assign]
+        assert sim.wait(client.get("k")) == b"two"
+        assert asked == ["k", "k"]
+        client._located = real  # type: ignore[method-assign]
+    sim.advance(5)
+    assert sim.replicas()["k"] == holders  # the mismatch reports dropped no good copy
+
+
+def test_a_copy_the_master_still_names_but_nobody_has_is_unavailable_not_absent(
+    sim: SimCluster,
+) -> None:
+    """Every replica answers ``not-found`` and the master names the same version again:
+    the read fails ``unavailable``, since only the master may say a key is gone."""
+    import attrs
+
+    client = sim.client()
+    sim.wait(client.set("k", b"one"))
+    sim.advance(1.1)
+    (stranger,) = set(sim.workers) - sim.replicas()["k"]
+    where = sim.wait(client.locate("k"))
+    nowhere = attrs.evolve(where, replicas=((stranger, sim.addr(stranger)),))
+
+    async def always(key: str) -> Any:
+        return nowhere
+
+    client._located = always  # type: ignore[method-assign]
+    with pytest.raises(DsmlError) as e:
+        sim.wait(client.get("k"))
+    assert e.value.code == "unavailable"
+
+
 # -- the worker's inputs -------------------------------------------------------------------
 
 

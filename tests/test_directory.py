@@ -290,16 +290,37 @@ def test_delete_tombstone_survives_reopen_and_blocks_resurrection(d: Directory) 
 
 
 def test_delete_unknown_or_twice_is_not_found(d: Directory) -> None:
-    """Deleting a key that is not live is not-found, and leaves the tombstone alone."""
+    """Deleting a key that is not live is not-found; it still leaves a tombstone at a
+    new version, so no write placed before the delete can bring the key back."""
     with pytest.raises(DirectoryError) as e:
         d.delete("never")
     assert e.value.code == "not-found"
+    assert d.state.tombstones() == [("never", d.state.last_version, 1000.0)]
     add(d, "k", "w1", 7)
     assert d.delete("k") == 7
     with pytest.raises(DirectoryError) as e:
         d.delete("k")
     assert e.value.code == "not-found"
-    assert d.state.tombstones() == [("k", 7, 1000.0)]
+    assert ("k", 7, 1000.0) in d.state.tombstones()
+
+
+def test_a_write_placed_before_a_delete_and_reported_after_it_stays_deleted(
+    d: Directory,
+) -> None:
+    """The write's commit was lost (its outcome unknown) and the delete came while the
+    master knew nothing of it; its copy is reported later: it is older than the delete
+    (nemesis seed 12: the key came back after an acknowledged delete)."""
+    placed = d.next_version()  # place answered, then the master lost the commit
+    with pytest.raises(DirectoryError):
+        d.delete("k")  # "was absent"
+    assert add(d, "k", "w1", placed) == DELETED
+    assert d.list() == [] and [t.worker for t in d.pending_deletes()] == ["w1"]
+    add(d, "live", "w1", d.next_version())
+    older = d.next_version()
+    assert d.delete("live") < older  # the version deleted, reported as before
+    assert add(d, "live", "w2", older) == DELETED
+    newer = d.next_version()
+    assert add(d, "live", "w2", newer) == CURRENT
 
 
 def test_purge_tombstones_only_old_and_unheld(d: Directory) -> None:
@@ -781,12 +802,16 @@ class DirectoryMachine(RuleBasedStateMachine):
 
     @rule(key=st.sampled_from(KEYS))
     def delete(self, key: str) -> None:
+        # The tombstone's version is a new one (or the highest the key had, where the
+        # test recorded versions the counter never issued).
+        stamp = max(self.d.state.last_version + 1, self.tomb.get(key, 0))
         if key in self.cur:
             assert self.d.delete(key) == self.cur[key][0]
-            self.tomb[key] = self.cur.pop(key)[0]
+            self.tomb[key] = max(stamp, self.cur.pop(key)[0])
         else:
             with pytest.raises(DirectoryError):
                 self.d.delete(key)
+            self.tomb[key] = stamp
 
     @rule(
         worker=st.sampled_from(WORKERS),

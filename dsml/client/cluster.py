@@ -22,7 +22,16 @@ from ..errors import (
     outcome_unknown,
 )
 from ..protocol import replies
-from ..protocol.replies import TRY_NEXT, Entry, ListedKey, Located, Node, Stored, job_body
+from ..protocol.replies import (
+    RELOCATE_ROUNDS,
+    TRY_NEXT,
+    Entry,
+    ListedKey,
+    Located,
+    Node,
+    Stored,
+    job_body,
+)
 from .server import Client, ClientTls, Progress, client_tls
 
 
@@ -228,25 +237,34 @@ class ClusterClient:
 
     def _each_replica(
         self, key: str, located: Located | None = None
-    ) -> Iterator[tuple[str, Client]]:
-        """Yield (worker, client) for each replica in turn, until the caller stops."""
+    ) -> Iterator[tuple[str, Client, Located]]:
+        """Yield (worker, client, where) for each replica in turn, until the caller stops.
+
+        When every replica was tried, the master is asked again: a newer write may have
+        replaced the version it named while this read was under way (a replica then
+        answers ``not-found``); the read goes on with the new copies, a few times at most.
+        Only the master says a key is gone: running out is ``unavailable``."""
         if located is None:
             located = self.locate(key)
         last: DsmlError | None = None
-        for name, addr in located.replicas:
-            try:
-                client = self._worker(addr)
-            except ConnectionLost as e:
-                last = e
-                continue
-            yield name, client
+        for _round in range(RELOCATE_ROUNDS):
+            for name, addr in located.replicas:
+                try:
+                    client = self._worker(addr)
+                except ConnectionLost as e:
+                    last = e
+                    continue
+                yield name, client, located
+            again = self.locate(key)
+            if again.version == located.version:
+                break
+            located = again
         raise last or DsmlError(f"no replica of {key!r} could be read", "unavailable")
 
     def get(self, key: str) -> bytes:
         """The value of ``key``, from the first replica that answers with the bytes the
         master's directory names (another is reported corrupt, and the next tried)."""
-        located = self.locate(key)
-        for name, client in self._each_replica(key, located):
+        for name, client, located in self._each_replica(key):
             try:
                 value = client.get(key)
                 if hashlib.sha256(value).hexdigest() != located.sha256:
@@ -269,7 +287,7 @@ class ClusterClient:
     ) -> Entry:
         """Download ``key`` to ``path`` (temp file + rename), failing over between
         replicas; a copy with a bad checksum is reported to the master."""
-        for name, client in self._each_replica(key):
+        for name, client, _where in self._each_replica(key):
             try:
                 return client.download(key, path, progress, fsync)
             except ChecksumMismatch:
@@ -283,7 +301,7 @@ class ClusterClient:
     def download_to(self, key: str, out: IO[bytes], progress: Progress | None = None) -> Entry:
         """Stream ``key`` into an open file (no failover once bytes were written)."""
         start = out.tell() if out.seekable() else None
-        for _name, client in self._each_replica(key):
+        for _name, client, _where in self._each_replica(key):
             try:
                 return client.download_to(key, out, progress)
             except ConnectionLost:

@@ -274,8 +274,10 @@ class Directory:
         sha256: str,
         version: int,
         issued: int | None = None,
+        lazy: bool = False,
     ) -> str:
-        """Record that ``worker`` stored ``key`` at ``version``; committed on return.
+        """Record that ``worker`` stored ``key`` at ``version``; committed on return (at
+        the lazy level with ``lazy``: for a record that acknowledges nothing).
 
         Returns the verdict: CURRENT (the copy is current), STALE (older than the
         current version: trim it) or DELETED (the key was deleted at this version or
@@ -291,7 +293,7 @@ class Directory:
         if issued is not None and version > issued:
             raise DirectoryError(_never_issued(version, issued), "forbidden")
         st = self.state
-        with st.transaction():
+        with st.transaction(lazy=lazy):
             outcome = st.apply_reports(worker, [(key, size, sha256, version)])
             if outcome.conflicts:
                 raise _conflict_error(worker, outcome.conflicts[0])
@@ -325,18 +327,21 @@ class Directory:
     def delete(self, key: str) -> int:
         """Delete ``key`` (a client's delete); return the version deleted.
 
-        The tombstone is committed before return; the copies to remove are then listed
-        by :meth:`pending_deletes`.  ``not-found`` if the key is not live (never
-        written, or already deleted).
-        """
+        The tombstone, committed before return, carries a new version: a write placed
+        before the delete whose copies are reported later (its commit lost) never brings
+        the key back.  The copies to remove are then listed by :meth:`pending_deletes`.
+        ``not-found`` (after a tombstone all the same) if the key is not live."""
         st = self.state
+        stamp = self.next_version()
         with st.transaction():
-            cur = st.get_key(key)
-            if cur is None:
-                raise DirectoryError(f"key {key!r} not found", "not-found")
-            st.drop_key(key)
-            st.put_tombstone(key, cur.version, self._now())
+            cur = st.get_key(key)  # (the counter is above both, unless tests skip it)
+            stamp = max(stamp, cur.version if cur else 0, st.get_tombstone(key) or 0)
+            if cur is not None:
+                st.drop_key(key)
+            st.put_tombstone(key, stamp, self._now())
         self._changed((key,))
+        if cur is None:
+            raise DirectoryError(f"key {key!r} not found", "not-found")
         return cur.version
 
     def purge_tombstones(self, before: float) -> int:
@@ -360,6 +365,7 @@ class Directory:
         live: Collection[str] | Mapping[str, WorkerLoad] | None = None,
         factor: int | None = None,
         issued: int | None = None,
+        digest: bool = True,
     ) -> ReconcileResult:
         """Make the directory's view of ``worker`` match its full inventory, in one commit.
 
@@ -376,8 +382,8 @@ class Directory:
 
         With ``issued``, an entry of a higher version is quarantined: rejected (its reason
         starts with :data:`QUARANTINED`) and the directory keeps what it had for the key
-        on this worker.
-        """
+        on this worker.  Its copies are then digested for :meth:`known_inventory`
+        (unless ``digest`` is false: a worker that sends no digest)."""
         _check_worker(worker)
         if factor is not None:
             _check_factor(factor)
@@ -436,6 +442,9 @@ class Directory:
         with st.transaction():
             outcome = st.apply_reports(worker, reports, keep, full=True)
             trim = self._trims(worker)
+            # For its next registration: if none was refused, the reports are all it holds.
+            exact = reports if not rejected and not outcome.conflicts else None
+            st.digest_worker(worker, not trim, exact) if digest else st.forget_digest(worker)
             if live is not None and factor is not None:
                 trim.extend(self._surplus_on(worker, live, factor))
         self._changed(outcome.changed)
@@ -450,6 +459,27 @@ class Directory:
             tuple(rejected),
             tuple(trim),
         )
+
+    def known_inventory(self, worker: str, digest: int, entries: int, live: Collection[str]
+                        | Mapping[str, WorkerLoad] | None = None, factor: int | None = None,
+                        ) -> ReconcileResult | None:
+        """What :meth:`reconcile` would do with ``worker``'s inventory known by its digest
+        (:mod:`dsml.protocol.inventory`) and count, if they are those of what the directory
+        holds for it (kept up to date by every write to its copies); else None.  A match
+        records nothing; stale and deleted copies are looked up unless the state knows
+        there are none, the surplus as :meth:`reconcile` does."""
+        _check_worker(worker)
+        if factor is not None:
+            _check_factor(factor)
+        known = self.state.inventory(worker)
+        if known is None or known[:2] != (digest, entries):
+            return None
+        trim = [] if known[2] else self._trims(worker)
+        if not known[2] and not trim:
+            self.state.set_clean(worker)
+        if live is not None and factor is not None:
+            trim.extend(self._surplus_on(worker, live, factor))
+        return ReconcileResult(worker, 0, entries, 0, (), tuple(trim))
 
     # -- trimming ----------------------------------------------------------------------
 

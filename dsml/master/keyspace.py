@@ -85,10 +85,9 @@ class KeySpace:
         """Choose the workers for a new write of ``key`` and its version."""
         alive = {r.name: r for r in self.membership.alive()}
         factor = self.factor()
-        if (
-            len(alive) < min(factor, self.known_workers)
-            and self.membership.monotonic() < self.full_until
-        ):
+        starting = self.membership.monotonic() < self.full_until
+        need = min(factor, self.known_workers)
+        if starting and len(alive) < need:
             raise DsmlError(
                 f"the master has just started and {len(alive)} of the {factor} workers a"
                 " write needs have registered again: try again in a moment",
@@ -96,6 +95,14 @@ class KeySpace:
             )
         loads = {n: WorkerLoad(r.free_disk, r.stored_bytes) for n, r in alive.items()}
         names = self.directory.place(key, size, loads, factor)
+        if starting and len(names) < need:
+            # Registered, but not all have said how much room they have (their first
+            # heartbeat follows the registration): no write below the factor for that.
+            raise DsmlError(
+                f"the master has just started and {len(names)} of the {factor} workers a"
+                " write needs have room known: try again in a moment",
+                "unavailable",
+            )
         version = self.directory.next_version()
         grant = self.directory.grants.issue(key, version, names)
         return Placement(version, [alive[n] for n in names], grant)

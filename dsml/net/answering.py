@@ -165,9 +165,14 @@ class Answers:
                 self._call = r.fn(head, conn)
             except DsmlError as e:
                 self._failed = e
+            except OSError as e:
+                self._failed = self._io_error(e, head.kind)
             except Exception:
                 log.failure("opening {method} failed", method=head.kind)
                 self._failed = DsmlError("internal error opening the request")
+
+    def _io_error(self, e: OSError, method: str) -> DsmlError:
+        return io_error(e, method)
 
     def on_data(self, chunk: bytes) -> None:
         """Payload bytes of the current request."""
@@ -182,9 +187,14 @@ class Answers:
         except Exception as e:
             self._call = None
             call.abort()
-            self._failed = e if isinstance(e, DsmlError) else DsmlError("internal error")
-            if not isinstance(e, DsmlError):
-                log.failure("streaming {method} failed", method=self.head and self.head.kind)
+            method = self.head.kind if self.head is not None else "?"
+            if isinstance(e, DsmlError):
+                self._failed = e
+            elif isinstance(e, OSError):
+                self._failed = self._io_error(e, method)
+            else:
+                self._failed = DsmlError("internal error")
+                log.failure("streaming {method} failed", method=method)
 
     def on_end(self) -> None:
         """The current request's payload is complete: answer it."""
@@ -214,6 +224,10 @@ class Answers:
                 result = self._responder.fn(head, payload, self.conn)  # type: ignore[union-attr]
         except DsmlError as e:
             self._send(codec.encode_error(head.id, e.code, e.message))
+            return
+        except OSError as e:
+            err = self._io_error(e, head.kind)
+            self._send(codec.encode_error(head.id, err.code, err.message))
             return
         except Exception:
             log.failure("handling {method} failed", method=head.kind)
@@ -367,11 +381,22 @@ class Answers:
             call.abort()
 
 
+def io_error(e: OSError, method: str) -> DsmlError:
+    """The answer to a request whose disk (or other system) call failed: EIO, ENOSPC,
+    EROFS are the machine's faults, not bugs: ``io-error`` and one warning line, no
+    traceback (a bug's own OSError is told apart by its message in that line)."""
+    log.warn("{method}: a system call failed: {why}", method=method, why=e)
+    return DsmlError(f"the server's disk or system failed: {e.strerror or e}", "io-error")
+
+
 def _failure_response(failure: Failure, req_id: int) -> bytes:
     """The error response for a request whose responder failed (logged unless a DsmlError)."""
     if failure.check(DsmlError):
         e = failure.value
         return codec.encode_error(req_id, e.code, e.message)  # type: ignore[union-attr]
+    if failure.check(OSError):
+        err = io_error(failure.value, "request")  # type: ignore[arg-type]
+        return codec.encode_error(req_id, err.code, err.message)
     log.failure("request failed", failure)
     return codec.encode_error(req_id, "internal", "internal error")
 

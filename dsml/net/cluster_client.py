@@ -48,6 +48,7 @@ from ..errors import (
 )
 from ..protocol import replies
 from ..protocol.replies import (
+    RELOCATE_ROUNDS,
     TRY_NEXT,
     Entry,
     ListedKey,
@@ -183,21 +184,36 @@ class AsyncClusterClient:
         than the directory's); a copy with the wrong checksum is reported to the master."""
         where = await self._located(key)
         last: DsmlError | None = None
-        for name, addr in where.replicas:
-            try:
-                got = await read(addr)
-                if check is not None:
-                    check(got, where)
-                return got
-            except ChecksumMismatch as e:
-                self.corrupt_found.append((key, name))
-                await self._ask_master("corrupt", {"Key": key, "Worker": name})
-                last = e
-            except DsmlError as e:
-                if e.code not in TRY_NEXT:
-                    raise
-                last = e
-        raise last or DsmlError(f"no replica of {key!r} could be read", "unavailable")
+        for _round in range(RELOCATE_ROUNDS):
+            moved = False
+            for name, addr in where.replicas:
+                try:
+                    got = await read(addr)
+                    if check is not None:
+                        check(got, where)
+                    return got
+                except ChecksumMismatch as e:
+                    self.corrupt_found.append((key, name))
+                    await self._ask_master("corrupt", {"Key": key, "Worker": name})
+                    moved, last = True, e
+                except DsmlError as e:
+                    if e.code not in TRY_NEXT:
+                        raise
+                    moved = moved or e.code == "not-found"
+                    last = e
+            if not moved:
+                break
+            # A replica no longer had the version the master named (not-found, other
+            # bytes): a newer write may have replaced it while this read was under way.
+            # Only the master may say the key is gone: ask it again (its not-found ends
+            # the read); the same version again means the copies really are unreadable.
+            again = await self._located(key)
+            if again.version == where.version:
+                break
+            where = again
+        if last is None or last.code == "not-found":
+            raise DsmlError(f"no replica of {key!r} could be read", "unavailable")
+        raise last
 
     # -- where ------------------------------------------------------------------------
 

@@ -21,7 +21,13 @@ import attrs
 from ..errors import DsmlError
 
 #: Error codes from one replica that make a reader try the next one.
-TRY_NEXT = ("connection", "not-found", "checksum-mismatch", "internal", "busy", "timeout")
+TRY_NEXT = ("connection", "not-found", "checksum-mismatch", "internal", "busy", "timeout",
+            "io-error")
+
+RELOCATE_ROUNDS = 3
+"""How many times a read asks the master where a key is: again when every replica was
+tried (one may have answered ``not-found`` because a newer write replaced the version
+the master named while the read was under way)."""
 
 
 @attrs.frozen
