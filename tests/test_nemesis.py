@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dsml.testing import nemesis
+from dsml.testing import faultplan, nemesis
 from dsml.testing.history import Op, check_history
 from dsml.testing.nemesis import Episode, Run
 from dsml.testing.sim import FakeRun
@@ -63,13 +63,19 @@ def test_a_seed_replays_identically(tmp_path: Path) -> None:
 
 def test_schedules_cover_every_fault_kind() -> None:
     kinds = {e.kind for seed in range(1, 30) for e in nemesis.schedule(seed, 3.0)}
-    assert kinds == set(nemesis.KINDS) | {"slow-disk", "replay"}
+    assert kinds == set(faultplan.KINDS) | {"slow-disk", "replay", "disk-full", "disk-io"}
+    every = [e for seed in range(1, 30) for e in nemesis.schedule(seed, 3.0)]
+    # Master crashes at any moment and right after a place, a commit, a submit; power
+    # cuts at any moment and right after a write.
+    assert {e.at for e in every if e.kind == "master-crash"} == {"", "place", "commit",
+                                                                "submit"}
+    assert {e.flag for e in every if e.kind == "power"} == {False, True}
     for seed in range(1, 30):
         eps = nemesis.schedule(seed, 3.0)
         busy: dict[str, float] = {}
         for e in eps:
             assert e.start + e.length <= 180.0
-            if e.kind in ("slow-disk", "replay"):
+            if e.kind in ("slow-disk", "replay", "disk-full", "disk-io"):
                 continue  # may overlap anything on its worker
             for n in (e.target, e.other):
                 if n and n not in nemesis.CLIENTS:

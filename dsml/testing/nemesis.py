@@ -35,10 +35,14 @@ hashes the history to show it (run with ``PYTHONHASHSEED=0``, as ``__main__`` do
 identical runs across processes).  :func:`shrink` removes fault episodes one at a time
 while the same checker still fails, and prints the smallest schedule found.
 
-What it does not model yet: a disk that loses what was not fsynced, full disks and I/O
-errors, wall-clock jumps apart from the monotonic clock, a thread pool that completes
-late, an old incarnation replaying its messages, and byte-level loss, duplication or
-reordering (the links are TCP: those surface as stalls and resets, which it does model).
+Disks: slow (the thread pool finishes late), full, failing (I/O errors), and losing
+power (:mod:`dsml.testing.sim.disk` keeps only what the store made durable; most power
+cuts come right after the worker acknowledged a value, before its one-second sync).  An
+old incarnation of a worker replays its link byte for byte.  Not modelled: SQLite's own
+durability (commits count as durable when they return), wall-clock jumps (the master
+only stamps tombstones and jobs by the wall clock, and ages finished jobs; the mutation
+script checks the failure detector runs on the monotonic clock), byte-level loss,
+duplication or reordering (links are TCP: those surface as stalls and resets, modelled).
 """
 
 from __future__ import annotations
@@ -60,106 +64,18 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from ..errors import DsmlError
+from .faultplan import (
+    CLIENTS,
+    HEARTBEAT_TIMEOUT,
+    MASTER,
+    REPLICATION,
+    WORKERS,
+    Episode,
+    schedule,
+)
 from .history import Op, Violation, seq_of, write_outcome
 from .sim import SimCluster, SimTimeout
 from .simcheck import Checker
-
-WORKERS = ("w1", "w2", "w3", "w4")
-CLIENTS = ("c1", "c2", "c3")
-REPLICATION = 2
-HEARTBEAT_TIMEOUT = 10.0
-MASTER = "master"
-
-@attrs.frozen
-class Episode:
-    """One fault: from ``start`` for ``length`` simulated seconds, on ``target``."""
-
-    start: float
-    length: float
-    kind: str
-    target: str
-    other: str = ""  # a partition's other side
-    flag: bool = False  # crash: the next process adopts the orphaned attempts
-
-    def __str__(self) -> str:
-        other = f"<->{self.other}" if self.other else ""
-        if self.kind == "oneway":
-            other = f"->{self.other}"
-        flag = " (adopt)" if self.flag else ""
-        return (f"t={self.start:7.1f}s +{self.length:5.1f}s {self.kind:<12} "
-                f"{self.target}{other}{flag}")
-
-
-#: Fault kinds and their weights in a schedule (and "slow-disk", drawn apart: see
-#: :func:`schedule`).
-KINDS = {
-    "crash": 3, "power": 2, "pause": 3, "cut": 3, "partition": 3, "oneway": 2, "stall": 3,
-    "master-crash": 2, "master-pause": 1, "master-cut": 1, "death": 1,
-}
-
-
-def schedule(seed: int, minutes: float, workers: Sequence[str] = WORKERS) -> list[Episode]:
-    """The fault schedule of ``seed``: episodes over ``minutes``, at most one at a time
-    per target, every one over before the end (but a worker's permanent death)."""
-    rng = random.Random(f"faults/{seed}")
-    horizon = minutes * 60.0
-    kinds = list(KINDS)
-    weights = [KINDS[k] for k in kinds]
-    free_at: dict[str, float] = {}
-    out: list[Episode] = []
-    dead = False
-    t = rng.uniform(3.0, 12.0)
-    while t < horizon - 5.0:
-        kind = rng.choices(kinds, weights)[0]
-        if kind.startswith("master"):
-            target = MASTER
-        else:
-            target = rng.choice(workers)
-        length = rng.choice(
-            (rng.uniform(0.5, 5.0), rng.uniform(5.0, 2.5 * HEARTBEAT_TIMEOUT),
-             rng.uniform(2.5 * HEARTBEAT_TIMEOUT, 60.0))
-        )
-        other = ""
-        flag = False
-        if kind == "stall":
-            length = rng.uniform(0.2, 3.0)
-        elif kind in ("partition", "oneway"):
-            other = rng.choice([n for n in (*workers, MASTER, *CLIENTS) if n != target])
-        elif kind == "crash":
-            flag = rng.random() < 0.5
-        elif kind == "death":
-            if dead:
-                kind = "crash"
-            else:
-                dead = True
-                length = horizon - t
-        busy = [n for n in (target, other) if n and free_at.get(n, 0.0) > t]
-        if not busy and (kind != "death" or target not in free_at or free_at[target] <= t):
-            length = min(length, horizon - t - 1.0)
-            out.append(Episode(round(t, 3), round(length, 3), kind, target, other, flag))
-            end = horizon + 1e9 if kind == "death" else t + length + 1.0
-            for n in (target, other):
-                if n and n not in CLIENTS:
-                    free_at[n] = end
-        t += rng.expovariate(1 / 12.0)
-    # Slow disks come from a stream of their own (the schedules above stay as they were
-    # when this kind came), and may overlap any other fault on their worker: a crash
-    # while the thread pool lags is the case they are for.
-    disk = random.Random(f"disks/{seed}")
-    t = disk.uniform(5.0, 40.0)
-    while t < horizon - 5.0:
-        length = min(disk.uniform(5.0, 40.0), horizon - t - 1.0)
-        out.append(Episode(round(t, 3), round(length, 3), "slow-disk", disk.choice(workers)))
-        t += length + disk.expovariate(1 / 30.0)
-    # An old incarnation replaying its link: its own stream too, a few per run.
-    old = random.Random(f"replays/{seed}")
-    t = old.uniform(30.0, 60.0)
-    while t < horizon - 5.0:
-        out.append(Episode(round(t, 3), 0.0, "replay", old.choice(workers)))
-        t += old.expovariate(1 / 40.0)
-    out.sort(key=lambda e: e.start)
-    return out
-
 
 # -- the history -------------------------------------------------------------------------
 
@@ -242,11 +158,18 @@ class Run:
             heartbeat_timeout=HEARTBEAT_TIMEOUT, seed=seed, slots=2, move_outputs=True,
         )
         self.sim.record_links()
+        #: (time, worker) of every death the master declared of its last live worker
+        #: (a lone worker's silence kills it, by design: see Membership.check).
+        self.lone_deaths: list[tuple[float, str]] = []
+        self._watch_deaths()
         self.ops: list[Op] = []
         self.seqs: dict[str, int] = {}
         self.jobs: dict[str, tuple[str, int, list[str]]] = {}  # id -> (client, tasks, outputs)
         self.dead: set[str] = set()
         self.active: dict[int, Episode] = {}
+        #: Power cuts waiting for their worker's next write (see _power_after_write).
+        self.armed: dict[int, Any] = {}
+        self.unhooks: dict[int, Callable[[], None]] = {}
         self.stopped = False
         self._events = itertools.count()
         #: When the master started again after a crash (simulated seconds).
@@ -260,7 +183,9 @@ class Run:
             if e.target in sim.workers:
                 sim.kill(e.target)
         elif e.kind == "power":
-            if e.target in sim.workers:
+            if e.flag and e.target in sim.workers:
+                self._power_after_write(i, e)
+            elif e.target in sim.workers:
                 sim.kill(e.target, half_open=True)
         elif e.kind in ("pause", "master-pause"):
             if e.target in sim.clocks:
@@ -271,11 +196,18 @@ class Run:
             net.partition(e.target, e.other, one_way=e.kind == "oneway")
         elif e.kind == "slow-disk":
             sim.slow_disk(e.target, 0.5)
+        elif e.kind in ("disk-full", "disk-io"):
+            sim.disk_fault(e.target, "full" if e.kind == "disk-full" else "io")
         elif e.kind == "replay":
             sim.replay_old_link(e.target)
             return
         elif e.kind == "master-crash":
-            if sim.master is not None:
+            master = sim.master
+            if master is not None and e.at:
+                owner = master.router if e.at == "submit" else master.keys
+                self._after_next(i, owner, e.at, lambda: sim.master is master,
+                                 sim.kill_master)
+            elif master is not None:
                 sim.kill_master()
         if e.kind == "death":
             self.dead.add(e.target)
@@ -283,7 +215,54 @@ class Run:
         self.active[i] = e
         sim.clock.callLater(e.length, self._end, i)
 
+    def _power_after_write(self, i: int, e: Episode) -> None:
+        """Cut ``e.target``'s power just after its store takes its next value (once the
+        acknowledgement is out, before the one-second sync), or in 5 s if none comes."""
+        sim = self.sim
+        worker = sim.workers[e.target]
+        self._after_next(i, worker.store, "put_value",
+                         lambda: sim.workers.get(e.target) is worker,
+                         lambda: sim.kill(e.target, half_open=True))
+
+    def _after_next(self, i: int, owner: Any, method: str, still: Callable[[], bool],
+                    fault: Callable[[], None]) -> None:
+        """Run ``fault`` right after ``owner``'s next ``method`` call is done (its
+        Deferred fired, if it returns one; its answer out), or in 5 s if none comes,
+        unless ``still()`` says the process has gone meanwhile."""
+        sim = self.sim
+        call = getattr(owner, method)
+
+        def unhook() -> None:
+            owner.__dict__.pop(method, None)
+            pending = self.armed.pop(i, None)
+            if pending is not None and pending.active():
+                pending.cancel()
+
+        def hit() -> None:
+            unhook()
+            if still():
+                fault()
+
+        def soon(result: Any = None) -> Any:
+            if i in self.active:  # not once the episode is over
+                self.armed[i] = sim.clock.callLater(0, hit)
+            return result
+
+        def hooked(*args: Any, **kwargs: Any) -> Any:
+            unhook()
+            got = call(*args, **kwargs)
+            if isinstance(got, Deferred):
+                return got.addBoth(soon)
+            return soon(got)
+
+        setattr(owner, method, hooked)
+        self.armed[i] = sim.clock.callLater(5.0, hit)
+        self.unhooks[i] = unhook
+
     def _end(self, i: int) -> None:
+        unhook = self.unhooks.pop(i, None)
+        if unhook is not None:
+            unhook()  # whatever has not happened by now does not
         e = self.active.pop(i, None)
         if e is None:
             return
@@ -300,10 +279,25 @@ class Run:
             net.heal(e.target, e.other)
         elif e.kind == "slow-disk":
             sim.slow_disk(e.target, 0.0)
+        elif e.kind in ("disk-full", "disk-io"):
+            sim.disk_fault(e.target, None)
         elif e.kind == "master-crash":
             if sim.master is None:
                 sim.start_master()
                 self.master_starts.append(sim.clock.seconds())
+                self._watch_deaths()
+
+    def _watch_deaths(self) -> None:
+        master = self.sim.master
+        if master is None:
+            return
+        membership = master.membership
+
+        def died(record: Any) -> None:
+            if not membership.live():
+                self.lone_deaths.append((self.sim.clock.seconds(), record.name))
+
+        membership.on_dead.append(died)
 
     def heal(self) -> None:
         """End every fault still on (a permanent death stays)."""
@@ -475,9 +469,6 @@ class Run:
 
 async def _noop() -> None:
     return None
-
-
-# -- the checkers -------------------------------------------------------------------------
 
 
 # -- running seeds ------------------------------------------------------------------------

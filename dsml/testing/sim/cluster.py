@@ -10,6 +10,7 @@ simulated network (:meth:`SimCluster.client`).
 
 from __future__ import annotations
 
+import errno
 import itertools
 import random
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -35,9 +36,10 @@ from ...net.server import ServerLimits
 from ...protocol.limits import DEFAULT_VALUE_MAX
 from ...worker.link import RETRY_FACTOR, RETRY_INITIAL, RETRY_MAX, MasterLink, WorkerInfo
 from ...worker.service import Worker, build_worker
-from ...worker.store import IndexEntry, Store
+from ...worker.store import DiskFull, IndexEntry, Store
 from ...worker.tasks import AttemptResult
 from ...worker.transfers import TaskTransfers
+from . import disk as disk_model
 from .network import FakeNetwork
 from .process import NetListen, ProcessClock, run_later
 from .tasks import FakeTaskManager, Orphan, Script, TaskEvent, default_script
@@ -169,10 +171,17 @@ class SimCluster:
         self.results: list[ResultSeen] = []
         #: Called after every step of the clock (once the network has settled).
         self.checks: list[Callable[[], None]] = []
+        #: Workers whose disk fails (see :meth:`disk_fault`): "full" or "io".
+        self.disk_faults: dict[str, str] = {}
         #: Workers whose thread pool is slow (see :meth:`slow_disk`): the most delay.
         self.disk_delays: dict[str, float] = {}
         #: Attempts each dead worker process left "running" (see :meth:`restart`).
         self._orphans: dict[str, list[Orphan]] = {}
+        #: What each worker's disk made durable (see :mod:`.disk`); a power loss
+        #: (:meth:`power_off`) takes the rest.  Lines of what each power loss undid.
+        self.durable = disk_model.acquire()
+        self.power_losses: list[tuple[float, str, list[str]]] = []
+        self._closed = False
         self.failures = FailureLog()
         globalLogPublisher.addObserver(self.failures)
         if start:
@@ -194,6 +203,9 @@ class SimCluster:
         if self.master is not None:
             self.kill_master()
         globalLogPublisher.removeObserver(self.failures)
+        if not self._closed:
+            self._closed = True
+            disk_model.release([self.root / name / "store" for name in self.names])
 
     def __enter__(self) -> SimCluster:
         return self
@@ -277,6 +289,7 @@ class SimCluster:
         self.net.revive(name)
         self.net.unsilence(name)
         (self.root / name).mkdir(parents=True, exist_ok=True)
+        self.durable.watch(self.root / name / "store")
         store = Store(self.root / name / "store", value_max=self.value_max)
         endpoint_for = self.net.endpoint_for(name)
         addr = self.addr(name)
@@ -323,6 +336,8 @@ class SimCluster:
                 jitter=self.random.random,
             ),
         )
+        if name in self.disk_faults:
+            _break_store(store, self.disk_faults[name])
         worker.service.startService()
         self.workers[name] = worker
         self.clocks[name] = clock
@@ -340,12 +355,20 @@ class SimCluster:
         at once), its timers stop, its store is closed as a crash leaves it.
 
         With ``half_open`` its machine vanishes instead (power loss): nobody sees its
-        connections close, so the master only notices the missed heartbeats."""
+        connections close, so the master only notices the missed heartbeats, and its
+        disk keeps only what the store made durable (see :mod:`.disk`)."""
         worker = self.workers.pop(name)
         self._orphans[name] = self.runners.pop(name).orphans()
         self.net.crash_node(name, half_open=half_open)
+        if half_open:
+            # No clean close: what the values log holds stays there (unapplied), and
+            # the disk keeps only what was made durable.
+            worker.store.flush = lambda: None  # type: ignore[method-assign]
         worker.service.stopService()
         self.clocks.pop(name).stop()
+        if half_open:
+            undone = self.durable.lose_power(self.root / name / "store")
+            self.power_losses.append((self.clock.seconds(), name, undone))
 
     def power_off(self, name: str) -> None:
         """``kill(name, half_open=True)``."""
@@ -394,6 +417,18 @@ class SimCluster:
         factory = Factory.forProtocol(Replay)
         endpoint.connect(factory).addErrback(lambda f: None)
         return True
+
+    def disk_fault(self, name: str, fault: str | None) -> None:
+        """Worker ``name``'s disk fails: ``"full"`` (every new value or file is refused
+        for lack of space, as ENOSPC makes the store do), ``"io"`` (reads and writes
+        raise EIO); None: the disk works again.  Applies to the running process and to
+        any process started while it lasts."""
+        if fault is None:
+            self.disk_faults.pop(name, None)
+        else:
+            self.disk_faults[name] = fault
+        if name in self.workers:
+            _break_store(self.workers[name].store, fault)
 
     def slow_disk(self, name: str, max_delay: float) -> None:
         """Worker ``name``'s blocking work (store writes and commits: its thread pool)
@@ -581,6 +616,26 @@ class SimCluster:
             name=name or "sim-client",
         )
         return AsyncClusterClient(lambda: self.master_addr, links, self.clock)
+
+
+def _break_store(store: Store, fault: str | None) -> None:
+    """Make ``store``'s disk fail as :meth:`SimCluster.disk_fault` says (None: mend it)."""
+    for method in ("put_value", "begin_file", "get_value", "open_read"):
+        store.__dict__.pop(method, None)  # the class's own again
+    if fault is None:
+        return
+
+    def full(*args: Any, **kw: Any) -> Any:
+        raise DiskFull("no space left on device (simulated)")
+
+    def io(*args: Any, **kw: Any) -> Any:
+        raise OSError(errno.EIO, "input/output error (simulated)")
+
+    for method in ("put_value", "begin_file"):
+        setattr(store, method, full if fault == "full" else io)
+    if fault == "io":
+        for method in ("get_value", "open_read"):
+            setattr(store, method, io)
 
 
 __all__ = [
