@@ -25,8 +25,8 @@ Each simulated worker behaves like ``dsml.worker.link.MasterLink``:
   at once after each registration, with the real fields (``Free-Slots``, ``Stored-Bytes``,
   ``Stored-Files``, ``Free-Disk``); ``not-registered``/``stale-incarnation`` make it
   reconnect, as the real link does;
-* a lost link is redialled with the real worker's backoff (0.4, 0.8, 1.6, 3.2, 5 s, each
-  plus up to 1 s of jitter, ``twisted.application.internet.backoffPolicy``);
+* a lost link is redialled with the real worker's backoff (0.3, 0.45, 0.68, ... up to 5 s,
+  each plus up to 0.3 s of jitter; at most about 1 s while connects are refused);
 * orders: ``ping`` OK; ``replicate`` OK at once (the copy is pretended made: the target
   lists the key in its inventory from then on); ``drop`` OK (the key leaves the
   inventory); ``verify`` OK, good; ``run`` OK and the attempt then "runs" until the end
@@ -116,7 +116,7 @@ from common import (  # noqa: E402
 from twisted.application.internet import backoffPolicy  # noqa: E402
 from twisted.internet.defer import Deferred, DeferredSemaphore, fail  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol  # noqa: E402
-from twisted.internet.error import ConnectionDone  # noqa: E402
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError  # noqa: E402
 from twisted.internet.protocol import Protocol  # noqa: E402
 from twisted.internet.task import LoopingCall, deferLater  # noqa: E402
 from twisted.internet.threads import deferToThread  # noqa: E402
@@ -143,14 +143,21 @@ from dsml.protocol.codec import (  # noqa: E402
 )
 from dsml.protocol.inventory import entry_digest  # noqa: E402
 from dsml.protocol.methods import worker_order_methods  # noqa: E402
+from dsml.worker.link import (  # noqa: E402
+    RETRY_FACTOR,
+    RETRY_INITIAL,
+    RETRY_JITTER,
+    RETRY_MAX,
+    RETRY_REFUSED_MAX,
+)
 
 HOST = "127.0.0.1"
 KEY_SIZE = 1024
 FREE_DISK = 1 << 40
 #: The real worker's reconnection backoff (dsml.worker.link): 0.2 * 1.5**n, at most 5 s,
-#: plus up to 0.3 s of jitter.
-RETRY = backoffPolicy(initialDelay=0.2, maxDelay=5.0, factor=1.5,
-                      jitter=lambda: random.uniform(0.0, 0.3))
+#: plus up to 0.3 s of jitter; at most about 1 s while connects are refused.
+RETRY = backoffPolicy(initialDelay=RETRY_INITIAL, maxDelay=RETRY_MAX, factor=RETRY_FACTOR,
+                      jitter=lambda: random.uniform(0.0, RETRY_JITTER))
 #: Registrations in flight at once while the cluster is first loaded (under the
 #: master's 64 unauthenticated connections).
 LOAD_CONCURRENCY = 32
@@ -346,6 +353,7 @@ class SimWorker:
         self.pending: Link | None = None
         self.incarnation: int | None = None
         self.failures = 0
+        self.refused = False  # the last connect was refused (the master restarting)
         self.keep_away = False
         self.stopped = False
         self.running: dict[int, float] = {}
@@ -451,6 +459,7 @@ class SimWorker:
         self.heartbeat()
 
     def _failed(self, failure: Failure, link: Link) -> None:
+        self.refused = bool(failure.check(ConnectionRefusedError))
         if self.pending is link:
             self.pending = None
         if link.transport is not None and not link.closed:
@@ -469,7 +478,10 @@ class SimWorker:
         if self.retry_call is not None and self.retry_call.active():
             return
         self.failures += 1
-        self.retry_call = self.bench.reactor.callLater(RETRY(self.failures), self.connect)
+        delay = RETRY(self.failures)
+        if self.refused:  # as MasterLink._retry_delay
+            delay = min(delay, RETRY_REFUSED_MAX - RETRY_INITIAL + RETRY(0))
+        self.retry_call = self.bench.reactor.callLater(delay, self.connect)
 
     # -- heartbeats -----------------------------------------------------------------------
 

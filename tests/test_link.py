@@ -27,6 +27,7 @@ from dsml.worker.link import (
     RETRY_INITIAL,
     RETRY_JITTER,
     RETRY_MAX,
+    RETRY_REFUSED_MAX,
     MasterLink,
     WorkerInfo,
 )
@@ -121,17 +122,21 @@ class FakeStore:
 
 @implementer(IStreamClientEndpoint)
 class FlakyEndpoint:
-    """Refuses the first ``failures`` connects, then dials through to ``inner``."""
+    """Fails the first ``failures`` connects (refused, or with ``silent`` timed out: a
+    host that does not answer), then dials through to ``inner``."""
 
-    def __init__(self, clock: Clock, inner: Any, failures: int) -> None:
+    def __init__(self, clock: Clock, inner: Any, failures: int, silent: bool = False) -> None:
         self.clock = clock
         self.inner = inner
         self.failures = failures
+        self.silent = silent
         self.attempts: list[float] = []
 
     def connect(self, factory: Any) -> Deferred[Any]:
         self.attempts.append(self.clock.seconds())
         if len(self.attempts) <= self.failures:
+            if self.silent:
+                return fail(TimeoutError("no answer"))
             return fail(ConnectionRefusedError("nobody home"))
         return self.inner.connect(factory)  # type: ignore[no-any-return]
 
@@ -139,7 +144,8 @@ class FlakyEndpoint:
 class Rig:
     """A MasterLink, a FakeMaster listening on a FakeNetwork, one Clock."""
 
-    def __init__(self, tmp_path: Path, failures: int = 0, **link_kwargs: Any) -> None:
+    def __init__(self, tmp_path: Path, failures: int = 0, silent: bool = False,
+                 **link_kwargs: Any) -> None:
         self.clock = Clock()
         self.net = FakeNetwork(self.clock)
         self.master = FakeMaster(self.clock)
@@ -150,7 +156,7 @@ class Rig:
         )
         self.store = FakeStore(tmp_path)
         self.endpoint = FlakyEndpoint(
-            self.clock, self.net.endpoint_for("w1")("master", 7000), failures
+            self.clock, self.net.endpoint_for("w1")("master", 7000), failures, silent
         )
         self.link = MasterLink(
             clock=self.clock,
@@ -187,11 +193,11 @@ def failures() -> Iterator[FailureLog]:
 
 
 def test_reconnects_with_growing_capped_backoff(tmp_path: Path, failures: FailureLog) -> None:
-    """Refused connects are retried after delays that grow by RETRY_FACTOR up to
-    RETRY_MAX (plus under RETRY_JITTER of jitter each); the first connect that works
+    """Connects that get no answer are retried after delays that grow by RETRY_FACTOR up
+    to RETRY_MAX (plus under RETRY_JITTER of jitter each); the first connect that works
     registers."""
     n = 9
-    rig = Rig(tmp_path, failures=n)
+    rig = Rig(tmp_path, failures=n, silent=True)
     rig.link.startService()
     rig.net.flush()
     while len(rig.endpoint.attempts) <= n:
@@ -212,23 +218,33 @@ def test_reconnects_with_growing_capped_backoff(tmp_path: Path, failures: Failur
 
 
 def test_backoff_without_jitter_is_exact(tmp_path: Path) -> None:
-    """With the jitter taken out, the delays are exactly 0.2 * 1.5**n: 0.3, 0.45, ...
-    (a crowd of workers finds a restarted master within about a second), at most 5 s."""
+    """With the jitter taken out, the delays are exactly 0.2 * 1.5**n: 0.3, 0.45, ...,
+    at most 5 s, while the master's host does not answer; while it refuses (its process
+    restarting on that port) at most RETRY_REFUSED_MAX, so a crowd of workers finds a
+    restarted master within about a second of its listening."""
     from twisted.application.internet import backoffPolicy
 
-    rig = Rig(
-        tmp_path,
-        failures=9,
-        retry_policy=backoffPolicy(RETRY_INITIAL, RETRY_MAX, RETRY_FACTOR, jitter=lambda: 0.0),
-    )
-    rig.link.startService()
-    rig.net.flush()
-    while len(rig.endpoint.attempts) <= 9:
-        rig.next_call()
-    attempts = rig.endpoint.attempts
-    delays = [round(b - a, 6) for a, b in zip(attempts, attempts[1:], strict=False)]
-    assert delays == [0.3, 0.45, 0.675, 1.0125, 1.51875, 2.278125, 3.417188, 5.0, 5.0]
-    rig.link.stopService()
+    for silent, expected in (
+        (True, [0.3, 0.45, 0.675, 1.0125, 1.51875, 2.278125, 3.417188, 5.0, 5.0]),
+        # Refused (the master's process restarting): never more than about a second.
+        (False, [0.3, 0.45, 0.675, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ):
+        rig = Rig(
+            tmp_path,
+            failures=9,
+            silent=silent,
+            retry_policy=backoffPolicy(RETRY_INITIAL, RETRY_MAX, RETRY_FACTOR,
+                                       jitter=lambda: 0.0),
+        )
+        rig.link.startService()
+        rig.net.flush()
+        while len(rig.endpoint.attempts) <= 9:
+            rig.next_call()
+        attempts = rig.endpoint.attempts
+        delays = [round(b - a, 6) for a, b in zip(attempts, attempts[1:], strict=False)]
+        assert delays == expected, silent
+        assert RETRY_REFUSED_MAX == 1.0
+        rig.link.stopService()
 
 
 def test_heartbeats_only_once_registered_then_every_interval(tmp_path: Path) -> None:

@@ -24,10 +24,12 @@ import attrs
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .. import __version__
 from ..errors import DsmlError
@@ -65,6 +67,13 @@ RETRY_INITIAL = 0.2
 RETRY_FACTOR = 1.5
 RETRY_MAX = 5.0
 RETRY_JITTER = 0.3
+
+#: While the master's host refuses the connect (its process is down, as in a restart,
+#: and will be back on that port), a worker redials within about this many seconds
+#: (plus the jitter) however long it has failed: a refusal costs one round trip, and a
+#: restarted master has its workers back within about this long of listening.  A host
+#: that does not answer at all keeps the backoff above.
+RETRY_REFUSED_MAX = 1.0
 
 
 @attrs.frozen
@@ -226,6 +235,23 @@ class StoreReports:
         d.addErrback(failed)
 
 
+@implementer(IStreamClientEndpoint)
+class _Dialler:
+    """The master's endpoint, noting whether the last connect was refused."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self.endpoint = endpoint
+        self.refused = False
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        def done(result: Any) -> Any:
+            self.refused = isinstance(result, Failure) and bool(
+                result.check(ConnectionRefusedError))
+            return result
+
+        return self.endpoint.connect(factory).addBoth(done)
+
+
 class MasterLink(service.Service):
     """Keeps the worker registered with the master; heartbeats that cannot die.
 
@@ -282,17 +308,26 @@ class MasterLink(service.Service):
             # user's, however valid, cannot send this worker orders.
             peer_check=peer_check,
         )
+        self._policy = retry_policy or backoffPolicy(
+            initialDelay=RETRY_INITIAL, maxDelay=RETRY_MAX, factor=RETRY_FACTOR,
+            jitter=lambda: random.uniform(0.0, RETRY_JITTER))
+        self._dialler = _Dialler(endpoint)
         self._client = ClientService(
-            endpoint,
+            self._dialler,
             factory,
-            retryPolicy=retry_policy
-            or backoffPolicy(initialDelay=RETRY_INITIAL, maxDelay=RETRY_MAX, factor=RETRY_FACTOR,
-                             jitter=lambda: random.uniform(0.0, RETRY_JITTER)),
+            retryPolicy=self._retry_delay,
             clock=clock,
             prepareConnection=self._register,
         )
         self._beat = LoopingCall(self._heartbeat)
         self._beat.clock = clock
+
+    def _retry_delay(self, failures: int) -> float:
+        delay = self._policy(failures)
+        if self._dialler.refused:
+            # The first delay carries the policy's own jitter (seeded in simulations).
+            delay = min(delay, RETRY_REFUSED_MAX - RETRY_INITIAL + self._policy(0))
+        return delay
 
     # -- service ----------------------------------------------------------------------
 
