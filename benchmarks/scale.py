@@ -116,7 +116,7 @@ from common import (  # noqa: E402
 from twisted.application.internet import backoffPolicy  # noqa: E402
 from twisted.internet.defer import Deferred, DeferredSemaphore, fail  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol  # noqa: E402
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError  # noqa: E402
+from twisted.internet.error import ConnectionDone  # noqa: E402
 from twisted.internet.protocol import Protocol  # noqa: E402
 from twisted.internet.task import LoopingCall, deferLater  # noqa: E402
 from twisted.internet.threads import deferToThread  # noqa: E402
@@ -459,7 +459,10 @@ class SimWorker:
         self.heartbeat()
 
     def _failed(self, failure: Failure, link: Link) -> None:
-        self.refused = bool(failure.check(ConnectionRefusedError))
+        # Refused, or taken and dropped before the registration was answered (the
+        # master's unauthenticated pool full): come back soon, as MasterLink does.
+        self.refused = not failure.check(Refused) or failure.value.code in ("busy",
+                                                                          "unavailable")
         if self.pending is link:
             self.pending = None
         if link.transport is not None and not link.closed:
@@ -1125,8 +1128,9 @@ def report(s: Settings, r: Results) -> None:
     say(f"  - restart: SIGTERM to exit {fmt(r.restart_down_s, 2)} s, start to listening "
         f"{fmt(r.restart_start_s, 2)} s; {r.registered_after:,} of {s.workers:,} registered "
         f"again, {fmt(r.rereg_from_term_s, 2)} s after the SIGTERM, first to last "
-        f"{fmt(r.rereg_spread_s, 2)} s (workers redial with the real backoff: 0.4 s, "
-        "0.8 s, 1.6 s... plus up to 1 s of jitter)"
+        f"{fmt(r.rereg_spread_s, 2)} s (workers redial with the real backoff: at most "
+        f"{RETRY_REFUSED_MAX:g} s plus up to {RETRY_JITTER:g} s of jitter while refused "
+        "or dropped)"
         + ("; with Inventory-Digest" if s.digest else "; without Inventory-Digest"))
     missed = [row[0] for row in rows if row[3] == "NOT met"]
     say(f"  targets missed: {', '.join(missed) if missed else 'none'}")

@@ -410,3 +410,25 @@ def test_the_registration_says_how_much_room_the_worker_has(tmp_path: Path) -> N
     (_, _, headers), = [s for s in rig.master.seen if s[1] == "register"]
     assert headers["free-disk"] == str(10**9) and headers["stored-bytes"] == "0"
     rig.link.stopService()
+
+
+def test_a_master_that_drops_the_registration_is_redialled_soon(tmp_path: Path) -> None:
+    """A master that takes the connect and drops it before answering the registration
+    (its unauthenticated pool full of a crowd of workers after a restart) is up: the
+    worker comes back within RETRY_REFUSED_MAX (plus the jitter) every time, instead of
+    backing off towards RETRY_MAX."""
+    rig = Rig(tmp_path)
+    rig.master.hold = []
+    rig.link.startService()
+    rig.advance(0.1)
+    for _ in range(8):
+        assert len(rig.master.hold) == 1
+        rig.master.hold = []
+        rig.net.cut("master:7000")
+        rig.advance(RETRY_REFUSED_MAX + RETRY_JITTER + 0.1)
+    assert len(rig.master.times("register")) == 9
+    rig.master.hold = None
+    rig.net.cut("master:7000")
+    rig.advance(RETRY_REFUSED_MAX + RETRY_JITTER + 0.1)
+    assert rig.link.incarnation is not None
+    rig.link.stopService()

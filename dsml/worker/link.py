@@ -69,10 +69,12 @@ RETRY_MAX = 5.0
 RETRY_JITTER = 0.3
 
 #: While the master's host refuses the connect (its process is down, as in a restart,
-#: and will be back on that port), a worker redials within about this many seconds
-#: (plus the jitter) however long it has failed: a refusal costs one round trip, and a
-#: restarted master has its workers back within about this long of listening.  A host
-#: that does not answer at all keeps the backoff above.
+#: and will be back on that port), or takes it and drops it or says ``busy`` before the
+#: registration is answered (a crowd of workers at once), a worker redials within about
+#: this many seconds (plus the jitter) however long it has failed: such a failure costs
+#: a round trip, and a restarted master has its workers back within about this long of
+#: listening.  A host that does not answer at all keeps the backoff above, and so does a
+#: registration the master refuses (forbidden, a version mismatch).
 RETRY_REFUSED_MAX = 1.0
 
 
@@ -410,6 +412,10 @@ class MasterLink(service.Service):
             e = failure.value
             why = f"{e.message} [{e.code}]" if isinstance(e, DsmlError) else str(e)
             log.error("master refused worker {name}: {why}", name=info.name, why=why)
+            # A master that took the connect and then dropped it or said busy (a crowd
+            # of workers after its restart) is up: come back soon, as after a refusal.
+            self._dialler.refused = not isinstance(e, DsmlError) or e.code in (
+                "connection", "busy", "unavailable")
             # Returning the failure makes ClientService count the attempt failed and
             # wait to retry; it must then not also hear that this connection closed.
             forget_reconnecting_connection(link)
