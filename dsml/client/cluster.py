@@ -384,12 +384,10 @@ class ClusterClient:
         ``slots``, ``timeout``, ``max_attempts``.
         """
         body = job_body(
-            command, name=name, tasks=tasks, array=min(array, 1), slots=slots,
+            command, name=name, tasks=tasks, array=array, slots=slots,
             timeout=timeout, max_attempts=max_attempts, priority=priority, after=after,
             inputs=inputs, outputs=outputs, env=env,
         )
-        if tasks is None and array > 1:
-            body = _compact_array(body, array, inputs, outputs)
         head, _ = self.master.call("submit", {}, body)
         return Job(self, head.headers["job"])
 
@@ -483,23 +481,6 @@ class ClusterClient:
             offset += len(data)
             if not data or offset >= size:
                 return b"".join(chunks)
-
-
-def _compact_array(
-    body: bytes,
-    array: int,
-    inputs: list[tuple[str, str]] | tuple[tuple[str, str], ...],
-    outputs: list[tuple[str, str]] | tuple[tuple[str, str], ...],
-) -> bytes:
-    """A submit of one task made an array: ``"array": N`` and the task as its template
-    (``{index}`` left in its keys and paths, the master fills it in for each task), so
-    a 100,000-task array is one small request, not 100,000 task objects."""
-    job = json.loads(body)
-    template = job["tasks"][0]
-    template["inputs"] = [[k, p] for k, p in inputs]
-    template["outputs"] = [[p, k] for p, k in outputs]
-    job["array"] = array
-    return json.dumps(job).encode()
 
 
 class Job:

@@ -199,7 +199,21 @@ def job_body(
     outputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
     env: dict[str, str] | None = None,
 ) -> bytes:
-    """The JSON payload of a ``submit`` request (see :meth:`ClusterClient.submit`)."""
+    """The JSON payload of a ``submit`` request (see :meth:`ClusterClient.submit`).
+
+    ``command`` with ``array`` > 1 is sent as ``"array": N`` and one task as its template
+    (``{index}`` left in its keys and paths: the master fills it in for each task), so a
+    100,000-task array is one small request, not 100,000 task objects for the master to
+    parse at once."""
+    if tasks is None and array > 1:
+        job = json.loads(job_body(command, name=name, array=1, slots=slots, timeout=timeout,
+                                  max_attempts=max_attempts, priority=priority, after=after,
+                                  env=env))
+        template = job["tasks"][0]
+        template["inputs"] = [[k, p] for k, p in inputs]
+        template["outputs"] = [[p, k] for p, k in outputs]
+        job["array"] = array
+        return json.dumps(job).encode()
     if tasks is None:
         if not command:
             raise DsmlError("a job needs a command", "bad-job")
