@@ -218,3 +218,21 @@ def test_a_restarted_master_purges_finished_jobs_beyond_retention(tmp_path: Path
         assert sorted(poll(listed, "the purge at start-up", 30)) == sorted(ids[1:])
     finally:
         c.stop()
+
+
+def test_a_big_task_list_is_read_in_slices_by_a_real_master(master: LocalCluster) -> None:
+    """An explicit list of tasks (not an array: each task its own command) bigger than
+    PARSE_AT_ONCE: the master reads it a slice of tasks per turn (its log says so) and
+    the job has every task as sent."""
+    from dsml.master.jobparse import PARSE_AT_ONCE
+
+    n = 10_000
+    tasks = [{"command": ["train", f"--seed={i}"]} for i in range(n)]
+    assert len(json.dumps({"tasks": tasks})) > PARSE_AT_ONCE
+    host, port = master.address("master")
+    with ClusterClient(host, port, token=master.token, timeout=PATIENCE) as c:
+        job = c.submit(name="sweep", tasks=tasks)
+        status = c.job_status(job.id)
+        assert status["total"] == n
+    text = Path(master.log_path("master")).read_text(errors="replace")
+    assert "its tasks read 500 per reactor turn" in text

@@ -36,7 +36,6 @@ from .jobs import (
     JobManager,
     JobSpec,
     JobView,
-    TaskSpec,
 )
 from .jobs.model import parse_job_id
 from .membership import Membership, WorkerRecord
@@ -49,40 +48,6 @@ WAIT_MAX = 600
 JOBS_PAGE = 1000
 #: Most tasks sent to workers in one reactor turn (the rest on the next turns).
 DISPATCH_PER_TURN = 128
-
-
-def job_spec_from_json(data: Any) -> JobSpec:
-    """A JobSpec from the JSON a client submits; JobError for anything malformed.
-
-    ``"array": N`` with ONE task makes a compact array job (see
-    :class:`~dsml.master.jobs.JobSpec`): N tasks from that template, ``{index}`` in its
-    input and output keys and paths replaced by each task's index.
-    """
-    try:
-        array = data.get("array", 0)
-        if isinstance(array, bool) or not isinstance(array, int):
-            raise JobError(f"array must be an integer, not {array!r}", "bad-job")
-        tasks = tuple(
-            TaskSpec(
-                command=tuple(str(a) for a in t["command"]),
-                env=tuple((str(k), str(v)) for k, v in dict(t.get("env", {})).items()),
-                inputs=tuple((str(k), str(p)) for k, p in t.get("inputs", ())),
-                outputs=tuple((str(p), str(k)) for p, k in t.get("outputs", ())),
-                slots=int(t.get("slots", 1)),
-                timeout=None if t.get("timeout") is None else float(t["timeout"]),
-                max_attempts=int(t.get("max_attempts", 3)),
-            )
-            for t in data["tasks"]
-        )
-        return JobSpec(
-            name=str(data.get("name", "")),
-            tasks=tasks,
-            priority=int(data.get("priority", 0)),
-            after=tuple(str(j) for j in data.get("after", ())),
-            array=array,
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise JobError(f"malformed job: {e}", "bad-job") from None
 
 
 def job_json(

@@ -19,7 +19,7 @@ import json
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -30,8 +30,10 @@ from ..net.links import tune_socket
 from ..net.responders import Reply, responder
 from ..protocol.codec import Head
 from ..protocol.methods import ALL_ROLES, Role
-from .jobrouter import JobRouter, finished_report, job_json, job_spec_from_json
-from .jobs import FinishedReport, JobError, JobView
+from .jobparse import job_spec_from_payload, job_spec_in_slices
+from .jobrouter import JobRouter, finished_report, job_json
+from .jobs import FinishedReport, JobSpec, JobView
+from .jobs.slices import Slicer
 from .keyspace import KeySpace
 from .membership import Versions, WorkerRecord
 from .registry import RegisterRequest, Registration, WorkerRegistry, parse_digest
@@ -87,6 +89,8 @@ class MasterHandler:
         self.clock = clock
         self._registrations: deque[tuple[Deferred[Reply], Head, bytes, Connection]] = deque()
         self._turn: IDelayedCall | None = None
+        #: Big submit payloads are read a slice per turn here (without a clock: at once).
+        self._parsing = None if clock is None else Slicer(clock)
         self.keys = keys
         self.router = router
         #: The reactor-lag probe's figures (in the ``nodes`` answer's headers).
@@ -366,13 +370,17 @@ class MasterHandler:
 
     @responder("submit", roles=_CLIENT)
     def _submit(self, head: Head, payload: bytes, conn: Connection) -> Deferred[Reply]:
-        try:
-            data = json.loads(payload)
-        except ValueError as e:
-            raise JobError(f"job is not JSON: {e}", "bad-job") from None
-        spec = job_spec_from_json(data)
-        d = self.router.submit(spec, principal(conn))
-        return d.addCallback(lambda job_id: Reply({"Job": job_id, "Tasks": spec.count}))
+        # A big payload is read a slice of tasks per reactor turn (jobparse).
+        if self._parsing is None:
+            parsed = succeed(job_spec_from_payload(payload))
+        else:
+            parsed = job_spec_in_slices(payload, self._parsing)
+
+        def submit(spec: JobSpec) -> Deferred[Reply]:
+            d = self.router.submit(spec, principal(conn))
+            return d.addCallback(lambda job_id: Reply({"Job": job_id, "Tasks": spec.count}))
+
+        return parsed.addCallback(submit)
 
     @responder("jobs", roles=_CLIENT)
     def _jobs(self, head: Head, payload: bytes, conn: Connection) -> Reply:
