@@ -78,6 +78,7 @@ def test_slices_read_the_same_job_as_json_loads(job: dict[str, Any], indent: int
     b'{"tasks": [1]}', b'{1: 2}', b'\xff{"tasks": []}', b'{"name": "a"}',
     b'{"tasks": [{"command": ["x"]}], "tasks": 7}', b'{"array": "2", "tasks": [{"command": [1]}]}',
     b'{}', b' { "tasks" : [ ] } ',
+    b'{"tasks": [{"command": ["x"], "env": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}",
 ])
 def test_malformed_payloads_get_the_same_answer(payload: bytes,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,7 +66,7 @@ def job_spec_from_json(data: Any) -> JobSpec:
     """
     try:
         return _job_spec(data, tuple(_task_spec(t) for t in data["tasks"]))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         raise JobError(f"malformed job: {e}", "bad-job") from None
 
 
@@ -74,7 +74,7 @@ def job_spec_from_payload(payload: bytes) -> JobSpec:
     """:func:`job_spec_from_json` of the payload's JSON, at once."""
     try:
         data = json.loads(payload)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise JobError(f"job is not JSON: {e}", "bad-job") from None
     return job_spec_from_json(data)
 
@@ -98,8 +98,11 @@ def job_spec_in_slices(payload: bytes, slicer: Slicer) -> Deferred[JobSpec]:
             spec = yield from _read(payload)
         except JobError as e:
             out.errback(e)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError,
+                RecursionError) as e:
             out.errback(JobError(f"malformed job: {e}", "bad-job"))
+        except Exception as e:  # never leave the request unanswered
+            out.errback(e)
         else:
             out.callback(spec)
 
