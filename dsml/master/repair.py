@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
@@ -55,6 +55,16 @@ Scan = Iterator[list[str]]
 def _take(queue: OrderedDict[str, None], n: int) -> list[str]:
     """Pop up to ``n`` keys from the front of ``queue``."""
     return [queue.popitem(last=False)[0] for _ in range(min(n, len(queue)))]
+
+
+class _Pass(NamedTuple):
+    """What one repair pass decides every key against."""
+
+    alive: dict[str, WorkerRecord]
+    counted: set[str]  #: workers whose copies count (alive, or dead within the grace)
+    factor: int
+    want: int  #: copies each key should have: min(factor, len(counted))
+    trims_ok: bool  #: every counted worker is alive: surplus copies may go
 
 
 class Repairer:
@@ -274,7 +284,7 @@ class Repairer:
             self._seeded = True
             self.rescan()
         self._feed()
-        trims_ok = counted == set(alive)
+        pass_ = _Pass(alive, counted, factor, want, counted == set(alive))
         budget = self.batch
         # The backlog first, while copy slots are free: a few keys at a time (each may
         # take a slot), twice as many after a round that started no copy, within one
@@ -287,42 +297,27 @@ class Repairer:
             keys = _take(self._backlog, min(chunk, budget))
             budget -= len(keys)
             before = self.copies_started
-            self._examine(keys, alive, counted, factor, want, trims_ok)
+            self._examine(keys, pass_)
             if self.copies_started == before:
                 chunk *= 2
             else:
                 chunk = max(1, self.concurrency - len(self.copying))
         keys = _take(self.queue, budget)
         if keys:
-            self._examine(keys, alive, counted, factor, want, trims_ok)
+            self._examine(keys, pass_)
         elif budget == self.batch:
             return bool(self._scans)
         return bool(self.queue or self._scans
                     or (self._backlog and len(self.copying) < self.concurrency))
 
-    def _examine(
-        self,
-        keys: list[str],
-        alive: dict[str, WorkerRecord],
-        counted: set[str],
-        factor: int,
-        want: int,
-        trims_ok: bool,
-    ) -> None:
+    def _examine(self, keys: list[str], pass_: _Pass) -> None:
         self.examined += len(keys)
         for view in self.directory.examine(keys):
-            self._decide(view, alive, counted, factor, want, trims_ok)
+            self._decide(view, pass_)
 
-    def _decide(
-        self,
-        view: KeyView,
-        alive: dict[str, WorkerRecord],
-        counted: set[str],
-        factor: int,
-        want: int,
-        trims_ok: bool,
-    ) -> None:
+    def _decide(self, view: KeyView, pass_: _Pass) -> None:
         """What one key needs: a copy, surplus trims, trims of stale or deleted copies."""
+        alive, counted, factor, want, trims_ok = pass_
         key = view.key
         if key in self.copying:
             return  # examined again when the copy ends

@@ -239,15 +239,17 @@ class StoreReports:
 
 @implementer(IStreamClientEndpoint)
 class _Dialler:
-    """The master's endpoint, noting whether the last connect was refused."""
+    """The master's endpoint, noting whether the master is up and only turned the last
+    try away (the connect refused here; a registration dropped or busy: MasterLink), so
+    the next try should come soon (RETRY_REFUSED_MAX)."""
 
     def __init__(self, endpoint: IStreamClientEndpoint) -> None:
         self.endpoint = endpoint
-        self.refused = False
+        self.soon = False
 
     def connect(self, factory: Any) -> Deferred[Any]:
         def done(result: Any) -> Any:
-            self.refused = isinstance(result, Failure) and bool(
+            self.soon = isinstance(result, Failure) and bool(
                 result.check(ConnectionRefusedError))
             return result
 
@@ -326,7 +328,7 @@ class MasterLink(service.Service):
 
     def _retry_delay(self, failures: int) -> float:
         delay = self._policy(failures)
-        if self._dialler.refused:
+        if self._dialler.soon:
             # The first delay carries the policy's own jitter (seeded in simulations).
             delay = min(delay, RETRY_REFUSED_MAX - RETRY_INITIAL + self._policy(0))
         return delay
@@ -414,7 +416,7 @@ class MasterLink(service.Service):
             log.error("master refused worker {name}: {why}", name=info.name, why=why)
             # A master that took the connect and then dropped it or said busy (a crowd
             # of workers after its restart) is up: come back soon, as after a refusal.
-            self._dialler.refused = not isinstance(e, DsmlError) or e.code in (
+            self._dialler.soon = not isinstance(e, DsmlError) or e.code in (
                 "connection", "busy", "unavailable")
             # Returning the failure makes ClientService count the attempt failed and
             # wait to retry; it must then not also hear that this connection closed.
