@@ -50,7 +50,9 @@ Phases, each measured from outside the master (its /proc files, and round trips)
    once they are all in and the repair's copies and trims of keys whose other holder
    was not in yet have stopped (no order for 3 s), the master's RSS (VmRSS, VmHWM);
 2. a steady window (20 s; --quick 5 s) with all N heartbeating and nothing else: the
-   master's CPU (utime+stime from /proc/PID/stat) per second, as % of one core.  It
+   master's CPU (utime+stime from /proc/PID/stat) per second, as % of one core, and of
+   that the repairer's passes' own (``Repair-Cpu-Ms`` of ``nodes``: the master's thread
+   CPU clock read around every pass), the figure the 5 % target is on.  It
    starts once the master's repairer says (``Repair-Pending``, ``Repair-Scanning`` of
    its ``nodes`` answer) that its start-up pass over the directory, made once after the
    start's grace, is over: a start-up cost, printed apart;
@@ -173,11 +175,12 @@ ORDERS = worker_order_methods()
 # The table's rows (tests/test_bench_scale_smoke.py looks for these names).
 ROW_RSS = "master RSS, all registered with K keys"
 ROW_HWM = "master peak RSS (VmHWM), whole run"
-ROW_CPU = "master CPU, steady heartbeats + repair loop"
+ROW_BEATS = "master CPU, steady: N workers' heartbeats + repair"
+ROW_CPU = "repair CPU, steady (the repairer's passes)"
 ROW_SUBMIT = "worst stall during the array submit"
 ROW_REPAIR = "worst stall during a dead worker's repair"
 ROW_REREG = "re-registration of all N after a master restart"
-ROWS = (ROW_RSS, ROW_HWM, ROW_CPU, ROW_SUBMIT, ROW_REPAIR, ROW_REREG)
+ROWS = (ROW_RSS, ROW_HWM, ROW_BEATS, ROW_CPU, ROW_SUBMIT, ROW_REPAIR, ROW_REREG)
 
 TARGET_RSS_MIB = 1024
 TARGET_CPU_PCT = 5.0
@@ -314,6 +317,8 @@ class Window:
 
     seconds: float = 0.0
     cpu_pct: float | None = None
+    #: The repairer's passes' CPU (``Repair-Cpu-Ms`` of ``nodes``), % of a core.
+    repair_cpu_pct: float | None = None
     probe_worst_ms: float | None = None
     probe_p99_ms: float | None = None
     probe_n: int = 0
@@ -645,6 +650,8 @@ class LagReader:
         self.first: float | None = None
         self.last: float | None = None
         self.repair: tuple[Any, Any] = (None, None)
+        #: ``Repair-Cpu-Ms`` (the repairer's passes' CPU since start) at start and end.
+        self.repair_cpu: list[float | None] = []
 
     async def read(self) -> float | None:
         """One reading of ``Lag-Worst-Ms`` (None when the master has no such header)."""
@@ -655,6 +662,8 @@ class LagReader:
             self.link = link
         head, _ = await self.link.request("nodes", {})
         self.repair = (head.headers.get("repair-pending"), head.headers.get("repair-scanning"))
+        cpu_ms = head.headers.get("repair-cpu-ms")
+        self.repair_cpu.append(None if cpu_ms is None else float(cpu_ms))
         value = head.headers.get("lag-worst-ms")
         return None if value is None else float(value)
 
@@ -840,6 +849,9 @@ async def measure_window(
         w.probe_worst_ms, w.probe_p99_ms, w.probe_n = _ms(rtts), _ms(rtts, 0.99), len(rtts)
         p.close()
     w.master_lag_ms, w.master_lag_rose = await lag.finish()
+    first, last = lag.repair_cpu[0], lag.repair_cpu[-1]
+    if first is not None and last is not None:
+        w.repair_cpu_pct = 100 * (last - first) / 1000 / (t1 - t0)
     beats = bench.beats.get(phase, [])
     w.beat_worst_ms, w.beat_median_ms, w.beat_n = _ms(beats), _ms(beats, 0.5), len(beats)
     return w
@@ -1080,8 +1092,9 @@ def report(s: Settings, r: Results) -> None:
          under(r.rss_mib, TARGET_RSS_MIB)],
         [ROW_HWM, f"{fmt(r.hwm_mib)} MiB", f"< {TARGET_RSS_MIB:,} MiB",
          under(r.hwm_mib, TARGET_RSS_MIB)],
-        [ROW_CPU, f"{fmt(r.steady.cpu_pct, 1)} % of a core", f"< {TARGET_CPU_PCT:g} %",
-         under(r.steady.cpu_pct, TARGET_CPU_PCT)],
+        [ROW_BEATS, f"{fmt(r.steady.cpu_pct, 1)} % of a core", "(printed)", ""],
+        [ROW_CPU, f"{fmt(r.steady.repair_cpu_pct, 2)} % of a core", f"< {TARGET_CPU_PCT:g} %",
+         under(r.steady.repair_cpu_pct, TARGET_CPU_PCT)],
         [ROW_SUBMIT, stall(r.submit), f"< {TARGET_STALL_MS:g} ms",
          under(stall_ms(r.submit), TARGET_STALL_MS)],
         [ROW_REPAIR, stall(r.repair), f"< {TARGET_STALL_MS:g} ms",
@@ -1108,7 +1121,8 @@ def report(s: Settings, r: Results) -> None:
         f"over {fmt(r.repair_start_s, 1)} s after the loading settled; the steady window "
         "began then")
     for label, w in (("steady", r.steady), ("submit", r.submit), ("repair", r.repair)):
-        parts = [f"{w.seconds:.1f} s", f"master CPU {fmt(w.cpu_pct, 1)} % of a core"]
+        parts = [f"{w.seconds:.1f} s", f"master CPU {fmt(w.cpu_pct, 1)} % of a core",
+                 f"of which repair passes {fmt(w.repair_cpu_pct, 2)} %"]
         if w.probe_n:
             parts.append(f"probe worst {ms(w.probe_worst_ms)}, p99 {ms(w.probe_p99_ms)} "
                          f"({w.probe_n:,} pings)")

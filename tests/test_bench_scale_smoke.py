@@ -22,7 +22,8 @@ SCRIPT = ROOT / "benchmarks" / "scale.py"
 ROWS = (
     "master RSS, all registered with K keys",
     "master peak RSS (VmHWM), whole run",
-    "master CPU, steady heartbeats + repair loop",
+    "master CPU, steady: N workers' heartbeats + repair",
+    "repair CPU, steady (the repairer's passes)",
     "worst stall during the array submit",
     "worst stall during a dead worker's repair",
     "re-registration of all N after a master restart",

@@ -316,3 +316,33 @@ def test_nodes_says_what_the_repairer_has_under_way(tmp_path: Path) -> None:
     finally:
         c.repairer.stop()
         c.state.close()
+
+
+def test_repair_passes_count_their_cpu_time(tmp_path: Path) -> None:
+    """``Repair-Cpu-Ms``: the CPU clock read around every pass (the timer's and the
+    follow-ups on later reactor turns), summed; what the scale benchmark's steady-state
+    repair CPU is read from.  Work outside a pass is not counted."""
+    c = Cluster(tmp_path, batch=10)
+    ticks = [0.0]
+
+    def cpu() -> float:  # a CPU clock that moves 5 ms between any two readings
+        ticks[0] += 0.005
+        return ticks[0]
+    try:
+        c.join("a")
+        c.repairer.cpu = cpu
+        c.repairer.start()
+        assert c.repairer.status()["cpu_ms"] == 0
+        c.clock.advance(1)  # one timer pass: two readings, 5 ms apart
+        assert c.repairer.status()["cpu_ms"] == 5
+        c.repairer.enqueue(f"k{i}" for i in range(35))  # 4 slices: the timer's + 3 follow-ups
+        c.clock.advance(1)
+        for _ in range(5):
+            c.clock.advance(0)
+        assert c.repairer.status()["cpu_ms"] == 5 + 4 * 5
+        ticks[0] += 100.0  # CPU used elsewhere between passes is not the repairer's
+        c.clock.advance(1)
+        assert c.repairer.status()["cpu_ms"] == 5 + 5 * 5
+    finally:
+        c.repairer.stop()
+        c.state.close()

@@ -275,6 +275,7 @@ class MasterHandler:
             repair = self.repair()
             headers["Repair-Pending"] = repair["pending"]
             headers["Repair-Scanning"] = repair["scanning"]
+            headers["Repair-Cpu-Ms"] = repair["cpu_ms"]
         return Reply(headers, _lines([
             json.dumps(
                 {

@@ -193,6 +193,7 @@ def build_master(
         factor=factor,
         grace=heartbeat_timeout,
         interval=max(0.5, heartbeat_interval),
+        cpu=time.thread_time,
     )
     handler = MasterHandler(registry=registry, keys=keys, router=router, admins=admins,
                             lag=probe.snapshot, clock=clock, repair=repairer.status)
