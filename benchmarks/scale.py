@@ -319,6 +319,11 @@ class Window:
     cpu_pct: float | None = None
     #: The repairer's passes' CPU (``Repair-Cpu-Ms`` of ``nodes``), % of a core.
     repair_cpu_pct: float | None = None
+    #: The master's garbage collector in the window (``Gc-*`` of ``nodes``): full
+    #: collections, their total ms; the longest collection since start.
+    gc_full: int | None = None
+    gc_full_ms: float | None = None
+    gc_worst_ms: float | None = None
     probe_worst_ms: float | None = None
     probe_p99_ms: float | None = None
     probe_n: int = 0
@@ -652,6 +657,8 @@ class LagReader:
         self.repair: tuple[Any, Any] = (None, None)
         #: ``Repair-Cpu-Ms`` (the repairer's passes' CPU since start) at start and end.
         self.repair_cpu: list[float | None] = []
+        #: (``Gc-Full``, ``Gc-Full-Ms``, ``Gc-Worst-Ms``) at each reading.
+        self.gc: list[tuple[float, float, float] | None] = []
 
     async def read(self) -> float | None:
         """One reading of ``Lag-Worst-Ms`` (None when the master has no such header)."""
@@ -664,6 +671,8 @@ class LagReader:
         self.repair = (head.headers.get("repair-pending"), head.headers.get("repair-scanning"))
         cpu_ms = head.headers.get("repair-cpu-ms")
         self.repair_cpu.append(None if cpu_ms is None else float(cpu_ms))
+        gc = [head.headers.get(h) for h in ("gc-full", "gc-full-ms", "gc-worst-ms")]
+        self.gc.append(None if None in gc else (float(gc[0]), float(gc[1]), float(gc[2])))
         value = head.headers.get("lag-worst-ms")
         return None if value is None else float(value)
 
@@ -712,6 +721,8 @@ class Settings:
     heartbeat_timeout: float | None
     #: The simulated workers send ``Inventory-Digest`` with their registrations.
     digest: bool = True
+    #: Where the restarted master's cProfile stats go (None: not profiled).
+    profile_restart: str | None = None
 
 
 @attrs.define
@@ -852,6 +863,9 @@ async def measure_window(
     first, last = lag.repair_cpu[0], lag.repair_cpu[-1]
     if first is not None and last is not None:
         w.repair_cpu_pct = 100 * (last - first) / 1000 / (t1 - t0)
+    gc0, gc1 = lag.gc[0], lag.gc[-1]
+    if gc0 is not None and gc1 is not None:
+        w.gc_full, w.gc_full_ms, w.gc_worst_ms = int(gc1[0] - gc0[0]), gc1[1] - gc0[1], gc1[2]
     beats = bench.beats.get(phase, [])
     w.beat_worst_ms, w.beat_median_ms, w.beat_n = _ms(beats), _ms(beats, 0.5), len(beats)
     return w
@@ -1012,6 +1026,10 @@ async def run(
         await deferToThread(cluster.kill, "master", signal.SIGTERM)
         t_down = time.monotonic()
         victim.connect()
+        if s.profile_restart:
+            cluster.twistd_options["master"] = [
+                "--profile", str(Path(s.profile_restart).resolve()), "--profiler", "cprofile",
+                "--savestats"]
         await deferToThread(cluster.start, "master", 120.0)
         t_listen = time.monotonic()
         r.restart_down_s = t_down - t_term
@@ -1130,6 +1148,10 @@ def report(s: Settings, r: Results) -> None:
                      f"{ms(w.beat_median_ms)} ({w.beat_n:,} beats)")
         if w.master_lag_ms is not None:
             parts.append(f"the master's own lag probe worst {lag_text(w)}")
+        if w.gc_full is not None:
+            parts.append(f"the master's full collections {w.gc_full} taking "
+                         f"{ms(w.gc_full_ms)} (its longest collection since start "
+                         f"{ms(w.gc_worst_ms)})")
         parts.append(f"this process's own reactor lag worst {ms(w.own_lag_ms)}")
         say(f"  - {label}: " + "; ".join(parts))
     say(f"  - submit: {fmt(r.submit_seconds, 2)} s for the client; {r.submit_dispatched:,} "
@@ -1157,6 +1179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--array", type=int, help="tasks of the submitted array (default 100,000)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 50 workers, 20,000 keys, 2,000 tasks, short windows")
+    p.add_argument("--profile-restart", metavar="FILE",
+                   help="run the restarted master under cProfile, stats to FILE (a profile "
+                        "of its start and the re-registration; slower: not a figure)")
     p.add_argument("--tmpdir", help="parent of the scratch directory (default: $TMPDIR or /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (logs)")
     p.add_argument("--no-digest", action="store_true",
@@ -1173,6 +1198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repair_window=5.0 if q else 30.0,
         heartbeat_timeout=3.0 if q else None,
         digest=not args.no_digest,
+        profile_restart=args.profile_restart,
     )
     if s.workers < 2:
         p.error("--workers must be at least 2")

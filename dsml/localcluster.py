@@ -54,6 +54,9 @@ class LocalCluster:
         self.tls = tls
         self.pki_dir = self.root / "pki"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        #: Extra twistd options per process name, given at its next start (a benchmark's
+        #: ``--profile FILE --profiler cprofile --savestats``).
+        self.twistd_options: dict[str, list[str]] = {}
         self._logs: dict[str, IO[bytes]] = {}
         cluster: dict[str, object] = {"token": self.token}
         if tls:
@@ -95,6 +98,7 @@ class LocalCluster:
             pass
         role = ["dsml-master"] if name == "master" else ["dsml-worker"]
         args = [venv_bin("twistd"), "-n", "--pidfile", str(self.root / f"{name}.pid")]
+        args += self.twistd_options.get(name, [])
         args += role + ["-c", str(self.config_path)]
         if name != "master":
             args += ["--name", name]

@@ -81,6 +81,7 @@ class MasterHandler:
         lag: Callable[[], Mapping[str, object]] | None = None,
         clock: IReactorTime | None = None,
         repair: Callable[[], Mapping[str, int]] | None = None,
+        gc: Callable[[], Mapping[str, float | int]] | None = None,
     ) -> None:
         self.registry = registry
         #: With a clock, at most one registration runs per reactor turn (the others
@@ -97,6 +98,8 @@ class MasterHandler:
         self.lag = lag
         #: The repairer's backlog (``Repair-Pending``, ``Repair-Scanning`` in ``nodes``).
         self.repair = repair
+        #: The process's collector figures (``Gc-Worst-Ms``, ``Gc-Full``, ``Gc-Full-Ms``).
+        self.gc = gc
         #: Users who may act on every job (``cluster.admins``).
         self.admins = frozenset(admins)
 
@@ -276,6 +279,11 @@ class MasterHandler:
             headers["Repair-Pending"] = repair["pending"]
             headers["Repair-Scanning"] = repair["scanning"]
             headers["Repair-Cpu-Ms"] = repair["cpu_ms"]
+        if self.gc is not None:
+            collector = self.gc()
+            headers["Gc-Worst-Ms"] = collector["worst_ms"]
+            headers["Gc-Full"] = collector["full"]
+            headers["Gc-Full-Ms"] = collector["full_ms"]
         return Reply(headers, _lines([
             json.dumps(
                 {

@@ -27,6 +27,7 @@ from twisted.internet.threads import deferToThreadPool
 from .. import __version__
 from ..config import MASTER_ADDR_FILE, Config, Retention
 from ..fsutil import private_dir
+from ..gcwatch import DaemonGc, GcWatch
 from ..lagprobe import LagProbe
 from ..net.access import DEFAULT_ADMINS
 from ..net.limits import Limits
@@ -137,6 +138,7 @@ def build_master(
     admins: Collection[str] = DEFAULT_ADMINS,
     configured: Mapping[str, tuple[str, int]] | None = None,
     retention: Retention | None = None,
+    gc: Callable[[], dict[str, Any]] | None = None,
 ) -> Master:
     """Wire the master over an open ``state``: no reactor or sockets of its own.
 
@@ -147,7 +149,8 @@ def build_master(
     :func:`make_master_service` passes the real ones; :mod:`dsml.testing.sim` passes
     a fake clock and an in-memory network.  With ``peer_check`` (TLS: ``listen`` then
     wraps the factory in TLS) each connection's roles come from its peer's certificate;
-    ``admins`` are the users who may act on every job (``cluster.admins``);
+    ``admins`` are the users who may act on every job (``cluster.admins``); ``gc`` gives
+    the process's collector figures for ``nodes`` (:class:`~dsml.gcwatch.GcWatch`);
     ``configured`` (the config's workers: name -> host, port) is who may register over
     TLS, and where.  ``retention`` (the config's section) starts the purge of finished
     jobs; a reactor-lag probe on ``clock`` is in every ``nodes`` answer.
@@ -196,7 +199,7 @@ def build_master(
         cpu=time.thread_time,
     )
     handler = MasterHandler(registry=registry, keys=keys, router=router, admins=admins,
-                            lag=probe.snapshot, clock=clock, repair=repairer.status)
+                            lag=probe.snapshot, clock=clock, repair=repairer.status, gc=gc)
     factory = ServerFactory(
         Responders(master_methods(), handler),
         clock,
@@ -224,7 +227,8 @@ def make_master_service(
     # Loaded first: a missing or unsafe key stops the master before anything else.
     tls = load_tls(config, "master", MASTER_NAME)
     private_dir(mc.state_dir)  # 0700; an older install's open one is tightened
-    return build_master(
+    watch = GcWatch()
+    master = build_master(
         state=MasterState(mc.state_dir / "master.sqlite3"),
         clock=reactor,
         monotonic=monotonic,
@@ -242,4 +246,7 @@ def make_master_service(
         admins=cc.admins,
         configured={name: (w.host, w.port) for name, w in config.workers.items()},
         retention=config.retention,
-    ).service
+        gc=watch.snapshot,
+    )
+    DaemonGc(watch).setServiceParent(master.service)  # last: frozen once the rest is up
+    return master.service

@@ -324,7 +324,7 @@ class Journal:
             for aid, idx, worker, inc, astate, *rest in db.execute(_ATTEMPT_COLS, (seq,)):
                 task = job.tasks[idx]
                 a = AttemptRecord(aid, task, worker, inc, AttemptState(astate), *rest)
-                task.attempts.append(a)
+                task.add_attempt(a)
                 if a.state == RUNNING:
                     task.current = a
             jobs.append(job)

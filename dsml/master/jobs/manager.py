@@ -179,7 +179,7 @@ class JobManager:
         self.clock = clock
         self._closed = False
         self._jobs: dict[int, JobRecord] = {}
-        self._queue = TaskQueue()
+        self._queue = TaskQueue(self._jobs)
         #: Running attempts by id (the router reads it to count a worker's busy slots).
         self._running: dict[int, AttemptRecord] = {}
         self._by_worker: dict[str, set[int]] = {}
@@ -510,7 +510,7 @@ class JobManager:
         aid = journal.new_attempt_id()
         now = self.clock.seconds()
         a = AttemptRecord(aid, task, worker, incarnation, _ATTEMPT_RUNNING, now)
-        task.attempts.append(a)
+        task.add_attempt(a)
         task.current = a
         self._running[aid] = a
         self._by_worker.setdefault(worker, set()).add(aid)

@@ -10,7 +10,11 @@ the worker already holds goes first, but only within the first :data:`LOCALITY_W
 queued tasks, so a remote task is never passed over forever.
 
 The queue is two parts: ``front``, a sorted list of (at most LOCALITY_WINDOW) entries
-that are all smaller than every entry of ``heap``, and the heap.  :meth:`TaskQueue.take`
+that are all smaller than every entry of ``heap``, and the heap.  The heap holds only
+(-priority, job seq, task index): three ints, a tuple the garbage collector stops
+walking (a 100,000-task job's heap entries once held each its task record and cost a
+full collection tens of milliseconds of the reactor's turn); the task is found from its
+live job (``jobs``, the manager's) when the entry reaches the front.  :meth:`TaskQueue.take`
 only looks at the front, so finding the first task that fits, or the first local one,
 never pops and pushes back; the heap refills the front one pop per task given.  Each
 task given thus costs one heap pop and a scan of at most the window (no full scans).
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Final
 
 from .model import QueuePlace
@@ -40,15 +44,19 @@ LOCALITY_WINDOW: Final = 64
 #: this many jobs are live (the count walks them all).
 MAX_JOBS_COUNTED: Final = 1000
 
-#: A queue entry: (-priority, job seq, task index, task).  The first three are unique.
+#: A front entry: (-priority, job seq, task index, task).  The first three are unique.
 Entry = tuple[int, int, int, TaskRecord]
+#: A heap entry: (-priority, job seq, task index).
+Key = tuple[int, int, int]
 
 
 class TaskQueue:
     """Queued tasks in priority order, with a sorted front for locality (see above)."""
 
-    def __init__(self) -> None:
-        self.heap: list[Entry] = []
+    def __init__(self, jobs: Mapping[int, JobRecord]) -> None:
+        #: The live jobs by seq (the manager's own dict): where a heap entry's task is.
+        self.jobs = jobs
+        self.heap: list[Key] = []
         self.front: list[Entry] = []
         #: Entries of tasks that left the queue other than by being given.
         self.dead = 0
@@ -61,45 +69,55 @@ class TaskQueue:
         """Put the queued tasks of a state file just opened in the queue."""
         heap = self.heap
         for task in tasks:
-            heap.append((-task.job.priority, task.job.seq, task.index, task))
+            heap.append((-task.job.priority, task.job.seq, task.index))
         heapq.heapify(heap)
 
     def push(self, task: TaskRecord) -> None:
         """Put a queued task in the queue at its place."""
-        entry = (-task.job.priority, task.job.seq, task.index, task)
+        key = (-task.job.priority, task.job.seq, task.index)
         front = self.front
-        if front and entry < front[-1]:
-            bisect.insort(front, entry)
+        if front and key < front[-1][:3]:
+            bisect.insort(front, (*key, task))
             if len(front) > LOCALITY_WINDOW:
-                heapq.heappush(self.heap, front.pop())
+                heapq.heappush(self.heap, front.pop()[:3])
         else:
-            heapq.heappush(self.heap, entry)
+            heapq.heappush(self.heap, key)
 
     def push_all(self, job: JobRecord, tasks: Iterable[TaskRecord]) -> None:
         """Put many queued tasks of a job in the queue (the front goes back to the heap)."""
         heap = self.heap
         for entry in self.front:
-            heapq.heappush(heap, entry)
+            heapq.heappush(heap, entry[:3])
         self.front.clear()
         key = -job.priority
         for task in tasks:
-            heapq.heappush(heap, (key, job.seq, task.index, task))
+            heapq.heappush(heap, (key, job.seq, task.index))
 
     def compact(self, queued: int) -> None:
         """Drop the dead entries once they outnumber the ``queued`` tasks."""
         if self.dead > 1024 and self.dead > queued:
-            live = [e for e in self.heap + self.front if e[3].state == QUEUED]
+            live = [k for k in self.heap if self._queued(k) is not None]
+            live += [e[:3] for e in self.front if e[3].state == QUEUED]
             heapq.heapify(live)
             self.heap = live
             self.front.clear()
             self.dead = 0
 
+    def _queued(self, key: Key) -> TaskRecord | None:
+        """The task of a heap entry, if it is still queued (else the entry is dead)."""
+        job = self.jobs.get(key[1])
+        if job is None or not 0 <= key[2] < len(job.tasks):
+            return None
+        task = job.tasks[key[2]]
+        return task if task.index == key[2] and task.state == QUEUED else None
+
     def _fill_front(self) -> None:
         front, heap = self.front, self.heap
         while len(front) < LOCALITY_WINDOW and heap:
-            entry = heapq.heappop(heap)
-            if entry[3].state == QUEUED:
-                front.append(entry)
+            key = heapq.heappop(heap)
+            task = self._queued(key)
+            if task is not None:
+                front.append((*key, task))
 
     def take(
         self,

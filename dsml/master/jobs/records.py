@@ -100,9 +100,19 @@ class TaskRecord:
     spec: TaskSpec
     state: TaskState
     reason: str = ""
-    attempts: list[AttemptRecord] = attrs.Factory(list)
+    #: Its attempts, oldest first: the shared empty tuple until the first
+    #: (:meth:`add_attempt`), so a 100,000-task job that has not run holds no 100,000
+    #: empty lists for the garbage collector to walk.
+    attempts: list[AttemptRecord] | tuple[()] = ()
     #: The running attempt, if any.
     current: AttemptRecord | None = None
+
+    def add_attempt(self, attempt: AttemptRecord) -> None:
+        """Add its newest attempt."""
+        if isinstance(self.attempts, tuple):
+            self.attempts = [attempt]
+        else:
+            self.attempts.append(attempt)
 
     def view(self, waiting_for: str = "") -> TaskView:
         """Its view; ``waiting_for`` is its job's sentence, kept only if it is waiting."""
