@@ -92,7 +92,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -298,6 +298,8 @@ class Bench:
         self.beats: dict[str, list[float]] = {}
         self.probes: dict[str, list[float]] = {}
         self.registered: dict[str, float] = {}  # name -> time of its latest registration
+        #: Failed registration tries per phase and why (refused, dropped, an error code).
+        self.failed: dict[str, Counter[str]] = {}
         self.orders: dict[str, int] = {}
         self.replicate_times: list[float] = []
         self.last_order_at = 0.0  # when the last replicate or drop order came
@@ -473,6 +475,9 @@ class SimWorker:
         # master's unauthenticated pool full): come back soon, as MasterLink does.
         self.refused = not failure.check(Refused) or failure.value.code in ("busy",
                                                                           "unavailable")
+        why = (failure.value.code if failure.check(Refused)
+               else type(failure.value).__name__)
+        self.bench.failed.setdefault(self.bench.phase, Counter())[why] += 1
         if self.pending is link:
             self.pending = None
         if link.transport is not None and not link.closed:
@@ -747,6 +752,8 @@ class Results:
     rereg_from_listen_s: float | None = None
     rereg_from_term_s: float | None = None
     rereg_spread_s: float | None = None
+    #: Registration tries that failed after the restart, by why.
+    rereg_failed: dict[str, int] = attrs.Factory(dict)
     rss_after_restart_mib: float | None = None
     registered_after: int = 0
 
@@ -1032,6 +1039,7 @@ async def run(
                 "--savestats"]
         await deferToThread(cluster.start, "master", 120.0)
         t_listen = time.monotonic()
+        bench.phase = "reregister"  # (tries failed before this: the master was down)
         r.restart_down_s = t_down - t_term
         r.restart_start_s = t_listen - t_down
         try:
@@ -1046,6 +1054,7 @@ async def run(
                 r.rereg_from_listen_s = last - t_listen
                 r.rereg_from_term_s = last - t_term
             r.rereg_spread_s = last - first
+        r.rereg_failed = dict(bench.failed.get("reregister", {}))
         await sleep(reactor, 1.0)
         pid = master_pid(cluster)
         r.rss_after_restart_mib = rss_mib(pid, "VmRSS")
@@ -1167,7 +1176,9 @@ def report(s: Settings, r: Results) -> None:
         f"{fmt(r.rereg_spread_s, 2)} s (workers redial with the real backoff: at most "
         f"{RETRY_REFUSED_MAX:g} s plus up to {RETRY_JITTER:g} s of jitter while refused "
         "or dropped)"
-        + ("; with Inventory-Digest" if s.digest else "; without Inventory-Digest"))
+        + ("; with Inventory-Digest" if s.digest else "; without Inventory-Digest")
+        + "; tries that failed once it listened: "
+        + (", ".join(f"{n:,} {why}" for why, n in sorted(r.rereg_failed.items())) or "none"))
     missed = [row[0] for row in rows if row[3] == "NOT met"]
     say(f"  targets missed: {', '.join(missed) if missed else 'none'}")
 

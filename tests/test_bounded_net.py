@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from dsml.net.connection import Connection
 from dsml.net.limits import Limits
 from dsml.net.peerlog import PeerLog
+from dsml.net.preauth import AUTH_GRACE
 from dsml.net.server import ServerFactory
 from dsml.protocol import codec
 from dsml.protocol.codec import END, NEED_DATA, Data, Head, Parser
@@ -286,13 +287,14 @@ def test_bad_frames_on_many_connections_are_rate_limited(server: Server) -> None
 
 
 def test_a_new_unauthenticated_connection_closes_the_oldest(server: Server) -> None:
-    """Over max_unauthenticated the oldest unauthenticated connection is closed (across
-    source addresses), not the newcomer."""
+    """Over max_unauthenticated the oldest unauthenticated connection that has had its
+    grace is closed (across source addresses), not the newcomer."""
     conns = [
         server.connect(authenticated=False, host=f"203.0.113.{i}")
         for i in range(LIMITS.max_unauthenticated)
     ]
     assert not any(t.disconnecting for _, t in conns)
+    server.clock.advance(AUTH_GRACE)
     proto, t = server.connect(authenticated=False, host="203.0.113.200")
     assert not t.disconnecting
     assert [t.disconnecting for _, t in conns] == [True] + [False] * (len(conns) - 1)
@@ -306,9 +308,73 @@ def test_one_address_closes_only_its_own_oldest(server: Server) -> None:
     another address's connection is left alone."""
     other = server.connect(authenticated=False, host="198.51.100.7")
     mine = [server.connect(authenticated=False) for _ in range(LIMITS.max_unauthenticated_per_host)]
+    server.clock.advance(AUTH_GRACE)
     newest = server.connect(authenticated=False)
     assert mine[0][1].disconnecting and not mine[1][1].disconnecting
     assert not other[1].disconnecting and not newest[1].disconnecting
+
+
+class FakePort:
+    """A listening port's accepting, as the pool pauses and resumes it."""
+
+    def __init__(self) -> None:
+        self.reading = True
+        self.stops = 0
+
+    def stopReading(self) -> None:
+        self.reading = False
+        self.stops += 1
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+def test_a_crowd_of_young_connections_pauses_accepting_instead_of_closing(
+    server: Server,
+) -> None:
+    """A crowd arriving at once (more than the pool holds, before any has been read):
+    nobody is pushed out; the listener stops accepting until the pool is back under its
+    cap, here because one authenticated."""
+    port = FakePort()
+    server.factory.attach_port(port)
+    n = LIMITS.max_unauthenticated + 2
+    conns = [server.connect(authenticated=False, host=f"203.0.113.{i}") for i in range(n)]
+    assert not any(t.disconnecting for _, t in conns)
+    assert not port.reading and server.factory.preauth.paused
+    for proto, t in conns[:2]:
+        proto.dataReceived(req("auth", 1, token=TOKEN))
+        [(head, _)] = responses(t.take())
+        assert head.ok
+    assert port.reading and port.stops == 1
+    assert server.factory.unauthenticated == LIMITS.max_unauthenticated
+
+
+def test_a_pool_full_of_young_connections_makes_room_once_they_had_their_grace(
+    server: Server,
+) -> None:
+    """Paused while every connection is young; when the oldest has had its grace, those
+    over the cap are closed, oldest first, and accepting resumes."""
+    port = FakePort()
+    server.factory.attach_port(port)
+    conns = [server.connect(authenticated=False, host=f"203.0.113.{i}")
+             for i in range(LIMITS.max_unauthenticated)]
+    server.clock.advance(AUTH_GRACE / 2)
+    late = [server.connect(authenticated=False, host=f"198.51.100.{i}") for i in range(2)]
+    assert not port.reading and not any(t.disconnecting for _, t in conns + late)
+    server.clock.advance(AUTH_GRACE / 2)
+    assert [t.disconnecting for _, t in conns] == [True, True] + [False] * (len(conns) - 2)
+    assert not any(t.disconnecting for _, t in late)
+    assert port.reading
+    assert server.factory.unauthenticated == LIMITS.max_unauthenticated
+
+
+def test_past_twice_the_cap_the_oldest_goes_whatever_its_age(server: Server) -> None:
+    """One accept burst can take many connections at once: past twice the cap the oldest
+    is closed at once, so the pool's memory stays bounded."""
+    conns = [server.connect(authenticated=False, host=f"203.0.113.{i}")
+             for i in range(2 * LIMITS.max_unauthenticated + 3)]
+    assert [t.disconnecting for _, t in conns] == [True] * 3 + [False] * (len(conns) - 3)
+    assert server.factory.unauthenticated == 2 * LIMITS.max_unauthenticated
 
 
 def test_unauthenticated_connections_never_keep_an_authenticated_one_out(
@@ -469,6 +535,8 @@ def test_tls_handshakes_in_progress_are_in_the_unauthenticated_pool(
     wrapped = tls.wrap_server(factory)
     transports = []
     for i in range(LIMITS.max_unauthenticated + 1):
+        if i == LIMITS.max_unauthenticated:
+            clock.advance(AUTH_GRACE)  # the others have had their grace
         addr = IPv4Address("TCP", f"203.0.113.{i}", 5555)
         proto = wrapped.buildProtocol(addr)
         t = StringTransport(peerAddress=addr)
@@ -476,6 +544,6 @@ def test_tls_handshakes_in_progress_are_in_the_unauthenticated_pool(
         transports.append(t)
     assert [t.disconnecting for t in transports] == [True] + [False] * LIMITS.max_unauthenticated
     assert factory.unauthenticated == LIMITS.max_unauthenticated
-    clock.advance(LIMITS.auth_timeout)
+    clock.advance(LIMITS.auth_timeout)  # the last one's deadline, too
     assert all(t.disconnecting for t in transports)
     assert b"timeout" not in b"".join(t.value() for t in transports)  # nothing in clear

@@ -185,6 +185,41 @@ def test_client_gets_in_while_200_unauthenticated_sockets_are_held(
             s.close()
 
 
+def test_a_crowd_arriving_at_once_is_served_not_pushed_out(cluster: LocalCluster) -> None:
+    """150 peers connect and send their auth while the master is stopped (SIGSTOP): on
+    SIGCONT its accept loop takes them in bursts bigger than the pool of 64 before it
+    reads any auth.  Every one is answered OK: nobody is pushed out by a newcomer that
+    arrived in the same instant (before, about a third were closed unread, and a
+    listen queue of 50 made some wait for a SYN retransmission)."""
+    import os
+    import signal
+
+    addr = cluster.address("master")
+    caught_up(cluster, "master")
+    pid = cluster.procs["master"].pid
+    peers: list[Peer] = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for _ in range(150):
+            p = Peer(addr)  # completes in the kernel's listen queue
+            p.send(b"auth 1\r\nToken: %s\r\nClient: crowd\r\n\r\n" % cluster.token.encode())
+            peers.append(p)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    try:
+        answered = 0
+        for p in peers:
+            head, _ = p.response()
+            assert head.ok, head
+            answered += 1
+        assert answered == 150
+        for i, p in enumerate(peers[:5]):
+            p.ping(10 + i)
+    finally:
+        for p in peers:
+            p.close()
+
+
 def test_unread_pipelined_value_reads_stay_bounded(cluster: LocalCluster) -> None:
     """200 pipelined value_retrieve of a 1 MiB value, never read: the worker's RSS grows
     by less than 20 MB (it grew 292 MB), and it answers others meanwhile."""

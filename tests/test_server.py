@@ -953,8 +953,12 @@ def test_too_many_connections(server: Server) -> None:
 
 def test_too_many_unauthenticated(server: Server) -> None:
     """One unauthenticated connection over max_unauthenticated closes the oldest one
-    (tests/test_bounded_net.py holds the rest of the pool's rules)."""
+    once it has had its grace (tests/test_bounded_net.py holds the rest of the pool's
+    rules)."""
+    from dsml.net.preauth import AUTH_GRACE
+
     waiting = [server.connect(authenticated=False) for _ in range(LIMITS.max_unauthenticated)]
+    server.clock.advance(AUTH_GRACE)
     proto, t = server.connect(authenticated=False)
     assert not t.disconnecting and t.value() == b""
     assert waiting[0][1].disconnecting and not waiting[1][1].disconnecting

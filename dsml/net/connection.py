@@ -57,6 +57,7 @@ from .answering import HELD_MAX, IDLE, READ_SIZE, RECEIVING, WAITING, Answers
 from .calling import Calls, Response, ResponseSink
 from .limits import Limits
 from .peerlog import PeerLog
+from .preauth import PreauthPool
 from .responders import AUTH, Reply, Responder, Responders
 from .twisted_private import set_read_size
 
@@ -110,33 +111,28 @@ class ConnectionFactory(Factory):
         self.connections = 0
         #: Authenticated connections (at most ``limits.max_connections``).
         self.authenticated = 0
-        # Unauthenticated connections, oldest first, and the same by source address.
-        self._waiting: dict[Connection, None] = {}
-        self._waiting_by_host: dict[str, dict[Connection, None]] = {}
         #: Lines about misbehaving peers go through here (rate-limited).
         self.peer_log = PeerLog(clock)
+        #: Connections not authenticated yet (see :mod:`.preauth`).
+        self.preauth = PreauthPool(clock, self.limits, self.evict)
         self.noisy = False  # no "Starting factory" line per outgoing link
 
     @property
     def unauthenticated(self) -> int:
         """Connections that have not authenticated yet."""
-        return len(self._waiting)
+        return len(self.preauth)
+
+    def attach_port(self, port: Any) -> None:
+        """A port listening with this factory: paused while the unauthenticated pool is
+        full of young connections (:mod:`.preauth`)."""
+        self.preauth.attach(port)
 
     def admit_unauthenticated(self, conn: Connection, host: str) -> None:
-        """Count ``conn`` among the unauthenticated; close the oldest unauthenticated
-        connection of its source address, or of all, when it takes one over the caps."""
-        self._waiting[conn] = None
-        same = self._waiting_by_host.setdefault(host, {})
-        same[conn] = None
-        lim = self.limits
-        if len(same) > lim.max_unauthenticated_per_host:
-            self.evict(next(iter(same)), f"from {host}", lim.max_unauthenticated_per_host)
-        if len(self._waiting) > lim.max_unauthenticated:
-            self.evict(next(iter(self._waiting)), "in all", lim.max_unauthenticated)
+        """Count ``conn`` among the unauthenticated (:class:`~.preauth.PreauthPool`)."""
+        self.preauth.admit(conn, host)
 
     def evict(self, conn: Connection, where: str, limit: int) -> None:
         """Close the unauthenticated connection ``conn`` to make room for a newer one."""
-        self.forget_unauthenticated(conn)
         self.peer_log.info(
             "{peer}: closed: the oldest of more than {limit} unauthenticated connections "
             "{where}", peer=conn.peer_name(), limit=limit, where=where,
@@ -145,14 +141,7 @@ class ConnectionFactory(Factory):
 
     def forget_unauthenticated(self, conn: Connection) -> None:
         """``conn`` authenticated or closed: it leaves the unauthenticated pool."""
-        if conn in self._waiting:
-            del self._waiting[conn]
-            host = conn.peer_host
-            same = self._waiting_by_host.get(host)
-            if same is not None:
-                same.pop(conn, None)
-                if not same:
-                    del self._waiting_by_host[host]
+        self.preauth.forget(conn)
 
     def lost(self, conn: Connection) -> None:
         """A two-way connection closed."""
@@ -164,6 +153,9 @@ class ConnectionFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> Connection:
         return Connection(self)
+
+    def stopFactory(self) -> None:
+        self.preauth.stop()
 
 
 class Connection(TwistedProtocol):

@@ -15,6 +15,11 @@ from twisted.logger import Logger
 
 log = Logger()
 
+#: The kernel's queue of connections not yet accepted (capped by net.core.somaxconn):
+#: Twisted's default of 50 dropped a crowd of workers redialling a restarted master,
+#: who then waited for their SYN's retransmission (a second or more).
+LISTEN_BACKLOG = 1024
+
 
 def write_addr_file(path: Path, host: str, port: int) -> None:
     """Write ``host:port`` to ``path`` atomically, so a reader never sees half of it."""
@@ -58,7 +63,13 @@ class ListenService(service.Service):
         self.listening: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
-        self.listening = self.reactor.listenTCP(self.port, self.factory, interface=self.host)
+        self.listening = self.reactor.listenTCP(
+            self.port, self.factory, backlog=LISTEN_BACKLOG, interface=self.host)
+        # The connection pool pauses accepting while it is full of connections too young
+        # to push out (dsml.net.preauth): those waiting meanwhile are in the listen queue.
+        inner = getattr(self.factory, "wrappedFactory", self.factory)
+        if hasattr(inner, "attach_port"):
+            inner.attach_port(self.listening)
         addr = self.listening.getHost()
         if self.addr_file is not None:
             write_addr_file(self.addr_file, self.host, addr.port)

@@ -1,0 +1,173 @@
+"""The pool of connections that have not authenticated yet, and who leaves it when full.
+
+A connection may do nothing before its ``auth`` (:mod:`.connection`); until then it sits
+in a :class:`PreauthPool` of at most ``limits.max_unauthenticated`` connections, and at
+most ``limits.max_unauthenticated_per_host`` from one source address.  When a newcomer
+takes a pool over its cap:
+
+- the oldest connection of that pool that has had :data:`AUTH_GRACE` seconds to
+  authenticate and has not is closed to make room (a peer holding sockets open without
+  a word cannot keep anyone else out: it must reopen them faster than every newcomer's
+  grace to hold its places);
+- when every connection of that pool is younger than that, none is closed: a crowd of
+  real peers arriving at once (a thousand workers redialling a restarted master: the
+  accept loop takes a hundred connections in one go, before it reads the first one's
+  ``auth``) would otherwise push each other out before any of them was read.  The
+  listener stops accepting instead (``stopReading`` on its ports): newcomers wait in the
+  kernel's listen queue, and accepting resumes once the pool is back under its caps or
+  its oldest connection has had its grace, whichever comes first.  A peer that keeps the
+  pool full of young connections only delays newcomers by at most the grace, in order;
+  it never refuses them;
+- past twice a cap (one accept burst can take many at once) the oldest is closed
+  whatever its age, so the pool's memory stays bounded.
+
+Plain logic on an injected clock: tests drive it with ``task.Clock`` and fake ports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+from twisted.internet.interfaces import IDelayedCall
+
+from .limits import Limits
+
+__all__ = ["AUTH_GRACE", "PreauthPool"]
+
+#: Seconds a new connection has, before a newer one may push it out of a full pool.
+AUTH_GRACE: Final = 0.5
+
+
+class _Member(Protocol):
+    def abort(self) -> None: ...
+
+
+class PreauthPool:
+    """Unauthenticated connections, oldest first, overall and by source address.
+
+    ``evicted(conn, where, limit)`` hears of each connection closed for room (it logs
+    and aborts it); ``attach`` the listening ports whose accepting is paused while the
+    pool is full of young connections.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        limits: Limits,
+        evicted: Callable[[Any, str, int], None],
+        grace: float = AUTH_GRACE,
+    ) -> None:
+        self.clock = clock
+        self.limits = limits
+        self.evicted = evicted
+        self.grace = grace
+        #: Connection -> when it was admitted, oldest first.
+        self._all: dict[Any, float] = {}
+        self._by_host: dict[str, dict[Any, float]] = {}
+        self._host_of: dict[Any, str] = {}
+        self._ports: list[Any] = []
+        self._wake: IDelayedCall | None = None
+        #: Whether accepting is paused now; how many times it was (a figure for tests).
+        self.paused = False
+        self.pauses = 0
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __contains__(self, conn: object) -> bool:
+        return conn in self._all
+
+    def attach(self, port: Any) -> None:
+        """Pause and resume accepting on ``port`` (an ``IListeningPort`` that is also a
+        file descriptor: ``stopReading``/``startReading``) with the pool."""
+        self._ports.append(port)
+        if self.paused:
+            port.stopReading()
+
+    def admit(self, conn: Any, host: str) -> None:
+        """Count ``conn`` in; make room if it takes a pool over its cap (see above)."""
+        now = self.clock.seconds()
+        self._all[conn] = now
+        self._by_host.setdefault(host, {})[conn] = now
+        self._host_of[conn] = host
+        self._settle()
+
+    def forget(self, conn: Any) -> None:
+        """``conn`` authenticated or closed: it leaves the pool."""
+        if self._all.pop(conn, None) is None:
+            return
+        host = self._host_of.pop(conn)
+        same = self._by_host.get(host)
+        if same is not None:
+            same.pop(conn, None)
+            if not same:
+                del self._by_host[host]
+        if self.paused and not self._over():
+            self._resume()
+
+    # -- making room ----------------------------------------------------------------------
+
+    def _pools(self) -> list[tuple[dict[Any, float], int, str]]:
+        """The pools over their caps: (members, cap, where)."""
+        lim = self.limits
+        out = [(same, lim.max_unauthenticated_per_host, f"from {host}")
+               for host, same in self._by_host.items()
+               if len(same) > lim.max_unauthenticated_per_host]
+        if len(self._all) > lim.max_unauthenticated:
+            out.append((self._all, lim.max_unauthenticated, "in all"))
+        return out
+
+    def _over(self) -> bool:
+        lim = self.limits
+        return len(self._all) > lim.max_unauthenticated or any(
+            len(same) > lim.max_unauthenticated_per_host for same in self._by_host.values())
+
+    def _settle(self) -> None:
+        """Close the aged oldest (and past twice a cap, the oldest) while a pool is over
+        its cap; if one still is, pause accepting until its oldest has had its grace."""
+        now = self.clock.seconds()
+        wait: float | None = None
+        for members, cap, where in self._pools():
+            while len(members) > cap:
+                conn, since = next(iter(members.items()))
+                if now - since < self.grace and len(members) <= 2 * cap:
+                    left = since + self.grace - now
+                    wait = left if wait is None else min(wait, left)
+                    break
+                self.forget(conn)
+                self.evicted(conn, where, cap)
+        if wait is None:
+            if self.paused:
+                self._resume()
+            return
+        self._pause(wait)
+
+    def _pause(self, wait: float) -> None:
+        if not self.paused:
+            self.paused = True
+            self.pauses += 1
+            for port in self._ports:
+                port.stopReading()
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
+        self._wake = self.clock.callLater(max(0.0, wait), self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._settle()
+
+    def _resume(self) -> None:
+        self.paused = False
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
+        self._wake = None
+        for port in self._ports:
+            if getattr(port, "connected", True) and not getattr(port, "disconnecting", False):
+                port.startReading()
+
+    def stop(self) -> None:
+        """No more wake-ups (the factory stops); ports are left as they are."""
+        if self._wake is not None and self._wake.active():
+            self._wake.cancel()
+        self._wake = None
