@@ -752,6 +752,8 @@ class Results:
     rereg_from_listen_s: float | None = None
     rereg_from_term_s: float | None = None
     rereg_spread_s: float | None = None
+    #: Registrations after the restart, seconds from listening: first, 10%, 50%, 90%, last.
+    rereg_quantiles: list[float] = attrs.Factory(list)
     #: Registration tries that failed after the restart, by why.
     rereg_failed: dict[str, int] = attrs.Factory(dict)
     rss_after_restart_mib: float | None = None
@@ -1054,6 +1056,9 @@ async def run(
                 r.rereg_from_listen_s = last - t_listen
                 r.rereg_from_term_s = last - t_term
             r.rereg_spread_s = last - first
+            after = sorted(t - t_listen for t in bench.registered.values())
+            r.rereg_quantiles = [after[min(len(after) - 1, int(q * len(after)))]
+                                 for q in (0.0, 0.1, 0.5, 0.9, 1.0)]
         r.rereg_failed = dict(bench.failed.get("reregister", {}))
         await sleep(reactor, 1.0)
         pid = master_pid(cluster)
@@ -1177,6 +1182,8 @@ def report(s: Settings, r: Results) -> None:
         f"{RETRY_REFUSED_MAX:g} s plus up to {RETRY_JITTER:g} s of jitter while refused "
         "or dropped)"
         + ("; with Inventory-Digest" if s.digest else "; without Inventory-Digest")
+        + "; registered after listening (first, 10%, 50%, 90%, last): "
+        + (", ".join(f"{x:.2f}" for x in r.rereg_quantiles) or "n/a") + " s"
         + "; tries that failed once it listened: "
         + (", ".join(f"{n:,} {why}" for why, n in sorted(r.rereg_failed.items())) or "none"))
     missed = [row[0] for row in rows if row[3] == "NOT met"]

@@ -199,6 +199,8 @@ class ClusterConfig:
 DEFAULT_JOBS_MAX_AGE: Final = 30 * 86400.0
 #: Finished jobs kept at most (the newest); older ones are purged.
 DEFAULT_JOBS_MAX_COUNT: Final = 10_000
+#: Tombstones (deleted keys) older than this are forgotten by the master (30 days).
+DEFAULT_TOMBSTONES_MAX_AGE: Final = 30 * 86400.0
 #: Bytes of finished attempt directories a worker keeps at most (10 GiB).
 DEFAULT_ATTEMPT_DIRS_MAX_BYTES: Final = 10 * 1024**3
 #: Finished attempt directories older than this are removed (7 days).
@@ -215,6 +217,8 @@ class Retention:
     jobs_max_age: float = DEFAULT_JOBS_MAX_AGE
     #: Finished jobs kept at most on the master (the newest).
     jobs_max_count: int = DEFAULT_JOBS_MAX_COUNT
+    #: Seconds the master keeps a deleted key's tombstone (once no worker holds a copy).
+    tombstones_max_age: float = DEFAULT_TOMBSTONES_MAX_AGE
     #: Bytes of finished attempt directories (logs, inputs, outputs) a worker keeps.
     attempt_dirs_max_bytes: int = DEFAULT_ATTEMPT_DIRS_MAX_BYTES
     #: Seconds a finished attempt directory is kept on a worker.
@@ -602,6 +606,10 @@ class _Parser:
             ),
             jobs_max_count=self.integer(
                 "retention.jobs_max_count", s.get("jobs_max_count", d.jobs_max_count), 0, None
+            ),
+            tombstones_max_age=self.seconds(
+                "retention.tombstones_max_age",
+                s.get("tombstones_max_age", d.tombstones_max_age),
             ),
             attempt_dirs_max_bytes=max_bytes,
             attempt_dirs_max_age=self.seconds(

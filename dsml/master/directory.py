@@ -345,13 +345,13 @@ class Directory:
         return cur.version
 
     def purge_tombstones(self, before: float) -> int:
-        """Forget tombstones set before time ``before`` of keys no worker is known to hold.
-
-        Returns how many went.  Risky by nature: a worker that was away since before
-        ``before`` and still holds an old copy would bring the key back when it returns.
-        Choose ``before`` well beyond how long a worker may stay away (weeks, not hours).
-        """
-        return self.state.purge_tombstones(before)
+        """Forget every tombstone set before ``before`` of a key no worker is known to
+        hold, in one go (:mod:`dsml.master.tombstones` walks them in slices); how many."""
+        n, after = self.state.purge_tombstones(before)
+        while after is not None:
+            more, after = self.state.purge_tombstones(before, after)
+            n += more
+        return n
 
     @property
     def generation(self) -> int:

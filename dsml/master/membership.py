@@ -383,14 +383,7 @@ class Membership:
         self._by_heartbeat[name] = record
         self._by_conn[id(conn)] = record
         self._touch(record, now)  # a sign of life: ends an isolation (see check)
-        log.info(
-            "worker {name!r} registered: incarnation {incarnation}, {host}:{port}, {slots} slots",
-            name=name,
-            incarnation=incarnation,
-            host=host,
-            port=port,
-            slots=slots,
-        )
+        # (Logged once, with its inventory's figures, by the registry.)
         if replaced is not None:
             self._fire(self.on_dead, replaced, "on_dead")
         self._fire(self.on_alive, record, "on_alive")

@@ -318,10 +318,13 @@ class WorkerRegistry:
         for trim in result.trim:
             _order(record, "drop", {"Key": trim.key, "Version": trim.version}).addErrback(_ignore)
         log.info(
-            "worker {name} registered: incarnation {inc}, {n} keys ({added} new, "
-            "{removed} gone, {rejected} rejected)",
+            "worker {name} registered: incarnation {inc}, {host}:{port}, {slots} slots, "
+            "{n} keys ({added} new, {removed} gone, {rejected} rejected)",
             name=name,
             inc=st.incarnation,
+            host=record.host,
+            port=record.port,
+            slots=record.slots,
             n=result.added + result.unchanged + len(result.rejected),
             added=result.added,
             removed=result.removed,

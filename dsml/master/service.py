@@ -47,6 +47,7 @@ from .registry import WorkerRegistry
 from .repair import Repairer
 from .requests import MasterHandler
 from .state import MasterState
+from .tombstones import TombstoneRetention
 
 #: The file, under the master's state_dir, that says where it listens.
 ADDR_FILE = MASTER_ADDR_FILE
@@ -64,6 +65,7 @@ class _MasterRuntime(service.Service):
         retention: Retention | None = None,
         router: JobRouter | None = None,
         orphan_grace: float = 0.0,
+        tombstones: TombstoneRetention | None = None,
     ) -> None:
         self.membership = membership
         self.router = router
@@ -73,6 +75,7 @@ class _MasterRuntime(service.Service):
         self.jobs = jobs
         self.probe = probe
         self.retention = retention
+        self.tombstones = tombstones
 
     def startService(self) -> None:
         super().startService()
@@ -85,11 +88,15 @@ class _MasterRuntime(service.Service):
         if self.jobs is not None and self.retention is not None:
             self.jobs.start_retention(self.retention.jobs_max_age,
                                       self.retention.jobs_max_count)
+        if self.tombstones is not None:
+            self.tombstones.start()
 
     def stopService(self) -> None:
         super().stopService()
         if self.probe is not None:
             self.probe.stop()
+        if self.tombstones is not None:
+            self.tombstones.stop()
         self.repairer.stop()
         self.membership.stop()
         if self.router is not None:
@@ -211,8 +218,10 @@ def build_master(
     )
     top = service.MultiService()
     top.setName("dsml-master")
+    tombstones = None if retention is None else TombstoneRetention(
+        clock=clock, now=now, state=state, max_age=retention.tombstones_max_age)
     _MasterRuntime(membership, repairer, state, jobs, probe, retention, router,
-                   orphan_grace=heartbeat_timeout).setServiceParent(top)
+                   orphan_grace=heartbeat_timeout, tombstones=tombstones).setServiceParent(top)
     listen(factory).setServiceParent(top)
     return Master(state, directory, membership, handler, repairer, factory, jobs, router, top,
                   registry, keys)

@@ -3,6 +3,7 @@
 Tables (the schema version lives in ``meta``)::
 
     meta(name, value)                         schema version, reserved version counter,
+                                              the purged tombstones' watermark,
                                               the grant secret
     settings(name, value)                     cluster settings, values as JSON text
     workers(name, last_incarnation, host, port, slots, first_seen, last_seen)
@@ -199,11 +200,15 @@ _DOOMED = (
     "SELECT r.key, r.worker, r.version FROM deleted AS d CROSS JOIN replicas AS r"
     " ON r.key = d.key{cond} ORDER BY r.key, r.worker"
 )
-# Tombstones older than a time whose key no worker is known to hold.
-_PURGE = (
-    "DELETE FROM deleted WHERE deleted_at < ?"
+# Retention of tombstones, a slice of keys at a time: the slice's last key, then in
+# (after, last] those set before a time whose key no worker is known to hold.
+_PURGE_SLICE = "SELECT key FROM deleted WHERE key > ? ORDER BY key LIMIT 1 OFFSET ?"
+_PURGE_WHERE = (
+    " FROM deleted WHERE key > ?{upto} AND deleted_at < ?"
     " AND NOT EXISTS (SELECT 1 FROM replicas AS r WHERE r.key = deleted.key)"
 )
+_PURGE_MAX = "SELECT MAX(version)" + _PURGE_WHERE
+_PURGE = "DELETE" + _PURGE_WHERE
 
 
 # apply_reports(): the directory's version rules over a batch of reports in temp.inv,
@@ -229,6 +234,15 @@ _INV_CONFLICTS = (
     " AND (i.size <> k.size OR i.sha256 <> k.sha256) ORDER BY i.key"
 )
 _INV_REFUSE = "UPDATE temp.inv SET ok = 0 WHERE key = ?"
+# A key unknown here reported at or below the forgotten tombstones' watermark may be one
+# deleted and then forgotten: it is tombstoned again (set at time 0, so the next purge
+# forgets it again once the copy is trimmed), not made live.
+_INV_REBURY = (
+    "INSERT INTO deleted SELECT i.key, ?, 0.0 FROM temp.inv AS i"
+    " WHERE i.ok = 1 AND i.version <= ?"
+    " AND NOT EXISTS (SELECT 1 FROM keys AS k WHERE k.key = i.key)"
+    " AND NOT EXISTS (SELECT 1 FROM deleted AS d WHERE d.key = i.key)"
+)
 # A version above the tombstone's is a write after the delete: the tombstone goes ...
 _INV_UNBURY = (
     "DELETE FROM deleted WHERE key IN (SELECT i.key FROM temp.inv AS i"
@@ -654,6 +668,9 @@ class MasterState:
             conflicts = tuple(Conflict(*row) for row in db.execute(_INV_CONFLICTS))
             if conflicts:
                 db.executemany(_INV_REFUSE, ((c.key,) for c in conflicts))
+            forgotten = self.forgotten_below
+            if forgotten:
+                db.execute(_INV_REBURY, (forgotten, forgotten))
             db.execute(_INV_UNBURY)
             db.execute(_INV_KEYS)
             digested = not full and self.inventory(worker) is not None
@@ -760,10 +777,38 @@ class MasterState:
             return list(self._db.execute(_DOOMED.format(cond="")))
         return list(self._db.execute(_DOOMED.format(cond=" AND r.worker = ?"), (worker,)))
 
-    def purge_tombstones(self, before: float) -> int:
-        """Drop tombstones set before ``before`` whose key no worker is known to hold."""
-        with self.transaction():
-            return self._db.execute(_PURGE, (before,)).rowcount
+    @property
+    def forgotten_below(self) -> int:
+        """The highest version of a tombstone purged so far (0: none): a key unknown
+        here reported at or below it is treated as deleted (see :meth:`apply_reports`)."""
+        row = self._db.execute(
+            "SELECT value FROM meta WHERE name = 'tombstones_forgotten'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def purge_tombstones(
+        self, before: float, after: str = "", limit: int = 1000
+    ) -> tuple[int, str | None]:
+        """Drop, among the next ``limit`` tombstones by key after ``after``, those set
+        before ``before`` whose key no worker is known to hold; raise the watermark of
+        :attr:`forgotten_below` to the highest version dropped, in the same transaction.
+
+        Returns how many went and the key to go on after (None: the walk is over).  A
+        purge is no acknowledgement: it commits lazily (one lost to a power cut is
+        done again by the next walk).
+        """
+        db = self._db
+        row = db.execute(_PURGE_SLICE, (after, max(0, limit - 1))).fetchone()
+        if row is None:  # the last slice: every key after ``after``
+            upto, args = "", (after, before)
+        else:
+            upto, args = " AND key <= ?", (after, row[0], before)
+        with self.transaction(lazy=True):
+            top = db.execute(_PURGE_MAX.format(upto=upto), args).fetchone()[0]
+            n = db.execute(_PURGE.format(upto=upto), args).rowcount
+            if top is not None and top > self.forgotten_below:
+                db.execute("INSERT INTO meta VALUES ('tombstones_forgotten', ?)"
+                           " ON CONFLICT(name) DO UPDATE SET value = excluded.value", (top,))
+        return n, (row[0] if row is not None else None)
 
     def trim_rows(self, worker: str) -> list[tuple[str, int, bool]]:
         """``worker``'s stale copies and copies of tombstoned keys, by key.
