@@ -296,6 +296,8 @@ def test_a_new_unauthenticated_connection_closes_the_oldest(server: Server) -> N
     assert not any(t.disconnecting for _, t in conns)
     server.clock.advance(AUTH_GRACE)
     proto, t = server.connect(authenticated=False, host="203.0.113.200")
+    assert not any(t.disconnecting for _, t in conns)  # judged a reactor turn later
+    server.clock.advance(0)
     assert not t.disconnecting
     assert [t.disconnecting for _, t in conns] == [True] + [False] * (len(conns) - 1)
     assert server.factory.unauthenticated == LIMITS.max_unauthenticated
@@ -310,6 +312,7 @@ def test_one_address_closes_only_its_own_oldest(server: Server) -> None:
     mine = [server.connect(authenticated=False) for _ in range(LIMITS.max_unauthenticated_per_host)]
     server.clock.advance(AUTH_GRACE)
     newest = server.connect(authenticated=False)
+    server.clock.advance(0)
     assert mine[0][1].disconnecting and not mine[1][1].disconnecting
     assert not other[1].disconnecting and not newest[1].disconnecting
 
@@ -366,6 +369,30 @@ def test_a_pool_full_of_young_connections_makes_room_once_they_had_their_grace(
     assert not any(t.disconnecting for _, t in late)
     assert port.reading
     assert server.factory.unauthenticated == LIMITS.max_unauthenticated
+
+
+def test_after_a_stall_an_auth_already_sent_is_read_before_anyone_is_judged(
+    server: Server,
+) -> None:
+    """The reactor stalled past the grace while the oldest's auth waited in its socket:
+    the newcomer that arrives as it wakes does not close that connection at once; the
+    auth is read first, and the next oldest idle one goes instead."""
+    conns = [server.connect(authenticated=False, host=f"203.0.113.{i}")
+             for i in range(LIMITS.max_unauthenticated)]
+    server.clock.advance(4 * AUTH_GRACE)  # a stall: no reactor turn meanwhile
+    server.connect(authenticated=False, host="198.51.100.1")  # accepted as it wakes
+    first, t0 = conns[0]
+    assert not t0.disconnecting
+    first.dataReceived(req("auth", 1, token=TOKEN))  # read in the same turn
+    [(head, _)] = responses(t0.take())
+    assert head.ok
+    server.clock.advance(0)  # the next turn: room is made among those still waiting
+    assert not t0.disconnecting
+    assert not any(t.disconnecting for _, t in conns[1:])  # one left the pool: room
+    server.clock.advance(AUTH_GRACE)
+    server.connect(authenticated=False, host="198.51.100.2")
+    server.clock.advance(0)
+    assert conns[1][1].disconnecting and not any(t.disconnecting for _, t in conns[2:])
 
 
 def test_past_twice_the_cap_the_oldest_goes_whatever_its_age(server: Server) -> None:
@@ -542,6 +569,7 @@ def test_tls_handshakes_in_progress_are_in_the_unauthenticated_pool(
         t = StringTransport(peerAddress=addr)
         proto.makeConnection(t)
         transports.append(t)
+    clock.advance(0)
     assert [t.disconnecting for t in transports] == [True] + [False] * LIMITS.max_unauthenticated
     assert factory.unauthenticated == LIMITS.max_unauthenticated
     clock.advance(LIMITS.auth_timeout)  # the last one's deadline, too

@@ -6,9 +6,10 @@ most ``limits.max_unauthenticated_per_host`` from one source address.  When a ne
 takes a pool over its cap:
 
 - the oldest connection of that pool that has had :data:`AUTH_GRACE` seconds to
-  authenticate and has not is closed to make room (a peer holding sockets open without
-  a word cannot keep anyone else out: it must reopen them faster than every newcomer's
-  grace to hold its places);
+  authenticate and has not is closed to make room, one reactor turn later (so that an
+  ``auth`` already in its socket when a stalled reactor wakes is read first): a peer
+  holding sockets open without a word cannot keep anyone else out (it must reopen them
+  faster than every newcomer's grace to hold its places);
 - when every connection of that pool is younger than that, none is closed: a crowd of
   real peers arriving at once (a thousand workers redialling a restarted master: the
   accept loop takes a hundred connections in one go, before it reads the first one's
@@ -86,12 +87,16 @@ class PreauthPool:
             port.stopReading()
 
     def admit(self, conn: Any, host: str) -> None:
-        """Count ``conn`` in; make room if it takes a pool over its cap (see above)."""
+        """Count ``conn`` in; if it takes a pool over its cap, make room (see above)."""
         now = self.clock.seconds()
         self._all[conn] = now
         self._by_host.setdefault(host, {})[conn] = now
         self._host_of[conn] = host
-        self._settle()
+        if self._over():
+            self._make_room(now, hard_only=True)
+            if self._over():
+                self._pause()
+                self._check_at(now)
 
     def forget(self, conn: Any) -> None:
         """``conn`` authenticated or closed: it leaves the pool."""
@@ -123,39 +128,57 @@ class PreauthPool:
         return len(self._all) > lim.max_unauthenticated or any(
             len(same) > lim.max_unauthenticated_per_host for same in self._by_host.values())
 
-    def _settle(self) -> None:
-        """Close the aged oldest (and past twice a cap, the oldest) while a pool is over
-        its cap; if one still is, pause accepting until its oldest has had its grace."""
-        now = self.clock.seconds()
+    def _make_room(self, now: float, hard_only: bool = False) -> float | None:
+        """Close, in each pool over its cap, the oldest while it has had its grace (past
+        twice the cap: whatever its age; with ``hard_only``, only that).  Returns the
+        seconds until the oldest left over a cap has had its grace (None: none left)."""
         wait: float | None = None
         for members, cap, where in self._pools():
             while len(members) > cap:
                 conn, since = next(iter(members.items()))
-                if now - since < self.grace and len(members) <= 2 * cap:
-                    left = since + self.grace - now
+                aged = now - since >= self.grace and not hard_only
+                if not aged and len(members) <= 2 * cap:
+                    left = max(0.0, since + self.grace - now)
                     wait = left if wait is None else min(wait, left)
                     break
                 self.forget(conn)
                 self.evicted(conn, where, cap)
+        return wait
+
+    def _check_at(self, now: float) -> None:
+        """Look again once the oldest over a cap has had its grace, and then one reactor
+        turn later: a stalled reactor runs its timers before it reads, and a connection
+        whose ``auth`` is already waiting in its socket must be read before it is judged."""
+        wait = self._make_room(now, hard_only=True)
+        if wait is None:
+            wait = min((max(0.0, next(iter(m.values())) + self.grace - now)
+                        for m, _, _ in self._pools()), default=0.0)
+        if self._wake is not None and self._wake.active():
+            if self._wake.getTime() <= now + wait:
+                return
+            self._wake.cancel()
+        self._wake = self.clock.callLater(wait, self._one_more_turn)
+
+    def _one_more_turn(self) -> None:
+        self._wake = self.clock.callLater(0, self._check)
+
+    def _check(self) -> None:
+        self._wake = None
+        now = self.clock.seconds()
+        wait = self._make_room(now)
         if wait is None:
             if self.paused:
                 self._resume()
             return
-        self._pause(wait)
+        self._pause()
+        self._wake = self.clock.callLater(wait, self._one_more_turn)
 
-    def _pause(self, wait: float) -> None:
+    def _pause(self) -> None:
         if not self.paused:
             self.paused = True
             self.pauses += 1
             for port in self._ports:
                 port.stopReading()
-        if self._wake is not None and self._wake.active():
-            self._wake.cancel()
-        self._wake = self.clock.callLater(max(0.0, wait), self._woken)
-
-    def _woken(self) -> None:
-        self._wake = None
-        self._settle()
 
     def _resume(self) -> None:
         self.paused = False
