@@ -45,6 +45,7 @@ from .runner import OnResult, TaskLogs, TaskOrders, WorkerJobs
 from .storage import RunInThread, StorageHandler, storage_responders
 from .store import Store
 from .tasks import TaskManager
+from .tasks.cgroups import detect as detect_cgroups
 from .transfers import TaskTransfers
 from .trust import MasterTrust
 
@@ -304,10 +305,14 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         return join_addr(*read_addr_file(master_addr_file))
 
     def make_tasks(on_result: OnResult, transfers: TaskTransfers) -> TaskManager:
+        work_dir = wc.data_dir / "tasks"
+        cgroups, how = detect_cgroups(work_dir)
+        _log.info("tasks of worker {name}: {how}", name=name, how=how)
         return TaskManager(
             reactor,
+            cgroups=cgroups,
             slots=wc.slots,
-            work_dir=wc.data_dir / "tasks",
+            work_dir=work_dir,
             transfers=transfers,
             on_result=on_result,
             keep_finished=config.retention.attempt_dirs_max_count,

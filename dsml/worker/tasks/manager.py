@@ -14,6 +14,7 @@ they are watched :mod:`.watch`'s, their logs :mod:`.logs`' and their directories
 from __future__ import annotations
 
 import os
+import shutil
 import signal as signal_module
 import subprocess
 import time
@@ -31,6 +32,7 @@ from twisted.python.failure import Failure
 from ...config import DEFAULT_ATTEMPT_DIRS_MAX_AGE, DEFAULT_ATTEMPT_DIRS_MAX_BYTES
 from ...errors import NotFound
 from ...fsutil import makedirs_private, private_dir
+from .cgroups import CgroupTree, wrap_command
 from .groups import kill_leftovers, kill_orphans, signal_group
 from .launch import (
     Executables,
@@ -71,6 +73,8 @@ log = Logger()
 #: Seconds to wait, after the leader has ended and its group was killed, for the log pipes
 #: to close before closing them ourselves (a process that left the group may hold them).
 DRAIN_TIMEOUT = 2.0
+#: Seconds between two tries to remove killed attempts' cgroups still emptying.
+CGROUP_RETRY = 0.05
 
 #: Unacknowledged results kept for re-sending; beyond this the oldest are dropped (a master
 #: that never acknowledges must not grow the worker without bound).
@@ -104,6 +108,7 @@ class _Attempt:
     popen: subprocess.Popen[bytes] | None = None  # the Popen path, kept until waited for
     pipes: list[PipeReader] = attrs.Factory(list)  # the Popen path: pipes still open
     pid: int | None = None
+    cgroup: Path | None = None  # its cgroup (.cgroups), when the worker has them
     reaped: bool = False
     started: float = 0.0
     duration: float = 0.0
@@ -177,6 +182,7 @@ class TaskManager(AttemptLedger):
         dirs_max_age: float | None = DEFAULT_ATTEMPT_DIRS_MAX_AGE,
         launcher: Launcher | None = None,
         sample_interval: float = SAMPLE_INTERVAL,
+        cgroups: CgroupTree | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
@@ -208,6 +214,14 @@ class TaskManager(AttemptLedger):
         self._sampler = MemorySampler(reactor, sample_interval, self._live_groups)
         private_dir(self.work_dir)  # the worker's alone, like its attempt directories
         kill_orphans(self.work_dir)
+        #: Attempt cgroups (see .cgroups); those still to remove once their last
+        #: process is gone.
+        self.cgroups = cgroups
+        self._sh = shutil.which("sh") if cgroups is not None else None
+        self._emptying: list[Path] = cgroups.sweep() if cgroups is not None else []
+        self._cgroup_retry: IDelayedCall | None = None
+        if self._emptying:
+            self._remove_cgroups()
         self._dirs.recover()
 
     # --- what the worker's link asks -------------------------------------------------
@@ -267,9 +281,15 @@ class TaskManager(AttemptLedger):
         for att in list(self._active.values()):
             self._terminate(att, "worker stopping")
         if not waiting:
+            self._close_cgroups()
             return succeed(None)
         d: Deferred[Any] = DeferredList(waiting)
-        return d.addCallback(lambda _: None)
+        return d.addCallback(lambda _: self._close_cgroups())
+
+    def _close_cgroups(self) -> None:
+        """The worker's cgroup subtree goes with it, if empty (a next start makes it)."""
+        if self.cgroups is not None and not self._emptying:
+            self.cgroups.remove(self.cgroups.root)
 
     # --- one attempt, step by step ---------------------------------------------------
 
@@ -362,12 +382,24 @@ class TaskManager(AttemptLedger):
         return ""
 
     def _spawn(self, att: _Attempt) -> str:
-        """Start the command as the leader of a new session; a reason if it cannot start."""
+        """Start the command as the leader of a new session (in its own cgroup where the
+        worker has them); a reason if it cannot start."""
         env = self._environment.for_attempt(att.spec)
+        command = list(att.spec.command)
+        if self.cgroups is not None and self._sh is not None:
+            # The shell that joins the cgroup would report a missing command as exit 127.
+            if (self._executables.find(command[0], env["PATH"]) is None
+                    and not command_found(command[0], att.dir, env.get("PATH"))):
+                return f"command not found: {command[0]}"
+            try:
+                att.cgroup = self.cgroups.make(att.spec.attempt_id)
+            except OSError as e:
+                return f"spawn failed: cannot make its cgroup: {e.strerror or e}"
+            command = wrap_command(self._sh, att.cgroup, command)
         if self.launcher is popen_launcher:
-            reason = self._spawn_popen(att, env)
+            reason = self._spawn_popen(att, env, command)
         else:
-            reason = self._spawn_twisted(att, env)
+            reason = self._spawn_twisted(att, env, command)
         if reason:
             return reason
         if TRACE:
@@ -385,14 +417,14 @@ class TaskManager(AttemptLedger):
         self._sampler.start()
         return ""
 
-    def _spawn_popen(self, att: _Attempt, env: dict[str, str]) -> str:
+    def _spawn_popen(self, att: _Attempt, env: dict[str, str], command: list[str]) -> str:
         """``subprocess.Popen`` in a new session; the reactor watches its pipes and pidfd."""
         spec = att.spec
         assert att.logs is not None
         att.phase = "running"
         att.started = time.monotonic()
         try:
-            popen, out_r, err_r, pidfd = start_popen(spec.command, att.dir, env, self._executables)
+            popen, out_r, err_r, pidfd = start_popen(command, att.dir, env, self._executables)
         except LaunchFailed as e:
             return e.reason
         att.popen = popen
@@ -408,7 +440,7 @@ class TaskManager(AttemptLedger):
         self.reactor.addReader(ExitWatcher(self.reactor, spec.attempt_id, popen, pidfd, exited))
         return ""
 
-    def _spawn_twisted(self, att: _Attempt, env: dict[str, str]) -> str:
+    def _spawn_twisted(self, att: _Attempt, env: dict[str, str], command: list[str]) -> str:
         """``reactor.spawnProcess`` through the launcher (``env -C dir -- setsid -- ...``)."""
         spec = att.spec
         assert att.logs is not None
@@ -423,7 +455,7 @@ class TaskManager(AttemptLedger):
             on_ended=partial(self._process_ended, att),
         )
         try:
-            spawn_through_twisted(self.reactor, self.launcher, protocol, att.dir, spec.command, env)
+            spawn_through_twisted(self.reactor, self.launcher, protocol, att.dir, command, env)
         except LaunchFailed as e:
             return e.reason
         return ""
@@ -469,6 +501,11 @@ class TaskManager(AttemptLedger):
             dropped = next(iter(self._results))
             log.warn("result of attempt {attempt} never acknowledged: dropped", attempt=dropped)
             del self._results[dropped]
+        if att.cgroup is not None:
+            self._kill_cgroup(att)
+            self._emptying.append(att.cgroup)
+            if self._cgroup_retry is None:
+                self._remove_cgroups()
         kept = self._dirs.retire(att.spec.attempt_id, att.dir, bool(att.spec.inputs))
         if kept is not None:
             att.dir = kept
@@ -526,6 +563,21 @@ class TaskManager(AttemptLedger):
         if att.pid is None or att.reaped:
             return
         signal_group(att.pid, sig)
+        if sig == signal_module.SIGKILL:
+            self._kill_cgroup(att)
+
+    def _kill_cgroup(self, att: _Attempt) -> None:
+        if att.cgroup is not None and self.cgroups is not None:
+            self.cgroups.kill(att.cgroup)
+
+    def _remove_cgroups(self) -> None:
+        """Remove the attempt cgroups whose processes are all gone; look again later
+        for the others (the kernel empties a killed cgroup in a moment)."""
+        assert self.cgroups is not None
+        self._cgroup_retry = None
+        self._emptying = [p for p in self._emptying if not self.cgroups.remove(p)]
+        if self._emptying and self._cgroup_retry is None:
+            self._cgroup_retry = self.reactor.callLater(CGROUP_RETRY, self._remove_cgroups)
 
     # --- what the watchers tell ------------------------------------------------------
 
@@ -549,6 +601,7 @@ class TaskManager(AttemptLedger):
         att.cancel_timer("kill")
         assert att.pid is not None
         kill_leftovers(att.pid)
+        self._kill_cgroup(att)  # what left the group (setsid, setpgid) too
         att.reaped = True
         if att.transport is not None:
             att.timers["drain"] = self.reactor.callLater(
