@@ -323,6 +323,7 @@ class FakePort:
     def __init__(self) -> None:
         self.reading = True
         self.stops = 0
+        self.numberAccepts = 300  # Twisted's accept loop, grown by a flood
 
     def stopReading(self) -> None:
         self.reading = False
@@ -344,6 +345,7 @@ def test_a_crowd_of_young_connections_pauses_accepting_instead_of_closing(
     conns = [server.connect(authenticated=False, host=f"203.0.113.{i}") for i in range(n)]
     assert not any(t.disconnecting for _, t in conns)
     assert not port.reading and server.factory.preauth.paused
+    assert port.numberAccepts == LIMITS.max_unauthenticated  # a pool's worth per read
     for proto, t in conns[:2]:
         proto.dataReceived(req("auth", 1, token=TOKEN))
         [(head, _)] = responses(t.take())

@@ -179,6 +179,12 @@ class PreauthPool:
             self.pauses += 1
             for port in self._ports:
                 port.stopReading()
+                # Twisted's accept loop takes up to numberAccepts connections per read,
+                # and grows it by 20 after each full one: a crowd after a stall came in
+                # bursts past twice the cap, whose oldest then went unread.  Once paused,
+                # the next read takes at most a pool's worth.
+                if getattr(port, "numberAccepts", 0) > self.limits.max_unauthenticated:
+                    port.numberAccepts = self.limits.max_unauthenticated
 
     def _resume(self) -> None:
         self.paused = False
