@@ -962,10 +962,10 @@ def test_results_wait_for_ack(h: Harness) -> None:
     assert m.logs(30)[0].parent.is_dir()  # acknowledged, but the directory stays a while
 
 
-def test_an_attempt_that_leaves_nothing_lends_its_directory_to_the_next(h: Harness) -> None:
-    """An attempt that writes nothing keeps no directory (its logs read as empty), and the
-    next attempt works in the same, still empty, directory; one that leaves a file is kept
-    under its id, and the next gets a new directory."""
+def test_every_attempt_gets_a_fresh_directory_never_a_lent_one(h: Harness) -> None:
+    """An attempt that writes nothing keeps no directory (its logs read as empty, the
+    directory removed); every attempt works in a new one (one was once lent to the next
+    attempt: a process left behind then read the next job's input)."""
     m = h.manager()
     cwds = h.work_dir.parent / "cwds"
 
@@ -977,14 +977,63 @@ def test_an_attempt_that_leaves_nothing_lends_its_directory_to_the_next(h: Harne
         await h.result(53)
 
     h.run(body)
-    first, second, third, fourth = cwds.read_text().splitlines()
-    assert first == second == third
-    assert fourth != first
+    assert len(set(cwds.read_text().splitlines())) == 4
     assert sorted(p.name for p in h.work_dir.iterdir()) == ["52", "53", RUN_DIR]
     assert (h.work_dir / "52" / "f").exists()
     assert (h.work_dir / "53" / STDOUT_NAME).read_text().strip() == "0"  # it started empty
     assert not m.logs(50)[0].exists()  # it left nothing: its logs read as empty
     assert list((h.work_dir / RUN_DIR).iterdir()) == []
+
+
+def test_symlinks_a_task_plants_cost_only_its_own_attempt(h: Harness, tmp_path: Path) -> None:
+    """A task that replaces its directory by a symlink, and plants symlinks at the next
+    names: the next attempts run in fresh directories of their own, none of them in the
+    symlinks' target, and nothing is kept of the symlinked one."""
+    m = h.manager()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    run = h.work_dir / RUN_DIR
+    plant = (f"cd ..; for n in 1 2 3 4 5; do ln -s {target} $n; done; "
+             f"d=$(basename \"$OLDPWD\"); rm -rf \"$d\"; ln -s {target} \"$d\"")
+
+    async def body() -> list[Any]:
+        m.start(spec(60, "sh", "-c", plant))
+        results = [await h.result(60)]
+        for attempt_id in (61, 62):
+            m.start(spec(attempt_id, "sh", "-c", "pwd -P; echo mine > out.txt",
+                         outputs=(("out.txt", f"k{attempt_id}"),)))
+            results.append(await h.result(attempt_id))
+        return results
+
+    results = h.run(body)
+    assert [r.reason for r in results[1:]] == ["", ""]
+    assert list(target.iterdir()) == []  # nobody ran (or wrote) there
+    for attempt_id in (61, 62):
+        cwd = (h.work_dir / str(attempt_id) / STDOUT_NAME).read_text().strip()
+        assert Path(cwd).parent == run.resolve()
+    assert h.transfers.uploaded["k61"] == b"mine\n" and h.transfers.uploaded["k62"] == b"mine\n"
+    assert not (h.work_dir / "60").exists()  # the symlinked directory: nothing kept
+
+
+def test_a_hard_link_or_symlink_is_not_an_output(h: Harness, tmp_path: Path) -> None:
+    """An output must be a regular file of its own: a hard link to a file the worker can
+    read, or a symlink, is refused and nothing is uploaded."""
+    secret = tmp_path / "worker-secret.db"
+    secret.write_bytes(b"index")
+    m = h.manager()
+
+    async def body() -> list[str]:
+        reasons = []
+        for attempt_id, how in ((70, "ln"), (71, "ln -s")):
+            m.start(spec(attempt_id, "sh", "-c", f"{how} {secret} out.db",
+                         outputs=(("out.db", f"stolen{attempt_id}"),)))
+            reasons.append((await h.result(attempt_id)).reason)
+        return reasons
+
+    reasons = h.run(body)
+    assert reasons == ["output 'out.db' a link to another file (not a file of its own)",
+                       "output 'out.db' missing"]
+    assert not any(k.startswith("stolen") for k in h.transfers.uploaded)
 
 
 def test_old_attempt_directories_are_removed(h: Harness) -> None:

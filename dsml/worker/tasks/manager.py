@@ -66,7 +66,7 @@ from .watch import (
     PipeReader,
     TaskProcess,
 )
-from .workdirs import AttemptDirs
+from .workdirs import AttemptDirs, output_problem
 
 log = Logger()
 
@@ -465,13 +465,10 @@ class TaskManager(AttemptLedger):
         if not att.spec.outputs:
             return ""
         att.phase = "uploading"
-        root = os.path.realpath(att.dir)
         for rel, _ in att.spec.outputs:
-            path = att.dir / relative(rel, "output")
-            real = os.path.realpath(path)
-            # A symlink out of the directory counts as missing: never upload other files.
-            if not path.is_file() or os.path.commonpath([root, real]) != root:
-                return f"output {rel!r} missing"
+            problem = output_problem(att.dir, relative(rel, "output"))
+            if problem:
+                return f"output {rel!r} {problem}"
         uploads = [
             maybeDeferred(self.transfers.store, att.dir / rel, key, att.spec.attempt_id)
             for rel, key in att.spec.outputs

@@ -1,11 +1,18 @@
-"""Attempt directories: made (or reused) for each attempt, kept after it, removed when old.
+"""Attempt directories: made fresh for each attempt, kept after it, removed when old.
 
 An attempt works in ``work_dir/run/<n>`` (:data:`RUN_DIR`), its working directory and the
 home of its two logs.  When it ends, the directory becomes ``work_dir/<attempt id>`` if the
 attempt left anything in it (logs, inputs, outputs, files the task made); an empty one is
-kept for the next attempt instead, so a task that writes nothing costs no mkdir and no
-rmtree (measured: those cost ~0.4 ms of the worker's time per task on ext4, about an eighth
-of all the CPU a one-shot task costs).
+removed.  A directory is never lent to a later attempt (one once was, when empty: a
+process the first attempt left behind then read the next job's input and replaced its
+result, and a task that swapped its directory for a symlink sent the next job there).
+
+Nothing here follows a link a task may have planted: a name that is in the way of a new
+directory is removed as what it is (a symlink is unlinked, not followed: planting
+symlinks at the next names once made every later attempt fail at once), a working
+directory the task replaced by a symlink or a file is dropped, not kept, and removal is
+``shutil.rmtree``'s, which does not follow links.  :func:`output_problem` checks a
+declared output the same way: a regular file inside the directory, with no other link.
 
 Retention (``retention`` in etc/dsml.yaml): kept directories are removed oldest first
 while there are more than ``keep_finished`` (``attempt_dirs_max_count``), while together
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat as stat_module
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +61,37 @@ def tree_size(path: Path) -> int:
             if st.st_nlink == 1:
                 total += st.st_size
     return total
+
+
+def remove_entry(path: Path) -> None:
+    """Remove ``path`` as what it is: a directory tree (links in it not followed), or a
+    symlink or file (unlinked); nothing if it is gone.  Never raises."""
+    try:
+        if stat_module.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def output_problem(root: Path, rel: str) -> str:
+    """Why the declared output ``root/rel`` may not be uploaded, or "": it must be a
+    regular file, reached without a symlink out of ``root``, and have no other link (a
+    hard link to a file the worker can read, its own database included, is refused)."""
+    path = root / rel
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        return "missing"  # a symlink out of the directory: never upload other files
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return "missing"
+    if not stat_module.S_ISREG(st.st_mode):
+        return "missing" if stat_module.S_ISLNK(st.st_mode) else "not a regular file"
+    if st.st_nlink != 1:
+        return "a link to another file (not a file of its own)"
+    return ""
 
 
 class AttemptDirs:
@@ -95,8 +134,6 @@ class AttemptDirs:
         self.kept_bytes = 0
         #: Directories removed by retention since start.
         self.removed = 0
-        # Empty working directories (run/<n>) left by attempts that wrote nothing.
-        self._free: list[Path] = []
         self._next = 0
 
     def recover(self) -> None:
@@ -105,7 +142,7 @@ class AttemptDirs:
         shutil.rmtree(self.run_root, ignore_errors=True)
         old = []
         for entry in self.work_dir.iterdir():
-            if entry.name.lstrip("-").isdigit() and entry.is_dir():
+            if entry.name.lstrip("-").isdigit() and stat_module.S_ISDIR(entry.lstat().st_mode):
                 old.append((entry.stat().st_mtime, int(entry.name)))
         for mtime, attempt_id in sorted(old):
             self._note(attempt_id, True, tree_size(self.work_dir / str(attempt_id)), mtime)
@@ -125,27 +162,18 @@ class AttemptDirs:
         return self.kept.pop(attempt_id, None)
 
     def make(self, attempt_id: int) -> Path:
-        """An empty working directory for an attempt: an empty one left by an earlier
-        attempt if there is one, else a new ``run/<n>`` (a name never used twice).
+        """A new, empty working directory for an attempt, ``run/<n>`` (a name not used
+        before by this run; whatever is in its way is removed without being followed).
         Raises OSError."""
         if attempt_id in self.kept:  # the same id again, after a master reset
             if self._forget(attempt_id):
-                shutil.rmtree(self.work_dir / str(attempt_id), ignore_errors=True)
-        while self._free:
-            path = self._free.pop()
-            try:  # still empty (nothing may have written there since)?
-                empty = not os.listdir(path)
-            except OSError:
-                empty = False
-            if empty:
-                return path
-            shutil.rmtree(path, ignore_errors=True)
+                remove_entry(self.work_dir / str(attempt_id))
         path = self.run_root / str(self._next)
         self._next += 1
         try:  # one mkdir in the usual case: no stat first
             mkdir_private(path)
         except FileExistsError:
-            shutil.rmtree(path)
+            remove_entry(path)
             mkdir_private(path)
         except FileNotFoundError:  # the run dir (or the work dir) is not there yet
             makedirs_private(path)
@@ -165,15 +193,19 @@ class AttemptDirs:
         if path == self.run_root:  # it never got a directory
             return None
         try:
+            if not stat_module.S_ISDIR(os.lstat(path).st_mode):
+                # The task replaced its directory (by a symlink, a file): nothing kept.
+                remove_entry(path)
+                return None
             if not had_inputs and not os.listdir(path):
                 # (Not after inputs: a cancelled fetch might still land a file in it.)
-                self._free.append(path)
+                os.rmdir(path)
                 return None
             kept = self.work_dir / str(attempt_id)
             try:
                 os.rename(path, kept)
             except OSError:  # kept exists (an id seen again): replace it
-                shutil.rmtree(kept, ignore_errors=True)
+                remove_entry(kept)
                 os.rename(path, kept)
             return kept
         except OSError as e:
@@ -196,7 +228,7 @@ class AttemptDirs:
             ):
                 break
             if self._forget(attempt_id):
-                shutil.rmtree(self.work_dir / str(attempt_id), ignore_errors=True)
+                remove_entry(self.work_dir / str(attempt_id))
             removed += 1
         self.removed += removed
         return removed
