@@ -7,8 +7,8 @@ the worst stall of a 100,000-task submit (issue #11).  Two things here:
 - :class:`GcWatch` times every collection through ``gc.callbacks`` (the worst pause, and
   the count and total of full ones), so ``dsml nodes`` and the benchmarks can tell a
   collector's pause from the program's own work;
-- :func:`freeze_startup` moves what exists once a daemon has started (modules, classes,
-  its services: objects that live as long as the process) to the collector's permanent
+- :func:`freeze_startup` moves what exists once a daemon is built (modules, classes,
+  its services and state: objects that live as long as the process) to the collector's permanent
   generation (``gc.freeze``), so later full collections do not walk them again.  Objects
   frozen are still freed by reference counting; only a reference cycle among them would
   outlive its use, and start-up objects live for good anyway.
@@ -25,11 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.logger import Logger
 
 __all__ = ["DaemonGc", "GcWatch", "freeze_startup"]
-
-log = Logger()
 
 
 class GcWatch:
@@ -90,8 +87,9 @@ def freeze_startup() -> int:
 
 
 class DaemonGc(service.Service):
-    """A daemon's collector: timed while it runs; at start (added last to the daemon's
-    services, so it starts after them) what exists is frozen."""
+    """A daemon's collector, timed while it runs (:class:`GcWatch`).  Freeze its
+    start-up objects with :func:`freeze_startup` once it is built, before it listens:
+    the collection that comes with it would otherwise stall its first reactor turns."""
 
     def __init__(self, watch: GcWatch) -> None:
         self.watch = watch
@@ -99,8 +97,6 @@ class DaemonGc(service.Service):
     def startService(self) -> None:
         super().startService()
         self.watch.install()
-        frozen = freeze_startup()
-        log.info("{n} start-up objects frozen out of the collector's walks", n=frozen)
 
     def stopService(self) -> None:
         super().stopService()

@@ -23,11 +23,12 @@ import attrs
 from twisted.application import service
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 
 from .. import __version__
 from ..config import MASTER_ADDR_FILE, Config, Retention
 from ..fsutil import private_dir
-from ..gcwatch import DaemonGc, GcWatch
+from ..gcwatch import DaemonGc, GcWatch, freeze_startup
 from ..lagprobe import LagProbe
 from ..net.access import DEFAULT_ADMINS
 from ..net.limits import Limits
@@ -257,5 +258,7 @@ def make_master_service(
         retention=config.retention,
         gc=watch.snapshot,
     )
-    DaemonGc(watch).setServiceParent(master.service)  # last: frozen once the rest is up
+    DaemonGc(watch).setServiceParent(master.service)
+    frozen = freeze_startup()  # built, not yet listening: see dsml.gcwatch
+    Logger().info("{n} start-up objects frozen out of the collector's walks", n=frozen)
     return master.service
