@@ -217,14 +217,14 @@ class Retention:
     jobs_max_age: float = DEFAULT_JOBS_MAX_AGE
     #: Finished jobs kept at most on the master (the newest).
     jobs_max_count: int = DEFAULT_JOBS_MAX_COUNT
-    #: Seconds the master keeps a deleted key's tombstone (once no worker holds a copy).
-    tombstones_max_age: float = DEFAULT_TOMBSTONES_MAX_AGE
     #: Bytes of finished attempt directories (logs, inputs, outputs) a worker keeps.
     attempt_dirs_max_bytes: int = DEFAULT_ATTEMPT_DIRS_MAX_BYTES
     #: Seconds a finished attempt directory is kept on a worker.
     attempt_dirs_max_age: float = DEFAULT_ATTEMPT_DIRS_MAX_AGE
     #: Finished attempt directories a worker keeps at most (the newest).
     attempt_dirs_max_count: int = DEFAULT_ATTEMPT_DIRS_MAX_COUNT
+    #: Seconds the master keeps a deleted key's tombstone (once no worker holds a copy).
+    tombstones_max_age: float = DEFAULT_TOMBSTONES_MAX_AGE
 
 
 @attrs.frozen

@@ -635,10 +635,11 @@ def test_retention_defaults_and_values(tmp_path: Path) -> None:
         write_config(
             tmp_path,
             {"jobs_max_age": 3600, "jobs_max_count": 5, "attempt_dirs_max_bytes": "2GiB",
-             "attempt_dirs_max_age": 60, "attempt_dirs_max_count": 10},
+             "attempt_dirs_max_age": 60, "attempt_dirs_max_count": 10,
+             "tombstones_max_age": 86400},
         )
     )
-    assert c.retention == Retention(3600.0, 5, 2 * 1024**3, 60.0, 10)
+    assert c.retention == Retention(3600.0, 5, 2 * 1024**3, 60.0, 10, 86400.0)
 
 
 def test_the_shipped_config_shows_the_defaults() -> None:
