@@ -13,6 +13,7 @@
         slots: 1
         timeout: 3600
         max_attempts: 3
+        retry_on: [lost, staging]              # the causes retried (these by default)
       - python train.py --lr 0.01              # a task may be just its command
 
 Every problem is one line naming the file, the task and the field
@@ -39,7 +40,7 @@ MAX_JOB_FILE: Final = 64 * 1024 * 1024
 
 _JOB_FIELDS: Final = ("name", "priority", "after", "tasks")
 _TASK_FIELDS: Final = (
-    "command", "env", "inputs", "outputs", "slots", "timeout", "max_attempts",
+    "command", "env", "inputs", "outputs", "slots", "timeout", "max_attempts", "retry_on",
 )
 
 
@@ -158,6 +159,13 @@ class _Checker:
                     or not timeout > 0:
                 raise self.error(f"{where}.timeout", f"must be seconds > 0, got {timeout!r}")
             out["timeout"] = float(timeout)
+        if t.get("retry_on") is not None:
+            causes = t["retry_on"]
+            if isinstance(causes, str):
+                causes = [c.strip() for c in causes.split(",") if c.strip()]
+            if not isinstance(causes, list) or not all(isinstance(c, str) for c in causes):
+                raise self.error(f"{where}.retry_on", "must be a list of causes")
+            out["retry_on"] = causes
         return out
 
     def command(self, where: str, value: object) -> list[str]:

@@ -294,3 +294,24 @@ def test_bad_worker_name_is_still_a_usage_error(
         ServerOptions().parseOptions(["-n", "dsml-worker", "-c", str(_config(tmp_path)),
                                       "--name", "w9"])
     assert not (tmp_path / "twistd.pid").exists()
+
+
+def test_a_job_file_and_the_flag_carry_retry_on(tmp_path: Path) -> None:
+    """``retry_on`` in a job file (a list, or one comma-separated string) and
+    ``--retry-on`` reach the submitted JSON; a wrong type is one clear line."""
+    import json
+
+    from dsml.jobfile import JobFileError, load_job_file
+    from dsml.protocol.replies import job_body
+
+    f = tmp_path / "job.yaml"
+    f.write_text("tasks:\n  - command: train\n    retry_on: [exit, lost]\n"
+                 "  - command: eval\n    retry_on: exit,timeout\n")
+    spec = load_job_file(f)
+    assert [t["retry_on"] for t in spec.tasks] == [["exit", "lost"], ["exit", "timeout"]]
+    f.write_text("tasks:\n  - command: train\n    retry_on: 3\n")
+    with pytest.raises(JobFileError, match=r"tasks\[0\]\.retry_on: must be a list of causes"):
+        load_job_file(f)
+    body = json.loads(job_body(["train"], retry_on=["exit"], array=3))
+    assert body["tasks"][0]["retry_on"] == ["exit"]
+    assert "retry_on" not in json.loads(job_body(["train"]))["tasks"][0]

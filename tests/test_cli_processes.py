@@ -185,8 +185,9 @@ def test_output_into_a_closed_pipe_ends_quietly(cluster: LocalCluster, tmp_path:
 
 
 def test_status_shows_a_failed_attempts_stderr_tail(cluster: LocalCluster) -> None:
+    """With --retry-on exit a failing command is retried (each attempt's tail shown)."""
     job = cluster.cli(
-        "submit", "--max-attempts", "2", "--",
+        "submit", "--max-attempts", "2", "--retry-on", "exit", "--",
         "sh", "-c", "for i in $(seq 1 30); do echo line$i >&2; done; exit 3",
     ).stdout.decode().strip()
     wait = cluster.cli("wait", job, check=False)
@@ -201,6 +202,25 @@ def test_status_shows_a_failed_attempts_stderr_tail(cluster: LocalCluster) -> No
     assert text.count("      | line30") == 2, text
     assert "| line1\n" not in text, text  # a tail, not the whole stream
     assert cluster.cli("logs", job, "--attempt", "2", "--stderr").stderr.startswith(b"line1\n")
+
+
+def test_a_python_exception_is_not_retried_and_says_what_it_was(cluster: LocalCluster) -> None:
+    """By default an exception in the task's own code is not retried (max_attempts 3 is
+    left unused): one attempt, cause exit, the exception's last line in status and wait;
+    the Python client's status says the same."""
+    job = cluster.cli(
+        "submit", "--", "python3", "-c", "raise ValueError('learning rate 1e9 diverged')",
+    ).stdout.decode().strip()
+    wait = cluster.cli("wait", job, check=False)
+    assert wait.returncode == 1
+    assert "ValueError: learning rate 1e9 diverged" in wait.stderr.decode(), wait.stderr
+    text = cluster.cli("status", job, check=False).stdout.decode()
+    assert "attempt 1 on" in text and "attempt 2 on" not in text, text
+    assert "[cause: exit]" in text and "ValueError: learning rate 1e9 diverged" in text, text
+    host, port = cluster.address("master")
+    with ClusterClient(host, port, cluster.token) as c:
+        [t] = c.job_status(job)["tasks"]
+    assert [a["cause"] for a in t["attempts"]] == ["exit"]
 
 
 def test_a_cancelled_job_says_cancelled(cluster: LocalCluster) -> None:

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from dsml.master.jobrouter import assignment_json, job_json
 from dsml.master.jobs import (
     ATTEMPT_BLOCK,
+    DEFAULT_RETRY_ON,
     JOBS_FILE,
     LOCALITY_WINDOW,
     MAX_STDERR_TAIL,
@@ -59,8 +60,15 @@ def fired(d: Deferred[Any]) -> bool:
     return d.called
 
 
+#: What most tests here give their tasks: a retry for every cause, so that they exercise
+#: the retry machinery itself; the default policy (DEFAULT_RETRY_ON) has its own tests.
+RETRY_ALL = ("exit", "signal", "timeout", "lost", "staging")
+
+
 def task(*args: str, **kw: Any) -> TaskSpec:
-    """A task running ``args`` (``true`` by default)."""
+    """A task running ``args`` (``true`` by default), retried for every cause unless
+    ``retry_on`` says otherwise."""
+    kw.setdefault("retry_on", RETRY_ALL)
     return TaskSpec(command=args or ("true",), **kw)
 
 
@@ -383,6 +391,62 @@ def test_retries_up_to_max_attempts(h: Harness) -> None:
     assert view.tasks[0].state == "failed"
     assert view.tasks[0].reason == "boom"
     assert [a.exit_code for a in view.tasks[0].attempts] == [1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("how", "retried", "cause"),
+    [
+        ({"code": 1, "reason": "exit 1"}, False, "exit"),  # a Python exception, say
+        ({"code": None, "signal": 9}, False, "signal"),
+        ({"code": None, "reason": "command not found: trian.py"}, False, "spawn"),
+        ({"code": None, "reason": "output 'model.pt' missing"}, False, "output"),
+        ({"code": None, "reason": "input 'data/x' failed: timed out"}, True, "staging"),
+        ({"code": None, "reason": "output 'model.pt' upload failed: timed out"}, True,
+         "staging"),
+        ({"code": None, "reason": "timeout after 5 s"}, False, "timeout"),
+    ],
+)
+def test_by_default_only_a_cause_a_retry_can_mend_is_retried(
+    h: Harness, how: dict[str, Any], retried: bool, cause: str
+) -> None:
+    """Default retry_on (lost, staging): an attempt that failed for its own command's
+    sake ends the task at once, with its cause in the view; a transfer gets another try."""
+    j1 = h.submit(job(task(retry_on=DEFAULT_RETRY_ON)))
+    (a,) = h.assign()
+    assert h.finish(a, **how)
+    view = h.jm.job(j1)
+    assert view.tasks[0].attempts[0].cause == cause
+    assert view.tasks[0].state == ("queued" if retried else "failed")
+    assert (h.assign() != []) is retried
+
+
+def test_a_lost_worker_is_retried_by_default_and_retry_on_exit_retries_a_command(
+    h: Harness,
+) -> None:
+    lost = h.submit(job(task(retry_on=DEFAULT_RETRY_ON)))
+    flaky = h.submit(job(task(retry_on=("exit",))))
+    given = h.assign(free=2)
+    assert h.jm.worker_lost("w1", 1) == [a.attempt_id for a in given]
+    h.tick()
+    assert h.jm.job(lost).tasks[0].attempts[0].cause == "lost"
+    assert h.jm.job(lost).tasks[0].state == "queued"  # lost: retried by default
+    assert h.jm.job(flaky).tasks[0].state == "failed"  # lost, but only exit is retried
+    again = h.submit(job(task(retry_on=("exit",))))
+    (a,) = [x for x in h.assign(worker="w2", inc=1, free=3) if x.job_id == again]
+    assert h.finish(a, worker="w2", code=1)
+    assert h.jm.job(again).tasks[0].state == "queued"
+
+
+def test_retry_on_is_checked_and_kept(h: Harness) -> None:
+    from dsml.master.jobs import JobError
+    from dsml.master.jobs.model import spec_from_json, spec_json
+
+    for bad in (("exit", "typo"), ("cancelled",), "exit"):
+        with pytest.raises(JobError, match="retry_on must be a list of causes"):
+            h.jm.submit(job(task(retry_on=bad)))
+    t = task(retry_on=("exit", "timeout"))
+    assert spec_from_json(spec_json(t)) == t
+    assert "retry_on" not in spec_json(task(retry_on=DEFAULT_RETRY_ON))
 
 
 def test_success_after_failure(h: Harness) -> None:

@@ -557,10 +557,12 @@ def test_clean_master_stop_logs_no_traceback(new_cluster: Callable[..., LocalClu
 
 
 def test_logs_of_a_failing_task(cluster: LocalCluster) -> None:
-    """A task that writes to stderr and exits 3 fails 3 times (the default): ``dsml
-    status`` shows 3 failed attempts with exit 3; ``dsml logs`` shows its stderr (on
-    stderr), and so does ``--stderr`` while ``--stdout`` shows its stdout only."""
-    job = submit(cluster, "--", "sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3")
+    """A task that writes to stderr and exits 3, retried on exit (``--retry-on exit``),
+    fails 3 times (max_attempts' default): ``dsml status`` shows 3 failed attempts with
+    exit 3; ``dsml logs`` shows its stderr (on stderr), and so does ``--stderr`` while
+    ``--stdout`` shows its stdout only."""
+    job = submit(cluster, "--retry-on", "exit", "--",
+                 "sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3")
     assert wait(cluster, job).returncode == 1
     st = status(cluster, job)
     assert st.state == "failed" and "exit 3" in st.reason, st
@@ -657,20 +659,21 @@ def test_bad_submissions_are_refused_at_once(cluster: LocalCluster, tmp_path: Pa
 
 def test_tasks_that_cannot_run_fail_with_a_reason(cluster: LocalCluster) -> None:
     """A task whose input key does not exist, and one whose command is not found, each
-    end (no stuck job): the job fails, its reason names the missing key or command, and
-    every attempt counts (3 by default)."""
+    end (no stuck job): the job fails, its reason names the missing key or command.  An
+    input not staged is retried (cause staging: 3 attempts by default); a command not
+    found is not (cause spawn: a retry cannot mend it)."""
     missing_input = submit(cluster, "--input", "no/such/key.txt:in.txt", "--", "cat", "in.txt")
     missing_command = submit(cluster, "--", "no-such-command-dsml", "arg")
-    for job, words in (
-        (missing_input, "'no/such/key.txt' not found"),
-        (missing_command, "command not found: no-such-command-dsml"),
+    for job, words, attempts in (
+        (missing_input, "'no/such/key.txt' not found", 3),
+        (missing_command, "command not found: no-such-command-dsml", 1),
     ):
         assert wait(cluster, job).returncode == 1
         st = status(cluster, job)
         assert st.state == "failed" and words in st.reason, st
         (task,) = st.tasks
         assert task.state == "failed" and words in task.reason, task
-        assert [a.state for a in task.attempts] == ["failed"] * 3, task
+        assert [a.state for a in task.attempts] == ["failed"] * attempts, task
         assert all(words in a.reason for a in task.attempts), task
 
 

@@ -255,7 +255,8 @@ def test_timeout_is_retried_then_fails(make: Make) -> None:
     ``timeout``; it counts against max_attempts like any failure."""
     sim = make()
     client = sim.client()
-    job = sim.wait(client.submit(["slow"], timeout=2, max_attempts=2, env=env(duration=60)))
+    job = sim.wait(client.submit(["slow"], timeout=2, max_attempts=2, env=env(duration=60),
+                                   retry_on=["timeout"]))
     final = sim.wait(client.wait(job))
     assert final["state"] == "failed"
     assert states(final) == ["timeout", "timeout"]
@@ -272,7 +273,8 @@ def test_retries_up_to_max_attempts_and_no_further(make: Make) -> None:
     with the last reason); nothing more is ever started."""
     sim = make()
     client = sim.client()
-    job = sim.wait(client.submit(["fail"], max_attempts=3, env=env(duration=0.5, exit_code=3)))
+    job = sim.wait(client.submit(["fail"], max_attempts=3, env=env(duration=0.5, exit_code=3),
+                                   retry_on=["exit"]))
     final = sim.wait(client.wait(job))
     assert final["state"] == "failed"
     assert states(final) == ["failed"] * 3
@@ -294,7 +296,7 @@ def test_retry_then_success(make: Make) -> None:
 
     sim = make(script=script)
     client = sim.client()
-    job = sim.wait(client.submit(["flaky"], array=3))
+    job = sim.wait(client.submit(["flaky"], array=3, retry_on=["exit"]))
     final = sim.wait(client.wait(job))
     assert final["state"] == "succeeded"
     for i in range(3):
@@ -495,7 +497,7 @@ def test_a_failed_attempt_shows_the_tail_of_its_stderr(make: Make) -> None:
     sim = make()
     client = sim.client()
     noisy = {**env(exit_code=3), "SIM_STDERR": "first\nboom\n"}
-    failing = sim.wait(client.submit(["boom"], max_attempts=2, env=noisy))
+    failing = sim.wait(client.submit(["boom"], max_attempts=2, env=noisy, retry_on=["exit"]))
     fine = sim.wait(client.submit(["fine"], env={**env(), "SIM_STDERR": "just a warning\n"}))
     final = sim.wait(client.wait(failing))
     assert final["state"] == "failed"

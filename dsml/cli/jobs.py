@@ -69,6 +69,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             "slots": args.slots,
             "timeout": args.timeout,
             "max_attempts": args.max_attempts,
+            "retry_on": None if args.retry_on is None else [
+                c.strip() for c in args.retry_on.split(",") if c.strip()],
         }
     with _cluster(args) as c:
         job = c.submit(**job_kw)
@@ -152,6 +154,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         for position, a in enumerate(t["attempts"], 1):
             dur = f"{a['duration']:.2f}s" if a.get("duration") is not None else "-"
             why = f"  {a['reason']}" if a.get("reason") else ""
+            if a.get("cause") and a["cause"] != a["state"]:
+                why += f" [cause: {a['cause']}]"
             print(f"    attempt {_attempt_number(a, position)} on {a['worker']}: {a['state']}, "
                   f"{_attempt_how(a)}, {dur}, started {_age(a['started'])} ago{why}")
             for line in _tail_lines(a, "      "):

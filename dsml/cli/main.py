@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "killed (default: no limit)")
     sp.add_argument("--max-attempts", type=int, default=3,
                     help="attempts per task before it fails (default 3)")
+    sp.add_argument("--retry-on", metavar="CAUSES",
+                    help="the causes of a failed attempt that are retried, comma-separated, "
+                         "among exit, signal, timeout, out-of-memory, lost, staging, spawn, "
+                         "output (default: lost,staging)")
     sp.add_argument("--priority", type=int, help="higher runs first (default 0)")
     sp.add_argument("--after", action="append", metavar="JOB", help="run after JOB succeeds")
     sp.add_argument("--input", action="append", metavar="KEY[:PATH]",

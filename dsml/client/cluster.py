@@ -375,18 +375,22 @@ class ClusterClient:
         inputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
         outputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
         env: dict[str, str] | None = None,
+        retry_on: list[str] | tuple[str, ...] | None = None,
     ) -> Job:
         """Submit a job; returns its handle once the master has it durably.
 
         Either ``command`` (run ``array`` times, each with its index in
         ``DSML_TASK_INDEX``) or ``tasks``: a list of dicts with ``command`` and
         optionally ``env``, ``inputs`` ([key, path]), ``outputs`` ([path, key]),
-        ``slots``, ``timeout``, ``max_attempts``.
+        ``slots``, ``timeout``, ``max_attempts``, ``retry_on``.  ``retry_on``: the
+        causes of a failed attempt that give it another try (default ``lost`` and
+        ``staging``: a worker lost, a transfer failed); add ``exit`` for a command
+        that fails now and then.
         """
         body = job_body(
             command, name=name, tasks=tasks, array=array, slots=slots,
             timeout=timeout, max_attempts=max_attempts, priority=priority, after=after,
-            inputs=inputs, outputs=outputs, env=env,
+            inputs=inputs, outputs=outputs, env=env, retry_on=retry_on,
         )
         head, _ = self.master.call("submit", {}, body)
         return Job(self, head.headers["job"])

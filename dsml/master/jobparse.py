@@ -19,7 +19,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from .jobs import JobError, JobSpec, TaskSpec
+from .jobs import DEFAULT_RETRY_ON, JobError, JobSpec, TaskSpec
 from .jobs.slices import Slicer
 
 #: Payloads up to this many bytes are parsed in one go (a few ms).
@@ -41,7 +41,18 @@ def _task_spec(t: Any) -> TaskSpec:
         slots=int(t.get("slots", 1)),
         timeout=None if t.get("timeout") is None else float(t["timeout"]),
         max_attempts=int(t.get("max_attempts", 3)),
+        retry_on=_retry_on(t.get("retry_on")),
     )
+
+
+def _retry_on(value: Any) -> Any:
+    """A list of causes as a tuple of strings; anything else as given (check_task
+    refuses it)."""
+    if value is None:
+        return DEFAULT_RETRY_ON
+    if isinstance(value, list):
+        return tuple(str(c) for c in value)
+    return value
 
 
 def _job_spec(data: Any, tasks: tuple[TaskSpec, ...]) -> JobSpec:

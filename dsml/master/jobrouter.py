@@ -100,6 +100,7 @@ def job_json(
                         "duration": a.duration,
                         "peak_rss": a.peak_rss,
                         "reason": a.reason,
+                        "cause": a.cause,
                         "stderr_tail": a.stderr_tail if private else "",
                     }
                     for number, a in enumerate(t.attempts, 1)

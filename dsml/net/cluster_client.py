@@ -422,13 +422,14 @@ class AsyncClusterClient:
         inputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
         outputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
         env: dict[str, str] | None = None,
+        retry_on: list[str] | tuple[str, ...] | None = None,
     ) -> Deferred[str]:
         """Submit a job (the arguments of :meth:`dsml.client.ClusterClient.submit`);
         fires with its id once the master has it durably."""
         body = job_body(
             command, name=name, tasks=tasks, array=array, slots=slots, timeout=timeout,
             max_attempts=max_attempts, priority=priority, after=after, inputs=inputs,
-            outputs=outputs, env=env,
+            outputs=outputs, env=env, retry_on=retry_on,
         )
 
         async def run() -> str:

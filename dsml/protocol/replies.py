@@ -198,17 +198,19 @@ def job_body(
     inputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
     outputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
     env: dict[str, str] | None = None,
+    retry_on: list[str] | tuple[str, ...] | None = None,
 ) -> bytes:
     """The JSON payload of a ``submit`` request (see :meth:`ClusterClient.submit`).
 
     ``command`` with ``array`` > 1 is sent as ``"array": N`` and one task as its template
     (``{index}`` left in its keys and paths: the master fills it in for each task), so a
     100,000-task array is one small request, not 100,000 task objects for the master to
-    parse at once."""
+    parse at once.  ``retry_on`` (the causes a failed attempt is retried for) is sent
+    only when given: the master's default is ``lost`` and ``staging``."""
     if tasks is None and array > 1:
         job = json.loads(job_body(command, name=name, array=1, slots=slots, timeout=timeout,
                                   max_attempts=max_attempts, priority=priority, after=after,
-                                  env=env))
+                                  env=env, retry_on=retry_on))
         template = job["tasks"][0]
         template["inputs"] = [[k, p] for k, p in inputs]
         template["outputs"] = [[p, k] for p, k in outputs]
@@ -227,6 +229,7 @@ def job_body(
                 "slots": slots,
                 "timeout": timeout,
                 "max_attempts": max_attempts,
+                **({} if retry_on is None else {"retry_on": list(retry_on)}),
             }
             for i in range(array)
         ]

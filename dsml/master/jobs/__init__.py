@@ -44,6 +44,8 @@ Every name that ``dsml.master.jobs`` had as one module is importable from here.
 from .journal import ATTEMPT_BLOCK, JOBS_FILE, RETRY_DELAY, SCHEMA_VERSION
 from .manager import ENQUEUE_SLICE, STATUS_PAGE, SUBMIT_SLICE, JobManager
 from .model import (
+    CAUSES,
+    DEFAULT_RETRY_ON,
     MAX_AFTER,
     MAX_ATTEMPTS,
     MAX_NAME,
@@ -62,6 +64,7 @@ from .model import (
     QueuePlace,
     TaskSpec,
     TaskView,
+    attempt_cause,
     holds_nothing,
 )
 from .queue import LOCALITY_WINDOW, MAX_JOBS_COUNTED
@@ -92,6 +95,8 @@ __all__ = [
     "ATTEMPT_BLOCK",
     "ATTEMPT_STATES",
     "CANCELLED",
+    "CAUSES",
+    "DEFAULT_RETRY_ON",
     "ENQUEUE_SLICE",
     "FAILED",
     "FINAL",
@@ -137,5 +142,6 @@ __all__ = [
     "TaskSpec",
     "TaskState",
     "TaskView",
+    "attempt_cause",
     "holds_nothing",
 ]

@@ -87,6 +87,7 @@ from .model import (
     JobSpec,
     JobView,
     QueuePlace,
+    attempt_cause,
     check_io,
     check_job_head,
     check_task,
@@ -708,7 +709,9 @@ class JobManager:
         if state == SUCCEEDED:
             task.reason = ""
             self._set_state(task, SUCCEEDED)
-        elif len(task.attempts) < task.spec.max_attempts:
+        elif len(task.attempts) < task.spec.max_attempts and attempt_cause(
+            state, reason, a.exit_code, a.signal
+        ) in task.spec.retry_on:
             self._set_state(task, QUEUED)
             self._queue.push(task)
             log.debug(

@@ -29,6 +29,8 @@ from ...protocol import limits
 from ...protocol.methods import HeaderValueError, check_key
 
 __all__ = [
+    "CAUSES",
+    "DEFAULT_RETRY_ON",
     "MAX_AFTER",
     "MAX_ATTEMPTS",
     "MAX_NAME",
@@ -47,6 +49,7 @@ __all__ = [
     "QueuePlace",
     "TaskSpec",
     "TaskView",
+    "attempt_cause",
     "check_job_head",
     "check_io",
     "check_job_spec",
@@ -81,6 +84,42 @@ MAX_REASON: Final = 1024
 #: Longest stderr tail kept for a failed attempt, in characters (its last ones).  The
 #: worker sends at most 2,048 bytes; this holds whatever a worker sends to the same.
 MAX_STDERR_TAIL: Final = 2048
+
+# -- why an attempt ended ---------------------------------------------------------------
+
+#: The cause of an attempt's end: its command's exit status, a signal, its timeout, its
+#: memory limit, its worker lost (died, cut off), an input not staged (or an output not
+#: uploaded: a transfer), its command not started, a declared output missing or not a
+#: file of its own, or a cancel.
+CAUSES: Final = ("exit", "signal", "timeout", "out-of-memory", "lost", "staging", "spawn",
+                 "output", "cancelled")
+#: The causes a retry is made for by default: those a retry can mend (another worker,
+#: another try of a transfer).  A task's ``retry_on`` names others (a flaky command:
+#: "exit"); a Python exception, a missing command or output is not retried unless asked.
+DEFAULT_RETRY_ON: Final = ("lost", "staging")
+
+
+def attempt_cause(
+    state: str, reason: str, exit_code: int | None, signal: int | None
+) -> str | None:
+    """The cause (one of :data:`CAUSES`) of an attempt that ended in ``state`` with
+    ``reason`` (the worker's text), or None if it is running or succeeded."""
+    if state in ("running", "succeeded"):
+        return None
+    if state in ("lost", "timeout", "cancelled"):
+        return state
+    if reason.startswith("input "):
+        return "staging"
+    if reason.startswith("output "):
+        return "staging" if " upload failed" in reason else "output"
+    if reason.startswith(("command not found", "spawn failed")):
+        return "spawn"
+    if reason.startswith("out-of-memory"):
+        return "out-of-memory"
+    if signal is not None:
+        return "signal"
+    return "exit"
+
 
 _ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _JOB_ID: Final = re.compile(r"j([1-9][0-9]{0,17})\Z")
@@ -125,6 +164,9 @@ class TaskSpec:
     timeout: float | None = None
     #: Attempts before the task fails; every failure, timeout and lost worker counts.
     max_attempts: int = 3
+    #: The causes (:data:`CAUSES`) of a failed attempt that give the task another, while
+    #: it has attempts left; any other fails it at once.
+    retry_on: tuple[str, ...] = attrs.field(default=DEFAULT_RETRY_ON, converter=_tuple)
 
 
 @attrs.frozen
@@ -233,6 +275,11 @@ class AttemptView:
     #: The last lines of its stderr if it failed (at most :data:`MAX_STDERR_TAIL`
     #: characters, no control characters but newline and tab), else "".
     stderr_tail: str = ""
+
+    @property
+    def cause(self) -> str | None:
+        """Why it ended (:func:`attempt_cause`), None while running or if it succeeded."""
+        return attempt_cause(self.state, self.reason, self.exit_code, self.signal)
 
 
 @attrs.frozen
@@ -347,6 +394,8 @@ def spec_json(spec: TaskSpec) -> str:
         d["timeout"] = spec.timeout
     if spec.max_attempts != 3:
         d["max_attempts"] = spec.max_attempts
+    if spec.retry_on != DEFAULT_RETRY_ON:
+        d["retry_on"] = spec.retry_on
     return json.dumps(d, separators=(",", ":"))
 
 
@@ -513,3 +562,9 @@ def check_task(i: int, t: object) -> None:
         raise _bad(
             f"{w} max_attempts must be an integer from 1 to {MAX_ATTEMPTS}, not {t.max_attempts!r}"
         )
+    retryable = CAUSES[:-1]  # a cancel is never retried
+    if not isinstance(t.retry_on, tuple) or not all(
+        isinstance(c, str) and c in retryable for c in t.retry_on
+    ):
+        raise _bad(f"{w} retry_on must be a list of causes among {', '.join(retryable)},"
+                   f" not {str(t.retry_on)[:200]}")
