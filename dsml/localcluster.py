@@ -171,6 +171,11 @@ class LocalCluster:
         for log in self._logs.values():
             log.close()
         self._logs.clear()
+        # A worker stopped with SIGKILL leaves its (empty) attempt cgroups behind.
+        from .worker.tasks.cgroups import remove_tree
+
+        for name in self.worker_names:
+            remove_tree(self.root / name / "tasks")
 
     def __enter__(self) -> LocalCluster:
         return self

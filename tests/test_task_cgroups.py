@@ -18,7 +18,15 @@ import pytest
 from test_tasks import Harness, alive, launcher, spec  # noqa: F401  (launcher: a fixture)
 
 from dsml.testing.poll import poll
-from dsml.worker.tasks.cgroups import JOIN, CgroupTree, _own_path, _v2_mount, detect, wrap_command
+from dsml.worker.tasks.cgroups import (
+    JOIN,
+    CgroupTree,
+    _own_path,
+    _v2_mount,
+    detect,
+    tree_path,
+    wrap_command,
+)
 
 MOUNTINFO = (
     "25 1 0:23 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"
@@ -186,3 +194,5 @@ def test_a_real_worker_leaves_no_escaped_process(tmp_path: Path) -> None:
         c.stop()
         for pid in _sleepers(mark):
             os.kill(pid, 9)
+    root, _ = tree_path(c.root / "w1" / "tasks")
+    assert root is not None and not root.exists()  # the worker's cgroups went with it

@@ -34,7 +34,7 @@ from typing import Final
 
 from twisted.logger import Logger
 
-__all__ = ["CgroupTree", "detect", "wrap_command"]
+__all__ = ["CgroupTree", "detect", "remove_tree", "tree_path", "wrap_command"]
 
 log = Logger()
 
@@ -69,8 +69,9 @@ def _own_path(cgroup: str) -> str | None:
     return None
 
 
-def detect(work_dir: Path, proc: Path = Path("/proc")) -> tuple[CgroupTree | None, str]:
-    """The worker's attempt cgroups under its own cgroup, or None and why not."""
+def tree_path(work_dir: Path, proc: Path = Path("/proc")) -> tuple[Path | None, str]:
+    """Where the attempt cgroups of a worker with ``work_dir`` go (under this process's
+    own cgroup), or None and why there is nowhere."""
     try:
         mount = _v2_mount((proc / "self" / "mountinfo").read_text())
         own = _own_path((proc / "self" / "cgroup").read_text())
@@ -78,9 +79,32 @@ def detect(work_dir: Path, proc: Path = Path("/proc")) -> tuple[CgroupTree | Non
         return None, f"cannot read /proc: {e.strerror or e}"
     if mount is None or own is None:
         return None, "no cgroup v2 (unified) hierarchy mounted"
-    base = mount / own.lstrip("/")
     name = "dsml-" + hashlib.sha256(str(Path(work_dir).resolve()).encode()).hexdigest()[:16]
-    tree = CgroupTree(base / name)
+    return mount / own.lstrip("/") / name, ""
+
+
+def remove_tree(work_dir: Path) -> None:
+    """Kill what is left in the attempt cgroups of the worker with ``work_dir`` and
+    remove them (a worker stopped with SIGKILL leaves them; its next start would)."""
+    root, _ = tree_path(work_dir)
+    if root is None or not root.is_dir():
+        return
+    tree = CgroupTree(root)
+    left = tree.sweep()
+    for _ in range(KILL_ROUNDS * 20):
+        left = [p for p in left if not tree.remove(p)]
+        if not left:
+            break
+    tree.remove(root)
+
+
+def detect(work_dir: Path, proc: Path = Path("/proc")) -> tuple[CgroupTree | None, str]:
+    """The worker's attempt cgroups under its own cgroup, or None and why not."""
+    root, why = tree_path(work_dir, proc)
+    if root is None:
+        return None, why
+    base = root.parent
+    tree = CgroupTree(root)
     try:
         tree.root.mkdir(exist_ok=True)
         probe = tree.root / "probe"
