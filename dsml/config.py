@@ -168,6 +168,9 @@ class WorkerConfig:
     slots: int
     #: Bytes of remote task inputs kept under ``data_dir/cache`` (0: none kept).
     input_cache: int = DEFAULT_INPUT_CACHE
+    #: Names (``*`` allowed at the end: ``CUDA_*``) of the worker's environment
+    #: variables its tasks get, besides :data:`TASK_ENV_DEFAULT`.
+    task_env: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -199,6 +202,14 @@ class ClusterConfig:
 DEFAULT_JOBS_MAX_AGE: Final = 30 * 86400.0
 #: Finished jobs kept at most (the newest); older ones are purged.
 DEFAULT_JOBS_MAX_COUNT: Final = 10_000
+#: What a worker's environment gives every task, besides what ``task_env`` adds: the
+#: locale, the home and the search paths, and the variables a GPU program needs to find
+#: its libraries and devices.  Nothing else leaks (no credentials, no PYTHONPATH of the
+#: worker's virtualenv).
+TASK_ENV_DEFAULT: Final = ("PATH", "HOME", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR",
+                           "USER", "LOGNAME", "LD_LIBRARY_PATH", "CUDA_*", "NVIDIA_*")
+_ENV_PATTERN: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?\Z")
+
 #: Tombstones (deleted keys) older than this are forgotten by the master (30 days).
 DEFAULT_TOMBSTONES_MAX_AGE: Final = 30 * 86400.0
 #: Bytes of finished attempt directories a worker keeps at most (10 GiB).
@@ -525,7 +536,8 @@ class _Parser:
 
     def worker(self, name: str, section: object) -> WorkerConfig:
         prefix = f"workers.{name}"
-        s = self.mapping(prefix, section, ["host", "port", "data_dir", "slots", "input_cache"])
+        s = self.mapping(prefix, section,
+                         ["host", "port", "data_dir", "slots", "input_cache", "task_env"])
         for required in ("port", "data_dir"):
             if required not in s:
                 raise self.error(f"{prefix}.{required}", "required key is missing")
@@ -537,7 +549,17 @@ class _Parser:
             slots=self.integer(f"{prefix}.slots", s.get("slots", DEFAULT_SLOTS), 1, MAX_SLOTS),
             input_cache=self.byte_count(f"{prefix}.input_cache",
                                         s.get("input_cache", DEFAULT_INPUT_CACHE)),
+            task_env=self.env_names(f"{prefix}.task_env", s.get("task_env", [])),
         )
+
+    def env_names(self, key: str, value: object) -> tuple[str, ...]:
+        """A list of environment variable names, each maybe ending in ``*``."""
+        if not isinstance(value, list) or not all(
+            isinstance(v, str) and _ENV_PATTERN.match(v) for v in value
+        ):
+            raise self.error(key, "must be a list of variable names (a trailing * allowed),"
+                                  f" got {_show(value)}")
+        return tuple(value)
 
     def limits(self, section: object) -> Limits:
         known = [f.name for f in attrs.fields(Limits)]

@@ -122,7 +122,7 @@ BAD_FILES = [
     ),
     pytest.param(
         MINIMAL + "    slotz: 2\n",
-        "workers.w1.slotz: unknown key (known: host, port, data_dir, slots, input_cache)",
+        "workers.w1.slotz: unknown key (known: host, port, data_dir, slots, input_cache, task_env)",
         id="unknown-worker-key",
     ),
     pytest.param(

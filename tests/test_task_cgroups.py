@@ -196,3 +196,71 @@ def test_a_real_worker_leaves_no_escaped_process(tmp_path: Path) -> None:
             os.kill(pid, 9)
     root, _ = tree_path(c.root / "w1" / "tasks")
     assert root is not None and not root.exists()  # the worker's cgroups went with it
+
+
+# == the task environment's allow-list (issue #13) ==========================================
+
+
+def test_the_environment_allow_list_takes_names_and_prefixes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    from dsml.config import TASK_ENV_DEFAULT
+    from dsml.worker.tasks.launch import TaskEnvironment
+
+    for name, value in {"LD_LIBRARY_PATH": "/opt/cuda/lib64", "CUDA_HOME": "/opt/cuda",
+                        "LC_ALL": "C.UTF-8", "AWS_SECRET_ACCESS_KEY": "s3cret",
+                        "PYTHONPATH": "/venv/lib", "MY_SITE_DATA": "/data"}.items():
+        monkeypatch.setenv(name, value)
+    env = TaskEnvironment(tmp_path, TASK_ENV_DEFAULT + ("MY_SITE_*",))
+    got = env.for_attempt(spec(1, "true"))
+    assert got["LD_LIBRARY_PATH"] == "/opt/cuda/lib64" and got["CUDA_HOME"] == "/opt/cuda"
+    assert got["LC_ALL"] == "C.UTF-8" and got["MY_SITE_DATA"] == "/data"
+    assert "AWS_SECRET_ACCESS_KEY" not in got and "PYTHONPATH" not in got
+    assert "CUDA_HOME" not in TaskEnvironment(tmp_path).for_attempt(spec(1, "true"))
+
+
+def test_config_task_env_is_a_list_of_names(tmp_path: Path) -> None:
+    from dsml.config import ConfigError, load_config
+
+    p = tmp_path / "dsml.yaml"
+    base = "master: {port: 0, state_dir: state}\nworkers:\n  w1: {port: 0, data_dir: d1"
+    p.write_text(base + ", task_env: [HF_HOME, 'NCCL_*']}\n")
+    assert load_config(p).workers["w1"].task_env == ("HF_HOME", "NCCL_*")
+    p.write_text(base + ", task_env: 'HF_HOME'}\n")
+    with pytest.raises(ConfigError, match="workers.w1.task_env: must be a list"):
+        load_config(p)
+    p.write_text(base + ", task_env: ['A=B']}\n")
+    with pytest.raises(ConfigError, match="workers.w1.task_env"):
+        load_config(p)
+
+
+@pytest.mark.processes
+def test_a_real_worker_passes_its_allowed_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A twistd worker started with LD_LIBRARY_PATH, CUDA_VISIBLE_DEVICES, a site
+    variable its config allows and a secret: the task sees the first three only."""
+    from dsml.client import ClusterClient
+    from dsml.localcluster import LocalCluster
+
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/cuda/lib64")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("MY_SITE_DATA", "/data")
+    monkeypatch.setenv("MY_SECRET", "hunter2")
+    c = LocalCluster(tmp_path / "cluster", workers=("w1",),
+                     extra={"workers": {"w1": {"host": "127.0.0.1", "port": 0, "data_dir": "w1",
+                                               "task_env": ["MY_SITE_*"]}}})
+    try:
+        c.start("master")
+        c.start("w1")
+        host, port = c.address("master")
+        with ClusterClient(host, port, c.token) as client:
+            job = client.submit(["sh", "-c", "env > env.txt"], outputs=[("env.txt", "env/1")])
+            assert client.wait(job.id, timeout=120)["state"] == "succeeded"
+            client.download("env/1", tmp_path / "env.txt")
+            seen = dict(line.split("=", 1) for line in
+                        (tmp_path / "env.txt").read_text().splitlines() if "=" in line)
+    finally:
+        c.stop()
+    assert seen["LD_LIBRARY_PATH"] == "/opt/cuda/lib64" and seen["CUDA_VISIBLE_DEVICES"] == "0"
+    assert seen["MY_SITE_DATA"] == "/data" and "MY_SECRET" not in seen

@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from ..config import MASTER_ADDR_FILE, WORKER_ADDR_FILE, Config
+from ..config import MASTER_ADDR_FILE, TASK_ENV_DEFAULT, WORKER_ADDR_FILE, Config
 from ..fsutil import private_dir
 from ..net.access import DEFAULT_ADMINS
 from ..net.cluster_client import AsyncClusterClient
@@ -311,6 +311,7 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         return TaskManager(
             reactor,
             cgroups=cgroups,
+            task_env=TASK_ENV_DEFAULT + wc.task_env,
             slots=wc.slots,
             work_dir=work_dir,
             transfers=transfers,

@@ -138,12 +138,17 @@ def spawn_launcher() -> Launcher:
 class TaskEnvironment:
     """The environment of every task of a worker whose task dir is ``work_dir``.
 
-    The variables taken from the worker (:data:`BASE_ENV_NAMES`) are read once, here.
+    The variables taken from the worker are read once, here: those named in ``allow``
+    (a name, or a prefix ending in ``*``: ``CUDA_*``), :data:`BASE_ENV_NAMES` by
+    default; the worker's config extends the list (``task_env``).
     """
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, allow: Sequence[str] = BASE_ENV_NAMES) -> None:
         self.work_dir = work_dir
-        self._base = {name: os.environ[name] for name in BASE_ENV_NAMES if name in os.environ}
+        exact = {a for a in allow if not a.endswith("*")}
+        prefixes = tuple(a[:-1] for a in allow if a.endswith("*"))
+        self._base = {name: value for name, value in os.environ.items()
+                      if name in exact or (prefixes and name.startswith(prefixes))}
         self._base.setdefault("PATH", os.defpath)
 
     def for_attempt(self, spec: AttemptSpec) -> dict[str, str]:

@@ -18,7 +18,7 @@ import shutil
 import signal as signal_module
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from ...fsutil import makedirs_private, private_dir
 from .cgroups import CgroupTree, wrap_command
 from .groups import kill_leftovers, kill_orphans, signal_group
 from .launch import (
+    BASE_ENV_NAMES,
     Executables,
     Launcher,
     LaunchFailed,
@@ -183,6 +184,7 @@ class TaskManager(AttemptLedger):
         launcher: Launcher | None = None,
         sample_interval: float = SAMPLE_INTERVAL,
         cgroups: CgroupTree | None = None,
+        task_env: Sequence[str] = BASE_ENV_NAMES,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
@@ -209,7 +211,7 @@ class TaskManager(AttemptLedger):
         # The ledger's finished attempts whose logs can still be read (the same dict).
         self._kept = self._dirs.kept
         self._stopping = False
-        self._environment = TaskEnvironment(self.work_dir)
+        self._environment = TaskEnvironment(self.work_dir, task_env)
         self._executables = Executables(reactor.seconds)
         self._sampler = MemorySampler(reactor, sample_interval, self._live_groups)
         private_dir(self.work_dir)  # the worker's alone, like its attempt directories
