@@ -345,12 +345,12 @@ def test_a_crowd_of_young_connections_pauses_accepting_instead_of_closing(
     conns = [server.connect(authenticated=False, host=f"203.0.113.{i}") for i in range(n)]
     assert not any(t.disconnecting for _, t in conns)
     assert not port.reading and server.factory.preauth.paused
-    assert port.numberAccepts == LIMITS.max_unauthenticated  # a pool's worth per read
     for proto, t in conns[:2]:
         proto.dataReceived(req("auth", 1, token=TOKEN))
         [(head, _)] = responses(t.take())
         assert head.ok
     assert port.reading and port.stops == 1
+    assert port.numberAccepts == LIMITS.max_unauthenticated  # a pool's worth per read
     assert server.factory.unauthenticated == LIMITS.max_unauthenticated
 
 

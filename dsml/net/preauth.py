@@ -142,7 +142,8 @@ class PreauthPool:
                     wait = left if wait is None else min(wait, left)
                     break
                 self.forget(conn)
-                self.evicted(conn, where, cap)
+                self.evicted(conn, where + (" (it had its grace)" if aged
+                                            else " (past twice the cap)"), cap)
         return wait
 
     def _check_at(self, now: float) -> None:
@@ -179,12 +180,6 @@ class PreauthPool:
             self.pauses += 1
             for port in self._ports:
                 port.stopReading()
-                # Twisted's accept loop takes up to numberAccepts connections per read,
-                # and grows it by 20 after each full one: a crowd after a stall came in
-                # bursts past twice the cap, whose oldest then went unread.  Once paused,
-                # the next read takes at most a pool's worth.
-                if getattr(port, "numberAccepts", 0) > self.limits.max_unauthenticated:
-                    port.numberAccepts = self.limits.max_unauthenticated
 
     def _resume(self) -> None:
         self.paused = False
@@ -192,6 +187,12 @@ class PreauthPool:
             self._wake.cancel()
         self._wake = None
         for port in self._ports:
+            # Twisted's accept loop takes up to numberAccepts connections per read, and
+            # grows it by 20 after each full one: a crowd after a stall came in bursts
+            # past twice the cap, whose oldest then went unread.  The pool is under its
+            # cap now: the next read takes at most another pool's worth.
+            if getattr(port, "numberAccepts", 0) > self.limits.max_unauthenticated:
+                port.numberAccepts = self.limits.max_unauthenticated
             if getattr(port, "connected", True) and not getattr(port, "disconnecting", False):
                 port.startReading()
 
