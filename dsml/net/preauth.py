@@ -29,7 +29,7 @@ Plain logic on an injected clock: tests drive it with ``task.Clock`` and fake po
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from twisted.internet.interfaces import IDelayedCall
 
@@ -42,10 +42,6 @@ AUTH_GRACE: Final = 0.5
 #: Past this many times a cap, the oldest goes whatever its age.  (At twice, a crowd of
 #: 1,000 workers redialling a restarted master lost 20 to 38 of them unread per run.)
 HARD_FACTOR: Final = 4
-
-
-class _Member(Protocol):
-    def abort(self) -> None: ...
 
 
 class PreauthPool:
@@ -73,15 +69,11 @@ class PreauthPool:
         self._host_of: dict[Any, str] = {}
         self._ports: list[Any] = []
         self._wake: IDelayedCall | None = None
-        #: Whether accepting is paused now; how many times it was (a figure for tests).
+        #: Whether accepting is paused now.
         self.paused = False
-        self.pauses = 0
 
     def __len__(self) -> int:
         return len(self._all)
-
-    def __contains__(self, conn: object) -> bool:
-        return conn in self._all
 
     def attach(self, port: Any) -> None:
         """Pause and resume accepting on ``port`` (an ``IListeningPort`` that is also a
@@ -181,7 +173,6 @@ class PreauthPool:
     def _pause(self) -> None:
         if not self.paused:
             self.paused = True
-            self.pauses += 1
             for port in self._ports:
                 port.stopReading()
 
