@@ -118,7 +118,8 @@ def test_bad_config_is_the_one_line_config_error(
         options_class().parseOptions(["--config", str(path), *extra_args])
     assert str(info.value) == config_error(path)
     assert str(info.value) == (
-        f"{path}: workers.w1.slotz: unknown key (known: host, port, data_dir, slots, input_cache, task_env)"
+        f"{path}: workers.w1.slotz: unknown key "
+        "(known: host, port, data_dir, slots, input_cache, task_env)"
     )
 
 
