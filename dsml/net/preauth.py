@@ -89,10 +89,10 @@ class PreauthPool:
         self._by_host.setdefault(host, {})[conn] = now
         self._host_of[conn] = host
         if self._over():
-            self._make_room(now, hard_only=True)
-            if self._over():
+            wait = self._make_room(now, hard_only=True)
+            if wait is not None:  # still over a cap: judged once the oldest had its grace
                 self._pause()
-                self._check_at(now)
+                self._wake_in(now, wait)
 
     def forget(self, conn: Any) -> None:
         """``conn`` authenticated or closed: it leaves the pool."""
@@ -142,14 +142,11 @@ class PreauthPool:
                                             else f" (past {HARD_FACTOR} times the cap)"), cap)
         return wait
 
-    def _check_at(self, now: float) -> None:
-        """Look again once the oldest over a cap has had its grace, and then one reactor
-        turn later: a stalled reactor runs its timers before it reads, and a connection
-        whose ``auth`` is already waiting in its socket must be read before it is judged."""
-        wait = self._make_room(now, hard_only=True)
-        if wait is None:
-            wait = min((max(0.0, next(iter(m.values())) + self.grace - now)
-                        for m, _, _ in self._pools()), default=0.0)
+    def _wake_in(self, now: float, wait: float) -> None:
+        """Look again in ``wait`` seconds (when the oldest over a cap has had its grace),
+        and then one reactor turn later: a stalled reactor runs its timers before it
+        reads, and a connection whose ``auth`` is already waiting in its socket must be
+        read before it is judged.  An earlier wake-up already due stays."""
         if self._wake is not None and self._wake.active():
             if self._wake.getTime() <= now + wait:
                 return
@@ -168,7 +165,7 @@ class PreauthPool:
                 self._resume()
             return
         self._pause()
-        self._wake = self.clock.callLater(wait, self._one_more_turn)
+        self._wake_in(now, wait)
 
     def _pause(self) -> None:
         if not self.paused:

@@ -145,15 +145,6 @@ class CgroupTree:
             return []
         return [int(x) for x in text.split()]
 
-    def populated(self, path: Path) -> bool:
-        try:
-            for line in (path / "cgroup.events").read_text().splitlines():
-                if line.startswith("populated "):
-                    return line.split()[1] != "0"
-        except OSError:
-            return False
-        return bool(self.members(path))
-
     def kill(self, path: Path) -> None:
         """SIGKILL every process in ``path`` (it may take the kernel a moment to empty)."""
         if self.has_kill:
