@@ -575,7 +575,7 @@ class TaskManager(AttemptLedger):
         assert self.cgroups is not None
         self._cgroup_retry = None
         self._emptying = [p for p in self._emptying if not self.cgroups.remove(p)]
-        if self._emptying and self._cgroup_retry is None:
+        if self._emptying:
             self._cgroup_retry = self.reactor.callLater(CGROUP_RETRY, self._remove_cgroups)
 
     # --- what the watchers tell ------------------------------------------------------
