@@ -67,6 +67,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             "inputs": inputs,
             "outputs": outputs,
             "slots": args.slots,
+            "mem": args.mem,
+            "gpus": args.gpus,
             "timeout": args.timeout,
             "max_attempts": args.max_attempts,
             "retry_on": None if args.retry_on is None else [

@@ -376,21 +376,30 @@ class ClusterClient:
         outputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
         env: dict[str, str] | None = None,
         retry_on: list[str] | tuple[str, ...] | None = None,
+        cpus: int | None = None,
+        mem: int | str = 0,
+        gpus: int = 0,
     ) -> Job:
         """Submit a job; returns its handle once the master has it durably.
 
         Either ``command`` (run ``array`` times, each with its index in
         ``DSML_TASK_INDEX``) or ``tasks``: a list of dicts with ``command`` and
         optionally ``env``, ``inputs`` ([key, path]), ``outputs`` ([path, key]),
-        ``slots``, ``timeout``, ``max_attempts``, ``retry_on``.  ``retry_on``: the
-        causes of a failed attempt that give it another try (default ``lost`` and
-        ``staging``: a worker lost, a transfer failed); add ``exit`` for a command
-        that fails now and then.
+        ``cpus`` (or ``slots``), ``mem``, ``gpus``, ``timeout``, ``max_attempts``,
+        ``retry_on``.  ``retry_on``: the causes of a failed attempt that give it another
+        try (default ``lost`` and ``staging``: a worker lost, a transfer failed); add
+        ``exit`` for a command that fails now and then.
+
+        Resources, per task: ``cpus`` (``slots`` is the same, its old name; the task's
+        thread pools are told: ``OMP_NUM_THREADS`` ...), ``mem`` (bytes, or a size such
+        as ``"4G"``: reserved on the worker and the task's memory limit), ``gpus``
+        (``CUDA_VISIBLE_DEVICES`` names the ones it gets).
         """
         body = job_body(
             command, name=name, tasks=tasks, array=array, slots=slots,
             timeout=timeout, max_attempts=max_attempts, priority=priority, after=after,
-            inputs=inputs, outputs=outputs, env=env, retry_on=retry_on,
+            inputs=inputs, outputs=outputs, env=env, retry_on=retry_on, cpus=cpus,
+            mem=mem, gpus=gpus,
         )
         head, _ = self.master.call("submit", {}, body)
         return Job(self, head.headers["job"])

@@ -36,6 +36,7 @@ from .jobs import (
     JobManager,
     JobSpec,
     JobView,
+    Room,
 )
 from .jobs.model import parse_job_id
 from .membership import Membership, WorkerRecord
@@ -48,6 +49,8 @@ WAIT_MAX = 600
 JOBS_PAGE = 1000
 #: Most tasks sent to workers in one reactor turn (the rest on the next turns).
 DISPATCH_PER_TURN = 128
+#: A submit checks that the inputs of its first this many tasks are stored (see submit).
+INPUTS_CHECKED = 1000
 
 
 def job_json(
@@ -130,6 +133,8 @@ def assignment_json(
         "inputs": [list(p) for p in s.inputs],
         "outputs": [list(p) for p in s.outputs],
         "slots": s.slots,
+        "mem": s.mem,
+        "gpus": s.gpus,
         "timeout": s.timeout,
         "owner": a.owner,
     }
@@ -169,7 +174,7 @@ class JobRouter:
         # attempt at once, but the worker holds its slots until the process is gone
         # (SIGTERM, then SIGKILL after a grace period): a run order sent meanwhile would
         # be refused as busy and waste one of the task's attempts.
-        self._killing: dict[str, dict[int, int]] = {}
+        self._killing: dict[str, dict[int, Room]] = {}
         membership.on_dead.append(self._worker_dead)
         # A big job's tasks reach the queue in slices, after its submit: feed them.
         jobs.on_queued.append(self.dispatch_soon)
@@ -181,8 +186,9 @@ class JobRouter:
         kill = self.jobs.reconcile(record.name, record.incarnation, running, [])
         killing = self._killing[record.name] = {}
         for attempt in kill:
-            # Its slots are unknown here (the master no longer holds it): at least one.
-            killing[attempt] = max(1, self.jobs.slots_of(attempt))
+            # Its room is unknown here if the master no longer holds it: one CPU.
+            room = self.jobs.room_of(attempt)
+            killing[attempt] = room if room.cpus else Room(1)
             _order(record, "kill", {"Attempt": attempt})
         self.dispatch_soon()
 
@@ -267,8 +273,10 @@ class JobRouter:
                 for record in self.membership.alive():
                     if record.conn is None:
                         continue
-                    free = min(record.slots - self._busy(record.name), DISPATCH_PER_TURN - sent)
-                    if free <= 0:
+                    free = record.room - self._busy(record.name)
+                    if free.cpus > DISPATCH_PER_TURN - sent:
+                        free = Room(DISPATCH_PER_TURN - sent, free.mem, free.gpus)
+                    if free.cpus <= 0:
                         if sent >= DISPATCH_PER_TURN:
                             self.dispatch_soon()
                             return
@@ -286,9 +294,17 @@ class JobRouter:
         except Exception:
             log.failure("dispatch failed")
 
-    def _busy(self, worker: str) -> int:
-        """Slots held by the attempts the master has running on ``worker``."""
-        return self.jobs.slots_running_on(worker) + sum(self._killing.get(worker, {}).values())
+    def _busy(self, worker: str) -> Room:
+        """The room held by the attempts the master has running on ``worker``, and by
+        those it was told to kill and has not reported ended."""
+        busy = self.jobs.used_on(worker)
+        for room in self._killing.get(worker, {}).values():
+            busy = busy + room
+        return busy
+
+    def used(self, worker: str) -> Room:
+        """What ``worker``'s attempts hold now (``nodes`` shows it)."""
+        return self._busy(worker)
 
     def _holds(self, worker: str, where: dict[str, set[str]]) -> Callable[[str], bool]:
         def holds(key: str) -> bool:
@@ -331,21 +347,42 @@ class JobRouter:
     # -- what clients and workers ask for ---------------------------------------------
 
     def submit(self, spec: JobSpec, owner: str = TOKEN_OWNER) -> Deferred[str]:
-        """Queue a job of ``owner``; fires with its id once committed (then dispatches)."""
-        widest = max((t.slots for t in spec.tasks), default=1)
-        largest = max((r.slots for r in self.membership.all()), default=0)
-        if largest and widest > largest:
-            # It could never run (until a bigger worker joins): say so now rather than
-            # leave it queued with nothing said.
-            raise JobError(
-                f"a task needs {widest} slots; the largest worker has {largest}", "bad-job"
-            )
+        """Queue a job of ``owner``; fires with its id once committed (then dispatches).
+
+        Refused (``bad-job``) at once: a task that fits no worker the master knows (it
+        could never run until a bigger worker joins: said now rather than left queued);
+        an input key that is not stored, for a job that comes after no other (one that
+        does may read what those jobs write), among the inputs of its first
+        :data:`INPUTS_CHECKED` tasks (a missing one past those fails its task at staging).
+        """
+        rooms = [r.room for r in self.membership.all()]
+        if rooms:  # (none yet: a master just started, its workers still coming)
+            for need in {t.room for t in spec.tasks}:
+                if not any(room.holds(need) for room in rooms):
+                    raise JobError(f"a task needs {need.describe()}; no worker has that much"
+                                   f" ({_largest(rooms)})", "bad-job")
+        if not spec.after:
+            missing = self._missing_input(spec)
+            if missing:
+                raise JobError(f"input {missing!r} is not stored (upload it first)", "bad-job")
 
         def acknowledged(job_id: str) -> str:
             self.dispatch_soon()
             return job_id
 
         return self.jobs.submit(spec, owner).addCallback(acknowledged)
+
+    def _missing_input(self, spec: JobSpec) -> str | None:
+        """The first input key of the job's first :data:`INPUTS_CHECKED` tasks that the
+        directory does not hold, or None (bounded work whatever the job's size)."""
+        seen: set[str] = set()
+        for i in range(min(spec.count, INPUTS_CHECKED)):
+            for key, _ in spec.task(i).inputs:
+                if key not in seen:
+                    if self.directory.current(key) is None:
+                        return key
+                    seen.add(key)
+        return None
 
     def job(self, job_id: str, tasks: bool = True) -> JobView:
         """The job as it is (``not-found`` for an unknown id): with ``tasks``, its first
@@ -381,9 +418,10 @@ class JobRouter:
         """Why each queued task of ``view`` waits, by task index, as the workers are now.
 
         "no live worker" when no worker is alive (a suspect one gets no work, see
-        :meth:`dispatch`); "a worker with N free slots (the largest live worker has M)"
-        for a task wider than every live worker; else "a free slot (K tasks queued
-        ahead)", or "a free slot" when the manager does not count
+        :meth:`dispatch`); "a worker with 2 CPUs, 1 GPU (no live worker has that
+        much: ...)" for a task that fits no live worker; "2 CPUs, 1 GPU free on a worker
+        (K tasks queued ahead)" otherwise, or without the count when the manager does
+        not count
         (:meth:`~dsml.master.jobs.JobManager.queue_places`).  O(tasks of the job) plus
         O(workers).
         """
@@ -396,29 +434,33 @@ class JobRouter:
         alive = self.membership.alive()
         if not alive:
             return dict.fromkeys(places, "no live worker")
-        largest = max(r.slots for r in alive)
+        rooms = [r.room for r in alive]
         reasons: dict[int, str] = {}
+        fits: dict[Room, bool] = {}
         for index, place in places.items():
-            if place.slots > largest:
-                reasons[index] = (
-                    f"a worker with {place.slots} free slots"
-                    f" (the largest live worker has {largest})"
-                )
+            need = Room(place.slots, place.mem, place.gpus)
+            fit = fits.get(need)
+            if fit is None:
+                fit = fits[need] = any(room.holds(need) for room in rooms)
+            if not fit:
+                reasons[index] = (f"a worker with {need.describe()}"
+                                  f" (no live worker has that much: {_largest(rooms)})")
             elif place.ahead is None:
-                reasons[index] = "a free slot"
+                reasons[index] = f"{need.describe()} free on a worker"
             else:
                 tasks = "task" if place.ahead == 1 else "tasks"
-                reasons[index] = f"a free slot ({place.ahead} {tasks} queued ahead)"
+                reasons[index] = (f"{need.describe()} free on a worker"
+                                  f" ({place.ahead} {tasks} queued ahead)")
         return reasons
 
     def cancel(self, job_id: str) -> Deferred[int]:
         """Cancel a job; fires with how many running attempts were told to stop."""
-        # Their slots, read before the cancel forgets them (see _killing).
+        # Their room, read before the cancel forgets them (see _killing).
         self.jobs.job(job_id, tasks=False)  # not-found at once
-        held = {a: (worker, slots) for a, worker, slots in self.jobs.running_of(job_id)}
+        held = {a: (worker, room) for a, worker, room in self.jobs.running_of(job_id)}
         d = self.jobs.cancel(job_id)
-        for attempt, (worker, slots) in held.items():
-            self._killing.setdefault(worker, {})[attempt] = slots
+        for attempt, (worker, room) in held.items():
+            self._killing.setdefault(worker, {})[attempt] = room
 
         def kill(attempts: list[tuple[str, int]]) -> int:
             for worker, attempt in attempts:
@@ -500,6 +542,14 @@ class JobRouter:
         # not after the commit (the worker's acknowledgement still waits for it).
         self.dispatch_soon()
         return gatherResults(waits, consumeErrors=True).addCallback(done)
+
+
+def _largest(rooms: Sequence[Room]) -> str:
+    """The most of each resource any one worker has: "at most 8 CPUs, 31.4 GiB, 2 GPUs
+    on a worker"."""
+    most = Room(max(r.cpus for r in rooms), max(r.mem for r in rooms),
+                max(r.gpus for r in rooms))
+    return f"at most {most.describe()} on a worker"
 
 
 def finished_report(r: dict[str, Any]) -> FinishedReport:
