@@ -496,6 +496,46 @@ class ClusterClient:
                 return b"".join(chunks)
 
 
+class JobFailed(DsmlError):
+    """A job that ended without succeeding (failed or cancelled), from :meth:`Job.wait`.
+
+    ``status`` is its final status (every task); ``failures`` maps each failed task's
+    index to its reason (the cause and the last line of its stderr: a Python task's
+    exception), and the message names the first :data:`SHOWN_FAILURES` of them.
+    """
+
+    code = "job-failed"
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        self.status = status
+        self.failures = {t["index"]: _failure(t) for t in status.get("tasks", ())
+                         if t["state"] in ("failed", "cancelled")}
+        shown = [f"task {i}: {why}" for i, why in list(self.failures.items())[:SHOWN_FAILURES]]
+        more = len(self.failures) - len(shown)
+        if more > 0:
+            shown.append(f"and {more} more")
+        reason = f" ({status['reason']})" if status.get("reason") else ""
+        super().__init__(f"job {status['id']} {status['state']}{reason}: " + "; ".join(shown))
+
+
+#: Failed tasks a :class:`JobFailed` message names (all are in its ``failures``).
+SHOWN_FAILURES = 5
+
+
+def _failure(task: dict[str, Any]) -> str:
+    """A failed task's reason: its last attempt's, with the cause and the last line of
+    its stderr ("exit 1 [exit]: ValueError: bad lr")."""
+    attempts = task.get("attempts") or ()
+    if not attempts:
+        return task.get("reason") or task["state"]
+    a = attempts[-1]
+    why = a.get("reason") or task.get("reason") or a["state"]
+    if a.get("cause"):
+        why += f" [{a['cause']}]"
+    lines = [ln for ln in (a.get("stderr_tail") or "").splitlines() if ln.strip()]
+    return f"{why}: {lines[-1].strip()}" if lines else why
+
+
 class Job:
     """A submitted job: ``wait()``, ``status()``, ``logs()``, ``cancel()``."""
 
@@ -510,9 +550,15 @@ class Job:
         """The job, its tasks and their attempts."""
         return self.client.job_status(self.id)
 
-    def wait(self, timeout: float | None = None) -> dict[str, Any]:
-        """Block until the job ends; returns its final status."""
-        return self.client.wait(self.id, timeout)
+    def wait(self, timeout: float | None = None, *, check: bool = True) -> dict[str, Any]:
+        """Block until the job ends (or ``timeout`` seconds pass: then its status as it
+        is); returns its final status.  A job that failed or was cancelled raises
+        :class:`JobFailed` naming its failed tasks and their reasons (``check=False``:
+        returns its status instead)."""
+        status = self.client.wait(self.id, timeout)
+        if check and status["state"] in ("failed", "cancelled"):
+            raise JobFailed(status)
+        return status
 
     def logs(self, task: int = 0, attempt: int | None = None, stream: str = "stdout") -> bytes:
         """A task's output (the last attempt by default)."""
@@ -523,4 +569,4 @@ class Job:
         return self.client.cancel(self.id)
 
 
-__all__ = ["ClusterClient", "Job"]
+__all__ = ["ClusterClient", "Job", "JobFailed"]

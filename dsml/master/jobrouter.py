@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..errors import DsmlError
+from ..errors import ConnectionLost, DsmlError
 from ..net.access import TOKEN_OWNER
 from .directory import Directory, DirectoryError
 from .jobs import (
@@ -334,8 +334,15 @@ class JobRouter:
         )
 
         def refused(f: Failure) -> None:
-            # The worker would not start it (busy, bad task, gone): the attempt ends here
-            # and counts; the task is retried while attempts remain.
+            # The worker would not start it (busy, bad task): the attempt ends here and
+            # counts; the task is retried while attempts remain.  A link that closed
+            # before the answer says nothing of the attempt (the worker may be running
+            # it): its end is the link's, "lost" when the worker is declared dead, or
+            # settled by the worker's Running list when it registers again.
+            if f.check(ConnectionLost):
+                log.info("no answer to run order {attempt} before {name}'s link closed",
+                         attempt=a.attempt_id, name=record.name)
+                return
             why = f.value.message if isinstance(f.value, DsmlError) else f.getErrorMessage()
             self.jobs.finished(
                 a.attempt_id, record.name, record.incarnation, exit_code=None, signal=None,
