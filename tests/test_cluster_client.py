@@ -240,10 +240,13 @@ def test_a_copy_the_master_still_names_but_nobody_has_is_unavailable_not_absent(
 
 def test_the_run_order_names_each_inputs_current_version(two: SimCluster) -> None:
     """The master puts each input's current version and checksum in the run order; an
-    input it does not know is not named."""
+    input it does not know is not named (a job that comes after another may name one:
+    that job could have written it, so the submit does not refuse it)."""
     stored = only_on(two, "in", b"input bytes", "w2", "w1")
     client = two.client()
-    job = two.wait(client.submit(["use"], inputs=[("in", "in.bin"), ("nowhere", "x")]))
+    first = two.wait(client.submit(["first"]))
+    job = two.wait(client.submit(["use"], inputs=[("in", "in.bin"), ("nowhere", "x")],
+                                 after=[first]))
     two.wait(client.wait(job))
     [start] = two.events("start", job)
     spec = two.runners[start.worker].specs[start.attempt_id]

@@ -282,6 +282,7 @@ class _TwoWorkers:
                               extra={"cluster": {"replication": 1}})
         config = yaml.safe_load(self.c.config_path.read_text())
         for name in ("w1", "w2"):
+            config["workers"][name]["cpus"] = 1
             config["workers"][name].update(workers_extra.get(name, {}))
         config.update(workers_extra.get("top", {}))
         self.c.config_path.write_text(yaml.safe_dump(config, sort_keys=False))

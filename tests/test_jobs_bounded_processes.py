@@ -120,7 +120,7 @@ def big_job(master: LocalCluster) -> Iterator[tuple[str, float]]:
     try:
         with ClusterClient(host, port, token=master.token, timeout=PATIENCE) as c:
             job = c.submit(["true"], name="big", array=TASKS,
-                           inputs=[("corpus/p{index}", "in.txt")])
+                           outputs=[("out.txt", "corpus/out{index}")])
     finally:
         done.set()
         thread.join(PATIENCE)

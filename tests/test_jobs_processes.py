@@ -658,11 +658,18 @@ def test_bad_submissions_are_refused_at_once(cluster: LocalCluster, tmp_path: Pa
 
 
 def test_tasks_that_cannot_run_fail_with_a_reason(cluster: LocalCluster) -> None:
-    """A task whose input key does not exist, and one whose command is not found, each
-    end (no stuck job): the job fails, its reason names the missing key or command.  An
-    input not staged is retried (cause staging: 3 attempts by default); a command not
-    found is not (cause spawn: a retry cannot mend it)."""
-    missing_input = submit(cluster, "--input", "no/such/key.txt:in.txt", "--", "cat", "in.txt")
+    """A missing input key is refused at submit.  A task whose input is still missing
+    when it runs (its job comes after another, which could have written it: not checked
+    at submit), and one whose command is not found, each end (no stuck job): the job
+    fails, its reason names the missing key or command.  An input not staged is retried
+    (cause staging: 3 attempts by default); a command not found is not (cause spawn: a
+    retry cannot mend it)."""
+    r = cluster.cli("submit", "--input", "no/such/key.txt:in.txt", "--", "cat", "in.txt",
+                    check=False)
+    assert r.returncode != 0 and "input 'no/such/key.txt' is not stored" in r.stderr.decode()
+    first = submit(cluster, "--", "true")
+    missing_input = submit(cluster, "--after", first, "--input", "no/such/key.txt:in.txt",
+                           "--", "cat", "in.txt")
     missing_command = submit(cluster, "--", "no-such-command-dsml", "arg")
     for job, words, attempts in (
         (missing_input, "'no/such/key.txt' not found", 3),
@@ -678,18 +685,18 @@ def test_tasks_that_cannot_run_fail_with_a_reason(cluster: LocalCluster) -> None
 
 
 def test_task_wider_than_every_worker_does_not_wait_forever(cluster: LocalCluster) -> None:
-    """A task asking for more slots (64) than any worker has (2) can never run.  Right
-    behaviour: refused at submit (exit non-zero, a message about slots), or failed at
-    once with a reason about slots; never left queued with nothing said."""
+    """A task asking for more slots (64 CPUs) than any worker has (2) can never run.
+    Right behaviour: refused at submit (exit non-zero, a message about CPUs), or failed
+    at once with a reason about them; never left queued with nothing said."""
     r = cluster.cli("submit", "--slots", "64", "--", "true", check=False)
     if r.returncode != 0:
-        assert "slots" in r.stderr.decode() and "Traceback" not in r.stderr.decode()
+        assert "needs 64 CPUs" in r.stderr.decode() and "Traceback" not in r.stderr.decode()
         return
     job = r.stdout.decode().strip()
     try:
         w = wait(cluster, job, timeout=3)
         st = status(cluster, job)
-        assert w.returncode == 1 and st.state == "failed" and "slots" in st.reason, st
+        assert w.returncode == 1 and st.state == "failed" and "CPUs" in st.reason, st
     finally:
         cluster.cli("cancel", job, check=False)
 

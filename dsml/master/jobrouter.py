@@ -38,7 +38,7 @@ from .jobs import (
     JobView,
     Room,
 )
-from .jobs.model import parse_job_id
+from .jobs.model import check_job_head, check_task, parse_job_id
 from .membership import Membership, WorkerRecord
 
 log = Logger()
@@ -362,6 +362,11 @@ class JobRouter:
         does may read what those jobs write), among the inputs of its first
         :data:`INPUTS_CHECKED` tasks (a missing one past those fails its task at staging).
         """
+        # The spec's own problems first (the manager checks every task again, a big
+        # job's in slices): a bad path or count is said as such, not as "not stored".
+        check_job_head(spec)
+        for i in range(min(spec.count, INPUTS_CHECKED)):
+            check_task(i, spec.task(i))
         rooms = [r.room for r in self.membership.all()]
         if rooms:  # (none yet: a master just started, its workers still coming)
             for need in {t.room for t in spec.tasks}:

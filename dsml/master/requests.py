@@ -309,7 +309,8 @@ class MasterHandler:
     def _resources(self, r: WorkerRecord) -> dict[str, object]:
         """What a worker offers tasks, and what its running attempts hold (the master's
         count: the attempts it gave it, and those told to stop not yet ended)."""
-        used = self.router.used(r.name) if r.live else Room(0)
+        live = r.live and self.router is not None
+        used = self.router.used(r.name) if live else Room(0)
         return {"mem": r.mem, "gpus": list(r.gpus), "cpus_used": used.cpus,
                 "mem_used": used.mem, "gpus_used": used.gpus}
 
