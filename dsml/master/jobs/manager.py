@@ -200,6 +200,10 @@ class JobManager:
         #: Called when tasks reach the queue later than their submit or release (a
         #: slice of a big job): the router dispatches then.
         self.on_queued: list[Callable[[], None]] = []
+        #: Called with each attempt as it ends (any way; its state, times and reason
+        #: set, its task not yet moved on): the router's cordons watch them.  A hook
+        #: must not call back into the manager.
+        self.on_attempt_ended: list[Callable[[AttemptRecord], None]] = []
         self._journal = Journal(
             path,
             clock,
@@ -483,6 +487,7 @@ class JobManager:
         holds: Callable[[str], bool] = holds_nothing,
         *,
         local_only: bool = False,
+        retry_room: int = 0,
     ) -> list[Assignment]:
         """Give ``worker`` (at ``incarnation``) queued tasks that fit in ``free_slots``.
 
@@ -495,6 +500,9 @@ class JobManager:
         With ``local_only``, only such local tasks are given (never one of a lower priority
         than the first task that fits): the dispatcher offers local work to every worker
         first, so a task goes to a holder of its inputs when one is free.
+
+        ``retry_room``: the slots of another worker that could take a task (0: none); a
+        retried task whose last attempt ran on ``worker`` is left to such a worker.
         """
         self._check_open()
         if free_slots <= 0 or not self._nqueued:
@@ -502,7 +510,7 @@ class JobManager:
         local = holds is not holds_nothing and self._queued_inputs > 0
         if local_only and not local:
             return []
-        tasks = self._queue.take(free_slots, holds, local, local_only)
+        tasks = self._queue.take(free_slots, holds, local, local_only, worker, retry_room)
         return [self._start(task, worker, incarnation) for task in tasks]
 
     def _start(self, task: TaskRecord, worker: str, incarnation: int) -> Assignment:
@@ -696,6 +704,11 @@ class JobManager:
         a.state = state
         a.ended = self.clock.seconds()
         a.reason = reason
+        for hook in self.on_attempt_ended:
+            try:
+                hook(a)
+            except Exception:
+                log.failure("jobs: an on_attempt_ended hook failed")
         del self._running[a.id]
         mine = self._by_worker[a.worker]
         mine.discard(a.id)

@@ -125,13 +125,23 @@ class TaskQueue:
         holds: Callable[[str], bool],
         local: bool,
         local_only: bool,
+        avoid: str = "",
+        room: int = 0,
     ) -> list[TaskRecord]:
         """Remove and return queued tasks that fit in ``free`` slots, in the order given.
 
         With ``local``, a task whose inputs the worker all holds (``holds(key)``) goes
         first among those of its priority in the front; with ``local_only`` only such
         tasks are taken, never one of a lower priority than the first task that fits.
+        A retried task whose last attempt ran on worker ``avoid`` is passed over when it
+        fits in ``room``, the slots of another worker that could take it (retries of a
+        task on a broken worker kept landing on it, the first one free).
         """
+
+        def shunned(task: TaskRecord) -> bool:
+            return (room >= task.spec.slots and bool(task.attempts)
+                    and task.attempts[-1].worker == avoid)
+
         cache: dict[str, bool] = {}
         memo: dict[TaskRecord, bool] = {}
 
@@ -161,7 +171,7 @@ class TaskQueue:
                 if entry[3].state != QUEUED:
                     first = -1  # a cancelled task's entry: drop them all, look again
                     break
-                if spec.slots <= free:
+                if spec.slots <= free and not (room and shunned(entry[3])):
                     first = i
                     break
             if first is None:
@@ -178,7 +188,8 @@ class TaskQueue:
                     if entry[0] != top:
                         break  # locality never beats priority
                     task = entry[3]
-                    if task.state == QUEUED and task.spec.slots <= free and is_local(task):
+                    if (task.state == QUEUED and task.spec.slots <= free and is_local(task)
+                            and not (room and shunned(task))):
                         pick = i
                         break
             if pick is None:
