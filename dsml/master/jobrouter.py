@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from ..errors import DsmlError
 from ..net.access import TOKEN_OWNER
+from .cordon import Cordons
 from .directory import Directory, DirectoryError
 from .jobs import (
     STATUS_PAGE,
@@ -37,7 +38,8 @@ from .jobs import (
     JobSpec,
     JobView,
 )
-from .jobs.model import parse_job_id
+from .jobs.model import attempt_cause, parse_job_id
+from .jobs.records import AttemptRecord
 from .membership import Membership, WorkerRecord
 
 log = Logger()
@@ -173,11 +175,16 @@ class JobRouter:
         membership.on_dead.append(self._worker_dead)
         # A big job's tasks reach the queue in slices, after its submit: feed them.
         jobs.on_queued.append(self.dispatch_soon)
+        # Workers whose every attempt fails at once get no new task (issue 13).
+        self.cordons = Cordons()
+        self._lift_call: Any = None
+        jobs.on_attempt_ended.append(self._attempt_ended)
 
     # -- events from the rest of the master --------------------------------------------
 
     def registered(self, record: WorkerRecord, running: list[int]) -> None:
         """A worker (re)registered with the attempts it still runs: reconcile, then feed it."""
+        self.cordons.registered(record.name, record.incarnation)  # a restart: clean
         kill = self.jobs.reconcile(record.name, record.incarnation, running, [])
         killing = self._killing[record.name] = {}
         for attempt in kill:
@@ -209,9 +216,10 @@ class JobRouter:
         self._orphan_call = self.clock.callLater(grace, self._lose_unregistered)
 
     def stop(self) -> None:
-        call, self._orphan_call = self._orphan_call, None
-        if call is not None and call.active():
-            call.cancel()
+        for call in (self._orphan_call, self._lift_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._orphan_call = self._lift_call = None
 
     def _lose_unregistered(self) -> None:
         self._orphan_call = None
@@ -263,9 +271,10 @@ class JobRouter:
             where: dict[str, set[str]] = {}  # key -> workers holding it, for this dispatch
             passes = (True, False) if self.jobs.queued_with_inputs else (False,)
             sent = 0
+            room = self._retry_room()
             for local_only in passes:
                 for record in self.membership.alive():
-                    if record.conn is None:
+                    if record.conn is None or self.cordoned(record.name):
                         continue
                     free = min(record.slots - self._busy(record.name), DISPATCH_PER_TURN - sent)
                     if free <= 0:
@@ -275,7 +284,8 @@ class JobRouter:
                         continue
                     holds = self._holds(record.name, where)
                     for a in self.jobs.next_assignments(
-                        record.name, record.incarnation, free, holds, local_only=local_only
+                        record.name, record.incarnation, free, holds, local_only=local_only,
+                        retry_room=room(record.name),
                     ):
                         self._send(record, a)
                         sent += 1
@@ -396,6 +406,9 @@ class JobRouter:
         alive = self.membership.alive()
         if not alive:
             return dict.fromkeys(places, "no live worker")
+        alive = [r for r in alive if not self.cordoned(r.name)]
+        if not alive:
+            return dict.fromkeys(places, "every live worker is cordoned")
         largest = max(r.slots for r in alive)
         reasons: dict[int, str] = {}
         for index, place in places.items():
@@ -500,6 +513,60 @@ class JobRouter:
         # not after the commit (the worker's acknowledgement still waits for it).
         self.dispatch_soon()
         return gatherResults(waits, consumeErrors=True).addCallback(done)
+
+    # -- cordons (issue 13: see dsml.master.cordon) ----------------------------------------
+
+    def cordoned(self, worker: str) -> str:
+        """Why ``worker`` is cordoned (gets no new task); "" when it is not."""
+        return self.cordons.why(worker, self.clock.seconds())
+
+    def _attempt_ended(self, a: AttemptRecord) -> None:
+        ended = a.ended if a.ended is not None else self.clock.seconds()
+        cause = attempt_cause(a.state, a.reason, a.exit_code, a.signal)
+        lines = self.cordons.ended(
+            a.worker, a.incarnation, a.task.job.seq, a.started, ended, cause, a.reason,
+            lambda: self._spare(a.worker),
+        )
+        self._cordons_moved(lines)
+
+    def _spare(self, worker: str) -> bool:
+        """Whether a live worker with a link but ``worker`` is not cordoned."""
+        return any(r.conn is not None and r.name != worker and not self.cordoned(r.name)
+                   for r in self.membership.alive())
+
+    def _lift_due(self) -> None:
+        self._lift_call = None
+        if not self.jobs.closed:
+            self._cordons_moved(self.cordons.lift(self.clock.seconds()))
+
+    def _cordons_moved(self, lines: list[str]) -> None:
+        """Log what the cordons did, wake up at the next lift, feed a lifted worker."""
+        if not lines:
+            return
+        for line in lines:
+            log.warn("{line}", line=line)
+        if self._lift_call is not None and self._lift_call.active():
+            self._lift_call.cancel()
+        self._lift_call = None
+        when = self.cordons.next_lift()
+        if when is not None:
+            delay = max(0.0, when - self.clock.seconds())
+            self._lift_call = self.clock.callLater(delay, self._lift_due)
+        self.dispatch_soon()
+
+    def _retry_room(self) -> Callable[[str], int]:
+        """For each worker, the most slots of another live, linked, uncordoned worker
+        (0: none): a retried task avoids the worker its last attempt ran on when such
+        a worker can take it (see ``TaskQueue.take``)."""
+        best, best_name, second = 0, "", 0
+        for r in self.membership.alive():
+            if r.conn is None or self.cordoned(r.name):
+                continue
+            if r.slots > best:
+                best, best_name, second = r.slots, r.name, best
+            elif r.slots > second:
+                second = r.slots
+        return lambda name: second if name == best_name else best
 
 
 def finished_report(r: dict[str, Any]) -> FinishedReport:
