@@ -298,6 +298,8 @@ class MasterHandler:
                     "stored_bytes": r.stored_bytes,
                     "stored_files": r.stored_files,
                     "free_disk": r.free_disk,
+                    # Why it gets no new task ("" if it does: see dsml.master.cordon).
+                    "cordoned": self.router.cordoned(r.name) if r.live else "",
                 }
             )
             for r in self.registry.workers()
