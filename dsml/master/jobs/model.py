@@ -212,14 +212,11 @@ def expand_task(template: TaskSpec, index: int) -> TaskSpec:
     i = str(index)
     t = template
     try:
-        return TaskSpec(
-            t.command,
-            t.env,
-            tuple((_fill(k, i), _fill(p, i)) for k, p in t.inputs),
-            tuple((_fill(p, i), _fill(k, i)) for p, k in t.outputs),
-            t.slots,
-            t.timeout,
-            t.max_attempts,
+        # evolve, not a new TaskSpec of chosen fields: one made so dropped ``retry_on``.
+        return attrs.evolve(
+            t,
+            inputs=tuple((_fill(k, i), _fill(p, i)) for k, p in t.inputs),
+            outputs=tuple((_fill(p, i), _fill(k, i)) for p, k in t.outputs),
         )
     except (TypeError, ValueError, AttributeError):
         raise _bad(f"task {index}: inputs and outputs must be lists of pairs of text") from None
