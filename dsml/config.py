@@ -15,7 +15,7 @@ This module knows nothing of Twisted: the twistd plugins (:mod:`dsml.tap`), the 
 tests all share it.  The ``limits`` section becomes :class:`dsml.net.limits.Limits`, the
 very object the net layer enforces (that module imports no Twisted either).
 
-One room (some 660 lines, most of them the checks of single keys): one parser reads every
+One room (some 830 lines, most of them the checks of single keys): one parser reads every
 key, so every problem is reported the same way.
 """
 
@@ -48,6 +48,7 @@ from dsml.net.limits import (
     Limits,
 )
 from dsml.protocol import limits as wire_limits
+from dsml.protocol.limits import GPU_ID, MAX_GPUS
 
 __all__ = [
     "CONFIG_ENV",
@@ -96,7 +97,7 @@ DEFAULT_CONFIG: Final = Path("etc/dsml.yaml")
 MASTER_ADDR_FILE: Final = "master.addr"
 #: The file, under a worker's data_dir, that says where its storage server listens.
 WORKER_ADDR_FILE: Final = "worker.addr"
-#: Default number of task slots of a worker.
+#: Default number of task slots (CPUs) of a worker, where the machine's cannot be read.
 DEFAULT_SLOTS: Final = 1
 #: Most task slots one worker may declare.
 MAX_SLOTS: Final = wire_limits.MAX_SLOTS
@@ -114,7 +115,8 @@ DEFAULT_PKI_DIR: Final = "../var/pki"
 MAX_HOST: Final = 253
 
 _SIZE = re.compile(r"\s*([0-9]{1,20})\s*([A-Za-z]*)\s*\Z")
-_SIZE_UNITS: Final = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+_SIZE_UNITS: Final = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+                      "tib": 1024**4, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 # Whitespace, C0 controls, DEL and the C1 controls: never part of a token or a host.
 _BAD_CHARS = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")
 # How much of an offending value an error message quotes.
@@ -164,13 +166,19 @@ class WorkerConfig:
     port: int
     #: Directory of the worker's stored files and index (absolute).
     data_dir: Path
-    #: How many tasks the worker runs at once.
+    #: CPUs the worker offers tasks (``cpus``, or ``slots`` by its old name; default:
+    #: the CPUs this process may run on), a task holds as many as it asks for.
     slots: int
     #: Bytes of remote task inputs kept under ``data_dir/cache`` (0: none kept).
     input_cache: int = DEFAULT_INPUT_CACHE
     #: Names (``*`` allowed at the end: ``CUDA_*``) of the worker's environment
     #: variables its tasks get, besides :data:`TASK_ENV_DEFAULT`.
     task_env: tuple[str, ...] = ()
+    #: Memory it offers tasks, in bytes (``mem``); None: the machine's (detected at start).
+    mem: int | None = None
+    #: Its GPUs' ids (``gpus``: indices or UUIDs, what CUDA_VISIBLE_DEVICES takes); None:
+    #: those ``nvidia-smi -L`` lists at start; ``[]``: none.
+    gpus: tuple[str, ...] | None = None
 
 
 @attrs.frozen
@@ -301,12 +309,22 @@ def read_address(what: str, host: str, port: int, addr_file: Path) -> tuple[str,
         ) from None
 
 
+def default_cpus() -> int:
+    """The CPUs this process may run on (its affinity), at most :data:`MAX_SLOTS`."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or DEFAULT_SLOTS
+    return max(1, min(n, MAX_SLOTS))
+
+
 def parse_size(text: str | int) -> int:
     """Parse a byte count such as ``1MiB``, ``512 KiB``, ``100B`` or ``4096``.
 
-    Units are B, KiB, MiB and GiB (powers of 1024, case-insensitive); a bare number is
-    bytes.  Raises ValueError for anything else, including decimal units (KB, MB) whose
-    meaning is ambiguous, fractions and negative numbers.
+    Units are B, KiB, MiB, GiB and TiB, or K, M, G and T for the same (powers of 1024,
+    case-insensitive, as Slurm's ``--mem=4G``); a bare number is bytes.  Raises
+    ValueError for anything else, including decimal units (KB, MB) whose meaning is
+    ambiguous, fractions and negative numbers.
     """
     if isinstance(text, bool):
         raise ValueError(f"expected a size such as 1MiB, got {_show(text)}")
@@ -322,7 +340,8 @@ def parse_size(text: str | int) -> int:
     number, unit = m.groups()
     factor = _SIZE_UNITS.get(unit.lower())
     if factor is None:
-        raise ValueError(f"unknown size unit {_show(unit)} (use B, KiB, MiB or GiB)")
+        raise ValueError(
+            f"unknown size unit {_show(unit)} (use B, KiB, MiB, GiB, TiB or K, M, G, T)")
     return int(number) * factor
 
 
@@ -536,8 +555,8 @@ class _Parser:
 
     def worker(self, name: str, section: object) -> WorkerConfig:
         prefix = f"workers.{name}"
-        s = self.mapping(prefix, section,
-                         ["host", "port", "data_dir", "slots", "input_cache", "task_env"])
+        s = self.mapping(prefix, section, ["host", "port", "data_dir", "cpus", "slots", "mem",
+                                           "gpus", "input_cache", "task_env"])
         for required in ("port", "data_dir"):
             if required not in s:
                 raise self.error(f"{prefix}.{required}", "required key is missing")
@@ -546,11 +565,34 @@ class _Parser:
             host=self.host(f"{prefix}.host", s.get("host", DEFAULT_HOST)),
             port=self.port(f"{prefix}.port", s["port"]),
             data_dir=self.path_value(f"{prefix}.data_dir", s["data_dir"]),
-            slots=self.integer(f"{prefix}.slots", s.get("slots", DEFAULT_SLOTS), 1, MAX_SLOTS),
+            slots=self.cpus(prefix, s),
+            mem=None if s.get("mem") is None else self.byte_count(f"{prefix}.mem", s["mem"]),
+            gpus=self.gpu_ids(f"{prefix}.gpus", s.get("gpus")),
             input_cache=self.byte_count(f"{prefix}.input_cache",
                                         s.get("input_cache", DEFAULT_INPUT_CACHE)),
             task_env=self.env_names(f"{prefix}.task_env", s.get("task_env", [])),
         )
+
+    def cpus(self, prefix: str, s: dict[str, object]) -> int:
+        """``cpus`` (or ``slots``, its old name: not both), default the CPUs this
+        process may run on, at most :data:`MAX_SLOTS`."""
+        if "cpus" in s and "slots" in s:
+            raise self.error(f"{prefix}.slots", "give cpus or slots (the same thing), not both")
+        key = "slots" if "slots" in s else "cpus"
+        return self.integer(f"{prefix}.{key}", s.get(key, default_cpus()), 1, MAX_SLOTS)
+
+    def gpu_ids(self, key: str, value: object) -> tuple[str, ...] | None:
+        """A list of GPU ids (indices or UUIDs), or None (not given: detect them)."""
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) > MAX_GPUS or not all(
+            isinstance(v, (str, int)) and not isinstance(v, bool) and GPU_ID.match(str(v))
+            for v in value
+        ) or len({str(v) for v in value}) != len(value):
+            raise self.error(key, f"must be a list of at most {MAX_GPUS} distinct GPU ids"
+                                  " (indices such as 0, or UUIDs such as GPU-5f3c...),"
+                                  f" got {_show(value)}")
+        return tuple(str(v) for v in value)
 
     def env_names(self, key: str, value: object) -> tuple[str, ...]:
         """A list of environment variable names, each maybe ending in ``*``."""

@@ -9,8 +9,10 @@
       - command: python train.py --lr 0.1      # a string (split like a shell) or a list
         inputs: ["datasets/train.csv:train.csv"]   # KEY:PATH, KEY, or [KEY, PATH]
         outputs: ["model.pt:models/lr0.1.pt"]      # PATH:KEY, PATH, or [PATH, KEY]
-        env: {OMP_NUM_THREADS: "2"}
-        slots: 1
+        env: {WANDB_MODE: offline}
+        cpus: 2                                # (or slots: 2) its thread pools are told
+        mem: 8G                                # reserved, and its limit (out-of-memory)
+        gpus: 1                                # CUDA_VISIBLE_DEVICES names it
         timeout: 3600
         max_attempts: 3
         retry_on: [lost, staging]              # the causes retried (these by default)
@@ -32,6 +34,7 @@ import attrs
 import yaml
 
 from . import safeyaml
+from .config import parse_size
 
 __all__ = ["MAX_JOB_FILE", "JobFile", "JobFileError", "input_pair", "load_job_file", "output_pair"]
 
@@ -40,7 +43,8 @@ MAX_JOB_FILE: Final = 64 * 1024 * 1024
 
 _JOB_FIELDS: Final = ("name", "priority", "after", "tasks")
 _TASK_FIELDS: Final = (
-    "command", "env", "inputs", "outputs", "slots", "timeout", "max_attempts", "retry_on",
+    "command", "env", "inputs", "outputs", "cpus", "slots", "mem", "gpus", "timeout",
+    "max_attempts", "retry_on",
 )
 
 
@@ -150,9 +154,19 @@ class _Checker:
         for field, pair in (("inputs", input_pair), ("outputs", output_pair)):
             if t.get(field) is not None:
                 out[field] = self.pairs(f"{where}.{field}", t[field], pair)
-        for field in ("slots", "max_attempts"):
+        if t.get("cpus") is not None and t.get("slots") is not None:
+            raise self.error(f"{where}.cpus", "give cpus or slots (the same thing), not both")
+        for field in ("cpus", "slots", "max_attempts"):
             if t.get(field) is not None:
-                out[field] = self.integer(f"{where}.{field}", t[field], minimum=1)
+                out["slots" if field == "cpus" else field] = self.integer(
+                    f"{where}.{field}", t[field], minimum=1)
+        if t.get("gpus") is not None:
+            out["gpus"] = self.integer(f"{where}.gpus", t["gpus"], minimum=0)
+        if t.get("mem") is not None:
+            try:
+                out["mem"] = parse_size(t["mem"])
+            except ValueError as e:
+                raise self.error(f"{where}.mem", str(e)) from None
         if t.get("timeout") is not None:
             timeout = t["timeout"]
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,10 +235,13 @@ def test_a_cancelled_job_says_cancelled(cluster: LocalCluster) -> None:
     assert line.split()[2] == "token", line  # OWNER: every token holder is one principal
 
 
-def test_nodes_slot_and_disk_columns(cluster: LocalCluster) -> None:
+def test_nodes_resource_and_disk_columns(cluster: LocalCluster) -> None:
     header, *rows = cluster.cli("nodes").stdout.decode().splitlines()
-    assert "FREE SLOTS" in header and "DISK FREE" in header
-    assert all(" of " in row for row in rows) and len(rows) == 2
+    assert all(c in header for c in ("CPUS FREE", "MEM FREE", "GPUS FREE", "DISK FREE"))
+    # Idle workers: all their CPUs and GPUs free ("N of N"), memory detected (GiB).
+    assert all("GiB of" in row and len(re.findall(r" (\d+) of \1 ", row)) == 2
+               for row in rows), rows
+    assert len(rows) == 2
 
 
 # -- nothing running ------------------------------------------------------------------

@@ -88,7 +88,10 @@ def test_minimal_file_gets_defaults(tmp_path: Path) -> None:
     )
     assert config.master.host == "127.0.0.1"
     assert config.worker("w1").host == "127.0.0.1"
-    assert config.worker("w1").slots == 1
+    from dsml.config import default_cpus
+
+    assert config.worker("w1").slots == default_cpus() >= 1  # the CPUs it may run on
+    assert config.worker("w1").mem is None and config.worker("w1").gpus is None  # detected
     assert config.limits == Limits(
         max_connections=1024,
         max_unauthenticated=64,
@@ -122,7 +125,8 @@ BAD_FILES = [
     ),
     pytest.param(
         MINIMAL + "    slotz: 2\n",
-        "workers.w1.slotz: unknown key (known: host, port, data_dir, slots, input_cache, task_env)",
+        "workers.w1.slotz: unknown key (known: host, port, data_dir, cpus, slots, mem, gpus,"
+        " input_cache, task_env)",
         id="unknown-worker-key",
     ),
     pytest.param(
@@ -198,7 +202,7 @@ BAD_FILES = [
     ),
     pytest.param(
         "cluster:\n  value_max: 1MB\n" + MINIMAL,
-        "cluster.value_max: unknown size unit 'MB' (use B, KiB, MiB or GiB)",
+        "cluster.value_max: unknown size unit 'MB' (use B, KiB, MiB, GiB, TiB or K, M, G, T)",
         id="size-decimal-unit",
     ),
     pytest.param(

@@ -20,7 +20,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from dsml.master.jobrouter import assignment_json, job_json
 from dsml.master.jobs import (
     ATTEMPT_BLOCK,
     DEFAULT_RETRY_ON,
@@ -38,6 +37,7 @@ from dsml.master.jobs import (
     QueuePlace,
     TaskSpec,
 )
+from dsml.master.jobwire import assignment_json, job_json
 from dsml.net.access import TOKEN_OWNER
 
 T = TypeVar("T")
@@ -241,13 +241,13 @@ def test_wide_task_not_given_to_narrow_worker(h: Harness) -> None:
 
 
 def test_running_attempts_and_slots(h: Harness) -> None:
-    """running_attempts and slots_of tell what a worker's running attempts occupy."""
+    """running_attempts and room_of tell what a worker's running attempts occupy."""
     h.submit(job(task(slots=2), task(slots=3)))
     a, b = h.assign("w1", free=5)
     assert h.jm.running_attempts("w1") == [a.attempt_id, b.attempt_id]
-    assert [h.jm.slots_of(x) for x in h.jm.running_attempts("w1")] == [2, 3]
+    assert [h.jm.room_of(x).cpus for x in h.jm.running_attempts("w1")] == [2, 3]
     assert h.finish(a)
-    assert h.jm.slots_of(a.attempt_id) == 0
+    assert h.jm.room_of(a.attempt_id).cpus == 0
     assert h.jm.running_attempts("w2") == []
 
 

@@ -442,7 +442,8 @@ def test_too_wide_task_is_refused_at_submit(make: Make) -> None:
     client = sim.client()
     with pytest.raises(DsmlError) as e:
         sim.wait(client.submit(["huge"], slots=3))
-    assert e.value.code == "bad-job" and "3 slots" in e.value.message
+    assert e.value.code == "bad-job" and "needs 3 CPUs" in e.value.message
+    assert "at most 2 CPUs on a worker" in e.value.message
     small = sim.wait(client.submit(["small"], array=3))
     assert sim.wait(client.wait(small))["state"] == "succeeded"
 
@@ -452,9 +453,9 @@ def test_too_wide_task_is_refused_at_submit(make: Make) -> None:
 
 def test_status_says_why_each_task_waits(make: Make) -> None:
     """``waiting_for`` in ``status`` (and in a ``wait`` answered at its timeout), from the
-    workers at the time of asking: a queued task waits for "a free slot (K tasks queued
-    ahead)"; once the only worker wide enough dies, a wide one waits for "a worker with 2
-    free slots (the largest live worker has 1)"; with no worker alive, every queued task
+    workers at the time of asking: a queued task waits for "1 CPU free on a worker (K
+    tasks queued ahead)"; once the only worker wide enough dies, a wide one waits for "a
+    worker with 2 CPUs (no live worker has that much ...)"; with no worker alive, every queued task
     for "no live worker"; a task ``after`` other jobs for "jobs ... to succeed"; running
     tasks for nothing."""
     sim = make(workers=("w1", "w2"), replication=1, slots={"w1": 3, "w2": 1})
@@ -468,19 +469,22 @@ def test_status_says_why_each_task_waits(make: Make) -> None:
         return [(t["state"], t["waiting_for"]) for t in sim.wait(client.status(job))["tasks"]]
 
     assert why(busy) == [("running", "")] * 4 + [
-        ("queued", "a free slot (0 tasks queued ahead)"),
-        ("queued", "a free slot (1 task queued ahead)"),
+        ("queued", "1 CPU free on a worker (0 tasks queued ahead)"),
+        ("queued", "1 CPU free on a worker (1 task queued ahead)"),
     ]
-    assert why(wide) == [("queued", "a free slot (2 tasks queued ahead)")]
+    assert why(wide) == [("queued", "2 CPUs free on a worker (2 tasks queued ahead)")]
     assert why(after) == [("waiting", f"jobs {busy}, {wide} to succeed")]
     not_final = sim.wait(client.wait(wide, timeout=1))
-    assert [t["waiting_for"] for t in not_final["tasks"]] == ["a free slot (2 tasks queued ahead)"]
+    assert [t["waiting_for"] for t in not_final["tasks"]] == [
+        "2 CPUs free on a worker (2 tasks queued ahead)"]
 
     sim.kill("w1")  # its three attempts are lost, their tasks queued again at their places
     sim.until(lambda: sim.state("w1") == "dead", what="w1 dead")
-    assert why(wide) == [("queued", "a worker with 2 free slots (the largest live worker has 1)")]
+    assert why(wide) == [("queued", "a worker with 2 CPUs (no live worker has that much:"
+                                    " at most 1 CPU on a worker)")]
     assert [w for s, w in why(busy) if s == "queued"] == [
-        f"a free slot ({k} {'task' if k == 1 else 'tasks'} queued ahead)" for k in range(5)
+        f"1 CPU free on a worker ({k} {'task' if k == 1 else 'tasks'} queued ahead)"
+        for k in range(5)
     ]
 
     sim.kill("w2")

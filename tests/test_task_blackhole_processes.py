@@ -45,7 +45,7 @@ def test_a_real_black_hole_worker_is_cordoned(tmp_path: Path) -> None:
         job = client.submit(
             ["sh", "-c", 'sleep 0.3; echo "task $DSML_TASK_INDEX" > out'],
             array=TASKS, outputs=[("out", "blackhole/{index}")],
-            retry_on=["exit"], max_attempts=3,
+            max_attempts=3,  # the default retry_on: a workspace failure is "staging"
         )
         final = client.wait(job.id, timeout=180)
         assert final["state"] == "succeeded", [
@@ -57,7 +57,8 @@ def test_a_real_black_hole_worker_is_cordoned(tmp_path: Path) -> None:
         burned = [a for a in attempts if a["state"] == "failed"]
         assert {a["worker"] for a in burned} == {"w2"}
         assert STREAK <= len(burned) <= STREAK + 2, [a["reason"] for a in burned]
-        assert all(a["reason"].startswith("workspace: ") for a in burned)
+        assert all(a["reason"].startswith("workspace: ") and a["cause"] == "staging"
+                   for a in burned)
         for i in range(TASKS):
             out = io.BytesIO()
             client.download_to(f"blackhole/{i}", out)

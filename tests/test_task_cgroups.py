@@ -238,13 +238,16 @@ def test_config_task_env_is_a_list_of_names(tmp_path: Path) -> None:
 def test_a_real_worker_passes_its_allowed_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A twistd worker started with LD_LIBRARY_PATH, CUDA_VISIBLE_DEVICES, a site
-    variable its config allows and a secret: the task sees the first three only."""
+    """A twistd worker started with LD_LIBRARY_PATH, CUDA_HOME, a site variable its
+    config allows, a secret and CUDA_VISIBLE_DEVICES: the task sees the first three, not
+    the secret, and CUDA_VISIBLE_DEVICES naming its own GPUs (none: empty), and its
+    thread pools sized to its one CPU."""
     from dsml.client import ClusterClient
     from dsml.localcluster import LocalCluster
 
     monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/cuda/lib64")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("CUDA_HOME", "/opt/cuda")
     monkeypatch.setenv("MY_SITE_DATA", "/data")
     monkeypatch.setenv("MY_SECRET", "hunter2")
     c = LocalCluster(tmp_path / "cluster", workers=("w1",),
@@ -262,5 +265,6 @@ def test_a_real_worker_passes_its_allowed_environment(
                         (tmp_path / "env.txt").read_text().splitlines() if "=" in line)
     finally:
         c.stop()
-    assert seen["LD_LIBRARY_PATH"] == "/opt/cuda/lib64" and seen["CUDA_VISIBLE_DEVICES"] == "0"
+    assert seen["LD_LIBRARY_PATH"] == "/opt/cuda/lib64" and seen["CUDA_HOME"] == "/opt/cuda"
+    assert seen["CUDA_VISIBLE_DEVICES"] == "" and seen["OMP_NUM_THREADS"] == "1"
     assert seen["MY_SITE_DATA"] == "/data" and "MY_SECRET" not in seen

@@ -18,6 +18,7 @@ from ..jobfile import JobFileError, input_pair, load_job_file, output_pair
 from .common import (
     UsageError,
     _cluster,
+    _human,
     _note,
     _print_json,
 )
@@ -67,6 +68,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             "inputs": inputs,
             "outputs": outputs,
             "slots": args.slots,
+            "mem": args.mem,
+            "gpus": args.gpus,
             "timeout": args.timeout,
             "max_attempts": args.max_attempts,
             "retry_on": None if args.retry_on is None else [
@@ -118,11 +121,12 @@ def _owner(j: dict[str, Any]) -> str:
 
 
 def _attempt_how(a: dict[str, Any]) -> str:
+    peak = f", peak {_human(a['peak_rss'])}" if a.get("peak_rss") else ""
     if a["exit_code"] is not None:
-        return f"exit {a['exit_code']}"
+        return f"exit {a['exit_code']}{peak}"
     if a["signal"] is not None:
-        return f"signal {a['signal']}"
-    return "-"
+        return f"signal {a['signal']}{peak}"
+    return f"-{peak}"
 
 
 def _tail_lines(a: dict[str, Any], indent: str) -> Iterator[str]:

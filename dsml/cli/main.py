@@ -110,8 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("submit", cmd_submit, "submit a job: dsml submit [options] -- COMMAND ARGS...")
     sp.add_argument("-f", "--file", help="a YAML job file listing tasks (see the README)")
     sp.add_argument("--name", help="the job's name (default: the command's or file's name)")
-    sp.add_argument("--slots", type=int, default=1,
-                    help="task slots each task takes on its worker (default 1)")
+    sp.add_argument("--cpus", "--slots", dest="slots", type=int, default=1,
+                    help="CPUs each task takes on its worker (default 1; its thread pools "
+                         "are told: OMP_NUM_THREADS...); --slots is the same")
+    sp.add_argument("--mem", default="0", metavar="SIZE",
+                    help="memory each task reserves and may use, e.g. 4G or 512MiB (a task "
+                         "over it ends out-of-memory; default: none reserved, no limit)")
+    sp.add_argument("--gpus", type=int, default=0,
+                    help="GPUs each task takes (CUDA_VISIBLE_DEVICES names them; default 0)")
     sp.add_argument("--timeout", type=float, help="seconds an attempt may run before it is "
                                                   "killed (default: no limit)")
     sp.add_argument("--max-attempts", type=int, default=3,

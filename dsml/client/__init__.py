@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from ..errors import ChecksumMismatch, ConnectionLost, DsmlError, OutcomeUnknown
 from ..protocol.replies import Entry, ListedKey, Located, Node, Stored, job_body
-from .cluster import ClusterClient, Job
+from .cluster import ClusterClient, Job, JobFailed
 from .server import CHUNK, SMALL_READ, Client, Progress
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "DsmlError",
     "Entry",
     "Job",
+    "JobFailed",
     "ListedKey",
     "Located",
     "Node",

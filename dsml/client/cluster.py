@@ -376,21 +376,30 @@ class ClusterClient:
         outputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
         env: dict[str, str] | None = None,
         retry_on: list[str] | tuple[str, ...] | None = None,
+        cpus: int | None = None,
+        mem: int | str = 0,
+        gpus: int = 0,
     ) -> Job:
         """Submit a job; returns its handle once the master has it durably.
 
         Either ``command`` (run ``array`` times, each with its index in
         ``DSML_TASK_INDEX``) or ``tasks``: a list of dicts with ``command`` and
         optionally ``env``, ``inputs`` ([key, path]), ``outputs`` ([path, key]),
-        ``slots``, ``timeout``, ``max_attempts``, ``retry_on``.  ``retry_on``: the
-        causes of a failed attempt that give it another try (default ``lost`` and
-        ``staging``: a worker lost, a transfer failed); add ``exit`` for a command
-        that fails now and then.
+        ``cpus`` (or ``slots``), ``mem``, ``gpus``, ``timeout``, ``max_attempts``,
+        ``retry_on``.  ``retry_on``: the causes of a failed attempt that give it another
+        try (default ``lost`` and ``staging``: a worker lost, a transfer failed); add
+        ``exit`` for a command that fails now and then.
+
+        Resources, per task: ``cpus`` (``slots`` is the same, its old name; the task's
+        thread pools are told: ``OMP_NUM_THREADS`` ...), ``mem`` (bytes, or a size such
+        as ``"4G"``: reserved on the worker and the task's memory limit), ``gpus``
+        (``CUDA_VISIBLE_DEVICES`` names the ones it gets).
         """
         body = job_body(
             command, name=name, tasks=tasks, array=array, slots=slots,
             timeout=timeout, max_attempts=max_attempts, priority=priority, after=after,
-            inputs=inputs, outputs=outputs, env=env, retry_on=retry_on,
+            inputs=inputs, outputs=outputs, env=env, retry_on=retry_on, cpus=cpus,
+            mem=mem, gpus=gpus,
         )
         head, _ = self.master.call("submit", {}, body)
         return Job(self, head.headers["job"])
@@ -487,6 +496,46 @@ class ClusterClient:
                 return b"".join(chunks)
 
 
+class JobFailed(DsmlError):
+    """A job that ended without succeeding (failed or cancelled), from :meth:`Job.wait`.
+
+    ``status`` is its final status (every task); ``failures`` maps each failed task's
+    index to its reason (the cause and the last line of its stderr: a Python task's
+    exception), and the message names the first :data:`SHOWN_FAILURES` of them.
+    """
+
+    code = "job-failed"
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        self.status = status
+        self.failures = {t["index"]: _failure(t) for t in status.get("tasks", ())
+                         if t["state"] in ("failed", "cancelled")}
+        shown = [f"task {i}: {why}" for i, why in list(self.failures.items())[:SHOWN_FAILURES]]
+        more = len(self.failures) - len(shown)
+        if more > 0:
+            shown.append(f"and {more} more")
+        reason = f" ({status['reason']})" if status.get("reason") else ""
+        super().__init__(f"job {status['id']} {status['state']}{reason}: " + "; ".join(shown))
+
+
+#: Failed tasks a :class:`JobFailed` message names (all are in its ``failures``).
+SHOWN_FAILURES = 5
+
+
+def _failure(task: dict[str, Any]) -> str:
+    """A failed task's reason: its last attempt's, with the cause and the last line of
+    its stderr ("exit 1 [exit]: ValueError: bad lr")."""
+    attempts = task.get("attempts") or ()
+    if not attempts:
+        return task.get("reason") or task["state"]
+    a = attempts[-1]
+    why = a.get("reason") or task.get("reason") or a["state"]
+    if a.get("cause"):
+        why += f" [{a['cause']}]"
+    lines = [ln for ln in (a.get("stderr_tail") or "").splitlines() if ln.strip()]
+    return f"{why}: {lines[-1].strip()}" if lines else why
+
+
 class Job:
     """A submitted job: ``wait()``, ``status()``, ``logs()``, ``cancel()``."""
 
@@ -501,9 +550,15 @@ class Job:
         """The job, its tasks and their attempts."""
         return self.client.job_status(self.id)
 
-    def wait(self, timeout: float | None = None) -> dict[str, Any]:
-        """Block until the job ends; returns its final status."""
-        return self.client.wait(self.id, timeout)
+    def wait(self, timeout: float | None = None, *, check: bool = True) -> dict[str, Any]:
+        """Block until the job ends (or ``timeout`` seconds pass: then its status as it
+        is); returns its final status.  A job that failed or was cancelled raises
+        :class:`JobFailed` naming its failed tasks and their reasons (``check=False``:
+        returns its status instead)."""
+        status = self.client.wait(self.id, timeout)
+        if check and status["state"] in ("failed", "cancelled"):
+            raise JobFailed(status)
+        return status
 
     def logs(self, task: int = 0, attempt: int | None = None, stream: str = "stdout") -> bytes:
         """A task's output (the last attempt by default)."""
@@ -514,4 +569,4 @@ class Job:
         return self.client.cancel(self.id)
 
 
-__all__ = ["ClusterClient", "Job"]
+__all__ = ["ClusterClient", "Job", "JobFailed"]

@@ -38,11 +38,24 @@ def _task_spec(t: Any) -> TaskSpec:
         env=tuple((str(k), str(v)) for k, v in dict(t.get("env", {})).items()),
         inputs=tuple((str(k), str(p)) for k, p in t.get("inputs", ())),
         outputs=tuple((str(p), str(k)) for p, k in t.get("outputs", ())),
-        slots=int(t.get("slots", 1)),
+        slots=_count(t, "slots", 1),
         timeout=None if t.get("timeout") is None else float(t["timeout"]),
         max_attempts=int(t.get("max_attempts", 3)),
         retry_on=_retry_on(t.get("retry_on")),
+        mem=_count(t, "mem", 0),
+        gpus=_count(t, "gpus", 0),
     )
+
+
+def _count(t: Any, name: str, default: int) -> Any:
+    """A task's integer field (``cpus`` is ``slots`` by another name); a float, a bool,
+    text or anything else as given (check_task refuses it with its name)."""
+    if name == "slots" and "cpus" in t:
+        if "slots" in t and t["slots"] != t["cpus"]:
+            raise JobError("a task gives both cpus and slots, which differ: give one",
+                           "bad-job")
+        return t["cpus"]
+    return t.get(name, default)
 
 
 def _retry_on(value: Any) -> Any:

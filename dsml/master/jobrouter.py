@@ -16,15 +16,14 @@ slices.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..errors import DsmlError
+from ..errors import ConnectionLost, DsmlError
 from ..net.access import TOKEN_OWNER
 from .cordon import Cordons
 from .directory import Directory, DirectoryError
@@ -37,9 +36,11 @@ from .jobs import (
     JobManager,
     JobSpec,
     JobView,
+    Room,
 )
 from .jobs.model import attempt_cause, parse_job_id
 from .jobs.records import AttemptRecord
+from .jobwire import assignment_json
 from .membership import Membership, WorkerRecord
 
 log = Logger()
@@ -50,97 +51,8 @@ WAIT_MAX = 600
 JOBS_PAGE = 1000
 #: Most tasks sent to workers in one reactor turn (the rest on the next turns).
 DISPATCH_PER_TURN = 128
-
-
-def job_json(
-    view: JobView, queued: Mapping[int, str] | None = None, *, private: bool = True
-) -> dict[str, Any]:
-    """A job view as JSON (``dsml status``, ``wait`` and ``jobs``).
-
-    ``private``: the reader may see what is the job's owner's own (the owner, an admin:
-    :func:`dsml.net.access.may_act_on`); for anyone else each attempt's ``stderr_tail``
-    (the end of its log) is "".  No view holds a task's environment.
-
-    Each task's ``waiting_for`` says why it waits: the view's sentence for a ``waiting``
-    task, ``queued[index]`` for a ``queued`` one (the router's, from the workers: see
-    :meth:`JobRouter.queued_reasons`), else "".  Each attempt's ``number`` is its place
-    among its task's attempts, from 1; ``id`` stays the master's attempt id.
-    """
-    queued = queued or {}
-    return {
-        "id": view.id,
-        "name": view.name,
-        "owner": view.owner,
-        "state": view.state,
-        "priority": view.priority,
-        "after": list(view.after),
-        "created": view.created,
-        "started": view.started,
-        "finished": view.finished,
-        "reason": view.reason,
-        "counts": view.counts,
-        "done": view.done,
-        "total": view.total,
-        # The index the next page of tasks starts at (None: these are the last).
-        "next": view.next,
-        "tasks": [
-            {
-                "index": t.index,
-                "state": t.state,
-                "reason": t.reason,
-                "waiting_for": t.waiting_for or queued.get(t.index, ""),
-                "attempts": [
-                    {
-                        "id": a.id,
-                        "number": number,
-                        "worker": a.worker,
-                        "state": a.state,
-                        "started": a.started,
-                        "ended": a.ended,
-                        "exit_code": a.exit_code,
-                        "signal": a.signal,
-                        "duration": a.duration,
-                        "peak_rss": a.peak_rss,
-                        "reason": a.reason,
-                        "cause": a.cause,
-                        "stderr_tail": a.stderr_tail if private else "",
-                    }
-                    for number, a in enumerate(t.attempts, 1)
-                ],
-            }
-            for t in view.tasks
-        ],
-    }
-
-
-def assignment_json(
-    a: Assignment, versions: Mapping[str, tuple[int, str]] | None = None
-) -> bytes:
-    """The ``run`` order's payload.
-
-    ``versions`` gives the current ``(version, sha256)`` of the inputs the directory
-    knows (sent as ``"versions": {key: {"version", "sha256"}}``): a worker that holds
-    exactly that copy stages it from its own store, without a request.
-    """
-    s = a.spec
-    order: dict[str, Any] = {
-        "attempt_id": a.attempt_id,
-        "job_id": a.job_id,
-        "task_index": a.task_index,
-        "command": list(s.command),
-        "env": [list(p) for p in s.env],
-        "inputs": [list(p) for p in s.inputs],
-        "outputs": [list(p) for p in s.outputs],
-        "slots": s.slots,
-        "timeout": s.timeout,
-        "owner": a.owner,
-    }
-    if versions:
-        order["versions"] = {
-            key: {"version": version, "sha256": sha256}
-            for key, (version, sha256) in versions.items()
-        }
-    return json.dumps(order).encode()
+#: A submit checks that the inputs of its first this many tasks are stored (see submit).
+INPUTS_CHECKED = 1000
 
 
 #: Every incarnation of a worker name (see ``JobManager.worker_lost``).
@@ -171,7 +83,7 @@ class JobRouter:
         # attempt at once, but the worker holds its slots until the process is gone
         # (SIGTERM, then SIGKILL after a grace period): a run order sent meanwhile would
         # be refused as busy and waste one of the task's attempts.
-        self._killing: dict[str, dict[int, int]] = {}
+        self._killing: dict[str, dict[int, Room]] = {}
         membership.on_dead.append(self._worker_dead)
         # A big job's tasks reach the queue in slices, after its submit: feed them.
         jobs.on_queued.append(self.dispatch_soon)
@@ -188,8 +100,9 @@ class JobRouter:
         kill = self.jobs.reconcile(record.name, record.incarnation, running, [])
         killing = self._killing[record.name] = {}
         for attempt in kill:
-            # Its slots are unknown here (the master no longer holds it): at least one.
-            killing[attempt] = max(1, self.jobs.slots_of(attempt))
+            # Its room is unknown here if the master no longer holds it: one CPU.
+            room = self.jobs.room_of(attempt)
+            killing[attempt] = room if room.cpus else Room(1)
             _order(record, "kill", {"Attempt": attempt})
         self.dispatch_soon()
 
@@ -276,8 +189,10 @@ class JobRouter:
                 for record in self.membership.alive():
                     if record.conn is None or self.cordoned(record.name):
                         continue
-                    free = min(record.slots - self._busy(record.name), DISPATCH_PER_TURN - sent)
-                    if free <= 0:
+                    free = record.room - self._busy(record.name)
+                    if free.cpus > DISPATCH_PER_TURN - sent:
+                        free = Room(DISPATCH_PER_TURN - sent, free.mem, free.gpus)
+                    if free.cpus <= 0:
                         if sent >= DISPATCH_PER_TURN:
                             self.dispatch_soon()
                             return
@@ -296,9 +211,17 @@ class JobRouter:
         except Exception:
             log.failure("dispatch failed")
 
-    def _busy(self, worker: str) -> int:
-        """Slots held by the attempts the master has running on ``worker``."""
-        return self.jobs.slots_running_on(worker) + sum(self._killing.get(worker, {}).values())
+    def _busy(self, worker: str) -> Room:
+        """The room held by the attempts the master has running on ``worker``, and by
+        those it was told to kill and has not reported ended."""
+        busy = self.jobs.used_on(worker)
+        for room in self._killing.get(worker, {}).values():
+            busy = busy + room
+        return busy
+
+    def used(self, worker: str) -> Room:
+        """What ``worker``'s attempts hold now (``nodes`` shows it)."""
+        return self._busy(worker)
 
     def _holds(self, worker: str, where: dict[str, set[str]]) -> Callable[[str], bool]:
         def holds(key: str) -> bool:
@@ -328,8 +251,15 @@ class JobRouter:
         )
 
         def refused(f: Failure) -> None:
-            # The worker would not start it (busy, bad task, gone): the attempt ends here
-            # and counts; the task is retried while attempts remain.
+            # The worker would not start it (busy, bad task): the attempt ends here and
+            # counts; the task is retried while attempts remain.  A link that closed
+            # before the answer says nothing of the attempt (the worker may be running
+            # it): its end is the link's, "lost" when the worker is declared dead, or
+            # settled by the worker's Running list when it registers again.
+            if f.check(ConnectionLost):
+                log.info("no answer to run order {attempt} before {name}'s link closed",
+                         attempt=a.attempt_id, name=record.name)
+                return
             why = f.value.message if isinstance(f.value, DsmlError) else f.getErrorMessage()
             self.jobs.finished(
                 a.attempt_id, record.name, record.incarnation, exit_code=None, signal=None,
@@ -341,21 +271,42 @@ class JobRouter:
     # -- what clients and workers ask for ---------------------------------------------
 
     def submit(self, spec: JobSpec, owner: str = TOKEN_OWNER) -> Deferred[str]:
-        """Queue a job of ``owner``; fires with its id once committed (then dispatches)."""
-        widest = max((t.slots for t in spec.tasks), default=1)
-        largest = max((r.slots for r in self.membership.all()), default=0)
-        if largest and widest > largest:
-            # It could never run (until a bigger worker joins): say so now rather than
-            # leave it queued with nothing said.
-            raise JobError(
-                f"a task needs {widest} slots; the largest worker has {largest}", "bad-job"
-            )
+        """Queue a job of ``owner``; fires with its id once committed (then dispatches).
+
+        Refused (``bad-job``) at once: a task that fits no worker the master knows (it
+        could never run until a bigger worker joins: said now rather than left queued);
+        an input key that is not stored, for a job that comes after no other (one that
+        does may read what those jobs write), among the inputs of its first
+        :data:`INPUTS_CHECKED` tasks (a missing one past those fails its task at staging).
+        """
+        rooms = [r.room for r in self.membership.all()]
+        if rooms:  # (none yet: a master just started, its workers still coming)
+            for need in {t.room for t in spec.tasks}:
+                if not any(room.holds(need) for room in rooms):
+                    raise JobError(f"a task needs {need.describe()}; no worker has that much"
+                                   f" ({_largest(rooms)})", "bad-job")
+        if not spec.after:
+            missing = self._missing_input(spec)
+            if missing:
+                raise JobError(f"input {missing!r} is not stored (upload it first)", "bad-job")
 
         def acknowledged(job_id: str) -> str:
             self.dispatch_soon()
             return job_id
 
         return self.jobs.submit(spec, owner).addCallback(acknowledged)
+
+    def _missing_input(self, spec: JobSpec) -> str | None:
+        """The first input key of the job's first :data:`INPUTS_CHECKED` tasks that the
+        directory does not hold, or None (bounded work whatever the job's size)."""
+        seen: set[str] = set()
+        for i in range(min(spec.count, INPUTS_CHECKED)):
+            for key, _ in spec.task(i).inputs:
+                if key not in seen:
+                    if self.directory.current(key) is None:
+                        return key
+                    seen.add(key)
+        return None
 
     def job(self, job_id: str, tasks: bool = True) -> JobView:
         """The job as it is (``not-found`` for an unknown id): with ``tasks``, its first
@@ -391,9 +342,10 @@ class JobRouter:
         """Why each queued task of ``view`` waits, by task index, as the workers are now.
 
         "no live worker" when no worker is alive (a suspect one gets no work, see
-        :meth:`dispatch`); "a worker with N free slots (the largest live worker has M)"
-        for a task wider than every live worker; else "a free slot (K tasks queued
-        ahead)", or "a free slot" when the manager does not count
+        :meth:`dispatch`); "a worker with 2 CPUs, 1 GPU (no live worker has that
+        much: ...)" for a task that fits no live worker; "2 CPUs, 1 GPU free on a worker
+        (K tasks queued ahead)" otherwise, or without the count when the manager does
+        not count
         (:meth:`~dsml.master.jobs.JobManager.queue_places`).  O(tasks of the job) plus
         O(workers).
         """
@@ -409,29 +361,33 @@ class JobRouter:
         alive = [r for r in alive if not self.cordoned(r.name)]
         if not alive:
             return dict.fromkeys(places, "every live worker is cordoned")
-        largest = max(r.slots for r in alive)
+        rooms = [r.room for r in alive]
         reasons: dict[int, str] = {}
+        fits: dict[Room, bool] = {}
         for index, place in places.items():
-            if place.slots > largest:
-                reasons[index] = (
-                    f"a worker with {place.slots} free slots"
-                    f" (the largest live worker has {largest})"
-                )
+            need = Room(place.slots, place.mem, place.gpus)
+            fit = fits.get(need)
+            if fit is None:
+                fit = fits[need] = any(room.holds(need) for room in rooms)
+            if not fit:
+                reasons[index] = (f"a worker with {need.describe()}"
+                                  f" (no live worker has that much: {_largest(rooms)})")
             elif place.ahead is None:
-                reasons[index] = "a free slot"
+                reasons[index] = f"{need.describe()} free on a worker"
             else:
                 tasks = "task" if place.ahead == 1 else "tasks"
-                reasons[index] = f"a free slot ({place.ahead} {tasks} queued ahead)"
+                reasons[index] = (f"{need.describe()} free on a worker"
+                                  f" ({place.ahead} {tasks} queued ahead)")
         return reasons
 
     def cancel(self, job_id: str) -> Deferred[int]:
         """Cancel a job; fires with how many running attempts were told to stop."""
-        # Their slots, read before the cancel forgets them (see _killing).
+        # Their room, read before the cancel forgets them (see _killing).
         self.jobs.job(job_id, tasks=False)  # not-found at once
-        held = {a: (worker, slots) for a, worker, slots in self.jobs.running_of(job_id)}
+        held = {a: (worker, room) for a, worker, room in self.jobs.running_of(job_id)}
         d = self.jobs.cancel(job_id)
-        for attempt, (worker, slots) in held.items():
-            self._killing.setdefault(worker, {})[attempt] = slots
+        for attempt, (worker, room) in held.items():
+            self._killing.setdefault(worker, {})[attempt] = room
 
         def kill(attempts: list[tuple[str, int]]) -> int:
             for worker, attempt in attempts:
@@ -554,34 +510,30 @@ class JobRouter:
             self._lift_call = self.clock.callLater(delay, self._lift_due)
         self.dispatch_soon()
 
-    def _retry_room(self) -> Callable[[str], int]:
-        """For each worker, the most slots of another live, linked, uncordoned worker
-        (0: none): a retried task avoids the worker its last attempt ran on when such
-        a worker can take it (see ``TaskQueue.take``)."""
-        best, best_name, second = 0, "", 0
+    def _retry_room(self) -> Callable[[str], Room | None]:
+        """For each worker, the room of another live, linked, uncordoned worker (the one
+        with most CPUs; None: no other): a retried task avoids the worker its last
+        attempt ran on when that one could take it (see ``TaskQueue.take``)."""
+        best: Room | None = None
+        second: Room | None = None
+        best_name = ""
         for r in self.membership.alive():
             if r.conn is None or self.cordoned(r.name):
                 continue
-            if r.slots > best:
-                best, best_name, second = r.slots, r.name, best
-            elif r.slots > second:
-                second = r.slots
+            room = r.room
+            if best is None or room.cpus > best.cpus:
+                best, best_name, second = room, r.name, best
+            elif second is None or room.cpus > second.cpus:
+                second = room
         return lambda name: second if name == best_name else best
 
 
-def finished_report(r: dict[str, Any]) -> FinishedReport:
-    """A worker's JSON result as a FinishedReport."""
-    return FinishedReport(
-        int(r["attempt_id"]), r.get("exit_code"), r.get("signal"),
-        float(r.get("duration", 0.0)), int(r.get("peak_rss", 0)), str(r.get("reason", "")),
-        _tail(r),
-    )
-
-
-def _tail(r: dict[str, Any]) -> str:
-    """A result's ``stderr_tail`` if it is text ("" otherwise; the manager caps it)."""
-    tail = r.get("stderr_tail", "")
-    return tail if isinstance(tail, str) else ""
+def _largest(rooms: Sequence[Room]) -> str:
+    """The most of each resource any one worker has: "at most 8 CPUs, 31.4 GiB, 2 GPUs
+    on a worker"."""
+    most = Room(max(r.cpus for r in rooms), max(r.mem for r in rooms),
+                max(r.gpus for r in rooms))
+    return f"at most {most.describe()} on a worker"
 
 
 def _order(

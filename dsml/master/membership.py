@@ -66,20 +66,16 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Final
 
-import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..errors import DsmlError
 from ..protocol import limits
+from ..protocol.limits import GPU_ID, MAX_GPUS, MAX_MEM
+from .workerrecord import ALIVE, DEAD, SUSPECT, Versions, WorkerRecord
 
 log = Logger()
-
-#: Worker states.
-ALIVE: Final = "alive"
-SUSPECT: Final = "suspect"
-DEAD: Final = "dead"
 
 #: Heartbeat intervals without a heartbeat after which a worker is suspect (by default).
 SUSPECT_INTERVALS: Final = 3
@@ -99,61 +95,6 @@ REASON_TIMEOUT: Final = "heartbeat timeout"
 REASON_REPLACED: Final = "replaced by a newer incarnation"
 
 Listener = Callable[["WorkerRecord"], None]
-
-
-@attrs.frozen
-class Versions:
-    """What a process runs: the dsml release and the wire protocol version."""
-
-    dsml: str
-    protocol: int
-
-    def __str__(self) -> str:
-        return f"dsml {self.dsml} (protocol {self.protocol})"
-
-
-@attrs.define(eq=False)
-class WorkerRecord:
-    """One registration of one worker: a name at an incarnation, on one connection.
-
-    A new incarnation gets a new record; the old record keeps describing the old one (dead),
-    so a listener holding it never sees it change identity.  Times are monotonic seconds.
-    """
-
-    #: The worker's name (its key in the configuration).
-    name: str
-    #: Which start of that worker this is; higher is newer.
-    incarnation: int
-    #: Where its storage server listens.
-    host: str
-    port: int
-    #: Task slots it declared, and how many were free at the last heartbeat.
-    slots: int
-    free_slots: int
-    #: What it stores, and its free disk, as of the last heartbeat (bytes).
-    stored_bytes: int
-    stored_files: int
-    free_disk: int
-    #: ``alive``, ``suspect`` or ``dead``.
-    state: str
-    #: Monotonic time of the last heartbeat (or of the registration).
-    last_heartbeat: float
-    #: Monotonic time of the registration.
-    registered_at: float
-    #: The connection it registered on (opaque to this module).
-    conn: object = attrs.field(default=None, repr=False)
-    #: Monotonic time of its death, and why (``connection lost``, ...); None while live.
-    died_at: float | None = None
-    dead_reason: str | None = None
-
-    def seconds_since_heartbeat(self, now: float) -> float:
-        """Seconds from the last heartbeat to ``now`` (a monotonic time)."""
-        return now - self.last_heartbeat
-
-    @property
-    def live(self) -> bool:
-        """True while the worker is alive or suspect, i.e. not dead."""
-        return self.state != DEAD
 
 
 class MembershipError(DsmlError):
@@ -285,6 +226,8 @@ class Membership:
         stored_bytes: int = 0,
         stored_files: int = 0,
         free_disk: int = 0,
+        mem: int = 0,
+        gpus: tuple[str, ...] = (),
     ) -> WorkerRecord:
         """Register worker ``name`` at ``incarnation`` on ``conn``; return its live record.
 
@@ -301,6 +244,8 @@ class Membership:
                 )
             _check_int("port", port, 1, 65535)
             _check_int("slots", slots, 0, MAX_SLOTS)
+            _check_int("mem", mem, 0, MAX_MEM)
+            _check_gpus(gpus)
             if free_slots is None:
                 free_slots = slots
             _check_stats(free_slots, stored_bytes, stored_files, free_disk)
@@ -336,7 +281,7 @@ class Membership:
 
         if old is not None and old.live and incarnation == old.incarnation:
             # Same connection, same incarnation: an idempotent retry; refresh in place.
-            old.host, old.port, old.slots = host, port, slots
+            old.host, old.port, old.slots, old.mem, old.gpus = host, port, slots, mem, gpus
             self._set_stats(old, free_slots, stored_bytes, stored_files, free_disk)
             self._touch(old, now)
             log.info(
@@ -351,7 +296,7 @@ class Membership:
             # on the new link; the caller reconciles its attempts.
             old.incarnation = incarnation
             old.conn = conn
-            old.host, old.port, old.slots = host, port, slots
+            old.host, old.port, old.slots, old.mem, old.gpus = host, port, slots, mem, gpus
             self._set_stats(old, free_slots, stored_bytes, stored_files, free_disk)
             self._by_conn[id(conn)] = old
             self._touch(old, now)
@@ -378,6 +323,8 @@ class Membership:
             last_heartbeat=now,
             registered_at=now,
             conn=conn,
+            mem=mem,
+            gpus=gpus,
         )
         self._records[name] = record
         self._by_heartbeat[name] = record
@@ -634,6 +581,15 @@ def _check_int(what: str, value: object, low: int, high: int | None = None) -> N
     ):
         bound = f"from {low} to {high}" if high is not None else f">= {low}"
         raise MembershipError(f"{what} must be an integer {bound}, got {value!r}", "bad-header")
+
+
+def _check_gpus(gpus: object) -> None:
+    if (not isinstance(gpus, tuple) or len(gpus) > MAX_GPUS
+            or not all(isinstance(g, str) and GPU_ID.match(g) for g in gpus)
+            or len(set(gpus)) != len(gpus)):
+        raise MembershipError(
+            f"gpus must be at most {MAX_GPUS} distinct ids of 1 to 128 of A-Z a-z 0-9"
+            f" _ . : -, got {str(gpus)[:200]}", "bad-header")
 
 
 def _check_stats(free_slots: int, stored_bytes: int, stored_files: int, free_disk: int) -> None:

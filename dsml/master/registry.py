@@ -70,6 +70,9 @@ class RegisterRequest:
     #: without them a worker just registered has no room the master knows of.
     free_disk: int = 0
     stored_bytes: int = 0
+    #: The memory (bytes) and the GPUs (their ids) it offers tasks.
+    mem: int = 0
+    gpus: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -273,7 +276,7 @@ class WorkerRegistry:
             record = self.membership.register(
                 name, incarnation, host=req.host, port=req.port, slots=req.slots,
                 versions=req.versions, conn=link, free_disk=req.free_disk,
-                stored_bytes=req.stored_bytes,
+                stored_bytes=req.stored_bytes, mem=req.mem, gpus=req.gpus,
             )
             try:
                 self.state.record_worker(
@@ -318,13 +321,13 @@ class WorkerRegistry:
         for trim in result.trim:
             _order(record, "drop", {"Key": trim.key, "Version": trim.version}).addErrback(_ignore)
         log.info(
-            "worker {name} registered: incarnation {inc}, {host}:{port}, {slots} slots, "
+            "worker {name} registered: incarnation {inc}, {host}:{port}, {room}, "
             "{n} keys ({added} new, {removed} gone, {rejected} rejected)",
             name=name,
             inc=st.incarnation,
             host=record.host,
             port=record.port,
-            slots=record.slots,
+            room=record.room.describe(),
             n=result.added + result.unchanged + len(result.rejected),
             added=result.added,
             removed=result.removed,

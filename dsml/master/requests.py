@@ -31,9 +31,10 @@ from ..net.responders import Reply, responder
 from ..protocol.codec import Head
 from ..protocol.methods import ALL_ROLES, Role
 from .jobparse import job_spec_from_payload, job_spec_in_slices
-from .jobrouter import JobRouter, finished_report, job_json
-from .jobs import FinishedReport, JobSpec, JobView
+from .jobrouter import JobRouter
+from .jobs import FinishedReport, JobSpec, JobView, Room
 from .jobs.slices import Slicer
+from .jobwire import finished_report, job_json
 from .keyspace import KeySpace
 from .membership import Versions, WorkerRecord
 from .registry import RegisterRequest, Registration, WorkerRegistry, parse_digest
@@ -195,6 +196,8 @@ class MasterHandler:
             parse_digest(h.get("inventory-digest")),
             int(h.get("free-disk", 0)),
             int(h.get("stored-bytes", 0)),
+            int(h.get("mem", 0)),
+            tuple(g for g in h.get("gpus", "").split(",") if g),
         )
 
     def _registered(self, head: Head, conn: Connection, done: Registration) -> Reply:
@@ -287,6 +290,7 @@ class MasterHandler:
         return Reply(headers, _lines([
             json.dumps(
                 {
+                    **self._resources(r),
                     "name": r.name,
                     "host": r.host,
                     "port": r.port,
@@ -304,6 +308,13 @@ class MasterHandler:
             )
             for r in self.registry.workers()
         ]))
+
+    def _resources(self, r: WorkerRecord) -> dict[str, object]:
+        """What a worker offers tasks, and what its running attempts hold (the master's
+        count: the attempts it gave it, and those told to stop not yet ended)."""
+        used = self.router.used(r.name) if r.live else Room(0)
+        return {"mem": r.mem, "gpus": list(r.gpus), "cpus_used": used.cpus,
+                "mem_used": used.mem, "gpus_used": used.gpus}
 
     # -- keys -------------------------------------------------------------------------
 

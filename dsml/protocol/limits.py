@@ -50,6 +50,13 @@ FILE_MAX = 10**MAX_LENGTH_DIGITS - 1
 
 #: Most task slots a worker may declare, and so the most one task may ask for.
 MAX_SLOTS = 1024
+#: Most GPUs a worker may declare, and so the most one task may ask for.
+MAX_GPUS = 64
+#: Most memory, in bytes, a worker may declare or a task ask for (1 PiB).
+MAX_MEM = 1 << 50
+#: A GPU id a worker declares: an index ("0"), a UUID ("GPU-5f3c..."), a MIG id: 1 to
+#: 128 of A-Z a-z 0-9 _ . : - (it goes into CUDA_VISIBLE_DEVICES, comma-separated).
+GPU_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
 
 #: A worker's name: 1 to 64 of A-Z a-z 0-9 _ . - (a config key, a header value, a
 #: directory-safe word).  One rule for the config, the wire and the master.

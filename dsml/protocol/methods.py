@@ -323,7 +323,8 @@ def master_methods() -> MethodTable:
                 "protocol-version": check_uint,
             },
             {"boot": check_text, "running": check_text, "inventory-digest": check_digest,
-             "free-disk": check_uint, "stored-bytes": check_uint},
+             "free-disk": check_uint, "stored-bytes": check_uint, "mem": check_uint,
+             "gpus": check_text},
             max_payload=INVENTORY_MAX,
         ),
         _spec(
@@ -459,6 +460,11 @@ _TASK_FIELDS = {
     "payload.outputs": Bound("pattern", "[path, key] pairs: a path inside the task's "
                              "directory, a key", f"{_JOB}.check_task"),
     "payload.slots": Bound("range", "1 to 1024 slots", f"{_JOB}.MAX_SLOTS", 1024),
+    "payload.cpus": Bound("range", "1 to 1024: slots by another name", f"{_JOB}.MAX_SLOTS",
+                          1024),
+    "payload.mem": Bound("range", "0 to 2**50 bytes", f"{_JOB}.MAX_MEM", 2**50),
+    "payload.gpus": Bound("range", f"0 to {limits.MAX_GPUS} GPUs", f"{_JOB}.MAX_GPUS",
+                          limits.MAX_GPUS),
     "payload.timeout": Bound("range", "a positive number of seconds up to 30 days",
                              f"{_JOB}.MAX_TIMEOUT", 30 * 24 * 3600),
 }
@@ -506,6 +512,9 @@ FIELD_BOUNDS: dict[str, dict[str, Bound]] = {
                       limits.MAX_LINE),
         "running": Bound("count", f"attempt ids in {_LINE}; digits only are taken",
                          "dsml.protocol.limits.MAX_LINE", limits.MAX_LINE),
+        "gpus": Bound("count", f"at most {limits.MAX_GPUS} distinct GPU ids, comma-separated,"
+                      " each 1 to 128 of A-Z a-z 0-9 _ . : -", "dsml.protocol.limits.MAX_GPUS",
+                      limits.MAX_GPUS),
         "payload": Bound("length", "JSON lines, at most 64 MiB", "dsml.protocol.methods."
                          "INVENTORY_MAX", 64 * 1024 * 1024),
         **_INVENTORY_FIELDS,
@@ -521,13 +530,13 @@ FIELD_BOUNDS: dict[str, dict[str, Bound]] = {
         "payload": Bound("length", "JSON lines, at most 64 MiB", "dsml.protocol.methods."
                          "INVENTORY_MAX", 64 * 1024 * 1024),
         "payload.attempt_id": Bound("range", "an attempt of this worker's incarnation, else "
-                                    "refused", "dsml.master.jobrouter.finished_report"),
+                                    "refused", "dsml.master.jobwire.finished_report"),
         "payload.exit_code": Bound("range", "an integer or null",
-                                   "dsml.master.jobrouter.finished_report"),
+                                   "dsml.master.jobwire.finished_report"),
         "payload.signal": Bound("range", "an integer or null",
-                                "dsml.master.jobrouter.finished_report"),
-        "payload.duration": Bound("range", "a number", "dsml.master.jobrouter.finished_report"),
-        "payload.peak_rss": Bound("range", "an integer", "dsml.master.jobrouter.finished_report"),
+                                "dsml.master.jobwire.finished_report"),
+        "payload.duration": Bound("range", "a number", "dsml.master.jobwire.finished_report"),
+        "payload.peak_rss": Bound("range", "an integer", "dsml.master.jobwire.finished_report"),
         "payload.reason": Bound("length", "cut to 1,024 characters", f"{_JOB}.MAX_REASON", 1024),
         "payload.stderr_tail": Bound("length", "cut to 2,048 characters",
                                      f"{_JOB}.MAX_STDERR_TAIL", 2048),

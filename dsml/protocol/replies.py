@@ -70,6 +70,13 @@ class Node:
     free_disk: int
     #: Why the master gives it no new task (its attempts all fail at once), "" if it does.
     cordoned: str = ""
+    #: What it offers tasks beyond its slots (CPUs): memory (bytes, 0: none declared)
+    #: and its GPUs' ids; and what its running attempts hold, by the master's count.
+    mem: int = 0
+    gpus: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    cpus_used: int = 0
+    mem_used: int = 0
+    gpus_used: int = 0
 
 
 @attrs.frozen
@@ -205,18 +212,33 @@ def job_body(
     outputs: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
     env: dict[str, str] | None = None,
     retry_on: list[str] | tuple[str, ...] | None = None,
+    cpus: int | None = None,
+    mem: int | str = 0,
+    gpus: int = 0,
 ) -> bytes:
     """The JSON payload of a ``submit`` request (see :meth:`ClusterClient.submit`).
+
+    ``cpus`` is ``slots`` by its name of today (given, it wins); ``mem`` a byte count or
+    a size such as ``"4G"`` or ``"512MiB"`` (:func:`dsml.config.parse_size`).
 
     ``command`` with ``array`` > 1 is sent as ``"array": N`` and one task as its template
     (``{index}`` left in its keys and paths: the master fills it in for each task), so a
     100,000-task array is one small request, not 100,000 task objects for the master to
     parse at once.  ``retry_on`` (the causes a failed attempt is retried for) is sent
     only when given: the master's default is ``lost`` and ``staging``."""
+    if cpus is not None:
+        slots = cpus
+    if isinstance(mem, str):
+        from ..config import parse_size
+
+        try:
+            mem = parse_size(mem)
+        except ValueError as e:
+            raise DsmlError(f"mem: {e}", "bad-job") from None
     if tasks is None and array > 1:
         job = json.loads(job_body(command, name=name, array=1, slots=slots, timeout=timeout,
                                   max_attempts=max_attempts, priority=priority, after=after,
-                                  env=env, retry_on=retry_on))
+                                  env=env, retry_on=retry_on, mem=mem, gpus=gpus))
         template = job["tasks"][0]
         template["inputs"] = [[k, p] for k, p in inputs]
         template["outputs"] = [[p, k] for p, k in outputs]
@@ -236,6 +258,8 @@ def job_body(
                 "timeout": timeout,
                 "max_attempts": max_attempts,
                 **({} if retry_on is None else {"retry_on": list(retry_on)}),
+                **({"mem": mem} if mem else {}),
+                **({"gpus": gpus} if gpus else {}),
             }
             for i in range(array)
         ]

@@ -87,6 +87,9 @@ class WorkerInfo:
     port: int
     slots: int
     boot: str = ""
+    #: Memory (bytes) and GPUs (ids) it offers tasks.
+    mem: int = 0
+    gpus: tuple[str, ...] = ()
 
 
 def inventory_payload(store: Store) -> tuple[bytes, str]:
@@ -380,6 +383,10 @@ class MasterLink(service.Service):
         }
         if info.boot:
             headers["Boot"] = info.boot
+        if info.mem:
+            headers["Mem"] = info.mem
+        if info.gpus:
+            headers["Gpus"] = ",".join(info.gpus)
         running = self.running_attempts()
         if running:
             headers["Running"] = ",".join(str(a) for a in running)

@@ -59,6 +59,8 @@ def spec_from_json(payload: bytes) -> AttemptSpec:
                 for k, v in dict(d.get("versions") or {}).items()
             ),
             owner=str(d.get("owner") or ""),
+            mem=int(d.get("mem") or 0),
+            gpus=int(d.get("gpus") or 0),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise DsmlError(f"malformed run order: {e}", "bad-task") from None

@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from ..config import MASTER_ADDR_FILE, TASK_ENV_DEFAULT, WORKER_ADDR_FILE, Config
+from ..config import MASTER_ADDR_FILE, TASK_ENV_DEFAULT, WORKER_ADDR_FILE, Config, WorkerConfig
 from ..fsutil import private_dir
 from ..net.access import DEFAULT_ADMINS
 from ..net.cluster_client import AsyncClusterClient
@@ -41,6 +41,7 @@ from ..protocol.methods import Role
 from .inputcache import InputCache
 from .link import MasterLink, MasterSession, StoreReports, WorkerInfo
 from .orders import WorkerOrders, order_responders
+from .resources import detect_gpus, detect_memory
 from .runner import OnResult, TaskLogs, TaskOrders, WorkerJobs
 from .storage import RunInThread, StorageHandler, storage_responders
 from .store import Store
@@ -271,6 +272,20 @@ def _payload(response: Any) -> bytes:
     return response.payload  # type: ignore[no-any-return]
 
 
+def _resources(name: str, wc: WorkerConfig) -> tuple[int, tuple[str, ...]]:
+    """The memory and GPU ids the worker offers: the config's, else the machine's."""
+    mem = wc.mem if wc.mem is not None else detect_memory()
+    if wc.gpus is not None:
+        gpus, how = wc.gpus, "from the config"
+        shown = ", ".join(gpus) or "none"
+    else:
+        found, how = detect_gpus()
+        gpus, shown = tuple(g.id for g in found), ", ".join(g.describe() for g in found)
+    _log.info("worker {name} offers tasks {cpus} CPUs, {mem} MiB, GPUs ({how}): {gpus}",
+              name=name, cpus=wc.slots, mem=mem >> 20, how=how, gpus=shown or "none")
+    return mem, gpus
+
+
 def make_worker_service(config: Config, name: str, reactor: Any) -> service.MultiService:
     """Build the services of worker ``name``: open its store, listen for clients, and
     keep a link to the master."""
@@ -296,6 +311,7 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         )
 
     master_addr_file = config.master.state_dir / MASTER_ADDR_FILE
+    mem, gpus = _resources(name, wc)
 
     def master_addr() -> str:
         # The config's address, or (port 0, a local cluster) what the master's address
@@ -313,6 +329,8 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
             cgroups=cgroups,
             task_env=TASK_ENV_DEFAULT + wc.task_env,
             slots=wc.slots,
+            mem=mem,
+            gpus=gpus,
             work_dir=work_dir,
             transfers=transfers,
             on_result=on_result,
@@ -329,7 +347,8 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         master_addr=master_addr,
         token=cc.token,
         info=WorkerInfo(
-            name, wc.host, wc.port, wc.slots, boot=f"{os.getpid()}-{secrets.token_hex(4)}"
+            name, wc.host, wc.port, wc.slots, boot=f"{os.getpid()}-{secrets.token_hex(4)}",
+            mem=mem, gpus=gpus,
         ),
         value_max=cc.value_max,
         heartbeat_interval=cc.heartbeat_interval,

@@ -87,6 +87,7 @@ from .model import (
     JobSpec,
     JobView,
     QueuePlace,
+    Room,
     attempt_cause,
     check_io,
     check_job_head,
@@ -483,16 +484,17 @@ class JobManager:
         self,
         worker: str,
         incarnation: int,
-        free_slots: int,
+        free: Room | int,
         holds: Callable[[str], bool] = holds_nothing,
         *,
         local_only: bool = False,
-        retry_room: int = 0,
+        retry_room: Room | None = None,
     ) -> list[Assignment]:
-        """Give ``worker`` (at ``incarnation``) queued tasks that fit in ``free_slots``.
+        """Give ``worker`` (at ``incarnation``) queued tasks that fit in its ``free`` room
+        (a number alone: that many free CPUs, no memory or GPU to reserve).
 
         Highest priority first, then submit order, then task index; tasks too wide for the
-        slots left are skipped.  Among tasks of one priority, one whose inputs the worker
+        room left are skipped.  Among tasks of one priority, one whose inputs the worker
         all holds (``holds(key)``) goes first, within the first
         :data:`~.queue.LOCALITY_WINDOW` queued tasks.  Each task given is a new running
         attempt, effective at once in memory and committed with the next batch.
@@ -501,16 +503,18 @@ class JobManager:
         than the first task that fits): the dispatcher offers local work to every worker
         first, so a task goes to a holder of its inputs when one is free.
 
-        ``retry_room``: the slots of another worker that could take a task (0: none); a
-        retried task whose last attempt ran on ``worker`` is left to such a worker.
+        ``retry_room``: the most another worker could take (None: no other); a retried
+        task whose last attempt ran on ``worker`` and fits in it is left to another.
         """
         self._check_open()
-        if free_slots <= 0 or not self._nqueued:
+        if isinstance(free, int):
+            free = Room(free)
+        if free.cpus <= 0 or not self._nqueued:
             return []
         local = holds is not holds_nothing and self._queued_inputs > 0
         if local_only and not local:
             return []
-        tasks = self._queue.take(free_slots, holds, local, local_only, worker, retry_room)
+        tasks = self._queue.take(free, holds, local, local_only, worker, retry_room)
         return [self._start(task, worker, incarnation) for task in tasks]
 
     def _start(self, task: TaskRecord, worker: str, incarnation: int) -> Assignment:
@@ -982,15 +986,15 @@ class JobManager:
             return {}
         return queue_places(job, self._jobs.values(), first, limit)
 
-    def running_of(self, job_id: str) -> list[tuple[int, str, int]]:
-        """(attempt id, worker, slots) of each running attempt of a live job ([] for a
-        final or unknown one): O(tasks of the job), no views made."""
+    def running_of(self, job_id: str) -> list[tuple[int, str, Room]]:
+        """(attempt id, worker, room held) of each running attempt of a live job ([] for
+        a final or unknown one): O(tasks of the job), no views made."""
         seq = parse_job_id(job_id)
         job = self._jobs.get(seq) if seq is not None else None
         if job is None:
             return []
         return [
-            (t.current.id, t.current.worker, t.spec.slots)
+            (t.current.id, t.current.worker, t.spec.room)
             for t in job.tasks
             if t.current is not None
         ]
@@ -1003,10 +1007,15 @@ class JobManager:
         """The attempts the master holds as running on ``worker`` (any incarnation)."""
         return sorted(self._by_worker.get(worker, ()))
 
-    def slots_running_on(self, worker: str) -> int:
-        """The slots the attempts the master holds as running on ``worker`` occupy."""
+    def used_on(self, worker: str) -> Room:
+        """The room (CPUs, memory, GPUs) the attempts the master holds as running on
+        ``worker`` occupy."""
         running = self._running
-        return sum(running[a].task.spec.slots for a in self._by_worker.get(worker, ()))
+        cpus = mem = gpus = 0
+        for a in self._by_worker.get(worker, ()):
+            spec = running[a].task.spec
+            cpus, mem, gpus = cpus + spec.slots, mem + spec.mem, gpus + spec.gpus
+        return Room(cpus, mem, gpus)
 
     @property
     def queued_with_inputs(self) -> int:
@@ -1035,10 +1044,10 @@ class JobManager:
             return f"{key!r} is not an output of attempt {attempt_id}"
         return ""
 
-    def slots_of(self, attempt_id: int) -> int:
-        """The slots the running attempt ``attempt_id`` occupies (0 if it is not running)."""
+    def room_of(self, attempt_id: int) -> Room:
+        """The room the running attempt ``attempt_id`` occupies (none if not running)."""
         a = self._running.get(attempt_id)
-        return 0 if a is None else a.task.spec.slots
+        return Room(0) if a is None else a.task.spec.room
 
     @property
     def closed(self) -> bool:

@@ -36,6 +36,8 @@ __all__ = [
     "MAX_NAME",
     "MAX_PRIORITY",
     "MAX_REASON",
+    "MAX_GPUS",
+    "MAX_MEM",
     "MAX_SLOTS",
     "MAX_STDERR_TAIL",
     "MAX_TASKS",
@@ -47,6 +49,7 @@ __all__ = [
     "JobSpec",
     "JobView",
     "QueuePlace",
+    "Room",
     "TaskSpec",
     "TaskView",
     "attempt_cause",
@@ -69,6 +72,10 @@ __all__ = [
 MAX_TASKS: Final = 100_000
 #: Most slots one task may ask for (the most a worker may declare).
 MAX_SLOTS: Final = limits.MAX_SLOTS
+#: Most GPUs one task may ask for (the most a worker may declare).
+MAX_GPUS: Final = limits.MAX_GPUS
+#: Most memory one task may ask for, in bytes.
+MAX_MEM: Final = limits.MAX_MEM
 #: Longest task timeout, in seconds (30 days).
 MAX_TIMEOUT: Final = 30 * 24 * 3600.0
 #: Most attempts a task may be given.
@@ -88,8 +95,8 @@ MAX_STDERR_TAIL: Final = 2048
 # -- why an attempt ended ---------------------------------------------------------------
 
 #: The cause of an attempt's end: its command's exit status, a signal, its timeout, its
-#: memory limit, its worker lost (died, cut off), an input not staged (or an output not
-#: uploaded: a transfer), its command not started, a declared output missing or not a
+#: memory limit, its worker lost (died, cut off), an input or its directory not set up
+#: on the worker (or an output not uploaded: a transfer), its command not started, a declared output missing or not a
 #: file of its own, or a cancel.
 CAUSES: Final = ("exit", "signal", "timeout", "out-of-memory", "lost", "staging", "spawn",
                  "output", "cancelled")
@@ -108,8 +115,8 @@ def attempt_cause(
         return None
     if state in ("lost", "timeout", "cancelled"):
         return state
-    if reason.startswith("input "):
-        return "staging"
+    if reason.startswith(("input ", "workspace")):
+        return "staging"  # an input, or the attempt's directory: this worker's to set up
     if reason.startswith("output "):
         return "staging" if " upload failed" in reason else "output"
     if reason.startswith(("command not found", "spawn failed")):
@@ -158,7 +165,7 @@ class TaskSpec:
     inputs: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_pairs)
     #: Files to upload after a successful run, (path, key).
     outputs: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_pairs)
-    #: Worker slots the task occupies.
+    #: CPUs the task occupies (its worker's "slots"; ``--cpus``, ``--slots`` the same).
     slots: int = 1
     #: Wall-clock limit in seconds (enforced by the worker), or None.
     timeout: float | None = None
@@ -167,6 +174,56 @@ class TaskSpec:
     #: The causes (:data:`CAUSES`) of a failed attempt that give the task another, while
     #: it has attempts left; any other fails it at once.
     retry_on: tuple[str, ...] = attrs.field(default=DEFAULT_RETRY_ON, converter=_tuple)
+    #: Memory the task reserves, in bytes, and its limit on the worker (0: none asked,
+    #: none reserved, no limit).
+    mem: int = 0
+    #: GPUs the task occupies (the worker names them in ``CUDA_VISIBLE_DEVICES``).
+    gpus: int = 0
+
+    @property
+    def room(self) -> Room:
+        """What it needs of a worker."""
+        return Room(self.slots, self.mem, self.gpus)
+
+
+@attrs.frozen
+class Room:
+    """Resources: what a task needs, what a worker has, or has free.
+
+    ``mem`` is in bytes; a task that asks for none (0) fits whatever memory is free.
+    """
+
+    cpus: int
+    mem: int = 0
+    gpus: int = 0
+
+    def holds(self, need: Room) -> bool:
+        """Whether ``need`` fits in this room."""
+        return need.cpus <= self.cpus and need.mem <= self.mem and need.gpus <= self.gpus
+
+    def __sub__(self, other: Room) -> Room:
+        return Room(self.cpus - other.cpus, self.mem - other.mem, self.gpus - other.gpus)
+
+    def __add__(self, other: Room) -> Room:
+        return Room(self.cpus + other.cpus, self.mem + other.mem, self.gpus + other.gpus)
+
+    def describe(self) -> str:
+        """"2 CPUs, 4.0 GiB, 1 GPU" (memory and GPUs only when there are some)."""
+        parts = [f"{self.cpus} CPU{'' if self.cpus == 1 else 's'}"]
+        if self.mem:
+            parts.append(format_bytes(self.mem))
+        if self.gpus:
+            parts.append(f"{self.gpus} GPU{'' if self.gpus == 1 else 's'}")
+        return ", ".join(parts)
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes for a person: "512 MiB", "4.0 GiB"."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            value = n / (1 << shift)
+            return f"{value:.0f} {unit}" if value >= 100 or unit == "KiB" else f"{value:.1f} {unit}"
+    return f"{n} B"
 
 
 @attrs.frozen
@@ -296,10 +353,13 @@ class TaskView:
 class QueuePlace:
     """Where a queued task stands (see :meth:`JobManager.queue_places`)."""
 
-    #: The slots it needs.
+    #: The slots (CPUs) it needs.
     slots: int
     #: Queued tasks before it in the queue order; None when counting them is not cheap.
     ahead: int | None
+    #: The memory (bytes) and GPUs it needs.
+    mem: int = 0
+    gpus: int = 0
 
 
 @attrs.frozen
@@ -393,6 +453,10 @@ def spec_json(spec: TaskSpec) -> str:
         d["max_attempts"] = spec.max_attempts
     if spec.retry_on != DEFAULT_RETRY_ON:
         d["retry_on"] = spec.retry_on
+    if spec.mem:
+        d["mem"] = spec.mem
+    if spec.gpus:
+        d["gpus"] = spec.gpus
     return json.dumps(d, separators=(",", ":"))
 
 
@@ -548,6 +612,10 @@ def check_task(i: int, t: object) -> None:
         _check_job_key(key, f"{w} output key")
     if not _is_int(t.slots) or not 1 <= t.slots <= MAX_SLOTS:
         raise _bad(f"{w} slots must be an integer from 1 to {MAX_SLOTS}, not {t.slots!r}")
+    if not _is_int(t.mem) or not 0 <= t.mem <= MAX_MEM:
+        raise _bad(f"{w} mem must be a number of bytes from 0 to {MAX_MEM}, not {t.mem!r}")
+    if not _is_int(t.gpus) or not 0 <= t.gpus <= MAX_GPUS:
+        raise _bad(f"{w} gpus must be an integer from 0 to {MAX_GPUS}, not {t.gpus!r}")
     if t.timeout is not None:
         ok = isinstance(t.timeout, (int, float)) and not isinstance(t.timeout, bool)
         if not ok or not 0 < t.timeout <= MAX_TIMEOUT:  # also refuses NaN

@@ -1,8 +1,9 @@
-"""The queue of tasks ready to run, and how a worker's free slots are filled from it.
+"""The queue of tasks ready to run, and how a worker's free room is filled from it.
 
 Order: job priority (higher first), then submit order, then task index.  A worker asks
-with its free slots and gets tasks whose ``slots`` fit, never more than it has free (no
-prefetch hoarding, peer-systems §4.10).  A task too wide for the slots left is skipped,
+with its free room (CPUs, memory, GPUs: a :class:`~.model.Room`) and gets tasks whose
+needs all fit, never more than it has free (no prefetch hoarding, peer-systems §4.10).
+A task too wide for the room left is skipped,
 not waited for: smaller tasks behind it may fill the worker (so a wide task can wait
 behind a steady stream of narrow ones of the same or higher priority: no slot
 reservation yet).  Locality: among tasks of the *same* priority, one whose every input
@@ -32,7 +33,7 @@ import heapq
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Final
 
-from .model import QueuePlace
+from .model import QueuePlace, Room
 from .records import JobRecord, TaskRecord
 from .states import QUEUED
 
@@ -121,26 +122,26 @@ class TaskQueue:
 
     def take(
         self,
-        free: int,
+        free: Room,
         holds: Callable[[str], bool],
         local: bool,
         local_only: bool,
         avoid: str = "",
-        room: int = 0,
+        room: Room | None = None,
     ) -> list[TaskRecord]:
-        """Remove and return queued tasks that fit in ``free`` slots, in the order given.
+        """Remove and return queued tasks that fit in the ``free`` room, in the order given.
 
         With ``local``, a task whose inputs the worker all holds (``holds(key)``) goes
         first among those of its priority in the front; with ``local_only`` only such
         tasks are taken, never one of a lower priority than the first task that fits.
         A retried task whose last attempt ran on worker ``avoid`` is passed over when it
-        fits in ``room``, the slots of another worker that could take it (retries of a
-        task on a broken worker kept landing on it, the first one free).
+        fits in ``room``, the most another worker could take (retries of a task on a
+        broken worker kept landing on it, the first one free).
         """
 
         def shunned(task: TaskRecord) -> bool:
-            return (room >= task.spec.slots and bool(task.attempts)
-                    and task.attempts[-1].worker == avoid)
+            return (room is not None and bool(task.attempts)
+                    and task.attempts[-1].worker == avoid and room.holds(task.spec.room))
 
         cache: dict[str, bool] = {}
         memo: dict[TaskRecord, bool] = {}
@@ -163,7 +164,8 @@ class TaskQueue:
 
         out: list[TaskRecord] = []
         front = self.front
-        while free > 0:
+        cpus, mem, gpus = free.cpus, free.mem, free.gpus
+        while cpus > 0:
             self._fill_front()
             first = None
             for i, entry in enumerate(front):
@@ -171,7 +173,8 @@ class TaskQueue:
                 if entry[3].state != QUEUED:
                     first = -1  # a cancelled task's entry: drop them all, look again
                     break
-                if spec.slots <= free and not (room and shunned(entry[3])):
+                if (spec.slots <= cpus and spec.mem <= mem and spec.gpus <= gpus
+                        and not shunned(entry[3])):
                     first = i
                     break
             if first is None:
@@ -188,14 +191,16 @@ class TaskQueue:
                     if entry[0] != top:
                         break  # locality never beats priority
                     task = entry[3]
-                    if (task.state == QUEUED and task.spec.slots <= free and is_local(task)
-                            and not (room and shunned(task))):
+                    spec = task.spec
+                    if (task.state == QUEUED and spec.slots <= cpus and spec.mem <= mem
+                            and spec.gpus <= gpus and is_local(task) and not shunned(task)):
                         pick = i
                         break
             if pick is None:
                 break  # local_only: nothing local fits
             task = front.pop(pick)[3]
-            free -= task.spec.slots
+            spec = task.spec
+            cpus, mem, gpus = cpus - spec.slots, mem - spec.mem, gpus - spec.gpus
             out.append(task)
         return out
 
@@ -223,8 +228,9 @@ def queue_places(
     mine = job.queued_before(first) if first else 0
     for task in job.tasks[first:end]:
         if task.state == QUEUED:
+            spec = task.spec
             places[task.index] = QueuePlace(
-                task.spec.slots, None if before is None else before + mine
+                spec.slots, None if before is None else before + mine, spec.mem, spec.gpus
             )
             mine += 1
     return places

@@ -135,8 +135,18 @@ def spawn_launcher() -> Launcher:
     return python_launcher()
 
 
+#: The variables that size a task's thread pools (OpenMP, MKL, OpenBLAS, numexpr,
+#: Accelerate): each is set to the task's CPUs unless the task's own env gives it.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+               "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+
+
 class TaskEnvironment:
     """The environment of every task of a worker whose task dir is ``work_dir``.
+
+    Besides what :meth:`for_attempt` takes from the worker and the spec, every task gets
+    ``CUDA_VISIBLE_DEVICES`` naming exactly the GPUs the worker gave it (empty: none, so
+    a task that asked for no GPU sees none) and :data:`THREAD_VARS` set to its CPUs.
 
     The variables taken from the worker are read once, here: those named in ``allow``
     (a name, or a prefix ending in ``*``: ``CUDA_*``), :data:`BASE_ENV_NAMES` by
@@ -155,12 +165,19 @@ class TaskEnvironment:
         """Base variables from the worker, then the spec's, then the DSML_* ones."""
         env = self._base.copy()
         env.update(spec.env)
+        spec_names = {name for name, _ in spec.env}
         env["DSML_TASK_INDEX"] = str(spec.task_index)
         env["DSML_JOB_ID"] = spec.job_id
         env["DSML_ATTEMPT_ID"] = str(spec.attempt_id)
         # Marks the process as this worker's, so a restarted worker can find and kill
         # what an earlier run of it (killed with -9) left behind: see groups.kill_orphans.
         env[ORPHAN_MARK] = str(self.work_dir)
+        # Its own GPUs, and only those ("": none); thread pools sized to its CPUs (a
+        # task that sets one itself keeps its own).
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(spec.gpu_ids)
+        for name in THREAD_VARS:
+            if name not in spec_names:
+                env[name] = str(spec.slots)
         return env
 
 

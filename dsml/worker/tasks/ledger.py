@@ -10,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from .logs import STDERR_NAME, STDOUT_NAME
-from .spec import AttemptResult, TaskError
+from .spec import AttemptResult, AttemptSpec, TaskError, validate
 
 
 class AttemptLedger:
@@ -24,6 +26,9 @@ class AttemptLedger:
     """
 
     slots: int
+    #: Memory (bytes; 0: none declared) and GPU ids the worker offers tasks.
+    mem: int = 0
+    gpus: tuple[str, ...] = ()
     work_dir: Path
     _active: dict[int, Any]
     _results: dict[int, AttemptResult]
@@ -32,6 +37,27 @@ class AttemptLedger:
     def free_slots(self) -> int:
         """Slots not held by an attempt."""
         return self.slots - sum(a.spec.slots for a in self._active.values())
+
+    def admit(self, spec: AttemptSpec) -> AttemptSpec:
+        """``spec`` with the GPUs it is given, if it may start now: TaskError
+        ``bad-task`` for one that can never run here, ``busy`` for one that does not fit
+        in what is free now (the master's view lags a moment behind)."""
+        validate(spec, self.slots)
+        if spec.gpus > len(self.gpus) or (self.mem and spec.mem > self.mem):
+            raise TaskError(f"needs {spec.gpus} GPUs and {spec.mem} bytes; this worker has"
+                            f" {len(self.gpus)} and {self.mem}", "bad-task")
+        active = [a.spec for a in self._active.values()]
+        free = self.slots - sum(s.slots for s in active)
+        if spec.slots > free:
+            raise TaskError(f"busy: {spec.slots} slots wanted, {free} free", "busy")
+        held = {g for s in active for g in s.gpu_ids}
+        idle = [g for g in self.gpus if g not in held]
+        if spec.gpus > len(idle):
+            raise TaskError(f"busy: {spec.gpus} GPUs wanted, {len(idle)} free", "busy")
+        mem_free = self.mem - sum(s.mem for s in active)
+        if self.mem and spec.mem > mem_free:
+            raise TaskError(f"busy: {spec.mem} bytes of memory wanted, {mem_free} free", "busy")
+        return attrs.evolve(spec, gpu_ids=tuple(idle[: spec.gpus]))
 
     def running(self) -> list[int]:
         """Ids of the attempts holding slots (staging, running or uploading)."""

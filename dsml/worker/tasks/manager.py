@@ -57,7 +57,6 @@ from .spec import (
     TaskReactor,
     Transfers,
     relative,
-    validate,
 )
 from .watch import (
     SAMPLE_INTERVAL,
@@ -185,13 +184,15 @@ class TaskManager(AttemptLedger):
         sample_interval: float = SAMPLE_INTERVAL,
         cgroups: CgroupTree | None = None,
         task_env: Sequence[str] = BASE_ENV_NAMES,
+        mem: int = 0,
+        gpus: Sequence[str] = (),
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
         if log_cap < 1 or keep_finished < 0 or grace < 0 or sample_interval <= 0:
             raise ValueError("log_cap >= 1, keep_finished >= 0, grace >= 0, sample_interval > 0")
         self.reactor = reactor
-        self.slots = slots
+        self.slots, self.mem, self.gpus = slots, mem, tuple(gpus)
         self.work_dir = Path(work_dir)
         self.transfers = transfers
         self.on_result = on_result
@@ -246,10 +247,7 @@ class TaskManager(AttemptLedger):
             raise TaskError("the worker is stopping", "stopping")
         if spec.attempt_id in self._active or spec.attempt_id in self._results:
             raise TaskError(f"attempt {spec.attempt_id} already ran here", "duplicate")
-        validate(spec, self.slots)
-        free = self.free_slots()
-        if spec.slots > free:
-            raise TaskError(f"busy: {spec.slots} slots wanted, {free} free", "busy")
+        spec = self.admit(spec)
         att = _Attempt(spec=spec, dir=self._dirs.run_root)  # its own directory: _make_dir
         self._active[spec.attempt_id] = att
         if TRACE:

@@ -69,6 +69,11 @@ class AttemptSpec:
     timeout: float | None = None
     versions: tuple[tuple[str, InputVersion], ...] = ()
     owner: str = ""
+    #: Memory it may use, in bytes (0: no limit), and how many GPUs it needs.
+    mem: int = 0
+    gpus: int = 0
+    #: The ids of the GPUs the worker gave it (set when it is admitted).
+    gpu_ids: tuple[str, ...] = ()
 
     def version_of(self, key: str) -> InputVersion | None:
         """The current version of input ``key`` the master named, or None."""
