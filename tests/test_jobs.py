@@ -20,7 +20,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from dsml.master.jobrouter import assignment_json, job_json
 from dsml.master.jobs import (
     ATTEMPT_BLOCK,
     DEFAULT_RETRY_ON,
@@ -38,6 +37,7 @@ from dsml.master.jobs import (
     QueuePlace,
     TaskSpec,
 )
+from dsml.master.jobwire import assignment_json, job_json
 from dsml.net.access import TOKEN_OWNER
 
 T = TypeVar("T")
@@ -1468,3 +1468,16 @@ def test_job_json_shows_the_owner_and_hides_tails_from_others(h: Harness) -> Non
     order = json.loads(assignment_json(b))
     assert order["owner"] == "alice"
     assert order["env"] == [["SECRET", "hunter2"]]  # to the worker only
+
+
+def test_an_array_task_keeps_its_templates_retry_on() -> None:
+    """Each task of an array with outputs is the template with its keys filled in, and
+    everything else kept (``retry_on`` was once dropped: an array's failed attempts were
+    then retried only for the default causes)."""
+    from dsml.master.jobs.model import TaskSpec, expand_task
+
+    template = TaskSpec(("sh", "-c", "true"), outputs=(("out", "o/{index}"),),
+                        max_attempts=4, retry_on=("exit", "lost"))
+    task = expand_task(template, 7)
+    assert task.outputs == (("out", "o/7"),)
+    assert task.retry_on == ("exit", "lost") and task.max_attempts == 4

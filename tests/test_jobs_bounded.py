@@ -32,8 +32,9 @@ from dsml.config import (
 from dsml.errors import DsmlError
 from dsml.lagprobe import LagProbe
 from dsml.master.jobparse import job_spec_from_json
-from dsml.master.jobrouter import JobRouter, job_json
+from dsml.master.jobrouter import JobRouter
 from dsml.master.jobs import MAX_TASKS, STATUS_PAGE, JobError, JobManager, JobSpec, TaskSpec
+from dsml.master.jobwire import job_json
 from dsml.worker.tasks.workdirs import AttemptDirs
 
 T = TypeVar("T")

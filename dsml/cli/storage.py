@@ -266,14 +266,21 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         _note(f"no worker has registered yet: start one with `{_start_hint(args, 'worker', first)}`"
               " (its log says why if it cannot start)")
         return 0
-    print(f"{'NAME':<12} {'ADDRESS':<22} {'STATE':<8} {'HEARTBEAT':>9} {'CPUS FREE':>9} "
+    # A cordoned worker gets no new task (its attempts all fail at once): its state says
+    # so in the table, and why under it.
+    states = {n.name: f"{n.state}, cordoned" if n.cordoned else n.state for n in nodes}
+    width = max(8, *map(len, states.values()))
+    print(f"{'NAME':<12} {'ADDRESS':<22} {'STATE':<{width}} {'HEARTBEAT':>9} {'CPUS FREE':>9} "
           f"{'MEM FREE':>19} {'GPUS FREE':>9} {'STORED':>10} {'FILES':>7} {'DISK FREE':>10}")
     for n in nodes:
         mem = f"{_human(n.mem - n.mem_used)} of {_human(n.mem)}" if n.mem else "-"
-        print(f"{n.name:<12} {n.host + ':' + str(n.port):<22} {n.state:<8} "
+        print(f"{n.name:<12} {n.host + ':' + str(n.port):<22} {states[n.name]:<{width}} "
               f"{n.since_heartbeat:>8.1f}s {f'{n.slots - n.cpus_used} of {n.slots}':>9} "
               f"{mem:>19} {f'{len(n.gpus) - n.gpus_used} of {len(n.gpus)}':>9} "
               f"{_human(n.stored_bytes):>10} {n.stored_files:>7} {_human(n.free_disk):>10}")
+    for n in nodes:
+        if n.cordoned:
+            print(f"{n.name}: {n.state}, cordoned: {n.cordoned}")
     for name in missing:
         _note(f"worker {name} of the config has not registered: start it with "
               f"`{_start_hint(args, 'worker', name)}`")
@@ -287,7 +294,7 @@ def _node_json(n: Any) -> dict[str, Any]:
         "slots": n.slots, "free_slots": n.free_slots, "stored_bytes": n.stored_bytes,
         "stored_files": n.stored_files, "free_disk": n.free_disk, "mem": n.mem,
         "gpus": list(n.gpus), "cpus_used": n.cpus_used, "mem_used": n.mem_used,
-        "gpus_used": n.gpus_used,
+        "gpus_used": n.gpus_used, "cordoned": n.cordoned,
     }
 
 

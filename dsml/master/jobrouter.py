@@ -16,8 +16,7 @@ slices.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -26,6 +25,7 @@ from twisted.python.failure import Failure
 
 from ..errors import ConnectionLost, DsmlError
 from ..net.access import TOKEN_OWNER
+from .cordon import Cordons
 from .directory import Directory, DirectoryError
 from .jobs import (
     STATUS_PAGE,
@@ -38,7 +38,9 @@ from .jobs import (
     JobView,
     Room,
 )
-from .jobs.model import check_job_head, check_task, parse_job_id
+from .jobs.model import attempt_cause, check_job_head, check_task, parse_job_id
+from .jobs.records import AttemptRecord
+from .jobwire import assignment_json
 from .membership import Membership, WorkerRecord
 
 log = Logger()
@@ -51,99 +53,6 @@ JOBS_PAGE = 1000
 DISPATCH_PER_TURN = 128
 #: A submit checks that the inputs of its first this many tasks are stored (see submit).
 INPUTS_CHECKED = 1000
-
-
-def job_json(
-    view: JobView, queued: Mapping[int, str] | None = None, *, private: bool = True
-) -> dict[str, Any]:
-    """A job view as JSON (``dsml status``, ``wait`` and ``jobs``).
-
-    ``private``: the reader may see what is the job's owner's own (the owner, an admin:
-    :func:`dsml.net.access.may_act_on`); for anyone else each attempt's ``stderr_tail``
-    (the end of its log) is "".  No view holds a task's environment.
-
-    Each task's ``waiting_for`` says why it waits: the view's sentence for a ``waiting``
-    task, ``queued[index]`` for a ``queued`` one (the router's, from the workers: see
-    :meth:`JobRouter.queued_reasons`), else "".  Each attempt's ``number`` is its place
-    among its task's attempts, from 1; ``id`` stays the master's attempt id.
-    """
-    queued = queued or {}
-    return {
-        "id": view.id,
-        "name": view.name,
-        "owner": view.owner,
-        "state": view.state,
-        "priority": view.priority,
-        "after": list(view.after),
-        "created": view.created,
-        "started": view.started,
-        "finished": view.finished,
-        "reason": view.reason,
-        "counts": view.counts,
-        "done": view.done,
-        "total": view.total,
-        # The index the next page of tasks starts at (None: these are the last).
-        "next": view.next,
-        "tasks": [
-            {
-                "index": t.index,
-                "state": t.state,
-                "reason": t.reason,
-                "waiting_for": t.waiting_for or queued.get(t.index, ""),
-                "attempts": [
-                    {
-                        "id": a.id,
-                        "number": number,
-                        "worker": a.worker,
-                        "state": a.state,
-                        "started": a.started,
-                        "ended": a.ended,
-                        "exit_code": a.exit_code,
-                        "signal": a.signal,
-                        "duration": a.duration,
-                        "peak_rss": a.peak_rss,
-                        "reason": a.reason,
-                        "cause": a.cause,
-                        "stderr_tail": a.stderr_tail if private else "",
-                    }
-                    for number, a in enumerate(t.attempts, 1)
-                ],
-            }
-            for t in view.tasks
-        ],
-    }
-
-
-def assignment_json(
-    a: Assignment, versions: Mapping[str, tuple[int, str]] | None = None
-) -> bytes:
-    """The ``run`` order's payload.
-
-    ``versions`` gives the current ``(version, sha256)`` of the inputs the directory
-    knows (sent as ``"versions": {key: {"version", "sha256"}}``): a worker that holds
-    exactly that copy stages it from its own store, without a request.
-    """
-    s = a.spec
-    order: dict[str, Any] = {
-        "attempt_id": a.attempt_id,
-        "job_id": a.job_id,
-        "task_index": a.task_index,
-        "command": list(s.command),
-        "env": [list(p) for p in s.env],
-        "inputs": [list(p) for p in s.inputs],
-        "outputs": [list(p) for p in s.outputs],
-        "slots": s.slots,
-        "mem": s.mem,
-        "gpus": s.gpus,
-        "timeout": s.timeout,
-        "owner": a.owner,
-    }
-    if versions:
-        order["versions"] = {
-            key: {"version": version, "sha256": sha256}
-            for key, (version, sha256) in versions.items()
-        }
-    return json.dumps(order).encode()
 
 
 #: Every incarnation of a worker name (see ``JobManager.worker_lost``).
@@ -178,11 +87,16 @@ class JobRouter:
         membership.on_dead.append(self._worker_dead)
         # A big job's tasks reach the queue in slices, after its submit: feed them.
         jobs.on_queued.append(self.dispatch_soon)
+        # Workers whose every attempt fails at once get no new task (issue 13).
+        self.cordons = Cordons()
+        self._lift_call: Any = None
+        jobs.on_attempt_ended.append(self._attempt_ended)
 
     # -- events from the rest of the master --------------------------------------------
 
     def registered(self, record: WorkerRecord, running: list[int]) -> None:
         """A worker (re)registered with the attempts it still runs: reconcile, then feed it."""
+        self.cordons.registered(record.name, record.incarnation)  # a restart: clean
         kill = self.jobs.reconcile(record.name, record.incarnation, running, [])
         killing = self._killing[record.name] = {}
         for attempt in kill:
@@ -215,9 +129,10 @@ class JobRouter:
         self._orphan_call = self.clock.callLater(grace, self._lose_unregistered)
 
     def stop(self) -> None:
-        call, self._orphan_call = self._orphan_call, None
-        if call is not None and call.active():
-            call.cancel()
+        for call in (self._orphan_call, self._lift_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._orphan_call = self._lift_call = None
 
     def _lose_unregistered(self) -> None:
         self._orphan_call = None
@@ -269,9 +184,10 @@ class JobRouter:
             where: dict[str, set[str]] = {}  # key -> workers holding it, for this dispatch
             passes = (True, False) if self.jobs.queued_with_inputs else (False,)
             sent = 0
+            room = self._retry_room()
             for local_only in passes:
                 for record in self.membership.alive():
-                    if record.conn is None:
+                    if record.conn is None or self.cordoned(record.name):
                         continue
                     free = record.room - self._busy(record.name)
                     if free.cpus > DISPATCH_PER_TURN - sent:
@@ -283,7 +199,8 @@ class JobRouter:
                         continue
                     holds = self._holds(record.name, where)
                     for a in self.jobs.next_assignments(
-                        record.name, record.incarnation, free, holds, local_only=local_only
+                        record.name, record.incarnation, free, holds, local_only=local_only,
+                        retry_room=room(record.name),
                     ):
                         self._send(record, a)
                         sent += 1
@@ -446,6 +363,9 @@ class JobRouter:
         alive = self.membership.alive()
         if not alive:
             return dict.fromkeys(places, "no live worker")
+        alive = [r for r in alive if not self.cordoned(r.name)]
+        if not alive:
+            return dict.fromkeys(places, "every live worker is cordoned")
         rooms = [r.room for r in alive]
         reasons: dict[int, str] = {}
         fits: dict[Room, bool] = {}
@@ -555,6 +475,63 @@ class JobRouter:
         self.dispatch_soon()
         return gatherResults(waits, consumeErrors=True).addCallback(done)
 
+    # -- cordons (issue 13: see dsml.master.cordon) ----------------------------------------
+
+    def cordoned(self, worker: str) -> str:
+        """Why ``worker`` is cordoned (gets no new task); "" when it is not."""
+        return self.cordons.why(worker, self.clock.seconds())
+
+    def _attempt_ended(self, a: AttemptRecord) -> None:
+        ended = a.ended if a.ended is not None else self.clock.seconds()
+        cause = attempt_cause(a.state, a.reason, a.exit_code, a.signal)
+        lines = self.cordons.ended(
+            a.worker, a.incarnation, a.task.job.seq, a.started, ended, cause, a.reason,
+            lambda: self._spare(a.worker),
+        )
+        self._cordons_moved(lines)
+
+    def _spare(self, worker: str) -> bool:
+        """Whether a live worker with a link but ``worker`` is not cordoned."""
+        return any(r.conn is not None and r.name != worker and not self.cordoned(r.name)
+                   for r in self.membership.alive())
+
+    def _lift_due(self) -> None:
+        self._lift_call = None
+        if not self.jobs.closed:
+            self._cordons_moved(self.cordons.lift(self.clock.seconds()))
+
+    def _cordons_moved(self, lines: list[str]) -> None:
+        """Log what the cordons did, wake up at the next lift, feed a lifted worker."""
+        if not lines:
+            return
+        for line in lines:
+            log.warn("{line}", line=line)
+        if self._lift_call is not None and self._lift_call.active():
+            self._lift_call.cancel()
+        self._lift_call = None
+        when = self.cordons.next_lift()
+        if when is not None:
+            delay = max(0.0, when - self.clock.seconds())
+            self._lift_call = self.clock.callLater(delay, self._lift_due)
+        self.dispatch_soon()
+
+    def _retry_room(self) -> Callable[[str], Room | None]:
+        """For each worker, the room of another live, linked, uncordoned worker (the one
+        with most CPUs; None: no other): a retried task avoids the worker its last
+        attempt ran on when that one could take it (see ``TaskQueue.take``)."""
+        best: Room | None = None
+        second: Room | None = None
+        best_name = ""
+        for r in self.membership.alive():
+            if r.conn is None or self.cordoned(r.name):
+                continue
+            room = r.room
+            if best is None or room.cpus > best.cpus:
+                best, best_name, second = room, r.name, best
+            elif second is None or room.cpus > second.cpus:
+                second = room
+        return lambda name: second if name == best_name else best
+
 
 def _largest(rooms: Sequence[Room]) -> str:
     """The most of each resource any one worker has: "at most 8 CPUs, 31.4 GiB, 2 GPUs
@@ -562,21 +539,6 @@ def _largest(rooms: Sequence[Room]) -> str:
     most = Room(max(r.cpus for r in rooms), max(r.mem for r in rooms),
                 max(r.gpus for r in rooms))
     return f"at most {most.describe()} on a worker"
-
-
-def finished_report(r: dict[str, Any]) -> FinishedReport:
-    """A worker's JSON result as a FinishedReport."""
-    return FinishedReport(
-        int(r["attempt_id"]), r.get("exit_code"), r.get("signal"),
-        float(r.get("duration", 0.0)), int(r.get("peak_rss", 0)), str(r.get("reason", "")),
-        _tail(r),
-    )
-
-
-def _tail(r: dict[str, Any]) -> str:
-    """A result's ``stderr_tail`` if it is text ("" otherwise; the manager caps it)."""
-    tail = r.get("stderr_tail", "")
-    return tail if isinstance(tail, str) else ""
 
 
 def _order(

@@ -31,9 +31,10 @@ from ..net.responders import Reply, responder
 from ..protocol.codec import Head
 from ..protocol.methods import ALL_ROLES, Role
 from .jobparse import job_spec_from_payload, job_spec_in_slices
-from .jobrouter import JobRouter, finished_report, job_json
+from .jobrouter import JobRouter
 from .jobs import FinishedReport, JobSpec, JobView, Room
 from .jobs.slices import Slicer
+from .jobwire import finished_report, job_json
 from .keyspace import KeySpace
 from .membership import Versions, WorkerRecord
 from .registry import RegisterRequest, Registration, WorkerRegistry, parse_digest
@@ -301,6 +302,8 @@ class MasterHandler:
                     "stored_bytes": r.stored_bytes,
                     "stored_files": r.stored_files,
                     "free_disk": r.free_disk,
+                    # Why it gets no new task ("" if it does: see dsml.master.cordon).
+                    "cordoned": self.router.cordoned(r.name) if r.live else "",
                 }
             )
             for r in self.registry.workers()

@@ -530,13 +530,13 @@ FIELD_BOUNDS: dict[str, dict[str, Bound]] = {
         "payload": Bound("length", "JSON lines, at most 64 MiB", "dsml.protocol.methods."
                          "INVENTORY_MAX", 64 * 1024 * 1024),
         "payload.attempt_id": Bound("range", "an attempt of this worker's incarnation, else "
-                                    "refused", "dsml.master.jobrouter.finished_report"),
+                                    "refused", "dsml.master.jobwire.finished_report"),
         "payload.exit_code": Bound("range", "an integer or null",
-                                   "dsml.master.jobrouter.finished_report"),
+                                   "dsml.master.jobwire.finished_report"),
         "payload.signal": Bound("range", "an integer or null",
-                                "dsml.master.jobrouter.finished_report"),
-        "payload.duration": Bound("range", "a number", "dsml.master.jobrouter.finished_report"),
-        "payload.peak_rss": Bound("range", "an integer", "dsml.master.jobrouter.finished_report"),
+                                "dsml.master.jobwire.finished_report"),
+        "payload.duration": Bound("range", "a number", "dsml.master.jobwire.finished_report"),
+        "payload.peak_rss": Bound("range", "an integer", "dsml.master.jobwire.finished_report"),
         "payload.reason": Bound("length", "cut to 1,024 characters", f"{_JOB}.MAX_REASON", 1024),
         "payload.stderr_tail": Bound("length", "cut to 2,048 characters",
                                      f"{_JOB}.MAX_STDERR_TAIL", 2048),

@@ -68,6 +68,8 @@ class Node:
     stored_bytes: int
     stored_files: int
     free_disk: int
+    #: Why the master gives it no new task (its attempts all fail at once), "" if it does.
+    cordoned: str = ""
     #: What it offers tasks beyond its slots (CPUs): memory (bytes, 0: none declared)
     #: and its GPUs' ids; and what its running attempts hold, by the master's count.
     mem: int = 0
@@ -145,7 +147,11 @@ def listed_keys(payload: bytes) -> list[ListedKey]:
 
 def nodes(payload: bytes) -> list[Node]:
     """The JSON lines of the master's ``nodes`` answer."""
-    return [Node(**json.loads(line)) for line in payload.decode().splitlines() if line]
+    fields = set(attrs.fields_dict(Node))
+    return [
+        Node(**{k: v for k, v in json.loads(line).items() if k in fields})
+        for line in payload.decode().splitlines() if line
+    ]
 
 
 def lag(headers: Mapping[str, str]) -> dict[str, float]:

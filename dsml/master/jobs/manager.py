@@ -201,6 +201,10 @@ class JobManager:
         #: Called when tasks reach the queue later than their submit or release (a
         #: slice of a big job): the router dispatches then.
         self.on_queued: list[Callable[[], None]] = []
+        #: Called with each attempt as it ends (any way; its state, times and reason
+        #: set, its task not yet moved on): the router's cordons watch them.  A hook
+        #: must not call back into the manager.
+        self.on_attempt_ended: list[Callable[[AttemptRecord], None]] = []
         self._journal = Journal(
             path,
             clock,
@@ -484,6 +488,7 @@ class JobManager:
         holds: Callable[[str], bool] = holds_nothing,
         *,
         local_only: bool = False,
+        retry_room: Room | None = None,
     ) -> list[Assignment]:
         """Give ``worker`` (at ``incarnation``) queued tasks that fit in its ``free`` room
         (a number alone: that many free CPUs, no memory or GPU to reserve).
@@ -497,6 +502,9 @@ class JobManager:
         With ``local_only``, only such local tasks are given (never one of a lower priority
         than the first task that fits): the dispatcher offers local work to every worker
         first, so a task goes to a holder of its inputs when one is free.
+
+        ``retry_room``: the most another worker could take (None: no other); a retried
+        task whose last attempt ran on ``worker`` and fits in it is left to another.
         """
         self._check_open()
         if isinstance(free, int):
@@ -506,7 +514,7 @@ class JobManager:
         local = holds is not holds_nothing and self._queued_inputs > 0
         if local_only and not local:
             return []
-        tasks = self._queue.take(free, holds, local, local_only)
+        tasks = self._queue.take(free, holds, local, local_only, worker, retry_room)
         return [self._start(task, worker, incarnation) for task in tasks]
 
     def _start(self, task: TaskRecord, worker: str, incarnation: int) -> Assignment:
@@ -700,6 +708,11 @@ class JobManager:
         a.state = state
         a.ended = self.clock.seconds()
         a.reason = reason
+        for hook in self.on_attempt_ended:
+            try:
+                hook(a)
+            except Exception:
+                log.failure("jobs: an on_attempt_ended hook failed")
         del self._running[a.id]
         mine = self._by_worker[a.worker]
         mine.discard(a.id)

@@ -95,9 +95,9 @@ MAX_STDERR_TAIL: Final = 2048
 # -- why an attempt ended ---------------------------------------------------------------
 
 #: The cause of an attempt's end: its command's exit status, a signal, its timeout, its
-#: memory limit, its worker lost (died, cut off), an input not staged (or an output not
-#: uploaded: a transfer), its command not started, a declared output missing or not a
-#: file of its own, or a cancel.
+#: memory limit, its worker lost (died, cut off), an input or its directory not set up
+#: on the worker (or an output not uploaded: a transfer), its command not started, a
+#: declared output missing or not a file of its own, or a cancel.
 CAUSES: Final = ("exit", "signal", "timeout", "out-of-memory", "lost", "staging", "spawn",
                  "output", "cancelled")
 #: The causes a retry is made for by default: those a retry can mend (another worker,
@@ -115,8 +115,8 @@ def attempt_cause(
         return None
     if state in ("lost", "timeout", "cancelled"):
         return state
-    if reason.startswith("input "):
-        return "staging"
+    if reason.startswith(("input ", "workspace")):
+        return "staging"  # an input, or the attempt's directory: this worker's to set up
     if reason.startswith("output "):
         return "staging" if " upload failed" in reason else "output"
     if reason.startswith(("command not found", "spawn failed")):
@@ -269,6 +269,7 @@ def expand_task(template: TaskSpec, index: int) -> TaskSpec:
     i = str(index)
     t = template
     try:
+        # evolve, not a new TaskSpec of chosen fields: one made so dropped ``retry_on``.
         return attrs.evolve(
             t,
             inputs=tuple((_fill(k, i), _fill(p, i)) for k, p in t.inputs),

@@ -126,13 +126,23 @@ class TaskQueue:
         holds: Callable[[str], bool],
         local: bool,
         local_only: bool,
+        avoid: str = "",
+        room: Room | None = None,
     ) -> list[TaskRecord]:
         """Remove and return queued tasks that fit in the ``free`` room, in the order given.
 
         With ``local``, a task whose inputs the worker all holds (``holds(key)``) goes
         first among those of its priority in the front; with ``local_only`` only such
         tasks are taken, never one of a lower priority than the first task that fits.
+        A retried task whose last attempt ran on worker ``avoid`` is passed over when it
+        fits in ``room``, the most another worker could take (retries of a task on a
+        broken worker kept landing on it, the first one free).
         """
+
+        def shunned(task: TaskRecord) -> bool:
+            return (room is not None and bool(task.attempts)
+                    and task.attempts[-1].worker == avoid and room.holds(task.spec.room))
+
         cache: dict[str, bool] = {}
         memo: dict[TaskRecord, bool] = {}
 
@@ -163,7 +173,8 @@ class TaskQueue:
                 if entry[3].state != QUEUED:
                     first = -1  # a cancelled task's entry: drop them all, look again
                     break
-                if spec.slots <= cpus and spec.mem <= mem and spec.gpus <= gpus:
+                if (spec.slots <= cpus and spec.mem <= mem and spec.gpus <= gpus
+                        and not shunned(entry[3])):
                     first = i
                     break
             if first is None:
@@ -182,7 +193,7 @@ class TaskQueue:
                     task = entry[3]
                     spec = task.spec
                     if (task.state == QUEUED and spec.slots <= cpus and spec.mem <= mem
-                            and spec.gpus <= gpus and is_local(task)):
+                            and spec.gpus <= gpus and is_local(task) and not shunned(task)):
                         pick = i
                         break
             if pick is None:
