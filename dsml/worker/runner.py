@@ -39,6 +39,15 @@ RESULT_DELAY = 0.0
 MAX_OWNERS = 50_000
 
 
+def _mem(value: object) -> int:
+    """The ``mem`` of a run order: bytes, a non-negative integer (0: no limit)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"mem must be a non-negative integer, not {value!r}")
+    return value
+
+
 def spec_from_json(payload: bytes) -> AttemptSpec:
     """The AttemptSpec of a ``run`` order (``versions``, the inputs' current versions,
     may be absent: a master that does not send them makes every input a download)."""
@@ -59,6 +68,7 @@ def spec_from_json(payload: bytes) -> AttemptSpec:
                 for k, v in dict(d.get("versions") or {}).items()
             ),
             owner=str(d.get("owner") or ""),
+            mem=_mem(d.get("mem", 0)),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise DsmlError(f"malformed run order: {e}", "bad-task") from None

@@ -311,6 +311,7 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         return TaskManager(
             reactor,
             cgroups=cgroups,
+            subreaper=cgroups is None,  # without cgroups, orphans come back to the worker
             task_env=TASK_ENV_DEFAULT + wc.task_env,
             slots=wc.slots,
             work_dir=work_dir,
