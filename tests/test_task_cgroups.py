@@ -442,6 +442,76 @@ def test_without_cgroups_the_subreaper_kills_and_reaps_what_left_the_group(
         assert result.reason.startswith("timeout"), result.reason
 
 
+def _fake_proc(tmp_path: Path, v1: bool) -> Path:
+    """A /proc/self whose cgroup2 mount (and v1 memory mount) are directories in tmp_path."""
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    mounts = f"35 25 0:30 / {tmp_path / 'cg2'} rw - cgroup2 cgroup2 rw\n"
+    if v1:
+        mounts += f"36 25 0:32 / {tmp_path / 'mem'} rw - cgroup cgroup rw,memory\n"
+    (proc / "self" / "mountinfo").write_text(mounts)
+    (proc / "self" / "cgroup").write_text("4:memory:/svc\n0::/svc\n")
+    return proc
+
+
+def test_detect_prefers_the_v2_memory_controller_then_v1_then_says_why_not(
+    tmp_path: Path,
+) -> None:
+    """Fake hierarchies (plain directories, holding the files the kernel would):
+    memory among the v2 subtree's controllers: enabled there; else a v1 memory mount:
+    v1 cgroups beside the v2 ones; else no limit, and the text says why."""
+    work = tmp_path / "work"
+    name = tree_path(work, _fake_proc(tmp_path / "a", v1=True))[0]
+    assert name is not None
+    root = tmp_path / "a" / "cg2" / "svc" / name.name
+    root.mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpu memory pids\n")
+    tree, how = detect(work, tmp_path / "a" / "proc")
+    assert tree is not None and tree.v2_memory and tree.v1_memory is None, how
+    assert (root / "cgroup.subtree_control").read_text() == "+memory"
+    assert "memory limits (--mem) in it" in how
+
+    proc = _fake_proc(tmp_path / "b", v1=True)
+    v1 = tmp_path / "b" / "mem" / "svc" / name.name
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (tmp_path / "b" / "cg2" / "svc").mkdir(parents=True)
+    tree, how = detect(work, proc)
+    assert tree is not None and not tree.v2_memory and tree.v1_memory == v1, how
+    assert tree.limits_memory and f"memory limits (--mem) under {v1}" in how
+
+    (tmp_path / "c" / "cg2" / "svc").mkdir(parents=True)
+    tree, how = detect(work, _fake_proc(tmp_path / "c", v1=False))
+    assert tree is not None and not tree.limits_memory
+    assert "memory limits (--mem) NOT enforced" in how and "no cgroup v1 memory" in how
+
+
+def test_the_subreaper_reaps_an_orphan_that_ended_by_itself(tmp_path: Path) -> None:
+    """A grandchild that left the group and exited before its attempt ended comes back
+    to the worker as a zombie; it is reaped when the attempt ends."""
+    if sys.platform != "linux":
+        pytest.skip("prctl(PR_SET_CHILD_SUBREAPER) is Linux only")
+    h = Harness(tmp_path / "work")
+    m = h.manager(cgroups=None, subreaper=True)
+    script = (
+        "(setsid sh -c 'echo $$ > tmp; mv tmp escaped.pid' &); "
+        "while [ ! -e escaped.pid ]; do sleep 0.01; done; p=$(cat escaped.pid); "
+        # until it is a zombie (of the worker: its parent, the subshell, is gone)
+        "while [ -e /proc/$p ] && ! grep -q ') Z ' /proc/$p/stat; do sleep 0.01; done"
+    )
+
+    async def body() -> tuple[Any, int]:
+        m.start(spec(42, "sh", "-c", script))
+        result = await h.result(42)
+        escaped = int(next(h.work_dir.rglob("escaped.pid")).read_text())
+        await h.wait_for(lambda: not Path(f"/proc/{escaped}").exists(), timeout=5)
+        await m.stop()
+        return result, escaped
+
+    result, _ = h.run(body, timeout=20)
+    assert result.reason == ""
+
+
 # == the task environment's allow-list (issue #13) ==========================================
 
 
