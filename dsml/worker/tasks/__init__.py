@@ -16,8 +16,9 @@ then, one step after another:
 
 Process groups (the buildbot ``runprocess`` idea): the command is started in a new session,
 so its pid is also the id of its session and process group.  Everything the command starts
-stays in that group (unless it deliberately leaves it with ``setsid``/``setpgid``: only a
-cgroup could follow those), so one ``os.killpg`` reaches the whole tree.  A task starts
+stays in that group (unless it deliberately leaves it with ``setsid``/``setpgid``: the
+attempt's cgroup, or without cgroups the subreaper, follows those: :mod:`.isolation`), so
+one ``os.killpg`` reaches the whole tree.  A task starts
 with SIGPIPE at its default, not ignored as in the worker.
 
 Stopping: a timeout, :meth:`TaskManager.cancel` and :meth:`TaskManager.stop` send SIGTERM to
