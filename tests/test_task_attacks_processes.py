@@ -316,7 +316,7 @@ def test_a_process_that_leaves_its_cgroup_harms_no_later_job(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     """Like the leftover cases, but the setsid child first moves itself into the
-    worker's own cgroup (found from /proc, as any task can)."""
+    worker's own cgroups, v2 and v1 memory (found from /proc, as any task can)."""
     if not cluster.cgroups:
         pytest.skip("the worker runs tasks without cgroups here")
     mark = f"{TOKEN}.leave"
@@ -326,6 +326,10 @@ def test_a_process_that_leaves_its_cgroup_harms_no_later_job(
         "m=$(awk '{for (i = 7; i < NF; i++) if ($i == \"-\") { "
         "if ($(i + 1) == \"cgroup2\") print $5; break }}' /proc/self/mountinfo | head -n 1); "
         'echo $$ > "$m$(dirname "$(dirname "$cg")")/cgroup.procs"; '
+        # And out of a v1 memory cgroup, where the worker also puts its attempts.
+        "mc=$(sed -n 's/^[0-9]*:memory://p' /proc/self/cgroup); "
+        'if [ -n "$mc" ] && [ -d /sys/fs/cgroup/memory ]; then '
+        'echo $$ > "/sys/fs/cgroup/memory$(dirname "$(dirname "$mc")")/cgroup.procs"; fi; '
     )
     script = (
         f"setsid sh -c {shlex.quote(f': {mark}; {leave}{STRIKE_SH}')} "

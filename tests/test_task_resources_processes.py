@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dsml.client import ClusterClient, DsmlError
+from dsml.client import ClusterClient, DsmlError, JobFailed
 from dsml.localcluster import LocalCluster
 from dsml.testing.poll import poll
 
@@ -154,3 +154,31 @@ def test_the_worker_refuses_what_it_cannot_hold(tmp_path: Path) -> None:
                  "workers:\n  w1: {port: 0, data_dir: d, gpus: ['0,1']}\n")
     with pytest.raises(ConfigError, match="workers.w1.gpus"):
         load_config(p)
+
+
+def test_a_task_over_its_mem_ends_out_of_memory(
+    cluster: LocalCluster, client: ClusterClient
+) -> None:
+    """``mem=64M`` and a task that allocates 512 MiB: killed by the kernel in its own
+    cgroup, the attempt ends with cause ``out-of-memory`` (not retried by default), and
+    the error says so; one within its 256 MiB that touches 100 MiB succeeds and its
+    peak memory (in ``status`` and ``dsml status``) is at least that.  Skipped, saying
+    why, where the worker has no memory controller (its log says which)."""
+    log = cluster.log_path("w1").read_text()
+    if "memory limits (--mem) NOT enforced" in log:
+        line = next(ln for ln in log.splitlines() if "NOT enforced" in ln)
+        pytest.skip(f"the worker cannot limit memory here: {line.split('tasks of ')[-1]}")
+    hog = "b = bytearray(512 << 20); b[::4096] = b'x' * len(b[::4096]); print(len(b))"
+    job = client.submit(["python3", "-c", hog], mem="64M")
+    with pytest.raises(JobFailed) as e:
+        job.wait(timeout=120)
+    (attempt,) = e.value.status["tasks"][0]["attempts"]
+    assert attempt["cause"] == "out-of-memory", attempt
+    assert attempt["reason"].startswith("out-of-memory: used more than its 64 MiB"), attempt
+    assert "[out-of-memory]" in str(e.value)
+    fits = "b = bytearray(100 << 20); b[::4096] = b'x' * len(b[::4096]); print(len(b))"
+    ok = client.submit(["python3", "-c", fits], mem="256M")
+    (attempt,) = ok.wait(timeout=120)["tasks"][0]["attempts"]
+    assert attempt["peak_rss"] >= 100 << 20, attempt
+    shown = cluster.cli("status", ok.id).stdout.decode()
+    assert "peak 1" in shown and "MiB" in shown, shown  # "peak 1xx.x MiB"

@@ -138,6 +138,6 @@ def test_make_worker_service_wires_the_tasks_into_the_link(tmp_path: Path) -> No
     [link] = [s for s in top if isinstance(s, MasterLink)]
     assert link.free_slots() == 3
     assert link.running_attempts() == []
-    for s in top:  # close the store
-        if type(s).__name__ == "_StoreService":
+    for s in top:  # close the store; the tasks remove their cgroups (v2, and v1 memory)
+        if type(s).__name__ in ("_StoreService", "_TasksService"):
             s.stopService()

@@ -39,6 +39,16 @@ RESULT_DELAY = 0.0
 MAX_OWNERS = 50_000
 
 
+def _count(name: str, value: object) -> int:
+    """The ``mem`` (bytes; 0: no limit) or ``gpus`` of a run order: a non-negative
+    integer (null: 0)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, not {value!r}")
+    return value
+
+
 def spec_from_json(payload: bytes) -> AttemptSpec:
     """The AttemptSpec of a ``run`` order (``versions``, the inputs' current versions,
     may be absent: a master that does not send them makes every input a download)."""
@@ -59,8 +69,8 @@ def spec_from_json(payload: bytes) -> AttemptSpec:
                 for k, v in dict(d.get("versions") or {}).items()
             ),
             owner=str(d.get("owner") or ""),
-            mem=int(d.get("mem") or 0),
-            gpus=int(d.get("gpus") or 0),
+            mem=_count("mem", d.get("mem")),
+            gpus=_count("gpus", d.get("gpus")),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise DsmlError(f"malformed run order: {e}", "bad-task") from None

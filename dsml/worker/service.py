@@ -323,10 +323,14 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
     def make_tasks(on_result: OnResult, transfers: TaskTransfers) -> TaskManager:
         work_dir = wc.data_dir / "tasks"
         cgroups, how = detect_cgroups(work_dir)
+        if cgroups is None:
+            how = (f"no cgroups ({how}): the worker is their child subreaper; "
+                   "memory limits (--mem) NOT enforced")
         _log.info("tasks of worker {name}: {how}", name=name, how=how)
         return TaskManager(
             reactor,
             cgroups=cgroups,
+            subreaper=cgroups is None,  # without cgroups, orphans come back to the worker
             task_env=TASK_ENV_DEFAULT + wc.task_env,
             slots=wc.slots,
             mem=mem,

@@ -16,8 +16,9 @@ then, one step after another:
 
 Process groups (the buildbot ``runprocess`` idea): the command is started in a new session,
 so its pid is also the id of its session and process group.  Everything the command starts
-stays in that group (unless it deliberately leaves it with ``setsid``/``setpgid``: only a
-cgroup could follow those), so one ``os.killpg`` reaches the whole tree.  A task starts
+stays in that group (unless it deliberately leaves it with ``setsid``/``setpgid``: the
+attempt's cgroup, or without cgroups the subreaper, follows those: :mod:`.isolation`), so
+one ``os.killpg`` reaches the whole tree.  A task starts
 with SIGPIPE at its default, not ignored as in the worker.
 
 Stopping: a timeout, :meth:`TaskManager.cancel` and :meth:`TaskManager.stop` send SIGTERM to
@@ -40,6 +41,13 @@ The rooms:
 - :mod:`.launch`: starting a process (launchers, environment, where a command is);
 - :mod:`.watch`: a running process's pipes, exit and memory;
 - :mod:`.groups`: signalling process groups, and the orphans of an earlier run;
+- :mod:`.isolation`: what holds an attempt's processes together, asked by the manager:
+  prepare, wrap the command, kill, read the usage (peak memory, CPU, out-of-memory),
+  release;
+- :mod:`.cgroups`: a cgroup per attempt (v2; the memory limit in v2 or, on a hybrid
+  layout, in a v1 memory cgroup beside it) and its accounting;
+- :mod:`.subreaper`: without cgroups, the worker as a child subreaper that kills and
+  reaps what an attempt left, by the mark in its environment;
 - :mod:`.logs`: capped logs and the stderr tail;
 - :mod:`.workdirs`: attempt directories, reused, kept and removed.
 
@@ -49,7 +57,9 @@ test that changes one patches the room that reads it (``tasks.manager.DRAIN_TIME
 
 from __future__ import annotations
 
+from .cgroups import OOM_PREFIX, CgroupTree, Usage
 from .groups import ORPHAN_MARK
+from .isolation import Isolation
 from .launch import (
     BASE_ENV_NAMES,
     TRAMPOLINE,
@@ -90,6 +100,7 @@ __all__ = [
     "DRAIN_TIMEOUT",
     "LOG_CAP",
     "MAX_UNACKED",
+    "OOM_PREFIX",
     "ORPHAN_MARK",
     "READ_SIZE",
     "RUN_DIR",
@@ -106,13 +117,16 @@ __all__ = [
     "AttemptResult",
     "AttemptSpec",
     "CappedLog",
+    "CgroupTree",
     "GroupUsage",
     "InputVersion",
+    "Isolation",
     "Launcher",
     "TaskError",
     "TaskManager",
     "TaskReactor",
     "Transfers",
+    "Usage",
     "default_launcher",
     "popen_launcher",
     "python_launcher",

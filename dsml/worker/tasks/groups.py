@@ -2,8 +2,9 @@
 
 Every task leads its own session and process group (see :mod:`.launch`), so its pid is
 also its group id, and one ``os.killpg`` reaches everything it started (unless a process
-deliberately left the group with ``setsid``/``setpgid``: only a cgroup could follow
-those).  The rules, applied by :class:`~dsml.worker.tasks.manager.TaskManager`:
+deliberately left the group with ``setsid``/``setpgid``: only a cgroup, or the mark in
+its environment where the worker is a subreaper (:mod:`.isolation`), follows those).
+The rules, applied by :class:`~dsml.worker.tasks.manager.TaskManager`:
 
 - a timeout, a cancel and a stop send SIGTERM to the group (:func:`signal_group`), then
   SIGKILL ``grace`` seconds later if the leader is still alive;

@@ -7,14 +7,13 @@ SIGTERM then SIGKILL after ``grace`` seconds; when the leader ends, SIGKILL to w
 left of its group at once (the rules: :mod:`.groups`).  If the log pipes stay open after
 that (held by a process that left the group), they are closed after :data:`DRAIN_TIMEOUT`
 seconds so the attempt still ends.  How processes start is :mod:`.launch`'s affair, how
-they are watched :mod:`.watch`'s, their logs :mod:`.logs`' and their directories
-:mod:`.workdirs`'.
+they are watched :mod:`.watch`'s, their logs :mod:`.logs`', their directories
+:mod:`.workdirs`' and their cgroups (or the subreaper) :mod:`.isolation`'s.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal as signal_module
 import subprocess
 import time
@@ -32,8 +31,9 @@ from twisted.python.failure import Failure
 from ...config import DEFAULT_ATTEMPT_DIRS_MAX_AGE, DEFAULT_ATTEMPT_DIRS_MAX_BYTES
 from ...errors import NotFound
 from ...fsutil import makedirs_private, private_dir
-from .cgroups import CgroupTree, wrap_command
+from .cgroups import CgroupTree
 from .groups import kill_leftovers, kill_orphans, signal_group
+from .isolation import Isolation
 from .launch import (
     BASE_ENV_NAMES,
     Executables,
@@ -73,8 +73,6 @@ log = Logger()
 #: Seconds to wait, after the leader has ended and its group was killed, for the log pipes
 #: to close before closing them ourselves (a process that left the group may hold them).
 DRAIN_TIMEOUT = 2.0
-#: Seconds between two tries to remove killed attempts' cgroups still emptying.
-CGROUP_RETRY = 0.05
 
 #: Unacknowledged results kept for re-sending; beyond this the oldest are dropped (a master
 #: that never acknowledges must not grow the worker without bound).
@@ -115,6 +113,7 @@ class _Attempt:
     exit_code: int | None = None
     signal: int | None = None
     peak_rss: int = 0
+    cpu_seconds: float | None = None
     timers: dict[str, IDelayedCall] = attrs.Factory(dict)
     logs: tuple[CappedLog, CappedLog] | None = None
     ended: Deferred[None] = attrs.Factory(Deferred)
@@ -132,6 +131,7 @@ class _Attempt:
             peak_rss=self.peak_rss,
             reason=reason,
             stderr_tail=tail,
+            cpu_seconds=self.cpu_seconds,
         )
 
     def cancel_timer(self, name: str) -> None:
@@ -164,6 +164,8 @@ class TaskManager(AttemptLedger):
         through a pidfd (the reactor must then provide ``IReactorFDSet``), anything else
         builds the argv given to ``reactor.spawnProcess``.
     :param sample_interval: seconds between two memory samples of running groups.
+    :param cgroups: the worker's attempt cgroups (:func:`~.cgroups.detect`), or None;
+        ``subreaper``: without them, become a child subreaper (:mod:`.subreaper`).
     """
 
     def __init__(
@@ -183,6 +185,7 @@ class TaskManager(AttemptLedger):
         launcher: Launcher | None = None,
         sample_interval: float = SAMPLE_INTERVAL,
         cgroups: CgroupTree | None = None,
+        subreaper: bool = False,
         task_env: Sequence[str] = BASE_ENV_NAMES,
         mem: int = 0,
         gpus: Sequence[str] = (),
@@ -217,14 +220,8 @@ class TaskManager(AttemptLedger):
         self._sampler = MemorySampler(reactor, sample_interval, self._live_groups)
         private_dir(self.work_dir)  # the worker's alone, like its attempt directories
         kill_orphans(self.work_dir)
-        #: Attempt cgroups (see .cgroups); those still to remove once their last
-        #: process is gone.
-        self.cgroups = cgroups
-        self._sh = shutil.which("sh") if cgroups is not None else None
-        self._emptying: list[Path] = cgroups.sweep() if cgroups is not None else []
-        self._cgroup_retry: IDelayedCall | None = None
-        if self._emptying:
-            self._remove_cgroups()
+        self.isolation = Isolation(reactor, self.work_dir, cgroups, subreaper,
+                                   known=self._live_groups)
         self._dirs.recover()
 
     # --- what the worker's link asks -------------------------------------------------
@@ -281,15 +278,10 @@ class TaskManager(AttemptLedger):
         for att in list(self._active.values()):
             self._terminate(att, "worker stopping")
         if not waiting:
-            self._close_cgroups()
+            self.isolation.close()
             return succeed(None)
         d: Deferred[Any] = DeferredList(waiting)
-        return d.addCallback(lambda _: self._close_cgroups())
-
-    def _close_cgroups(self) -> None:
-        """The worker's cgroup subtree goes with it, if empty (a next start makes it)."""
-        if self.cgroups is not None and not self._emptying:
-            self.cgroups.remove(self.cgroups.root)
+        return d.addCallback(lambda _: self.isolation.close())
 
     # --- one attempt, step by step ---------------------------------------------------
 
@@ -330,8 +322,11 @@ class TaskManager(AttemptLedger):
         if reason:
             return reason
         await att.ended
-        if att.stop_reason:
-            return att.stop_reason
+        usage, oom = self.isolation.ended(
+            att.spec, att.cgroup, att.signal is not None or att.exit_code != 0)
+        att.peak_rss, att.cpu_seconds = max(att.peak_rss, usage.peak), usage.cpu_seconds
+        if att.stop_reason or oom:
+            return att.stop_reason or oom
         if att.signal is not None:
             return f"killed by signal {att.signal}"
         if att.exit_code != 0:
@@ -386,16 +381,16 @@ class TaskManager(AttemptLedger):
         worker has them); a reason if it cannot start."""
         env = self._environment.for_attempt(att.spec)
         command = list(att.spec.command)
-        if self.cgroups is not None and self._sh is not None:
+        if self.isolation.wraps:
             # The shell that joins the cgroup would report a missing command as exit 127.
             if (self._executables.find(command[0], env["PATH"]) is None
                     and not command_found(command[0], att.dir, env.get("PATH"))):
                 return f"command not found: {command[0]}"
             try:
-                att.cgroup = self.cgroups.make(att.spec.attempt_id)
+                att.cgroup = self.isolation.prepare(att.spec)
             except OSError as e:
                 return f"spawn failed: cannot make its cgroup: {e.strerror or e}"
-            command = wrap_command(self._sh, att.cgroup, command)
+            command = self.isolation.wrap(att.cgroup, command)
         if self.launcher is popen_launcher:
             reason = self._spawn_popen(att, env, command)
         else:
@@ -498,11 +493,7 @@ class TaskManager(AttemptLedger):
             dropped = next(iter(self._results))
             log.warn("result of attempt {attempt} never acknowledged: dropped", attempt=dropped)
             del self._results[dropped]
-        if att.cgroup is not None:
-            self._kill_cgroup(att)
-            self._emptying.append(att.cgroup)
-            if self._cgroup_retry is None:
-                self._remove_cgroups()
+        self.isolation.release(att.cgroup)
         kept = self._dirs.retire(att.spec.attempt_id, att.dir, bool(att.spec.inputs))
         if kept is not None:
             att.dir = kept
@@ -561,20 +552,7 @@ class TaskManager(AttemptLedger):
             return
         signal_group(att.pid, sig)
         if sig == signal_module.SIGKILL:
-            self._kill_cgroup(att)
-
-    def _kill_cgroup(self, att: _Attempt) -> None:
-        if att.cgroup is not None and self.cgroups is not None:
-            self.cgroups.kill(att.cgroup)
-
-    def _remove_cgroups(self) -> None:
-        """Remove the attempt cgroups whose processes are all gone; look again later
-        for the others (the kernel empties a killed cgroup in a moment)."""
-        assert self.cgroups is not None
-        self._cgroup_retry = None
-        self._emptying = [p for p in self._emptying if not self.cgroups.remove(p)]
-        if self._emptying:
-            self._cgroup_retry = self.reactor.callLater(CGROUP_RETRY, self._remove_cgroups)
+            self.isolation.kill(att.spec.attempt_id, att.cgroup)
 
     # --- what the watchers tell ------------------------------------------------------
 
@@ -598,8 +576,8 @@ class TaskManager(AttemptLedger):
         att.cancel_timer("kill")
         assert att.pid is not None
         kill_leftovers(att.pid)
-        self._kill_cgroup(att)  # what left the group (setsid, setpgid) too
         att.reaped = True
+        self.isolation.kill(att.spec.attempt_id, att.cgroup)  # what left the group too
         if att.transport is not None:
             att.timers["drain"] = self.reactor.callLater(
                 DRAIN_TIMEOUT, att.transport.loseConnection

@@ -56,6 +56,10 @@ class AttemptSpec:
     :param owner: who submitted the job (a user certificate's name, ``"token"`` without
         TLS, ``""`` if the master did not say): only this user and the admins may read
         the attempt's logs.
+    :param mem: bytes of memory (RAM; swap may not absorb it) the attempt's processes may
+        use together, 0 for no limit.  Enforced where the worker has a memory controller
+        (:mod:`~dsml.worker.tasks.cgroups`); exceeding it ends the attempt with a reason
+        starting ``out-of-memory``.
     """
 
     attempt_id: int
@@ -69,7 +73,8 @@ class AttemptSpec:
     timeout: float | None = None
     versions: tuple[tuple[str, InputVersion], ...] = ()
     owner: str = ""
-    #: Memory it may use, in bytes (0: no limit), and how many GPUs it needs.
+    #: Memory it may use, in bytes (0: no limit; see ``mem`` above), and how many GPUs
+    #: it needs.
     mem: int = 0
     gpus: int = 0
     #: The ids of the GPUs the worker gave it (set when it is admitted).
@@ -98,7 +103,10 @@ class AttemptResult:
     :param duration: seconds from spawn to the leader's exit (monotonic); 0 if never spawned.
     :param peak_rss: the largest resident memory seen for the process group, in bytes (sampled
         every :data:`~dsml.worker.tasks.watch.SAMPLE_INTERVAL` s; 0 if unknown, e.g. a task
-        shorter than one interval).
+        shorter than one interval), or its cgroup's peak where that is larger (the kernel's
+        own figure, every process of the attempt counted; v1 counts page cache too).
+    :param cpu_seconds: user + system CPU seconds of all its processes, from its cgroup;
+        None where unknown (no cgroup).  Not sent to the master (yet).
     """
 
     attempt_id: int
@@ -110,6 +118,7 @@ class AttemptResult:
     #: A failed attempt's last lines of stderr (:func:`~dsml.worker.tasks.logs.stderr_tail`);
     #: "" on success.
     stderr_tail: str = ""
+    cpu_seconds: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -206,6 +215,8 @@ def validate(spec: AttemptSpec, total_slots: int) -> None:
         raise TaskError("NUL byte in the command", "bad-task")
     if spec.slots < 1 or spec.slots > total_slots:
         raise TaskError(f"needs {spec.slots} slots; this worker has {total_slots}", "bad-task")
+    if spec.mem < 0:
+        raise TaskError(f"mem must not be negative, not {spec.mem}", "bad-task")
     if spec.timeout is not None and not spec.timeout > 0:
         raise TaskError(f"timeout must be positive, not {spec.timeout}", "bad-task")
     for name, value in spec.env:
