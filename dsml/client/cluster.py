@@ -506,16 +506,24 @@ class JobFailed(DsmlError):
 
     code = "job-failed"
 
-    def __init__(self, status: dict[str, Any]) -> None:
-        self.status = status
-        self.failures = {t["index"]: _failure(t) for t in status.get("tasks", ())
+    def __init__(self, message: str, code: str | None = None,
+                 status: dict[str, Any] | None = None) -> None:
+        super().__init__(message, code)
+        self.status: dict[str, Any] = status or {}
+        self.failures = {t["index"]: _failure(t) for t in self.status.get("tasks", ())
                          if t["state"] in ("failed", "cancelled")}
-        shown = [f"task {i}: {why}" for i, why in list(self.failures.items())[:SHOWN_FAILURES]]
-        more = len(self.failures) - len(shown)
-        if more > 0:
-            shown.append(f"and {more} more")
+
+    @classmethod
+    def of(cls, status: dict[str, Any]) -> JobFailed:
+        """The error for a job that ended ``status["state"]``."""
+        failures = [(t["index"], _failure(t)) for t in status.get("tasks", ())
+                    if t["state"] in ("failed", "cancelled")]
+        shown = [f"task {i}: {why}" for i, why in failures[:SHOWN_FAILURES]]
+        if len(failures) > len(shown):
+            shown.append(f"and {len(failures) - len(shown)} more")
         reason = f" ({status['reason']})" if status.get("reason") else ""
-        super().__init__(f"job {status['id']} {status['state']}{reason}: " + "; ".join(shown))
+        return cls(f"job {status['id']} {status['state']}{reason}: " + "; ".join(shown),
+                   status=status)
 
 
 #: Failed tasks a :class:`JobFailed` message names (all are in its ``failures``).
@@ -557,7 +565,7 @@ class Job:
         returns its status instead)."""
         status = self.client.wait(self.id, timeout)
         if check and status["state"] in ("failed", "cancelled"):
-            raise JobFailed(status)
+            raise JobFailed.of(status)
         return status
 
     def logs(self, task: int = 0, attempt: int | None = None, stream: str = "stdout") -> bytes:

@@ -303,17 +303,21 @@ class MasterHandler:
                     "stored_files": r.stored_files,
                     "free_disk": r.free_disk,
                     # Why it gets no new task ("" if it does: see dsml.master.cordon).
-                    "cordoned": self.router.cordoned(r.name) if r.live else "",
+                    "cordoned": self.router.cordoned(r.name) if self._live(r) else "",
                 }
             )
             for r in self.registry.workers()
         ]))
 
+    def _live(self, r: WorkerRecord) -> bool:
+        """A live worker, and a router to ask about it (a handler built for membership
+        alone, as a registration benchmark does, has none)."""
+        return r.live and self.router is not None
+
     def _resources(self, r: WorkerRecord) -> dict[str, object]:
         """What a worker offers tasks, and what its running attempts hold (the master's
         count: the attempts it gave it, and those told to stop not yet ended)."""
-        live = r.live and self.router is not None
-        used = self.router.used(r.name) if live else Room(0)
+        used = self.router.used(r.name) if self._live(r) else Room(0)
         return {"mem": r.mem, "gpus": list(r.gpus), "cpus_used": used.cpus,
                 "mem_used": used.mem, "gpus_used": used.gpus}
 
