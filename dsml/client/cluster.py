@@ -268,8 +268,9 @@ class ClusterClient:
         """The value of ``key``, from the first replica that answers with the bytes the
         master's directory names (another is reported corrupt, and the next tried).
 
-        A key that holds a file is read whole into memory too (:meth:`read`): for a
-        large one, :meth:`download` to a path or a file object instead."""
+        A key that holds a file raises ``wrong-kind`` (files may be large: ``dsml get``
+        points at ``dsml cat``): :meth:`read` returns any key's bytes, :meth:`download`
+        writes them to a path or a file object."""
         for name, client, located in self._each_replica(key):
             try:
                 value = client.get(key)
@@ -278,8 +279,6 @@ class ClusterClient:
                     continue
                 return value
             except DsmlError as e:
-                if e.code == "wrong-kind":
-                    return self.read(key)
                 if e.code not in TRY_NEXT:
                     raise
                 if isinstance(e, ConnectionLost):
