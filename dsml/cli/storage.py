@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..client import ClusterClient
+from ..client.tree import download_tree
+from ..client.tree import relative_path as _relative_path  # noqa: F401  (tests use them)
+from ..client.tree import safe_parent as _safe_parent  # noqa: F401
 from ..errors import DsmlError
 from .common import (
     UsageError,
@@ -43,64 +46,26 @@ def cmd_upload(args: argparse.Namespace) -> int:
     return 0
 
 
-def _relative_path(key: str, prefix: str) -> list[str]:
-    """The path segments under DIR that ``key`` becomes in ``download -r PREFIX DIR``.
-
-    Keys are taken relative to the prefix's directory part (everything up to its last
-    ``/``): ``-r datasets/ out`` makes ``out/a.csv`` of ``datasets/a.csv``, ``-r datasets
-    out`` makes ``out/datasets/a.csv``.  Raises ValueError for a key that is no safe
-    relative path (``..`` or ``.`` or empty segments, a NUL).
-    """
-    base = prefix[: prefix.rfind("/") + 1]
-    rest = key[len(base):]
-    segments = rest.split("/")
-    for seg in segments:
-        if seg in ("", ".", "..") or "\0" in seg:
-            raise ValueError(f"key {key!r} is not a safe relative path ({seg!r} segment)")
-    return segments
-
-
-def _safe_parent(root: Path, segments: list[str]) -> Path:
-    """Create the directories of ``segments[:-1]`` under ``root`` one at a time, refusing
-    to pass through a symbolic link or a non-directory (so nothing lands outside root)."""
-    here = root
-    for seg in segments[:-1]:
-        here = here / seg
-        try:
-            os.mkdir(here, 0o777)
-        except FileExistsError:
-            if here.is_symlink() or not here.is_dir():
-                raise ValueError(f"{here} exists and is not a plain directory") from None
-    return here
-
-
 def _download_tree(c: Any, prefix: str, root: Path, quiet: bool) -> int:
     """``download -r``: every key under ``prefix`` into ``root``; returns the exit status."""
-    keys = [e.key for e in c.list(prefix)]
-    if not keys:
-        raise DsmlError(f"no keys under {prefix!r}", "not-found")
-    root.mkdir(parents=True, exist_ok=True)
+    failed = 0
+
+    def report(key: str, e: Exception) -> None:
+        nonlocal failed
+        failed += 1
+        if isinstance(e, ValueError):
+            _note(f"dsml: download: skipped {key!r}: {e}")
+        elif isinstance(e, DsmlError):
+            _note(f"dsml: download: {key!r}: {e.message} [{e.code}]")
+        else:
+            _note(f"dsml: download: {key!r}: {getattr(e, 'strerror', None) or e}")
+
+    start = time.monotonic()
+    done, total = download_tree(c, prefix, root, report)
     if root.is_symlink():
         root = root.resolve()
-    failed = total = 0
-    start = time.monotonic()
-    for key in keys:
-        try:
-            segments = _relative_path(key, prefix)
-            target = _safe_parent(root, segments) / segments[-1]
-            if target.is_dir() and not target.is_symlink():
-                raise ValueError(f"{target} is a directory")
-            total += c.download(key, target).size
-        except ValueError as e:
-            failed += 1
-            _note(f"dsml: download: skipped {key!r}: {e}")
-        except DsmlError as e:
-            failed += 1
-            _note(f"dsml: download: {key!r}: {e.message} [{e.code}]")
-        except OSError as e:
-            failed += 1
-            _note(f"dsml: download: {key!r}: {e.strerror or e}")
-    _note(f"downloaded {len(keys) - failed} of {len(keys)} keys under {prefix!r} -> {root}: "
+    n = len(done) + failed
+    _note(f"downloaded {len(done)} of {n} keys under {prefix!r} -> {root}: "
           f"{_rate(total, time.monotonic() - start)}")
     return 1 if failed else 0
 

@@ -9,9 +9,11 @@ async client (:mod:`dsml.net.cluster_client`), never this one.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import IO, Any
 
 from ..errors import (
@@ -32,7 +34,7 @@ from ..protocol.replies import (
     Stored,
     job_body,
 )
-from .server import Client, ClientTls, Progress, client_tls
+from .server import Client, ClientTls, Progress, client_tls, sized_source
 
 
 class ClusterClient:
@@ -165,25 +167,26 @@ class ClusterClient:
 
     def upload(
         self,
-        source: str | os.PathLike[str] | IO[bytes],
+        source: str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes],
         key: str,
         progress: Progress | None = None,
     ) -> Stored:
         """Upload a file to the placed workers (a pipeline); acknowledged once every one
         has it durably and the master has recorded it.
 
+        ``source``: a path, the bytes themselves, or a binary file object read from its
+        position to its end (``io.BytesIO``, an open file, a fsspec file; a stream whose
+        size cannot be known is spooled to a temporary file first, never to memory).
+
         Raises :class:`~dsml.errors.OutcomeUnknown` (``outcome-unknown``) when it failed
         but a worker may have stored it (it may or may not become visible); any other
         error means it will not become visible (docs/protocol.md, section 12)."""
-        if isinstance(source, (str, os.PathLike)):
-            with open(source, "rb") as f:
-                return self.upload(f, key, progress)
-        size = os.fstat(source.fileno()).st_size - source.tell()
-        grant, _, workers = self.placement(key, size)
-        first, rest = workers[0][1], ",".join(addr for _, addr in workers[1:])
-        stored = self._write(
-            key, first, lambda c: c.upload(source, key, progress, None, grant, rest)
-        )
+        with sized_source(source) as (f, size):
+            grant, _, workers = self.placement(key, size)
+            first, rest = workers[0][1], ",".join(addr for _, addr in workers[1:])
+            stored = self._write(
+                key, first, lambda c: c.upload(f, key, progress, None, grant, rest)
+            )
         self._record(key, stored, grant, workers)
         return stored
 
@@ -263,7 +266,11 @@ class ClusterClient:
 
     def get(self, key: str) -> bytes:
         """The value of ``key``, from the first replica that answers with the bytes the
-        master's directory names (another is reported corrupt, and the next tried)."""
+        master's directory names (another is reported corrupt, and the next tried).
+
+        A key that holds a file raises ``wrong-kind`` (files may be large: ``dsml get``
+        points at ``dsml cat``): :meth:`read` returns any key's bytes, :meth:`download`
+        writes them to a path or a file object."""
         for name, client, located in self._each_replica(key):
             try:
                 value = client.get(key)
@@ -278,15 +285,27 @@ class ClusterClient:
                     self._drop_worker(f"{client.host}:{client.port}")
         raise AssertionError("unreachable")  # _each_replica raises when it runs out
 
+    def read(self, key: str) -> bytes:
+        """The whole content of ``key``, a file or a value, in memory (checked against
+        its sha256, failing over between replicas)."""
+        out = io.BytesIO()
+        self.download_to(key, out)
+        return out.getvalue()
+
     def download(
         self,
         key: str,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | IO[bytes],
         progress: Progress | None = None,
         fsync: bool = True,
     ) -> Entry:
         """Download ``key`` to ``path`` (temp file + rename), failing over between
-        replicas; a copy with a bad checksum is reported to the master."""
+        replicas; a copy with a bad checksum is reported to the master.
+
+        ``path`` may be a writable binary file object instead: see :meth:`download_to`.
+        """
+        if not isinstance(path, (str, os.PathLike)):
+            return self.download_to(key, path, progress)
         for name, client, _where in self._each_replica(key):
             try:
                 return client.download(key, path, progress, fsync)
@@ -299,16 +318,50 @@ class ClusterClient:
         raise AssertionError("unreachable")
 
     def download_to(self, key: str, out: IO[bytes], progress: Progress | None = None) -> Entry:
-        """Stream ``key`` into an open file (no failover once bytes were written)."""
+        """Stream ``key`` into an open binary file, checking its sha256.
+
+        A replica that fails (gone, or bytes with the wrong checksum: reported to the
+        master) is replaced by the next one: in a seekable ``out`` by going back to
+        where it started and truncating; in a stream (a pipe, stdout) only while nothing
+        was written yet, else the error is raised (the bytes already went out)."""
         start = out.tell() if out.seekable() else None
-        for _name, client, _where in self._each_replica(key):
+        counted = _Counted(out)
+        for name, client, _where in self._each_replica(key):
             try:
-                return client.download_to(key, out, progress)
-            except ConnectionLost:
-                if start is None or out.tell() != start:
-                    raise  # bytes already went out: another replica cannot mend that
-                self._drop_worker(f"{client.host}:{client.port}")
+                return client.download_to(key, counted, progress)  # type: ignore[arg-type]
+            except DsmlError as e:
+                if not isinstance(e, ChecksumMismatch) and e.code not in TRY_NEXT:
+                    raise
+                if isinstance(e, ChecksumMismatch):
+                    self.master.call("corrupt", {"Key": key, "Worker": name})
+                elif isinstance(e, ConnectionLost):
+                    self._drop_worker(f"{client.host}:{client.port}")
+                if counted.written:
+                    if start is None:
+                        raise  # bytes already went out: another replica cannot mend that
+                    out.seek(start)
+                    out.truncate()
+                    counted.written = 0
         raise AssertionError("unreachable")
+
+    def download_prefix(
+        self,
+        prefix: str,
+        directory: str | os.PathLike[str],
+        on_error: Callable[[str, Exception], None] | None = None,
+    ) -> dict[str, Path]:
+        """Download every key under ``prefix`` into ``directory`` (as ``dsml download
+        -r``): ``datasets/`` makes ``directory/a.csv`` of ``datasets/a.csv``,
+        ``datasets`` makes ``directory/datasets/a.csv``; returns {key: file written}.
+
+        Each file is written whole and checked (temp file + rename); nothing is written
+        outside ``directory`` (a key with ``..`` segments is skipped).  A key that
+        cannot be downloaded goes to ``on_error(key, error)`` and the rest go on;
+        without ``on_error`` the first error is raised once the others were tried.
+        """
+        from .tree import download_tree
+
+        return download_tree(self, prefix, directory, on_error)[0]
 
     def stat(self, key: str) -> Entry:
         """Describe ``key``'s current version, its kind as a replica holding it says.
@@ -496,6 +549,18 @@ class ClusterClient:
                 return b"".join(chunks)
 
 
+class _Counted:
+    """A binary file's ``write``, counting what went through."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out = out
+        self.written = 0
+
+    def write(self, data: bytes) -> int | None:
+        self.written += len(data)
+        return self.out.write(data)
+
+
 class JobFailed(DsmlError):
     """A job that ended without succeeding (failed or cancelled), from :meth:`Job.wait`.
 
@@ -575,6 +640,15 @@ class Job:
     def cancel(self) -> int:
         """Stop every running attempt; nothing more of it runs."""
         return self.client.cancel(self.id)
+
+    def outputs(self, status: dict[str, Any] | None = None) -> dict[int, list[str]]:
+        """{task index: the keys its task declared as outputs}, from the master's
+        status (``status``: one already fetched, e.g. :meth:`wait`'s).  A key is
+        stored once its task succeeded; read them with ``client.get``/``download``,
+        or every one under a prefix with ``client.download_prefix``."""
+        if status is None:
+            status = self.status()
+        return {t["index"]: list(t.get("outputs", ())) for t in status.get("tasks", ())}
 
 
 __all__ = ["ClusterClient", "Job", "JobFailed"]

@@ -9,12 +9,16 @@ on it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import shutil
 import socket
 import ssl
+import stat as stat_
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -33,6 +37,54 @@ CHUNK = 1024 * 1024
 SMALL_READ = 64 * 1024
 
 Progress = Callable[[int], None]
+
+
+
+def remaining_size(f: Any) -> int | None:
+    """The bytes from ``f``'s position to its end: by ``fstat`` for a regular file, by
+    seeking for another seekable object (``io.BytesIO``, a fsspec file); None when it
+    cannot be known without reading (a pipe, a socket, a generator's wrapper)."""
+    try:
+        st = os.fstat(f.fileno())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        st = None
+    if st is not None and stat_.S_ISREG(st.st_mode):
+        return max(0, st.st_size - f.tell())
+    seekable = getattr(f, "seekable", None)
+    if st is None and seekable is not None and seekable():
+        here = f.tell()
+        end = f.seek(0, io.SEEK_END)
+        f.seek(here)
+        return max(0, end - here)
+    return None
+
+
+@contextmanager
+def sized_source(source: Any) -> Iterator[tuple[IO[bytes], int]]:
+    """(a binary file, the bytes to send from its position) for any upload source.
+
+    A path is opened; ``bytes`` are wrapped in a ``BytesIO`` (no copy for ``bytes``); a
+    file object is used as it is, from its position, when its size can be known
+    (:func:`remaining_size`).  A stream whose size cannot be known is first copied to
+    an anonymous temporary file, a chunk at a time (the protocol sends ``Length`` before
+    the bytes), so nothing large is ever held in memory."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            yield f, os.fstat(f.fileno()).st_size
+        return
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = source if isinstance(source, bytes) else bytes(source)
+        yield io.BytesIO(data), len(data)
+        return
+    size = remaining_size(source)
+    if size is not None:
+        yield source, size
+        return
+    with tempfile.TemporaryFile(prefix="dsml-upload-") as spool:
+        shutil.copyfileobj(source, spool, CHUNK)
+        size = spool.tell()
+        spool.seek(0)
+        yield spool, size  # type: ignore[misc]
 
 
 class ClientTls:
@@ -83,6 +135,17 @@ def client_tls(config: Any, identity: str | None = None) -> ClientTls | None:
 
     name = identity or os.environ.get(IDENTITY_ENV) or DEFAULT_USER
     return ClientTls(config.pki_dir, name)
+
+
+def _readinto_by_read(f: Any) -> Callable[[memoryview], int]:
+    """``readinto`` for a file object that only has ``read``."""
+
+    def readinto(view: memoryview) -> int:
+        data = f.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    return readinto
 
 
 def _stored(key: str, head: Head) -> Stored:
@@ -390,7 +453,7 @@ class Client:
 
     def upload(
         self,
-        source: str | os.PathLike[str] | IO[bytes],
+        source: Any,
         key: str,
         progress: Progress | None = None,
         sha256: str | None = None,
@@ -399,14 +462,24 @@ class Client:
     ) -> Stored:
         """Stream a file to ``key``; hash it on the way and check the server's hash.
 
-        With ``sha256`` the server itself refuses bytes that do not match it; ``grant``
-        and ``forward`` as for :meth:`set`.
+        ``source``: a path, bytes, or a binary file object read from its position to its
+        end (an ``io.BytesIO`` too: see :func:`sized_source`).  With ``sha256`` the
+        server itself refuses bytes that do not match it; ``grant`` and ``forward`` as
+        for :meth:`set`.
         """
-        if isinstance(source, (str, os.PathLike)):
-            with open(source, "rb") as f:
-                return self.upload(f, key, progress, sha256, grant, forward)
-        f = source
-        size = os.fstat(f.fileno()).st_size - f.tell()
+        with sized_source(source) as (f, size):
+            return self._upload_sized(f, size, key, progress, sha256, grant, forward)
+
+    def _upload_sized(
+        self,
+        f: IO[bytes],
+        size: int,
+        key: str,
+        progress: Progress | None,
+        sha256: str | None,
+        grant: str | None,
+        forward: str,
+    ) -> Stored:
         headers: dict[str, object] = {"Key": key}
         if sha256 is not None:
             headers["Sha256"] = sha256
@@ -433,9 +506,10 @@ class Client:
         remaining = size
         buf = bytearray(CHUNK)
         view = memoryview(buf)
+        readinto = getattr(f, "readinto", None) or _readinto_by_read(f)
         try:
             while remaining:
-                n = f.readinto(view[: min(CHUNK, remaining)])  # type: ignore[attr-defined]
+                n = readinto(view[: min(CHUNK, remaining)])
                 if not n:
                     self._drop()  # the promised length cannot be sent: the framing is lost
                     raise DsmlError(
@@ -553,4 +627,4 @@ class Client:
         return entry
 
 
-__all__ = ["CHUNK", "SMALL_READ", "Client", "Progress"]
+__all__ = ["CHUNK", "SMALL_READ", "Client", "Progress", "remaining_size", "sized_source"]

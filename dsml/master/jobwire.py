@@ -51,6 +51,7 @@ def job_json(
                 "state": t.state,
                 "reason": t.reason,
                 "waiting_for": t.waiting_for or queued.get(t.index, ""),
+                "outputs": list(t.outputs),
                 "attempts": [
                     {
                         "id": a.id,

@@ -65,6 +65,7 @@ from .model import (
     JobView,
     TaskSpec,
     TaskView,
+    output_keys,
     spec_from_json,
     spec_json,
 )
@@ -145,7 +146,8 @@ _JOB_COLS: Final = (
 )
 _TASK_COLS: Final = "SELECT idx, spec, state, reason FROM tasks WHERE job = ? ORDER BY idx"
 _TASK_PAGE: Final = (
-    "SELECT idx, state, reason FROM tasks WHERE job = ? AND idx >= ? AND idx < ? ORDER BY idx"
+    "SELECT idx, state, reason, spec FROM tasks WHERE job = ? AND idx >= ? AND idx < ?"
+    " ORDER BY idx"
 )
 _ATTEMPT_COLS: Final = (
     "SELECT id, idx, worker, incarnation, state, started, ended, exit_code, signal,"
@@ -378,8 +380,9 @@ class Journal:
             for aid, idx, *rest in self.read(_ATTEMPT_PAGE, (seq, first, end)):
                 attempts.setdefault(idx, []).append(AttemptView(aid, *rest))
             task_views = tuple(
-                TaskView(idx, tstate, treason, tuple(attempts.get(idx, ())))
-                for idx, tstate, treason in self.read(_TASK_PAGE, (seq, first, end))
+                TaskView(idx, tstate, treason, tuple(attempts.get(idx, ())), "",
+                         output_keys(spec))
+                for idx, tstate, treason, spec in self.read(_TASK_PAGE, (seq, first, end))
             )
         return JobView(
             id=f"j{seq}",

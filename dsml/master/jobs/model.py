@@ -347,6 +347,8 @@ class TaskView:
     #: For a ``waiting`` task, the jobs it waits for ("job j3 to succeed"); else "".
     #: (Why a ``queued`` task waits depends on the workers: the router says that.)
     waiting_for: str = ""
+    #: The keys its spec declares as outputs (stored by it once it succeeds).
+    outputs: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -434,6 +436,13 @@ def clean_tail(text: object) -> str:
 
 
 # -- spec encoding -----------------------------------------------------------------------
+
+
+def output_keys(spec: str) -> tuple[str, ...]:
+    """The output keys of a stored task spec (:func:`spec_json`'s form)."""
+    if '"outputs"' not in spec:  # most tasks declare none: no JSON parse
+        return ()
+    return tuple(str(key) for _, key in json.loads(spec).get("outputs", ()))
 
 
 def spec_json(spec: TaskSpec) -> str:

@@ -122,6 +122,7 @@ class TaskRecord:
             self.reason,
             tuple(a.view() for a in self.attempts),
             waiting_for if self.state == WAITING else "",
+            tuple(key for _, key in self.spec.outputs),
         )
 
 
