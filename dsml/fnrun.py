@@ -1,0 +1,197 @@
+"""Function calls as tasks: the task side, ``python -m dsml.fnrun CALLS RESULT``, and the
+file format it shares with the client (:mod:`dsml.client.functions`).
+
+A task of a function job runs this module with the worker's interpreter (the client
+names it: ``python3`` on the worker's PATH by default).  It reads
+
+- ``CALLS`` (a staged input, or ``-``: the ``DSML_FN_CALLS`` variable, base64, for a
+  small batch): a JSON header line (format, the client's Python and cloudpickle
+  versions, the staged file holding the function) and then a pickle of the batch's
+  calls ``[(call number, args, kwargs), ...]``;
+- the function, a cloudpickle staged from ``_dsml/fn/<sha256>``;
+- arguments stored apart (``_dsml/arg/<sha256>``, staged) and :class:`Key` arguments
+  (any stored key, staged as an input): both are persistent ids in the pickle
+  (``("arg", path)`` is loaded from the staged file, ``("key", path)`` becomes the
+  absolute :class:`pathlib.Path` of the staged copy, so a large file is never read
+  into memory unless the function does).
+
+It runs each call in turn and writes ``RESULT``: the same kind of header, then a pickle
+of ``[(call number, ok, value or exception, traceback text or None), ...]``.  A raising
+function is a result, not a failed task: the task exits 0 once the file is written.  A
+version mismatch with the client (Python major.minor, cloudpickle version) or a missing
+cloudpickle exits 2 with one clear line on stderr, which the client's error names.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pickle
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+#: The calls and results format; a reader refuses another.
+FORMAT = 1
+#: The variable holding a small batch's calls (base64) when CALLS is ``-``.
+CALLS_ENV = "DSML_FN_CALLS"
+#: Exit status for a task that could not run its calls at all (mismatch, bad file).
+EXIT_SETUP = 2
+
+
+@dataclass(frozen=True)
+class Key:
+    """A stored key passed as an argument of a function call: staged on the worker as a
+    task input (fetched from the store, never pickled through the master), it arrives in
+    the function as the :class:`pathlib.Path` of its local copy (read-only)."""
+
+    key: str
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised by a function on a worker: set as the
+    re-raised exception's ``__cause__`` (as ``concurrent.futures.process`` does), so
+    it prints under it; ``str()`` is the traceback text."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+class RemoteError(Exception):
+    """Stands for what a call raised (or returned) that could not be pickled back:
+    its type's name and its message."""
+
+
+def versions() -> dict[str, str]:
+    """This interpreter's Python (major.minor) and cloudpickle versions."""
+    import cloudpickle
+
+    major, minor = sys.version_info[:2]
+    return {"python": f"{major}.{minor}", "cloudpickle": cloudpickle.__version__}
+
+
+def mismatch(theirs: dict[str, Any], ours: dict[str, str]) -> str:
+    """Why a file written under ``theirs`` versions cannot be read here ("" if it can)."""
+    if theirs.get("format") != FORMAT:
+        return f"format {theirs.get('format')!r}, not {FORMAT}"
+    diff = [k for k in ("python", "cloudpickle") if theirs.get(k) != ours[k]]
+    if not diff:
+        return ""
+    return (f"the client has Python {theirs.get('python')} and cloudpickle "
+            f"{theirs.get('cloudpickle')}, this worker's {sys.executable} has Python "
+            f"{ours['python']} and cloudpickle {ours['cloudpickle']}")
+
+
+def write_file(out: IO[bytes], payload: bytes) -> None:
+    """A header line (format and versions) and then ``payload``."""
+    out.write(json.dumps({"format": FORMAT, **versions()}).encode() + b"\n")
+    out.write(payload)
+
+
+def read_header(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """(the header, the rest) of a calls or results file."""
+    line, _, rest = data.partition(b"\n")
+    try:
+        head = json.loads(line)
+    except ValueError:
+        head = None
+    if not isinstance(head, dict):
+        raise ValueError("not a dsml function-call file (no header line)")
+    return head, rest
+
+
+class _Loader(pickle.Unpickler):
+    """Resolves the persistent ids the client's pickler wrote (see the module doc)."""
+
+    def persistent_load(self, pid: Any) -> Any:
+        kind, path = pid
+        if kind == "key":
+            return Path(path).resolve()
+        if kind == "arg":
+            return load_file(Path(path))
+        raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+
+
+def loads(data: bytes) -> Any:
+    import io
+
+    return _Loader(io.BytesIO(data)).load()
+
+
+def load_file(path: Path) -> Any:
+    return loads(path.read_bytes())
+
+
+def _fail(message: str) -> int:
+    print(f"dsml.fnrun: {message}", file=sys.stderr, flush=True)
+    return EXIT_SETUP
+
+
+def _result(number: int, ok: bool, value: Any, tb: str | None) -> bytes:
+    """One call's result pickled; what cannot be pickled becomes a RemoteError."""
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps((number, ok, value, tb))
+    except Exception as e:  # noqa: BLE001 - any pickling failure is reported the same
+        what = "exception" if not ok else "result"
+        text = f"{type(value).__qualname__}: {value}" if not ok else repr(e)
+        err = RemoteError(f"the call's {what} could not be pickled ({e!r}): {text}")
+        return cloudpickle.dumps((number, False, err, tb))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        return _fail("usage: python -m dsml.fnrun CALLS|- RESULT")
+    try:
+        ours = versions()
+    except ImportError as e:
+        return _fail(f"cannot import cloudpickle in {sys.executable}: {e}")
+    if args[0] == "-":
+        data = base64.b64decode(os.environ.get(CALLS_ENV, ""))
+    else:
+        data = Path(args[0]).read_bytes()
+    try:
+        head, payload = read_header(data)
+    except ValueError as e:
+        return _fail(str(e))
+    why = mismatch(head, ours)
+    if why:
+        return _fail(f"version mismatch: {why}; run functions with a matching interpreter "
+                     "(dsml.options(fn, python=...))")
+    try:
+        fn = load_file(Path(head["fn"]))
+        calls = loads(payload)
+    except Exception as e:  # noqa: BLE001 - a setup failure: the whole task fails, loudly
+        traceback.print_exc()
+        return _fail(f"could not load the function or its arguments: "
+                     f"{type(e).__qualname__}: {e}")
+    parts = []
+    for number, fargs, fkwargs in calls:
+        try:
+            parts.append(_result(number, True, fn(*fargs, **fkwargs), None))
+        except BaseException as e:  # noqa: BLE001 - SystemExit too: a result, not a death
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            # From the function's frame on (this module's own frame left out).
+            tb = "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
+            parts.append(_result(number, False, e, tb))
+    out_path = Path(args[1])
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with open(tmp, "wb") as out:
+        # One pickle of the list of each call's own pickle: a bad one spoils nothing else.
+        write_file(out, pickle.dumps(parts, protocol=pickle.HIGHEST_PROTOCOL))
+    os.replace(tmp, out_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
