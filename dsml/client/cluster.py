@@ -13,8 +13,9 @@ import io
 import json
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, overload
 
 from ..errors import (
     STORED_SOMEWHERE,
@@ -36,6 +37,9 @@ from ..protocol.replies import (
 )
 from .jobhandle import Job, JobFailed
 from .server import Client, ClientTls, Progress, client_tls, sized_source
+
+if TYPE_CHECKING:
+    from .functions import FunctionRunner
 
 
 class ClusterClient:
@@ -69,6 +73,7 @@ class ClusterClient:
             kinds=("master",), what=f"the master {host}:{port}",
         )
         self._workers: dict[str, Client] = {}
+        self._functions: FunctionRunner | None = None
 
     @classmethod
     def from_config(
@@ -104,7 +109,10 @@ class ClusterClient:
         return cls(host, port, token, timeout, name, client_tls(loaded, identity))
 
     def close(self) -> None:
-        """Close every connection."""
+        """Close every connection (and stop the thread of function calls)."""
+        if self._functions is not None:
+            self._functions.close()
+            self._functions = None
         self.master.close()
         for c in self._workers.values():
             c.close()
@@ -414,7 +422,51 @@ class ClusterClient:
 
     # -- jobs -------------------------------------------------------------------------
 
-    def submit(
+    @overload
+    def submit(self, command: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        ...
+
+    @overload
+    def submit(self, command: list[str] | None = None, /, **options: Any) -> Job:
+        ...
+
+    def submit(self, command: Any = None, /, *args: Any, **kwargs: Any) -> Any:
+        """Submit a job (``command``, a list: see :meth:`submit_job` for the options),
+        or run a function: ``submit(fn, *args, **kwargs)`` returns a
+        :class:`concurrent.futures.Future` of ``fn(*args, **kwargs)`` run as a task.
+
+        For a function, one keyword is reserved: ``resources`` ({"cpus": 2, "mem": "4G",
+        "gpus": 1}); every other option goes through :func:`dsml.options`
+        (``submit(dsml.options(fn, timeout=60, retries=1), x)``), and with such a
+        wrapped function no keyword is reserved at all (see :mod:`dsml.client.functions`).
+        """
+        if callable(command):
+            fn, kwargs = _with_resources(command, kwargs)
+            return self.functions().submit(fn, args, kwargs)
+        if args:
+            raise TypeError("submit(command, ...): a job's options are keywords")
+        return self.submit_job(kwargs.pop("command", command), **kwargs)
+
+    def map(self, fn: Callable[..., Any], *iterables: Any,
+            resources: dict[str, Any] | None = None,
+            batch_size: int | None = None) -> list[Future[Any]]:
+        """Run ``fn`` on each item (of each iterable, zipped) as ONE job; a future per
+        call, in order.  Calls are batched into at most a few tasks per CPU of the
+        cluster (``batch_size``: calls per task); see :mod:`dsml.client.functions`."""
+        kw: dict[str, Any] = {} if resources is None else {"resources": resources}
+        fn, _ = _with_resources(fn, kw)
+        return self.functions().map(fn, *iterables, batch_size=batch_size)
+
+    def functions(self) -> FunctionRunner:
+        """What runs this client's function calls (one background thread, started at
+        the first call, stopped by :meth:`close`)."""
+        from .functions import FunctionRunner
+
+        if self._functions is None:
+            self._functions = FunctionRunner(self)
+        return self._functions
+
+    def submit_job(
         self,
         command: list[str] | None = None,
         *,
@@ -548,6 +600,18 @@ class ClusterClient:
             offset += len(data)
             if not data or offset >= size:
                 return b"".join(chunks)
+
+
+def _with_resources(
+    fn: Callable[..., Any], kwargs: dict[str, Any]
+) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """``fn`` with the reserved ``resources`` keyword taken out of ``kwargs`` (unless
+    ``fn`` is already a :func:`dsml.options` wrapper: then nothing is reserved)."""
+    from .functions import Remote, options
+
+    if isinstance(fn, Remote) or "resources" not in kwargs:
+        return fn, kwargs
+    return options(fn, resources=kwargs.pop("resources")), kwargs
 
 
 class _Counted:
