@@ -5,16 +5,22 @@
     c.upload(b"a,b\n1,2\n", "datasets/x.csv")
 
 Importing ``dsml`` stays light: :func:`connect` imports the client when called.  The
-``dsml://`` filesystem for fsspec and pandas is :mod:`dsml.fs`.
+``dsml://`` filesystem for fsspec and pandas is :mod:`dsml.fs`.  Functions run as
+tasks with ``c.submit(fn, *args)``, ``c.map(fn, items)`` or ``dsml.Executor()``
+(:mod:`dsml.client.functions`); ``dsml.Key("datasets/x.npy")`` passes a stored key.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from .fnrun import Key
 
 if TYPE_CHECKING:
     from .client.cluster import ClusterClient
+    from .client.functions import Remote
+    from .executor import Executor
 
 __version__ = "0.1.0"
 
@@ -51,4 +57,22 @@ def connect(
     )
 
 
-__all__ = ["__version__", "connect"]
+def options(fn: Any, **changes: Any) -> Remote:
+    """``fn`` with options for running it on the cluster (the fields of
+    :class:`dsml.client.functions.Options`: ``resources``, ``timeout``, ``retries``,
+    ``python``, ``env``, ``name``, ``priority``, ``batch_size``):
+    ``client.submit(dsml.options(train, resources={"gpus": 1}), lr)``."""
+    from .client.functions import options as _options
+
+    return _options(fn, **changes)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Executor":  # imported when used: ``import dsml`` stays light
+        from .executor import Executor
+
+        return Executor
+    raise AttributeError(f"module 'dsml' has no attribute {name!r}")
+
+
+__all__ = ["Executor", "Key", "__version__", "connect", "options"]
