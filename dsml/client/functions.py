@@ -64,8 +64,11 @@ TASKS_PER_CPU = 3
 DEFAULT_PYTHON = "python3"
 #: The resources a call may ask for.
 RESOURCES = ("cpus", "mem", "gpus")
-#: The status poll's quickest and slowest pace (seconds), faster while tasks finish.
+#: The status poll's quickest and slowest pace (seconds): the quickest for
+#: :data:`POLL_FAST_FOR` seconds after a submission or a resolved task (a call's
+#: latency), then slowing by half each time (a long task costs the master little).
 POLL_MIN, POLL_MAX = 0.01, 0.5
+POLL_FAST_FOR = 1.0
 #: How long the cluster's CPU count (for batching) is believed.
 CPUS_TTL = 30.0
 
@@ -397,7 +400,7 @@ class FunctionRunner:
     def _run(self) -> None:
         c = self.client  # (its class, not an import: cluster.py imports this module)
         own = type(c)(c.host, c.port, c.token, c.timeout, c.name + "-futures", c.tls)
-        delay = POLL_MIN
+        delay, active = POLL_MIN, time.monotonic()
         try:
             while True:
                 with self._cond:
@@ -412,12 +415,16 @@ class FunctionRunner:
                 progress = self._cancel(own, cancels)
                 for job in jobs:
                     progress |= self._check(own, job)
-                delay = POLL_MIN if progress else min(delay * 2, POLL_MAX)
+                now = time.monotonic()
+                if progress:
+                    active = now
+                fast = now - active < POLL_FAST_FOR
+                delay = POLL_MIN if fast else min(delay * 1.5, POLL_MAX)
                 with self._cond:
                     if not (self._kick or self._cancels or self._stop):
                         self._cond.wait(delay)
                     if self._kick:
-                        delay = POLL_MIN
+                        delay, active = POLL_MIN, time.monotonic()
         finally:
             own.close()
 
