@@ -75,11 +75,15 @@ class InputCache:
     link can lend an entry); it is created private, or emptied if it exists.
     """
 
-    def __init__(self, root: Path, budget: int) -> None:
+    def __init__(self, root: Path, budget: int,
+                 lend: tuple[int, int | None] = (0o400, None)) -> None:
         if budget < 0:
             raise ValueError("the input cache's budget cannot be negative")
         self.root = root
         self.budget = budget
+        #: An entry's mode and group (None: unchanged): read-only, to the task user's
+        #: group too where tasks run as another user (:mod:`.tasks.taskuser`).
+        self.lend = lend
         if root.exists():
             shutil.rmtree(root)
         private_dir(root)
@@ -149,7 +153,10 @@ class InputCache:
                 w.callback(None)
             return
         # Read-only: an attempt's link to it is refused writes (the owner may chmod).
-        os.chmod(path, 0o400)
+        mode, group = self.lend
+        if group is not None:
+            os.chown(path, -1, group, follow_symlinks=False)
+        os.chmod(path, mode)
         stamp = _stamp_of(path)
         if stamp is None:  # gone already
             for w in waiters:
