@@ -220,7 +220,8 @@ class TaskManager(AttemptLedger):
         self._stopping = False
         self.task_user = task_user
         self._environment = TaskEnvironment(
-            self.work_dir, task_env, None if task_user is None else task_user.env())
+            self.work_dir, task_env,
+            None if task_user is None else task_user.env(os.environ.get("PATH", os.defpath)))
         self._executables = Executables(reactor.seconds)
         self._sampler = MemorySampler(reactor, sample_interval, self._live_groups)
         private_dir(self.work_dir)  # the worker's alone, like its attempt directories

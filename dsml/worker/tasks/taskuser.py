@@ -50,8 +50,9 @@ from ...config import Config, ConfigError
 DEFAULT_TASK_USER = "nobody"
 
 #: Started with ``python -I -S -c`` where ``setpriv`` is missing: argv is
-#: [uid, gid, command...].
-DROP = ("import os,sys;os.setgroups([]);os.setgid(int(sys.argv[2]));"
+#: [uid, gid, command...].  ``warnings`` is imported while still root: ``os.execvp``
+#: imports it, and the task user may not read the worker's Python library.
+DROP = ("import os,sys,warnings;os.setgroups([]);os.setgid(int(sys.argv[2]));"
         "os.setuid(int(sys.argv[1]));os.execvp(sys.argv[3],sys.argv[3:])")
 
 
@@ -69,9 +70,31 @@ class TaskUser:
     home: str
     setpriv: str | None = None
 
-    def env(self) -> dict[str, str]:
-        """What a task's environment says of its user."""
-        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
+    def env(self, path: str | None = None) -> dict[str, str]:
+        """What a task's environment says of its user; and ``path`` (the worker's PATH)
+        without the directories this user cannot search (a root worker's ``/root/bin``:
+        an exec would find nothing there, or, on some kernels, a file it cannot read)."""
+        env = {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
+        if path is not None:
+            env["PATH"] = os.pathsep.join(
+                d for d in path.split(os.pathsep) if self.can_search(d))
+        return env
+
+    def can_search(self, directory: str) -> bool:
+        """Whether this user may search ``directory`` and those above it (by their mode
+        bits: ACLs are not read); a relative one (under the task's own) may be."""
+        if not os.path.isabs(directory):
+            return True
+        for d in [Path(directory), *Path(directory).parents]:
+            try:
+                st = os.stat(d)
+            except OSError:
+                return False
+            bit = (stat.S_IXUSR if st.st_uid == self.uid
+                   else stat.S_IXGRP if st.st_gid == self.gid else stat.S_IXOTH)
+            if not st.st_mode & bit:
+                return False
+        return True
 
     def wrap(self, command: list[str]) -> list[str]:
         """``command`` started as this user (by root: the caller's exec drops)."""
@@ -100,7 +123,10 @@ class TaskUser:
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                 os.chown(path, self.uid, self.gid, follow_symlinks=False)
         for d in sorted(dirs):
-            os.chown(d, self.uid, self.gid, follow_symlinks=False)
+            try:
+                os.chown(d, self.uid, self.gid, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
         os.chown(root, self.uid, self.gid, follow_symlinks=False)
 
 
