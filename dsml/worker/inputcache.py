@@ -23,7 +23,9 @@ and attempts that want it while the download runs wait for that one download.
   a hit whose file's inode, mtime, mode or size differ from when it was cached (a link
   kept past the attempt, written later) is fetched again.  A task that also restores the
   mtime and mode is not caught: only the isolation of tasks from the worker's user
-  (issue #13) closes that, as for the store itself.
+  (issue #13) closes that, as for the store itself.  Where tasks run as another user
+  (``task_user``, :mod:`dsml.worker.tasks.taskuser`) it is closed: an entry stays
+  root's, 0440 to the task user's group, which may read it, not write or ``chmod`` it.
 
 File work (emptying the directory, unlinking) is small and runs on the caller's thread;
 the bytes move in the caller's download.

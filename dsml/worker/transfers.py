@@ -12,10 +12,12 @@ Owns :class:`TaskTransfers`, the :class:`~dsml.worker.tasks.Transfers` of a real
   so a task's accidental write is refused; else (another filesystem, no ``/proc``) a copy
   (:func:`dsml.fsutil.copy_file`).  Store objects are never written after their rename,
   so the link is a stable snapshot of that version.  A task running as the worker's user
-  could still ``chmod`` and write it; :meth:`TaskTransfers.release`, called when the
-  attempt ends, notices any change of the inode (its ctime, mtime, mode or size moved),
-  re-hashes the object, and if it no longer matches hands the key to ``report_corrupt``
-  (the worker drops its copy and tells the master, which repairs it from the others).
+  could still ``chmod`` and write it (not one running as another user, ``task_user``:
+  the object is then root's, 0440 to that user's group, :mod:`.tasks.taskuser`);
+  :meth:`TaskTransfers.release`, called when the attempt ends, notices any change of
+  the inode (its ctime, mtime, mode or size moved), re-hashes the object, and if it no
+  longer matches hands the key to ``report_corrupt`` (the worker drops its copy and
+  tells the master, which repairs it from the others).
   Otherwise, when a version was named and the worker has an
   :class:`~dsml.worker.inputcache.InputCache`, the key is downloaded once into the cache
   by (key, version, checksum) and lent the same way (a read-only hard link): a sweep's
