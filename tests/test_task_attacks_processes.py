@@ -429,6 +429,7 @@ def test_a_task_runs_as_the_task_user(cluster: Cluster, tmp_path: Path) -> None:
     if not AS_NOBODY:
         pytest.skip(NOT_ROOT)
     nobody = pwd.getpwnam("nobody")
+    assert f"they run as nobody (uid {nobody.pw_uid})" in str(_tasks_line(cluster.local))
     data = "input" + secrets.token_hex(8) + "\n"
     (tmp_path / "in").write_text(data)
     cluster.client.upload(tmp_path / "in", "user/in")

@@ -330,7 +330,10 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         if cgroups is None:
             how = (f"no cgroups ({how}): the worker is their child subreaper; "
                    "memory limits (--mem) NOT enforced")
-        _log.info("tasks of worker {name}: {how}", name=name, how=how)
+        who = ("the worker's own user" if task_user is None
+               else f"{task_user.name} (uid {task_user.uid})")
+        _log.info("tasks of worker {name}: {how}; they run as {who}", name=name, how=how,
+                  who=who)
         return TaskManager(
             reactor,
             cgroups=cgroups,
