@@ -55,12 +55,9 @@ def test_task_user_is_a_name_or_a_uid(tmp_path: Path, value: str | None,
 
 
 @pytest.mark.parametrize("value", ["''", "true", "-1", "[nobody]", "'a b'", "'../x'",
-                                   "'x' ", "4294967296", "'x;rm'", "{a: 1}"])
+                                   "4294967296", "'x;rm'", "{a: 1}"])
 def test_task_user_refuses_other_values(tmp_path: Path, value: str) -> None:
     path = config_with(tmp_path, value)
-    if value == "'x' ":  # the same as 'x': a valid name
-        assert load_config(path).worker("w1").task_user == "x"
-        return
     with pytest.raises(ConfigError) as info:
         load_config(path)
     message = str(info.value)
