@@ -179,6 +179,10 @@ class WorkerConfig:
     #: Its GPUs' ids (``gpus``: indices or UUIDs, what CUDA_VISIBLE_DEVICES takes); None:
     #: those ``nvidia-smi -L`` lists at start; ``[]``: none.
     gpus: tuple[str, ...] | None = None
+    #: Who its tasks run as (``task_user``: a user name or a numeric uid), resolved with
+    #: ``pwd`` at the worker's start; None: ``nobody`` on a root worker, else the worker's
+    #: own user (see :mod:`dsml.worker.tasks.taskuser`).
+    task_user: str | None = None
 
 
 @attrs.frozen
@@ -217,6 +221,8 @@ DEFAULT_JOBS_MAX_COUNT: Final = 10_000
 TASK_ENV_DEFAULT: Final = ("PATH", "HOME", "LANG", "LANGUAGE", "LC_*", "TZ", "TMPDIR",
                            "USER", "LOGNAME", "LD_LIBRARY_PATH", "CUDA_*", "NVIDIA_*")
 _ENV_PATTERN: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?\Z")
+#: A user name (what useradd accepts, and more: a name with a dot, a trailing $) or a uid.
+_USER_PATTERN: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?\Z")
 
 #: Tombstones (deleted keys) older than this are forgotten by the master (30 days).
 DEFAULT_TOMBSTONES_MAX_AGE: Final = 30 * 86400.0
@@ -556,7 +562,7 @@ class _Parser:
     def worker(self, name: str, section: object) -> WorkerConfig:
         prefix = f"workers.{name}"
         s = self.mapping(prefix, section, ["host", "port", "data_dir", "cpus", "slots", "mem",
-                                           "gpus", "input_cache", "task_env"])
+                                           "gpus", "input_cache", "task_env", "task_user"])
         for required in ("port", "data_dir"):
             if required not in s:
                 raise self.error(f"{prefix}.{required}", "required key is missing")
@@ -571,7 +577,19 @@ class _Parser:
             input_cache=self.byte_count(f"{prefix}.input_cache",
                                         s.get("input_cache", DEFAULT_INPUT_CACHE)),
             task_env=self.env_names(f"{prefix}.task_env", s.get("task_env", [])),
+            task_user=self.task_user(f"{prefix}.task_user", s.get("task_user")),
         )
+
+    def task_user(self, key: str, value: object) -> str | None:
+        """A user name or a numeric uid (as a string), or None (not given)."""
+        if value is None:
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32:
+            return str(value)
+        if isinstance(value, str) and _USER_PATTERN.match(value):
+            return value
+        raise self.error(key, "must be a user name or a numeric uid (the user tasks run "
+                              f"as), got {_show(value)}")
 
     def cpus(self, prefix: str, s: dict[str, object]) -> int:
         """``cpus`` (or ``slots``, its old name: not both), default the CPUs this

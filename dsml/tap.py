@@ -144,6 +144,9 @@ class WorkerOptions(_ConfigOptions):
         worker = config.worker(name)
         check_listen_safe(config, worker.host, f"workers.{name}.host")
         _check_tls(config, "worker", name)
+        from dsml.worker.tasks.taskuser import for_worker
+
+        for_worker(config, name)  # an unknown task_user stops it here, in one line
 
     def home(self) -> tuple[Path, str]:
         return self.loaded_config.worker(self["name"]).data_dir, "worker"

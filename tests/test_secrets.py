@@ -51,7 +51,8 @@ def umask_022() -> Iterator[None]:
 def offenders(*roots: Path) -> list[str]:
     """Every directory under ``roots`` (themselves included) that is not 0700 and every
     regular file that is not 0600 (or 0400: a store object lent read-only to a task, and
-    its link in the attempt's directory), with its mode."""
+    its link in the attempt's directory; 0440 where the task runs as another user, whose
+    group alone may read it), with its mode."""
     bad = []
     for root in roots:
         for path in [root, *root.rglob("*")]:
@@ -59,7 +60,7 @@ def offenders(*roots: Path) -> list[str]:
             mode = stat.S_IMODE(st.st_mode)
             if stat.S_ISDIR(st.st_mode) and mode != 0o700:
                 bad.append(f"{path} (dir {mode:04o})")
-            elif stat.S_ISREG(st.st_mode) and mode not in (0o600, 0o400):
+            elif stat.S_ISREG(st.st_mode) and mode not in (0o600, 0o400, 0o440):
                 bad.append(f"{path} (file {mode:04o})")
     return bad
 

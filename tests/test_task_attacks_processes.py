@@ -14,9 +14,14 @@ and stores it: the victim's stored output must be exactly what it computed.
 - Links as outputs: a hard link to the worker's own index database, a symlink to it;
   both refused (cause ``output``), nothing stored.
 
-Two holes stay open, each an ``xfail(strict=True)`` case: a task runs as the worker's
-user, so it may move itself out of its attempt cgroup into the worker's own, and it may
-rewrite the worker's store, which a later job's input is staged from.
+- The task user: a root worker runs its tasks as ``nobody`` (``task_user``), so a task
+  can neither move itself out of its attempt cgroup into the worker's own (the cgroup
+  files are root's) nor rewrite the worker's store, which a later job's input is staged
+  from (the data dir is root's, 0700; an input lent by a link is root's, read-only).
+  Where the tests do not run as root, the worker runs tasks as itself: those cases skip.
+
+Attackers write their pids into :func:`shared`, a directory every user may write (the
+task user cannot reach the test's own temporary directories).
 
 Every attacker process carries a marker in its command line (and writes its pid to a
 file): the tests poll the process table for it, and kill what is left by pid.
@@ -25,10 +30,13 @@ file): the tests poll the process table for it, and kill what is left by pid.
 from __future__ import annotations
 
 import os
+import pwd
 import secrets
 import shlex
+import shutil
 import signal
 import string
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +55,9 @@ pytestmark = pytest.mark.processes
 #: In the command line of every attacker process this module starts (with a case's name).
 TOKEN = f"dsmlattack{secrets.token_hex(6)}"
 WAIT = 120  # seconds: a job's end, on a slow machine
+#: Whether the worker (this process's user) runs its tasks as another user, ``nobody``.
+AS_NOBODY = os.geteuid() == 0
+NOT_ROOT = "the tests do not run as root: the worker runs its tasks as its own user"
 
 
 class Cluster:
@@ -89,6 +100,27 @@ def _tasks_line(c: LocalCluster) -> str | None:
         if "tasks of worker w1:" in line:
             return line
     return None
+
+
+@pytest.fixture(scope="module")
+def shared_dir() -> Iterator[Path]:
+    """A directory any user may write (sticky, like /tmp): attackers' pid files."""
+    path = Path(tempfile.mkdtemp(prefix="dsml-attack-"))
+    path.chmod(0o1777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def shared(shared_dir: Path, request: pytest.FixtureRequest) -> Path:
+    """This test's own directory in :func:`shared_dir`, writable by the task user."""
+    name = "".join(c if c.isalnum() else "_" for c in request.node.name)
+    path = shared_dir / name
+    path.mkdir(mode=0o777)
+    path.chmod(0o777)
+    return path
 
 
 # -- the process table ---------------------------------------------------------------------
@@ -199,7 +231,7 @@ def _lines(path: Path) -> int:
 
 @pytest.mark.parametrize("how", ["success", "timeout", "cancel"])
 def test_a_process_left_behind_dies_and_harms_no_later_job(
-    cluster: Cluster, tmp_path: Path, how: str
+    cluster: Cluster, tmp_path: Path, shared: Path, how: str
 ) -> None:
     """setsid and fork + setpgid children of a task that exits 0, times out or is
     cancelled: the victim that runs at once after it stores its own bytes, and no
@@ -207,7 +239,7 @@ def test_a_process_left_behind_dies_and_harms_no_later_job(
     if not cluster.cgroups:
         pytest.skip("the worker runs tasks without cgroups here: a setsid child escapes")
     mark = f"{TOKEN}.{how}"
-    pids = tmp_path / "pids"
+    pids = shared / "pids"
     script = leftover_attack(pids, mark)
     try:
         if how == "success":
@@ -257,7 +289,9 @@ def test_symlinks_planted_by_a_task_cost_only_its_own_attempt(
     status = cluster.client.wait(attacker.id, timeout=WAIT)
     assert status["tasks"][0]["state"] in ("succeeded", "failed"), status
     run = (cluster.tasks / "run").resolve()
-    assert any(p.is_symlink() for p in run.iterdir())  # the plants are in place
+    # The plants are in place; as the task user it may not even reach run/ by ".."
+    # (0700, root's): it failed at once.
+    assert any(p.is_symlink() for p in run.iterdir()) != AS_NOBODY
 
     for n in (1, 2):
         _, cwd = run_victim(cluster, tmp_path, f"symlink-victim{n}")
@@ -266,7 +300,10 @@ def test_symlinks_planted_by_a_task_cost_only_its_own_attempt(
 
     assert list(target.iterdir()) == []  # nobody ran (or wrote) there
     (attempt,) = status["tasks"][0]["attempts"]
-    assert not (cluster.tasks / str(attempt["id"])).exists()  # nothing kept of it
+    if AS_NOBODY:
+        assert attempt["reason"] == "exit 9", attempt  # cd ..: permission denied
+    else:
+        assert not (cluster.tasks / str(attempt["id"])).exists()  # nothing kept of it
 
 
 # == 3. links as outputs ====================================================================
@@ -290,10 +327,15 @@ def test_a_link_to_a_worker_file_is_not_uploaded(
     status = cluster.client.wait(job.id, timeout=WAIT)
     assert status["state"] == "failed", status
     (attempt,) = status["tasks"][0]["attempts"]
-    assert attempt["cause"] == "output", attempt
-    why = "a link to another file" if how == "ln" else "missing"
-    assert attempt["reason"].startswith(f"output 'out.db' {why}"), attempt
-    assert job.logs() == b"linked\n"  # the link was made: the worker refused it
+    if how == "ln" and AS_NOBODY:
+        # The task user cannot even reach the database (the data dir is root's, 0700).
+        assert attempt["reason"] == "exit 1", attempt
+        assert job.logs() == b""
+    else:
+        assert attempt["cause"] == "output", attempt
+        why = "a link to another file" if how == "ln" else "missing"
+        assert attempt["reason"].startswith(f"output 'out.db' {why}"), attempt
+        assert job.logs() == b"linked\n"  # the link was made: the worker refused it
 
     with pytest.raises(DsmlError) as caught:
         cluster.client.stat(key)
@@ -306,21 +348,18 @@ def test_a_link_to_a_worker_file_is_not_uploaded(
 # == known holes: a task runs as the worker's user ==========================================
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue #13, open: a task may write its pid into an ancestor cgroup's cgroup.procs (the "
-    "worker's own cgroup is writable by the worker's user, and by root), so a process "
-    "moved there is not in the attempt cgroup, survives the attempt and strikes the next "
-    "job.  Mending it takes a boundary the task cannot cross (another uid for tasks, or a "
-    "cgroup namespace on an nsdelegate mount), not a worker change"))
 def test_a_process_that_leaves_its_cgroup_harms_no_later_job(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, tmp_path: Path, shared: Path
 ) -> None:
-    """Like the leftover cases, but the setsid child first moves itself into the
-    worker's own cgroups, v2 and v1 memory (found from /proc, as any task can)."""
+    """Like the leftover cases, but the setsid child first tries to move itself into
+    the worker's own cgroups, v2 and v1 memory (found from /proc, as any task can): as
+    the task user it may not write their ``cgroup.procs`` (issue #13)."""
     if not cluster.cgroups:
         pytest.skip("the worker runs tasks without cgroups here")
+    if not AS_NOBODY:
+        pytest.skip(NOT_ROOT + ", which may write its own cgroup's cgroup.procs")
     mark = f"{TOKEN}.leave"
-    pids = tmp_path / "pids"
+    pids = shared / "pids"
     leave = (
         "cg=$(sed -n 's/^0:://p' /proc/self/cgroup); "
         "m=$(awk '{for (i = 7; i < NF; i++) if ($i == \"-\") { "
@@ -347,30 +386,28 @@ def test_a_process_that_leaves_its_cgroup_harms_no_later_job(
         kill_marked(mark, pids)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue #13, open: a task runs as the worker's user and can reach its data dir "
-    "($DSML_WORKER_DIR/../store): it rewrote the store object of a key (size and mtime "
-    "kept), and a later job staged that key from this worker's store without a re-hash, "
-    "so it computed, and stored, from the attacker's bytes.  Mending it takes tasks "
-    "that cannot reach the data dir (another uid, a mount namespace)"))
 def test_a_task_that_rewrites_the_store_harms_no_later_job(
     cluster: Cluster, tmp_path: Path
 ) -> None:
-    """The victim's input is stored first; the attacker rewrites the object that holds
-    it in the worker's store (found by its content: an attacker could rewrite them all)."""
+    """The victim's input is stored first; the attacker tries to rewrite the object that
+    holds it in the worker's store (found by its content: an attacker could rewrite them
+    all), and is refused: as the task user it cannot enter the data dir (issue #13)."""
+    if not AS_NOBODY:
+        pytest.skip(NOT_ROOT + ", which owns the store")
     data = "storeinput" + secrets.token_hex(8)
     src = tmp_path / "in"
     src.write_text(data + "\n")
     cluster.client.upload(src, "victim-store/in")
     forged = ("ATTACK" * 10)[: len(data) + 1]  # the object's size
     forge = (
+        'ls "$DSML_WORKER_DIR/../store/objects" >/dev/null 2>&1 || echo denied; '
         f'for f in $(grep -rl {data} "$DSML_WORKER_DIR/../store/objects"); do '
         f'chmod u+w "$f"; printf %s {forged} > "$f.new"; touch -r "$f" "$f.new"; '
         'cat "$f.new" > "$f"; touch -r "$f.new" "$f"; rm "$f.new"; echo forged; done'
     )
     job = cluster.client.submit(["sh", "-c", forge], max_attempts=1)
     assert cluster.client.wait(job.id, timeout=WAIT)["state"] == "succeeded"
-    assert job.logs() == b"forged\n"
+    assert job.logs() == b"denied\n"  # and nothing forged
     victim = cluster.client.submit(
         ["sh", "-c", "tr a-z A-Z < in.txt > result"],
         inputs=[("victim-store/in", "in.txt")], outputs=[("result", "victim-store/out")],
@@ -379,3 +416,52 @@ def test_a_task_that_rewrites_the_store_harms_no_later_job(
     assert cluster.client.wait(victim.id, timeout=WAIT)["state"] == "succeeded"
     cluster.client.download("victim-store/out", tmp_path / "out")
     assert (tmp_path / "out").read_text() == data.upper() + "\n"
+
+
+# == the task user ==========================================================================
+
+
+def test_a_task_runs_as_the_task_user(cluster: Cluster, tmp_path: Path) -> None:
+    """On a root worker a task runs as ``nobody`` (no task_user configured), with its
+    HOME, USER and LOGNAME: it writes its outputs (uploaded), reads its input (lent by a
+    link from the store) but cannot write it or chmod it, cannot list or enter the
+    worker's store, and cannot write the cgroup.procs of the worker's cgroups."""
+    if not AS_NOBODY:
+        pytest.skip(NOT_ROOT)
+    nobody = pwd.getpwnam("nobody")
+    assert f"they run as nobody (uid {nobody.pw_uid})" in str(_tasks_line(cluster.local))
+    data = "input" + secrets.token_hex(8) + "\n"
+    (tmp_path / "in").write_text(data)
+    cluster.client.upload(tmp_path / "in", "user/in")
+    probe = (
+        'id -u > uid; id -G > groups; echo "$USER $LOGNAME $HOME" > who; pwd -P > cwd; '
+        "python3 -c 'import os; print(os.getcwd())' >> cwd; cat in.txt > copy; "
+        '{ echo x >> in.txt; } 2>/dev/null && echo input-written; '
+        "chmod u+w in.txt 2>/dev/null && echo input-chmod; "
+        'ls "$DSML_WORKER_DIR/../store" >/dev/null 2>&1 && echo store-listed; '
+        '(cd "$DSML_WORKER_DIR/../store") 2>/dev/null && echo store-entered; '
+        "cg=$(sed -n 's/^0:://p' /proc/self/cgroup); "
+        "m=$(awk '{for (i = 7; i < NF; i++) if ($i == \"-\") { "
+        "if ($(i + 1) == \"cgroup2\") print $5; break }}' /proc/self/mountinfo | head -n 1); "
+        'for d in "$(dirname "$cg")" "$(dirname "$(dirname "$cg")")"; do '
+        '{ echo $$ > "$m$d/cgroup.procs"; } 2>/dev/null && echo cgroup-left; done; '
+        "echo end"
+    )
+    outs = ["uid", "groups", "who", "cwd", "copy"]
+    job = cluster.client.submit(
+        ["sh", "-c", probe], inputs=[("user/in", "in.txt")],
+        outputs=[(name, f"user/{name}") for name in outs], max_attempts=1,
+    )
+    status = cluster.client.wait(job.id, timeout=WAIT)
+    assert status["state"] == "succeeded", status
+    assert job.logs() == b"end\n"  # none of the forbidden things happened
+    got = {}
+    for name in outs:
+        cluster.client.download(f"user/{name}", tmp_path / name)
+        got[name] = (tmp_path / name).read_text()
+    assert got["uid"] == f"{nobody.pw_uid}\n"
+    assert got["groups"] == f"{nobody.pw_gid}\n"  # its primary group, no other
+    assert got["who"] == f"nobody nobody {nobody.pw_dir}\n"
+    cwd, py_cwd = got["cwd"].split()
+    assert cwd == py_cwd and Path(cwd).parent == (cluster.tasks / "run").resolve()
+    assert got["copy"] == data

@@ -64,6 +64,7 @@ def test_gpu_tasks_run_four_at_a_time_each_on_its_own_gpu(
     exactly one of its worker's ids."""
     gate = tmp_path / "gate"
     gate.mkdir()
+    gate.chmod(0o777)  # the tasks write there (as nobody, on a root worker)
     job = client.submit(["sh", "-c", GATE], array=8, gpus=1, env={"GATE": str(gate)})
 
     def started() -> list[Path]:

@@ -346,6 +346,39 @@ def test_own_session_and_group_without_fork(h: Harness, which: str) -> None:
     assert stat_fields(os.getpid())[0] != spawned
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: tasks run as nobody")
+@pytest.mark.parametrize("which", ["default", "spawn", "python"])
+def test_a_task_user_runs_the_command_after_the_hand_over(h: Harness, which: str) -> None:
+    """With a task user (nobody) the command runs as it, with each launcher: its HOME,
+    USER; it reads its input (in a directory staging made), writes its output, and the
+    worker uploads it; its directory is nobody's, the worker's task dir still root's."""
+    import pwd
+
+    from dsml.worker.tasks.taskuser import resolve
+
+    user = resolve("nobody", euid=0)
+    assert user is not None
+    nobody = pwd.getpwnam("nobody")
+    chosen = {"default": None, "spawn": spawn_launcher(), "python": python_launcher()}[which]
+    h.transfers.files["in-key"] = b"hello\n"
+    m = h.manager(launcher=chosen, task_user=user)
+    script = ('id -u; id -G; echo "$HOME $USER $LOGNAME"; '
+              "stat -c %U . data; tr a-z A-Z < data/in.txt > out.txt")
+
+    async def body() -> AttemptResult:
+        m.start(spec(1, "sh", "-c", script, inputs=(("in-key", "data/in.txt"),),
+                     outputs=(("out.txt", "out-key"),)))
+        return await h.result(1)
+
+    result = h.run(body)
+    assert result.reason == "", (result, m.logs(1)[1].read_text())
+    assert m.logs(1)[0].read_text().splitlines() == [
+        str(nobody.pw_uid), str(nobody.pw_gid), f"{nobody.pw_dir} nobody nobody",
+        "nobody", "nobody"]
+    assert h.transfers.uploaded == {"out-key": b"HELLO\n"}
+    assert os.stat(h.work_dir).st_uid == 0 and os.stat(h.work_dir).st_mode & 0o777 == 0o700
+
+
 # --- inputs and outputs --------------------------------------------------------------------
 
 

@@ -23,7 +23,9 @@ and attempts that want it while the download runs wait for that one download.
   a hit whose file's inode, mtime, mode or size differ from when it was cached (a link
   kept past the attempt, written later) is fetched again.  A task that also restores the
   mtime and mode is not caught: only the isolation of tasks from the worker's user
-  (issue #13) closes that, as for the store itself.
+  (issue #13) closes that, as for the store itself.  Where tasks run as another user
+  (``task_user``, :mod:`dsml.worker.tasks.taskuser`) it is closed: an entry stays
+  root's, 0440 to the task user's group, which may read it, not write or ``chmod`` it.
 
 File work (emptying the directory, unlinking) is small and runs on the caller's thread;
 the bytes move in the caller's download.
@@ -75,11 +77,15 @@ class InputCache:
     link can lend an entry); it is created private, or emptied if it exists.
     """
 
-    def __init__(self, root: Path, budget: int) -> None:
+    def __init__(self, root: Path, budget: int,
+                 lend: tuple[int, int | None] = (0o400, None)) -> None:
         if budget < 0:
             raise ValueError("the input cache's budget cannot be negative")
         self.root = root
         self.budget = budget
+        #: An entry's mode and group (None: unchanged): read-only, to the task user's
+        #: group too where tasks run as another user (:mod:`.tasks.taskuser`).
+        self.lend = lend
         if root.exists():
             shutil.rmtree(root)
         private_dir(root)
@@ -149,7 +155,10 @@ class InputCache:
                 w.callback(None)
             return
         # Read-only: an attempt's link to it is refused writes (the owner may chmod).
-        os.chmod(path, 0o400)
+        mode, group = self.lend
+        if group is not None:
+            os.chown(path, -1, group, follow_symlinks=False)
+        os.chmod(path, mode)
         stamp = _stamp_of(path)
         if stamp is None:  # gone already
             for w in waiters:

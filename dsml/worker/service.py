@@ -47,6 +47,7 @@ from .storage import RunInThread, StorageHandler, storage_responders
 from .store import Store
 from .tasks import TaskManager
 from .tasks.cgroups import detect as detect_cgroups
+from .tasks.taskuser import for_worker, lent_mode
 from .transfers import TaskTransfers
 from .trust import MasterTrust
 
@@ -156,6 +157,7 @@ def build_worker(
     tls: TlsIdentity | None = None,
     admins: Collection[str] = DEFAULT_ADMINS,
     input_cache: InputCache | None = None,
+    lend: tuple[int, int | None] = (0o400, None),
 ) -> Worker:
     """Wire a worker over an open ``store``: no reactor, sockets or threads of its own.
 
@@ -177,7 +179,8 @@ def build_worker(
     certificate: the master link's must be the master's, other links' the master's or a
     worker's, and the storage server accepts workers and users, each with its role;
     ``admins`` (``cluster.admins``) may read every attempt's logs, other users only
-    their own jobs'.
+    their own jobs'.  ``lend``: the mode and group of store objects lent to tasks by a
+    link (:func:`~.tasks.taskuser.lent_mode`).
     """
     name = info.name
     # Over TLS the certificates say who is who and nobody checks the token: it is never
@@ -190,7 +193,7 @@ def build_worker(
     )
     client = AsyncClusterClient(master_addr, links, clock)
     transfers = TaskTransfers(
-        client, store, clock, run_in_thread, cache=input_cache,
+        client, store, clock, run_in_thread, cache=input_cache, lend=lend,
         # A task changed its read-only input through the store's object: forget the
         # copy and tell the master (``orders`` is built below, before any task runs).
         report_corrupt=lambda key: orders.forget_bad_copy(key),
@@ -291,6 +294,7 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
     keep a link to the master."""
     wc = config.worker(name)
     cc = config.cluster
+    task_user = for_worker(config, name)  # ConfigError (one line) if it cannot be used
     # Loaded first: a missing or unsafe key stops the worker before anything else.
     tls = load_tls(config, "worker", name)
     private_dir(wc.data_dir)  # 0700; an older install's open one is tightened
@@ -326,7 +330,10 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         if cgroups is None:
             how = (f"no cgroups ({how}): the worker is their child subreaper; "
                    "memory limits (--mem) NOT enforced")
-        _log.info("tasks of worker {name}: {how}", name=name, how=how)
+        who = ("the worker's own user" if task_user is None
+               else f"{task_user.name} (uid {task_user.uid})")
+        _log.info("tasks of worker {name}: {how}; they run as {who}", name=name, how=how,
+                  who=who)
         return TaskManager(
             reactor,
             cgroups=cgroups,
@@ -335,6 +342,7 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
             slots=wc.slots,
             mem=mem,
             gpus=gpus,
+            task_user=task_user,
             work_dir=work_dir,
             transfers=transfers,
             on_result=on_result,
@@ -362,5 +370,7 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         tls=tls,
         admins=cc.admins,
         # Beside tasks/ under data_dir: one filesystem, so an entry can be lent by a link.
-        input_cache=InputCache(wc.data_dir / "cache", wc.input_cache) if wc.input_cache else None,
+        input_cache=(InputCache(wc.data_dir / "cache", wc.input_cache, lend=lent_mode(task_user))
+                     if wc.input_cache else None),
+        lend=lent_mode(task_user),
     ).service

@@ -12,10 +12,12 @@ Owns :class:`TaskTransfers`, the :class:`~dsml.worker.tasks.Transfers` of a real
   so a task's accidental write is refused; else (another filesystem, no ``/proc``) a copy
   (:func:`dsml.fsutil.copy_file`).  Store objects are never written after their rename,
   so the link is a stable snapshot of that version.  A task running as the worker's user
-  could still ``chmod`` and write it; :meth:`TaskTransfers.release`, called when the
-  attempt ends, notices any change of the inode (its ctime, mtime, mode or size moved),
-  re-hashes the object, and if it no longer matches hands the key to ``report_corrupt``
-  (the worker drops its copy and tells the master, which repairs it from the others).
+  could still ``chmod`` and write it (not one running as another user, ``task_user``:
+  the object is then root's, 0440 to that user's group, :mod:`.tasks.taskuser`);
+  :meth:`TaskTransfers.release`, called when the attempt ends, notices any change of
+  the inode (its ctime, mtime, mode or size moved), re-hashes the object, and if it no
+  longer matches hands the key to ``report_corrupt`` (the worker drops its copy and
+  tells the master, which repairs it from the others).
   Otherwise, when a version was named and the worker has an
   :class:`~dsml.worker.inputcache.InputCache`, the key is downloaded once into the cache
   by (key, version, checksum) and lent the same way (a read-only hard link): a sweep's
@@ -113,8 +115,12 @@ class TaskTransfers:
         retry_for: float = TRANSFER_RETRY_FOR,
         report_corrupt: Callable[[str], object] | None = None,
         cache: InputCache | None = None,
+        lend: tuple[int, int | None] = (0o400, None),
     ) -> None:
         self.client = client
+        #: The mode and group (None: unchanged) of a store object lent by a link: 0400,
+        #: or 0440 to the group of the user tasks run as (:mod:`.tasks.taskuser`).
+        self.lend = lend
         #: This worker's own store (the Transfers interface's ``store`` is the upload).
         self.local = store
         self.clock = clock
@@ -180,7 +186,7 @@ class TaskTransfers:
             # cancelled meanwhile must not close (and free the number of) a descriptor
             # the copy still reads.
             try:
-                return _stage_into(body, entry.size, dest)
+                return _stage_into(body, entry.size, dest, self.lend)
             finally:
                 body.close()
 
@@ -294,7 +300,9 @@ class TaskTransfers:
             delay = min(delay * 2, RETRY_MAX)
 
 
-def _stage_into(body: IO[bytes], size: int, dest: Path) -> tuple[str, os.stat_result | None]:
+def _stage_into(
+    body: IO[bytes], size: int, dest: Path, lend: tuple[int, int | None] = (0o400, None)
+) -> tuple[str, os.stat_result | None]:
     """Put the ``size`` bytes of the open store object ``body`` at ``dest`` through a
     temporary name beside it (renamed at the end, removed on failure): a reflink, else a
     read-only hard link to ``body`` itself (with the object's status after linking),
@@ -304,13 +312,15 @@ def _stage_into(body: IO[bytes], size: int, dest: Path) -> tuple[str, os.stat_re
     except (AttributeError, OSError, ValueError):  # a value: bytes in memory
         src = -1
     if src >= 0 and size > 0:
-        linked = _link_readonly(src, size, dest)
+        linked = _link_readonly(src, size, dest, lend)
         if linked is not None:
             return linked
     return _copy_into(body, src, size, dest), None
 
 
-def _link_readonly(src: int, size: int, dest: Path) -> tuple[str, os.stat_result | None] | None:
+def _link_readonly(
+    src: int, size: int, dest: Path, lend: tuple[int, int | None] = (0o400, None)
+) -> tuple[str, os.stat_result | None] | None:
     """A reflink of ``src`` at ``dest``, else a hard link to it made read-only; None if
     neither can be made here (another filesystem, no ``/proc``, the object unlinked)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
@@ -327,9 +337,13 @@ def _link_readonly(src: int, size: int, dest: Path) -> tuple[str, os.stat_result
             return "clone", None
         os.unlink(tmp)
         try:
-            # 0400 first: the store never writes an object after its rename, and a task
-            # opening its input for writing is then refused instead of changing the store.
-            os.fchmod(src, 0o400)
+            # 0400 first (0440 to the task user's group): the store never writes an
+            # object after its rename, and a task opening its input for writing is then
+            # refused instead of changing the store.
+            mode, group = lend
+            if group is not None:
+                os.fchown(src, -1, group)
+            os.fchmod(src, mode)
             # The very inode the version check opened, not whatever the object's name
             # holds now: linkat(AT_SYMLINK_FOLLOW) of the descriptor's /proc link (a
             # directory descriptor makes Python call linkat, not link, which would not

@@ -48,6 +48,8 @@ The rooms:
   layout, in a v1 memory cgroup beside it) and its accounting;
 - :mod:`.subreaper`: without cgroups, the worker as a child subreaper that kills and
   reaps what an attempt left, by the mark in its environment;
+- :mod:`.taskuser`: the unprivileged user a root worker's tasks run as (the drop after
+  the cgroup join, the attempt directory handed over);
 - :mod:`.logs`: capped logs and the stderr tail;
 - :mod:`.workdirs`: attempt directories, reused, kept and removed.
 

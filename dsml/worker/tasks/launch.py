@@ -150,16 +150,19 @@ class TaskEnvironment:
 
     The variables taken from the worker are read once, here: those named in ``allow``
     (a name, or a prefix ending in ``*``: ``CUDA_*``), :data:`BASE_ENV_NAMES` by
-    default; the worker's config extends the list (``task_env``).
+    default; the worker's config extends the list (``task_env``).  ``user`` (the task
+    user's ``HOME``, ``USER``, ``LOGNAME``) replaces the worker's own.
     """
 
-    def __init__(self, work_dir: Path, allow: Sequence[str] = BASE_ENV_NAMES) -> None:
+    def __init__(self, work_dir: Path, allow: Sequence[str] = BASE_ENV_NAMES,
+                 user: Mapping[str, str] | None = None) -> None:
         self.work_dir = work_dir
         exact = {a for a in allow if not a.endswith("*")}
         prefixes = tuple(a[:-1] for a in allow if a.endswith("*"))
         self._base = {name: value for name, value in os.environ.items()
                       if name in exact or (prefixes and name.startswith(prefixes))}
         self._base.setdefault("PATH", os.defpath)
+        self._base.update(user or {})
 
     def for_attempt(self, spec: AttemptSpec) -> dict[str, str]:
         """Base variables from the worker, then the spec's, then the DSML_* ones."""

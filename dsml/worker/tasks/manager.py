@@ -58,6 +58,7 @@ from .spec import (
     Transfers,
     relative,
 )
+from .taskuser import TaskUser
 from .watch import (
     SAMPLE_INTERVAL,
     ExitWatcher,
@@ -166,6 +167,7 @@ class TaskManager(AttemptLedger):
     :param sample_interval: seconds between two memory samples of running groups.
     :param cgroups: the worker's attempt cgroups (:func:`~.cgroups.detect`), or None;
         ``subreaper``: without them, become a child subreaper (:mod:`.subreaper`).
+    :param task_user: who tasks run as (:mod:`.taskuser`); None: the worker's user.
     """
 
     def __init__(
@@ -189,6 +191,7 @@ class TaskManager(AttemptLedger):
         task_env: Sequence[str] = BASE_ENV_NAMES,
         mem: int = 0,
         gpus: Sequence[str] = (),
+        task_user: TaskUser | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
@@ -215,7 +218,10 @@ class TaskManager(AttemptLedger):
         # The ledger's finished attempts whose logs can still be read (the same dict).
         self._kept = self._dirs.kept
         self._stopping = False
-        self._environment = TaskEnvironment(self.work_dir, task_env)
+        self.task_user = task_user
+        self._environment = TaskEnvironment(
+            self.work_dir, task_env,
+            None if task_user is None else task_user.env(os.environ.get("PATH", os.defpath)))
         self._executables = Executables(reactor.seconds)
         self._sampler = MemorySampler(reactor, sample_interval, self._live_groups)
         private_dir(self.work_dir)  # the worker's alone, like its attempt directories
@@ -381,11 +387,19 @@ class TaskManager(AttemptLedger):
         worker has them); a reason if it cannot start."""
         env = self._environment.for_attempt(att.spec)
         command = list(att.spec.command)
+        user = self.task_user
+        # The shell that joins the cgroup (or setpriv) would report it as exit 127.
+        if (self.isolation.wraps or user is not None) and (
+                self._executables.find(command[0], env["PATH"]) is None
+                and not command_found(command[0], att.dir, env.get("PATH"))):
+            return f"command not found: {command[0]}"
+        if user is not None:  # its directory is the task user's; it drops after the join
+            try:
+                user.hand_over(att.dir, [relative(r, "input") for _, r in att.spec.inputs])
+            except OSError as e:
+                return f"workspace: {e.strerror or e}"
+            command = user.wrap(command)
         if self.isolation.wraps:
-            # The shell that joins the cgroup would report a missing command as exit 127.
-            if (self._executables.find(command[0], env["PATH"]) is None
-                    and not command_found(command[0], att.dir, env.get("PATH"))):
-                return f"command not found: {command[0]}"
             try:
                 att.cgroup = self.isolation.prepare(att.spec)
             except OSError as e:

@@ -1,0 +1,31 @@
+"""What every test module shares: process tests' ``tmp_path`` is open to the task user.
+
+A worker running as root runs its tasks as ``nobody`` (``task_user``,
+:mod:`dsml.worker.tasks.taskuser`).  Process tests hand files to their tasks and back
+through ``tmp_path`` (a file a task waits for, one it writes its pid to), as a user would
+through a shared directory: where the tests run as root, a ``processes`` test's
+``tmp_path`` is made writable by anyone and its parents searchable (not listable) by
+anyone.  The workers' data dirs under it stay 0700, their own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _tmp_path_open_to_the_task_user(request: pytest.FixtureRequest) -> None:
+    if os.geteuid() != 0 or request.node.get_closest_marker("processes") is None:
+        return
+    if "tmp_path" not in request.fixturenames:
+        return
+    tmp: Path = request.getfixturevalue("tmp_path")
+    base = request.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    for parent in tmp.parents:
+        if parent == base.parent.parent:  # up to the pytest-of-<user> directory
+            break
+        parent.chmod(parent.stat().st_mode & 0o7777 | 0o111)
+    tmp.chmod(0o777)
