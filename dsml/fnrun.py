@@ -12,8 +12,10 @@ names it: ``python3`` on the worker's PATH by default).  It reads
 - arguments stored apart (``_dsml/arg/<sha256>``, staged) and :class:`Key` arguments
   (any stored key, staged as an input): both are persistent ids in the pickle
   (``("arg", path)`` is loaded from the staged file, ``("key", path)`` becomes the
-  absolute :class:`pathlib.Path` of the staged copy, so a large file is never read
-  into memory unless the function does).
+  :class:`pathlib.Path` of the staged copy, relative to the task's working directory,
+  so a large file is never read into memory unless the function does; relative, since
+  a task running as the worker's task user cannot reach its directory through the
+  worker's data dir, which stays the worker's alone).
 
 It runs each call in turn and writes ``RESULT``: the same kind of header, then a pickle
 of ``[(call number, ok, value or exception, traceback text or None), ...]``.  A raising
@@ -113,7 +115,7 @@ class _Loader(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         kind, path = pid
         if kind == "key":
-            return Path(path).resolve()
+            return Path(path)
         if kind == "arg":
             return load_file(Path(path))
         raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")

@@ -93,6 +93,7 @@ def read_key(path: Path, extra: bytes) -> tuple[str, bool, bytes, int]:
     return type(path).__name__, path.is_absolute(), path.read_bytes(), len(extra)
 
 
+
 def fn_keys(client: ClusterClient) -> set[str]:
     return {k.key for k in client.list("_dsml/fn/")}
 
@@ -186,7 +187,9 @@ def test_a_key_argument_is_staged_as_an_input(client: ClusterClient) -> None:
     client.upload(b"x" * 1000, "datasets/fn-input.bin")
     fn = dsml.options(read_key, python=sys.executable)
     f = client.submit(fn, dsml.Key("datasets/fn-input.bin"), b"small")
-    assert f.result(120) == ("PosixPath", True, b"x" * 1000, 5)  # the staged copy
+    # The staged copy, by a path relative to the task's directory (a task user cannot
+    # pass through the worker's data dir).
+    assert f.result(120) == ("PosixPath", False, b"x" * 1000, 5)
 
 
 def test_a_version_mismatch_is_a_clear_error(client: ClusterClient) -> None:
