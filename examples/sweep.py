@@ -1,7 +1,7 @@
 """A hyperparameter sweep on a dsml cluster with ``dsml.Executor`` (issue #14).
 
 Run where ``dsml`` finds the cluster ($DSML_CONFIG or etc/dsml.yaml); the workers run
-the calls with ``python3`` (or $DSML_PYTHON) having dsml and cloudpickle installed.
+the calls with their own Python (or $DSML_PYTHON), which has dsml and cloudpickle.
 """
 
 import dsml

@@ -4,8 +4,9 @@ worker killed with -9 mid-map), ``ClusterClient.submit``/``map`` with a callable
 content-addressed functions and arguments, ``dsml.Key`` arguments staged as inputs, a
 version mismatch refused by the task side, and the sweep example.
 
-The workers pass their PYTHONPATH to tasks (``task_env``) and the calls run with this
-test's interpreter (``python=sys.executable``): the worktree's ``dsml.fnrun`` and its
+The workers pass their PYTHONPATH to tasks (``task_env``); the executor's calls run
+with the worker's own interpreter (the default, ``dsml-python``), the others with this
+test's (``python=sys.executable``): either has this tree's ``dsml.fnrun`` and its
 cloudpickle.  This module's functions are pickled by value (the workers cannot import a
 test module by name).
 """
@@ -64,7 +65,7 @@ def client(cluster: LocalCluster) -> Iterator[ClusterClient]:
 
 @pytest.fixture
 def ex(client: ClusterClient) -> Iterator[dsml.Executor]:
-    with dsml.Executor(client, python=sys.executable) as e:
+    with dsml.Executor(client) as e:  # the worker's own Python (the default)
         yield e
 
 

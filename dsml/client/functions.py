@@ -59,9 +59,10 @@ INLINE_MAX = 16 * 1024
 LARGE_ARG = 64 * 1024
 #: A map makes at most this many tasks per CPU of the cluster (batches of calls).
 TASKS_PER_CPU = 3
-#: The interpreter a function task runs, on the worker's PATH, unless the options or
-#: $DSML_PYTHON (read on the client) name another.
-DEFAULT_PYTHON = "python3"
+#: The interpreter a function task runs unless the options or $DSML_PYTHON (read on the
+#: client) name another: the worker's own (``dsml-python``, which the worker replaces
+#: with its ``sys.executable``), which imports dsml and cloudpickle as the worker does.
+DEFAULT_PYTHON = "dsml-python"
 #: The resources a call may ask for.
 RESOURCES = ("cpus", "mem", "gpus")
 #: The status poll's quickest and slowest pace (seconds): the quickest for

@@ -73,7 +73,7 @@ from .launch import (
     setsid_launcher,
     spawn_launcher,
 )
-from .ledger import AttemptLedger
+from .ledger import WORKER_PYTHON, AttemptLedger
 from .logs import (
     LOG_CAP,
     STDERR_NAME,
@@ -115,6 +115,7 @@ __all__ = [
     "TRACE",
     "TRAMPOLINE",
     "WHICH_TTL",
+    "WORKER_PYTHON",
     "AttemptLedger",
     "AttemptResult",
     "AttemptSpec",

@@ -7,6 +7,7 @@ Shared by :class:`~dsml.worker.tasks.TaskManager` and the simulation's fake mana
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,10 @@ import attrs
 
 from .logs import STDERR_NAME, STDOUT_NAME
 from .spec import AttemptResult, AttemptSpec, TaskError, validate
+
+#: A command named this runs the worker's own Python (``sys.executable``): what a
+#: function task runs by default, so it finds dsml and cloudpickle as the worker does.
+WORKER_PYTHON = "dsml-python"
 
 
 class AttemptLedger:
@@ -57,7 +62,10 @@ class AttemptLedger:
         mem_free = self.mem - sum(s.mem for s in active)
         if self.mem and spec.mem > mem_free:
             raise TaskError(f"busy: {spec.mem} bytes of memory wanted, {mem_free} free", "busy")
-        return attrs.evolve(spec, gpu_ids=tuple(idle[: spec.gpus]))
+        command = spec.command
+        if command[0] == WORKER_PYTHON:  # the worker's own interpreter (function tasks)
+            command = (sys.executable, *command[1:])
+        return attrs.evolve(spec, gpu_ids=tuple(idle[: spec.gpus]), command=command)
 
     def running(self) -> list[int]:
         """Ids of the attempts holding slots (staging, running or uploading)."""
