@@ -47,6 +47,7 @@ from dsml.client import ClusterClient
 from dsml.errors import DsmlError
 from dsml.localcluster import LocalCluster
 from dsml.testing.poll import poll
+from dsml.testing.proctable import marked
 from dsml.worker.store import INDEX_NAME
 from dsml.worker.tasks.cgroups import detect, tree_path
 
@@ -124,22 +125,6 @@ def shared(shared_dir: Path, request: pytest.FixtureRequest) -> Path:
 
 
 # -- the process table ---------------------------------------------------------------------
-
-
-def marked(mark: str) -> list[int]:
-    """Live (not zombie) processes whose command line holds ``mark``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
-        except (OSError, IndexError):
-            continue
-        if mark.encode() in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def kill_marked(mark: str, pid_file: Path | None = None) -> None:

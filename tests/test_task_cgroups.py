@@ -19,6 +19,7 @@ import pytest
 from test_tasks import Harness, alive, launcher, spec  # noqa: F401  (launcher: a fixture)
 
 from dsml.testing.poll import poll
+from dsml.testing.proctable import marked as in_table
 from dsml.worker.tasks.cgroups import (
     JOIN,
     CgroupTree,
@@ -150,21 +151,6 @@ def test_a_new_manager_kills_what_an_earlier_run_left(tmp_path: Path, tree: Cgro
     assert os.path.isdir(tree.root)
 
 
-def _sleepers(mark: str) -> list[int]:
-    """Live processes whose command line holds ``mark`` (the process table)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if mark.encode() in cmdline and alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.processes
 def test_a_real_worker_leaves_no_escaped_process(tmp_path: Path) -> None:
     """Through twistd: a job whose task starts ``setsid sleep ... &`` and exits 0, and
@@ -190,16 +176,16 @@ def test_a_real_worker_leaves_no_escaped_process(tmp_path: Path) -> None:
         client = ClusterClient(host, port, c.token)
         ok = client.submit(["sh", "-c", f"setsid sleep {mark} & sleep 0.2"], max_attempts=1)
         assert client.wait(ok.id, timeout=120)["state"] == "succeeded"
-        poll(lambda: True if not _sleepers(mark) else None, "no sleeper after success")
+        poll(lambda: True if not in_table(mark) else None, "no sleeper after success")
         job = client.submit(["sh", "-c", f"setsid sleep {mark} & sleep 1000"], max_attempts=1)
-        poll(lambda: True if _sleepers(mark) else None, "the sleeper started", timeout=60)
+        poll(lambda: True if in_table(mark) else None, "the sleeper started", timeout=60)
         client.cancel(job.id)
         assert client.wait(job.id, timeout=120)["state"] == "cancelled"
-        poll(lambda: True if not _sleepers(mark) else None, "no sleeper after cancel")
+        poll(lambda: True if not in_table(mark) else None, "no sleeper after cancel")
         client.close()
     finally:
         c.stop()
-        for pid in _sleepers(mark):
+        for pid in in_table(mark):
             os.kill(pid, 9)
     root, _ = tree_path(c.root / "w1" / "tasks")
     assert root is not None and not root.exists()  # the worker's cgroups went with it
@@ -386,7 +372,7 @@ def test_the_processes_of_an_attempt_are_found_by_their_environment(tmp_path: Pa
 
 def _gone_or_dead(mark: str, pid: int) -> bool:
     """No live process holds ``mark`` and ``pid`` is reaped (not even a zombie)."""
-    return not _sleepers(mark) and not Path(f"/proc/{pid}").exists()
+    return not in_table(mark) and not Path(f"/proc/{pid}").exists()
 
 
 SUBREAPER_ESCAPES = {
@@ -433,7 +419,7 @@ def test_without_cgroups_the_subreaper_kills_and_reaps_what_left_the_group(
     try:
         result, escaped = h.run(body, timeout=20)
     finally:
-        for pid in _sleepers(mark):
+        for pid in in_table(mark):
             os.kill(pid, 9)
     assert subreaper_state() == was  # stop() gave the flag back
     if how == "success":
