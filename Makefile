@@ -82,6 +82,7 @@ bench: $(BENCH_STAMP)
 	$(VENV)/bin/python benchmarks/cluster.py
 	$(VENV)/bin/python benchmarks/jobs.py
 	$(VENV)/bin/python benchmarks/staging.py
+	$(VENV)/bin/python benchmarks/functions.py
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis .ruff_cache var
