@@ -5,6 +5,7 @@ it to `make bench`), and leaves no process behind (the figures are not checked).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ def test_the_functions_benchmark_prints_every_side() -> None:
     )
     out = r.stdout.decode()
     assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert re.search(r"the sweep: \d+ lines of code with dsml .*, \d+ with Dask", out), out
     for side in ("dsml", "dask", "process pool"):
         assert any(line.startswith(side) for line in out.splitlines()), out
     try:

@@ -224,6 +224,18 @@ def test_the_sweep_example(cluster: LocalCluster) -> None:
     assert "best: lr=0.3" in r.stdout.decode(), r.stdout.decode()
 
 
+def test_the_scatter_gather_example(cluster: LocalCluster) -> None:
+    """numpy parts scattered as keys, summed on the workers (the worker's own Python),
+    gathered: the example checks the result against numpy itself."""
+    env = {**os.environ, "DSML_CONFIG": str(cluster.config_path), "DSML_TOKEN": cluster.token,
+           "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "scatter_gather.py")],
+                       env=env, capture_output=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr.decode()
+    assert "400000 values in 8 parts" in r.stdout.decode(), r.stdout.decode()
+    assert "the same as numpy over the whole array" in r.stdout.decode()
+
+
 def test_a_worker_killed_mid_map_and_every_future_resolved_once(
         cluster: LocalCluster, client: ClusterClient) -> None:
     resolved: dict[int, int] = {}
