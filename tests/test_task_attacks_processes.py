@@ -49,7 +49,7 @@ from dsml.localcluster import LocalCluster
 from dsml.testing.poll import poll
 from dsml.testing.proctable import marked
 from dsml.worker.store import INDEX_NAME
-from dsml.worker.tasks.cgroups import detect, tree_path
+from dsml.worker.tasks.cgroups import detect, remove_tree, tree_path
 
 pytestmark = pytest.mark.processes
 
@@ -76,7 +76,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("attacks")
     probe, _ = detect(root / "probe")
     if probe is not None:
-        probe.root.rmdir()
+        remove_tree(root / "probe")  # v2 and v1 memory roots both
     c = LocalCluster(root / "cluster", workers=("w1",))
     client = None
     try:
