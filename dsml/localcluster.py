@@ -127,6 +127,21 @@ class LocalCluster:
                 raise ProcessFailed(f"{name} did not listen within {timeout} s:\n{self.tail(name)}")
             time.sleep(0.02)
 
+    def start_all(self, timeout: float = 60.0) -> None:
+        """Start the master and every worker; return once every worker has registered
+        with the master (alive in its ``nodes``), so a test can submit at once."""
+        from .client import ClusterClient
+        from .testing.poll import poll
+
+        self.start("master")
+        for name in self.worker_names:
+            self.start(name)
+        host, port = self.address("master")
+        want = set(self.worker_names)
+        with ClusterClient(host, port, self.token, tls=self.user_tls()) as c:
+            poll(lambda: True if want <= {n.name for n in c.nodes() if n.state == "alive"}
+                 else None, f"{', '.join(sorted(want))} to register", timeout)
+
     def address(self, name: str) -> tuple[str, int]:
         """The address the running process ``name`` listens on."""
         return read_addr_file(self.addr_file(name))

@@ -34,7 +34,6 @@ import dsml
 from dsml.client import ClusterClient
 from dsml.fs import DsmlFileSystem
 from dsml.localcluster import LocalCluster
-from dsml.testing.poll import poll
 
 pytestmark = pytest.mark.processes
 
@@ -50,11 +49,7 @@ ENTRY_POINT = re.search(  # type: ignore[union-attr]
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     c = LocalCluster(tmp_path_factory.mktemp("fs"), workers=("w1", "w2"))
     try:
-        for name in ("master", "w1", "w2"):
-            c.start(name)
-        host, port = c.address("master")
-        with ClusterClient(host, port, c.token) as probe:
-            poll(lambda: True if len(probe.nodes()) == 2 else None, "both workers registered")
+        c.start_all()
         fsspec.register_implementation("dsml", ENTRY_POINT.replace(":", "."), clobber=True)
         yield c
     finally:

@@ -47,11 +47,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     c = LocalCluster(tmp_path_factory.mktemp("fn"), workers=tuple(workers),
                      extra={"workers": workers})
     try:
-        for name in ("master", "w1", "w2"):
-            c.start(name)
-        host, port = c.address("master")
-        with ClusterClient(host, port, c.token) as probe:
-            poll(lambda: True if len(probe.nodes()) == 2 else None, "both workers registered")
+        c.start_all()
         yield c
     finally:
         c.stop()

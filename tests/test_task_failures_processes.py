@@ -23,9 +23,7 @@ pytestmark = pytest.mark.processes
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     c = LocalCluster(tmp_path / "cluster", workers=("w1", "w2"))
     try:
-        c.start("master")
-        c.start("w1")
-        c.start("w2")
+        c.start_all()
         yield c
     finally:
         c.stop()
@@ -35,7 +33,6 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 def client(cluster: LocalCluster) -> Iterator[ClusterClient]:
     host, port = cluster.address("master")
     with ClusterClient(host, port, cluster.token) as c:
-        poll(lambda: True if len(c.nodes()) == 2 else None, "both workers registered")
         yield c
 
 

@@ -189,7 +189,7 @@ class JobRouter:
                 for record in self.membership.alive():
                     if record.conn is None or self.cordoned(record.name):
                         continue
-                    free = record.room - self._busy(record.name)
+                    free = record.room - self.used(record.name)
                     if free.cpus > DISPATCH_PER_TURN - sent:
                         free = Room(DISPATCH_PER_TURN - sent, free.mem, free.gpus)
                     if free.cpus <= 0:
@@ -211,17 +211,13 @@ class JobRouter:
         except Exception:
             log.failure("dispatch failed")
 
-    def _busy(self, worker: str) -> Room:
+    def used(self, worker: str) -> Room:
         """The room held by the attempts the master has running on ``worker``, and by
-        those it was told to kill and has not reported ended."""
+        those it was told to kill and has not reported ended (``nodes`` shows it)."""
         busy = self.jobs.used_on(worker)
         for room in self._killing.get(worker, {}).values():
             busy = busy + room
         return busy
-
-    def used(self, worker: str) -> Room:
-        """What ``worker``'s attempts hold now (``nodes`` shows it)."""
-        return self._busy(worker)
 
     def _holds(self, worker: str, where: dict[str, set[str]]) -> Callable[[str], bool]:
         def holds(key: str) -> bool:
@@ -279,21 +275,16 @@ class JobRouter:
         does may read what those jobs write), among the inputs of its first
         :data:`INPUTS_CHECKED` tasks (a missing one past those fails its task at staging).
         """
-        # The spec's own problems first (the manager checks every task again, a big
-        # job's in slices): a bad path or count is said as such, not as "not stored".
-        check_job_head(spec)
-        for i in range(min(spec.count, INPUTS_CHECKED)):
-            check_task(i, spec.task(i))
+        missing = self._first_tasks_problem(spec)
         rooms = [r.room for r in self.membership.all()]
         if rooms:  # (none yet: a master just started, its workers still coming)
-            for need in {t.room for t in spec.tasks}:
+            # Distinct needs as plain tuples: a 100,000-task list makes no Room each.
+            for need in {Room(*n) for n in {(t.slots, t.mem, t.gpus) for t in spec.tasks}}:
                 if not any(room.holds(need) for room in rooms):
                     raise JobError(f"a task needs {need.describe()}; no worker has that much"
                                    f" ({_largest(rooms)})", "bad-job")
-        if not spec.after:
-            missing = self._missing_input(spec)
-            if missing:
-                raise JobError(f"input {missing!r} is not stored (upload it first)", "bad-job")
+        if missing:
+            raise JobError(f"input {missing!r} is not stored (upload it first)", "bad-job")
 
         def acknowledged(job_id: str) -> str:
             self.dispatch_soon()
@@ -301,17 +292,27 @@ class JobRouter:
 
         return self.jobs.submit(spec, owner).addCallback(acknowledged)
 
-    def _missing_input(self, spec: JobSpec) -> str | None:
-        """The first input key of the job's first :data:`INPUTS_CHECKED` tasks that the
-        directory does not hold, or None (bounded work whatever the job's size)."""
+    def _first_tasks_problem(self, spec: JobSpec) -> str | None:
+        """Check the job's head and its first :data:`INPUTS_CHECKED` tasks (JobError
+        for a bad one: a bad path or count is said as such, not as "not stored"; the
+        manager checks every task again, a big job's in slices); return the first of
+        their input keys the directory does not hold, for a job that comes after no
+        other, or None.  Bounded work whatever the job's size: each task expanded once."""
+        check_job_head(spec)
         seen: set[str] = set()
+        missing = None
         for i in range(min(spec.count, INPUTS_CHECKED)):
-            for key, _ in spec.task(i).inputs:
+            task = spec.task(i)
+            check_task(i, task)
+            if missing is not None or spec.after:
+                continue
+            for key, _ in task.inputs:
                 if key not in seen:
                     if self.directory.current(key) is None:
-                        return key
+                        missing = key
+                        break
                     seen.add(key)
-        return None
+        return missing
 
     def job(self, job_id: str, tasks: bool = True) -> JobView:
         """The job as it is (``not-found`` for an unknown id): with ``tasks``, its first

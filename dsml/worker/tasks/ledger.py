@@ -52,7 +52,7 @@ class AttemptLedger:
             raise TaskError(f"needs {spec.gpus} GPUs and {spec.mem} bytes; this worker has"
                             f" {len(self.gpus)} and {self.mem}", "bad-task")
         active = [a.spec for a in self._active.values()]
-        free = self.slots - sum(s.slots for s in active)
+        free = self.free_slots()
         if spec.slots > free:
             raise TaskError(f"busy: {spec.slots} slots wanted, {free} free", "busy")
         held = {g for s in active for g in s.gpu_ids}
