@@ -15,12 +15,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from .fnrun import Key
-
 if TYPE_CHECKING:
     from .client.cluster import ClusterClient
     from .client.functions import Remote
     from .executor import Executor
+    from .fnrun import Key
 
 __version__ = "0.1.0"
 
@@ -72,6 +71,10 @@ def __getattr__(name: str) -> Any:
         from .executor import Executor
 
         return Executor
+    if name == "Key":  # likewise, and so ``python -m dsml.fnrun`` (a function task)
+        from .fnrun import Key  # does not find its module imported before it runs
+
+        return Key
     raise AttributeError(f"module 'dsml' has no attribute {name!r}")
 
 

@@ -22,6 +22,13 @@ of ``[(call number, ok, value or exception, traceback text or None), ...]``.  A 
 function is a result, not a failed task: the task exits 0 once the file is written.  A
 version mismatch with the client (Python major.minor, cloudpickle version) or a missing
 cloudpickle exits 2 with one clear line on stderr, which the client's error names.
+
+``python -m dsml.fnrun --warm`` is the same run started ahead of its attempt (a *warm*
+interpreter, :mod:`dsml.worker.tasks.warm`): it imports what a run needs, then waits on
+its standard input, a Unix socket from the worker, for one message (:func:`read_go`):
+the attempt's directory as a descriptor and its environment and arguments.  It moves
+into that directory, takes that environment, makes its standard input ``/dev/null`` and
+runs as above, once; it exits quietly if the worker closes the socket first.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import base64
 import json
 import os
 import pickle
+import socket
+import struct
 import sys
 import traceback
 from dataclasses import dataclass
@@ -42,6 +51,10 @@ FORMAT = 1
 CALLS_ENV = "DSML_FN_CALLS"
 #: Exit status for a task that could not run its calls at all (mismatch, bad file).
 EXIT_SETUP = 2
+#: The largest message a warm interpreter accepts (its environment and arguments).
+GO_MAX = 1 << 20
+#: A message's length, before it.
+GO_LENGTH = struct.Struct("!I")
 
 
 @dataclass(frozen=True)
@@ -149,8 +162,70 @@ def _result(number: int, ok: bool, value: Any, tb: str | None) -> bytes:
         return cloudpickle.dumps((number, False, err, tb))
 
 
+def go_message(env: dict[str, str], args: list[str]) -> bytes:
+    """What the worker sends a warm interpreter (with the directory's descriptor)."""
+    body = json.dumps({"env": env, "args": args}).encode()
+    return GO_LENGTH.pack(len(body)) + body
+
+
+def read_go(sock: socket.socket) -> tuple[int, dict[str, str], list[str]] | None:
+    """(directory descriptor, environment, arguments) from the worker; None if the
+    socket closes first.  Raises ValueError for a malformed message."""
+    data, fds, _, _ = socket.recv_fds(sock, 65536, 1)
+    if not data:
+        return None
+    if len(fds) != 1 or len(data) < GO_LENGTH.size:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("no directory with the message")
+    (size,) = GO_LENGTH.unpack_from(data)
+    if size > GO_MAX:
+        raise ValueError(f"a message of {size} bytes")
+    body = bytearray(data[GO_LENGTH.size:])
+    while len(body) < size:
+        more = sock.recv(size - len(body))
+        if not more:
+            raise ValueError("the message was cut short")
+        body += more
+    go = json.loads(body)
+    env, args = go["env"], go["args"]
+    if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())
+            and isinstance(args, list) and all(isinstance(a, str) for a in args)):
+        raise ValueError("a malformed message")
+    return fds[0], env, args
+
+
+def warm_main() -> int:
+    """Wait for the attempt (see the module doc), then run it as :func:`main` would."""
+    import cloudpickle  # noqa: F401 - imported now, before the attempt: the point
+
+    sock = socket.socket(fileno=0)
+    try:
+        go = read_go(sock)
+    except (OSError, ValueError) as e:
+        return _fail(f"warm start: {e}")
+    finally:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)  # the socket's descriptor: what a task gets is /dev/null
+        os.close(null)
+        sock.detach()
+    if go is None:
+        return 0  # not wanted after all
+    fd, env, args = go
+    os.fchdir(fd)
+    os.close(fd)
+    os.environ.clear()
+    os.environ.update(env)
+    if sys.path and sys.path[0]:
+        sys.path[0] = os.getcwd()  # as ``python -m`` started here would have them
+    sys.argv[1:] = args
+    return main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args == ["--warm"]:
+        return warm_main()
     if len(args) != 2:
         return _fail("usage: python -m dsml.fnrun CALLS|- RESULT")
     try:

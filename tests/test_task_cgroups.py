@@ -239,7 +239,7 @@ def test_the_limit_is_written_and_swap_may_not_absorb_it(tmp_path: Path) -> None
         (v2 / "a5" / name).write_text("max\n")
     (v1 / "a5").mkdir()
     (v1 / "a5" / "memory.memsw.limit_in_bytes").write_text("9223372036854771712\n")
-    tree._limit(v2 / "a5", 64 * MIB)
+    tree.limit(v2 / "a5", 64 * MIB)
     assert (v2 / "a5" / "memory.max").read_text() == str(64 * MIB)
     assert (v2 / "a5" / "memory.swap.max").read_text() == "0"
     assert (v2 / "a5" / "memory.oom.group").read_text() == "1"

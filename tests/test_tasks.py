@@ -877,7 +877,7 @@ def test_a_failed_attempt_reports_the_tail_of_its_stderr(
         reads.append(log.path)
         return real_tail(log)
 
-    monkeypatch.setattr(tasks.manager, "stderr_tail", counted)
+    monkeypatch.setattr(tasks.attempt, "stderr_tail", counted)
     m = h.manager(launcher=launcher, slots=4)
     twelve = "for i in $(seq 1 12); do echo line$i >&2; done"
     escape = "printf 'tab\\there \\033[31mred\\r\\n' >&2; printf 'caf\\303\\251\\n' >&2"

@@ -295,7 +295,8 @@ class CgroupTree:
         """Whether a ``mem`` limit is enforced."""
         return self.v2_memory or self.v1_memory is not None
 
-    def path(self, attempt_id: int) -> Path:
+    def path(self, attempt_id: int | str) -> Path:
+        """An attempt's cgroup (a warm interpreter's: ``aw<n>``, :mod:`.warm`)."""
         return self.root / f"a{attempt_id}"
 
     def v1_paths(self, path: Path) -> list[Path]:
@@ -304,7 +305,7 @@ class CgroupTree:
             return []
         return [self.v1_memory if path == self.root else self.v1_memory / path.name]
 
-    def make(self, attempt_id: int, mem: int = 0, *, again: bool = True) -> Path:
+    def make(self, attempt_id: int | str, mem: int = 0, *, again: bool = True) -> Path:
         """A fresh, empty cgroup for the attempt (one left by an earlier run with the
         same id is emptied and replaced), with ``mem`` bytes of memory at most if > 0."""
         path = self.path(attempt_id)
@@ -319,14 +320,15 @@ class CgroupTree:
                 return self.make(attempt_id, mem, again=False)
         if mem > 0:
             try:
-                self._limit(path, mem)
+                self.limit(path, mem)
             except OSError:
                 self.remove(path)
                 raise
         return path
 
-    def _limit(self, path: Path, mem: int) -> None:
-        """Write the limit: no swap may absorb it."""
+    def limit(self, path: Path, mem: int) -> None:
+        """Write the limit: no swap may absorb it.  OSError (EBUSY) if the cgroup already
+        uses more."""
         if self.v2_memory:
             (path / "memory.max").write_text(str(mem))
             if (path / "memory.swap.max").exists():

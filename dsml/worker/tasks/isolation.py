@@ -76,6 +76,18 @@ class Isolation:
         assert self.cgroups is not None
         return self.cgroups.make(spec.attempt_id, spec.mem)
 
+    def prepare_warm(self, name: str) -> Path | None:
+        """A cgroup for a warm interpreter (:mod:`.warm`), with no limit yet."""
+        if not self.wraps:
+            return None
+        assert self.cgroups is not None
+        return self.cgroups.make(name)
+
+    def limit(self, cgroup: Path | None, mem: int) -> None:
+        """Limit a warm interpreter's cgroup once it is an attempt's (OSError if not)."""
+        if cgroup is not None and self.cgroups is not None and mem > 0:
+            self.cgroups.limit(cgroup, mem)
+
     def wrap(self, cgroup: Path | None, command: list[str]) -> list[str]:
         """``command`` made to join the attempt's cgroups before it runs."""
         if cgroup is None or self.cgroups is None or self._sh is None:

@@ -164,6 +164,13 @@ class TaskEnvironment:
         self._base.setdefault("PATH", os.defpath)
         self._base.update(user or {})
 
+    def for_warm(self) -> dict[str, str]:
+        """A warm interpreter's until it is given its attempt's (:mod:`.warm`): the base
+        variables and the worker's mark."""
+        env = self._base.copy()
+        env[ORPHAN_MARK] = str(self.work_dir)
+        return env
+
     def for_attempt(self, spec: AttemptSpec) -> dict[str, str]:
         """Base variables from the worker, then the spec's, then the DSML_* ones."""
         env = self._base.copy()
@@ -238,13 +245,14 @@ def _popen(
     env: dict[str, str],
     out_w: int,
     err_w: int,
+    stdin: int,
 ) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         command,
         executable=executable,
         cwd=cwd,
         env=env,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=out_w,
         stderr=err_w,
         start_new_session=True,
@@ -254,9 +262,11 @@ def _popen(
 
 
 def start_popen(
-    command: Sequence[str], cwd: Path, env: dict[str, str], executables: Executables
+    command: Sequence[str], cwd: Path, env: dict[str, str], executables: Executables,
+    stdin: int = subprocess.DEVNULL,
 ) -> tuple[subprocess.Popen[bytes], int, int, int]:
-    """``subprocess.Popen`` of ``command`` in ``cwd``, in a new session, with no stdin.
+    """``subprocess.Popen`` of ``command`` in ``cwd``, in a new session, with no stdin
+    (or the descriptor ``stdin``: a warm interpreter's socket, :mod:`.warm`).
 
     Returns the Popen, the read ends of its stdout and stderr pipes (non-blocking is the
     reader's affair) and a pidfd of it.  A command that cannot be executed makes Popen
@@ -268,14 +278,14 @@ def start_popen(
     try:
         executable = executables.find(command[0], env["PATH"])
         try:
-            popen = _popen(command, executable, cwd, env, out_w, err_w)
+            popen = _popen(command, executable, cwd, env, out_w, err_w, stdin)
         except (FileNotFoundError, PermissionError):
             if executable is None:
                 raise
             # Remembered, but gone (or changed) since: look along PATH again.
             executables.forget(command[0], env["PATH"])
             executable = executables.find(command[0], env["PATH"])
-            popen = _popen(command, executable, cwd, env, out_w, err_w)
+            popen = _popen(command, executable, cwd, env, out_w, err_w, stdin)
     except OSError as e:
         for fd in (out_r, err_r):
             os.close(fd)

@@ -22,15 +22,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import attrs
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IProcessTransport
+from twisted.internet.interfaces import IProcessTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ...config import DEFAULT_ATTEMPT_DIRS_MAX_AGE, DEFAULT_ATTEMPT_DIRS_MAX_BYTES
 from ...errors import NotFound
 from ...fsutil import makedirs_private, private_dir
+from .attempt import Attempt
 from .cgroups import CgroupTree
 from .groups import kill_leftovers, kill_orphans, signal_group
 from .isolation import Isolation
@@ -48,7 +48,7 @@ from .launch import (
     start_popen,
 )
 from .ledger import AttemptLedger
-from .logs import LOG_CAP, CappedLog, open_logs, stderr_tail
+from .logs import LOG_CAP, open_logs
 from .spec import (
     TIMEOUT_PREFIX,
     AttemptResult,
@@ -59,6 +59,7 @@ from .spec import (
     relative,
 )
 from .taskuser import TaskUser
+from .warm import WARM_INTERPRETERS, WarmPool, warm_args
 from .watch import (
     SAMPLE_INTERVAL,
     ExitWatcher,
@@ -94,54 +95,6 @@ def _describe(failure: Failure) -> str:
     return str(value) or type(value).__name__
 
 
-@attrs.define(eq=False)
-class _Attempt:
-    """The manager's mutable record of one attempt."""
-
-    spec: AttemptSpec
-    dir: Path
-    stop_reason: str = ""
-    phase: str = "queued"  # queued, fetching, running, uploading
-    pending: list[Deferred[Any]] = attrs.Factory(list)
-    transport: IProcessTransport | None = None  # the spawnProcess path
-    popen: subprocess.Popen[bytes] | None = None  # the Popen path, kept until waited for
-    pipes: list[PipeReader] = attrs.Factory(list)  # the Popen path: pipes still open
-    pid: int | None = None
-    cgroup: Path | None = None  # its cgroup (.cgroups), when the worker has them
-    reaped: bool = False
-    started: float = 0.0
-    duration: float = 0.0
-    exit_code: int | None = None
-    signal: int | None = None
-    peak_rss: int = 0
-    cpu_seconds: float | None = None
-    timers: dict[str, IDelayedCall] = attrs.Factory(dict)
-    logs: tuple[CappedLog, CappedLog] | None = None
-    ended: Deferred[None] = attrs.Factory(Deferred)
-    done: Deferred[None] = attrs.Factory(Deferred)
-
-    def result(self, reason: str) -> AttemptResult:
-        """The result, with ``reason``; a failure's carries the tail of its stderr (read
-        only then: a success reads no file)."""
-        tail = stderr_tail(self.logs[1]) if reason and self.logs is not None else ""
-        return AttemptResult(
-            attempt_id=self.spec.attempt_id,
-            exit_code=self.exit_code,
-            signal=self.signal,
-            duration=self.duration,
-            peak_rss=self.peak_rss,
-            reason=reason,
-            stderr_tail=tail,
-            cpu_seconds=self.cpu_seconds,
-        )
-
-    def cancel_timer(self, name: str) -> None:
-        """Cancel the named timer if it is pending."""
-        call = self.timers.pop(name, None)
-        if call is not None and call.active():
-            call.cancel()
-
-
 class TaskManager(AttemptLedger):
     """Runs attempts on this worker within ``slots`` slots, and reports how each ended.
 
@@ -168,6 +121,8 @@ class TaskManager(AttemptLedger):
     :param cgroups: the worker's attempt cgroups (:func:`~.cgroups.detect`), or None;
         ``subreaper``: without them, become a child subreaper (:mod:`.subreaper`).
     :param task_user: who tasks run as (:mod:`.taskuser`); None: the worker's user.
+    :param warm: warm interpreters kept for function tasks once one has come (:mod:`.warm`;
+        0: none).
     """
 
     def __init__(
@@ -192,6 +147,7 @@ class TaskManager(AttemptLedger):
         mem: int = 0,
         gpus: Sequence[str] = (),
         task_user: TaskUser | None = None,
+        warm: int = WARM_INTERPRETERS,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
@@ -210,7 +166,7 @@ class TaskManager(AttemptLedger):
         if self.launcher is popen_launcher and not hasattr(reactor, "addReader"):
             self.launcher = spawn_launcher()  # no IReactorFDSet: spawn through Twisted
         self.sample_interval = sample_interval
-        self._active: dict[int, _Attempt] = {}
+        self._active: dict[int, Attempt] = {}
         self._results: dict[int, AttemptResult] = {}
         # Ages on the wall clock: recovered directories are dated by their mtime.
         self._dirs = AttemptDirs(self.work_dir, keep_finished, max_bytes=dirs_max_bytes,
@@ -228,6 +184,12 @@ class TaskManager(AttemptLedger):
         kill_orphans(self.work_dir)
         self.isolation = Isolation(reactor, self.work_dir, cgroups, subreaper,
                                    known=self._live_groups)
+        # Warm interpreters need the pidfd path, and cgroups or nothing: the subreaper
+        # finds an attempt's processes by a mark their environment had at exec.
+        self._warm = WarmPool(
+            reactor, self.isolation, task_user, self._environment.for_warm(),
+            self._dirs.run_root, self._executables, warm,
+        ) if warm and self.launcher is popen_launcher and not self.isolation.subreaper else None
         self._dirs.recover()
 
     # --- what the worker's link asks -------------------------------------------------
@@ -251,7 +213,7 @@ class TaskManager(AttemptLedger):
         if spec.attempt_id in self._active or spec.attempt_id in self._results:
             raise TaskError(f"attempt {spec.attempt_id} already ran here", "duplicate")
         spec = self.admit(spec)
-        att = _Attempt(spec=spec, dir=self._dirs.run_root)  # its own directory: _make_dir
+        att = Attempt(spec=spec, dir=self._dirs.run_root)  # its own directory: _make_dir
         self._active[spec.attempt_id] = att
         if TRACE:
             log.debug(
@@ -280,6 +242,8 @@ class TaskManager(AttemptLedger):
         leader has been reaped and every result reported (reason ``"worker stopping"``).
         """
         self._stopping = True
+        if self._warm is not None:
+            self._warm.close()
         waiting = [att.done for att in self._active.values()]
         for att in list(self._active.values()):
             self._terminate(att, "worker stopping")
@@ -291,14 +255,14 @@ class TaskManager(AttemptLedger):
 
     # --- one attempt, step by step ---------------------------------------------------
 
-    def _launch(self, att: _Attempt) -> None:
+    def _launch(self, att: Attempt) -> None:
         """Run the attempt's steps as a coroutine; any bug still ends it with a result."""
         d = Deferred.fromCoroutine(self._steps(att))
         d.addErrback(self._bug, att)
         d.addCallback(lambda reason: self._finish(att, reason))
         d.addErrback(lambda f: log.failure("finishing attempt failed", f))
 
-    def _bug(self, failure: Failure, att: _Attempt) -> str:
+    def _bug(self, failure: Failure, att: Attempt) -> str:
         """An unexpected exception: log it, end the attempt with an internal error."""
         log.failure(
             "attempt {attempt} failed inside the worker", failure, attempt=att.spec.attempt_id
@@ -311,7 +275,7 @@ class TaskManager(AttemptLedger):
                 pass
         return f"worker error: {_describe(failure)}"
 
-    async def _steps(self, att: _Attempt) -> str:
+    async def _steps(self, att: Attempt) -> str:
         """Stage, run, upload; return the reason ("" for success)."""
         if att.stop_reason:
             return att.stop_reason
@@ -340,13 +304,13 @@ class TaskManager(AttemptLedger):
         reason = await self._store_outputs(att)
         return att.stop_reason or reason
 
-    def _make_dir(self, att: _Attempt) -> None:
+    def _make_dir(self, att: Attempt) -> None:
         """An empty working directory for the attempt (:meth:`AttemptDirs.make`) and its
         two logs."""
         att.dir = self._dirs.make(att.spec.attempt_id)
         att.logs = open_logs(att.dir, self.log_cap)
 
-    async def _fetch_inputs(self, att: _Attempt) -> str:
+    async def _fetch_inputs(self, att: Attempt) -> str:
         """Fetch every input at once; the first failure in spec order, or ""."""
         if not att.spec.inputs:
             return ""
@@ -382,7 +346,7 @@ class TaskManager(AttemptLedger):
             return f"input {key!r} failed: {_describe(value)}"
         return ""
 
-    def _spawn(self, att: _Attempt) -> str:
+    def _spawn(self, att: Attempt) -> str:
         """Start the command as the leader of a new session (in its own cgroup where the
         worker has them); a reason if it cannot start."""
         env = self._environment.for_attempt(att.spec)
@@ -399,18 +363,19 @@ class TaskManager(AttemptLedger):
             except OSError as e:
                 return f"workspace: {e.strerror or e}"
             command = user.wrap(command)
-        if self.isolation.wraps:
-            try:
-                att.cgroup = self.isolation.prepare(att.spec)
-            except OSError as e:
-                return f"spawn failed: cannot make its cgroup: {e.strerror or e}"
-            command = self.isolation.wrap(att.cgroup, command)
-        if self.launcher is popen_launcher:
-            reason = self._spawn_popen(att, env, command)
-        else:
-            reason = self._spawn_twisted(att, env, command)
-        if reason:
-            return reason
+        if not self._start_warm(att, env):
+            if self.isolation.wraps:
+                try:
+                    att.cgroup = self.isolation.prepare(att.spec)
+                except OSError as e:
+                    return f"spawn failed: cannot make its cgroup: {e.strerror or e}"
+                command = self.isolation.wrap(att.cgroup, command)
+            if self.launcher is popen_launcher:
+                reason = self._spawn_popen(att, env, command)
+            else:
+                reason = self._spawn_twisted(att, env, command)
+            if reason:
+                return reason
         if TRACE:
             log.debug(
                 "attempt {attempt} running as process group {pid}",
@@ -426,16 +391,36 @@ class TaskManager(AttemptLedger):
         self._sampler.start()
         return ""
 
-    def _spawn_popen(self, att: _Attempt, env: dict[str, str], command: list[str]) -> str:
+    def _start_warm(self, att: Attempt, env: dict[str, str]) -> bool:
+        """Whether the attempt's leader is a warm interpreter (:mod:`.warm`), now started."""
+        args = None if self._warm is None else warm_args(att.spec.command, env, self._warm.env)
+        w = None if args is None or self._warm is None else self._warm.take(att.spec.mem)
+        if w is None or args is None:
+            return False
+        att.cgroup = w.cgroup  # the attempt's from now on: released with it
+        if not w.go(att.dir, env, args):
+            w.discard()
+            self.isolation.release(att.cgroup)
+            att.cgroup = None
+            return False
+        self._watch_popen(att, w.popen, w.out_r, w.err_r, w.pidfd)
+        return True
+
+    def _spawn_popen(self, att: Attempt, env: dict[str, str], command: list[str]) -> str:
         """``subprocess.Popen`` in a new session; the reactor watches its pipes and pidfd."""
-        spec = att.spec
-        assert att.logs is not None
-        att.phase = "running"
-        att.started = time.monotonic()
         try:
             popen, out_r, err_r, pidfd = start_popen(command, att.dir, env, self._executables)
         except LaunchFailed as e:
             return e.reason
+        self._watch_popen(att, popen, out_r, err_r, pidfd)
+        return ""
+
+    def _watch_popen(self, att: Attempt, popen: subprocess.Popen[bytes], out_r: int,
+                     err_r: int, pidfd: int) -> None:
+        spec = att.spec
+        assert att.logs is not None
+        att.phase = "running"
+        att.started = time.monotonic()
         att.popen = popen
         att.pid = popen.pid
         closed = partial(self._pipe_closed, att)
@@ -447,9 +432,8 @@ class TaskManager(AttemptLedger):
             self.reactor.addReader(reader)
         exited = partial(self._popen_exited, att)
         self.reactor.addReader(ExitWatcher(self.reactor, spec.attempt_id, popen, pidfd, exited))
-        return ""
 
-    def _spawn_twisted(self, att: _Attempt, env: dict[str, str], command: list[str]) -> str:
+    def _spawn_twisted(self, att: Attempt, env: dict[str, str], command: list[str]) -> str:
         """``reactor.spawnProcess`` through the launcher (``env -C dir -- setsid -- ...``)."""
         spec = att.spec
         assert att.logs is not None
@@ -469,7 +453,7 @@ class TaskManager(AttemptLedger):
             return e.reason
         return ""
 
-    async def _store_outputs(self, att: _Attempt) -> str:
+    async def _store_outputs(self, att: Attempt) -> str:
         """Upload every declared output at once; the first problem in spec order, or ""."""
         if not att.spec.outputs:
             return ""
@@ -492,7 +476,7 @@ class TaskManager(AttemptLedger):
                 return f"output {rel!r} upload failed: {_describe(value)}"
         return ""
 
-    def _finish(self, att: _Attempt, reason: str) -> None:
+    def _finish(self, att: Attempt, reason: str) -> None:
         """Report the result, free the slots, keep or recycle the attempt's directory."""
         for name in list(att.timers):
             att.cancel_timer(name)
@@ -526,7 +510,7 @@ class TaskManager(AttemptLedger):
             log.failure("on_result failed for attempt {attempt}", attempt=att.spec.attempt_id)
         att.done.callback(None)
 
-    def _release_inputs(self, att: _Attempt) -> None:
+    def _release_inputs(self, att: Attempt) -> None:
         """Give back what staging lent the attempt (links into the store, checked now
         that nothing of the attempt runs any more)."""
         if att.dir is None:
@@ -540,7 +524,7 @@ class TaskManager(AttemptLedger):
 
     # --- stopping processes ----------------------------------------------------------
 
-    def _terminate(self, att: _Attempt, reason: str) -> None:
+    def _terminate(self, att: Attempt, reason: str) -> None:
         """Stop an attempt for ``reason`` (the first reason given wins)."""
         if att.stop_reason:
             return
@@ -551,7 +535,7 @@ class TaskManager(AttemptLedger):
         if att.pid is not None and not att.reaped:
             self._terminate_process(att)
 
-    def _terminate_process(self, att: _Attempt) -> None:
+    def _terminate_process(self, att: Attempt) -> None:
         """SIGTERM to the group now, SIGKILL after the grace period."""
         att.cancel_timer("timeout")
         self._signal_group(att, signal_module.SIGTERM)
@@ -560,7 +544,7 @@ class TaskManager(AttemptLedger):
                 self.grace, self._signal_group, att, signal_module.SIGKILL
             )
 
-    def _signal_group(self, att: _Attempt, sig: int) -> None:
+    def _signal_group(self, att: Attempt, sig: int) -> None:
         """Send ``sig`` to the attempt's group while its leader is not reaped."""
         if att.pid is None or att.reaped:
             return
@@ -570,18 +554,18 @@ class TaskManager(AttemptLedger):
 
     # --- what the watchers tell ------------------------------------------------------
 
-    def _twisted_started(self, att: _Attempt, transport: IProcessTransport) -> None:
+    def _twisted_started(self, att: Attempt, transport: IProcessTransport) -> None:
         """A process spawned through Twisted has started."""
         att.pid = transport.pid
         att.transport = transport
 
-    def _popen_exited(self, att: _Attempt, exit_code: int | None, signal: int | None) -> None:
+    def _popen_exited(self, att: Attempt, exit_code: int | None, signal: int | None) -> None:
         """A Popen-started leader was reaped by its exit watcher."""
         att.popen = None
         self._leader_exited(att, exit_code, signal)
         self._maybe_ended(att)
 
-    def _leader_exited(self, att: _Attempt, exit_code: int | None, signal: int | None) -> None:
+    def _leader_exited(self, att: Attempt, exit_code: int | None, signal: int | None) -> None:
         """The leader was reaped: record how, kill what is left of its group."""
         att.duration = time.monotonic() - att.started
         att.exit_code = exit_code
@@ -600,24 +584,24 @@ class TaskManager(AttemptLedger):
             att.timers["drain"] = self.reactor.callLater(DRAIN_TIMEOUT, self._close_pipes, att)
         self._sampler.stop_if_idle()
 
-    def _close_pipes(self, att: _Attempt) -> None:
+    def _close_pipes(self, att: Attempt) -> None:
         """The drain timeout: stop waiting for pipes a process outside the group holds."""
         att.timers.pop("drain", None)
         for reader in list(att.pipes):
             reader.close()
 
-    def _pipe_closed(self, att: _Attempt, reader: FdReader) -> None:
+    def _pipe_closed(self, att: Attempt, reader: FdReader) -> None:
         """One pipe of a Popen-started attempt is closed."""
         if reader in att.pipes:
             att.pipes.remove(reader)
         self._maybe_ended(att)
 
-    def _maybe_ended(self, att: _Attempt) -> None:
+    def _maybe_ended(self, att: Attempt) -> None:
         """A Popen-started attempt has ended once reaped with both pipes closed."""
         if att.reaped and not att.pipes and not att.ended.called:
             self._process_ended(att)
 
-    def _process_ended(self, att: _Attempt) -> None:
+    def _process_ended(self, att: Attempt) -> None:
         """All output is in: the attempt may move on to its outputs."""
         att.cancel_timer("drain")
         if att.logs is not None:
@@ -627,7 +611,7 @@ class TaskManager(AttemptLedger):
 
     # --- bookkeeping -----------------------------------------------------------------
 
-    def _live_groups(self) -> dict[int, _Attempt]:
+    def _live_groups(self) -> dict[int, Attempt]:
         """Attempts whose leader is spawned and not reaped, by group id."""
         return {a.pid: a for a in self._active.values() if a.pid is not None and not a.reaped}
 

@@ -1,0 +1,205 @@
+"""Warm interpreters: a function task's Python started before its attempt.
+
+A function task (``dsml-python -m dsml.fnrun CALLS RESULT``, see :mod:`dsml.fnrun`)
+spends most of a short call starting the interpreter and importing cloudpickle (about
+50 ms here), and where the worker has cgroups, joining the attempt's cgroup costs a
+shell and often several milliseconds more (cgroup v1's memory controller waits for an
+RCU grace period).  So once a worker has run one function task, it keeps one
+interpreter ready (:class:`WarmPool`): ``python -m dsml.fnrun --warm``, started the way an
+attempt's command is (its own session, its own cgroup ``aw<n>``, as the task user, with
+the worker's base environment and mark), which imports what a run needs and then blocks
+on its standard input, a Unix socket.
+
+An attempt it suits (:func:`warm_args`: the worker's own interpreter, the same
+``PYTHON*`` variables as the warm one has) takes it: the cgroup gets the attempt's memory
+limit, then one message gives it the attempt's directory (a descriptor), environment and
+arguments (:func:`dsml.fnrun.go_message`).  From then on it is the attempt's leader like
+any spawned command: watched by its pidfd, its pipes read into the attempt's logs, its
+cgroup the attempt's.  It runs once and exits: nothing carries from one attempt to the
+next but the interpreter's start.  Anything amiss (it died waiting, the limit does not
+fit, the message cannot be sent) and the attempt starts cold, as before.
+"""
+
+from __future__ import annotations
+
+import os
+import signal as signal_module
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.logger import Logger
+
+from ...fnrun import go_message
+from .isolation import Isolation
+from .launch import Executables, LaunchFailed, start_popen
+from .taskuser import TaskUser
+
+log = Logger()
+
+#: The command a warm interpreter runs (after the worker's ``sys.executable``).
+WARM_ARGS = ("-m", "dsml.fnrun")
+#: How many a worker keeps ready once it has run a function task: two, so that calls
+#: made one after another each find one that has finished its imports (one takes the
+#: first while the next starts).
+WARM_INTERPRETERS = 2
+#: A larger message goes the cold way (it must fit the socket's buffer at once).
+GO_SEND_MAX = 128 * 1024
+
+
+def warm_args(command: Sequence[str], env: Mapping[str, str],
+              warm_env: Mapping[str, str]) -> list[str] | None:
+    """The ``dsml.fnrun`` arguments of ``command`` if a warm interpreter can run it:
+    the worker's own Python, ``-m dsml.fnrun`` and two arguments, and no ``PYTHON*``
+    variable (``PYTHONPATH``, ...: read at start) differing from the warm one's."""
+    if (len(command) != 5 or command[0] != sys.executable
+            or tuple(command[1:3]) != WARM_ARGS or command[3].startswith("--")):
+        return None
+    names = {k for k in (*env, *warm_env) if k.startswith("PYTHON")}
+    if any(env.get(k) != warm_env.get(k) for k in names):
+        return None
+    return list(command[3:])
+
+
+@attrs.define
+class Warm:
+    """A warm interpreter: its Popen, the worker's end of its socket, the read ends of
+    its stdout and stderr, its pidfd and its cgroup."""
+
+    popen: subprocess.Popen[bytes]
+    ctl: socket.socket
+    out_r: int
+    err_r: int
+    pidfd: int
+    cgroup: Path | None
+
+    def go(self, directory: Path, env: dict[str, str], args: list[str]) -> bool:
+        """Send it its attempt; False if it cannot be (then :meth:`discard` it)."""
+        message = go_message(env, args)
+        if len(message) > GO_SEND_MAX:
+            return False
+        try:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return False
+        try:
+            sent = socket.send_fds(self.ctl, [message], [fd])
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        self.ctl.close()
+        return sent == len(message)
+
+    def discard(self) -> None:
+        """Kill it and wait for it; close what the worker holds of it."""
+        self.ctl.close()
+        try:
+            os.killpg(self.popen.pid, signal_module.SIGKILL)
+        except OSError:
+            pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            log.warn("warm interpreter {pid} outlived SIGKILL by 5 s", pid=self.popen.pid)
+        for fd in (self.out_r, self.err_r, self.pidfd):
+            os.close(fd)
+
+
+class WarmPool:
+    """At most ``size`` warm interpreters ready (see the module docstring).
+
+    :param clock: ``IReactorTime``; ``env``: their environment (the worker's base and
+        mark); ``cwd``: where they start (they never read it).
+    """
+
+    def __init__(self, clock: Any, isolation: Isolation, user: TaskUser | None,
+                 env: dict[str, str], cwd: Path, executables: Executables,
+                 size: int = WARM_INTERPRETERS) -> None:
+        self.clock = clock
+        self.isolation = isolation
+        self.user = user
+        self.env = env
+        self.cwd = cwd
+        self.executables = executables
+        self.size = size
+        self._ready: list[Warm] = []
+        self._count = 0
+        self._fill_call: Any = None
+        self._closed = False
+        #: Whether a function task has come: until then no interpreter is kept.
+        self.wanted = False
+
+    def take(self, mem: int) -> Warm | None:
+        """A ready interpreter, its cgroup limited to ``mem`` bytes (0: none); None if
+        none is ready.  Another is started (the next attempt's) either way."""
+        self.wanted = True
+        self.fill()
+        while self._ready:
+            w = self._ready.pop()
+            if w.popen.poll() is not None:  # it died waiting
+                self._drop(w)
+                continue
+            try:
+                self.isolation.limit(w.cgroup, mem)
+            except OSError:
+                self._drop(w)
+                return None
+            return w
+        return None
+
+    def fill(self) -> None:
+        """Start what is missing, on the next turn (a task may be starting now)."""
+        if self._fill_call is None and self.wanted and not self._closed and len(
+                self._ready) < self.size:
+            self._fill_call = self.clock.callLater(0, self._fill)
+
+    def _fill(self) -> None:
+        self._fill_call = None
+        while not self._closed and len(self._ready) < self.size:
+            w = self._start()
+            if w is None:
+                return
+            self._ready.append(w)
+
+    def _start(self) -> Warm | None:
+        self._count += 1
+        try:
+            cgroup = self.isolation.prepare_warm(f"w{self._count}")
+        except OSError as e:
+            log.warn("no warm interpreter: cannot make its cgroup: {e}", e=e)
+            return None
+        command = [sys.executable, *WARM_ARGS, "--warm"]
+        if self.user is not None:
+            command = self.user.wrap(command)
+        command = self.isolation.wrap(cgroup, command)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            popen, out_r, err_r, pidfd = start_popen(
+                command, self.cwd, self.env, self.executables, stdin=theirs.fileno())
+        except LaunchFailed as e:
+            ours.close()
+            self.isolation.release(cgroup)
+            log.warn("no warm interpreter: {reason}", reason=e.reason)
+            return None
+        finally:
+            theirs.close()
+        return Warm(popen, ours, out_r, err_r, pidfd, cgroup)
+
+    def _drop(self, w: Warm) -> None:
+        w.discard()
+        self.isolation.release(w.cgroup)
+
+    def close(self) -> None:
+        """The worker stops: no more, and those ready are killed."""
+        self._closed = True
+        if self._fill_call is not None and self._fill_call.active():
+            self._fill_call.cancel()
+        self._fill_call = None
+        while self._ready:
+            self._drop(self._ready.pop())
+

@@ -1,0 +1,184 @@
+"""Warm interpreters for function tasks through real twistd processes: a call after the
+first runs in an interpreter the worker started beforehand, with everything a cold start
+gives it (its own cgroup, the task user, its directory, environment and stdin, its
+memory limit); a cancelled call is killed; no warm interpreter outlives its worker,
+stopped or killed with -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+import dsml
+from dsml.client import ClusterClient
+from dsml.client.functions import FunctionTaskFailed
+from dsml.localcluster import LocalCluster
+from dsml.testing.poll import poll
+
+pytestmark = pytest.mark.processes
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _config(name: str) -> dict[str, object]:
+    return {"host": "127.0.0.1", "port": 0, "data_dir": name, "cpus": 2,
+            "task_env": ["PYTHONPATH"]}
+
+
+def _cluster(root: Path) -> LocalCluster:
+    workers = {"w1": _config("w1")}
+    return LocalCluster(root, workers=("w1",), extra={"workers": workers,
+                                                       "cluster": {"replication": 1}})
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = _cluster(tmp_path_factory.mktemp("warm"))
+    try:
+        c.start_all()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster: LocalCluster) -> Iterator[ClusterClient]:
+    with dsml.connect(cluster.config_path) as c:
+        yield c
+
+
+def warm_pids(cluster: LocalCluster) -> set[int]:
+    """The warm interpreters of the cluster's worker w1 (by its mark in their environ)
+    still waiting (their stdin still the worker's socket)."""
+    mark = f"DSML_WORKER_DIR={(cluster.root / 'w1' / 'tasks').resolve()}".encode()
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            continue
+        if cmdline[-3:-1] == [b"dsml.fnrun", b"--warm"] and mark in environ and state != "Z":
+            try:
+                if os.readlink(entry / "fd" / "0").startswith("socket:"):
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie whose parent is gone does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def probe() -> dict[str, object]:
+    import os
+    import sys
+
+    return {"pid": os.getpid(), "uid": os.getuid(), "cwd": os.getcwd(),
+            "cgroups": open("/proc/self/cgroup").read(), "argv": sys.argv[1:],
+            "stdin": os.readlink("/proc/self/fd/0"), "env": dict(os.environ)}
+
+
+def test_a_call_runs_in_a_warm_interpreter_isolated_as_a_cold_one(
+    cluster: LocalCluster, client: ClusterClient
+) -> None:
+    with dsml.Executor(client) as ex:
+        first = ex.submit(probe).result(timeout=120)  # the first starts cold
+        assert first["pid"] not in warm_pids(cluster)
+        ready = poll(lambda: warm_pids(cluster) or None, timeout=60, what="warm interpreters")
+        assert len(ready) == 2
+        got = ex.submit(probe).result(timeout=120)
+    assert got["pid"] in ready
+    env = got["env"]
+    assert isinstance(env, dict)
+    for name in ("DSML_JOB_ID", "DSML_ATTEMPT_ID", "DSML_TASK_INDEX"):
+        assert name in env, name
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["OMP_NUM_THREADS"] == "1"
+    # The same variables as a cold start's (whose shell joining the cgroup adds PWD).
+    assert env.keys() == first["env"].keys() - {"PWD"}  # type: ignore[union-attr]
+    assert got["argv"] == first["argv"] == ["-", "result.pkl"]
+    assert got["stdin"] == "/dev/null"
+    run_dir = (cluster.root / "w1" / "tasks" / "run").resolve()
+    assert Path(str(got["cwd"])).parent == run_dir
+    assert got["uid"] == first["uid"]
+    if os.geteuid() == 0:
+        assert got["uid"] != 0  # the task user (nobody), as cold attempts run
+    if "/dsml-" in str(first["cgroups"]):  # the worker has cgroups: its own, as a cold one
+        own = [line for line in str(got["cgroups"]).splitlines() if "/dsml-" in line]
+        assert own and all("/aw" in line for line in own), got["cgroups"]
+        path = own[0].split(":", 2)[2]
+        gone = Path("/sys/fs/cgroup/unified" + path)
+        poll(lambda: not gone.exists() or None, timeout=60, what=f"{gone} removed")
+
+
+def test_a_warm_call_over_its_mem_ends_out_of_memory(
+    cluster: LocalCluster, client: ClusterClient
+) -> None:
+    log = cluster.log_path("w1").read_text()
+    if "memory limits (--mem) NOT enforced" in log:
+        pytest.skip("the worker cannot limit memory here")
+
+    def hog() -> int:
+        b = bytearray(512 << 20)
+        b[::4096] = b"x" * len(b[::4096])
+        return len(b)
+
+    with dsml.Executor(client) as ex:
+        ex.submit(probe).result(timeout=120)
+        ready = poll(lambda: warm_pids(cluster) or None, timeout=60, what="warm interpreters")
+        with pytest.raises(FunctionTaskFailed) as e:
+            ex.submit(dsml.options(hog, resources={"mem": "64M"}, retries=0)).result(120)
+    assert e.value.cause == "out-of-memory", e.value
+    assert ready - warm_pids(cluster), "the call did not take a warm interpreter"
+
+
+def test_a_cancelled_warm_call_is_killed(cluster: LocalCluster, client: ClusterClient,
+                                         tmp_path: Path) -> None:
+    def long() -> None:
+        import time
+
+        time.sleep(300)
+
+    with dsml.Executor(client) as ex:
+        ex.submit(probe).result(timeout=120)
+        ready = poll(lambda: warm_pids(cluster) or None, timeout=60, what="warm interpreters")
+        f = ex.submit(long)
+        try:
+            taken = poll(lambda: ready - warm_pids(cluster) or None, timeout=60,
+                         what="a warm interpreter taken")
+        finally:
+            assert f.cancel()
+        status = client.wait(f.job_id, timeout=120)  # type: ignore[attr-defined]
+    assert status["state"] == "cancelled", status
+    poll(lambda: not any(alive(p) for p in taken) or None, timeout=60,
+         what="the cancelled call's process gone")
+
+
+@pytest.mark.parametrize("how", ["stop", "kill-9"])
+def test_no_warm_interpreter_outlives_its_worker(tmp_path: Path, how: str) -> None:
+    c = _cluster(tmp_path)
+    try:
+        c.start_all()
+        with dsml.connect(c.config_path) as client, dsml.Executor(client) as ex:
+            ex.submit(probe).result(timeout=120)
+            ready = poll(lambda: warm_pids(c) or None, timeout=60, what="warm interpreters")
+        c.kill("w1", signal.SIGTERM if how == "stop" else signal.SIGKILL)
+        # Stopped: killed by the worker; killed: each sees its socket close and exits.
+        poll(lambda: not any(alive(p) for p in ready) or None, timeout=60,
+             what="no warm interpreter left")
+    finally:
+        c.stop()
