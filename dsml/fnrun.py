@@ -270,5 +270,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def end(code: int) -> None:
+    """Exit as Python's own exit does, less its module teardown (which took about 7 ms
+    of every call here, after cloudpickle's import): non-daemon threads the calls left
+    are joined, atexit handlers run, standard streams flushed (exit status 120 if that
+    fails, as Python's).  Where this Python lacks the hooks, a normal exit."""
+    import atexit
+    import threading
+
+    shutdown = getattr(threading, "_shutdown", None)
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)
+    if shutdown is None or run_exitfuncs is None:
+        sys.exit(code)
+    shutdown()
+    run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            code = code or 120
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    end(main())

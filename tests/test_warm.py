@@ -10,8 +10,9 @@ import pickle
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,23 +113,16 @@ def _start_warm(tmp_path: Path) -> tuple[subprocess.Popen[bytes], socket.socket]
     return p, ours
 
 
-def test_a_warm_interpreter_runs_its_attempt_where_and_as_it_is_told(tmp_path: Path) -> None:
-    """Its directory, environment (nothing left of its own), arguments and a stdin of
-    /dev/null, as ``python -m dsml.fnrun`` started there would have them."""
+def _run_warm(tmp_path: Path, fn: Callable[[], Any],
+              env: dict[str, str]) -> tuple[Any, Path]:
+    """Run ``fn`` through a warm interpreter given its attempt: (its result, the dir)."""
     import cloudpickle
-
-    def probe() -> dict[str, object]:
-        import os
-        import sys
-
-        return {"cwd": os.getcwd(), "argv": sys.argv[1:], "env": dict(os.environ),
-                "stdin": os.readlink("/proc/self/fd/0"), "path0": sys.path[0]}
 
     work = tmp_path / "attempt"
     work.mkdir()
-    (work / "fn.pkl").write_bytes(cloudpickle.dumps(probe))
+    (work / "fn.pkl").write_bytes(cloudpickle.dumps(fn))
     calls = _header(_dumps([(0, (), {})], {}), fn="fn.pkl")
-    env = {"PATH": os.defpath, "ONLY": "this", CALLS_ENV: base64.b64encode(calls).decode()}
+    env = {**env, CALLS_ENV: base64.b64encode(calls).decode()}
     p, ours = _start_warm(tmp_path)
     fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
     socket.send_fds(ours, [go_message(env, ["-", "result.pkl"])], [fd])
@@ -140,10 +134,50 @@ def test_a_warm_interpreter_runs_its_attempt_where_and_as_it_is_told(tmp_path: P
     parts = pickle.loads(data.partition(b"\n")[2])
     _, ok, got, _ = cloudpickle.loads(parts[0])
     assert ok, got
+    return got, work
+
+
+def test_a_warm_interpreter_runs_its_attempt_where_and_as_it_is_told(tmp_path: Path) -> None:
+    """Its directory, environment (nothing left of its own), arguments and a stdin of
+    /dev/null, as ``python -m dsml.fnrun`` started there would have them."""
+
+    def probe() -> dict[str, object]:
+        import os
+        import sys
+
+        return {"cwd": os.getcwd(), "argv": sys.argv[1:], "env": dict(os.environ),
+                "stdin": os.readlink("/proc/self/fd/0"), "path0": sys.path[0]}
+
+    env = {"PATH": os.defpath, "ONLY": "this"}
+    got, work = _run_warm(tmp_path, probe, env)
     assert got["cwd"] == str(work) and got["path0"] == str(work)
     assert got["argv"] == ["-", "result.pkl"]
-    assert got["env"] == env
+    assert got["env"].keys() == {*env, CALLS_ENV} and got["env"]["ONLY"] == "this"
     assert got["stdin"] == "/dev/null"
+
+
+def test_the_run_ends_as_python_would_threads_joined_atexit_run(tmp_path: Path) -> None:
+    """The quick exit (no module teardown) still joins the threads a call left running
+    and runs its atexit handlers."""
+
+    def leaves_work() -> str:
+        import atexit
+        import threading
+        import time
+
+        def later() -> None:
+            time.sleep(0.2)
+            with open("thread.txt", "w") as f:
+                f.write("joined")
+
+        threading.Thread(target=later).start()
+        atexit.register(lambda: open("atexit.txt", "w").write("ran"))
+        return "returned"
+
+    got, work = _run_warm(tmp_path, leaves_work, {"PATH": os.defpath})
+    assert got == "returned"
+    assert (work / "thread.txt").read_text() == "joined"
+    assert (work / "atexit.txt").read_text() == "ran"
 
 
 def test_a_warm_interpreter_not_wanted_exits_quietly(tmp_path: Path) -> None:

@@ -140,7 +140,7 @@ class WarmPool:
         self.wanted = True
         self.fill()
         while self._ready:
-            w = self._ready.pop()
+            w = self._ready.pop(0)  # the oldest: the likeliest to have done its imports
             if w.popen.poll() is not None:  # it died waiting
                 self._drop(w)
                 continue
