@@ -117,6 +117,26 @@ def test_as_completed_and_wait(ex: dsml.Executor) -> None:
     assert [f.result() for f in done] == [49]
 
 
+def test_a_call_s_end_wakes_its_future_without_waiting_for_a_poll(
+    client: ClusterClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The waiter thread long-polls the master (``wait``) and wakes the poll as soon as
+    the job ends: with the poll's pace slowed to a minute, a call still resolves well
+    within that; shutting down interrupts the waiter's blocked wait."""
+    from dsml.client import functions
+
+    monkeypatch.setattr(functions, "POLL_MIN", 60.0)
+    monkeypatch.setattr(functions, "POLL_MAX", 60.0)
+    with dsml.Executor(client) as ex:
+        assert ex.submit(square, 6).result(timeout=40) == 36
+        assert ex.submit(square, 7).result(timeout=40) == 49
+        gate = ex.submit(wait_for, "/nonexistent/gate", 1)  # keeps the waiter waiting
+        waiter = ex._runner._waiter
+        assert waiter is not None and waiter.is_alive()
+        gate.cancel()
+    assert not waiter.is_alive()
+
+
 def test_a_remote_exception_reaches_result_with_its_traceback(ex: dsml.Executor) -> None:
     """A raising call is a result: its batch's other calls succeed; ``result()`` raises
     the ValueError itself, its ``__cause__`` the remote traceback."""

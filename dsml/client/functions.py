@@ -70,6 +70,8 @@ RESOURCES = ("cpus", "mem", "gpus")
 #: latency), then slowing by half each time (a long task costs the master little).
 POLL_MIN, POLL_MAX = 0.01, 0.5
 POLL_FAST_FOR = 1.0
+#: Seconds one ``wait`` on the master lasts at most (the waiter thread's long poll).
+WAIT_STEP = 1
 #: How long the cluster's CPU count (for batching) is believed.
 CPUS_TTL = 30.0
 
@@ -231,6 +233,9 @@ class FunctionRunner:
         self._when_idle = False
         self._kick = False
         self._thread: threading.Thread | None = None
+        self._waiter: threading.Thread | None = None
+        self._waiting: Any = None  # the waiter's connection, to interrupt at close
+        self._waited: str | None = None  # the job the waiter waits on now
         self._submit_lock = threading.Lock()
 
     # -- submitting (the caller's thread) ---------------------------------------------
@@ -384,6 +389,9 @@ class FunctionRunner:
             self._thread = threading.Thread(target=self._run, name="dsml-functions",
                                             daemon=True)
             self._thread.start()
+            self._waiter = threading.Thread(target=self._wait_ends,
+                                            name="dsml-functions-wait", daemon=True)
+            self._waiter.start()
 
     def close(self, when_idle: bool = False, join: bool = True) -> None:
         """Stop the thread: at once, or (``when_idle``) once every job it watches ended
@@ -394,9 +402,14 @@ class FunctionRunner:
             else:
                 self._stop = True
             self._cond.notify_all()
-            thread = self._thread
+            thread, waiter = self._thread, self._waiter
         if join and thread is not None and thread is not threading.current_thread():
             thread.join(None if when_idle else 10)
+        waiting = self._waiting
+        if waiting is not None and (self._stop or when_idle and join):
+            waiting.master.interrupt()  # its thread ends at once, not after its wait
+        if join and waiter is not None and waiter is not threading.current_thread():
+            waiter.join(10)
 
     def _run(self) -> None:
         c = self.client  # (its class, not an import: cluster.py imports this module)
@@ -421,12 +434,52 @@ class FunctionRunner:
                     active = now
                 fast = now - active < POLL_FAST_FOR
                 delay = POLL_MIN if fast else min(delay * 1.5, POLL_MAX)
+                if len(jobs) == 1 and len(jobs[0].tasks) == 1 and self._waited == jobs[0].id:
+                    delay = POLL_MAX  # the waiter wakes this thread when that job ends
                 with self._cond:
                     if not (self._kick or self._cancels or self._stop):
                         self._cond.wait(delay)
                     if self._kick:
                         delay, active = POLL_MIN, time.monotonic()
         finally:
+            own.close()
+
+    def _wait_ends(self) -> None:
+        """The waiter thread: waits on the master (``wait``, :data:`WAIT_STEP` seconds at
+        most) for the oldest job watched to end, and wakes the poll at once when it
+        has: a call's result is read as soon as the master has it, not at the next
+        poll.  Its own connection (a wait blocks it)."""
+        c = self.client
+        own = self._waiting = type(c)(c.host, c.port, c.token, c.timeout,
+                                      c.name + "-wait", c.tls)
+        ended: set[str] = set()
+        try:
+            while True:
+                with self._cond:
+                    if self._stop or (self._when_idle and not self._jobs):
+                        return
+                    ended &= self._jobs.keys()
+                    job_id = next((j for j in self._jobs if j not in ended), None)
+                    if job_id is None:
+                        self._cond.wait()
+                        continue
+                try:
+                    self._waited = job_id
+                    head, _ = own.master.call("wait", {"Job": job_id, "Timeout": WAIT_STEP})
+                    final = head.headers.get("final") == "1"
+                except (DsmlError, OSError):
+                    final = True  # gone, or the master away: the poll sorts it out
+                    self._waited = None
+                    with self._cond:
+                        self._cond.wait(POLL_MAX)
+                if final:
+                    ended.add(job_id)
+                    self._waited = None
+                    with self._cond:
+                        self._kick = True
+                        self._cond.notify_all()
+        finally:
+            self._waiting = None
             own.close()
 
     def _cancel(self, own: ClusterClient, job_ids: set[str]) -> bool:

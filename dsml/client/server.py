@@ -263,6 +263,17 @@ class Client:
         self._closed = True
         self._drop()
 
+    def interrupt(self) -> None:
+        """From another thread: end a request blocked on this connection at once (it
+        raises), and close the connection for good."""
+        self._closed = True
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # not connected, or already shut
+
     def __enter__(self) -> Client:
         return self
 
