@@ -92,6 +92,17 @@ def versions() -> dict[str, str]:
     return {"python": f"{major}.{minor}", "cloudpickle": cloudpickle.__version__}
 
 
+def runtime() -> str:
+    """What this interpreter runs function calls with, in one line for a worker's
+    registration (``Fn-Runtime``) and the client's check at submit: "python 3.11
+    cloudpickle 3.1.1"; "" without cloudpickle (then it cannot run them)."""
+    try:
+        v = versions()
+    except ImportError:
+        return ""
+    return f"python {v['python']} cloudpickle {v['cloudpickle']}"
+
+
 def mismatch(theirs: dict[str, Any], ours: dict[str, str]) -> str:
     """Why a file written under ``theirs`` versions cannot be read here ("" if it can)."""
     if theirs.get("format") != FORMAT:

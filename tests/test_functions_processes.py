@@ -221,6 +221,25 @@ def test_a_version_mismatch_is_a_clear_error(client: ClusterClient) -> None:
     assert "version mismatch: the client has Python 2.7 and cloudpickle 0.1" in tail
 
 
+def test_a_client_whose_versions_differ_from_the_workers_is_refused_at_submit(
+    client: ClusterClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers say at registration what they run functions with (``nodes``); a client
+    with another Python or cloudpickle is refused when it submits, naming them, unless
+    it names its own interpreter for the workers to run."""
+    from dsml.client import functions
+    from dsml.fnrun import runtime
+
+    assert {n.fn_runtime for n in client.nodes()} == {runtime()}
+    monkeypatch.setattr(functions, "runtime", lambda: "python 2.7 cloudpickle 0.1")
+    with dsml.Executor(client) as ex:
+        with pytest.raises(functions.FunctionVersionMismatch) as e:
+            ex.submit(square, 3)
+        assert e.value.code == "version-mismatch"
+        assert "w1, w2" in str(e.value) and "python 2.7 cloudpickle 0.1" in str(e.value)
+        assert ex.submit(dsml.options(square, python=sys.executable), 3).result(120) == 9
+
+
 def test_a_dead_task_fails_its_future_naming_the_cause(client: ClusterClient) -> None:
     fn = dsml.options(os._exit, python=sys.executable)
     with pytest.raises(FunctionTaskFailed, match=r"exit 7 \[exit\]") as e:

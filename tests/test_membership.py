@@ -425,6 +425,9 @@ def test_version_mismatch_names_both_versions() -> None:
         ("slots", 2.5),
         ("host", ""),
         ("host", "a\nb"),
+        ("fn_runtime", "python 3.11\r\nX: y"),
+        ("fn_runtime", "x" * 129),
+        ("fn_runtime", None),
     ],
 )
 def test_malformed_registration_is_bad_header(field: str, value: object) -> None:
@@ -437,6 +440,13 @@ def test_malformed_registration_is_bad_header(field: str, value: object) -> None
     with pytest.raises(MembershipError) as e:
         h.m.register(**args)  # type: ignore[arg-type]
     assert e.value.code == "bad-header"
+
+
+def test_what_a_worker_runs_functions_with_is_kept() -> None:
+    h = Harness()
+    r = h.m.register("w1", 1, host="h", port=1, slots=1, versions=V, conn=Conn(),
+                     fn_runtime="python 3.11 cloudpickle 3.1.1")
+    assert r.fn_runtime == "python 3.11 cloudpickle 3.1.1"
 
 
 def test_wall_clock_jump_kills_nobody() -> None:

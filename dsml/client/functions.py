@@ -46,8 +46,9 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DsmlError
-from ..fnrun import CALLS_ENV, Key, RemoteError, RemoteTraceback, mismatch, read_header
+from ..fnrun import CALLS_ENV, Key, RemoteError, RemoteTraceback, mismatch, read_header, runtime
 from ..fnrun import versions as local_versions
+from ..protocol.replies import Node
 from .jobhandle import _failure
 
 if TYPE_CHECKING:
@@ -74,6 +75,11 @@ POLL_FAST_FOR = 1.0
 WAIT_STEP = 1
 #: How long the cluster's CPU count (for batching) is believed.
 CPUS_TTL = 30.0
+
+
+class FunctionVersionMismatch(DsmlError):
+    """A call refused at submit: the workers' own interpreter runs another Python or
+    cloudpickle than the client (``version-mismatch``)."""
 
 
 class FunctionTaskFailed(DsmlError):
@@ -225,7 +231,7 @@ class FunctionRunner:
         self.client = client
         self.defaults = defaults or Options()
         self._stored: set[str] = set()
-        self._cpus: tuple[float, int] | None = None
+        self._node_list: tuple[float, list[Node]] | None = None
         self._jobs: dict[str, _CallJob] = {}
         self._cancels: set[str] = set()
         self._cond = threading.Condition()
@@ -255,14 +261,34 @@ class FunctionRunner:
             return []
         return self._submit(fn, calls, opts, batch_size or opts.batch_size)
 
-    def cluster_cpus(self) -> int:
-        """CPUs of the alive workers (remembered for :data:`CPUS_TTL` seconds)."""
+    def _nodes(self) -> list[Node]:
+        """The master's workers (remembered for :data:`CPUS_TTL` seconds)."""
         now = time.monotonic()
-        if self._cpus is None or now - self._cpus[0] > CPUS_TTL:
-            nodes = self.client.nodes()
-            alive = sum(n.slots for n in nodes if n.state == "alive")
-            self._cpus = (now, alive or sum(n.slots for n in nodes) or 1)
-        return self._cpus[1]
+        if self._node_list is None or now - self._node_list[0] > CPUS_TTL:
+            self._node_list = (now, self.client.nodes())
+        return self._node_list[1]
+
+    def cluster_cpus(self) -> int:
+        """CPUs of the alive workers."""
+        nodes = self._nodes()
+        return sum(n.slots for n in nodes if n.state == "alive") or sum(
+            n.slots for n in nodes) or 1
+
+    def check_runtime(self, fn_name: str) -> None:
+        """Refuse at submit a call the workers' own interpreter cannot run: a live
+        worker that declares another Python (major.minor) or cloudpickle than this
+        client's (the task side would refuse it too, but only once it runs)."""
+        mine = runtime()
+        other = sorted({n.fn_runtime for n in self._nodes()
+                        if n.state == "alive" and n.fn_runtime and n.fn_runtime != mine})
+        if not other:
+            return
+        names = ", ".join(sorted(n.name for n in self._nodes() if n.fn_runtime in other))
+        raise FunctionVersionMismatch(
+            f"cannot run {fn_name} on the cluster: this client has {mine or 'no cloudpickle'}"
+            f", worker(s) {names} run function tasks with {' / '.join(other)}; use a client "
+            "with the workers' versions, or name a matching interpreter on the workers "
+            "(dsml.options(fn, python=...))", "version-mismatch")
 
     def _submit(self, fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
                 opts: Options, batch_size: int | None) -> list[Future[Any]]:
@@ -284,6 +310,8 @@ class FunctionRunner:
             batch_size = -(-len(calls) // max(1, tasks_wanted))
         res = dict(opts.resources or {})
         python = opts.python or os.environ.get("DSML_PYTHON") or DEFAULT_PYTHON
+        if python == DEFAULT_PYTHON:
+            self.check_runtime(getattr(fn, "__qualname__", type(fn).__name__))
         set_id = uuid.uuid4().hex[:16]
         futures: list[Future[Any]] = []
         tasks, states = [], []

@@ -72,7 +72,7 @@ from twisted.logger import Logger
 
 from ..errors import DsmlError
 from ..protocol import limits
-from ..protocol.limits import GPU_ID, MAX_GPUS, MAX_MEM
+from ..protocol.limits import FN_RUNTIME, GPU_ID, MAX_GPUS, MAX_MEM
 from .workerrecord import ALIVE, DEAD, SUSPECT, Versions, WorkerRecord
 
 log = Logger()
@@ -228,6 +228,7 @@ class Membership:
         free_disk: int = 0,
         mem: int = 0,
         gpus: tuple[str, ...] = (),
+        fn_runtime: str = "",
     ) -> WorkerRecord:
         """Register worker ``name`` at ``incarnation`` on ``conn``; return its live record.
 
@@ -246,6 +247,10 @@ class Membership:
             _check_int("slots", slots, 0, MAX_SLOTS)
             _check_int("mem", mem, 0, MAX_MEM)
             _check_gpus(gpus)
+            if not isinstance(fn_runtime, str) or not FN_RUNTIME.match(fn_runtime):
+                raise MembershipError(
+                    f"Fn-Runtime must be up to 128 of A-Z a-z 0-9 _ . + = - and spaces, "
+                    f"got {str(fn_runtime)[:200]!r}", "bad-header")
             if free_slots is None:
                 free_slots = slots
             _check_stats(free_slots, stored_bytes, stored_files, free_disk)
@@ -281,7 +286,8 @@ class Membership:
 
         if old is not None and old.live and incarnation == old.incarnation:
             # Same connection, same incarnation: an idempotent retry; refresh in place.
-            old.host, old.port, old.slots, old.mem, old.gpus = host, port, slots, mem, gpus
+            (old.host, old.port, old.slots, old.mem, old.gpus,
+             old.fn_runtime) = host, port, slots, mem, gpus, fn_runtime
             self._set_stats(old, free_slots, stored_bytes, stored_files, free_disk)
             self._touch(old, now)
             log.info(
@@ -296,7 +302,8 @@ class Membership:
             # on the new link; the caller reconciles its attempts.
             old.incarnation = incarnation
             old.conn = conn
-            old.host, old.port, old.slots, old.mem, old.gpus = host, port, slots, mem, gpus
+            (old.host, old.port, old.slots, old.mem, old.gpus,
+             old.fn_runtime) = host, port, slots, mem, gpus, fn_runtime
             self._set_stats(old, free_slots, stored_bytes, stored_files, free_disk)
             self._by_conn[id(conn)] = old
             self._touch(old, now)
@@ -325,6 +332,7 @@ class Membership:
             conn=conn,
             mem=mem,
             gpus=gpus,
+            fn_runtime=fn_runtime,
         )
         self._records[name] = record
         self._by_heartbeat[name] = record

@@ -73,6 +73,8 @@ class RegisterRequest:
     #: The memory (bytes) and the GPUs (their ids) it offers tasks.
     mem: int = 0
     gpus: tuple[str, ...] = ()
+    #: What it runs function tasks with (``Fn-Runtime``), "" if it did not say.
+    fn_runtime: str = ""
 
 
 @attrs.frozen
@@ -277,6 +279,7 @@ class WorkerRegistry:
                 name, incarnation, host=req.host, port=req.port, slots=req.slots,
                 versions=req.versions, conn=link, free_disk=req.free_disk,
                 stored_bytes=req.stored_bytes, mem=req.mem, gpus=req.gpus,
+                fn_runtime=req.fn_runtime,
             )
             try:
                 self.state.record_worker(

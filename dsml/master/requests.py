@@ -198,6 +198,7 @@ class MasterHandler:
             int(h.get("stored-bytes", 0)),
             int(h.get("mem", 0)),
             tuple(g for g in h.get("gpus", "").split(",") if g),
+            h.get("fn-runtime", ""),
         )
 
     def _registered(self, head: Head, conn: Connection, done: Registration) -> Reply:
@@ -319,7 +320,7 @@ class MasterHandler:
         count: the attempts it gave it, and those told to stop not yet ended)."""
         used = self.router.used(r.name) if self._live(r) else Room(0)
         return {"mem": r.mem, "gpus": list(r.gpus), "cpus_used": used.cpus,
-                "mem_used": used.mem, "gpus_used": used.gpus}
+                "mem_used": used.mem, "gpus_used": used.gpus, "fn_runtime": r.fn_runtime}
 
     # -- keys -------------------------------------------------------------------------
 

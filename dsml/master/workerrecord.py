@@ -65,6 +65,8 @@ class WorkerRecord:
     #: Memory it offers tasks (bytes; 0: none declared) and its GPUs' ids.
     mem: int = 0
     gpus: tuple[str, ...] = ()
+    #: What it runs function tasks with (:func:`dsml.fnrun.runtime`), "" if unknown.
+    fn_runtime: str = ""
 
     @property
     def room(self) -> Room:

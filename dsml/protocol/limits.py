@@ -57,6 +57,10 @@ MAX_MEM = 1 << 50
 #: A GPU id a worker declares: an index ("0"), a UUID ("GPU-5f3c..."), a MIG id: 1 to
 #: 128 of A-Z a-z 0-9 _ . : - (it goes into CUDA_VISIBLE_DEVICES, comma-separated).
 GPU_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}\Z")
+#: What a worker runs function tasks with (``Fn-Runtime``: its Python's major.minor and
+#: cloudpickle's version, :func:`dsml.fnrun.runtime`): up to 128 of A-Z a-z 0-9 _ . + = -
+#: and spaces ("" for none declared).
+FN_RUNTIME = re.compile(r"[A-Za-z0-9_.+= -]{0,128}\Z")
 
 #: A worker's name: 1 to 64 of A-Z a-z 0-9 _ . - (a config key, a header value, a
 #: directory-safe word).  One rule for the config, the wire and the master.

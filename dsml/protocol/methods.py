@@ -324,7 +324,7 @@ def master_methods() -> MethodTable:
             },
             {"boot": check_text, "running": check_text, "inventory-digest": check_digest,
              "free-disk": check_uint, "stored-bytes": check_uint, "mem": check_uint,
-             "gpus": check_text},
+             "gpus": check_text, "fn-runtime": check_text},
             max_payload=INVENTORY_MAX,
         ),
         _spec(
@@ -515,6 +515,8 @@ FIELD_BOUNDS: dict[str, dict[str, Bound]] = {
         "gpus": Bound("count", f"at most {limits.MAX_GPUS} distinct GPU ids, comma-separated,"
                       " each 1 to 128 of A-Z a-z 0-9 _ . : -", "dsml.protocol.limits.MAX_GPUS",
                       limits.MAX_GPUS),
+        "fn-runtime": Bound("pattern", "up to 128 of A-Z a-z 0-9 _ . + = - and spaces, "
+                            "else bad-header", "dsml.protocol.limits.FN_RUNTIME"),
         "payload": Bound("length", "JSON lines, at most 64 MiB", "dsml.protocol.methods."
                          "INVENTORY_MAX", 64 * 1024 * 1024),
         **_INVENTORY_FIELDS,

@@ -77,6 +77,9 @@ class Node:
     cpus_used: int = 0
     mem_used: int = 0
     gpus_used: int = 0
+    #: What its function tasks run with by default ("python 3.11 cloudpickle 3.1.1",
+    #: :func:`dsml.fnrun.runtime`), "" if it did not say.
+    fn_runtime: str = ""
 
 
 @attrs.frozen

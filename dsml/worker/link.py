@@ -90,6 +90,8 @@ class WorkerInfo:
     #: Memory (bytes) and GPUs (ids) it offers tasks.
     mem: int = 0
     gpus: tuple[str, ...] = ()
+    #: What its function tasks run with (:func:`dsml.fnrun.runtime`), "" if unknown.
+    fn_runtime: str = ""
 
 
 def inventory_payload(store: Store) -> tuple[bytes, str]:
@@ -387,6 +389,8 @@ class MasterLink(service.Service):
             headers["Mem"] = info.mem
         if info.gpus:
             headers["Gpus"] = ",".join(info.gpus)
+        if info.fn_runtime:
+            headers["Fn-Runtime"] = info.fn_runtime
         running = self.running_attempts()
         if running:
             headers["Running"] = ",".join(str(a) for a in running)

@@ -22,6 +22,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from ..config import MASTER_ADDR_FILE, TASK_ENV_DEFAULT, WORKER_ADDR_FILE, Config, WorkerConfig
+from ..fnrun import runtime as fn_runtime
 from ..fsutil import private_dir
 from ..net.access import DEFAULT_ADMINS
 from ..net.cluster_client import AsyncClusterClient
@@ -360,7 +361,7 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         token=cc.token,
         info=WorkerInfo(
             name, wc.host, wc.port, wc.slots, boot=f"{os.getpid()}-{secrets.token_hex(4)}",
-            mem=mem, gpus=gpus,
+            mem=mem, gpus=gpus, fn_runtime=fn_runtime(),
         ),
         value_max=cc.value_max,
         heartbeat_interval=cc.heartbeat_interval,
