@@ -492,6 +492,8 @@ class TaskManager(AttemptLedger):
             log.warn("result of attempt {attempt} never acknowledged: dropped", attempt=dropped)
             del self._results[dropped]
         self.isolation.release(att.cgroup)
+        if self._warm is not None:
+            self._warm.fill()  # what attempts took
         kept = self._dirs.retire(att.spec.attempt_id, att.dir, bool(att.spec.inputs))
         if kept is not None:
             att.dir = kept

@@ -4,11 +4,12 @@ A function task (``dsml-python -m dsml.fnrun CALLS RESULT``, see :mod:`dsml.fnru
 spends most of a short call starting the interpreter and importing cloudpickle (about
 50 ms here), and where the worker has cgroups, joining the attempt's cgroup costs a
 shell and often several milliseconds more (cgroup v1's memory controller waits for an
-RCU grace period).  So once a worker has run one function task, it keeps one
-interpreter ready (:class:`WarmPool`): ``python -m dsml.fnrun --warm``, started the way an
-attempt's command is (its own session, its own cgroup ``aw<n>``, as the task user, with
-the worker's base environment and mark), which imports what a run needs and then blocks
-on its standard input, a Unix socket.
+RCU grace period).  So once a worker has run one function task, it keeps
+:data:`WARM_INTERPRETERS` interpreters ready (:class:`WarmPool`, refilled as attempts
+end): ``python -m dsml.fnrun --warm``, started the way an attempt's command is (its own
+session, its own cgroup ``aw<n>``, as the task user, with the worker's base environment
+and mark), which imports what a run needs and then blocks on its standard input, a Unix
+socket.
 
 An attempt it suits (:func:`warm_args`: the worker's own interpreter, the same
 ``PYTHON*`` variables as the warm one has) takes it: the cgroup gets the attempt's memory
@@ -47,6 +48,11 @@ WARM_ARGS = ("-m", "dsml.fnrun")
 #: made one after another each find one that has finished its imports (one takes the
 #: first while the next starts).
 WARM_INTERPRETERS = 2
+#: Seconds after an attempt's end before the pool starts its missing interpreters:
+#: making their cgroups and forking them holds the worker's reactor a few milliseconds
+#: (measured under cProfile: ~3 mkdirs of ~1 ms and a 2 ms fork per interpreter), which
+#: must not delay the result being reported and read.
+FILL_DELAY = 0.05
 #: A larger message goes the cold way (it must fit the socket's buffer at once).
 GO_SEND_MAX = 128 * 1024
 
@@ -136,9 +142,8 @@ class WarmPool:
 
     def take(self, mem: int) -> Warm | None:
         """A ready interpreter, its cgroup limited to ``mem`` bytes (0: none); None if
-        none is ready.  Another is started (the next attempt's) either way."""
+        none is ready.  From now on the pool is kept full (:meth:`fill`)."""
         self.wanted = True
-        self.fill()
         while self._ready:
             w = self._ready.pop(0)  # the oldest: the likeliest to have done its imports
             if w.popen.poll() is not None:  # it died waiting
@@ -153,10 +158,11 @@ class WarmPool:
         return None
 
     def fill(self) -> None:
-        """Start what is missing, on the next turn (a task may be starting now)."""
+        """Start what is missing in :data:`FILL_DELAY` seconds (called as an attempt
+        ends: its result goes out first, and the client's read of it)."""
         if self._fill_call is None and self.wanted and not self._closed and len(
                 self._ready) < self.size:
-            self._fill_call = self.clock.callLater(0, self._fill)
+            self._fill_call = self.clock.callLater(FILL_DELAY, self._fill)
 
     def _fill(self) -> None:
         self._fill_call = None
