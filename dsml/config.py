@@ -183,6 +183,10 @@ class WorkerConfig:
     #: ``pwd`` at the worker's start; None: ``nobody`` on a root worker, else the worker's
     #: own user (see :mod:`dsml.worker.tasks.taskuser`).
     task_user: str | None = None
+    #: The interpreter function tasks run by default (``python``: an absolute path;
+    #: what ``dsml-python`` names, and what its warm interpreters run); None: the
+    #: worker's own.  It must import dsml and cloudpickle (checked at the worker's start).
+    python: str | None = None
 
 
 @attrs.frozen
@@ -562,7 +566,8 @@ class _Parser:
     def worker(self, name: str, section: object) -> WorkerConfig:
         prefix = f"workers.{name}"
         s = self.mapping(prefix, section, ["host", "port", "data_dir", "cpus", "slots", "mem",
-                                           "gpus", "input_cache", "task_env", "task_user"])
+                                           "gpus", "input_cache", "task_env", "task_user",
+                                           "python"])
         for required in ("port", "data_dir"):
             if required not in s:
                 raise self.error(f"{prefix}.{required}", "required key is missing")
@@ -578,7 +583,18 @@ class _Parser:
                                         s.get("input_cache", DEFAULT_INPUT_CACHE)),
             task_env=self.env_names(f"{prefix}.task_env", s.get("task_env", [])),
             task_user=self.task_user(f"{prefix}.task_user", s.get("task_user")),
+            python=self.interpreter(f"{prefix}.python", s.get("python")),
         )
+
+    def interpreter(self, key: str, value: object) -> str | None:
+        """An absolute path (the interpreter of function tasks), or None (not given)."""
+        if value is None:
+            return None
+        if isinstance(value, str) and value.startswith("/") and value.isprintable() and len(
+                value) <= 4096:
+            return value
+        raise self.error(key, "must be the absolute path of a Python interpreter, "
+                              f"got {_show(value)}")
 
     def task_user(self, key: str, value: object) -> str | None:
         """A user name or a numeric uid (as a string), or None (not given)."""

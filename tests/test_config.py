@@ -126,7 +126,7 @@ BAD_FILES = [
     pytest.param(
         MINIMAL + "    slotz: 2\n",
         "workers.w1.slotz: unknown key (known: host, port, data_dir, cpus, slots, mem, gpus,"
-        " input_cache, task_env, task_user)",
+        " input_cache, task_env, task_user, python)",
         id="unknown-worker-key",
     ),
     pytest.param(
@@ -516,6 +516,18 @@ def test_cluster_admins_must_be_a_list_of_names(tmp_path: Path, value: str) -> N
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, f"cluster:\n  admins: {value}\n" + MINIMAL))
     assert "cluster.admins: must be a list of user names" in str(info.value)
+
+
+def test_a_workers_python_for_functions_is_an_absolute_path(tmp_path: Path) -> None:
+    base = "master: {port: 0, state_dir: m}\nworkers:\n  w1: {port: 0, data_dir: w1%s}\n"
+    path = tmp_path / "dsml.yaml"
+    for extra, want in [("", None), (", python: /opt/venv/bin/python", "/opt/venv/bin/python")]:
+        path.write_text(base % extra)
+        assert load_config(path).worker("w1").python == want
+    for bad in ("python3", "3", "[]"):
+        path.write_text(base % f", python: {bad}")
+        with pytest.raises(ConfigError, match="workers.w1.python: must be the absolute path"):
+            load_config(path)
 
 
 def test_a_workers_input_cache_is_bytes_from_zero(tmp_path: Path) -> None:

@@ -182,3 +182,45 @@ def test_no_warm_interpreter_outlives_its_worker(tmp_path: Path, how: str) -> No
              what="no warm interpreter left")
     finally:
         c.stop()
+
+
+def test_a_configured_interpreter_runs_function_tasks_cold_and_warm(tmp_path: Path) -> None:
+    """``python:`` in a worker's config: ``dsml-python`` names it, its warm interpreters
+    run it, and the worker registers what it runs functions with; an interpreter that
+    cannot run them is said at start (and registers nothing)."""
+    from dsml.fnrun import runtime
+
+    calls = tmp_path / "wrapper.log"
+    calls.touch(mode=0o666)
+    os.chmod(calls, 0o666)  # the task user appends to it
+    wrapper = tmp_path / "fn-python"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >>{calls}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    # As root where the test is root: the task user could not reach this interpreter
+    # (under /root here); who the tasks run as is not what this test is about.
+    root = {"task_user": "root"} if os.geteuid() == 0 else {}
+    workers = {"w1": {**_config("w1"), "python": str(wrapper), **root},
+               "w2": {**_config("w2"), "python": str(tmp_path / "no-such-python")}}
+    c = LocalCluster(tmp_path / "c", workers=("w1",), extra={
+        "workers": workers, "cluster": {"replication": 1}})
+    try:
+        c.start_all()
+        c.start("w2")
+        with dsml.connect(c.config_path) as client:
+            nodes = poll(lambda: {n.name: n for n in client.nodes()} if len(
+                client.nodes()) == 2 else None, timeout=60, what="both workers registered")
+            assert nodes["w1"].fn_runtime == runtime() and nodes["w2"].fn_runtime == ""
+            assert "function tasks (dsml-python) cannot run on worker w2" in c.log_path(
+                "w2").read_text()
+            c.kill("w2", signal.SIGTERM)
+            with dsml.Executor(client) as ex:
+                first = ex.submit(probe).result(timeout=120)
+                poll(lambda: warm_pids(c) or None, timeout=60, what="warm interpreters")
+                second = ex.submit(probe).result(timeout=120)
+        lines = calls.read_text().splitlines()
+        assert "-c from dsml.fnrun import runtime; print(runtime())" in lines  # the probe
+        assert "-m dsml.fnrun - result.pkl" in lines  # the first call, cold
+        assert lines.count("-m dsml.fnrun --warm") >= 2
+        assert first["pid"] != second["pid"]
+    finally:
+        c.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -22,7 +23,6 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from ..config import MASTER_ADDR_FILE, TASK_ENV_DEFAULT, WORKER_ADDR_FILE, Config, WorkerConfig
-from ..fnrun import runtime as fn_runtime
 from ..fsutil import private_dir
 from ..net.access import DEFAULT_ADMINS
 from ..net.cluster_client import AsyncClusterClient
@@ -48,7 +48,9 @@ from .storage import RunInThread, StorageHandler, storage_responders
 from .store import Store
 from .tasks import TaskManager
 from .tasks.cgroups import detect as detect_cgroups
+from .tasks.launch import TaskEnvironment
 from .tasks.taskuser import for_worker, lent_mode
+from .tasks.warm import probe_runtime
 from .transfers import TaskTransfers
 from .trust import MasterTrust
 
@@ -317,6 +319,12 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
 
     master_addr_file = config.master.state_dir / MASTER_ADDR_FILE
     mem, gpus = _resources(name, wc)
+    fn_python = wc.python or sys.executable
+    fn_rt, why = probe_runtime(fn_python, TaskEnvironment(
+        wc.data_dir / "tasks", TASK_ENV_DEFAULT + wc.task_env).for_warm())
+    if why:
+        _log.warn("function tasks (dsml-python) cannot run on worker {name}: {why}",
+                  name=name, why=why)
 
     def master_addr() -> str:
         # The config's address, or (port 0, a local cluster) what the master's address
@@ -344,6 +352,7 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
             mem=mem,
             gpus=gpus,
             task_user=task_user,
+            python=fn_python,
             work_dir=work_dir,
             transfers=transfers,
             on_result=on_result,
@@ -361,7 +370,7 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
         token=cc.token,
         info=WorkerInfo(
             name, wc.host, wc.port, wc.slots, boot=f"{os.getpid()}-{secrets.token_hex(4)}",
-            mem=mem, gpus=gpus, fn_runtime=fn_runtime(),
+            mem=mem, gpus=gpus, fn_runtime=fn_rt,
         ),
         value_max=cc.value_max,
         heartbeat_interval=cc.heartbeat_interval,

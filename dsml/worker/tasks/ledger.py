@@ -16,7 +16,8 @@ import attrs
 from .logs import STDERR_NAME, STDOUT_NAME
 from .spec import AttemptResult, AttemptSpec, TaskError, validate
 
-#: A command named this runs the worker's own Python (``sys.executable``): what a
+#: A command named this runs the worker's Python for functions (its ``python``, by
+#: default its own ``sys.executable``): what a
 #: function task runs by default, so it finds dsml and cloudpickle as the worker does.
 WORKER_PYTHON = "dsml-python"
 
@@ -34,6 +35,8 @@ class AttemptLedger:
     #: Memory (bytes; 0: none declared) and GPU ids the worker offers tasks.
     mem: int = 0
     gpus: tuple[str, ...] = ()
+    #: What ``dsml-python`` runs (:data:`WORKER_PYTHON`).
+    python: str = sys.executable
     work_dir: Path
     _active: dict[int, Any]
     _results: dict[int, AttemptResult]
@@ -63,8 +66,8 @@ class AttemptLedger:
         if self.mem and spec.mem > mem_free:
             raise TaskError(f"busy: {spec.mem} bytes of memory wanted, {mem_free} free", "busy")
         command = spec.command
-        if command[0] == WORKER_PYTHON:  # the worker's own interpreter (function tasks)
-            command = (sys.executable, *command[1:])
+        if command[0] == WORKER_PYTHON:  # the worker's interpreter for function tasks
+            command = (self.python, *command[1:])
         return attrs.evolve(spec, gpu_ids=tuple(idle[: spec.gpus]), command=command)
 
     def running(self) -> list[int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal as signal_module
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -122,7 +123,7 @@ class TaskManager(AttemptLedger):
         ``subreaper``: without them, become a child subreaper (:mod:`.subreaper`).
     :param task_user: who tasks run as (:mod:`.taskuser`); None: the worker's user.
     :param warm: warm interpreters kept for function tasks once one has come (:mod:`.warm`;
-        0: none).
+        0: none).  ``python``: the interpreter ``dsml-python`` names.
     """
 
     def __init__(
@@ -148,13 +149,14 @@ class TaskManager(AttemptLedger):
         gpus: Sequence[str] = (),
         task_user: TaskUser | None = None,
         warm: int = WARM_INTERPRETERS,
+        python: str = sys.executable,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
         if log_cap < 1 or keep_finished < 0 or grace < 0 or sample_interval <= 0:
             raise ValueError("log_cap >= 1, keep_finished >= 0, grace >= 0, sample_interval > 0")
         self.reactor = reactor
-        self.slots, self.mem, self.gpus = slots, mem, tuple(gpus)
+        self.slots, self.mem, self.gpus, self.python = slots, mem, tuple(gpus), python
         self.work_dir = Path(work_dir)
         self.transfers = transfers
         self.on_result = on_result
@@ -188,7 +190,7 @@ class TaskManager(AttemptLedger):
         # finds an attempt's processes by a mark their environment had at exec.
         self._warm = WarmPool(
             reactor, self.isolation, task_user, self._environment.for_warm(),
-            self._dirs.run_root, self._executables, warm,
+            self._dirs.run_root, self._executables, warm, python,
         ) if warm and self.launcher is popen_launcher and not self.isolation.subreaper else None
         self._dirs.recover()
 
@@ -393,7 +395,8 @@ class TaskManager(AttemptLedger):
 
     def _start_warm(self, att: Attempt, env: dict[str, str]) -> bool:
         """Whether the attempt's leader is a warm interpreter (:mod:`.warm`), now started."""
-        args = None if self._warm is None else warm_args(att.spec.command, env, self._warm.env)
+        args = None if self._warm is None else warm_args(
+            att.spec.command, env, self._warm.env, self.python)
         w = None if args is None or self._warm is None else self._warm.take(att.spec.mem)
         if w is None or args is None:
             return False

@@ -35,14 +35,15 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-from ...fnrun import go_message
+from ...fnrun import go_message, runtime
+from ...protocol.limits import FN_RUNTIME
 from .isolation import Isolation
 from .launch import Executables, LaunchFailed, start_popen
 from .taskuser import TaskUser
 
 log = Logger()
 
-#: The command a warm interpreter runs (after the worker's ``sys.executable``).
+#: The command a warm interpreter runs (after the worker's interpreter for functions).
 WARM_ARGS = ("-m", "dsml.fnrun")
 #: How many a worker keeps ready once it has run a function task: two, so that calls
 #: made one after another each find one that has finished its imports (one takes the
@@ -58,17 +59,37 @@ GO_SEND_MAX = 128 * 1024
 
 
 def warm_args(command: Sequence[str], env: Mapping[str, str],
-              warm_env: Mapping[str, str]) -> list[str] | None:
+              warm_env: Mapping[str, str], python: str = sys.executable) -> list[str] | None:
     """The ``dsml.fnrun`` arguments of ``command`` if a warm interpreter can run it:
-    the worker's own Python, ``-m dsml.fnrun`` and two arguments, and no ``PYTHON*``
-    variable (``PYTHONPATH``, ...: read at start) differing from the warm one's."""
-    if (len(command) != 5 or command[0] != sys.executable
+    ``python`` (the worker's for functions), ``-m dsml.fnrun`` and two arguments, and no
+    ``PYTHON*`` variable (``PYTHONPATH``, ...: read at start) differing from the warm
+    one's."""
+    if (len(command) != 5 or command[0] != python
             or tuple(command[1:3]) != WARM_ARGS or command[3].startswith("--")):
         return None
     names = {k for k in (*env, *warm_env) if k.startswith("PYTHON")}
     if any(env.get(k) != warm_env.get(k) for k in names):
         return None
     return list(command[3:])
+
+
+def probe_runtime(python: str, env: Mapping[str, str]) -> tuple[str, str]:
+    """(What ``python`` runs function calls with, "") or ("", why it cannot run them):
+    asked once, as the worker starts (:func:`dsml.fnrun.runtime`, run by ``python``
+    with the tasks' base environment)."""
+    if python == sys.executable:
+        here = runtime()
+        return here, "" if here else "cloudpickle cannot be imported"
+    try:
+        p = subprocess.run([python, "-c", "from dsml.fnrun import runtime; print(runtime())"],
+                           env=dict(env), capture_output=True, timeout=120, check=False)
+    except (OSError, subprocess.SubprocessError) as e:
+        return "", f"cannot run {python}: {e}"
+    said = p.stdout.decode(errors="replace").strip()
+    if p.returncode != 0 or not said or not FN_RUNTIME.match(said):
+        tail = p.stderr.decode(errors="replace").strip().splitlines()[-1:] or [said[:200]]
+        return "", f"{python} cannot run them (exit {p.returncode}): {tail[0]}"
+    return said, ""
 
 
 @attrs.define
@@ -120,13 +141,14 @@ class WarmPool:
     """At most ``size`` warm interpreters ready (see the module docstring).
 
     :param clock: ``IReactorTime``; ``env``: their environment (the worker's base and
-        mark); ``cwd``: where they start (they never read it).
+        mark); ``cwd``: where they start (they never read it); ``python``: what they run.
     """
 
     def __init__(self, clock: Any, isolation: Isolation, user: TaskUser | None,
                  env: dict[str, str], cwd: Path, executables: Executables,
-                 size: int = WARM_INTERPRETERS) -> None:
+                 size: int = WARM_INTERPRETERS, python: str = sys.executable) -> None:
         self.clock = clock
+        self.python = python
         self.isolation = isolation
         self.user = user
         self.env = env
@@ -179,7 +201,7 @@ class WarmPool:
         except OSError as e:
             log.warn("no warm interpreter: cannot make its cgroup: {e}", e=e)
             return None
-        command = [sys.executable, *WARM_ARGS, "--warm"]
+        command = [self.python, *WARM_ARGS, "--warm"]
         if self.user is not None:
             command = self.user.wrap(command)
         command = self.isolation.wrap(cgroup, command)
