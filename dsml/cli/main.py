@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("upload", cmd_upload, "upload a file (KEY defaults to the file's name)")
     sp.add_argument("path", help="the local file")
     sp.add_argument("key", nargs="?", help="the key to store it under")
+    sp.add_argument("--chunk", metavar="SIZE",
+                    help="store it as a dataset: chunks of about SIZE (e.g. 64MiB) split on "
+                         "record boundaries, and a manifest, under KEY/")
+    sp.add_argument("--format", choices=("csv", "text", "npy"),
+                    help="with --chunk: how to split (default: from the file's name)")
     sp = add("download", cmd_download,
              "download a key to PATH (- for stdout), or with -r every key under a prefix")
     sp.add_argument("key", help="the key (with -r: the prefix)")

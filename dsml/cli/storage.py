@@ -36,6 +36,10 @@ def cmd_upload(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise UsageError(f"{path}: not a regular file")
     size = path.stat().st_size
+    if args.chunk is not None:
+        return _upload_dataset(args, path, key, size)
+    if args.format is not None:
+        raise UsageError("--format goes with --chunk")
     with _connect(args) as c, _progress(size, f"upload {key}", not args.quiet) as progress:
         start = time.monotonic()
         stored = c.upload(path, key, progress)
@@ -43,6 +47,33 @@ def cmd_upload(args: argparse.Namespace) -> int:
     copies = f", {stored.replicas} replicas" if stored.replicas > 1 else ""
     print(f"uploaded {path} -> {key}: {_rate(stored.size, took)}, version {stored.version}"
           f"{copies}, sha256 {stored.sha256}")
+    return 0
+
+
+def _upload_dataset(args: argparse.Namespace, path: Path, name: str, size: int) -> int:
+    from ..config import parse_size
+    from ..datasets import ChunkError, upload_dataset
+
+    try:
+        chunk = parse_size(args.chunk)
+    except ValueError as e:
+        raise UsageError(f"--chunk: {e}") from None
+    with _connect(args) as c, _progress(size, f"upload {name}", not args.quiet) as progress:
+        start = time.monotonic()
+        sent = [0]
+
+        def step(chunks: int, done: int) -> None:
+            if progress is not None:
+                progress(done - sent[0])
+            sent[0] = done
+
+        try:
+            m = upload_dataset(c, path, name, chunk, args.format, step)
+        except ChunkError as e:
+            raise UsageError(f"{path}: {e}") from None
+        took = time.monotonic() - start
+    print(f"uploaded {path} -> dataset {name}: {len(m['chunks'])} chunks, {m['rows']} rows "
+          f"({m['kind']}), {_rate(size, took)}; manifest {name}/_manifest.json")
     return 0
 
 

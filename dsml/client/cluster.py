@@ -240,6 +240,17 @@ class ClusterClient:
                 key, f"stored on the workers, but the master's commit failed: {e}"
             ) from e
 
+    def upload_dataset(self, source: str | os.PathLike[str], name: str,
+                       chunk: int | str = "64MiB", format: str | None = None) -> dict[str, Any]:
+        """Store the file ``source`` as dataset ``name``: chunks of about ``chunk`` bytes
+        split on record boundaries (CSV with its header in each, text lines, ``.npy``
+        rows; ``format`` from the file name unless given), then its manifest (returned).
+        See :mod:`dsml.datasets`."""
+        from ..config import parse_size
+        from ..datasets import upload_dataset
+
+        return upload_dataset(self, source, name, parse_size(chunk), format)
+
     def delete(self, key: str) -> int:
         """Delete ``key`` everywhere; returns the version deleted."""
         head, _ = self.master.call("remove", {"Key": key})

@@ -1,0 +1,105 @@
+"""Datasets: a file stored as chunks split on record boundaries, with a manifest (#15).
+
+A dataset ``NAME`` is the keys ``NAME/part-00000.csv``, ``NAME/part-00001.csv``, ...
+(each a whole file: a CSV chunk with the header, a text chunk, an ``.npy`` of rows; see
+:mod:`.chunking`) and ``NAME/_manifest.json``, written last: a dataset is there once
+its manifest is, with exactly the chunks it lists.  So a reader that finds the
+manifest finds every chunk at the version it names; ``dsml://NAME/part-*.csv`` is also
+what pandas or Dask read as a directory of parts.
+
+The manifest (:data:`MANIFEST_FORMAT`): the format (``csv``, ``text``, ``npy``), the
+source's name and size, the header (CSV), the total rows and, per chunk, its key,
+size, rows, sha256 and version.  An upload over an existing dataset replaces it: the
+new manifest is written, then parts it does not list are deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DsmlError
+from .chunking import ChunkError, guess_format, split
+
+if TYPE_CHECKING:
+    from ..client.cluster import ClusterClient
+
+#: The manifest's format; a reader refuses another.
+MANIFEST_FORMAT = 1
+MANIFEST = "_manifest.json"
+#: The default chunk size (bytes).
+DEFAULT_CHUNK = 64 << 20
+_EXT = {"csv": ".csv", "text": ".txt", "npy": ".npy"}
+
+__all__ = ["DEFAULT_CHUNK", "MANIFEST", "ChunkError", "manifest_key", "read_manifest",
+           "upload_dataset"]
+
+
+def manifest_key(name: str) -> str:
+    return f"{name.rstrip('/')}/{MANIFEST}"
+
+
+def upload_dataset(client: ClusterClient, source: str | os.PathLike[str], name: str,
+                   chunk: int = DEFAULT_CHUNK, fmt: str | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Split the file ``source`` into chunks of about ``chunk`` bytes on record
+    boundaries, upload each as ``NAME/part-NNNNN.EXT``, then the manifest; returns it.
+    ``progress(chunks, bytes)`` after each chunk."""
+    path = Path(source)
+    name = name.rstrip("/")
+    if not name:
+        raise DsmlError("a dataset needs a name", "bad-key")
+    fmt = fmt or guess_format(path.name)
+    ext = _EXT.get(fmt, "")
+    chunks: list[dict[str, Any]] = []
+    header = ""
+    with open(path, "rb") as src:
+        for i, c in enumerate(split(src, chunk, fmt)):
+            key = f"{name}/part-{i:05d}{ext}"
+            with c.file:
+                if fmt == "csv" and i == 0:
+                    header = _header_of(c.file)
+                stored = client.upload(c.file, key)
+            if stored.sha256 != c.sha256 or stored.size != c.size:
+                raise DsmlError(f"chunk {key!r} was stored as {stored.size} bytes, sha256 "
+                                f"{stored.sha256}; {c.size} bytes, {c.sha256} were sent",
+                                "checksum")
+            chunks.append({"key": key, "size": c.size, "rows": c.rows, "sha256": c.sha256,
+                           "version": stored.version})
+            if progress is not None:
+                progress(len(chunks), sum(x["size"] for x in chunks))
+    manifest = {
+        "format": MANIFEST_FORMAT, "kind": fmt, "source": path.name,
+        "source_size": path.stat().st_size, "header": header,
+        "rows": sum(x["rows"] for x in chunks), "chunks": chunks, "created": time.time(),
+    }
+    client.upload(json.dumps(manifest, indent=1).encode(), manifest_key(name))
+    listed = {x["key"] for x in chunks} | {manifest_key(name)}
+    for k in client.list(f"{name}/"):
+        if k.key not in listed and k.key.startswith(f"{name}/part-"):
+            client.delete(k.key)  # a part of the dataset this upload replaced
+    return manifest
+
+
+def read_manifest(client: ClusterClient, name: str) -> dict[str, Any]:
+    """The manifest of dataset ``name`` (``not-found`` if it has none)."""
+    data = client.read(manifest_key(name))
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise DsmlError(f"{manifest_key(name)!r} is not a dataset manifest of format "
+                        f"{MANIFEST_FORMAT}", "bad-manifest")
+    return manifest
+
+
+def _header_of(f: Any) -> str:
+    """The first line of a CSV chunk (its header), for the manifest; rewinds ``f``."""
+    line = f.readline(1 << 20)
+    f.seek(0)
+    return bytes(line).decode("utf-8", errors="replace").rstrip("\r\n")

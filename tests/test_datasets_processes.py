@@ -1,0 +1,112 @@
+"""Datasets through real processes (issue #15, its first part): ``dsml upload --chunk``
+and ``ClusterClient.upload_dataset`` store a file as chunks split on record boundaries
+and a manifest written last; the chunks give back the file's bytes; an upload over a
+dataset replaces it whole; a file that cannot be split is refused with nothing stored."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import dsml
+from dsml.client import ClusterClient
+from dsml.datasets import read_manifest
+from dsml.localcluster import LocalCluster
+
+pytestmark = pytest.mark.processes
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = LocalCluster(tmp_path_factory.mktemp("ds"), workers=("w1", "w2"))
+    try:
+        c.start_all()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster: LocalCluster) -> Iterator[ClusterClient]:
+    with dsml.connect(cluster.config_path) as c:
+        yield c
+
+
+def _a_csv(path: Path, rows: int) -> bytes:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["id", "text", "y"])
+    for i in range(rows):
+        w.writerow([i, f'line {i}\nwith "quotes", commas' if i % 7 == 0 else f"t{i}", i * 0.5])
+    data = out.getvalue().encode()
+    path.write_bytes(data)
+    return data
+
+
+def _joined(client: ClusterClient, manifest: dict[str, object], header: bytes) -> bytes:
+    parts = [client.read(c["key"]) for c in manifest["chunks"]]  # type: ignore[attr-defined]
+    assert all(p.startswith(header) for p in parts)
+    return header + b"".join(p[len(header):] for p in parts)
+
+
+def test_the_cli_stores_a_csv_as_chunks_and_a_manifest(
+    cluster: LocalCluster, client: ClusterClient, tmp_path: Path
+) -> None:
+    data = _a_csv(tmp_path / "games.csv", 3000)
+    out = cluster.cli("upload", "--chunk", "16KiB", str(tmp_path / "games.csv"),
+                      "datasets/games").stdout.decode()
+    m = read_manifest(client, "datasets/games")
+    assert f"{len(m['chunks'])} chunks, 3000 rows (csv)" in out
+    assert len(m["chunks"]) > 3 and m["rows"] == 3000 and m["header"] == "id,text,y"
+    assert _joined(client, m, b"id,text,y\n") == data
+    for c in m["chunks"]:
+        got = client.read(c["key"])
+        assert len(got) == c["size"]
+        assert len(list(csv.reader(io.StringIO(got.decode(), newline="")))) - 1 == c["rows"]
+    keys = {k.key for k in client.list("datasets/games/")}
+    assert keys == {c["key"] for c in m["chunks"]} | {"datasets/games/_manifest.json"}
+
+
+def test_an_upload_over_a_dataset_replaces_it_whole(
+    client: ClusterClient, tmp_path: Path
+) -> None:
+    data = _a_csv(tmp_path / "a.csv", 2000)
+    small = client.upload_dataset(tmp_path / "a.csv", "datasets/again", chunk="8KiB")
+    big = client.upload_dataset(tmp_path / "a.csv", "datasets/again", chunk="1MiB")
+    assert len(small["chunks"]) > 1 and len(big["chunks"]) == 1
+    assert {k.key for k in client.list("datasets/again/")} == {
+        big["chunks"][0]["key"], "datasets/again/_manifest.json"}
+    assert json.loads(client.read("datasets/again/_manifest.json")) == big
+    assert client.read(big["chunks"][0]["key"]) == data
+
+
+def test_npy_and_text_datasets(client: ClusterClient, tmp_path: Path) -> None:
+    np = pytest.importorskip("numpy")
+    a = np.random.default_rng(7).normal(size=(1000, 4))
+    np.save(tmp_path / "x.npy", a)
+    m = client.upload_dataset(tmp_path / "x.npy", "datasets/x", chunk="8KiB")
+    parts = [np.load(io.BytesIO(client.read(c["key"]))) for c in m["chunks"]]
+    assert m["kind"] == "npy" and len(parts) > 1 and m["rows"] == 1000
+    assert np.array_equal(np.concatenate(parts), a)
+    (tmp_path / "log.txt").write_bytes(b"".join(b"event %d\n" % i for i in range(500)))
+    m = client.upload_dataset(tmp_path / "log.txt", "datasets/log", chunk="1KiB")
+    assert b"".join(client.read(c["key"]) for c in m["chunks"]) == (
+        tmp_path / "log.txt").read_bytes()
+
+
+def test_a_file_that_cannot_be_split_is_refused_and_nothing_stored(
+    cluster: LocalCluster, client: ClusterClient, tmp_path: Path
+) -> None:
+    (tmp_path / "blob.bin").write_bytes(b"\x00" * 100)
+    r = cluster.cli("upload", "--chunk", "1KiB", str(tmp_path / "blob.bin"), "datasets/blob",
+                    check=False)
+    assert r.returncode == 2 and b"name a format" in r.stderr
+    r = cluster.cli("upload", "--chunk", "1KiB", "--format", "npy", str(tmp_path / "blob.bin"),
+                    "datasets/blob", check=False)
+    assert r.returncode == 2 and b"not a .npy" in r.stderr
+    assert list(client.list("datasets/blob")) == []
