@@ -505,6 +505,20 @@ def test_reconcile_of_many_entries_is_quick(d: Directory) -> None:
 # -- placement --------------------------------------------------------------------------
 
 
+def test_place_spreads_new_keys_over_workers_with_disks_alike(d: Directory) -> None:
+    """Free disk within an eighth of the most is one class: new keys spread over its
+    workers by the key's rendezvous rank, not all to whichever reported a few bytes
+    more; a worker far below the others' free disk gets none while they fit."""
+    from collections import Counter
+
+    gib = 1 << 30
+    live = {"w1": load(100 * gib), "w2": load(100 * gib - 5), "w3": load(99 * gib),
+            "w4": load(95 * gib), "w5": load(10 * gib)}
+    counts = Counter(w for i in range(400) for w in d.place(f"data/part-{i}", 10, live, 2))
+    assert set(counts) == {"w1", "w2", "w3", "w4"}, counts
+    assert max(counts.values()) - min(counts.values()) < 80, counts  # 200 each, +-
+
+
 def test_place_distinct_workers_by_free_disk(d: Directory) -> None:
     """Placement picks distinct workers, most free disk first, then fewest stored bytes."""
     live = {"w1": load(100), "w2": load(500), "w3": load(300, 9), "w4": load(300, 1)}
@@ -542,7 +556,7 @@ def test_place_prefers_existing_holders(d: Directory) -> None:
     """Live workers already holding the key come first (the write replaces in place)."""
     add(d, "k", "w1", 1)
     add(d, "k", "w3", 1)
-    live = {"w1": load(10), "w2": load(1000), "w3": load(20), "w4": load(900)}
+    live = {"w1": load(10), "w2": load(1000), "w3": load(20), "w4": load(500)}
     assert d.place("k", 5, live, 3) == ["w3", "w1", "w2"]
     # A holder without room is still skipped.
     assert d.place("k", 15, live, 3) == ["w3", "w2", "w4"]

@@ -212,6 +212,10 @@ def _check_worker(worker: Any) -> str:
     return worker
 
 
+#: Placement's classes of free disk (see Directory.place).
+DISK_CLASSES = 8
+
+
 def _check_factor(factor: int) -> int:
     if type(factor) is not int or factor < 1:
         raise ValueError(f"replication factor must be a positive integer, not {factor!r}")
@@ -556,9 +560,14 @@ class Directory:
         ``min(factor, len(live))`` distinct live workers with at least ``size`` bytes
         free (fewer if fewer have room; ``no-space`` if none has), in pipeline order:
         workers that already hold a copy of the key first (the write replaces it in
-        place), then by most free disk, fewest stored bytes, name.  ``no-workers`` if
-        nobody is live.  The caller should count bytes placed but not yet reported
-        against ``free_disk``, or a burst of uploads all goes to the emptiest worker.
+        place; among them most free disk, fewest stored bytes, name), then the others
+        by free disk in :data:`DISK_CLASSES` classes of the most any has
+        (an eighth of it apart: workers on disks alike, or on one disk, are one class),
+        then fewest stored bytes (the caller counts what it placed since the last
+        report), then the key's rendezvous rank (:func:`_rank`): the keys of a burst (a
+        dataset's chunks) spread evenly over the workers of the first class rather
+        than all going to whichever reported a few more bytes free.  ``no-workers`` if
+        nobody is live.
         """
         _check_factor(factor)
         problem = _entry_problem(key, size, "0" * 64, 1)
@@ -572,7 +581,15 @@ class Directory:
                 f"no live worker has {size} bytes free for key {key!r}", "no-space"
             )
         holders = {r.worker for r in self.state.replicas_of(key)}
-        fits.sort(key=lambda w: (w not in holders, -live[w].free_disk, live[w].stored_bytes, w))
+        most = max(live[w].free_disk for w in fits) or 1
+        def order(w: str) -> tuple[Any, ...]:
+            load = live[w]
+            if w in holders:  # as before: most free disk, fewest stored bytes, name
+                return (0, -load.free_disk, load.stored_bytes, w)
+            return (1, (most - load.free_disk) * DISK_CLASSES // most, load.stored_bytes,
+                    _rank(key, w))
+
+        fits.sort(key=order)
         return fits[: min(factor, len(live))]
 
     def list(

@@ -80,6 +80,9 @@ class KeySpace:
         self.known_workers = known_workers
         #: (key, worker) of verify orders in flight.
         self._verifying: set[tuple[str, str]] = set()
+        # Bytes placed on each worker since the stored_bytes its record shows (which
+        # its heartbeats update): (that figure, bytes placed since).
+        self._placed: dict[str, tuple[int, int]] = {}
 
     def place(self, key: str, size: int) -> Placement:
         """Choose the workers for a new write of ``key`` and its version."""
@@ -93,8 +96,11 @@ class KeySpace:
                 " write needs have registered again: try again in a moment",
                 "unavailable",
             )
-        loads = {n: WorkerLoad(r.free_disk, r.stored_bytes) for n, r in alive.items()}
+        loads = {n: WorkerLoad(r.free_disk, r.stored_bytes + self._since(r)) for n, r in
+                 alive.items()}
         names = self.directory.place(key, size, loads, factor)
+        for n in names:
+            self._placed[n] = (alive[n].stored_bytes, self._since(alive[n]) + size)
         if starting and len(names) < need:
             # Registered, but not all have said how much room they have (their first
             # heartbeat follows the registration): no write below the factor for that.
@@ -106,6 +112,11 @@ class KeySpace:
         version = self.directory.next_version()
         grant = self.directory.grants.issue(key, version, names)
         return Placement(version, [alive[n] for n in names], grant)
+
+    def _since(self, record: Any) -> int:
+        """Bytes placed on a worker since its record's stored_bytes was reported."""
+        base, added = self._placed.get(record.name, (record.stored_bytes, 0))
+        return added if base == record.stored_bytes else 0
 
     def locate(self, key: str) -> Location:
         """Where ``key``'s current version is: live holders first (in the directory's
