@@ -468,6 +468,14 @@ class ClusterClient:
         fn, _ = _with_resources(fn, kw)
         return self.functions().map(fn, *iterables, batch_size=batch_size)
 
+    def map_chunks(self, fn: Callable[..., Any], dataset: str, *args: Any,
+                   resources: dict[str, Any] | None = None) -> list[Future[Any]]:
+        """``fn(path, *args)`` on each chunk of ``dataset``, where it is stored: see
+        :func:`dsml.datasets.map_chunks`."""
+        from ..datasets import map_chunks
+
+        return map_chunks(self, fn, dataset, *args, resources=resources)
+
     def functions(self) -> FunctionRunner:
         """What runs this client's function calls (one background thread, started at
         the first call, stopped by :meth:`close`)."""

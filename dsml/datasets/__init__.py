@@ -19,6 +19,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +36,8 @@ MANIFEST = "_manifest.json"
 DEFAULT_CHUNK = 64 << 20
 _EXT = {"csv": ".csv", "text": ".txt", "npy": ".npy"}
 
-__all__ = ["DEFAULT_CHUNK", "MANIFEST", "ChunkError", "manifest_key", "read_manifest",
-           "upload_dataset"]
+__all__ = ["DEFAULT_CHUNK", "MANIFEST", "ChunkError", "chunk_locality", "manifest_key",
+           "map_chunks", "read_manifest", "upload_dataset"]
 
 
 def manifest_key(name: str) -> str:
@@ -96,6 +97,44 @@ def read_manifest(client: ClusterClient, name: str) -> dict[str, Any]:
         raise DsmlError(f"{manifest_key(name)!r} is not a dataset manifest of format "
                         f"{MANIFEST_FORMAT}", "bad-manifest")
     return manifest
+
+
+def map_chunks(client: ClusterClient, fn: Callable[..., Any], dataset: str, *args: Any,
+               resources: dict[str, Any] | None = None) -> list[Future[Any]]:
+    """``fn(path, *args)`` for each chunk of ``dataset``, ``path`` the chunk's local copy
+    on the worker that runs it: ONE job of one task per chunk, each chunk a task input,
+    so the master offers the task first to a worker that holds the chunk (which links it
+    from its own store, no network copy).  A future per chunk, in the manifest's order
+    (each with ``chunk_key``); see :func:`chunk_locality`."""
+    from ..fnrun import Key
+
+    keys = [c["key"] for c in read_manifest(client, dataset)["chunks"]]
+    n = len(keys)
+    futures = client.map(fn, [Key(k) for k in keys], *[[a] * n for a in args],
+                         resources=resources, batch_size=1)
+    for f, key in zip(futures, keys, strict=True):
+        f.chunk_key = key  # type: ignore[attr-defined]
+    return futures
+
+
+def chunk_locality(client: ClusterClient, futures: list[Future[Any]]) -> float:
+    """The fraction of :func:`map_chunks` calls whose successful attempt ran on a worker
+    that holds its chunk now (1.0 for none)."""
+    statuses: dict[str, dict[str, Any]] = {}
+    local = counted = 0
+    for f in futures:
+        job_id, task, key = (getattr(f, a, None) for a in ("job_id", "task", "chunk_key"))
+        if job_id is None or key is None:
+            continue
+        if job_id not in statuses:
+            statuses[job_id] = client.job_status(job_id)
+        tasks = statuses[job_id]["tasks"]
+        ran = [a["worker"] for a in tasks[task]["attempts"] if a["state"] == "succeeded"]
+        if not ran:
+            continue
+        counted += 1
+        local += ran[-1] in {name for name, _ in client.locate(key).replicas}
+    return local / counted if counted else 1.0
 
 
 def _header_of(f: Any) -> str:
