@@ -39,7 +39,7 @@ from .jobs import (
     Room,
 )
 from .jobs.model import attempt_cause, check_job_head, check_task, parse_job_id
-from .jobs.records import AttemptRecord
+from .jobs.records import AttemptRecord, TaskRecord
 from .jobwire import assignment_json
 from .membership import Membership, WorkerRecord
 
@@ -51,6 +51,10 @@ WAIT_MAX = 600
 JOBS_PAGE = 1000
 #: Most tasks sent to workers in one reactor turn (the rest on the next turns).
 DISPATCH_PER_TURN = 128
+#: Seconds a queued task with inputs waits for a worker that holds them before it is
+#: given to any free worker (delay scheduling: a map over a dataset's chunks ran 60-80%
+#: data-local without it, every holder busy for a moment when the non-local pass came).
+LOCALITY_WAIT = 1.0
 #: A submit checks that the inputs of its first this many tasks are stored (see submit).
 INPUTS_CHECKED = 1000
 
@@ -75,6 +79,7 @@ class JobRouter:
         self.directory = directory
         self.clock = clock
         self._dispatch_call: Any = None
+        self._locality_call: Any = None  # dispatch again when a locality wait ends
         self._orphan_call: Any = None
         self._orphan_grace = 0.0
         # The slots of attempts a worker was told to kill, by worker then attempt, until
@@ -185,6 +190,7 @@ class JobRouter:
             passes = (True, False) if self.jobs.queued_with_inputs else (False,)
             sent = 0
             room = self._retry_room()
+            wait_local = self._locality_wait(where)
             for local_only in passes:
                 for record in self.membership.alive():
                     if record.conn is None or self.cordoned(record.name):
@@ -200,7 +206,7 @@ class JobRouter:
                     holds = self._holds(record.name, where)
                     for a in self.jobs.next_assignments(
                         record.name, record.incarnation, free, holds, local_only=local_only,
-                        retry_room=room(record.name),
+                        retry_room=room(record.name), wait_local=wait_local,
                     ):
                         self._send(record, a)
                         sent += 1
@@ -218,6 +224,32 @@ class JobRouter:
         for room in self._killing.get(worker, {}).values():
             busy = busy + room
         return busy
+
+    def _locality_wait(self, where: dict[str, set[str]]) -> Callable[[TaskRecord], bool]:
+        """Whether a queued task (not local to the worker being offered it) should wait
+        for a live worker that holds all its inputs: for :data:`LOCALITY_WAIT` seconds
+        from its queueing (its job's creation, or its last attempt's end); another
+        dispatch comes when the first wait seen ends."""
+        now = self.clock.seconds()
+        alive = {r.name for r in self.membership.alive() if not self.cordoned(r.name)}
+
+        def wait(task: TaskRecord) -> bool:
+            since = task.attempts[-1].ended if task.attempts else task.job.created
+            left = (since or now) + LOCALITY_WAIT - now
+            if left <= 0:
+                return False
+            holders = set(alive)
+            for key, _ in task.spec.inputs:
+                if key not in where:
+                    self._holds("", where)(key)  # fills where[key]
+                holders &= where[key]
+                if not holders:
+                    return False
+            if self._locality_call is None or not self._locality_call.active():
+                self._locality_call = self.clock.callLater(left, self.dispatch)
+            return True
+
+        return wait
 
     def _holds(self, worker: str, where: dict[str, set[str]]) -> Callable[[str], bool]:
         def holds(key: str) -> bool:

@@ -489,6 +489,7 @@ class JobManager:
         *,
         local_only: bool = False,
         retry_room: Room | None = None,
+        wait_local: Callable[[TaskRecord], bool] | None = None,
     ) -> list[Assignment]:
         """Give ``worker`` (at ``incarnation``) queued tasks that fit in its ``free`` room
         (a number alone: that many free CPUs, no memory or GPU to reserve).
@@ -505,6 +506,7 @@ class JobManager:
 
         ``retry_room``: the most another worker could take (None: no other); a retried
         task whose last attempt ran on ``worker`` and fits in it is left to another.
+        ``wait_local``: see :meth:`.queue.TaskQueue.take`.
         """
         self._check_open()
         if isinstance(free, int):
@@ -514,7 +516,8 @@ class JobManager:
         local = holds is not holds_nothing and self._queued_inputs > 0
         if local_only and not local:
             return []
-        tasks = self._queue.take(free, holds, local, local_only, worker, retry_room)
+        tasks = self._queue.take(free, holds, local, local_only, worker, retry_room,
+                                 wait_local if local else None)
         return [self._start(task, worker, incarnation) for task in tasks]
 
     def _start(self, task: TaskRecord, worker: str, incarnation: int) -> Assignment:

@@ -128,6 +128,7 @@ class TaskQueue:
         local_only: bool,
         avoid: str = "",
         room: Room | None = None,
+        wait_local: Callable[[TaskRecord], bool] | None = None,
     ) -> list[TaskRecord]:
         """Remove and return queued tasks that fit in the ``free`` room, in the order given.
 
@@ -136,7 +137,9 @@ class TaskQueue:
         tasks are taken, never one of a lower priority than the first task that fits.
         A retried task whose last attempt ran on worker ``avoid`` is passed over when it
         fits in ``room``, the most another worker could take (retries of a task on a
-        broken worker kept landing on it, the first one free).
+        broken worker kept landing on it, the first one free).  ``wait_local(task)``: a
+        task this worker does not hold the inputs of, to leave a while for one that does
+        (delay scheduling; the caller decides for how long).
         """
 
         def shunned(task: TaskRecord) -> bool:
@@ -174,7 +177,9 @@ class TaskQueue:
                     first = -1  # a cancelled task's entry: drop them all, look again
                     break
                 if (spec.slots <= cpus and spec.mem <= mem and spec.gpus <= gpus
-                        and not shunned(entry[3])):
+                        and not shunned(entry[3])
+                        and not (wait_local is not None and spec.inputs
+                                 and not is_local(entry[3]) and wait_local(entry[3]))):
                     first = i
                     break
             if first is None:
