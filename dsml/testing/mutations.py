@@ -56,6 +56,9 @@ class Mutation:
     path: str
     old: str
     new: str
+    #: More (old, new) edits of the same file, planted together (one bug, several
+    #: places: a fix reverted whole).
+    also: tuple[tuple[str, str], ...] = ()
 
 
 MUTATIONS = (
@@ -130,10 +133,25 @@ MUTATIONS = (
         "        monotonic=reactor.seconds,\n        replication=cc.replication,",
     ),
     Mutation(
+        "wall-clock-membership", "the failure detector measures heartbeats by the master's "
+        "reactor clock (the wall clock) instead of the monotonic one it is given",
+        "dsml/master/service.py",
+        "        clock=clock,\n        monotonic=monotonic,\n        versions=versions,",
+        "        clock=clock,\n        monotonic=clock.seconds,\n        versions=versions,",
+    ),
+    Mutation(
         "orphans-kept", "attempts of a worker that never registers after a master restart "
         "stay running", "dsml/master/service.py",
         "            self.router.start(self.orphan_grace)",
         "            pass",
+    ),
+    Mutation(
+        "hop-stall", "a pipeline hop that stops answering is waited on (no connect bound, "
+        "no stall bound, the client's bytes left paused when it fails)",
+        "dsml/worker/storage.py",
+        "FORWARD_STALL = 10.0", "FORWARD_STALL = 1e9",
+        also=(("FORWARD_CONNECT_TIMEOUT = 5.0", "FORWARD_CONNECT_TIMEOUT = 1e9"),
+              ("self._pacer.release(resume=True)", "self._pacer.release(resume=False)")),
     ),
     Mutation(
         "commit-without-grant", "a commit records the copies without checking its grant",
@@ -156,9 +174,11 @@ def copy_project(dest: Path) -> None:
 def plant(root: Path, m: Mutation) -> bool:
     path = root / m.path
     text = path.read_text()
-    if text.count(m.old) != 1:
-        return False
-    path.write_text(text.replace(m.old, m.new))
+    for old, new in ((m.old, m.new), *m.also):
+        if text.count(old) != 1:
+            return False
+        text = text.replace(old, new)
+    path.write_text(text)
     return True
 
 

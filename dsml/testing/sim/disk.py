@@ -22,6 +22,7 @@ call through unchanged; paths outside a registered root are not tracked.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from types import ModuleType
@@ -198,3 +199,25 @@ def release(roots: list[Path]) -> None:
     _users[0] -= 1
     if _users[0] == 0:
         DISK.uninstall()
+
+
+def break_store(store: Any, fault: str | None) -> None:
+    """Make ``store``'s disk fail as :meth:`SimCluster.disk_fault` says (None: mend it)."""
+    for method in ("put_value", "begin_file", "get_value", "open_read"):
+        store.__dict__.pop(method, None)  # the class's own again
+    if fault is None:
+        return
+
+    def full(*args: Any, **kw: Any) -> Any:
+        from ...worker.store import DiskFull
+
+        raise DiskFull("no space left on device (simulated)")
+
+    def io(*args: Any, **kw: Any) -> Any:
+        raise OSError(errno.EIO, "input/output error (simulated)")
+
+    for method in ("put_value", "begin_file"):
+        setattr(store, method, full if fault == "full" else io)
+    if fault == "io":
+        for method in ("get_value", "open_read"):
+            setattr(store, method, io)
