@@ -33,7 +33,8 @@ class Episode:
     kind: str
     target: str
     other: str = ""  # a partition's other side
-    flag: bool = False  # crash: adopt the attempts; power: right after the next write
+    flag: bool = False  # crash: adopt the attempts; power: right after the next write;
+    #                     master-crash: a power loss
     at: str = ""  # master-crash: right after the next "place", "commit" or "submit";
     #               cut, pause: "transfer" (once bytes stream to the worker's storage)
     shift: float = 0.0  # clock-jump: seconds the target's wall clock steps by
@@ -49,6 +50,8 @@ class Episode:
             flag = f" {self.shift:+.1f} s"
         if self.flag:
             flag = " (after a write)" if self.kind == "power" else " (adopt)"
+            if self.kind == "master-crash":
+                flag = f" (power{', after a ' + self.at if self.at else ''})"
         return (f"t={self.start:7.1f}s +{self.length:5.1f}s {self.kind:<12} "
                 f"{self.target}{other}{flag}")
 
@@ -99,6 +102,8 @@ def schedule(seed: int, minutes: float, workers: Sequence[str] = WORKERS,
         at = ""
         if kind == "master-crash":  # likewise
             at = random.Random(f"at/{seed}/{t}").choice(("", "place", "commit", "submit"))
+            # Half of them a power loss (the state file keeps what SQLite made durable).
+            flag = random.Random(f"mpower/{seed}/{t}").random() < 0.5
         elif kind in ("cut", "pause"):  # a stream of its own too
             at = "transfer" if random.Random(f"midway/{seed}/{t}").random() < 0.5 else ""
         elif kind == "death":

@@ -243,9 +243,9 @@ class Run:
             if master is not None and e.at:
                 owner = master.router if e.at == "submit" else master.keys
                 self._after_next(i, owner, e.at, lambda: sim.master is master,
-                                 sim.kill_master)
+                                 lambda: sim.kill_master(power=e.flag))
             elif master is not None:
-                sim.kill_master()
+                sim.kill_master(power=e.flag)
         if e.kind == "death":
             self.dead.add(e.target)
             return

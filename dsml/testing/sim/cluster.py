@@ -220,8 +220,10 @@ class SimCluster:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.net.revive(MASTER_HOST)
         clock = self._process_clock(MASTER_HOST)
+        state = MasterState(state_dir / "master.sqlite3")
+        disk_model.watch_wal(state)
         master = build_master(
-            state=MasterState(state_dir / "master.sqlite3"),
+            state=state,
             clock=clock,
             monotonic=self.clock.seconds,
             replication=self.replication,
@@ -254,13 +256,21 @@ class SimCluster:
 
         jobs.finished = watched  # type: ignore[method-assign]
 
-    def kill_master(self) -> None:
+    def kill_master(self, power: bool = False) -> None:
         """The master process dies: its links close, its state is closed (what it had
-        not committed yet is lost, as in a crash)."""
+        not committed yet is lost, as in a crash).  With ``power`` its machine loses
+        power: nobody sees its links close, and its state file loses what SQLite had not
+        made durable (:func:`.disk.lose_wal`)."""
         master = self._master()
-        self.net.crash_node(MASTER_HOST)
+        restore = None
+        if power:
+            restore, lost = disk_model.lose_wal(master.state)
+            self.power_losses.append((self.clock.seconds(), MASTER_HOST, [f"{lost} WAL bytes"]))
+        self.net.crash_node(MASTER_HOST, half_open=power)
         master.jobs.close(flush=False)  # a crash: the pending batch never reaches disk
         master.service.stopService()
+        if restore is not None:
+            restore()
         self.clocks.pop(MASTER_HOST).stop()
         self.master = None
 
