@@ -3,7 +3,7 @@ and the CI share of seeds: every seed that ever failed, then new ones for a time
 
     DSML_NEMESIS_BUDGET=600 .venv/bin/python -m pytest tests/test_nemesis.py   # longer
 
-The budget (wall seconds, default 86) bounds the new seeds; the seeds in
+The budget (wall seconds, default 90) bounds the new seeds; the seeds in
 ``tests/nemesis_seeds.txt`` (each once found a defect, now fixed) always run.
 """
 
@@ -41,7 +41,7 @@ def test_a_seed_that_once_failed_passes(seed: int, tmp_path: Path) -> None:
 
 def test_new_seeds_for_the_budget(tmp_path: Path) -> None:
     """As many new seeds as fit in the budget (from DSML_NEMESIS_FIRST, default 1000)."""
-    budget = float(os.environ.get("DSML_NEMESIS_BUDGET", "86"))
+    budget = float(os.environ.get("DSML_NEMESIS_BUDGET", "90"))
     seed = int(os.environ.get("DSML_NEMESIS_FIRST", "1000"))
     start = time.monotonic()
     ran = 0
@@ -51,18 +51,6 @@ def test_new_seeds_for_the_budget(tmp_path: Path) -> None:
         ran += 1
         seed += 1
     print(f"{ran} nemesis seeds in {time.monotonic() - start:.0f} s")
-
-
-def test_a_step_of_the_masters_wall_clock_moves_no_verdict(tmp_path: Path) -> None:
-    """Seed 13 with wall-clock steps of up to 120 s (the master's clock steps back
-    and forth): no checker fails.  With the failure detector on the master's reactor
-    clock (mutation ``wall-clock-membership``) it fails: writes acknowledged with one
-    copy after a master restart (about 4 s of this suite's budget, taken from the new
-    seeds')."""
-    out = nemesis.run(13, MINUTES, root=tmp_path, steps=120.0)
-    assert any(e.kind == "clock-jump" and e.target == "master" and abs(e.shift) > 60
-               for e in out.episodes)
-    assert out.ok, out.report()
 
 
 def test_a_seed_replays_identically(tmp_path: Path) -> None:

@@ -140,6 +140,13 @@ MUTATIONS = (
         "        clock=clock,\n        monotonic=clock.seconds,\n        versions=versions,",
     ),
     Mutation(
+        "client-no-resync", "the blocking client keeps a connection whose answer it did not "
+        "read whole (a timeout): the late answer is read as the next call's",
+        "dsml/client/server.py",
+        "        if self._busy:\n            self._drop()",
+        "        if False:\n            self._drop()",
+    ),
+    Mutation(
         "orphans-kept", "attempts of a worker that never registers after a master restart "
         "stay running", "dsml/master/service.py",
         "            self.router.start(self.orphan_grace)",
