@@ -3,7 +3,7 @@ and the CI share of seeds: every seed that ever failed, then new ones for a time
 
     DSML_NEMESIS_BUDGET=600 .venv/bin/python -m pytest tests/test_nemesis.py   # longer
 
-The budget (wall seconds, default 90) bounds the new seeds; the seeds in
+The budget (wall seconds, default 82) bounds the new seeds; the seeds in
 ``tests/nemesis_seeds.txt`` (each once found a defect, now fixed) always run.
 """
 
@@ -41,7 +41,7 @@ def test_a_seed_that_once_failed_passes(seed: int, tmp_path: Path) -> None:
 
 def test_new_seeds_for_the_budget(tmp_path: Path) -> None:
     """As many new seeds as fit in the budget (from DSML_NEMESIS_FIRST, default 1000)."""
-    budget = float(os.environ.get("DSML_NEMESIS_BUDGET", "90"))
+    budget = float(os.environ.get("DSML_NEMESIS_BUDGET", "82"))
     seed = int(os.environ.get("DSML_NEMESIS_FIRST", "1000"))
     start = time.monotonic()
     ran = 0

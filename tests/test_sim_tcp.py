@@ -147,3 +147,35 @@ def test_a_hop_silenced_mid_transfer_costs_the_client_a_bounded_wait(
     [answer] = outcome
     assert isinstance(answer, Failure) and answer.check(DsmlError), answer
     assert answer.value.code in ("outcome-unknown", "replication-failed"), answer.value
+
+
+def test_the_blocking_client_on_the_simulated_network_resyncs_after_a_timeout(
+    tmp_path: Path,
+) -> None:
+    """The blocking client (dsml.client.server.Client) over the simulated network: a call
+    to a paused master times out; once the master answers again (its late reply on the
+    way), the next call gets its own answer, not the late one (mutation
+    ``client-no-resync``: "response N does not answer request N+1")."""
+    from dsml.client.server import Client
+    from dsml.errors import ConnectionLost
+    from dsml.testing.sim.blocking import sim_connect
+
+    sim = SimCluster(tmp_path / "c", workers=("w1", "w2"), replication=2)
+    try:
+        host, _, port = sim.master_addr.rpartition(":")
+        client = Client(host, int(port), sim.token, 4.0, "b1",
+                        connect=sim_connect(sim, "b1"))
+        client.call("nodes", {})
+        start = sim.clock.seconds()
+        sim.pause("master")
+        with pytest.raises(ConnectionLost):
+            client.call("nodes", {})
+        assert sim.clock.seconds() - start == pytest.approx(4.0, abs=0.2)
+        sim.resume("master")
+        sim.advance(1.0)
+        for _ in range(3):  # each its own answer (the late one was dropped with its link)
+            head, _ = client.call("nodes", {})
+            assert head.id == client._next_id - 1
+        client.close()
+    finally:
+        sim.close()

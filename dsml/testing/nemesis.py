@@ -62,6 +62,13 @@ clock by 95 s holds its liveness checks that long (seed 1021: a dead worker not 
 dead), a step forward fires its grace timers early (seed 1024: attempts lost), and a
 worker's step back holds its heartbeats (seed 18).
 
+Clients: three async clients (the production :class:`~dsml.net.cluster_client.AsyncClusterClient`)
+run the workload; the blocking client (:class:`dsml.client.server.Client`, its own
+framing over a socket) calls the master every :data:`BLOCKING_EVERY` seconds with a
+:data:`BLOCKING_TIMEOUT` s timeout over a simulated socket
+(:mod:`dsml.testing.sim.blocking`); checker ``client-desync``: no call reads another's
+answer (mutation ``client-no-resync``: seed 5 in 3 simulated minutes).
+
 Not modelled: byte-level loss, duplication or reordering (links are TCP: those surface
 as stalls and resets, modelled).
 """
@@ -69,7 +76,6 @@ as stalls and resets, modelled).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import os
 import random
@@ -80,7 +86,6 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -96,68 +101,19 @@ from .faultplan import (
     schedule,
     wall_offsets,
 )
-from .history import Op, Violation, seq_of, write_outcome
+from .history import Op, Outcome, seq_of, write_outcome
 from .sim import SimCluster, SimTimeout
 from .simcheck import Checker
+
+#: Simulated seconds between two calls of the blocking client, and its timeout.
+BLOCKING_EVERY = 3.0
+BLOCKING_TIMEOUT = 4.0
 
 #: Bytes per simulated second each direction of a link carries: a transfer takes time
 #: (a 1 MiB file half a second a hop), so faults land in the middle of them.
 BANDWIDTH = 2 * 1024 * 1024
 
 # -- the history -------------------------------------------------------------------------
-
-
-@attrs.define
-class Outcome:
-    """What one run found."""
-
-    seed: int
-    minutes: float
-    episodes: list[Episode]
-    ops: list[Op]
-    violations: list[Violation]
-    jobs: int
-    sim_seconds: float
-    wall_seconds: float
-
-    @property
-    def ok(self) -> bool:
-        return not self.violations
-
-    @property
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        for op in self.ops:
-            h.update(op.line().encode())
-        for v in self.violations:
-            h.update(f"{v.checker}:{v.message}".encode())
-        return h.hexdigest()[:16]
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for op in self.ops:
-            out[op.outcome] = out.get(op.outcome, 0) + 1
-        return out
-
-    def report(self, history: bool = True) -> str:
-        lines = [
-            f"seed {self.seed}: {'ok' if self.ok else 'FAILED'}, {len(self.ops)} operations "
-            f"{self.counts()}, {self.jobs} jobs, {len(self.episodes)} faults, "
-            f"{self.sim_seconds:.0f} simulated s in {self.wall_seconds:.1f} s "
-            f"(x{self.sim_seconds / max(self.wall_seconds, 1e-9):.0f}), digest {self.digest}"
-        ]
-        if self.ok:
-            return "\n".join(lines)
-        lines.append("faults:")
-        lines += [f"  {e}" for e in self.episodes]
-        lines.append("violations:")
-        lines += [f"  [{v.checker}] {v.message}" for v in self.violations]
-        if history:
-            keys = {v.key for v in self.violations if v.key}
-            shown = [op for op in self.ops if op.key in keys] if keys else self.ops[-40:]
-            lines.append(f"history ({'of ' + ', '.join(sorted(keys)) if keys else 'last 40'}):")
-            lines += [f"  {op.line()}" for op in shown]
-        return "\n".join(lines)
 
 
 # -- one run ------------------------------------------------------------------------------
@@ -206,6 +162,8 @@ class Run:
         self.unhooks: dict[int, Callable[[], None]] = {}
         self.stopped = False
         self._events = itertools.count()
+        #: The blocking client (made at its first call that can connect).
+        self.blocking: Any = None
         #: When the master started again after a crash (simulated seconds).
         self.master_starts: list[float] = []
 
@@ -487,6 +445,25 @@ class Run:
 
         self.sim.clock.callLater(rng.uniform(0.0, 1.0), step)
 
+    def blocking_call(self) -> None:
+        """One call of the blocking client (``nodes`` to the master, answered within
+        :data:`BLOCKING_TIMEOUT` or given up): it moves the clock itself while it waits
+        (:mod:`dsml.testing.sim.blocking`), so only between steps.  A call after one that
+        timed out must not read that one's late answer."""
+        from ..client.server import Client
+        from .sim.blocking import sim_connect
+
+        op = self._op("b1", "nodes", "", 0)
+        try:
+            if self.blocking is None:
+                host, _, port = self.sim.master_addr.rpartition(":")
+                self.blocking = Client(host, int(port), self.sim.token, BLOCKING_TIMEOUT,
+                                       "b1", connect=sim_connect(self.sim, "b1"))
+            self.blocking.call("nodes", {})
+            self._done(op, "ok")
+        except DsmlError as e:
+            self._done(op, "error", f"{e.code}: {str(e)[:80]}")
+
     def _read_error(self, op: Op, f: Failure) -> None:
         e = f.value
         code = getattr(e, "code", "") if isinstance(e, DsmlError) else type(e).__name__
@@ -505,7 +482,10 @@ class Run:
             sim.clock.callLater(e.start, self._begin, i, e)
         for name in CLIENTS:
             self.client_loop(name)
-        sim.advance(self.horizon, step=0.1)
+        end = sim.clock.seconds() + self.horizon
+        while sim.clock.seconds() < end - 1e-9:
+            sim.advance(min(BLOCKING_EVERY, end - sim.clock.seconds()), step=0.1)
+            self.blocking_call()
         self.stopped = True
         self.heal()
         checker = Checker(self)
@@ -521,6 +501,7 @@ class Run:
         checker.check_acks()
         checker.check_losses()
         checker.check_detection()
+        checker.check_blocking()
         checker.check_logs()
         return Outcome(
             self.seed, self.minutes, self.episodes, self.ops, checker.violations,
@@ -528,6 +509,8 @@ class Run:
         )
 
     def close(self) -> None:
+        if self.blocking is not None:
+            self.blocking.close()
         self.sim.close()
 
 

@@ -284,6 +284,14 @@ class Checker:
                 self.fail("detection", f"{e.target} not declared dead within {window:g} s "
                           f"of its fault: {e}")
 
+    def check_blocking(self) -> None:
+        """The blocking client never takes an answer for another request's (the late
+        reply of a call that timed out read by the next one)."""
+        for op in self.run.ops:
+            if op.client == "b1" and "does not answer request" in op.detail:
+                self.fail("client-desync", op.line())
+                return
+
     def check_logs(self) -> None:
         for m in self.sim.failures.messages()[:5]:
             self.fail("bug-logged", m[:300])
