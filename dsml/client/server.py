@@ -181,7 +181,10 @@ class Client:
         *,
         kinds: tuple[str, ...] = ("master", "worker"),
         what: str | None = None,
+        connect: Callable[..., Any] = socket.create_connection,
     ) -> None:
+        #: Opens the socket (``socket.create_connection``; the simulation passes its own).
+        self._dial = connect
         self.host = host
         self.port = port
         self.token = token
@@ -211,7 +214,7 @@ class Client:
         """Open and authenticate a new connection (a new parser, ids from 1)."""
         host, port, tls = self.host, self.port, self.tls
         try:
-            sock = socket.create_connection((host, port), timeout=self.timeout)
+            sock = self._dial((host, port), timeout=self.timeout)
         except OSError as e:
             raise ConnectionLost(
                 f"cannot connect to {self.what}: {e.strerror or e}"

@@ -18,6 +18,11 @@ CLIENTS = ("c1", "c2", "c3")
 REPLICATION = 2
 HEARTBEAT_TIMEOUT = 10.0
 MASTER = "master"
+#: The largest step of a wall clock a schedule draws by default (seconds, either way):
+#: larger ones (``schedule(steps=120)``, ``--clock-steps 120``) find that every
+#: process's timers run on its wall clock (Twisted's reactor.seconds is time.time; see
+#: the nemesis's module doc), which is not fixed.
+CLOCK_STEP = 2.0
 
 @attrs.frozen
 class Episode:
@@ -28,16 +33,25 @@ class Episode:
     kind: str
     target: str
     other: str = ""  # a partition's other side
-    flag: bool = False  # crash: adopt the attempts; power: right after the next write
-    at: str = ""  # master-crash: right after the next "place", "commit" or "submit"
+    flag: bool = False  # crash: adopt the attempts; power: right after the next write;
+    #                     master-crash: a power loss
+    at: str = ""  # master-crash: right after the next "place", "commit" or "submit";
+    #               cut, pause: "transfer" (once bytes stream to the worker's storage)
+    shift: float = 0.0  # clock-jump: seconds the target's wall clock steps by
 
     def __str__(self) -> str:
         other = f"<->{self.other}" if self.other else ""
         if self.kind == "oneway":
             other = f"->{self.other}"
         flag = f" (after a {self.at})" if self.at else ""
+        if self.at == "transfer":
+            flag = " (mid-transfer)"
+        if self.kind == "clock-jump":
+            flag = f" {self.shift:+.1f} s"
         if self.flag:
             flag = " (after a write)" if self.kind == "power" else " (adopt)"
+            if self.kind == "master-crash":
+                flag = f" (power{', after a ' + self.at if self.at else ''})"
         return (f"t={self.start:7.1f}s +{self.length:5.1f}s {self.kind:<12} "
                 f"{self.target}{other}{flag}")
 
@@ -50,9 +64,11 @@ KINDS = {
 }
 
 
-def schedule(seed: int, minutes: float, workers: Sequence[str] = WORKERS) -> list[Episode]:
+def schedule(seed: int, minutes: float, workers: Sequence[str] = WORKERS,
+             steps: float = CLOCK_STEP) -> list[Episode]:
     """The fault schedule of ``seed``: episodes over ``minutes``, at most one at a time
-    per target, every one over before the end (but a worker's permanent death)."""
+    per target, every one over before the end (but a worker's permanent death); wall
+    clocks step by ``steps`` seconds at most."""
     rng = random.Random(f"faults/{seed}")
     horizon = minutes * 60.0
     kinds = list(KINDS)
@@ -86,6 +102,10 @@ def schedule(seed: int, minutes: float, workers: Sequence[str] = WORKERS) -> lis
         at = ""
         if kind == "master-crash":  # likewise
             at = random.Random(f"at/{seed}/{t}").choice(("", "place", "commit", "submit"))
+            # Half of them a power loss (the state file keeps what SQLite made durable).
+            flag = random.Random(f"mpower/{seed}/{t}").random() < 0.5
+        elif kind in ("cut", "pause"):  # a stream of its own too
+            at = "transfer" if random.Random(f"midway/{seed}/{t}").random() < 0.5 else ""
         elif kind == "death":
             if dead:
                 kind = "crash"
@@ -124,5 +144,22 @@ def schedule(seed: int, minutes: float, workers: Sequence[str] = WORKERS) -> lis
     while t < horizon - 5.0:
         out.append(Episode(round(t, 3), 0.0, "replay", old.choice(workers)))
         t += old.expovariate(1 / 40.0)
+    # The wall clock of a machine steps (NTP, a resumed VM): its own stream too; small
+    # steps and large ones, either way, cut to ``steps``.
+    clk = random.Random(f"clocks/{seed}")
+    t = clk.uniform(10.0, 50.0)
+    while t < horizon - 5.0:
+        shift = clk.choice((clk.uniform(-2.0, 2.0), clk.uniform(-120.0, 120.0)))
+        target = clk.choice((*workers, MASTER))
+        shift = max(-steps, min(steps, shift))
+        out.append(Episode(round(t, 3), 0.0, "clock-jump", target, shift=round(shift, 3)))
+        t += clk.expovariate(1 / 40.0)
     out.sort(key=lambda e: e.start)
     return out
+
+
+def wall_offsets(seed: int, workers: Sequence[str] = WORKERS) -> dict[str, float]:
+    """Where each machine's wall clock starts, in seconds ahead of the monotonic time
+    (machines' clocks disagree by minutes)."""
+    rng = random.Random(f"walls/{seed}")
+    return {name: round(rng.uniform(-600.0, 600.0), 3) for name in (MASTER, *workers)}

@@ -8,11 +8,16 @@ every :class:`Violation` of the guarantees in the README and docs/protocol.md.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 
 from ..errors import DsmlError
+
+if TYPE_CHECKING:
+    from .faultplan import Episode
 
 #: Errors after which a request other than a write (a remove, a submit, a cancel) may
 #: still have been carried out: it was sent, and its answer did not come.
@@ -136,3 +141,56 @@ def check_history(ops: Sequence[Op]) -> list[Violation]:
 def _removed_between(ws: dict[int, Op], low: int, high: int) -> bool:
     # Reading "absent" (-1) after a remove at a higher number is a newer state.
     return low == -1 and any(w.kind == "remove" and w.seq > high for w in ws.values())
+
+
+@attrs.define
+class Outcome:
+    """What one run found."""
+
+    seed: int
+    minutes: float
+    episodes: list[Episode]
+    ops: list[Op]
+    violations: list[Violation]
+    jobs: int
+    sim_seconds: float
+    wall_seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for op in self.ops:
+            h.update(op.line().encode())
+        for v in self.violations:
+            h.update(f"{v.checker}:{v.message}".encode())
+        return h.hexdigest()[:16]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for op in self.ops:
+            out[op.outcome] = out.get(op.outcome, 0) + 1
+        return out
+
+    def report(self, history: bool = True) -> str:
+        lines = [
+            f"seed {self.seed}: {'ok' if self.ok else 'FAILED'}, {len(self.ops)} operations "
+            f"{self.counts()}, {self.jobs} jobs, {len(self.episodes)} faults, "
+            f"{self.sim_seconds:.0f} simulated s in {self.wall_seconds:.1f} s "
+            f"(x{self.sim_seconds / max(self.wall_seconds, 1e-9):.0f}), digest {self.digest}"
+        ]
+        if self.ok:
+            return "\n".join(lines)
+        lines.append("faults:")
+        lines += [f"  {e}" for e in self.episodes]
+        lines.append("violations:")
+        lines += [f"  [{v.checker}] {v.message}" for v in self.violations]
+        if history:
+            keys = {v.key for v in self.violations if v.key}
+            shown = [op for op in self.ops if op.key in keys] if keys else self.ops[-40:]
+            lines.append(f"history ({'of ' + ', '.join(sorted(keys)) if keys else 'last 40'}):")
+            lines += [f"  {op.line()}" for op in shown]
+        return "\n".join(lines)

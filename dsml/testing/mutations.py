@@ -56,6 +56,9 @@ class Mutation:
     path: str
     old: str
     new: str
+    #: More (old, new) edits of the same file, planted together (one bug, several
+    #: places: a fix reverted whole).
+    also: tuple[tuple[str, str], ...] = ()
 
 
 MUTATIONS = (
@@ -130,10 +133,34 @@ MUTATIONS = (
         "        monotonic=reactor.seconds,\n        replication=cc.replication,",
     ),
     Mutation(
+        "wall-clock-membership", "the failure detector measures heartbeats by the master's "
+        "reactor clock (the wall clock) instead of the monotonic one it is given",
+        "dsml/master/service.py",
+        "        clock=clock,\n        monotonic=monotonic,\n        versions=versions,",
+        "        clock=clock,\n        monotonic=clock.seconds,\n        versions=versions,",
+    ),
+    Mutation(
+        "client-no-resync", "the blocking client keeps a connection whose answer it did not "
+        "read whole (a timeout): the late answer is read as the next call's",
+        "dsml/client/server.py",
+        "            self._drop()  # the reply may still come: never read it as another's",
+        "            pass  # (mutant) the connection is kept, the late reply in it",
+        also=(("        if self._busy:\n            self._drop()",
+               "        if False:\n            self._drop()"),),
+    ),
+    Mutation(
         "orphans-kept", "attempts of a worker that never registers after a master restart "
         "stay running", "dsml/master/service.py",
         "            self.router.start(self.orphan_grace)",
         "            pass",
+    ),
+    Mutation(
+        "hop-stall", "a pipeline hop that stops answering is waited on (no connect bound, "
+        "no stall bound, the client's bytes left paused when it fails)",
+        "dsml/worker/storage.py",
+        "FORWARD_STALL = 10.0", "FORWARD_STALL = 1e9",
+        also=(("FORWARD_CONNECT_TIMEOUT = 5.0", "FORWARD_CONNECT_TIMEOUT = 1e9"),
+              ("self._pacer.release(resume=True)", "self._pacer.release(resume=False)")),
     ),
     Mutation(
         "commit-without-grant", "a commit records the copies without checking its grant",
@@ -151,14 +178,20 @@ def copy_project(dest: Path) -> None:
     for name in ("pyproject.toml", "README.md", "Makefile"):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, dest / name)
+    # The README test runs ``.venv/bin/python`` in the copy: without it that test
+    # failed against every mutant, and a mutation nothing else caught counted as caught.
+    if (ROOT / ".venv").exists():
+        (dest / ".venv").symlink_to((ROOT / ".venv").resolve())
 
 
 def plant(root: Path, m: Mutation) -> bool:
     path = root / m.path
     text = path.read_text()
-    if text.count(m.old) != 1:
-        return False
-    path.write_text(text.replace(m.old, m.new))
+    for old, new in ((m.old, m.new), *m.also):
+        if text.count(old) != 1:
+            return False
+        text = text.replace(old, new)
+    path.write_text(text)
     return True
 
 

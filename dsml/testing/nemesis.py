@@ -35,20 +35,47 @@ hashes the history to show it (run with ``PYTHONHASHSEED=0``, as ``__main__`` do
 identical runs across processes).  :func:`shrink` removes fault episodes one at a time
 while the same checker still fails, and prints the smallest schedule found.
 
+Links: each end gives up on a dead path as its socket options say (the links dsml
+dials and the master's worker links in 15 s; an accepted storage connection only by the
+application's own deadlines; see :mod:`dsml.testing.sim.tcp`), and carries
+:data:`BANDWIDTH` bytes a second, so transfers take time; half of the cuts and pauses
+wait for bytes streaming to their worker's storage port, to land mid-transfer.
+
 Disks: slow (the thread pool finishes late), full, failing (I/O errors), and losing
 power (:mod:`dsml.testing.sim.disk` keeps only what the store made durable; most power
 cuts come right after the worker acknowledged a value, before its one-second sync).  An
-old incarnation of a worker replays its link byte for byte.  Not modelled: SQLite's own
-durability (commits count as durable when they return), wall-clock jumps (the master
-only stamps tombstones and jobs by the wall clock, and ages finished jobs; the mutation
-script checks the failure detector runs on the monotonic clock), byte-level loss,
-duplication or reordering (links are TCP: those surface as stalls and resets, modelled).
+old incarnation of a worker replays its link byte for byte.
+
+Clocks: every machine has a wall clock of its own, minutes off the others
+(:func:`~dsml.testing.faultplan.wall_offsets`), that steps now and then (``clock-jump``,
+at most :data:`~dsml.testing.faultplan.CLOCK_STEP` seconds either way unless
+``--clock-steps`` says more); the shared clock is the monotonic one.  A process's
+``seconds()`` and its timers are on its wall clock, as a Twisted reactor's are
+(``reactor.seconds`` is ``time.time``).  The failure detector must time silence on the
+monotonic clock: a worker out for longer than the heartbeat timeout is declared dead
+within :data:`~dsml.testing.simcheck.DETECT` seconds more (checker ``detection``).  The
+mutation ``wall-clock-membership`` (the detector on the master's reactor clock) is found
+by seed 8 in 3 simulated minutes: writes acknowledged with one copy after a master
+restart (the restart grace is on the monotonic clock, the detector then is not).  Larger steps
+find what is not fixed: every timer is a reactor timer, so a step back of the master's
+clock by 95 s holds its liveness checks that long (seed 1021: a dead worker not declared
+dead), a step forward fires its grace timers early (seed 1024: attempts lost), and a
+worker's step back holds its heartbeats (seed 18).
+
+Clients: three async clients (the production :class:`~dsml.net.cluster_client.AsyncClusterClient`)
+run the workload; the blocking client (:class:`dsml.client.server.Client`, its own
+framing over a socket) calls the master every :data:`BLOCKING_EVERY` seconds with a
+:data:`BLOCKING_TIMEOUT` s timeout over a simulated socket
+(:mod:`dsml.testing.sim.blocking`); checker ``client-desync``: no call reads another's
+answer (mutation ``client-no-resync``: seed 5 in 3 simulated minutes).
+
+Not modelled: byte-level loss, duplication or reordering (links are TCP: those surface
+as stalls and resets, modelled).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import os
 import random
@@ -59,78 +86,34 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from ..errors import DsmlError
 from .faultplan import (
     CLIENTS,
+    CLOCK_STEP,
     HEARTBEAT_TIMEOUT,
     MASTER,
     REPLICATION,
     WORKERS,
     Episode,
     schedule,
+    wall_offsets,
 )
-from .history import Op, Violation, seq_of, write_outcome
+from .history import Op, Outcome, seq_of, write_outcome
 from .sim import SimCluster, SimTimeout
 from .simcheck import Checker
 
+#: Simulated seconds between two calls of the blocking client, and its timeout.
+BLOCKING_EVERY = 3.0
+BLOCKING_TIMEOUT = 4.0
+
+#: Bytes per simulated second each direction of a link carries: a transfer takes time
+#: (a 1 MiB file half a second a hop), so faults land in the middle of them.
+BANDWIDTH = 2 * 1024 * 1024
+
 # -- the history -------------------------------------------------------------------------
-
-
-@attrs.define
-class Outcome:
-    """What one run found."""
-
-    seed: int
-    minutes: float
-    episodes: list[Episode]
-    ops: list[Op]
-    violations: list[Violation]
-    jobs: int
-    sim_seconds: float
-    wall_seconds: float
-
-    @property
-    def ok(self) -> bool:
-        return not self.violations
-
-    @property
-    def digest(self) -> str:
-        h = hashlib.sha256()
-        for op in self.ops:
-            h.update(op.line().encode())
-        for v in self.violations:
-            h.update(f"{v.checker}:{v.message}".encode())
-        return h.hexdigest()[:16]
-
-    def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for op in self.ops:
-            out[op.outcome] = out.get(op.outcome, 0) + 1
-        return out
-
-    def report(self, history: bool = True) -> str:
-        lines = [
-            f"seed {self.seed}: {'ok' if self.ok else 'FAILED'}, {len(self.ops)} operations "
-            f"{self.counts()}, {self.jobs} jobs, {len(self.episodes)} faults, "
-            f"{self.sim_seconds:.0f} simulated s in {self.wall_seconds:.1f} s "
-            f"(x{self.sim_seconds / max(self.wall_seconds, 1e-9):.0f}), digest {self.digest}"
-        ]
-        if self.ok:
-            return "\n".join(lines)
-        lines.append("faults:")
-        lines += [f"  {e}" for e in self.episodes]
-        lines.append("violations:")
-        lines += [f"  [{v.checker}] {v.message}" for v in self.violations]
-        if history:
-            keys = {v.key for v in self.violations if v.key}
-            shown = [op for op in self.ops if op.key in keys] if keys else self.ops[-40:]
-            lines.append(f"history ({'of ' + ', '.join(sorted(keys)) if keys else 'last 40'}):")
-            lines += [f"  {op.line()}" for op in shown]
-        return "\n".join(lines)
 
 
 # -- one run ------------------------------------------------------------------------------
@@ -146,25 +129,32 @@ class Run:
         minutes: float,
         episodes: list[Episode] | None = None,
         workers: Sequence[str] = WORKERS,
+        steps: float = CLOCK_STEP,
     ) -> None:
         self.seed = seed
         self.minutes = minutes
         self.horizon = minutes * 60.0
         self.workers = tuple(workers)
-        self.episodes = schedule(seed, minutes, workers) if episodes is None else episodes
+        self.episodes = (schedule(seed, minutes, workers, steps) if episodes is None
+                         else episodes)
         self.rng = random.Random(f"work/{seed}")
         self.sim = SimCluster(
             root, workers=workers, replication=REPLICATION,
             heartbeat_timeout=HEARTBEAT_TIMEOUT, seed=seed, slots=2, move_outputs=True,
+            tcp="socket", rate=BANDWIDTH, wall_clocks=wall_offsets(seed, workers),
         )
         self.sim.record_links()
         #: (time, worker) of every death the master declared of its last live worker
         #: (a lone worker's silence kills it, by design: see Membership.check).
         self.lone_deaths: list[tuple[float, str]] = []
+        #: (time, worker) of every death the master declared.
+        self.deaths: list[tuple[float, str]] = []
         self._watch_deaths()
         self.ops: list[Op] = []
         self.seqs: dict[str, int] = {}
         self.jobs: dict[str, tuple[str, int, list[str]]] = {}  # id -> (client, tasks, outputs)
+        #: Job ids acknowledged twice: (id, the first one's first output, the second's).
+        self.reissued: list[tuple[str, str, str]] = []
         self.dead: set[str] = set()
         self.active: dict[int, Episode] = {}
         #: Power cuts waiting for their worker's next write (see _power_after_write).
@@ -172,6 +162,8 @@ class Run:
         self.unhooks: dict[int, Callable[[], None]] = {}
         self.stopped = False
         self._events = itertools.count()
+        #: The blocking client (made at its first call that can connect).
+        self.blocking: Any = None
         #: When the master started again after a crash (simulated seconds).
         self.master_starts: list[float] = []
 
@@ -187,6 +179,8 @@ class Run:
                 self._power_after_write(i, e)
             elif e.target in sim.workers:
                 sim.kill(e.target, half_open=True)
+        elif e.at == "transfer":
+            self._mid_transfer(i, e)
         elif e.kind in ("pause", "master-pause"):
             if e.target in sim.clocks:
                 sim.pause(e.target)
@@ -201,19 +195,43 @@ class Run:
         elif e.kind == "replay":
             sim.replay_old_link(e.target)
             return
+        elif e.kind == "clock-jump":
+            sim.jump_clock(e.target, e.shift)
+            return
         elif e.kind == "master-crash":
             master = sim.master
             if master is not None and e.at:
                 owner = master.router if e.at == "submit" else master.keys
                 self._after_next(i, owner, e.at, lambda: sim.master is master,
-                                 sim.kill_master)
+                                 lambda: sim.kill_master(power=e.flag))
             elif master is not None:
-                sim.kill_master()
+                sim.kill_master(power=e.flag)
         if e.kind == "death":
             self.dead.add(e.target)
             return
         self.active[i] = e
         sim.clock.callLater(e.length, self._end, i)
+
+    def _mid_transfer(self, i: int, e: Episode) -> None:
+        """Cut (or pause) ``e.target`` once bytes stream to its storage port from
+        another worker (a pipeline's next hop, a replica being copied) or a client, or
+        in 5 s if none do: the fault lands in the middle of a transfer."""
+        sim = self.sim
+        addr = sim.addr(e.target)
+        give_up = sim.clock.seconds() + 5.0
+
+        def look() -> None:
+            if i not in self.active or e.target not in sim.workers:
+                return
+            streaming = any(c.addr == addr and c.client.out for c in sim.net.connections)
+            if not streaming and sim.clock.seconds() < give_up:
+                sim.clock.callLater(0.05, look)
+            elif e.kind == "pause":
+                sim.pause(e.target)
+            else:
+                sim.net.silence(e.target)
+
+        sim.clock.callLater(0, look)
 
     def _power_after_write(self, i: int, e: Episode) -> None:
         """Cut ``e.target``'s power just after its store takes its next value (once the
@@ -294,6 +312,7 @@ class Run:
         membership = master.membership
 
         def died(record: Any) -> None:
+            self.deaths.append((self.sim.clock.seconds(), record.name))
             if not membership.live():
                 self.lone_deaths.append((self.sim.clock.seconds(), record.name))
 
@@ -408,6 +427,8 @@ class Run:
 
                 def submitted(job: str) -> None:
                     self._done(op, "ok", job)
+                    if job in self.jobs:  # an acknowledged job lost, its id issued again
+                        self.reissued.append((job, self.jobs[job][2][0], prefix))
                     self.jobs[job] = (name, n, [f"{prefix}/{i}" for i in range(n)])
 
                 d.addCallbacks(submitted, lambda f: self._write_outcome(op, f))
@@ -423,6 +444,25 @@ class Run:
             return d
 
         self.sim.clock.callLater(rng.uniform(0.0, 1.0), step)
+
+    def blocking_call(self) -> None:
+        """One call of the blocking client (``nodes`` to the master, answered within
+        :data:`BLOCKING_TIMEOUT` or given up): it moves the clock itself while it waits
+        (:mod:`dsml.testing.sim.blocking`), so only between steps.  A call after one that
+        timed out must not read that one's late answer."""
+        from ..client.server import Client
+        from .sim.blocking import sim_connect
+
+        op = self._op("b1", "nodes", "", 0)
+        try:
+            if self.blocking is None:
+                host, _, port = self.sim.master_addr.rpartition(":")
+                self.blocking = Client(host, int(port), self.sim.token, BLOCKING_TIMEOUT,
+                                       "b1", connect=sim_connect(self.sim, "b1"))
+            self.blocking.call("nodes", {})
+            self._done(op, "ok")
+        except DsmlError as e:
+            self._done(op, "error", f"{e.code}: {str(e)[:80]}")
 
     def _read_error(self, op: Op, f: Failure) -> None:
         e = f.value
@@ -442,7 +482,10 @@ class Run:
             sim.clock.callLater(e.start, self._begin, i, e)
         for name in CLIENTS:
             self.client_loop(name)
-        sim.advance(self.horizon, step=0.1)
+        end = sim.clock.seconds() + self.horizon
+        while sim.clock.seconds() < end - 1e-9:
+            sim.advance(min(BLOCKING_EVERY, end - sim.clock.seconds()), step=0.1)
+            self.blocking_call()
         self.stopped = True
         self.heal()
         checker = Checker(self)
@@ -457,6 +500,8 @@ class Run:
         checker.check_calls()
         checker.check_acks()
         checker.check_losses()
+        checker.check_detection()
+        checker.check_blocking()
         checker.check_logs()
         return Outcome(
             self.seed, self.minutes, self.episodes, self.ops, checker.violations,
@@ -464,6 +509,8 @@ class Run:
         )
 
     def close(self) -> None:
+        if self.blocking is not None:
+            self.blocking.close()
         self.sim.close()
 
 
@@ -475,20 +522,21 @@ async def _noop() -> None:
 
 
 def run(seed: int, minutes: float = 3.0, episodes: list[Episode] | None = None,
-        root: Path | None = None) -> Outcome:
-    """Run one seed (in ``root``, else a temporary directory removed afterwards)."""
+        root: Path | None = None, steps: float = CLOCK_STEP) -> Outcome:
+    """Run one seed (in ``root``, else a temporary directory removed afterwards), its
+    wall clocks stepping ``steps`` seconds at most."""
     if root is not None:
-        r = Run(root, seed, minutes, episodes)
+        r = Run(root, seed, minutes, episodes, steps=steps)
         try:
             return r.go()
         finally:
             r.close()
     with tempfile.TemporaryDirectory(prefix=f"dsml-nemesis-{seed}-") as tmp:
-        return run(seed, minutes, episodes, Path(tmp))
+        return run(seed, minutes, episodes, Path(tmp), steps)
 
 
 def shrink(seed: int, minutes: float, outcome: Outcome,
-           say: Callable[[str], None] = print) -> Outcome:
+           say: Callable[[str], None] = print, steps: float = CLOCK_STEP) -> Outcome:
     """Remove fault episodes one at a time while the same checker still fails."""
     target = {v.checker for v in outcome.violations}
     best = outcome
@@ -496,7 +544,7 @@ def shrink(seed: int, minutes: float, outcome: Outcome,
     i = 0
     while i < len(episodes):
         trial = episodes[:i] + episodes[i + 1:]
-        got = run(seed, minutes, trial)
+        got = run(seed, minutes, trial, steps=steps)
         if got.violations and {v.checker for v in got.violations} & target:
             say(f"  without {episodes[i]}: still fails ({len(trial)} faults left)")
             episodes, best = trial, got
@@ -527,6 +575,8 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=3.0, help="simulated minutes per seed")
     p.add_argument("--shrink", action="store_true", help="shrink a failing seed's schedule")
     p.add_argument("--quiet", action="store_true", help="no history for failures")
+    p.add_argument("--clock-steps", type=float, default=CLOCK_STEP,
+                   help="largest step of a wall clock, seconds (default %(default)g)")
     args = p.parse_args(list(argv) if argv is not None else None)
     seeds = ([args.seed] if args.seed is not None else _seeds(args.seeds) if args.seeds
              else [])
@@ -544,7 +594,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             seed, n = n, n + 1
         else:
             break
-        out = run(seed, args.minutes)
+        out = run(seed, args.minutes, steps=args.clock_steps)
         ran += 1
         sim_s += out.sim_seconds
         wall += out.wall_seconds
@@ -553,7 +603,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             failed += 1
             if args.shrink:
                 print(f"shrinking seed {seed} ...", flush=True)
-                small = shrink(seed, args.minutes, out)
+                small = shrink(seed, args.minutes, out, steps=args.clock_steps)
                 print(small.report(), flush=True)
     print(f"{ran} seeds, {failed} failed; {sim_s:.0f} simulated s in {wall:.0f} s "
           f"(x{sim_s / max(wall, 1e-9):.0f} real time)")

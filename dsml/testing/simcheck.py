@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.python.failure import Failure
 
+from ..errors import DsmlError
 from .history import Violation, check_history, seq_of
 from .sim import SimTimeout
 from .sim.tasks import output_bytes
@@ -26,10 +27,34 @@ HANG = 600.0
 #: How long the cluster may take to settle after the faults heal.
 SETTLE = 300.0
 #: No client call may take longer (simulated seconds): a fault costs a call at most a
-#: connect timeout (10 s) or TCP's user timeout (15 s) and a stalled hop (10 s), not
-#: the 60 s payload deadline a write once waited on a dead next hop.
+#: connect timeout (10 s) or TCP's user timeout (15 s, on the links the client and the
+#: workers dial) and a stalled hop (10 s), not the 60 s payload deadline a write once
+#: waited on a dead next hop (mutation ``hop-stall``: seed 2 finds it in 3 simulated
+#: minutes, a 69 s upload, over the nemesis's per-socket TCP and 2 MiB/s links).
 SLOW_CALL = 45.0
+#: Seconds past the heartbeat timeout within which a silent worker must be declared dead
+#: (a mid-transfer cut or a power cut after a write starts up to 5 s after its episode).
+DETECT = 8.0
 
+
+
+def monotonic(sim: Any, name: str, wall: float) -> list[float]:
+    """The monotonic (shared) times at which machine ``name``'s wall clock read ``wall``,
+    in order: several if a step back made it read that again; the moment of the step if
+    a step forward skipped it."""
+    if sim.walls is None:
+        return [wall]
+    segments = [(float("-inf"), sim.walls_at_start.get(name, 0.0))]
+    segments += [(t, offset) for t, who, offset in sim.wall_steps if who == name]
+    found = []
+    for i, (begin, offset) in enumerate(segments):
+        end = segments[i + 1][0] if i + 1 < len(segments) else float("inf")
+        at = wall - offset
+        if begin <= at < end:
+            found.append(at)
+        elif not found and at < begin:
+            found.append(begin)  # skipped by the step forward at ``begin``
+    return found or [wall]
 
 
 class Checker:
@@ -76,11 +101,17 @@ class Checker:
         outputs of a succeeded task are its succeeded attempt's."""
         sim = self.sim
         final = {"succeeded", "failed", "cancelled"}
+        for job, first, second in self.run.reissued:
+            self.fail("jobs", f"job id {job} acknowledged twice: the job of {first} was "
+                      f"acknowledged, then lost, and its id given to the job of {second}")
         client = sim.client("job-checker")
         for job, (_, _n, outputs) in sorted(self.run.jobs.items()):
             try:
                 sim.until(lambda job=job: sim.job(job).state in final, timeout=SETTLE,
                           what=f"job {job} to end")
+            except DsmlError as e:
+                self.fail("jobs", f"acknowledged job {job} is not known: {e}")
+                continue
             except SimTimeout:
                 self.fail("jobs", f"job {job} did not end: {sim.job(job).state}")
                 continue
@@ -208,15 +239,58 @@ class Checker:
                 for a in t.attempts:
                     if a.state != "lost" or a.ended is None or a.id not in started:
                         continue
-                    if any(w == a.worker and abs(t - a.ended) < 1e-6
-                           for t, w in self.run.lone_deaths):
+                    # The master stamps attempts by its wall clock: the widest reading.
+                    readings = monotonic(self.sim, "master", a.ended)
+                    ended = readings[-1]
+                    began = monotonic(self.sim, "master", a.started)[0]
+                    if any(w == a.worker and abs(t - x) < 1e-6
+                           for t, w in self.run.lone_deaths for x in readings):
                         continue  # the last live worker fell silent: it dies, by design
-                    hit = any(s - slack <= a.ended and a.started <= e + slack
+                    hit = any(s - slack <= ended and began <= e + slack
                               for s, e in faults.get(a.worker, []))
                     if not hit:
                         self.fail("needless-loss", f"job {job} task {t.index}: attempt {a.id} "
-                                  f"on {a.worker} lost at {a.ended:.1f} s ({a.reason}) though "
+                                  f"on {a.worker} lost at {ended:.1f} s ({a.reason}) though "
                                   "nothing happened to its worker")
+
+    def check_detection(self) -> None:
+        """A worker that crashed, lost power, died, was cut off or paused for longer
+        than the heartbeat timeout is declared dead within :data:`DETECT` seconds of its
+        fault, when the master ran throughout and two other workers were heard (the
+        failure detector times silence on the monotonic clock: no step of a wall clock
+        may hasten or delay a verdict)."""
+        timeout = self.sim.heartbeat_timeout
+        episodes = self.run.episodes
+        window = DETECT + timeout
+
+        def touched(name: str, begin: float, end: float) -> bool:
+            return any(
+                name in (e.target, e.other) and e.kind not in ("slow-disk", "clock-jump")
+                and e.start < end and begin < e.start + max(e.length, 0.1)
+                for e in episodes
+            )
+
+        for e in episodes:
+            if e.kind not in ("crash", "power", "death", "cut", "pause") or e.length < window:
+                continue
+            end = e.start + window
+            others = [w for w in self.live() if w != e.target and w not in self.run.dead
+                      and not touched(w, e.start - timeout, end)]
+            if touched("master", e.start - timeout, end) or len(others) < 2:
+                continue
+            if any(e.start <= t <= end for t in self.run.master_starts):
+                continue
+            if not any(w == e.target and e.start <= t <= end for t, w in self.run.deaths):
+                self.fail("detection", f"{e.target} not declared dead within {window:g} s "
+                          f"of its fault: {e}")
+
+    def check_blocking(self) -> None:
+        """The blocking client never takes an answer for another request's (the late
+        reply of a call that timed out read by the next one)."""
+        for op in self.run.ops:
+            if op.client == "b1" and "does not answer request" in op.detail:
+                self.fail("client-desync", op.line())
+                return
 
     def check_logs(self) -> None:
         for m in self.sim.failures.messages()[:5]:

@@ -10,7 +10,6 @@ simulated network (:meth:`SimCluster.client`).
 
 from __future__ import annotations
 
-import errno
 import itertools
 import random
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -22,9 +21,8 @@ from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from ...master.jobs import JobManager, JobView
 from ...master.membership import ALIVE
@@ -36,10 +34,11 @@ from ...net.server import ServerLimits
 from ...protocol.limits import DEFAULT_VALUE_MAX
 from ...worker.link import RETRY_FACTOR, RETRY_INITIAL, RETRY_MAX, MasterLink, WorkerInfo
 from ...worker.service import Worker, build_worker
-from ...worker.store import DiskFull, IndexEntry, Store
+from ...worker.store import IndexEntry, Store
 from ...worker.tasks import AttemptResult
 from ...worker.transfers import TaskTransfers
 from . import disk as disk_model
+from .logs import FailureLog
 from .network import FakeNetwork
 from .process import NetListen, ProcessClock, run_later
 from .tasks import FakeTaskManager, Orphan, Script, TaskEvent, default_script
@@ -56,26 +55,6 @@ MASTER_PORT = 7000
 
 class SimTimeout(AssertionError):
     """Simulated time ran out before what a test waited for happened."""
-
-
-@implementer(ILogObserver)
-class FailureLog:
-    """Keeps every ``log.failure`` event (bugs, not bad input) while installed."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        if "log_failure" in event:
-            self.events.append(event)
-
-    def messages(self) -> list[str]:
-        """One line per failure: what was logged and the exception."""
-        from twisted.logger import formatEvent
-
-        return [
-            f"{formatEvent(e)}: {e['log_failure'].getErrorMessage()}" for e in self.events
-        ]
 
 
 @attrs.frozen
@@ -102,7 +81,12 @@ class SimCluster:
     minus what they store, so placement does not depend on the machine running the test,
     and back off with a jitter drawn from ``random.Random(seed)``.  ``chunk`` caps the
     bytes a connection delivers per round (every message then arrives in pieces);
-    ``user_timeout`` is how long a silent link lasts (TCP_USER_TIMEOUT, keepalive).
+    ``user_timeout`` is how long a silent link lasts (TCP_USER_TIMEOUT, keepalive);
+    with ``tcp="socket"`` each end of a link gives up as its socket options say
+    instead (:mod:`.tcp`: only the links the code tunes time out in 15 s); ``rate``
+    (bytes per second per direction of a link) makes transfers take time.
+    ``wall_clocks`` (machine name -> seconds ahead) gives every process a wall clock of
+    its own, apart from the shared monotonic one (see :meth:`jump_clock`).
 
     With ``start`` (the default) the master and every worker start and the constructor
     returns once every worker is registered.
@@ -134,10 +118,15 @@ class SimCluster:
         start: bool = True,
         script: Script = default_script,
         move_outputs: bool = False,
+        tcp: str = "uniform",
+        rate: float | None = None,
+        wall_clocks: Mapping[str, float] | None = None,
     ) -> None:
         self.root = Path(root)
         self.clock = Clock()
-        self.net = FakeNetwork(self.clock, user_timeout=user_timeout, chunk=chunk)
+        self.net = FakeNetwork(
+            self.clock, user_timeout=user_timeout, chunk=chunk, tcp=tcp, rate=rate
+        )
         self.names = list(workers)
         self.replication = replication
         self.heartbeat_interval = heartbeat_interval
@@ -181,6 +170,12 @@ class SimCluster:
         #: (:meth:`power_off`) takes the rest.  Lines of what each power loss undid.
         self.durable = disk_model.acquire()
         self.power_losses: list[tuple[float, str, list[str]]] = []
+        #: Each machine's wall clock: seconds ahead of the monotonic time (None: no
+        #: wall clocks, every process's ``seconds()`` is the shared time).
+        self.walls = None if wall_clocks is None else dict(wall_clocks)
+        self.walls_at_start = dict(self.walls or {})
+        #: Every step of a wall clock: (monotonic time, machine, its offset after).
+        self.wall_steps: list[tuple[float, str, float]] = []
         self._closed = False
         self.failures = FailureLog()
         globalLogPublisher.addObserver(self.failures)
@@ -224,9 +219,11 @@ class SimCluster:
         state_dir = self.root / "master"
         state_dir.mkdir(parents=True, exist_ok=True)
         self.net.revive(MASTER_HOST)
-        clock = ProcessClock(self.clock)
+        clock = self._process_clock(MASTER_HOST)
+        state = MasterState(state_dir / "master.sqlite3")
+        disk_model.watch_wal(state)
         master = build_master(
-            state=MasterState(state_dir / "master.sqlite3"),
+            state=state,
             clock=clock,
             monotonic=self.clock.seconds,
             replication=self.replication,
@@ -235,7 +232,7 @@ class SimCluster:
             token=self.token,
             limits=self.limits,
             listen=lambda factory: NetListen(self.net, self.master_addr, factory, MASTER_HOST),
-            now=self.clock.seconds,
+            now=self.clock.seconds if self.walls is None else clock.seconds,
         )
         self._watch_results(master.jobs)
         master.service.startService()
@@ -259,13 +256,21 @@ class SimCluster:
 
         jobs.finished = watched  # type: ignore[method-assign]
 
-    def kill_master(self) -> None:
+    def kill_master(self, power: bool = False) -> None:
         """The master process dies: its links close, its state is closed (what it had
-        not committed yet is lost, as in a crash)."""
+        not committed yet is lost, as in a crash).  With ``power`` its machine loses
+        power: nobody sees its links close, and its state file loses what SQLite had not
+        made durable (:func:`.disk.lose_wal`)."""
         master = self._master()
-        self.net.crash_node(MASTER_HOST)
+        restore = None
+        if power:
+            restore, lost = disk_model.lose_wal(master.state)
+            self.power_losses.append((self.clock.seconds(), MASTER_HOST, [f"{lost} WAL bytes"]))
+        self.net.crash_node(MASTER_HOST, half_open=power)
         master.jobs.close(flush=False)  # a crash: the pending batch never reaches disk
         master.service.stopService()
+        if restore is not None:
+            restore()
         self.clocks.pop(MASTER_HOST).stop()
         self.master = None
 
@@ -293,7 +298,7 @@ class SimCluster:
         store = Store(self.root / name / "store", value_max=self.value_max)
         endpoint_for = self.net.endpoint_for(name)
         addr = self.addr(name)
-        clock = ProcessClock(self.clock)
+        clock = self._process_clock(name)
         slots = self.worker_slots(name)
         orphans = self._orphans.pop(name, [])
 
@@ -337,12 +342,26 @@ class SimCluster:
             ),
         )
         if name in self.disk_faults:
-            _break_store(store, self.disk_faults[name])
+            disk_model.break_store(store, self.disk_faults[name])
         worker.service.startService()
         self.workers[name] = worker
         self.clocks[name] = clock
         self.runners[name] = worker.jobs.tasks  # type: ignore[assignment]
         return worker
+
+    def _process_clock(self, name: str) -> ProcessClock:
+        if self.walls is None:
+            return ProcessClock(self.clock)
+        return ProcessClock(self.clock, self.walls.setdefault(name, 0.0))
+
+    def jump_clock(self, name: str, delta: float) -> None:
+        """Machine ``name``'s wall clock steps by ``delta`` seconds (its process's
+        timers with it, as a reactor's; the monotonic time goes on)."""
+        assert self.walls is not None, "SimCluster(wall_clocks=...) first"
+        self.walls[name] = self.walls.get(name, 0.0) + delta
+        self.wall_steps.append((self.clock.seconds(), name, self.walls[name]))
+        if name in self.clocks:
+            self.clocks[name].jump(delta)
 
     def worker_slots(self, name: str) -> int:
         """The task slots worker ``name`` declares."""
@@ -428,7 +447,7 @@ class SimCluster:
         else:
             self.disk_faults[name] = fault
         if name in self.workers:
-            _break_store(self.workers[name].store, fault)
+            disk_model.break_store(self.workers[name].store, fault)
 
     def slow_disk(self, name: str, max_delay: float) -> None:
         """Worker ``name``'s blocking work (store writes and commits: its thread pool)
@@ -616,26 +635,6 @@ class SimCluster:
             name=name or "sim-client",
         )
         return AsyncClusterClient(lambda: self.master_addr, links, self.clock)
-
-
-def _break_store(store: Store, fault: str | None) -> None:
-    """Make ``store``'s disk fail as :meth:`SimCluster.disk_fault` says (None: mend it)."""
-    for method in ("put_value", "begin_file", "get_value", "open_read"):
-        store.__dict__.pop(method, None)  # the class's own again
-    if fault is None:
-        return
-
-    def full(*args: Any, **kw: Any) -> Any:
-        raise DiskFull("no space left on device (simulated)")
-
-    def io(*args: Any, **kw: Any) -> Any:
-        raise OSError(errno.EIO, "input/output error (simulated)")
-
-    for method in ("put_value", "begin_file"):
-        setattr(store, method, full if fault == "full" else io)
-    if fault == "io":
-        for method in ("get_value", "open_read"):
-            setattr(store, method, io)
 
 
 __all__ = [

@@ -22,6 +22,8 @@ call through unchanged; paths outside a registered root are not tracked.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from pathlib import Path
 from types import ModuleType
@@ -198,3 +200,93 @@ def release(roots: list[Path]) -> None:
     _users[0] -= 1
     if _users[0] == 0:
         DISK.uninstall()
+
+
+def break_store(store: Any, fault: str | None) -> None:
+    """Make ``store``'s disk fail as :meth:`SimCluster.disk_fault` says (None: mend it)."""
+    for method in ("put_value", "begin_file", "get_value", "open_read"):
+        store.__dict__.pop(method, None)  # the class's own again
+    if fault is None:
+        return
+
+    def full(*args: Any, **kw: Any) -> Any:
+        from ...worker.store import DiskFull
+
+        raise DiskFull("no space left on device (simulated)")
+
+    def io(*args: Any, **kw: Any) -> Any:
+        raise OSError(errno.EIO, "input/output error (simulated)")
+
+    for method in ("put_value", "begin_file"):
+        setattr(store, method, full if fault == "full" else io)
+    if fault == "io":
+        for method in ("get_value", "open_read"):
+            setattr(store, method, io)
+
+
+# -- the master's SQLite state under a power loss ----------------------------------------
+#
+# The master's state file runs in WAL mode; a commit that acknowledges something is made
+# at synchronous=FULL (the WAL is fsynced before the commit returns), one that
+# acknowledges nothing at NORMAL (the WAL is fsynced only before a checkpoint).  A process
+# crash loses nothing committed either way; a power loss loses the NORMAL commits since
+# the last FULL one or checkpoint.  (The jobs file commits only at FULL: nothing of it.)
+
+
+def watch_wal(state: Any) -> None:
+    """After each outermost commit of ``state`` (a MasterState) at the acknowledging
+    level, note how far its WAL is durable (see :func:`lose_wal`)."""
+    plain = state.transaction
+
+    @contextlib.contextmanager
+    def transaction(lazy: bool = False) -> Any:
+        outer = not state.in_transaction
+        with plain(lazy):
+            yield
+        if outer and not lazy:
+            state.wal_durable = _wal_now(Path(state.path))
+
+    state.transaction = transaction
+    state.wal_durable = _wal_now(Path(state.path))
+
+
+def _wal_now(path: Path) -> tuple[bytes, int, tuple[int, int]]:
+    """(the WAL's salt, its size, the database file's size and mtime)."""
+    wal = Path(f"{path}-wal")
+    head = b""
+    size = 0
+    if wal.exists():
+        with wal.open("rb") as f:
+            head = f.read(32)
+        size = wal.stat().st_size
+    st = path.stat()
+    return head[16:24], size, (st.st_size, st.st_mtime_ns)
+
+
+def lose_wal(state: Any) -> tuple[Any, int]:
+    """A power loss of the master's machine: what its state file will hold.  Returns a
+    function that puts that back once the state is closed (closing checkpoints the whole
+    WAL into the database), and how many WAL bytes the power loss took."""
+    path = Path(state.path)
+    wal = Path(f"{path}-wal")
+    salt, size, db_stat = getattr(state, "wal_durable", (b"", 0, (0, 0)))
+    data = wal.read_bytes() if wal.exists() else b""
+    st = path.stat()
+    if (st.st_size, st.st_mtime_ns) != db_stat:
+        keep = len(data)  # a checkpoint ran since: it synced the WAL first
+    elif len(data) >= 32 and data[16:24] == salt:
+        keep = min(size, len(data))
+    else:
+        keep = 0  # the WAL started again since the last durable commit: none of it synced
+    db = path.read_bytes()
+    kept = data[:keep]
+
+    def restore() -> None:
+        path.write_bytes(db)
+        if kept:
+            wal.write_bytes(kept)
+        else:
+            wal.unlink(missing_ok=True)
+        Path(f"{path}-shm").unlink(missing_ok=True)
+
+    return restore, len(data) - keep

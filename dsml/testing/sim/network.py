@@ -10,32 +10,24 @@ dsml's master or workers: any Twisted protocol factory can listen or dial here.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import (
-    IConsumer,
-    IDelayedCall,
-    IPushProducer,
-    IStreamClientEndpoint,
-    ITransport,
-)
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ...net.links import EndpointFor
+from .tcp import TcpEnds
+from .transport import HIGH_WATER, FakeTransport
 
 log = Logger()
-
-#: Bytes a transport may hold for its peer before it pauses a streaming producer
-#: registered on it (Twisted's FileDescriptor.bufferSize).
-HIGH_WATER = 64 * 1024
 
 #: Most rounds one :meth:`FakeNetwork.flush` may take before it calls the run a livelock.
 MAX_ROUNDS = 100_000
@@ -73,169 +65,6 @@ class FakeConnection:
         return self.client_node, self.server_node
 
 
-@implementer(ITransport, IConsumer, IPushProducer)
-class FakeTransport:
-    """One end of a :class:`FakeConnection`; behaves like Twisted's TCP transport.
-
-    ``write`` queues bytes for the peer (delivered by :meth:`FakeNetwork.flush`);
-    ``pauseProducing`` stops *reading* (bytes for this end wait); ``loseConnection``
-    closes once the queued bytes are delivered and no pull producer is registered;
-    ``abortConnection`` closes at the next flush, dropping what is queued.  As in
-    Twisted, a registered producer is stopped when the connection is lost, and
-    ``protocol.connected`` is left alone (only the transport's flags change).
-    """
-
-    def __init__(
-        self,
-        net: FakeNetwork,
-        conn: FakeConnection,
-        protocol: Any,
-        node: str,
-        host: IPv4Address,
-        peer: IPv4Address,
-    ) -> None:
-        self.net = net
-        self.conn = conn
-        self.protocol = protocol
-        self.node = node
-        self.host = host
-        self.peer = peer
-        self.out: list[bytes] = []  # written, not yet delivered to the peer
-        self.out_bytes = 0
-        self.reading = True
-        self.producer: Any = None
-        self.streaming = False
-        self.producer_paused = False
-        self.connected = True
-        self.disconnecting = False
-        self.disconnected = False
-        self.aborting = False
-        #: The process at this end is gone (see FakeNetwork.crash_node): nothing it does
-        #: reaches the wire and nothing reaches it.
-        self.dead = False
-        self.sent = 0  # bytes written over the connection's life
-
-    def __repr__(self) -> str:
-        return f"<FakeTransport {self.node} -> {self.peer.host}:{self.peer.port}>"
-
-    # ITransport
-
-    def write(self, data: bytes) -> None:
-        """Queue ``data`` for the peer.  As in Twisted, bytes written after
-        ``loseConnection`` still go out first; after an abort or the close they vanish."""
-        if self.disconnected or self.aborting or self.dead or not data:
-            return
-        chunk = bytes(data)
-        self.out.append(chunk)
-        self.out_bytes += len(chunk)
-        self.sent += len(chunk)
-        if self.net.tap is not None:
-            self.net.tap(self, chunk)
-        if (
-            self.producer is not None
-            and self.streaming
-            and not self.producer_paused
-            and self.out_bytes > HIGH_WATER
-        ):
-            # As FileDescriptor.write: a full buffer pauses a streaming producer.
-            self.producer_paused = True
-            self.producer.pauseProducing()
-
-    def writeSequence(self, data: Iterable[bytes]) -> None:
-        """Queue several chunks."""
-        self.write(b"".join(data))
-
-    def loseConnection(self) -> None:
-        """Close after what is queued has been delivered; stop reading now."""
-        if not self.disconnected and not self.dead:
-            self.disconnecting = True
-            self.reading = False
-
-    def abortConnection(self) -> None:
-        """Close at the next flush, dropping whatever is queued."""
-        if not self.disconnected and not self.dead:
-            self.disconnecting = True
-            self.aborting = True
-            self.reading = False
-
-    def getPeer(self) -> IPv4Address:
-        """The other end's address."""
-        return self.peer
-
-    def getHost(self) -> IPv4Address:
-        """This end's address."""
-        return self.host
-
-    # IPushProducer: reading from the connection
-
-    def pauseProducing(self) -> None:
-        """Stop delivering incoming bytes to the protocol."""
-        self.reading = False
-
-    def resumeProducing(self) -> None:
-        """Deliver incoming bytes again (not once the connection is closing)."""
-        if not self.disconnecting and not self.disconnected and not self.dead:
-            self.reading = True
-
-    def stopProducing(self) -> None:
-        """As a TCP transport: close the connection."""
-        self.loseConnection()
-
-    # IConsumer
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        """Take a producer; a pull producer is asked for data whenever nothing is queued."""
-        if self.producer is not None:
-            raise RuntimeError(
-                f"Cannot register producer {producer}, because producer {self.producer} "
-                f"was never unregistered."
-            )
-        if self.disconnected or self.dead:
-            producer.stopProducing()
-            return
-        self.producer = producer
-        self.streaming = streaming
-        self.producer_paused = False
-        if not streaming:
-            producer.resumeProducing()
-
-    def unregisterProducer(self) -> None:
-        """Drop the producer."""
-        self.producer = None
-        self.producer_paused = False
-
-    # ITCPTransport odds and ends the protocols touch
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        """Nothing to do in memory."""
-
-    def setTcpKeepAlive(self, enabled: bool) -> None:
-        """Nothing to do in memory (silent links are modelled by the network)."""
-
-    def getTcpNoDelay(self) -> bool:
-        """Always on."""
-        return True
-
-    def getTcpKeepAlive(self) -> bool:
-        """Always on."""
-        return True
-
-    def logPrefix(self) -> str:
-        """For log lines."""
-        return f"sim:{self.node}"
-
-    def _take(self, limit: int | None) -> bytes:
-        data = b"".join(self.out)
-        if limit is not None and len(data) > limit:
-            data, rest = data[:limit], data[limit:]
-            self.out = [rest]
-            self.out_bytes = len(rest)
-        else:
-            self.out = []
-            self.out_bytes = 0
-        return data
-
-
 @implementer(IStreamClientEndpoint)
 class FakeEndpoint:
     """Dials ``host:port`` on a :class:`FakeNetwork` from ``node``."""
@@ -269,7 +98,9 @@ class FakeNetwork:
     :meth:`revive`), and
     :meth:`silence` (bytes to and from the node are held, connects to and from it hang
     until ``connect_timeout``; after ``user_timeout`` its connections break, as
-    TCP_USER_TIMEOUT and keepalive make a real one).
+    TCP_USER_TIMEOUT and keepalive make a real one).  With ``tcp="socket"`` instead
+    each end gives up by its own socket options and unacknowledged bytes, and its
+    peer may stay half-open (:mod:`.tcp`; ``user_timeout`` is then unused).
 
     Exceptions raised by protocol callbacks are logged and kept in :attr:`errors`; one
     raised by ``dataReceived`` closes that connection, as in Twisted.
@@ -283,12 +114,18 @@ class FakeNetwork:
         user_timeout: float | None = None,
         chunk: int | None = None,
         max_rounds: int = MAX_ROUNDS,
+        tcp: str = "uniform",
+        rate: float | None = None,
     ) -> None:
         self.clock = clock
         self.connect_timeout = connect_timeout
-        self.user_timeout = user_timeout
+        self.user_timeout = user_timeout if tcp == "uniform" else None
+        self.tcp = TcpEnds(self) if tcp == "socket" else None
         #: Most bytes delivered per direction per round (None: all that is queued).
         self.chunk = chunk
+        #: Bytes per simulated second each direction of a connection carries (None: any
+        #: number at once): with it a transfer takes time, and a fault can come mid-way.
+        self.rate = rate
         self.max_rounds = max_rounds
         self.listeners: dict[str, _Listener] = {}
         self.connections: list[FakeConnection] = []
@@ -350,6 +187,8 @@ class FakeNetwork:
         connection themselves (an idle timeout) or ``user_timeout`` breaks it, and
         connects to its addresses hang until ``connect_timeout`` (nothing answers)."""
         self.down.add(name)
+        if self.tcp is not None and not half_open:
+            self._last_words(name)
         for addr in [a for a, lst in self.listeners.items() if lst.node == name]:
             del self.listeners[addr]
             if half_open:
@@ -373,6 +212,19 @@ class FakeNetwork:
             if pending.timer is not None and pending.timer.active():
                 pending.timer.cancel()
         self.silenced.pop(name, None)
+
+    def _last_words(self, name: str) -> None:
+        """What a killed process wrote before it died is in its kernel's buffers, which
+        still send it (then the FIN): its peers read it, unless the path is cut."""
+        for conn in self.connections_of(name):
+            for src, dst in ((conn.client, conn.server), (conn.server, conn.client)):
+                if (src.node != name or not src.out or dst.dead or not dst.reading
+                        or self._silent(conn) or self._blocked(src.node, dst.node)):
+                    continue
+                try:
+                    dst.protocol.dataReceived(src._take(None))
+                except Exception:
+                    self._error(f"dataReceived on {dst!r}")
 
     def revive(self, name: str) -> None:
         """A crashed node may run (and be reached) again."""
@@ -467,9 +319,15 @@ class FakeNetwork:
                     continue
                 if src.out and dst.dead:
                     src._take(None)  # to a machine that is gone
+                    if self.tcp is not None:
+                        self.tcp.sent_into_void(src)
                     moved = True
                 elif src.out and dst.reading:
-                    data = src._take(self.chunk)
+                    limit = self._budget(src)
+                    if limit == 0:
+                        continue  # this direction's bandwidth is spent until time passes
+                    data = src._take(limit)
+                    src.credit -= len(data)
                     moved = True
                     try:
                         dst.protocol.dataReceived(data)
@@ -506,6 +364,20 @@ class FakeNetwork:
                 self._close(conn, t, error.ConnectionDone(), error.ConnectionDone())
                 return True
         return moved
+
+    def _budget(self, t: FakeTransport) -> int | None:
+        """Bytes ``t`` may send now (None: no bound)."""
+        if self.rate is None:
+            return self.chunk
+        now = self.clock.seconds()
+        burst = max(self.rate * 0.1, HIGH_WATER)
+        if t.credit_at is None:
+            t.credit = burst
+        elif now > t.credit_at:
+            t.credit = min(burst, t.credit + self.rate * (now - t.credit_at))
+        t.credit_at = now
+        n = max(0, int(t.credit))
+        return n if self.chunk is None else min(n, self.chunk)
 
     def _close(
         self,

@@ -1,6 +1,7 @@
 """What one simulated process runs on, besides the network.
 
-Owns :class:`ProcessClock` (the shared clock, but a process's timers die with it),
+Owns :class:`ProcessClock` (the shared clock, but a process's timers die with it, and
+its ``seconds()`` is its machine's wall clock, which may be off and jump),
 :func:`run_inline` (the process's ``run_in_thread``: no threads in a simulation) and
 :class:`NetListen` (its listening service, on the fake network).
 """
@@ -26,10 +27,20 @@ T = TypeVar("T")
 class ProcessClock:
     """The clock of one simulated process: the shared :class:`Clock`, but the process's
     pending calls are known, so when it dies (:meth:`stop`) its timers die with it
-    instead of running on in a process that no longer exists."""
+    instead of running on in a process that no longer exists.
 
-    def __init__(self, clock: Clock) -> None:
+    It is what a Twisted reactor is to a real process, so its :meth:`seconds` is the
+    machine's wall clock (``reactor.seconds`` is ``time.time``): the shared time plus
+    ``offset``, which :meth:`jump` moves.  Its calls are due at wall-clock times, as a
+    reactor's are: a jump forward runs at once those it passes, a jump back delays them
+    all by as much.  The shared clock itself is the monotonic one (it never jumps)."""
+
+    def __init__(self, clock: Clock, offset: float | None = None) -> None:
         self.clock = clock
+        #: Seconds this machine's wall clock is ahead of the shared (monotonic) time
+        #: (with None, 0 and no jumps: its calls are the shared clock's own).
+        self.offset = offset or 0.0
+        self.wall = offset is not None
         self.running = True
         self._calls: list[IDelayedCall] = []
         self._prune_at = 256
@@ -37,8 +48,21 @@ class ProcessClock:
         self._held: dict[IDelayedCall, float] | None = None
 
     def seconds(self) -> float:
-        """The shared time."""
-        return self.clock.seconds()
+        """The machine's wall clock (the shared time plus :attr:`offset`)."""
+        return self.clock.seconds() + self.offset
+
+    def jump(self, delta: float) -> None:
+        """The wall clock steps by ``delta`` seconds (NTP, an operator, a VM resumed):
+        each pending call stays due at the same wall-clock time."""
+        assert self.wall, "a ProcessClock made without an offset cannot jump"
+        self.offset += delta
+        if self._held is not None:
+            self._held = {call: due - delta for call, due in self._held.items()}
+            return
+        now = self.clock.seconds()
+        for call in self._calls:
+            if call.active():
+                call.reset(max(0.0, call.getTime() - now - delta))
 
     def callLater(self, delay: float, f: Callable[..., Any], *args: Any,
                   **kw: Any) -> IDelayedCall:
@@ -47,6 +71,11 @@ class ProcessClock:
             # Never runs; cancel() and active() still work for whoever holds it.
             return DelayedCall(self.seconds() + delay, f, args, kw,
                                lambda c: None, lambda c: None, self.seconds)
+        if self.wall and 0 < delay < _TICK:
+            # A delay too small to move the shared time (LoopingCall computes one from
+            # the wall time, whose rounding differs) would run the call again at once,
+            # for ever: it waits one microsecond instead.
+            delay = _TICK
         call = self.clock.callLater(delay, f, *args, **kw)
         self._calls.append(call)
         if self._held is not None:
@@ -54,11 +83,11 @@ class ProcessClock:
         if len(self._calls) > self._prune_at:
             self._calls = [c for c in self._calls if c.active()]
             self._prune_at = max(256, 2 * len(self._calls))
-        return call
+        return _WallCall(call, self) if self.wall else call
 
     def getDelayedCalls(self) -> list[IDelayedCall]:
         """This process's pending calls."""
-        return [c for c in self._calls if c.active()]
+        return [_WallCall(c, self) if self.wall else c for c in self._calls if c.active()]
 
     def pause(self) -> None:
         """SIGSTOP: none of the process's calls runs until :meth:`resume` (each is held
@@ -85,7 +114,7 @@ class ProcessClock:
         held, self._held = self._held, None
         if not held:
             return
-        now = self.seconds()
+        now = self.clock.seconds()
         for call, due in sorted(held.items(), key=lambda item: item[1]):
             if call.active():
                 call.reset(max(0.0, due - now))
@@ -99,6 +128,24 @@ class ProcessClock:
             if call.active():
                 call.cancel()
 
+
+class _WallCall:
+    """A pending call as its process sees it: due at a time of the process's wall
+    clock (what ``getTime`` says), moved on the shared clock."""
+
+    def __init__(self, call: IDelayedCall, owner: ProcessClock) -> None:
+        self.call = call
+        self.owner = owner
+
+    def getTime(self) -> float:
+        return float(self.call.getTime()) + self.owner.offset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.call, name)
+
+
+#: The least positive delay of a call on a wall clock (see ProcessClock.callLater).
+_TICK = 1e-6
 
 #: Where a paused process's calls wait (seconds from now): beyond any simulated run.
 _FAR = 1e9
