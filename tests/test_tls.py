@@ -299,13 +299,16 @@ def _memory_pair(worker_tls: TlsIdentity, master_tls: TlsIdentity) -> tuple[Any,
     return server, so, client, ci
 
 
+@pytest.mark.parametrize("scratch", [False, True])
 @pytest.mark.parametrize("piece", [1, 5, 700, 4096, 4097, 16 * 1024 + 22, 50_000, 1 << 20])
 def test_decrypt_available_at_every_packet_size(
-    worker_tls: TlsIdentity, master_tls: TlsIdentity, piece: int
+    worker_tls: TlsIdentity, master_tls: TlsIdentity, piece: int, scratch: bool
 ) -> None:
     """However the records are cut into reads (a record begun in one read and ended in a
     small next one included), all the plaintext comes out, in order, and the peer's
-    close is seen after it."""
+    close is seen after it; read through a reused scratch buffer too (each result a
+    copy of its own, not a view of the buffer)."""
+    buf = bytearray(READ_MAX + 2 * 16 * 1024) if scratch else None
     sender, out, receiver, incoming = _memory_pair(worker_tls, master_tls)
     plain = os.urandom(40_000) + b"small" + os.urandom(70_000)
     sender.write(plain[:40_000])
@@ -320,7 +323,8 @@ def test_decrypt_available_at_every_packet_size(
     ended = False
     for i in range(0, len(wire), piece):
         incoming.write(wire[i : i + piece])
-        data, ended = decrypt_available(receiver, incoming)
+        data, ended = decrypt_available(receiver, incoming, None, buf)
+        assert type(data) is bytes
         got.append(data)
     assert b"".join(got) == plain
     assert ended

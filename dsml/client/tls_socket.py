@@ -26,7 +26,7 @@ import ssl
 from os import write as os_write
 from typing import Any
 
-from ..net.tlsbio import SMALL, decrypt_available, ssl_core
+from ..net.tlsbio import RECORD_MAX, SMALL, decrypt_available, ssl_core
 
 #: Bytes asked of the socket per read during the handshake.
 HANDSHAKE_READ = 64 * 1024
@@ -58,6 +58,11 @@ class TlsSocket:
         self._in_write = self._in.write
         self._out_read = self._out.read
         self._sock_recv = sock.recv
+        self._sock_recv_into = sock.recv_into
+        # A transfer's reads and decryption go through these, allocated at its first
+        # read and reused: no fresh (and, for the plaintext, zeroed) buffer per read.
+        self._raw: memoryview | None = None
+        self._scratch: bytearray | None = None
         self._sock_sendall = sock.sendall
         self._fileno = sock.fileno
         while not self._handshake_step():
@@ -107,7 +112,7 @@ class TlsSocket:
         """Up to ``size`` bytes of plaintext: all that can be decrypted from what has
         arrived, after waiting for at least one byte; ``b""`` once the server closed."""
         first = b""
-        if self._idle and size > 0:
+        if self._idle and 0 < size < READ_MAX:
             # Nothing buffered (the common case): one socket read, and a small reply
             # (one record) decrypted in one read.
             raw = self._sock_recv(size if size < READ_MAX else READ_MAX)
@@ -157,14 +162,30 @@ class TlsSocket:
                 data = self._decrypt(size)
                 if data or self._eof:
                     return data
-            raw = self._sock_recv(min(size, READ_MAX))
-            if not raw:
+            if size < READ_MAX:
+                raw = self._sock_recv(size)
+                if not raw:
+                    self._eof = True
+                    return b""
+                self._in_write(raw)
+                continue
+            # A transfer: read into this socket's own buffer, reused.
+            buf = self._raw
+            if buf is None:
+                buf = self._raw = memoryview(bytearray(READ_MAX))
+            n = self._sock_recv_into(buf, READ_MAX)
+            if not n:
                 self._eof = True
                 return b""
-            self._in_write(raw)
+            self._in_write(buf[:n])
 
     def _decrypt(self, size: int) -> bytes:
-        data, ended = decrypt_available(self._core, self._in, size)
+        scratch = None
+        if size >= READ_MAX:
+            scratch = self._scratch
+            if scratch is None:
+                scratch = self._scratch = bytearray(READ_MAX + RECORD_MAX)
+        data, ended = decrypt_available(self._core, self._in, size, scratch)
         if ended:
             self._eof = True
         if self._out.pending:

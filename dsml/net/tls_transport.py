@@ -40,6 +40,7 @@ connection after the data before it.
 from __future__ import annotations
 
 import ssl
+import threading
 from typing import Any
 
 from cryptography import x509
@@ -49,7 +50,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .tlsbio import SMALL, decrypt_available, ssl_core
+from .tlsbio import RECORD_MAX, SMALL, decrypt_available, ssl_core
 from .twisted_private import sender, set_read_size
 
 #: Plaintext bytes encrypted at a time by one write (see ``_encrypt``).
@@ -187,7 +188,7 @@ class TlsProtocol(ProtocolWrapper):
         decrypted); then act on a TLS close or failure found behind it."""
         end: Failure | None = None
         try:
-            data, clean_end = decrypt_available(self._core, self._incoming)
+            data, clean_end = decrypt_available(self._core, self._incoming, None, _scratch())
         except ssl.SSLError:
             data, clean_end, end = b"", False, Failure()
         if first:
@@ -349,6 +350,19 @@ class TlsProtocol(ProtocolWrapper):
 
     def logPrefix(self) -> str:
         return f"{ProtocolWrapper.logPrefix(self)} (TLS)"
+
+
+_local = threading.local()
+
+
+def _scratch() -> bytearray:
+    """The buffer this thread's connections decrypt a large read into (one at a time:
+    its plaintext is copied out before any is handed up), instead of a fresh, zeroed
+    one per read."""
+    buf: bytearray | None = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = bytearray(READ_MAX + 2 * RECORD_MAX)
+    return buf
 
 
 class TlsFactory(WrappingFactory):

@@ -41,13 +41,20 @@ def ssl_core(tls: ssl.SSLObject) -> Any:
 
 
 def decrypt_available(
-    tls: ssl.SSLObject | Any, incoming: ssl.MemoryBIO, limit: int | None = None
+    tls: ssl.SSLObject | Any,
+    incoming: ssl.MemoryBIO,
+    limit: int | None = None,
+    scratch: bytearray | None = None,
 ) -> tuple[bytes, bool]:
     """All the plaintext that has arrived in ``incoming`` (at most ``limit`` bytes, the
     rest left for the next call), and whether the peer's close_notify came after it.
     Raises :class:`ssl.SSLError` for bytes that are not TLS from the peer (a bad record,
     an alert), as OpenSSL reports it.  ``tls`` may be an :class:`ssl.SSLObject` or its
     :func:`ssl_core`.
+
+    ``scratch``: a buffer the records are read into when it is large enough (the
+    caller's own, reused from call to call: no fresh, zeroed buffer per call); the
+    result is always a copy of its own.
     """
     avail = incoming.pending + tls.pending()
     if avail <= 0:
@@ -79,7 +86,10 @@ def decrypt_available(
     # OpenSSL takes a record's bytes out of the BIO as they come: the end of a record
     # begun in an earlier call may be here, so one record more than has arrived.
     size = min(avail + RECORD_MAX, limit)
-    buf = bytearray(size)
+    if scratch is not None and len(scratch) >= size:
+        buf = scratch
+    else:
+        buf = bytearray(size)
     view = memoryview(buf)
     got = 0
     while got < size:
@@ -96,7 +106,7 @@ def decrypt_available(
         got += n
         if not incoming.pending and not tls.pending():
             break  # all read: no need to hear OpenSSL's "want read" (an exception)
-    data = bytes(view[:got]) if got < size else bytes(buf)
+    data = bytes(view[:got]) if got < len(buf) else bytes(buf)
     view.release()
     return data, ended
 
