@@ -11,9 +11,14 @@ anyone.  The workers' data dirs under it stay 0700, their own.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+import dsml
+from dsml.client import ClusterClient
+from dsml.localcluster import LocalCluster
 
 
 @pytest.fixture(autouse=True)
@@ -29,3 +34,10 @@ def _tmp_path_open_to_the_task_user(request: pytest.FixtureRequest) -> None:
             break
         parent.chmod(parent.stat().st_mode & 0o7777 | 0o111)
     tmp.chmod(0o777)
+
+
+@pytest.fixture(scope="module")
+def client(cluster: LocalCluster) -> Iterator[ClusterClient]:
+    """A client of the module's ``cluster`` fixture (a module may define its own)."""
+    with dsml.connect(cluster.config_path) as c:
+        yield c

@@ -46,12 +46,7 @@ def test_csv_chunks_never_split_a_record(rows: list[list[str]], target: int, blo
     ends), chunk sizes and read blocks: each chunk is the header and whole records;
     together they are the file."""
     data = _csv(["k", "v"], rows, last_newline, crlf)
-    old = chunking.BLOCK
-    chunking.BLOCK = block
-    try:
-        chunks = list(split(io.BytesIO(data), target, "csv"))
-    finally:
-        chunking.BLOCK = old
+    chunks = list(split(io.BytesIO(data), target, "csv", block))
     header = _csv(["k", "v"], [], True, crlf)
     bodies = []
     for i, c in enumerate(chunks):
@@ -74,12 +69,7 @@ def test_csv_chunks_never_split_a_record(rows: list[list[str]], target: int, blo
        target=st.integers(1, 100), block=st.integers(1, 32))
 def test_text_chunks_are_whole_lines(lines: list[str], target: int, block: int) -> None:
     data = "".join(f"{ln}\n" for ln in lines).encode()
-    old = chunking.BLOCK
-    chunking.BLOCK = block
-    try:
-        chunks = list(split(io.BytesIO(data), target, "text"))
-    finally:
-        chunking.BLOCK = old
+    chunks = list(split(io.BytesIO(data), target, "text", block))
     parts = [c.file.read() for c in chunks]
     assert b"".join(parts) == data
     assert all(p.endswith(b"\n") for p in parts)

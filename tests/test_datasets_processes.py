@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import dsml
 from dsml.client import ClusterClient
 from dsml.datasets import read_manifest
 from dsml.localcluster import LocalCluster
@@ -23,17 +22,8 @@ pytestmark = pytest.mark.processes
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path_factory.mktemp("ds"), workers=("w1", "w2"))
-    try:
+    with LocalCluster(tmp_path_factory.mktemp("ds"), workers=("w1", "w2")) as c:
         c.start_all()
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture(scope="module")
-def client(cluster: LocalCluster) -> Iterator[ClusterClient]:
-    with dsml.connect(cluster.config_path) as c:
         yield c
 
 

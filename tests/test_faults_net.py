@@ -426,6 +426,7 @@ def test_a_value_whose_second_hop_is_unreachable_is_unknown(sim: SimCluster) -> 
     caller gets ``outcome-unknown`` and the value becomes visible."""
     client = sim.client()
     grant, _, workers = sim.wait(client.placement("v", 5))
+    sim.advance(2)  # a heartbeat: the master no longer counts those 5 bytes as placed
     second = workers[1][0]
     factory = sim.workers[second].factory
     sim.net.stop_listening(sim.addr(second))

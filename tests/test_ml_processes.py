@@ -28,18 +28,9 @@ pytestmark = pytest.mark.processes
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     names = ("w1", "w2", "w3", "w4")
     workers = {n: {"host": "127.0.0.1", "port": 0, "data_dir": n, "cpus": 2} for n in names}
-    c = LocalCluster(tmp_path_factory.mktemp("ml"), workers=names,
-                     extra={"workers": workers, "cluster": {"replication": 2}})
-    try:
+    with LocalCluster(tmp_path_factory.mktemp("ml"), workers=names,
+                      extra={"workers": workers, "cluster": {"replication": 2}}) as c:
         c.start_all()
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture(scope="module")
-def client(cluster: LocalCluster) -> Iterator[ClusterClient]:
-    with dsml.connect(cluster.config_path) as c:
         yield c
 
 

@@ -39,17 +39,8 @@ def _cluster(root: Path) -> LocalCluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = _cluster(tmp_path_factory.mktemp("warm"))
-    try:
+    with _cluster(tmp_path_factory.mktemp("warm")) as c:
         c.start_all()
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture(scope="module")
-def client(cluster: LocalCluster) -> Iterator[ClusterClient]:
-    with dsml.connect(cluster.config_path) as c:
         yield c
 
 
@@ -99,8 +90,8 @@ def test_a_call_runs_in_a_warm_interpreter_isolated_as_a_cold_one(
     with dsml.Executor(client) as ex:
         first = ex.submit(probe).result(timeout=120)  # the first starts cold
         assert first["pid"] not in warm_pids(cluster)
-        ready = poll(lambda: warm_pids(cluster) or None, timeout=60, what="warm interpreters")
-        assert len(ready) == 2
+        ready = poll(lambda: w if len(w := warm_pids(cluster)) == 2 else None, timeout=60,
+                     what="two warm interpreters")
         got = ex.submit(probe).result(timeout=120)
     assert got["pid"] in ready
     env = got["env"]

@@ -64,14 +64,16 @@ def guess_format(name: str) -> str:
                      f"({', '.join(FORMATS)})")
 
 
-def split(src: IO[bytes], target: int, fmt: str) -> Iterator[Chunk]:
-    """The chunks of ``src`` (read from its position to its end) in order."""
+def split(src: IO[bytes], target: int, fmt: str, block: int = BLOCK) -> Iterator[Chunk]:
+    """The chunks of ``src`` (read from its position to its end, ``block`` bytes at a
+    time) in order."""
     if target < 1:
         raise ChunkError(f"the chunk size must be at least 1 byte, not {target}")
     if fmt == "npy":
         yield from _split_npy(src, target)
     elif fmt in ("csv", "text"):
-        yield from _split_records(src, target, quoted=fmt == "csv", header=fmt == "csv")
+        yield from _split_records(src, target, quoted=fmt == "csv", header=fmt == "csv",
+                                  block=block)
     else:
         raise ChunkError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
 
@@ -125,18 +127,18 @@ def _records(seg: bytes, inside: bool, quoted: bool) -> tuple[int, bool]:
         inside, i = not inside, q + 1
 
 
-def _split_records(src: IO[bytes], target: int, *, quoted: bool,
-                   header: bool) -> Iterator[Chunk]:
+def _split_records(src: IO[bytes], target: int, *, quoted: bool, header: bool,
+                   block: int) -> Iterator[Chunk]:
     buf = b""
     eof = False
 
     def more() -> bool:
         nonlocal buf, eof
-        block = src.read(BLOCK)
-        if not block:
+        data = src.read(block)
+        if not data:
             eof = True
             return False
-        buf += block
+        buf += data
         return True
 
     head = b""

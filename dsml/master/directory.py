@@ -40,7 +40,6 @@ newer one in the meantime.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -52,6 +51,7 @@ from ..errors import DsmlError
 from ..protocol import limits
 from ..protocol.grants import Grants
 from ..protocol.methods import HeaderValueError, check_key
+from .placement import WorkerLoad, pipeline_order, rank
 from .state import MAX_INT, MAX_VERSION, Conflict, MasterState
 
 __all__ = [
@@ -104,14 +104,6 @@ class Replica:
     size: int
     sha256: str
     version: int
-
-
-@attrs.frozen
-class WorkerLoad:
-    """What placement needs to know of a live worker."""
-
-    free_disk: int
-    stored_bytes: int
 
 
 @attrs.frozen
@@ -212,19 +204,13 @@ def _check_worker(worker: Any) -> str:
     return worker
 
 
-#: Placement's classes of free disk (see Directory.place).
-DISK_CLASSES = 8
-
-
 def _check_factor(factor: int) -> int:
     if type(factor) is not int or factor < 1:
         raise ValueError(f"replication factor must be a positive integer, not {factor!r}")
     return factor
 
 
-def _rank(key: str, worker: str) -> bytes:
-    """Rendezvous-hash rank of ``worker`` for ``key``: spreads reads over the holders."""
-    return hashlib.blake2b(f"{key}\0{worker}".encode(), digest_size=8).digest()
+_rank = rank  # spreads reads over the holders too
 
 
 def _keep_order(live: Collection[str] | Mapping[str, WorkerLoad]) -> Callable[[str], Any]:
@@ -558,16 +544,8 @@ class Directory:
         """Choose the workers to store a new version of ``key`` (``size`` bytes) on.
 
         ``min(factor, len(live))`` distinct live workers with at least ``size`` bytes
-        free (fewer if fewer have room; ``no-space`` if none has), in pipeline order:
-        workers that already hold a copy of the key first (the write replaces it in
-        place; among them most free disk, fewest stored bytes, name), then the others
-        by free disk in :data:`DISK_CLASSES` classes of the most any has
-        (an eighth of it apart: workers on disks alike, or on one disk, are one class),
-        then fewest stored bytes (the caller counts what it placed since the last
-        report), then the key's rendezvous rank (:func:`_rank`): the keys of a burst (a
-        dataset's chunks) spread evenly over the workers of the first class rather
-        than all going to whichever reported a few more bytes free.  ``no-workers`` if
-        nobody is live.
+        free (fewer if fewer have room; ``no-space`` if none has), in the pipeline
+        order of :mod:`.placement`.  ``no-workers`` if nobody is live.
         """
         _check_factor(factor)
         problem = _entry_problem(key, size, "0" * 64, 1)
@@ -581,16 +559,7 @@ class Directory:
                 f"no live worker has {size} bytes free for key {key!r}", "no-space"
             )
         holders = {r.worker for r in self.state.replicas_of(key)}
-        most = max(live[w].free_disk for w in fits) or 1
-        def order(w: str) -> tuple[Any, ...]:
-            load = live[w]
-            if w in holders:  # as before: most free disk, fewest stored bytes, name
-                return (0, -load.free_disk, load.stored_bytes, w)
-            return (1, (most - load.free_disk) * DISK_CLASSES // most, load.stored_bytes,
-                    _rank(key, w))
-
-        fits.sort(key=order)
-        return fits[: min(factor, len(live))]
+        return pipeline_order(key, fits, live, holders)[: min(factor, len(live))]
 
     def list(
         self, prefix: str = "", after: str | None = None, limit: int = 1000

@@ -80,9 +80,9 @@ class KeySpace:
         self.known_workers = known_workers
         #: (key, worker) of verify orders in flight.
         self._verifying: set[tuple[str, str]] = set()
-        # Bytes placed on each worker since the stored_bytes its record shows (which
-        # its heartbeats update): (that figure, bytes placed since).
-        self._placed: dict[str, tuple[int, int]] = {}
+        # Bytes placed on each worker since its last heartbeat (which brings its stored
+        # bytes): (that heartbeat's time, bytes placed since).
+        self._placed: dict[str, tuple[float, int]] = {}
 
     def place(self, key: str, size: int) -> Placement:
         """Choose the workers for a new write of ``key`` and its version."""
@@ -100,7 +100,7 @@ class KeySpace:
                  alive.items()}
         names = self.directory.place(key, size, loads, factor)
         for n in names:
-            self._placed[n] = (alive[n].stored_bytes, self._since(alive[n]) + size)
+            self._placed[n] = (alive[n].last_heartbeat, self._since(alive[n]) + size)
         if starting and len(names) < need:
             # Registered, but not all have said how much room they have (their first
             # heartbeat follows the registration): no write below the factor for that.
@@ -114,9 +114,9 @@ class KeySpace:
         return Placement(version, [alive[n] for n in names], grant)
 
     def _since(self, record: Any) -> int:
-        """Bytes placed on a worker since its record's stored_bytes was reported."""
-        base, added = self._placed.get(record.name, (record.stored_bytes, 0))
-        return added if base == record.stored_bytes else 0
+        """Bytes placed on a worker since its last heartbeat."""
+        base, added = self._placed.get(record.name, (record.last_heartbeat, 0))
+        return added if base == record.last_heartbeat else 0
 
     def locate(self, key: str) -> Location:
         """Where ``key``'s current version is: live holders first (in the directory's
