@@ -206,8 +206,23 @@ def read_go(sock: socket.socket) -> tuple[int, dict[str, str], list[str]] | None
     return fds[0], env, args
 
 
+def _dumpable(on: bool) -> None:
+    """``prctl(PR_SET_DUMPABLE)``: while it waits, a warm interpreter cannot be traced
+    (nor its memory read) by another process of the task user, such as another task
+    that would plant code in it for the next attempt, a job of someone else's maybe.
+    Made dumpable again for its own attempt, as a cold one is.  Linux only; a no-op
+    elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(4, int(on), 0, 0, 0)  # PR_SET_DUMPABLE
+    except (OSError, AttributeError):
+        pass
+
+
 def warm_main() -> int:
     """Wait for the attempt (see the module doc), then run it as :func:`main` would."""
+    _dumpable(False)
     import cloudpickle  # noqa: F401 - imported now, before the attempt: the point
 
     sock = socket.socket(fileno=0)
@@ -223,6 +238,7 @@ def warm_main() -> int:
     if go is None:
         return 0  # not wanted after all
     fd, env, args = go
+    _dumpable(True)
     os.fchdir(fd)
     os.close(fd)
     os.environ.clear()

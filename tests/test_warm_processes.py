@@ -81,7 +81,8 @@ def probe() -> dict[str, object]:
 
     return {"pid": os.getpid(), "uid": os.getuid(), "cwd": os.getcwd(),
             "cgroups": open("/proc/self/cgroup").read(), "argv": sys.argv[1:],
-            "stdin": os.readlink("/proc/self/fd/0"), "env": dict(os.environ)}
+            "stdin": os.readlink("/proc/self/fd/0"), "env": dict(os.environ),
+            "proc_owner": os.stat(f"/proc/{os.getpid()}/environ").st_uid}
 
 
 def test_a_call_runs_in_a_warm_interpreter_isolated_as_a_cold_one(
@@ -94,6 +95,13 @@ def test_a_call_runs_in_a_warm_interpreter_isolated_as_a_cold_one(
                      what="two warm interpreters")
         got = ex.submit(probe).result(timeout=120)
     assert got["pid"] in ready
+    if os.geteuid() == 0 and got["uid"] != 0:
+        # Waiting, they are not dumpable (/proc/<pid>/environ is root's), so another task of the
+        # task user cannot trace one (and plant code for the next attempt) nor read it.
+        poll(lambda: (w := warm_pids(cluster)) and all(
+            Path(f"/proc/{p}/environ").stat().st_uid == 0 for p in w) or None, timeout=60,
+            what="the waiting interpreters not dumpable")
+        assert got["proc_owner"] == got["uid"]  # its own attempt: dumpable again
     env = got["env"]
     assert isinstance(env, dict)
     for name in ("DSML_JOB_ID", "DSML_ATTEMPT_ID", "DSML_TASK_INDEX"):
