@@ -47,18 +47,9 @@ ENTRY_POINT = re.search(  # type: ignore[union-attr]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(tmp_path_factory.mktemp("fs"), workers=("w1", "w2"))
-    try:
+    with LocalCluster(tmp_path_factory.mktemp("fs"), workers=("w1", "w2")) as c:
         c.start_all()
         fsspec.register_implementation("dsml", ENTRY_POINT.replace(":", "."), clobber=True)
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture(scope="module")
-def client(cluster: LocalCluster) -> Iterator[ClusterClient]:
-    with dsml.connect(cluster.config_path) as c:
         yield c
 
 

@@ -44,18 +44,9 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     workers = {name: {"host": "127.0.0.1", "port": 0, "data_dir": name, "cpus": 2,
                       "task_env": ["PYTHONPATH"]} for name in ("w1", "w2")}
-    c = LocalCluster(tmp_path_factory.mktemp("fn"), workers=tuple(workers),
-                     extra={"workers": workers})
-    try:
+    with LocalCluster(tmp_path_factory.mktemp("fn"), workers=tuple(workers),
+                      extra={"workers": workers}) as c:
         c.start_all()
-        yield c
-    finally:
-        c.stop()
-
-
-@pytest.fixture(scope="module")
-def client(cluster: LocalCluster) -> Iterator[ClusterClient]:
-    with dsml.connect(cluster.config_path) as c:
         yield c
 
 

@@ -240,9 +240,7 @@ class JobRouter:
                 return False
             holders = set(alive)
             for key, _ in task.spec.inputs:
-                if key not in where:
-                    self._holds("", where)(key)  # fills where[key]
-                holders &= where[key]
+                holders &= self._holders(key, where)
                 if not holders:
                     return False
             if self._locality_call is None or not self._locality_call.active():
@@ -251,18 +249,19 @@ class JobRouter:
 
         return wait
 
-    def _holds(self, worker: str, where: dict[str, set[str]]) -> Callable[[str], bool]:
-        def holds(key: str) -> bool:
-            workers = where.get(key)
-            if workers is None:
-                try:
-                    workers = {r.worker for r in self.directory.locate(key)}
-                except DirectoryError:
-                    workers = set()
-                where[key] = workers
-            return worker in workers
+    def _holders(self, key: str, where: dict[str, set[str]]) -> set[str]:
+        """The workers holding ``key``, looked up once per dispatch (``where``)."""
+        workers = where.get(key)
+        if workers is None:
+            try:
+                workers = {r.worker for r in self.directory.locate(key)}
+            except DirectoryError:
+                workers = set()
+            where[key] = workers
+        return workers
 
-        return holds
+    def _holds(self, worker: str, where: dict[str, set[str]]) -> Callable[[str], bool]:
+        return lambda key: worker in self._holders(key, where)
 
     def _versions(self, a: Assignment) -> dict[str, tuple[int, str]]:
         """The current version of each input of ``a`` the directory knows."""

@@ -395,17 +395,15 @@ class TaskManager(AttemptLedger):
 
     def _start_warm(self, att: Attempt, env: dict[str, str]) -> bool:
         """Whether the attempt's leader is a warm interpreter (:mod:`.warm`), now started."""
-        args = None if self._warm is None else warm_args(
-            att.spec.command, env, self._warm.env, self.python)
-        w = None if args is None or self._warm is None else self._warm.take(att.spec.mem)
+        pool = self._warm
+        args = None if pool is None else warm_args(att.spec.command, env, pool.env, self.python)
+        w = None if pool is None or args is None else pool.take(att.spec.mem)
         if w is None or args is None:
             return False
-        att.cgroup = w.cgroup  # the attempt's from now on: released with it
         if not w.go(att.dir, env, args):
-            w.discard()
-            self.isolation.release(att.cgroup)
-            att.cgroup = None
+            pool.drop(w)  # type: ignore[union-attr]
             return False
+        att.cgroup = w.cgroup  # the attempt's from now on: released with it
         self._watch_popen(att, w.popen, w.out_r, w.err_r, w.pidfd)
         return True
 

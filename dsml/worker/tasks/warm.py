@@ -169,12 +169,12 @@ class WarmPool:
         while self._ready:
             w = self._ready.pop(0)  # the oldest: the likeliest to have done its imports
             if w.popen.poll() is not None:  # it died waiting
-                self._drop(w)
+                self.drop(w)
                 continue
             try:
                 self.isolation.limit(w.cgroup, mem)
             except OSError:
-                self._drop(w)
+                self.drop(w)
                 return None
             return w
         return None
@@ -218,7 +218,8 @@ class WarmPool:
             theirs.close()
         return Warm(popen, ours, out_r, err_r, pidfd, cgroup)
 
-    def _drop(self, w: Warm) -> None:
+    def drop(self, w: Warm) -> None:
+        """Kill ``w`` and release its cgroup (it was taken, then could not be used)."""
         w.discard()
         self.isolation.release(w.cgroup)
 
@@ -229,5 +230,5 @@ class WarmPool:
             self._fill_call.cancel()
         self._fill_call = None
         while self._ready:
-            self._drop(self._ready.pop())
+            self.drop(self._ready.pop())
 
