@@ -105,8 +105,13 @@ def _boundary(buf: bytes, start: int, inside: bool, quoted: bool) -> int:
     """The index just after the first record end at or after ``start`` in ``buf`` (whose
     first byte is inside quotes if ``inside``), or -1 if none is in ``buf``."""
     k = buf.find(NEWLINE, start)
+    if not quoted:
+        return -1 if k < 0 else k + 1
+    odd, counted = False, 0  # the parity of the quotes in buf[:counted]
     while k >= 0:
-        if not quoted or (buf.count(QUOTE, 0, k) % 2 == 1) == inside:
+        odd ^= buf.count(QUOTE, counted, k) % 2 == 1  # counted once: linear in buf
+        counted = k
+        if odd == inside:
             return k + 1  # outside quotes: the parity before it is the start's
         k = buf.find(NEWLINE, k + 1)
     return -1
