@@ -30,6 +30,7 @@ import pytest
 import dsml
 from dsml.client import ClusterClient
 from dsml.client.functions import FunctionTaskFailed
+from dsml.errors import DsmlError
 from dsml.fnrun import CALLS_ENV, RemoteTraceback
 from dsml.localcluster import LocalCluster
 from dsml.testing.poll import poll
@@ -99,6 +100,24 @@ def test_map_of_200_in_order_is_one_batched_job(ex: dsml.Executor,
     assert status["state"] == "succeeded" and len(status["tasks"]) == 12
     assert status["name"] == "fn:square"
     assert status["tasks"][0]["outputs"][0].startswith("_dsml/result/")
+
+
+def test_a_small_result_comes_back_through_the_master_a_big_one_through_the_store(
+        ex: dsml.Executor, client: ClusterClient) -> None:
+    """A task's result up to 64 KiB rides in its worker's report and the master answers
+    ``result`` with it (no cluster write, no read from a worker); a bigger one is stored
+    under the task's result key as any output, and read from there."""
+    from dsml.fnrun import read_header
+
+    small, big = ex.submit(bytes, 100), ex.submit(bytes, 100 * 1024)
+    assert (small.result(timeout=120), big.result(timeout=120)) == (bytes(100),
+                                                                     bytes(100 * 1024))
+    _, data = client.master.call("result", {"Job": small.job_id, "Task": 0})
+    head, _ = read_header(data)
+    assert head["format"] == 1 and len(data) < 1024
+    with pytest.raises(DsmlError) as e:
+        client.master.call("result", {"Job": big.job_id, "Task": 0})
+    assert e.value.code == "not-found"
 
 
 def test_as_completed_and_wait(ex: dsml.Executor) -> None:

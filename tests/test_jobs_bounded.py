@@ -34,6 +34,7 @@ from dsml.lagprobe import LagProbe
 from dsml.master.jobparse import job_spec_from_json
 from dsml.master.jobrouter import JobRouter
 from dsml.master.jobs import MAX_TASKS, STATUS_PAGE, JobError, JobManager, JobSpec, TaskSpec
+from dsml.master.jobs.retention import purge_tasks
 from dsml.master.jobwire import job_json
 from dsml.worker.tasks.workdirs import AttemptDirs
 
@@ -510,7 +511,7 @@ def test_a_half_purged_job_is_finished_by_the_next_purge(jm: JobManager, clock: 
     """A purge cut short (the master died) leaves the job's row: the next one ends it."""
     submit(jm, clock, array(30))
     finish_all(jm, clock)
-    result(jm._journal.run(lambda: jm._journal.purge_tasks(1, 0, 10)))
+    result(jm._journal.run(lambda: purge_tasks(jm._journal, 1, 0, 10)))
     assert rows(jm, 1) == (1, 20, 20)
     assert run_purge(jm, clock, jm.purge(1e9, 0))[0] == 1
     assert rows(jm, 1) == (0, 0, 0)

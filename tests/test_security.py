@@ -747,6 +747,18 @@ def test_role_user_cannot_locate_another_users_logs(sec: Sec) -> None:
     unchanged(sec, before)
 
 
+def test_role_user_cannot_read_another_users_task_results(sec: Sec) -> None:
+    """bob asking the master for a result of alice's job (a function's return value is
+    her data): ``forbidden``; alice is answered (``not-found``: her task declared none)."""
+    before = settled_snapshot(sec)
+    with sec.conn("master", "user", "bob") as conn:
+        head = refused(conn, "result", {"Job": sec.done_job, "Task": 0})
+    assert "alice" in head.headers["message"]
+    with sec.conn("master", "user", "alice") as conn:
+        refused(conn, "result", {"Job": sec.done_job, "Task": 0}, code="not-found")
+    unchanged(sec, before)
+
+
 def test_role_user_cannot_read_another_users_logs_from_the_worker(sec: Sec) -> None:
     """bob asking the worker that ran alice's attempt for its log: ``forbidden``; alice
     herself reads it there."""

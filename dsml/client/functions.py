@@ -211,6 +211,8 @@ class _CallTask:
     result_key: str
     calls_key: str | None
     done: bool = False
+    #: Whether its results came from the master (nothing stored to delete).
+    inline: bool = False
 
 
 @dataclasses.dataclass
@@ -341,6 +343,8 @@ class FunctionRunner:
                 "env": env,
                 "inputs": [[k, p] for k, p in inputs.items()],
                 "outputs": [["result.pkl", result_key]],
+                # Carried back in the worker's report when small: no cluster write.
+                "result": "result.pkl",
                 "slots": int(res.get("cpus", 1)),
                 "timeout": opts.timeout,
                 "max_attempts": opts.retries + 1,
@@ -536,7 +540,7 @@ class FunctionRunner:
             if task.done:
                 continue
             if t["state"] == "succeeded":
-                progress |= self._deliver(own, task)
+                progress |= self._deliver(own, job.id, task)
             elif t["state"] in ("failed", "cancelled"):
                 attempts = t.get("attempts") or [{}]
                 err = (f"{job.fn_name} on the cluster: job {job.id} task {task.index} "
@@ -551,7 +555,7 @@ class FunctionRunner:
                 self._jobs.pop(job.id, None)
                 self._cond.notify_all()
             for t in job.tasks:
-                for key in (t.result_key, t.calls_key):
+                for key in (None if t.inline else t.result_key, t.calls_key):
                     if key is not None:
                         try:
                             own.delete(key)
@@ -559,12 +563,19 @@ class FunctionRunner:
                             pass  # never written (a failed task) or already gone
         return progress
 
-    def _deliver(self, own: ClusterClient, task: _CallTask) -> bool:
-        """Read a succeeded task's results and resolve its futures."""
+    def _deliver(self, own: ClusterClient, job_id: str, task: _CallTask) -> bool:
+        """Read a succeeded task's results (from the master when its worker reported
+        them, else from the store) and resolve its futures."""
         import cloudpickle
 
         try:
-            data = own.read(task.result_key)
+            try:
+                _, data = own.master.call("result", {"Job": job_id, "Task": task.index})
+                task.inline = True
+            except DsmlError as e:
+                if e.code != "not-found":
+                    raise
+                data = own.read(task.result_key)  # too big to carry: stored
         except DsmlError:
             return False  # a replica away: next time
         head, payload = read_header(data)

@@ -44,6 +44,7 @@ def _task_spec(t: Any) -> TaskSpec:
         retry_on=_retry_on(t.get("retry_on")),
         mem=_count(t, "mem", 0),
         gpus=_count(t, "gpus", 0),
+        result=str(t.get("result", "")),
     )
 
 

@@ -495,6 +495,7 @@ class JobRouter:
                     r.attempt_id, worker, incarnation,
                     exit_code=r.exit_code, signal=r.signal, duration=r.duration,
                     peak_rss=r.peak_rss, reason=r.reason, stderr_tail=r.stderr_tail,
+                    result=r.result,
                 )
             )
 

@@ -5,11 +5,12 @@ them."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from typing import Any
 
-from .jobs import Assignment, FinishedReport, JobView
+from .jobs import MAX_INLINE_RESULT, Assignment, FinishedReport, JobView
 
 __all__ = ["assignment_json", "finished_report", "job_json"]
 
@@ -100,6 +101,8 @@ def assignment_json(
         "timeout": s.timeout,
         "owner": a.owner,
     }
+    if s.result:
+        order["result"] = s.result
     if versions:
         order["versions"] = {
             key: {"version": version, "sha256": sha256}
@@ -114,7 +117,21 @@ def finished_report(r: dict[str, Any]) -> FinishedReport:
         int(r["attempt_id"]), r.get("exit_code"), r.get("signal"),
         float(r.get("duration", 0.0)), int(r.get("peak_rss", 0)), str(r.get("reason", "")),
         _tail(r),
+        _result(r),
     )
+
+
+def _result(r: dict[str, Any]) -> bytes:
+    """A result's ``result`` (base64 of at most MAX_INLINE_RESULT bytes), b"" if it
+    has none, or one that is not that: then the task's key holds none either, and its
+    reader learns the result is missing (a worker can spoil only what it runs)."""
+    text = r.get("result", "")
+    if not isinstance(text, str) or not text or len(text) > 4 * (MAX_INLINE_RESULT // 3 + 1):
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        return b""
 
 
 def _tail(r: dict[str, Any]) -> str:

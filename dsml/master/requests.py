@@ -32,7 +32,7 @@ from ..protocol.codec import Head
 from ..protocol.methods import ALL_ROLES, Role
 from .jobparse import job_spec_from_payload, job_spec_in_slices
 from .jobrouter import JobRouter
-from .jobs import FinishedReport, JobSpec, JobView, Room
+from .jobs import FinishedReport, JobError, JobSpec, JobView, Room
 from .jobs.slices import Slicer
 from .jobwire import finished_report, job_json
 from .keyspace import KeySpace
@@ -447,6 +447,16 @@ class MasterHandler:
                          self._status_json(view, conn))
 
         return d.addCallback(answer)
+
+    @responder("result", roles=_CLIENT)
+    def _result(self, head: Head, payload: bytes, conn: Connection) -> Reply:
+        # The owner's (or an admin's), as the logs are: a function's result is its data.
+        h = head.headers
+        self._check_owner(self.router.job(h["job"], tasks=False), conn, "read its results")
+        data = self.router.jobs.result(h["job"], int(h["task"]))
+        if data is None:
+            raise JobError(f"task {h['task']} of {h['job']} has no result here", "not-found")
+        return Reply({}, data)
 
     @responder("logs", roles=_CLIENT)
     def _logs(self, head: Head, payload: bytes, conn: Connection) -> Reply:

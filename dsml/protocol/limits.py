@@ -52,6 +52,9 @@ FILE_MAX = 10**MAX_LENGTH_DIGITS - 1
 MAX_SLOTS = 1024
 #: Most GPUs a worker may declare, and so the most one task may ask for.
 MAX_GPUS = 64
+#: Largest task result a worker carries in its report of the attempt and the master keeps
+#: with the success (a task's declared ``result`` output; a bigger one is uploaded).
+MAX_INLINE_RESULT = 64 * 1024
 #: Most memory, in bytes, a worker may declare or a task ask for (1 PiB).
 MAX_MEM = 1 << 50
 #: A GPU id a worker declares: an index ("0"), a UUID ("GPU-5f3c..."), a MIG id: 1 to

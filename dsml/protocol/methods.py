@@ -382,6 +382,8 @@ def master_methods() -> MethodTable:
         _spec("wait", {"job": check_text}, {"timeout": check_uint}),
         # Where an attempt's logs are: Worker = name=host:port, Attempt = id.
         _spec("logs", {"job": check_text}, {"task": check_uint, "attempt": check_uint}),
+        # A succeeded task's result as its worker reported it (payload; not-found: none).
+        _spec("result", {"job": check_text, "task": check_uint}),
         # A worker's finished attempts: JSON lines of results.
         _spec("task_result", worker, max_payload=INVENTORY_MAX),
     ]:
@@ -467,6 +469,8 @@ _TASK_FIELDS = {
                           limits.MAX_GPUS),
     "payload.timeout": Bound("range", "a positive number of seconds up to 30 days",
                              f"{_JOB}.MAX_TIMEOUT", 30 * 24 * 3600),
+    "payload.result": Bound("pattern", "the path of one of the task's outputs",
+                            f"{_JOB}.check_task"),
 }
 
 #: The bounds each method states beyond its headers' validators, by method name: every
@@ -542,6 +546,9 @@ FIELD_BOUNDS: dict[str, dict[str, Bound]] = {
         "payload.reason": Bound("length", "cut to 1,024 characters", f"{_JOB}.MAX_REASON", 1024),
         "payload.stderr_tail": Bound("length", "cut to 2,048 characters",
                                      f"{_JOB}.MAX_STDERR_TAIL", 2048),
+        "payload.result": Bound("length", "base64 of at most 64 KiB, kept only for a task "
+                                "that declared a result, else dropped",
+                                f"{_JOB}.MAX_INLINE_RESULT", 64 * 1024),
     },
     "submit": {
         "payload": Bound("length", "a JSON object of at most 64 MiB",
@@ -565,4 +572,6 @@ FIELD_BOUNDS: dict[str, dict[str, Bound]] = {
     "wait": {"job": _JOB_ID, "timeout": Bound("range", "at most 600 seconds are waited",
                                               "dsml.master.jobrouter.WAIT_MAX", 600)},
     "logs": {"job": _JOB_ID},
+    "result": {"job": _JOB_ID, "task": Bound("range", "a task index; not-found beyond the "
+                                             "job's", f"{_JOB}.MAX_TASKS", 100_000)},
 }

@@ -9,6 +9,7 @@ which declare who may call them.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Callable, Collection
@@ -71,6 +72,7 @@ def spec_from_json(payload: bytes) -> AttemptSpec:
             owner=str(d.get("owner") or ""),
             mem=_count("mem", d.get("mem")),
             gpus=_count("gpus", d.get("gpus")),
+            result=str(d.get("result") or ""),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise DsmlError(f"malformed run order: {e}", "bad-task") from None
@@ -88,6 +90,8 @@ def result_json(r: AttemptResult) -> str:
     }
     if r.stderr_tail:
         d["stderr_tail"] = r.stderr_tail
+    if r.result:
+        d["result"] = base64.b64encode(r.result).decode()
     return json.dumps(d)
 
 

@@ -9,6 +9,8 @@ Tables (the schema version lives in ``meta``)::
     tasks(job, idx, spec, state, reason)
     attempts(id, job, idx, worker, incarnation, state, started, ended, exit_code, signal,
              duration, peak_rss, reason, stderr_tail)
+    results(job, idx, data)    a task's result carried by its worker's report (made on
+                               open of an older file too: no migration)
 
 Group commit: every change the manager makes (a submit, an attempt created, a result, a
 lost worker, a cancel) is made in memory at once and marked dirty here (``new_jobs``,
@@ -112,6 +114,8 @@ _TABLES: Final = (
     # A page of a stored job's status reads its attempts by task index; a purge deletes
     # them by task index in bounded ranges.  (Made on open of an older file too.)
     "CREATE INDEX IF NOT EXISTS attempts_task ON attempts(job, idx)",
+    "CREATE TABLE IF NOT EXISTS results(job INTEGER NOT NULL, idx INTEGER NOT NULL,"
+    " data BLOB NOT NULL, PRIMARY KEY(job, idx)) WITHOUT ROWID",
 )
 
 
@@ -160,9 +164,6 @@ _ATTEMPT_PAGE: Final = (
 )
 
 
-#: The final job states, as stored.
-_FINAL_STATES: Final = (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
-
 
 def task_row(seq: int, index: int, spec: TaskSpec, state: TaskState) -> tuple[Any, ...]:
     """The row that inserts a new task of job ``seq`` (its reason "")."""
@@ -193,6 +194,8 @@ class Batch:
     job_updates: list[tuple[Any, ...]]
     task_updates: list[tuple[Any, ...]]
     attempt_rows: list[tuple[Any, ...]]
+    #: (job, index, data): the results of tasks that succeeded, not kept in memory.
+    results: list[tuple[int, int, bytes]] = attrs.Factory(list)
     written: bool = False
 
 
@@ -241,6 +244,7 @@ class Journal:
         self.dirty_attempts: set[AttemptRecord] = set()
         self.acks: list[tuple[Deferred[Any], object]] = []
         self.finalized: list[JobRecord] = []
+        self.results: list[tuple[int, int, bytes]] = []
 
         self.db, meta = open_database(
             path,
@@ -289,7 +293,7 @@ class Journal:
         Rare (the group commits reserve ahead); it waits for a commit in progress.
         """
         top = self.next_attempt - 1 + ATTEMPT_BLOCK
-        with self._db_lock, self._transaction():
+        with self._db_lock, self.transaction():
             self.db.execute(_SET_META, ("attempt_reserved", top))
         self.reserved = top
 
@@ -341,6 +345,16 @@ class Journal:
         """The stored state of job ``seq``, None if there is no such job on disk."""
         rows = self.read("SELECT state FROM jobs WHERE seq = ?", (seq,))
         return None if not rows else str(rows[0][0])
+
+    def result(self, seq: int, index: int) -> bytes | None:
+        """Task ``index`` of job ``seq``'s result as its worker reported it, committed
+        or not yet (None: none was)."""
+        in_flight = self._in_flight.results if self._in_flight is not None else []
+        for job, idx, data in reversed(self.results + in_flight):
+            if (job, idx) == (seq, index):
+                return data
+        rows = self.read("SELECT data FROM results WHERE job = ? AND idx = ?", (seq, index))
+        return bytes(rows[0][0]) if rows else None
 
     def stored_job(
         self, seq: int, tasks: bool, first: int = 0, limit: int | None = None
@@ -420,41 +434,6 @@ class Journal:
                 return fail()
         return self._run_in_thread(locked)  # type: ignore[arg-type,return-value]
 
-    def purge_candidates(
-        self, now: float, max_age: float, max_count: int, limit: int
-    ) -> list[tuple[int, int]]:
-        """(seq, task count) of at most ``limit`` final jobs beyond retention, oldest
-        first: finished more than ``max_age`` seconds before ``now``, or older than the
-        newest ``max_count`` final jobs.  (Call it through :meth:`run`.)"""
-        final = _FINAL_STATES
-        row = self.db.execute(
-            "SELECT seq FROM jobs WHERE state IN (?, ?, ?) ORDER BY seq DESC LIMIT 1 OFFSET ?",
-            (*final, max_count),
-        ).fetchone()
-        boundary = row[0] if row else 0
-        return self.db.execute(
-            "SELECT seq, ntasks FROM jobs WHERE state IN (?, ?, ?)"
-            " AND (finished < ? OR seq <= ?) ORDER BY seq LIMIT ?",
-            (*final, now - max_age, boundary, limit),
-        ).fetchall()
-
-    def purge_tasks(self, seq: int, start: int, end: int) -> int:
-        """Delete the tasks ``start`` .. ``end`` of stored job ``seq`` and their
-        attempts, in one transaction; the rows deleted.  (Through :meth:`run`.)"""
-        with self._transaction():
-            a = self.db.execute(
-                "DELETE FROM attempts WHERE job = ? AND idx >= ? AND idx < ?", (seq, start, end)
-            ).rowcount
-            t = self.db.execute(
-                "DELETE FROM tasks WHERE job = ? AND idx >= ? AND idx < ?", (seq, start, end)
-            ).rowcount
-        return int(a) + int(t)
-
-    def purge_job(self, seq: int) -> None:
-        """Delete stored job ``seq``'s row (its tasks first: :meth:`purge_tasks`)."""
-        with self._transaction():
-            self.db.execute("DELETE FROM jobs WHERE seq = ?", (seq,))
-
     # -- committing ----------------------------------------------------------------------
 
     def pending(self) -> bool:
@@ -466,6 +445,7 @@ class Journal:
             or self.dirty_attempts
             or self.acks
             or self.finalized
+            or self.results
         )
 
     def schedule(self) -> None:
@@ -494,7 +474,7 @@ class Journal:
         self._flush()
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[None]:
+    def transaction(self) -> Iterator[None]:
         """One transaction: commit on success (counted), roll back on an exception."""
         with transaction(self.db):
             yield
@@ -548,7 +528,9 @@ class Journal:
                 (t.state._value_, t.reason, t.job.seq, t.index) for t in self.dirty_tasks
             ],
             attempt_rows=[a.row() for a in self.dirty_attempts],
+            results=self.results,
         )
+        self.results = []
         self.new_jobs = []
         self.dirty_jobs = set()
         self.dirty_tasks = set()
@@ -568,7 +550,7 @@ class Journal:
 
     def _write_locked(self, batch: Batch) -> None:
         db = self.db
-        with self._transaction():
+        with self.transaction():
             if batch.job_rows:
                 db.executemany(_INSERT_JOB, batch.job_rows)
                 for rows in batch.task_rows:
@@ -580,6 +562,8 @@ class Journal:
                 db.executemany(_UPDATE_TASK, batch.task_updates)
             if batch.attempt_rows:
                 db.executemany(_PUT_ATTEMPT, batch.attempt_rows)
+            if batch.results:
+                db.executemany("REPLACE INTO results VALUES (?, ?, ?)", batch.results)
             if batch.reserve is not None:
                 db.execute(_SET_META, ("attempt_reserved", batch.reserve))
 
@@ -593,6 +577,7 @@ class Journal:
         self.dirty_attempts |= batch.dirty_attempts
         self.acks = batch.acks + self.acks
         self.finalized = batch.finalized + self.finalized
+        self.results = batch.results + self.results
         if not self.closed and self._call is None:
             self._call = self.clock.callLater(max(RETRY_DELAY, self.commit_delay), self._flush)
 

@@ -79,6 +79,7 @@ from twisted.logger import Logger
 from ...net.access import TOKEN_OWNER
 from .journal import Journal, task_row
 from .model import (
+    MAX_INLINE_RESULT,
     MAX_REASON,
     MAX_TASKS,
     Assignment,
@@ -555,6 +556,7 @@ class JobManager:
         peak_rss: int,
         reason: str = "",
         stderr_tail: str = "",
+        result: bytes = b"",
     ) -> Deferred[bool]:
         """Record the end of an attempt; fires True once committed, False if refused.
 
@@ -565,7 +567,9 @@ class JobManager:
         fails an attempt after a zero exit (say, an output upload failed) reports
         ``exit_code=None`` with the reason.  ``stderr_tail``, the last lines of a failed
         attempt's stderr, is kept (its last ``MAX_STDERR_TAIL`` characters, control
-        characters but newline and tab replaced) unless the attempt succeeded.
+        characters but newline and tab replaced) unless the attempt succeeded; ``result``
+        (the task's result output, at most :data:`MAX_INLINE_RESULT` bytes) only if it
+        did, in the same commit (see :meth:`result`).
         """
         self._check_open()
         a = self._running.get(attempt_id)
@@ -577,7 +581,7 @@ class JobManager:
                 incarnation=incarnation,
             )
             return succeed(False)
-        self._complete(a, exit_code, signal, duration, peak_rss, reason, stderr_tail)
+        self._complete(a, exit_code, signal, duration, peak_rss, reason, stderr_tail, result)
         d: Deferred[bool] = Deferred()
         journal = self._journal
         journal.acks.append((d, True))
@@ -593,6 +597,7 @@ class JobManager:
         peak_rss: int,
         reason: str,
         stderr_tail: str = "",
+        result: bytes = b"",
     ) -> None:
         """Commit a running attempt's result (already fenced)."""
         reason = storable(str(reason)[:MAX_REASON])
@@ -617,6 +622,9 @@ class JobManager:
                     reason = "failed"
         if state != SUCCEEDED:
             a.stderr_tail = clean_tail(stderr_tail)
+        elif result and a.task.spec.result and len(result) <= MAX_INLINE_RESULT:
+            # Kept on disk only (a live job's memory holds no results): see result().
+            self._journal.results.append((a.task.job.seq, a.task.index, bytes(result)))
         self._end_attempt(a, state, reason)
 
     def worker_lost(self, worker: str, incarnation: int) -> list[int]:
@@ -669,7 +677,7 @@ class JobManager:
             if a is not None and a.worker == worker and a.incarnation <= incarnation:
                 self._complete(
                     a, rep.exit_code, rep.signal, rep.duration, rep.peak_rss, rep.reason,
-                    rep.stderr_tail,
+                    rep.stderr_tail, rep.result,
                 )
         kill: list[int] = []
         reported: set[int] = set()
@@ -947,6 +955,16 @@ class JobManager:
             if view is not None:
                 return view
         raise JobError(f"no job {str(job_id)[:80]!r}", "not-found")
+
+    def result(self, job_id: str, index: int) -> bytes | None:
+        """Task ``index`` of job ``job_id``'s result, as the worker of its committed
+        attempt reported it (its task's ``result`` output), None if there is none (no
+        such task, not succeeded, or its result too big: stored under its key).  Raises
+        ``not-found`` for an unknown job."""
+        view = self.job(job_id, tasks=False)
+        seq = parse_job_id(view.id)
+        assert seq is not None
+        return self._journal.result(seq, index)
 
     def jobs(self, limit: int = 100, before: int | None = None) -> list[JobView]:
         """The ``limit`` most recent jobs (those numbered below ``before`` if given: the

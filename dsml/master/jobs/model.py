@@ -28,42 +28,14 @@ from ...errors import DsmlError
 from ...protocol import limits
 from ...protocol.methods import HeaderValueError, check_key
 
-__all__ = [
-    "CAUSES",
-    "DEFAULT_RETRY_ON",
-    "MAX_AFTER",
-    "MAX_ATTEMPTS",
-    "MAX_NAME",
-    "MAX_PRIORITY",
-    "MAX_REASON",
-    "MAX_GPUS",
-    "MAX_MEM",
-    "MAX_SLOTS",
-    "MAX_STDERR_TAIL",
-    "MAX_TASKS",
-    "MAX_TIMEOUT",
-    "Assignment",
-    "AttemptView",
-    "FinishedReport",
-    "JobError",
-    "JobSpec",
-    "JobView",
-    "QueuePlace",
-    "Room",
-    "TaskSpec",
-    "TaskView",
-    "attempt_cause",
-    "check_job_head",
-    "check_io",
-    "check_job_spec",
-    "check_task",
-    "clean_tail",
-    "expand_task",
-    "holds_nothing",
-    "parse_job_id",
-    "spec_from_json",
-    "spec_json",
-    "storable",
+__all__ = [  # noqa: RUF022 - grouped: limits, classes, functions
+    "CAUSES", "DEFAULT_RETRY_ON", "MAX_AFTER", "MAX_ATTEMPTS", "MAX_NAME",
+    "MAX_PRIORITY", "MAX_REASON", "MAX_GPUS", "MAX_MEM", "MAX_SLOTS",
+    "MAX_INLINE_RESULT", "MAX_STDERR_TAIL", "MAX_TASKS", "MAX_TIMEOUT", "Assignment",
+    "AttemptView", "FinishedReport", "JobError", "JobSpec", "JobView", "QueuePlace",
+    "Room", "TaskSpec", "TaskView", "attempt_cause", "check_job_head", "check_io",
+    "check_job_spec", "check_task", "clean_tail", "expand_task", "holds_nothing",
+    "parse_job_id", "spec_from_json", "spec_json", "storable",
 ]
 
 # -- limits ------------------------------------------------------------------------------
@@ -91,6 +63,9 @@ MAX_REASON: Final = 1024
 #: Longest stderr tail kept for a failed attempt, in characters (its last ones).  The
 #: worker sends at most 2,048 bytes; this holds whatever a worker sends to the same.
 MAX_STDERR_TAIL: Final = 2048
+#: Largest task result carried in the worker's report and kept in the master's state
+#: (a task's ``result`` output; a bigger one is stored under its key as outputs are).
+MAX_INLINE_RESULT: Final = limits.MAX_INLINE_RESULT
 
 # -- why an attempt ended ---------------------------------------------------------------
 
@@ -179,6 +154,11 @@ class TaskSpec:
     mem: int = 0
     #: GPUs the task occupies (the worker names them in ``CUDA_VISIBLE_DEVICES``).
     gpus: int = 0
+    #: The path of one of ``outputs`` that is the task's result: when it is at most
+    #: :data:`MAX_INLINE_RESULT` bytes the worker reports it with the attempt's end, the
+    #: master keeps it with the success (one commit, no cluster write) and ``result``
+    #: answers it; a bigger one is uploaded under its key.  "" for none.
+    result: str = ""
 
     @property
     def room(self) -> Room:
@@ -306,6 +286,9 @@ class FinishedReport:
     reason: str = ""
     #: The last lines of a failed attempt's stderr ("" for none).
     stderr_tail: str = ""
+    #: A succeeded attempt's result (its task's ``result`` output, at most
+    #: :data:`MAX_INLINE_RESULT` bytes), b"" for none.
+    result: bytes = b""
 
 
 # -- views -------------------------------------------------------------------------------
@@ -466,6 +449,8 @@ def spec_json(spec: TaskSpec) -> str:
         d["mem"] = spec.mem
     if spec.gpus:
         d["gpus"] = spec.gpus
+    if spec.result:
+        d["result"] = spec.result
     return json.dumps(d, separators=(",", ":"))
 
 
@@ -619,6 +604,8 @@ def check_task(i: int, t: object) -> None:
     for path, key in _check_pairs(t.outputs, f"{w} outputs"):
         _check_path(path, f"{w} output path")
         _check_job_key(key, f"{w} output key")
+    if t.result and t.result not in {p for p, _ in t.outputs}:
+        raise _bad(f"{w} result must be the path of one of its outputs, not {t.result!r}")
     if not _is_int(t.slots) or not 1 <= t.slots <= MAX_SLOTS:
         raise _bad(f"{w} slots must be an integer from 1 to {MAX_SLOTS}, not {t.slots!r}")
     if not _is_int(t.mem) or not 0 <= t.mem <= MAX_MEM:

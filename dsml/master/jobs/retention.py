@@ -2,7 +2,7 @@
 
 :class:`JobRetention` deletes final jobs from ``jobs.sqlite3`` by age (finished more than
 ``retention.jobs_max_age`` seconds ago) and by count (beyond the newest
-``retention.jobs_max_count`` final jobs), journal rows included, in bounded batches:
+``retention.jobs_max_count`` final jobs), journal rows (results too) included, in bounded batches:
 each transaction deletes the tasks and attempts of at most :data:`PURGE_TASKS` task
 indexes of one job, in the journal's commit thread when it has one, with a reactor turn
 between two, so a 100,000-task job is purged in some fifty small transactions, never
@@ -26,8 +26,10 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from .journal import Journal
+from .states import JobState
 
-__all__ = ["PURGE_JOBS", "PURGE_TASKS", "RETENTION_INTERVAL", "JobRetention"]
+__all__ = ["PURGE_JOBS", "PURGE_TASKS", "RETENTION_INTERVAL", "JobRetention", "purge_candidates",
+           "purge_job", "purge_tasks"]
 
 log = Logger()
 
@@ -68,7 +70,7 @@ class JobRetention:
         journal = self.journal
         now = self.clock.seconds()
         candidates = await journal.run(
-            partial(journal.purge_candidates, now, max_age, max_count, jobs)
+            partial(purge_candidates, journal, now, max_age, max_count, jobs)
         )
         purged = 0
         for seq, ntasks in candidates:
@@ -77,11 +79,11 @@ class JobRetention:
             if seq in self.protected():
                 continue
             for start in range(0, ntasks, rows):
-                await journal.run(partial(journal.purge_tasks, seq, start, start + rows))
+                await journal.run(partial(purge_tasks, journal, seq, start, start + rows))
                 await deferLater(self.clock, 0, lambda: None)  # let the reactor turn
                 if journal.closed:
                     return purged
-            await journal.run(partial(journal.purge_job, seq))
+            await journal.run(partial(purge_job, journal, seq))
             purged += 1
         self.purged += purged
         if purged:
@@ -126,3 +128,46 @@ class JobRetention:
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
+
+
+# -- the purge's transactions, on the journal's file ------------------------------------
+
+
+def purge_candidates(
+    journal: Journal, now: float, max_age: float, max_count: int, limit: int
+) -> list[tuple[int, int]]:
+    """(seq, task count) of at most ``limit`` final jobs beyond retention, oldest
+    first: finished more than ``max_age`` seconds before ``now``, or older than the
+    newest ``max_count`` final jobs.  (Through :meth:`Journal.run`.)"""
+    final = (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
+    row = journal.db.execute(
+        "SELECT seq FROM jobs WHERE state IN (?, ?, ?) ORDER BY seq DESC LIMIT 1 OFFSET ?",
+        (*final, max_count),
+    ).fetchone()
+    boundary = row[0] if row else 0
+    return journal.db.execute(
+        "SELECT seq, ntasks FROM jobs WHERE state IN (?, ?, ?)"
+        " AND (finished < ? OR seq <= ?) ORDER BY seq LIMIT ?",
+        (*final, now - max_age, boundary, limit),
+    ).fetchall()
+
+
+def purge_tasks(journal: Journal, seq: int, start: int, end: int) -> int:
+    """Delete the tasks ``start`` .. ``end`` of stored job ``seq`` and their
+    attempts, in one transaction; the rows deleted.  (Through :meth:`Journal.run`.)"""
+    with journal.transaction():
+        a = journal.db.execute(
+            "DELETE FROM attempts WHERE job = ? AND idx >= ? AND idx < ?", (seq, start, end)
+        ).rowcount
+        t = journal.db.execute(
+            "DELETE FROM tasks WHERE job = ? AND idx >= ? AND idx < ?", (seq, start, end)
+        ).rowcount
+        journal.db.execute(
+            "DELETE FROM results WHERE job = ? AND idx >= ? AND idx < ?", (seq, start, end))
+    return int(a) + int(t)
+
+
+def purge_job(journal: Journal, seq: int) -> None:
+    """Delete stored job ``seq``'s row (its tasks first: :func:`purge_tasks`)."""
+    with journal.transaction():
+        journal.db.execute("DELETE FROM jobs WHERE seq = ?", (seq,))

@@ -39,6 +39,8 @@ class Attempt:
     timers: dict[str, IDelayedCall] = attrs.Factory(dict)
     logs: tuple[CappedLog, CappedLog] | None = None
     ended: Deferred[None] = attrs.Factory(Deferred)
+    #: The result output's content, read instead of uploaded (AttemptSpec.result).
+    inline: bytes = b""
     done: Deferred[None] = attrs.Factory(Deferred)
 
     def result(self, reason: str) -> AttemptResult:
@@ -54,6 +56,7 @@ class Attempt:
             reason=reason,
             stderr_tail=tail,
             cpu_seconds=self.cpu_seconds,
+            result=b"" if reason else self.inline,
         )
 
     def cancel_timer(self, name: str) -> None:

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from ...config import DEFAULT_ATTEMPT_DIRS_MAX_AGE, DEFAULT_ATTEMPT_DIRS_MAX_BYTES
 from ...errors import NotFound
 from ...fsutil import makedirs_private, private_dir
+from ...protocol.limits import MAX_INLINE_RESULT
 from .attempt import Attempt
 from .cgroups import CgroupTree
 from .groups import kill_leftovers, kill_orphans, signal_group
@@ -69,7 +70,7 @@ from .watch import (
     PipeReader,
     TaskProcess,
 )
-from .workdirs import AttemptDirs, output_problem
+from .workdirs import AttemptDirs, output_problem, read_small
 
 log = Logger()
 
@@ -463,14 +464,21 @@ class TaskManager(AttemptLedger):
             problem = output_problem(att.dir, relative(rel, "output"))
             if problem:
                 return f"output {rel!r} {problem}"
+        if att.spec.result:
+            try:
+                # Reported with the result and committed with it: no cluster write.
+                att.inline = read_small(att.dir, att.spec.result, MAX_INLINE_RESULT) or b""
+            except OSError:
+                pass  # the upload below says what is wrong with it
+        todo = [(r, k) for r, k in att.spec.outputs if not att.inline or r != att.spec.result]
         uploads = [
             maybeDeferred(self.transfers.store, att.dir / rel, key, att.spec.attempt_id)
-            for rel, key in att.spec.outputs
+            for rel, key in todo
         ]
         att.pending = uploads
         results = await DeferredList(uploads, consumeErrors=True)
         att.pending = []
-        for (rel, _), (ok, value) in zip(att.spec.outputs, results, strict=True):
+        for (rel, _), (ok, value) in zip(todo, results, strict=True):
             if not ok:
                 if value.check(CancelledError):
                     return att.stop_reason or "cancelled"

@@ -79,6 +79,9 @@ class AttemptSpec:
     gpus: int = 0
     #: The ids of the GPUs the worker gave it (set when it is admitted).
     gpu_ids: tuple[str, ...] = ()
+    #: The path of the output that is its result: reported with the end of the attempt
+    #: when at most MAX_INLINE_RESULT bytes, instead of uploaded ("" for none).
+    result: str = ""
 
     def version_of(self, key: str) -> InputVersion | None:
         """The current version of input ``key`` the master named, or None."""
@@ -119,6 +122,8 @@ class AttemptResult:
     #: "" on success.
     stderr_tail: str = ""
     cpu_seconds: float | None = None
+    #: The result output's content, when small enough to report (b"" otherwise).
+    result: bytes = b""
 
     @property
     def ok(self) -> bool:

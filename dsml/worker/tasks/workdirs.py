@@ -94,6 +94,22 @@ def output_problem(root: Path, rel: str) -> str:
     return ""
 
 
+def read_small(root: Path, rel: str, limit: int) -> bytes | None:
+    """The content of output ``root/rel`` (passed :func:`output_problem`) if it is at
+    most ``limit`` bytes, else None; never through a symlink at its last step."""
+    fd = os.open(root / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        parts, size = [], 0
+        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+            parts.append(chunk)
+            size += len(chunk)
+        return b"".join(parts) if size <= limit else None
+    finally:
+        os.close(fd)
+
+
 class AttemptDirs:
     """The attempt directories under ``work_dir``.
 
