@@ -37,6 +37,7 @@ from dsml.master.jobs import (
     QueuePlace,
     TaskSpec,
 )
+from dsml.master.jobs.journal import IDLE_AFTER
 from dsml.master.jobwire import assignment_json, job_json
 from dsml.net.access import TOKEN_OWNER
 
@@ -597,11 +598,12 @@ def test_submit_fires_only_after_commit(tmp_path: Path) -> None:
     seen: list[tuple[int, int]] = []
 
     def check(job_id: str) -> str:
-        db = copy_state(tmp_path / "state", tmp_path / "copy")
+        db = copy_state(tmp_path / "state", tmp_path / f"copy-{job_id}")
+        seq = int(job_id[1:])
         seen.append(
             (
-                db.execute("SELECT count(*) FROM jobs WHERE seq = 1").fetchone()[0],
-                db.execute("SELECT count(*) FROM tasks WHERE job = 1").fetchone()[0],
+                db.execute("SELECT count(*) FROM jobs WHERE seq = ?", (seq,)).fetchone()[0],
+                db.execute("SELECT count(*) FROM tasks WHERE job = ?", (seq,)).fetchone()[0],
             )
         )
         db.close()
@@ -610,11 +612,22 @@ def test_submit_fires_only_after_commit(tmp_path: Path) -> None:
     d = h.jm.submit(job(task(), task(), task()))
     d.addCallback(check)
     assert not fired(d)
+    h.clock.advance(0)  # an idle file: committed on the next turn, then acknowledged
+    assert result(d) == "j1"
+    assert seen == [(1, 3)]
+    # A commit just ended: the next change waits commit_delay for others to join it.
+    d = h.jm.submit(job(task()))
+    d.addCallback(check)
     h.clock.advance(DELAY / 2)
     assert not fired(d)
     h.clock.advance(DELAY / 2)
-    assert result(d) == "j1"
-    assert seen == [(1, 3)]
+    assert result(d) == "j2"
+    assert seen == [(1, 3), (1, 1)]
+    h.clock.advance(IDLE_AFTER)  # idle again: the next turn
+    d = h.jm.submit(job(task()))
+    assert not fired(d)
+    h.clock.advance(0)
+    assert result(d) == "j3"
 
 
 def test_burst_is_one_transaction(h: Harness) -> None:

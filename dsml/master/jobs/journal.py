@@ -89,6 +89,10 @@ JOBS_FILE: Final = "jobs.sqlite3"
 ATTEMPT_BLOCK: Final = 10_000
 #: Seconds before a failed commit is retried.
 RETRY_DELAY: Final = 1.0
+#: Seconds after the last commit ended from which the file counts as idle: a change then
+#: is committed on the next reactor turn, not ``commit_delay`` later (a lone submit or
+#: result has no batch to wait for; a stream of them still batches).
+IDLE_AFTER: Final = 0.05
 
 _TABLES: Final = (
     "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID",
@@ -227,6 +231,7 @@ class Journal:
         self.path = path
         self.clock = clock
         self.commit_delay = commit_delay
+        self._last_commit = float("-inf")  # when the last batch ended (clock seconds)
         self.closed = False
         self._on_final = on_final
         self._call: IDelayedCall | None = None
@@ -449,9 +454,12 @@ class Journal:
         )
 
     def schedule(self) -> None:
-        """Make sure a batch is written ``commit_delay`` from now, or sooner."""
+        """Make sure a batch is written ``commit_delay`` from now, or sooner: on the
+        next turn when the file is idle (:data:`IDLE_AFTER`)."""
         if self._call is None and not self.closed:
-            self._call = self.clock.callLater(self.commit_delay, self._flush)
+            idle = (self._in_flight is None
+                    and self.clock.seconds() - self._last_commit >= IDLE_AFTER)
+            self._call = self.clock.callLater(0 if idle else self.commit_delay, self._flush)
 
     def committed(self) -> Deferred[None]:
         """Fire once every change made so far is committed (at once if none is pending)."""
@@ -570,6 +578,7 @@ class Journal:
     def _failed(self, batch: Batch, failure: Failure) -> None:
         """Nothing of the batch was acknowledged: it all becomes dirty again, to retry."""
         self._in_flight = None
+        self._last_commit = self.clock.seconds()
         log.failure("jobs: commit failed; retrying in {delay} s", failure, delay=RETRY_DELAY)
         self.new_jobs = batch.new_jobs + self.new_jobs
         self.dirty_jobs |= batch.dirty_jobs
@@ -584,6 +593,7 @@ class Journal:
     def _written(self, batch: Batch) -> None:
         """The batch is on disk: acknowledge it, and start the next one if changes wait."""
         self._in_flight = None
+        self._last_commit = self.clock.seconds()
         if batch.reserve is not None:
             self.reserved = max(self.reserved, batch.reserve)
         for j in batch.new_jobs:
