@@ -27,7 +27,8 @@ pytestmark = pytest.mark.processes
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     names = ("w1", "w2", "w3", "w4")
-    workers = {n: {"host": "127.0.0.1", "port": 0, "data_dir": n, "cpus": 2} for n in names}
+    workers = {n: {"host": "127.0.0.1", "port": 0, "data_dir": n, "cpus": 2,
+                   "task_env": ["PYTHONPATH"]} for n in names}
     with LocalCluster(tmp_path_factory.mktemp("ml"), workers=names,
                       extra={"workers": workers, "cluster": {"replication": 2}}) as c:
         c.start_all()
