@@ -6,7 +6,8 @@
 
 A map over the chunks (:func:`dsml.datasets.map_chunks`: one task per chunk, run by
 preference on a worker that holds it, the chunk staged from its own store) returns each
-chunk's sufficient statistics; the client merges them and solves.
+chunk's sufficient statistics; the client merges them (or, past :data:`TREE_BYTES` of
+them, a tree of reduce jobs on the cluster does: :mod:`dsml.datasets.reduce`) and solves.
 
 Numerically: each chunk is read in blocks of :data:`BLOCK_ROWS` rows (memory flat in
 the chunk's size), and every statistic is a count, a mean and a *centred* co-moment
@@ -29,7 +30,8 @@ the features and make the first step.  It equals scikit-learn's ``LogisticRegres
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +44,11 @@ if TYPE_CHECKING:
 
 #: Rows parsed at a time inside a chunk.
 BLOCK_ROWS = 65536
+#: A fit merges its chunks' statistics as a tree of reduce jobs on the cluster when
+#: they come to more than this (chunks x the statistics' bytes), rather than read each
+#: into the client: a tree costs a job per level (some 0.5 s on a small cluster), worth
+#: it only when the statistics are large (many features) or the chunks many.
+TREE_BYTES = 64 << 20
 
 Stats = tuple[int, Any, Any]  # (n, mean vector, centred co-moment matrix)
 
@@ -145,10 +152,12 @@ def solve(stats: Stats, ridge: float = 0.0) -> tuple[Any, float]:
 
 def linear_regression(dataset: str, target: str, features: Sequence[str] | None = None,
                       ridge: float = 0.0, *, client: ClusterClient | None = None,
-                      timeout: float | None = None) -> LinearFit:
+                      timeout: float | None = None, tree: bool | None = None) -> LinearFit:
     """Least squares (``ridge`` > 0: ridge) of ``target`` on ``features`` (default: every
     other column) with an intercept, over the CSV dataset ``dataset`` (see
-    :mod:`dsml.datasets`), one task per chunk; ``client``: else :func:`dsml.connect`."""
+    :mod:`dsml.datasets`), one task per chunk; ``client``: else :func:`dsml.connect`.
+    ``tree``: merge the chunks' statistics as a tree of reduce jobs on the cluster
+    rather than in the client (default: when they are over :data:`TREE_BYTES`)."""
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, not {ridge}")
     own = client is None
@@ -157,46 +166,67 @@ def linear_regression(dataset: str, target: str, features: Sequence[str] | None 
 
         client = connect()
     try:
-        return _fit(client, dataset, target, features, ridge, timeout)
+        return _fit(_Maps(client, dataset, target, features, tree, timeout), ridge)
     finally:
         if own:
             client.close()
 
 
-def _columns(client: ClusterClient, dataset: str, target: str,
-             features: Sequence[str] | None) -> tuple[list[str], list[int]]:
-    """(the features, the column indexes of the features then the target) in the CSV
-    dataset's header; ValueError naming what is missing."""
-    from .datasets import read_manifest
+class _Maps:
+    """The maps of one fit over a CSV dataset: its columns (the features, then the
+    target: ValueError naming what is missing) and every map's futures."""
 
-    m = read_manifest(client, dataset)
-    if m.get("kind") != "csv":
-        raise ValueError(f"{dataset}: a linear model reads a CSV dataset, not "
-                         f"{m.get('kind')!r}")
-    names = next(csv.reader([m["header"]]))
-    features = [c for c in names if c != target] if features is None else list(features)
-    missing = [c for c in (*features, target) if c not in names]
-    if missing:
-        raise ValueError(f"{dataset} has no column {', '.join(map(repr, missing))} "
-                         f"(its columns: {', '.join(names)})")
-    return features, [names.index(c) for c in (*features, target)]
+    def __init__(self, client: ClusterClient, dataset: str, target: str,
+                 features: Sequence[str] | None, tree: bool | None,
+                 timeout: float | None) -> None:
+        from .datasets import read_manifest
+
+        m = read_manifest(client, dataset)
+        if m.get("kind") != "csv":
+            raise ValueError(f"{dataset}: a linear model reads a CSV dataset, not "
+                             f"{m.get('kind')!r}")
+        names = next(csv.reader([m["header"]]))
+        features = [c for c in names if c != target] if features is None else list(features)
+        missing = [c for c in (*features, target) if c not in names]
+        if missing:
+            raise ValueError(f"{dataset} has no column {', '.join(map(repr, missing))} "
+                             f"(its columns: {', '.join(names)})")
+        if not m["chunks"]:
+            raise ValueError(f"{dataset}: no rows to fit")
+        self.client, self.dataset, self.target = client, dataset, target
+        self.features = tuple(features)
+        self.columns = [names.index(c) for c in (*features, target)]
+        self.chunks, self.timeout = len(m["chunks"]), timeout
+        k = len(self.columns) + 1
+        self.tree = tree if tree is not None else self.chunks * 8 * k * k > TREE_BYTES
+        self.futures: list[Any] = []
+
+    def run(self, fn: Callable[..., Any], reduce: Callable[[Any, Any], Any],
+            *args: Any) -> Any:
+        """``fn(chunk, columns, *args)`` over the chunks, its results folded by
+        ``reduce``: on the cluster as a tree of jobs, or here as they arrive."""
+        from .datasets import map_chunks
+
+        if self.tree:
+            root = map_chunks(self.client, fn, self.dataset, self.columns, *args,
+                              reduce=reduce)
+            self.futures += root.map_futures
+            return root.result(self.timeout)
+        futures = map_chunks(self.client, fn, self.dataset, self.columns, *args)
+        self.futures += futures
+        return functools.reduce(reduce, (f.result(self.timeout) for f in futures))
+
+    def locality(self) -> float:
+        from .datasets import chunk_locality
+
+        return chunk_locality(self.client, self.futures)
 
 
-def _fit(client: ClusterClient, dataset: str, target: str,
-         features: Sequence[str] | None, ridge: float, timeout: float | None) -> LinearFit:
-    import numpy as np
-
-    from .datasets import chunk_locality, map_chunks
-
-    features, columns = _columns(client, dataset, target, features)
-    futures = map_chunks(client, chunk_stats, dataset, columns)
-    k = len(columns)
-    total: Stats = (0, np.zeros(k), np.zeros((k, k)))
-    for f in futures:
-        total = merge(total, f.result(timeout))
+def _fit(maps: _Maps, ridge: float) -> LinearFit:
+    total = maps.run(chunk_stats, merge)
     coef, intercept = solve(total, ridge)
-    return LinearFit(tuple(features), target, coef, intercept, total[0], ridge,
-                     len(futures), chunk_locality(client, futures))
+    return LinearFit(maps.features, maps.target, coef, intercept, total[0], ridge,
+                     maps.chunks, maps.locality())
 
 
 # -- logistic regression ---------------------------------------------------------------
@@ -291,7 +321,8 @@ def _check_binary(path: Path, y: Any) -> None:
 def logistic_regression(dataset: str, target: str, features: Sequence[str] | None = None,
                         C: float | None = None, l2: float = 0.0, *,
                         client: ClusterClient | None = None, tol: float = 1e-8,
-                        max_iter: int = 50, timeout: float | None = None) -> LogisticFit:
+                        max_iter: int = 50, timeout: float | None = None,
+                        tree: bool | None = None) -> LogisticFit:
     """Logistic regression of the 0/1 ``target`` on ``features`` (default: every other
     column) with an intercept, over the CSV dataset ``dataset``, by Newton's method: one
     map over the chunks per step (:func:`chunk_logistic` sums each chunk's gradient and
@@ -315,7 +346,8 @@ def logistic_regression(dataset: str, target: str, features: Sequence[str] | Non
     maximum exists) it raises :class:`SeparationError` as soon as an iterate classifies
     every row right (proof that one does); if it does not converge within
     ``max_iter`` steps (quasi-separation: some coefficient growing without end), it
-    raises :class:`ConvergenceError`.  Either names the remedy: a penalty."""
+    raises :class:`ConvergenceError`.  Either names the remedy: a penalty.  ``tree``:
+    as :func:`linear_regression`'s."""
     if C is not None:
         if l2:
             raise ValueError("give C or l2, not both (l2 = 1/C)")
@@ -330,8 +362,8 @@ def logistic_regression(dataset: str, target: str, features: Sequence[str] | Non
 
         client = connect()
     try:
-        return _logistic(client, dataset, target, features, float(l2), tol, max_iter,
-                         timeout)
+        return _logistic(_Maps(client, dataset, target, features, tree, timeout), float(l2),
+                         tol, max_iter)
     finally:
         if own:
             client.close()
@@ -347,20 +379,17 @@ def _newton_step(grad: Any, hess: Any) -> Any:
         return -np.linalg.lstsq(hess, grad, rcond=None)[0]
 
 
-def _logistic(client: ClusterClient, dataset: str, target: str,
-              features: Sequence[str] | None, l2: float, tol: float, max_iter: int,
-              timeout: float | None) -> LogisticFit:
+def _add(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Sums, term by term (of :func:`chunk_logistic`'s results)."""
+    return tuple(x + y for x, y in zip(a, b, strict=True))
+
+
+def _logistic(maps: _Maps, l2: float, tol: float, max_iter: int) -> LogisticFit:
     import numpy as np
 
-    from .datasets import chunk_locality, map_chunks
-
-    features, columns = _columns(client, dataset, target, features)
-    futures = map_chunks(client, chunk_stats, dataset, columns, True)
-    chunks, k = len(futures), len(columns)
-    stats: Stats = (0, np.zeros(k), np.zeros((k, k)))
-    for f in futures:
-        stats = merge(stats, f.result(timeout))
-    n, mean, co = stats
+    dataset, target = maps.dataset, maps.target
+    n, mean, co = maps.run(chunk_stats, merge, True)
+    k = len(mean)
     if n == 0:
         raise ValueError(f"{dataset}: no rows to fit")
     ybar = float(mean[-1])
@@ -397,11 +426,8 @@ def _logistic(client: ClusterClient, dataset: str, target: str,
         t = 1.0
         for _halving in range(MAX_HALVINGS + 1):
             trial = theta + t * step
-            futures += (more := map_chunks(client, chunk_logistic, dataset, columns,
-                                           shift, scale, trial))
+            _n, loss, grad, hess, right = maps.run(chunk_logistic, _add, shift, scale, trial)
             passes += 1
-            got = [f.result(timeout) for f in more]
-            loss = sum(g[1] for g in got)
             value = loss + 0.5 * float(penalty @ trial**2)
             # Armijo's decrease, with room for the rounding of a sum over n rows.
             if value <= objective + 1e-4 * t * slope + 1e-12 * (abs(objective) + 1):
@@ -412,15 +438,12 @@ def _logistic(client: ClusterClient, dataset: str, target: str,
                                    f"decrease the objective in {MAX_HALVINGS} halvings",
                                    "not-converged")
         theta, objective = trial, value
-        grad = sum(g[2] for g in got)
-        hess = sum(g[3] for g in got)
-        if not l2 and sum(g[4] for g in got) == n:
+        if not l2 and right == n:
             raise SeparationError(
                 f"{dataset}: the features separate the classes of {target!r} (every row "
                 "is on its side of the decision boundary): an unpenalised logistic "
                 "regression has no finite solution; give a penalty (l2 > 0, or C)",
                 "separable")
     coef = theta[1:] / scale
-    return LogisticFit(tuple(features), target, coef, float(theta[0] - coef @ shift), n,
-                       l2, steps, passes, float(objective), chunks,
-                       chunk_locality(client, futures))
+    return LogisticFit(maps.features, target, coef, float(theta[0] - coef @ shift), n,
+                       l2, steps, passes, float(objective), maps.chunks, maps.locality())
