@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import dsml
 import dsml.ml
 from dsml.client import ClusterClient
-from dsml.datasets import chunk_locality
+from dsml.datasets import chunk_locality, read_manifest
 from dsml.localcluster import LocalCluster
 
 np = pytest.importorskip("numpy")
@@ -218,3 +219,37 @@ def test_cancelling_a_tree_reduce_cancels_its_jobs(client: ClusterClient, tmp_pa
     ends = [client.wait(j, timeout=120) for j in root.jobs]
     assert ends[0]["state"] == "cancelled", ends[0]
     assert all(e["state"] in ("cancelled", "failed") for e in ends), [e["state"] for e in ends]
+
+
+def test_ls_and_stat_show_a_dataset_as_one_entry(
+    cluster: LocalCluster, client: ClusterClient, tmp_path: Path
+) -> None:
+    _data(tmp_path / "d.csv", 3000, seed=2)
+    cluster.cli("upload", "--chunk", "16KiB", str(tmp_path / "d.csv"), "shown/ds")
+    client.upload(b"beside it", "shown/ds/notes.txt")
+    client.upload(b"another", "shown/plain")
+    m = read_manifest(client, "shown/ds")
+    n, size = len(m["chunks"]), sum(c["size"] for c in m["chunks"])
+    assert n >= 8
+    holders = {w for c in m["chunks"] for w, _ in client.locate(c["key"]).replicas}
+    lines = cluster.cli("ls", "-l", "shown/").stdout.decode().splitlines()
+    assert len(lines) == 3, lines  # the dataset, the key under it, the key beside it
+    assert lines[0].split() == [str(size), "dataset", str(n), "chunks", "on",
+                                str(len(holders)), "workers,", "3000", "rows", "(csv)",
+                                "shown/ds/"], lines
+    assert lines[1].endswith(" shown/ds/notes.txt") and lines[2].endswith(" shown/plain")
+    # Plain ls lists the keys as they are.
+    keys = cluster.cli("ls", "shown/").stdout.decode().split()
+    assert len(keys) == n + 3 and "shown/ds/_manifest.json" in keys
+    out = cluster.cli("stat", "shown/ds").stdout.decode()
+    assert f"chunks:   {n} chunks on {len(holders)} workers\n" in out
+    assert "rows:     3000\n" in out and f"size:     {size}\n" in out
+    assert "header:   a,b,c,y" in out and "source:   d.csv" in out
+    got = json.loads(cluster.cli("stat", "--json", "shown/ds/").stdout)
+    assert got["chunks"] == n and got["rows"] == 3000 and got["missing"] == 0
+    assert set(got["workers"]) == holders and sum(got["workers"].values()) == 2 * n
+    # A chunk gone is said.
+    client.delete(m["chunks"][3]["key"])
+    assert ", 1 missing, 3000 rows" in cluster.cli("ls", "-l", "shown/").stdout.decode()
+    r = cluster.cli("stat", "shown/nothing", check=False)
+    assert r.returncode != 0 and b"not-found" in r.stderr, r.stderr
