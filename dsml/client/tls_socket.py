@@ -196,12 +196,14 @@ class TlsSocket:
         """The server's (verified) certificate, as :meth:`ssl.SSLSocket.getpeercert`."""
         return self._tls.getpeercert() or {}
 
+    def shutdown(self, how: int) -> None:
+        """Shut the socket under the TLS (another thread's blocked read ends at once)."""
+        self._sock.shutdown(how)
+
     def close(self) -> None:
         """Close the socket (no close_notify: the connection is dropped either way)."""
         self._sock.close()
 
-
-__all__ = ["TlsSocket"]
 
 
 def readable(sock: Any) -> bool:
@@ -215,3 +217,6 @@ def readable(sock: Any) -> bool:
         return bool(select.select([raw], [], [], 0)[0])
     except (OSError, ValueError):
         return True  # closed under us: reconnect
+
+
+__all__ = ["TlsSocket", "readable"]
