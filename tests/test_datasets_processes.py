@@ -119,3 +119,14 @@ def test_a_connection_closed_idle_is_opened_again(client: ClusterClient, tmp_pat
     assert all(readable(s) for s in socks)
     client.upload(b"y" * 70000, "idle/b")
     assert client.read("idle/b") == b"y" * 70000
+
+
+def test_a_dataset_uploads_from_a_url_fsspec_opens(client: ClusterClient, tmp_path: Path) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    data = _a_csv(tmp_path / "local.csv", 1500)
+    with fsspec.open("memory://bucket/remote.csv", "wb") as f:
+        f.write(data)
+    m = client.upload_dataset("memory://bucket/remote.csv", "datasets/remote", chunk="8KiB")
+    assert m["source"] == "remote.csv" and m["source_size"] == len(data)
+    assert len(m["chunks"]) > 1 and m["rows"] == 1500
+    assert _joined(client, m, b"id,text,y\n") == data

@@ -50,16 +50,19 @@ def upload_dataset(client: ClusterClient, source: str | os.PathLike[str], name: 
                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Split the file ``source`` into chunks of about ``chunk`` bytes on record
     boundaries, upload each as ``NAME/part-NNNNN.EXT``, then the manifest; returns it.
-    ``progress(chunks, bytes)`` after each chunk."""
-    path = Path(source)
+    ``progress(chunks, bytes)`` after each chunk.  ``source`` may be a URL fsspec
+    opens (``s3://bucket/games.csv``, ``https://...``): it is streamed as a file is."""
     name = name.rstrip("/")
     if not name:
         raise DsmlError("a dataset needs a name", "bad-key")
-    fmt = fmt or guess_format(path.name)
+    url = isinstance(source, str) and "://" in source
+    base = source.rstrip("/").rsplit("/", 1)[-1] if url else Path(source).name  # type: ignore[union-attr]
+    fmt = fmt or guess_format(base)
     ext = _EXT.get(fmt, "")
     chunks: list[dict[str, Any]] = []
     header = ""
-    with open(path, "rb") as src:
+    with _open_source(source, url) as src:
+        size = getattr(src, "size", None) if url else os.fstat(src.fileno()).st_size
         for i, c in enumerate(split(src, chunk, fmt)):
             key = f"{name}/part-{i:05d}{ext}"
             with c.file:
@@ -75,8 +78,9 @@ def upload_dataset(client: ClusterClient, source: str | os.PathLike[str], name: 
             if progress is not None:
                 progress(len(chunks), sum(x["size"] for x in chunks))
     manifest = {
-        "format": MANIFEST_FORMAT, "kind": fmt, "source": path.name,
-        "source_size": path.stat().st_size, "header": header,
+        "format": MANIFEST_FORMAT, "kind": fmt, "source": base,
+        "source_size": size,
+        "header": header,
         "rows": sum(x["rows"] for x in chunks), "chunks": chunks, "created": time.time(),
     }
     client.upload(json.dumps(manifest, indent=1).encode(), manifest_key(name))
@@ -85,6 +89,14 @@ def upload_dataset(client: ClusterClient, source: str | os.PathLike[str], name: 
         if k.key not in listed and k.key.startswith(f"{name}/part-"):
             client.delete(k.key)  # a part of the dataset this upload replaced
     return manifest
+
+
+def _open_source(source: str | os.PathLike[str], url: bool) -> Any:
+    if not url:
+        return open(source, "rb")
+    import fsspec
+
+    return fsspec.open(str(source), "rb").open()
 
 
 def read_manifest(client: ClusterClient, name: str) -> dict[str, Any]:
