@@ -22,7 +22,9 @@ pytestmark = pytest.mark.processes
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with LocalCluster(tmp_path_factory.mktemp("ds"), workers=("w1", "w2")) as c:
+    # Connections idle 3 s are closed (a client reopens them: the last test).
+    with LocalCluster(tmp_path_factory.mktemp("ds"), workers=("w1", "w2"),
+                      extra={"limits": {"idle_timeout": 3}}) as c:
         c.start_all()
         yield c
 
@@ -100,3 +102,31 @@ def test_a_file_that_cannot_be_split_is_refused_and_nothing_stored(
                     "datasets/blob", check=False)
     assert r.returncode == 2 and b"not a .npy" in r.stderr
     assert list(client.list("datasets/blob")) == []
+
+
+def test_a_connection_closed_idle_is_opened_again(client: ClusterClient, tmp_path: Path) -> None:
+    """A fit or a map leaves a client's worker connections idle past the workers'
+    ``idle_timeout``; the next upload must not be sent into one they closed."""
+    import select
+
+    from dsml.client.tls_socket import readable
+
+    client.upload(b"x" * 70000, "idle/a")
+    socks = [w._sock for w in client._workers.values() if w._sock is not None]  # noqa: SLF001
+    assert socks
+    for s in socks:
+        select.select([s], [], [], 60)  # until the worker closes it: its end is readable
+    assert all(readable(s) for s in socks)
+    client.upload(b"y" * 70000, "idle/b")
+    assert client.read("idle/b") == b"y" * 70000
+
+
+def test_a_dataset_uploads_from_a_url_fsspec_opens(client: ClusterClient, tmp_path: Path) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    data = _a_csv(tmp_path / "local.csv", 1500)
+    with fsspec.open("memory://bucket/remote.csv", "wb") as f:
+        f.write(data)
+    m = client.upload_dataset("memory://bucket/remote.csv", "datasets/remote", chunk="8KiB")
+    assert m["source"] == "remote.csv" and m["source_size"] == len(data)
+    assert len(m["chunks"]) > 1 and m["rows"] == 1500
+    assert _joined(client, m, b"id,text,y\n") == data

@@ -103,9 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("ls", cmd_ls, "list keys, optionally under a prefix")
     sp.add_argument("prefix", nargs="?", help="only keys starting with this")
     sp.add_argument("-l", "--long", action="store_true",
-                    help="size, version, sha256 and replicas (or kind, on one server)")
+                    help="size, version, sha256 and replicas (or kind, on one server); "
+                    "a dataset as one line: its size, chunks, spread and rows")
     json_flag(sp)
-    sp = add("stat", cmd_stat, "describe a key: kind, size, version, sha256, replicas")
+    sp = add("stat", cmd_stat, "describe a key (kind, size, version, sha256, replicas) or "
+             "a dataset (chunks, the workers holding them, rows)")
     sp.add_argument("key", help="the key")
     json_flag(sp)
     add("ping", cmd_ping, "check that the server answers")

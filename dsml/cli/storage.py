@@ -211,6 +211,8 @@ def _listed_json(e: Any) -> dict[str, Any]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from ..datasets.listing import DatasetEntry, group_datasets
+
     prefix = args.prefix or ""
     if prefix:
         _key(prefix)
@@ -218,8 +220,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if args.json:
             _print_json({"prefix": prefix, "keys": [_listed_json(e) for e in c.list(prefix)]})
             return 0
-        for e in c.list(prefix):
-            if not args.long:
+        listed = c.list(prefix)
+        if args.long and isinstance(c, ClusterClient):
+            listed = group_datasets(c, listed)  # a dataset is one line
+        for e in listed:
+            if isinstance(e, DatasetEntry):
+                print(f"{e.size:>12} {'dataset':<9} {e.spread}, {e.rows} rows ({e.kind})"
+                      f"  {e.name}/")
+            elif not args.long:
                 print(e.key)
             elif hasattr(e, "replicas"):
                 print(f"{e.size:>12} v{e.version:<8} {e.sha256[:12]}  "
@@ -230,9 +238,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
-    key = _key(args.key)
+    key = _key(args.key.rstrip("/") or args.key)
     with _connect(args) as c:
-        e = c.stat(key)
+        try:
+            e = c.stat(key)
+        except DsmlError as err:
+            if err.code != "not-found" or not isinstance(c, ClusterClient):
+                raise
+            return _stat_dataset(args, c, key, err)
         replicas = [name for name, _ in c.locate(key).replicas] \
             if isinstance(c, ClusterClient) else None
     if args.json:
@@ -243,6 +256,29 @@ def cmd_stat(args: argparse.Namespace) -> int:
           f"sha256:   {e.sha256}\nversion:  {e.version}")
     if replicas is not None:
         print(f"replicas: {', '.join(replicas) or '-'}")
+    return 0
+
+
+def _stat_dataset(args: argparse.Namespace, c: ClusterClient, name: str,
+                  err: DsmlError) -> int:
+    """``dsml stat NAME`` of a dataset (a key that is not, but ``NAME/_manifest.json``)."""
+    from ..datasets.listing import describe
+
+    try:
+        d = describe(c, name)
+    except DsmlError as e:
+        if e.code == "not-found":
+            raise err from None  # neither a key nor a dataset: the key's error
+        raise
+    if args.json:
+        _print_json(d.as_json())
+        return 0
+    held = ", ".join(f"{w} ({n})" for w, n in sorted(d.held.items())) or "-"
+    print(f"dataset:  {d.name}\nkind:     {d.kind}\nsize:     {d.size}\n"
+          f"rows:     {d.rows}\nchunks:   {d.spread}\nworkers:  {held}\n"
+          f"source:   {d.manifest.get('source', '-')}")
+    if d.manifest.get("header"):
+        print(f"header:   {d.manifest['header']}")
     return 0
 
 

@@ -469,12 +469,14 @@ class ClusterClient:
         return self.functions().map(fn, *iterables, batch_size=batch_size)
 
     def map_chunks(self, fn: Callable[..., Any], dataset: str, *args: Any,
-                   resources: dict[str, Any] | None = None) -> list[Future[Any]]:
-        """``fn(path, *args)`` on each chunk of ``dataset``, where it is stored: see
-        :func:`dsml.datasets.map_chunks`."""
+                   resources: dict[str, Any] | None = None,
+                   reduce: Callable[[Any, Any], Any] | None = None, fan_in: int = 8) -> Any:
+        """``fn(path, *args)`` on each chunk of ``dataset`` where it is stored, a future
+        each, or (``reduce``) one, reduced as a tree: :func:`dsml.datasets.map_chunks`."""
         from ..datasets import map_chunks
 
-        return map_chunks(self, fn, dataset, *args, resources=resources)
+        return map_chunks(self, fn, dataset, *args, resources=resources, reduce=reduce,
+                          fan_in=fan_in)
 
     def functions(self) -> FunctionRunner:
         """What runs this client's function calls (one background thread, started at

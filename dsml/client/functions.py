@@ -220,6 +220,11 @@ class _CallJob:
     id: str
     fn_name: str
     tasks: list[_CallTask]
+    #: Results left stored for a later job to read (not read here, not deleted): the
+    #: futures resolve to None; ``cleanup``: keys deleted once this job ended (before
+    #: its futures resolve).
+    keep: bool = False
+    cleanup: tuple[str, ...] = ()
 
     def futures(self) -> Iterable[Future[Any]]:
         return (f for t in self.tasks for _, f in t.calls)
@@ -293,13 +298,21 @@ class FunctionRunner:
             "(dsml.options(fn, python=...))", "version-mismatch")
 
     def _submit(self, fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-                opts: Options, batch_size: int | None) -> list[Future[Any]]:
+                opts: Options, batch_size: int | None, *, after: Iterable[str] = (),
+                keep: bool = False, cleanup: Iterable[str] = ()) -> list[Future[Any]]:
+        """The calls as one job (after the jobs ``after``); ``keep``: its results stay
+        stored for a later job (each future's ``result_key``) and resolve to None;
+        ``cleanup``: keys to delete once the job ended (see :mod:`dsml.datasets.reduce`,
+        which chains jobs so)."""
         with self._submit_lock:
-            return self._submit_locked(fn, calls, opts, batch_size)
+            return self._submit_locked(fn, calls, opts, batch_size, tuple(after), keep,
+                                       tuple(cleanup))
 
     def _submit_locked(self, fn: Callable[..., Any],
                        calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-                       opts: Options, batch_size: int | None) -> list[Future[Any]]:
+                       opts: Options, batch_size: int | None, after: tuple[str, ...] = (),
+                       keep: bool = False, cleanup: tuple[str, ...] = ()
+                       ) -> list[Future[Any]]:
         import cloudpickle
 
         if self._stop or self._when_idle:
@@ -343,8 +356,9 @@ class FunctionRunner:
                 "env": env,
                 "inputs": [[k, p] for k, p in inputs.items()],
                 "outputs": [["result.pkl", result_key]],
-                # Carried back in the worker's report when small: no cluster write.
-                "result": "result.pkl",
+                # Carried back in the worker's report when small (no cluster write),
+                # unless a later job reads it from the store (keep).
+                **({} if keep else {"result": "result.pkl"}),
                 "slots": int(res.get("cpus", 1)),
                 "timeout": opts.timeout,
                 "max_attempts": opts.retries + 1,
@@ -355,8 +369,8 @@ class FunctionRunner:
             states.append(_CallTask(t, mine, result_key, calls_key))
         fn_name = getattr(fn, "__qualname__", type(fn).__name__)
         job = self.client.submit_job(tasks=tasks, name=opts.name or f"fn:{fn_name}",
-                                     priority=opts.priority)
-        record = _CallJob(job.id, fn_name, states)
+                                     priority=opts.priority, after=after)
+        record = _CallJob(job.id, fn_name, states, keep, cleanup)
         with self._cond:
             self._jobs[job.id] = record
             self._kick = True
@@ -365,6 +379,7 @@ class FunctionRunner:
         for task in states:
             for _, f in task.calls:
                 f.job_id, f.task = job.id, task.index  # type: ignore[attr-defined]
+                f.result_key = task.result_key  # type: ignore[attr-defined]
                 f.add_done_callback(lambda f, j=job.id: self._on_done(f, j))
         return futures
 
@@ -535,11 +550,23 @@ class FunctionRunner:
                 {"index": t.index, "state": "failed", "reason": "job not found"}
                 for t in job.tasks]}
         progress = False
+        if job.cleanup and status.get("state") in ("succeeded", "failed", "cancelled"):
+            # (before its futures resolve: their caller finds these gone)
+            for key in job.cleanup:
+                try:
+                    own.delete(key)
+                except DsmlError:
+                    pass  # never written (a failed task) or already gone
+            job.cleanup = ()
         for t in status.get("tasks", ()):
             task = job.tasks[t["index"]]
             if task.done:
                 continue
-            if t["state"] == "succeeded":
+            if t["state"] == "succeeded" and job.keep:
+                for _, f in task.calls:
+                    _settle(f, True, None)  # its results are a later job's to read
+                task.done = progress = True
+            elif t["state"] == "succeeded":
                 progress |= self._deliver(own, job.id, task)
             elif t["state"] in ("failed", "cancelled"):
                 attempts = t.get("attempts") or [{}]
@@ -554,13 +581,14 @@ class FunctionRunner:
             with self._cond:
                 self._jobs.pop(job.id, None)
                 self._cond.notify_all()
-            for t in job.tasks:
-                for key in (None if t.inline else t.result_key, t.calls_key):
-                    if key is not None:
-                        try:
-                            own.delete(key)
-                        except DsmlError:
-                            pass  # never written (a failed task) or already gone
+            done = [k for t in job.tasks for k in (
+                None if job.keep or t.inline else t.result_key, t.calls_key)]
+            for key in done:
+                if key is not None:
+                    try:
+                        own.delete(key)
+                    except DsmlError:
+                        pass  # never written (a failed task) or already gone
         return progress
 
     def _deliver(self, own: ClusterClient, job_id: str, task: _CallTask) -> bool:

@@ -27,7 +27,7 @@ from ..fsutil import current_umask
 from ..protocol import codec, replies
 from ..protocol.codec import END, NEED_DATA, Head, Parser, quick_response
 from ..protocol.replies import Entry, Stored
-from .tls_socket import TlsSocket
+from .tls_socket import TlsSocket, readable
 
 #: Bytes per read and per send of a file transfer.
 CHUNK = 1024 * 1024
@@ -242,7 +242,10 @@ class Client:
             raise
 
     def _open(self) -> None:
-        """Before a request: reconnect if a fault closed the connection."""
+        """Before a request: reconnect if a fault closed the connection, or the server
+        did while it sat idle (its ``idle_timeout``; see :func:`readable`)."""
+        if self._sock is not None and not self._busy and readable(self._sock):
+            self._drop()
         if self._sock is None:
             if self._closed:
                 raise ConnectionLost("connection is closed")
@@ -642,3 +645,4 @@ class Client:
 
 
 __all__ = ["CHUNK", "SMALL_READ", "Client", "Progress", "remaining_size", "sized_source"]
+

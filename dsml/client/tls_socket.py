@@ -196,9 +196,27 @@ class TlsSocket:
         """The server's (verified) certificate, as :meth:`ssl.SSLSocket.getpeercert`."""
         return self._tls.getpeercert() or {}
 
+    def shutdown(self, how: int) -> None:
+        """Shut the socket under the TLS (another thread's blocked read ends at once)."""
+        self._sock.shutdown(how)
+
     def close(self) -> None:
         """Close the socket (no close_notify: the connection is dropped either way)."""
         self._sock.close()
 
 
-__all__ = ["TlsSocket"]
+
+def readable(sock: Any) -> bool:
+    """Whether ``sock`` (a socket, or a :class:`TlsSocket` over one) has bytes or its end
+    to read now: on a connection between requests, only its end (the server closed it
+    idle; the protocol pushes nothing), which the next request must not be sent into."""
+    import select
+
+    raw = getattr(sock, "_sock", sock)
+    try:
+        return bool(select.select([raw], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True  # closed under us: reconnect
+
+
+__all__ = ["TlsSocket", "readable"]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DsmlError
 from .chunking import ChunkError, guess_format, split
+from .reduce import FAN_IN, tree_reduce
 
 if TYPE_CHECKING:
     from ..client.cluster import ClusterClient
@@ -36,8 +37,8 @@ MANIFEST = "_manifest.json"
 DEFAULT_CHUNK = 64 << 20
 _EXT = {"csv": ".csv", "text": ".txt", "npy": ".npy"}
 
-__all__ = ["DEFAULT_CHUNK", "MANIFEST", "ChunkError", "chunk_locality", "manifest_key",
-           "map_chunks", "read_manifest", "upload_dataset"]
+__all__ = ["DEFAULT_CHUNK", "FAN_IN", "MANIFEST", "ChunkError", "chunk_locality",
+           "manifest_key", "map_chunks", "read_manifest", "tree_reduce", "upload_dataset"]
 
 
 def manifest_key(name: str) -> str:
@@ -49,16 +50,19 @@ def upload_dataset(client: ClusterClient, source: str | os.PathLike[str], name: 
                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Split the file ``source`` into chunks of about ``chunk`` bytes on record
     boundaries, upload each as ``NAME/part-NNNNN.EXT``, then the manifest; returns it.
-    ``progress(chunks, bytes)`` after each chunk."""
-    path = Path(source)
+    ``progress(chunks, bytes)`` after each chunk.  ``source`` may be a URL fsspec
+    opens (``s3://bucket/games.csv``, ``https://...``): it is streamed as a file is."""
     name = name.rstrip("/")
     if not name:
         raise DsmlError("a dataset needs a name", "bad-key")
-    fmt = fmt or guess_format(path.name)
+    url = isinstance(source, str) and "://" in source
+    base = source.rstrip("/").rsplit("/", 1)[-1] if url else Path(source).name  # type: ignore[union-attr]
+    fmt = fmt or guess_format(base)
     ext = _EXT.get(fmt, "")
     chunks: list[dict[str, Any]] = []
     header = ""
-    with open(path, "rb") as src:
+    with _open_source(source, url) as src:
+        size = getattr(src, "size", None) if url else os.fstat(src.fileno()).st_size
         for i, c in enumerate(split(src, chunk, fmt)):
             key = f"{name}/part-{i:05d}{ext}"
             with c.file:
@@ -74,8 +78,9 @@ def upload_dataset(client: ClusterClient, source: str | os.PathLike[str], name: 
             if progress is not None:
                 progress(len(chunks), sum(x["size"] for x in chunks))
     manifest = {
-        "format": MANIFEST_FORMAT, "kind": fmt, "source": path.name,
-        "source_size": path.stat().st_size, "header": header,
+        "format": MANIFEST_FORMAT, "kind": fmt, "source": base,
+        "source_size": size,
+        "header": header,
         "rows": sum(x["rows"] for x in chunks), "chunks": chunks, "created": time.time(),
     }
     client.upload(json.dumps(manifest, indent=1).encode(), manifest_key(name))
@@ -84,6 +89,14 @@ def upload_dataset(client: ClusterClient, source: str | os.PathLike[str], name: 
         if k.key not in listed and k.key.startswith(f"{name}/part-"):
             client.delete(k.key)  # a part of the dataset this upload replaced
     return manifest
+
+
+def _open_source(source: str | os.PathLike[str], url: bool) -> Any:
+    if not url:
+        return open(source, "rb")
+    import fsspec
+
+    return fsspec.open(str(source), "rb").open()
 
 
 def read_manifest(client: ClusterClient, name: str) -> dict[str, Any]:
@@ -100,16 +113,30 @@ def read_manifest(client: ClusterClient, name: str) -> dict[str, Any]:
 
 
 def map_chunks(client: ClusterClient, fn: Callable[..., Any], dataset: str, *args: Any,
-               resources: dict[str, Any] | None = None) -> list[Future[Any]]:
+               resources: dict[str, Any] | None = None,
+               reduce: Callable[[Any, Any], Any] | None = None,
+               fan_in: int = FAN_IN) -> Any:
     """``fn(path, *args)`` for each chunk of ``dataset``, ``path`` the chunk's local copy
     on the worker that runs it: ONE job of one task per chunk, each chunk a task input,
     so the master offers the task first to a worker that holds the chunk (which links it
     from its own store, no network copy).  A future per chunk, in the manifest's order
-    (each with ``chunk_key``); see :func:`chunk_locality`."""
+    (each with ``chunk_key``); see :func:`chunk_locality`.
+
+    With ``reduce`` (an associative function of two results): ONE future, of the
+    results folded in the manifest's order by a tree of reduce jobs on the cluster, each
+    task folding at most ``fan_in`` (see :mod:`.reduce`); its ``map_futures`` are the
+    chunks' (resolving to None; for :func:`chunk_locality`), its ``jobs`` the ids."""
     from ..fnrun import Key
 
     keys = [c["key"] for c in read_manifest(client, dataset)["chunks"]]
     n = len(keys)
+    if reduce is not None:
+        root = tree_reduce(client, fn, [(Key(k), *args) for k in keys], reduce,
+                           fan_in=fan_in, resources=resources,
+                           name=f"{getattr(fn, '__qualname__', 'fn')} {dataset}")
+        for f, key in zip(root.map_futures, keys, strict=True):  # type: ignore[attr-defined]
+            f.chunk_key = key
+        return root
     futures = client.map(fn, [Key(k) for k in keys], *[[a] * n for a in args],
                          resources=resources, batch_size=1)
     for f, key in zip(futures, keys, strict=True):
@@ -121,6 +148,7 @@ def chunk_locality(client: ClusterClient, futures: list[Future[Any]]) -> float:
     """The fraction of :func:`map_chunks` calls whose successful attempt ran on a worker
     that holds its chunk now (1.0 for none)."""
     statuses: dict[str, dict[str, Any]] = {}
+    holders: dict[str, set[str]] = {}
     local = counted = 0
     for f in futures:
         job_id, task, key = (getattr(f, a, None) for a in ("job_id", "task", "chunk_key"))
@@ -133,7 +161,9 @@ def chunk_locality(client: ClusterClient, futures: list[Future[Any]]) -> float:
         if not ran:
             continue
         counted += 1
-        local += ran[-1] in {name for name, _ in client.locate(key).replicas}
+        if key not in holders:
+            holders[key] = {name for name, _ in client.locate(key).replicas}
+        local += ran[-1] in holders[key]
     return local / counted if counted else 1.0
 
 
