@@ -518,21 +518,31 @@ class JobManager:
             return []
         tasks = self._queue.take(free, holds, local, local_only, worker, retry_room,
                                  wait_local if local else None)
-        return [self._start(task, worker, incarnation) for task in tasks]
+        return [self._start(task, worker, incarnation, holds) for task in tasks]
 
-    def _start(self, task: TaskRecord, worker: str, incarnation: int) -> Assignment:
-        """Create a running attempt of a queued task on ``worker``."""
+    def _start(self, task: TaskRecord, worker: str, incarnation: int,
+               holds: Callable[[str], bool] = holds_nothing) -> Assignment:
+        """Create a running attempt of a queued task on ``worker``; it is data-local
+        when ``holds`` says the worker holds every input of the task (the job counts
+        it, local or remote: the scheduler's locality report)."""
         journal = self._journal
         aid = journal.new_attempt_id()
         now = self.clock.seconds()
         a = AttemptRecord(aid, task, worker, incarnation, _ATTEMPT_RUNNING, now)
+        job = task.job
+        if task.spec.inputs and holds is not holds_nothing:
+            a.local = all(holds(key) for key, _ in task.spec.inputs)
+            if a.local:
+                job.local += 1
+            else:
+                job.remote += 1
+            self._job_dirty(job)
         task.add_attempt(a)
         task.current = a
         self._running[aid] = a
         self._by_worker.setdefault(worker, set()).add(aid)
         journal.dirty_attempts.add(a)
         self._set_state(task, RUNNING)
-        job = task.job
         if job.state == QUEUED:
             if _JOB_RUNNING not in JOB_NEXT[job.state]:
                 raise IllegalTransition(f"job {job.id}: {job.state} -> {_JOB_RUNNING}")
