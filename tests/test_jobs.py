@@ -37,6 +37,7 @@ from dsml.master.jobs import (
     QueuePlace,
     TaskSpec,
 )
+from dsml.master.jobs.queue import data_local
 from dsml.master.jobwire import assignment_json, job_json
 from dsml.net.access import TOKEN_OWNER
 
@@ -309,6 +310,29 @@ def test_each_attempt_records_its_locality_and_the_job_counts_them(h: Harness) -
     assert (stored.local, stored.remote) == (2, 1)
     assert [[a.local for a in t.attempts] for t in stored.tasks] == [
         [True], [False, True], [None]]
+
+
+def test_a_task_is_local_where_most_of_its_input_bytes_are(h: Harness) -> None:
+    """A map over a chunk also reads the function's small pickle, stored elsewhere: the
+    task is local on the chunk's holder (most of its bytes), not on the pickle's."""
+    sizes = {"fn": 2_000, "chunk/0": 64 << 20, "chunk/1": 64 << 20}
+    j1 = h.submit(job(task(inputs=(("fn", "fn.pkl"), ("chunk/0", "c"))),
+                      task(inputs=(("fn", "fn.pkl"), ("chunk/1", "c")))))
+    on = {"w1": {"fn", "chunk/0"}, "w2": {"chunk/1"}}
+
+    def assign(w: str) -> list[Assignment]:
+        return h.jm.next_assignments(w, 1, 1, on[w].__contains__, size=sizes.__getitem__)
+
+    assert [a.task_index for a in assign("w2")] == [1]  # not task 0: w2 lacks its chunk
+    assert [a.task_index for a in assign("w1")] == [0]
+    view = h.jm.job(j1)
+    assert [t.attempts[0].local for t in view.tasks] == [True, True]
+    assert (view.local, view.remote) == (2, 0)
+    for a, n in ((("a", 10), ("b", 10)), False), ((("a", 11), ("b", 10)), True):
+        sized = dict(a)
+        assert data_local([(k, "") for k in sized], {"a"}.__contains__, sized.__getitem__) is n
+    assert data_local([("a", ""), ("b", "")], {"a"}.__contains__) is False  # no sizes: all
+    assert data_local([], {"a"}.__contains__) is False
 
 
 def test_locality_never_beats_priority(h: Harness) -> None:

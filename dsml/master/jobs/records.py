@@ -111,6 +111,9 @@ class TaskRecord:
     attempts: list[AttemptRecord] | tuple[()] = ()
     #: The running attempt, if any.
     current: AttemptRecord | None = None
+    #: When a worker that does not hold its inputs was first left without it (delay
+    #: scheduling: the dispatcher's, see ``JobRouter._locality_wait``), else None.
+    passed_over: float | None = None
 
     def add_attempt(self, attempt: AttemptRecord) -> None:
         """Add its newest attempt."""
