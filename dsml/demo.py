@@ -5,8 +5,10 @@ side verified), starts a master and two workers as twistd processes on 127.0.0.1
 (OS-chosen ports, replication 2, a worker is dead after 3 s of silence), uploads a 64 MiB
 file to both workers, kills one worker with SIGKILL, shows the master noticing, downloads
 the file from the survivor and checks its sha256, sets and gets a value, shows that a bad
-request gets one clear line, and stops everything it started: also on Ctrl-C, SIGTERM or
-an error.
+request gets one clear line, and ends with a seeded synthetic CSV chunk-uploaded
+(``dsml upload --chunk``) and fitted by ``dsml.ml.linear_regression``, its coefficients
+printed beside numpy's.  It stops everything it started: also on Ctrl-C, SIGTERM or an
+error.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ HEARTBEAT_TIMEOUT = 3.0
 FILE_MIB = 64
 PARTS = 4
 KEY = "datasets/dataset.bin"
+#: The fit's dataset: rows, chunk size, seed and the model it is drawn from.
+FIT_ROWS = 40_000
+FIT_CHUNK = "512KiB"
+FIT_SEED = 15
+FIT_COEF = (2.5, -0.75, 4.0)
+FIT_INTERCEPT = 7.0
 
 
 class DemoFailed(Exception):
@@ -202,11 +210,57 @@ def demo(root: Path) -> None:
         _run(cluster, "get", "no/such/key", check=False)
         _run(cluster, "get", KEY, check=False)
         _run(cluster, "--identity", "mallory", "ls", check=False)  # no certificate of hers
+
+        _step(9, "a dataset in chunks, and a linear regression fitted where they are")
+        _fit(cluster, root)
     finally:
         cluster.stop()  # first: whatever happens to the lines below, nothing is left running
-        _step(9, "stop everything the demo started")
+        _step(10, "stop everything the demo started")
         for name, proc in cluster.procs.items():
             _note(f"{name:<6} pid {proc.pid:<7} {_ended(proc.returncode)}")
+
+
+def _fit(cluster: LocalCluster, root: Path) -> None:
+    """A seeded synthetic CSV, chunk-uploaded with ``dsml upload --chunk``, fitted by
+    ``dsml.ml.linear_regression`` (one map per chunk, on a worker holding it), beside
+    numpy's ``lstsq`` on the whole file."""
+    import numpy as np
+
+    from .client import ClusterClient
+    from .ml import linear_regression
+
+    rng = np.random.default_rng(FIT_SEED)
+    x = rng.normal(size=(FIT_ROWS, 3)) * [1.0, 10.0, 0.5] + [0.0, 100.0, -2.0]
+    y = x @ np.array(FIT_COEF) + FIT_INTERCEPT + rng.normal(scale=0.1, size=FIT_ROWS)
+    path = root / "games.csv"
+    with open(path, "w") as f:
+        f.write("a,b,c,y\n")
+        f.writelines(",".join(map(repr, map(float, (*row, t)))) + "\n"
+                     for row, t in zip(x, y, strict=True))
+    model = "".join(f" {'-' if c < 0 else '+'} {abs(c):g} {n}"
+                    for c, n in zip(FIT_COEF, "abc", strict=True))
+    _note(f"{FIT_ROWS:,} seeded rows, y = {FIT_INTERCEPT:g}{model} + noise: "
+          f"{path.stat().st_size / (1 << 20):.1f} MiB")
+    _run(cluster, "upload", "--chunk", FIT_CHUNK, str(path), "datasets/games")
+    host, port = cluster.address("master")
+    with ClusterClient(host, port, cluster.token, tls=cluster.user_tls()) as client:
+        t = time.perf_counter()
+        fit = linear_regression("datasets/games", "y", ["a", "b", "c"], client=client,
+                                timeout=120)
+        took = time.perf_counter() - t
+    _note(f">>> dsml.ml.linear_regression('datasets/games', 'y', ['a', 'b', 'c'])  "
+          f"# {fit.chunks} maps, {took:.1f} s, {100 * fit.locality:.0f}% data-local")
+    back = np.loadtxt(path, delimiter=",", skiprows=1)
+    ref = np.linalg.lstsq(np.column_stack([np.ones(len(back)), back[:, :3]]), back[:, 3],
+                          rcond=None)[0]
+    got = np.concatenate([[fit.intercept], fit.coef])
+    _note(f"{'':<10}{'dsml':>22}{'numpy lstsq':>22}{'difference':>12}")
+    for name, a, b in zip(("intercept", "a", "b", "c"), got, ref, strict=True):
+        _note(f"{name:<10}{a:>22.15f}{b:>22.15f}{a - b:>12.1e}")
+    worst = float(np.max(np.abs(got - ref) / np.abs(ref)))
+    _note(f"largest relative difference {worst:.1e} over {fit.n:,} rows")
+    if fit.n != FIT_ROWS or worst > 1e-9:
+        raise DemoFailed(f"the fit differs from numpy's: {worst:.1e} (n {fit.n})")
 
 
 def _ended(status: int | None) -> str:

@@ -38,6 +38,7 @@ from dsml.master.jobs import (
     TaskSpec,
 )
 from dsml.master.jobs.journal import IDLE_AFTER
+from dsml.master.jobs.queue import data_local
 from dsml.master.jobwire import assignment_json, job_json
 from dsml.net.access import TOKEN_OWNER
 
@@ -277,6 +278,62 @@ def test_locality_preferred_within_a_priority(h: Harness) -> None:
     # Task 2 needs data/3 too: not local; FIFO then.
     given = h.assign(free=2, holds=held.__contains__)
     assert [a.task_index for a in given] == [0, 2]
+
+
+def test_each_attempt_records_its_locality_and_the_job_counts_them(h: Harness) -> None:
+    """The scheduler's locality report: an attempt started on a worker holding every
+    input of its task is local, else remote; a task without inputs is neither.  Kept
+    through a retry, a restart and the job's eviction to disk."""
+    j1 = h.submit(job(task(inputs=(("k0", "in"),)), task(inputs=(("k1", "in"),)), task()))
+    held = {"k0"}
+    given = h.assign("w1", free=3, holds=held.__contains__)
+    assert [a.task_index for a in given] == [0, 1, 2]
+    assert h.finish(given[1], code=1)  # task 1 fails once: its retry goes to a holder
+    (again,) = h.assign("w2", free=1, holds=lambda key: key == "k1")
+    assert again.task_index == 1
+    view = h.jm.job(j1)
+    assert [[a.local for a in t.attempts] for t in view.tasks] == [
+        [True], [False, True], [None]]
+    assert (view.local, view.remote) == (2, 1)
+    assert job_json(view)["locality"] == {"local": 2, "remote": 1}
+    assert [a["local"] for a in job_json(view)["tasks"][1]["attempts"]] == [False, True]
+    h.tick()
+    h.jm.close()
+    h.jm = JobManager(h.path, h.clock, synchronous=h.sync)  # a restart: loaded back
+    view = h.jm.job(j1)
+    assert (view.local, view.remote) == (2, 1)
+    assert [a.local for a in view.tasks[1].attempts] == [False, True]
+    for a in (given[0], again, given[2]):
+        assert h.finish(a, worker="w2" if a is again else "w1")
+    h.tick()
+    stored = h.jm.job(j1)  # final: evicted, read back from the file
+    assert stored.state == "succeeded"
+    assert (stored.local, stored.remote) == (2, 1)
+    assert [[a.local for a in t.attempts] for t in stored.tasks] == [
+        [True], [False, True], [None]]
+
+
+def test_a_task_is_local_where_most_of_its_input_bytes_are(h: Harness) -> None:
+    """A map over a chunk also reads the function's small pickle, stored elsewhere: the
+    task is local on the chunk's holder (most of its bytes), not on the pickle's."""
+    sizes = {"fn": 2_000, "chunk/0": 64 << 20, "chunk/1": 64 << 20}
+    j1 = h.submit(job(task(inputs=(("fn", "fn.pkl"), ("chunk/0", "c"))),
+                      task(inputs=(("fn", "fn.pkl"), ("chunk/1", "c")))))
+    on = {"w1": {"fn", "chunk/0"}, "w2": {"chunk/1"}}
+
+    def assign(w: str) -> list[Assignment]:
+        return h.jm.next_assignments(w, 1, 1, on[w].__contains__, size=sizes.__getitem__)
+
+    assert [a.task_index for a in assign("w2")] == [1]  # not task 0: w2 lacks its chunk
+    assert [a.task_index for a in assign("w1")] == [0]
+    view = h.jm.job(j1)
+    assert [t.attempts[0].local for t in view.tasks] == [True, True]
+    assert (view.local, view.remote) == (2, 0)
+    for a, n in ((("a", 10), ("b", 10)), False), ((("a", 11), ("b", 10)), True):
+        sized = dict(a)
+        assert data_local([(k, "") for k in sized], {"a"}.__contains__, sized.__getitem__) is n
+    assert data_local([("a", ""), ("b", "")], {"a"}.__contains__) is False  # no sizes: all
+    assert data_local([], {"a"}.__contains__) is False
 
 
 def test_locality_never_beats_priority(h: Harness) -> None:
@@ -1034,8 +1091,9 @@ def test_a_schema_1_state_file_is_migrated_in_place(tmp_path: Path) -> None:
         columns = [row[1] for row in db.execute("PRAGMA table_info(attempts)")]
     finally:
         db.close()
-    assert schema == SCHEMA_VERSION == 3
-    assert columns[-1] == "stderr_tail"
+    assert schema == SCHEMA_VERSION == 4
+    assert columns[-2:] == ["stderr_tail", "local"]
+    assert attempt.local is None  # stored before locality was recorded: unknown
     assert old.owner == ""
     h.jm = JobManager(path, h.clock, synchronous=h.sync)
     assert tails(h.jm.job("j2")) == ["boom\n"]
@@ -1454,8 +1512,9 @@ def test_a_schema_2_state_file_is_migrated_in_place(tmp_path: Path) -> None:
         columns = [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
     finally:
         db.close()
-    assert schema == SCHEMA_VERSION == 3
-    assert columns[-1] == "owner"
+    assert schema == SCHEMA_VERSION == 4
+    assert columns[-3:] == ["owner", "local", "remote"]
+    assert (old.local, old.remote) == (0, 0)
     h.jm = JobManager(path, h.clock, synchronous=h.sync)
     assert [(v.id, v.owner) for v in h.jm.jobs()] == [("j3", "bob"), ("j2", ""), ("j1", "")]
 

@@ -149,6 +149,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     reason = f" ({j['reason']})" if j.get("reason") else ""
     print(f"job {j['id']} {j['name']!r}: {j['state']}{reason}, {_progress_text(j)}")
     print(f"  owner: {_owner(j)}")
+    where = j.get("locality") or {}
+    if where.get("local") or where.get("remote"):
+        n = where.get("local", 0) + where.get("remote", 0)
+        print(f"  locality: {where.get('local', 0)}/{n} attempts started data-local "
+              f"({100 * where.get('local', 0) / n:.0f}%), {where.get('remote', 0)} remote")
     for t in j["tasks"]:
         treason = f" ({t['reason']})" if t.get("reason") else ""
         waits = t.get("waiting_for") or ""

@@ -4,6 +4,7 @@ job did not succeed (:class:`JobFailed`).  :meth:`ClusterClient.submit
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DsmlError
@@ -11,7 +12,7 @@ from ..errors import DsmlError
 if TYPE_CHECKING:
     from .cluster import ClusterClient
 
-__all__ = ["SHOWN_FAILURES", "Job", "JobFailed"]
+__all__ = ["SHOWN_FAILURES", "Job", "JobFailed", "locality_of"]
 
 
 class JobFailed(DsmlError):
@@ -86,6 +87,17 @@ class Job:
             raise JobFailed.of(status)
         return status
 
+    def locality(self, status: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The scheduler's data-locality report (``status``: one already fetched):
+        ``{"local": 12, "remote": 0, "fraction": 1.0}``, the attempts the master started
+        on a worker holding every input of their task and those it started elsewhere
+        (tasks without inputs count in neither; ``fraction`` None when none counts)."""
+        if status is None:
+            # One task's page is enough: the report is the job's.
+            _, body = self.client.master.call("status", {"Job": self.id, "Limit": 1})
+            status = json.loads(body)
+        return locality_of(status)
+
     def logs(self, task: int = 0, attempt: int | None = None, stream: str = "stdout") -> bytes:
         """A task's output (the last attempt by default)."""
         return self.client.logs(self.id, task, attempt, stream)
@@ -102,3 +114,13 @@ class Job:
         if status is None:
             status = self.status()
         return {t["index"]: list(t.get("outputs", ())) for t in status.get("tasks", ())}
+
+
+def locality_of(status: dict[str, Any]) -> dict[str, Any]:
+    """A job status's data-locality report with its fraction (see :meth:`Job.locality`;
+    a master that does not report it: 0 and 0)."""
+    got = status.get("locality") or {}
+    local, remote = int(got.get("local", 0)), int(got.get("remote", 0))
+    counted = local + remote
+    return {"local": local, "remote": remote,
+            "fraction": local / counted if counted else None}

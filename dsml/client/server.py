@@ -27,7 +27,8 @@ from ..fsutil import current_umask
 from ..protocol import codec, replies
 from ..protocol.codec import END, NEED_DATA, Head, Parser, quick_response
 from ..protocol.replies import Entry, Stored
-from .tls_socket import TlsSocket, readable
+from .liveness import monotonic, stale
+from .tls_socket import TlsSocket
 
 #: Bytes per read and per send of a file transfer.
 CHUNK = 1024 * 1024
@@ -203,6 +204,7 @@ class Client:
         self._busy = False
         #: close() was called: no reconnecting.
         self._closed = False
+        self._last = monotonic()  # when the last request began
         #: The last request went out whole (its payload too): if its answer is lost, a
         #: write's outcome is not known (the server may have stored it).
         self.sent_whole = False
@@ -242,10 +244,10 @@ class Client:
             raise
 
     def _open(self) -> None:
-        """Before a request: reconnect if a fault closed the connection, or the server
-        did while it sat idle (its ``idle_timeout``; see :func:`readable`)."""
-        if self._sock is not None and not self._busy and readable(self._sock):
+        """Before a request: reconnect if a fault or the server (:mod:`.liveness`) closed it."""
+        if self._sock is not None and stale(self._sock, self._last):
             self._drop()
+        self._last = monotonic()
         if self._sock is None:
             if self._closed:
                 raise ConnectionLost("connection is closed")

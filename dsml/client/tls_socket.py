@@ -205,18 +205,4 @@ class TlsSocket:
         self._sock.close()
 
 
-
-def readable(sock: Any) -> bool:
-    """Whether ``sock`` (a socket, or a :class:`TlsSocket` over one) has bytes or its end
-    to read now: on a connection between requests, only its end (the server closed it
-    idle; the protocol pushes nothing), which the next request must not be sent into."""
-    import select
-
-    raw = getattr(sock, "_sock", sock)
-    try:
-        return bool(select.select([raw], [], [], 0)[0])
-    except (OSError, ValueError):
-        return True  # closed under us: reconnect
-
-
-__all__ = ["TlsSocket", "readable"]
+__all__ = ["TlsSocket"]

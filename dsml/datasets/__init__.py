@@ -145,10 +145,10 @@ def map_chunks(client: ClusterClient, fn: Callable[..., Any], dataset: str, *arg
 
 
 def chunk_locality(client: ClusterClient, futures: list[Future[Any]]) -> float:
-    """The fraction of :func:`map_chunks` calls whose successful attempt ran on a worker
-    that holds its chunk now (1.0 for none)."""
+    """The fraction of :func:`map_chunks` calls whose successful attempt the master
+    started on a worker holding its chunk (its scheduler's record: each attempt's
+    ``local``; 1.0 for none)."""
     statuses: dict[str, dict[str, Any]] = {}
-    holders: dict[str, set[str]] = {}
     local = counted = 0
     for f in futures:
         job_id, task, key = (getattr(f, a, None) for a in ("job_id", "task", "chunk_key"))
@@ -157,13 +157,11 @@ def chunk_locality(client: ClusterClient, futures: list[Future[Any]]) -> float:
         if job_id not in statuses:
             statuses[job_id] = client.job_status(job_id)
         tasks = statuses[job_id]["tasks"]
-        ran = [a["worker"] for a in tasks[task]["attempts"] if a["state"] == "succeeded"]
+        ran = [a for a in tasks[task]["attempts"] if a["state"] == "succeeded"]
         if not ran:
             continue
         counted += 1
-        if key not in holders:
-            holders[key] = {name for name, _ in client.locate(key).replicas}
-        local += ran[-1] in holders[key]
+        local += bool(ran[-1].get("local"))
     return local / counted if counted else 1.0
 
 

@@ -42,6 +42,9 @@ def job_json(
         "finished": view.finished,
         "reason": view.reason,
         "counts": view.counts,
+        # The scheduler's data locality: attempts started on a worker holding every
+        # input of their task, and elsewhere (tasks without inputs count in neither).
+        "locality": {"local": view.local, "remote": view.remote},
         "done": view.done,
         "total": view.total,
         # The index the next page of tasks starts at (None: these are the last).
@@ -65,6 +68,7 @@ def job_json(
                         "signal": a.signal,
                         "duration": a.duration,
                         "peak_rss": a.peak_rss,
+                        "local": a.local,
                         "reason": a.reason,
                         "cause": a.cause,
                         "stderr_tail": a.stderr_tail if private else "",

@@ -32,8 +32,8 @@ The rooms:
 * :mod:`.states`: the states as enums, the tables of which state may follow which.
 * :mod:`.records`: the live jobs, tasks and attempts as held in memory, with their rows.
 * :mod:`.queue`: the priority queue with its locality window, and queue places.
-* :mod:`.journal`: the SQLite file, its group commit (in a thread), its schema, reads
-  of stored jobs.
+* :mod:`.journal`: the SQLite file, its group commit (in a thread), reads of stored
+  jobs; :mod:`.schema`: its tables, their migrations, the statements.
 * :mod:`.manager`: :class:`JobManager`, the transitions, built on the three above.
 * :mod:`.slices`: work done a slice per reactor turn (big submits and enqueues).
 * :mod:`.retention`: purges of finished jobs by age and count, in bounded batches.

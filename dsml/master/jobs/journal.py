@@ -5,12 +5,13 @@ Tables (the schema version lives in ``meta``)::
 
     meta(name, value)          schema version, next job number, attempt ids reserved
     jobs(seq, name, priority, after, state, created, started, finished, reason, ntasks, counts,
-         owner)
+         owner, local, remote)
     tasks(job, idx, spec, state, reason)
     attempts(id, job, idx, worker, incarnation, state, started, ended, exit_code, signal,
-             duration, peak_rss, reason, stderr_tail)
-    results(job, idx, data)    a task's result carried by its worker's report (made on
-                               open of an older file too: no migration)
+             duration, peak_rss, reason, stderr_tail, local)
+    results(job, idx, data)    a task's result carried by its worker's report
+
+(:mod:`.schema` holds them, their migrations and the statements.)
 
 Group commit: every change the manager makes (a submit, an attempt created, a result, a
 lost worker, a cancel) is made in memory at once and marked dirty here (``new_jobs``,
@@ -38,17 +39,15 @@ time, the connection behind a lock), so the reactor goes on dispatching tasks an
 results through each fsync (measured: the inline commits were a third of the master's
 time under a stream of short tasks, every slot idle meanwhile).  Changes made during a
 commit wait for the next batch, ``commit_delay`` after it ends.  The file is opened by
-:func:`dsml.sqlitedb.open_database` (exclusive lock, WAL); a state file of schema 1
-(without ``attempts.stderr_tail``) or 2 (without ``jobs.owner``) is migrated in place
-when opened; a job migrated from schema 2 has the owner "" (unknown: only an admin may
-act on it over TLS).
+:func:`dsml.sqlitedb.open_database` (exclusive lock, WAL); a state file of an older
+schema is migrated in place when opened; a job migrated from schema 2 has the owner ""
+(unknown: only an admin may act on it over TLS).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
 import threading
 from collections.abc import Callable, Container, Iterator
 from pathlib import Path
@@ -60,7 +59,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ...sqlitedb import Schema, open_database, sync_level, transaction
+from ...sqlitedb import open_database, sync_level, transaction
 from .model import (
     AttemptView,
     JobError,
@@ -72,18 +71,28 @@ from .model import (
     spec_json,
 )
 from .records import AttemptRecord, JobRecord, TaskRecord
+from .schema import (
+    ATTEMPT_COLS,
+    ATTEMPT_PAGE,
+    INSERT_JOB,
+    INSERT_TASK,
+    JOB_COLS,
+    JOBS_FILE,
+    PUT_ATTEMPT,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SET_META,
+    TASK_COLS,
+    TASK_PAGE,
+    UPDATE_JOB,
+    UPDATE_TASK,
+    flag,
+)
 from .states import CANCELLED, FAILED, RUNNING, SUCCEEDED, AttemptState, JobState, TaskState
 
 __all__ = ["ATTEMPT_BLOCK", "JOBS_FILE", "RETRY_DELAY", "SCHEMA_VERSION", "Journal", "task_row"]
 
 log = Logger()
-
-#: 2 added ``attempts.stderr_tail``, 3 ``jobs.owner``; an older file is migrated in place
-#: when opened.
-SCHEMA_VERSION: Final = 3
-
-#: The state file's name under the master's ``state_dir``.
-JOBS_FILE: Final = "jobs.sqlite3"
 
 #: Attempt ids reserved on disk at a time (see the module docstring).
 ATTEMPT_BLOCK: Final = 10_000
@@ -93,79 +102,6 @@ RETRY_DELAY: Final = 1.0
 #: is committed on the next reactor turn, not ``commit_delay`` later (a lone submit or
 #: result has no batch to wait for; a stream of them still batches).
 IDLE_AFTER: Final = 0.05
-
-_TABLES: Final = (
-    "CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value) WITHOUT ROWID",
-    # counts: tasks per state, as JSON; exact once the job is final (live jobs are in memory).
-    "CREATE TABLE IF NOT EXISTS jobs(seq INTEGER PRIMARY KEY, name TEXT NOT NULL,"
-    " priority INTEGER NOT NULL, after TEXT NOT NULL, state TEXT NOT NULL,"
-    " created REAL NOT NULL, started REAL, finished REAL, reason TEXT NOT NULL,"
-    " ntasks INTEGER NOT NULL, counts TEXT NOT NULL,"
-    # Last (schema 3), for the same reason as attempts.stderr_tail below.
-    " owner TEXT NOT NULL DEFAULT '')",
-    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state)",
-    "CREATE TABLE IF NOT EXISTS tasks(job INTEGER NOT NULL, idx INTEGER NOT NULL,"
-    " spec TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL,"
-    " PRIMARY KEY(job, idx)) WITHOUT ROWID",
-    "CREATE TABLE IF NOT EXISTS attempts(id INTEGER PRIMARY KEY, job INTEGER NOT NULL,"
-    " idx INTEGER NOT NULL, worker TEXT NOT NULL, incarnation INTEGER NOT NULL,"
-    " state TEXT NOT NULL, started REAL NOT NULL, ended REAL, exit_code INTEGER,"
-    " signal INTEGER, duration REAL, peak_rss INTEGER, reason TEXT NOT NULL,"
-    # Last (schema 2): ALTER TABLE ADD COLUMN appends, so a migrated file has the same
-    # column order as a new one and _PUT_ATTEMPT fits both.
-    " stderr_tail TEXT NOT NULL DEFAULT '')",
-    "CREATE INDEX IF NOT EXISTS attempts_job ON attempts(job, id)",
-    # A page of a stored job's status reads its attempts by task index; a purge deletes
-    # them by task index in bounded ranges.  (Made on open of an older file too.)
-    "CREATE INDEX IF NOT EXISTS attempts_task ON attempts(job, idx)",
-    "CREATE TABLE IF NOT EXISTS results(job INTEGER NOT NULL, idx INTEGER NOT NULL,"
-    " data BLOB NOT NULL, PRIMARY KEY(job, idx)) WITHOUT ROWID",
-)
-
-
-def _add_stderr_tail(db: sqlite3.Connection) -> None:
-    """Schema 1 to 2: attempts get their stderr tail."""
-    db.execute("ALTER TABLE attempts ADD COLUMN stderr_tail TEXT NOT NULL DEFAULT ''")
-
-
-def _add_owner(db: sqlite3.Connection) -> None:
-    """Schema 2 to 3: jobs get their owner ("" for the jobs already stored: unknown)."""
-    db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
-
-
-_SCHEMA: Final = Schema(
-    version=SCHEMA_VERSION,
-    tables=_TABLES,
-    meta=(("next_job", 1), ("attempt_reserved", 0)),
-    migrations={1: _add_stderr_tail, 2: _add_owner},
-)
-
-_INSERT_JOB: Final = "REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_UPDATE_JOB: Final = (
-    "UPDATE jobs SET state = ?, started = ?, finished = ?, reason = ?, counts = ? WHERE seq = ?"
-)
-_INSERT_TASK: Final = "REPLACE INTO tasks VALUES (?, ?, ?, ?, ?)"
-_UPDATE_TASK: Final = "UPDATE tasks SET state = ?, reason = ? WHERE job = ? AND idx = ?"
-_PUT_ATTEMPT: Final = "REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-_SET_META: Final = "REPLACE INTO meta VALUES (?, ?)"
-_JOB_COLS: Final = (
-    "SELECT seq, name, priority, after, state, created, started, finished, reason, ntasks,"
-    " counts, owner FROM jobs"
-)
-_TASK_COLS: Final = "SELECT idx, spec, state, reason FROM tasks WHERE job = ? ORDER BY idx"
-_TASK_PAGE: Final = (
-    "SELECT idx, state, reason, spec FROM tasks WHERE job = ? AND idx >= ? AND idx < ?"
-    " ORDER BY idx"
-)
-_ATTEMPT_COLS: Final = (
-    "SELECT id, idx, worker, incarnation, state, started, ended, exit_code, signal,"
-    " duration, peak_rss, reason, stderr_tail FROM attempts WHERE job = ? ORDER BY id"
-)
-_ATTEMPT_PAGE: Final = (
-    "SELECT id, idx, worker, incarnation, state, started, ended, exit_code, signal,"
-    " duration, peak_rss, reason, stderr_tail FROM attempts"
-    " WHERE job = ? AND idx >= ? AND idx < ? ORDER BY id"
-)
 
 
 
@@ -254,7 +190,7 @@ class Journal:
         self.db, meta = open_database(
             path,
             what="job state",
-            schema=_SCHEMA,
+            schema=SCHEMA,
             synchronous=synchronous,
             error=lambda message: JobError(message, "internal"),
             cache_kib=64 * 1024,
@@ -299,7 +235,7 @@ class Journal:
         """
         top = self.next_attempt - 1 + ATTEMPT_BLOCK
         with self._db_lock, self.transaction():
-            self.db.execute(_SET_META, ("attempt_reserved", top))
+            self.db.execute(SET_META, ("attempt_reserved", top))
         self.reserved = top
 
     # -- reading -------------------------------------------------------------------------
@@ -310,10 +246,9 @@ class Journal:
         db = self.db
         jobs = []
         live = (JobState.QUEUED.value, JobState.RUNNING.value)
-        rows = list(db.execute(_JOB_COLS + " WHERE state IN (?, ?) ORDER BY seq", live))
-        for seq, name, prio, after, state, created, started, finished, reason, _n, _c, owner in (
-            rows
-        ):
+        rows = list(db.execute(JOB_COLS + " WHERE state IN (?, ?) ORDER BY seq", live))
+        for (seq, name, prio, after, state, created, started, finished, reason, _n, _c, owner,
+             local, remote) in rows:
             job = JobRecord(
                 seq,
                 name,
@@ -326,15 +261,18 @@ class Journal:
                 reason,
                 owner=owner,
                 stored=True,
+                local=local,
+                remote=remote,
             )
             counts = job.counts
-            for idx, spec, tstate, treason in db.execute(_TASK_COLS, (seq,)):
+            for idx, spec, tstate, treason in db.execute(TASK_COLS, (seq,)):
                 task_state = TaskState(tstate)
                 job.tasks.append(TaskRecord(job, idx, spec_from_json(spec), task_state, treason))
                 counts[task_state] += 1
-            for aid, idx, worker, inc, astate, *rest in db.execute(_ATTEMPT_COLS, (seq,)):
+            for aid, idx, worker, inc, astate, *rest, local in db.execute(ATTEMPT_COLS, (seq,)):
                 task = job.tasks[idx]
-                a = AttemptRecord(aid, task, worker, inc, AttemptState(astate), *rest)
+                a = AttemptRecord(aid, task, worker, inc, AttemptState(astate), *rest,
+                                  local=flag(local))
                 task.add_attempt(a)
                 if a.state == RUNNING:
                     task.current = a
@@ -366,7 +304,7 @@ class Journal:
     ) -> JobView | None:
         """The stored view of job ``seq`` (``tasks``: with those from ``first``, at most
         ``limit``), None if there is none."""
-        rows = self.read(_JOB_COLS + " WHERE seq = ?", (seq,))
+        rows = self.read(JOB_COLS + " WHERE seq = ?", (seq,))
         return self._stored_view(rows[0], tasks, first, limit) if rows else None
 
     def stored_jobs(
@@ -378,7 +316,7 @@ class Journal:
         return {
             row[0]: self._stored_view(row, False)
             for row in self.read(
-                _JOB_COLS + " WHERE seq < ? ORDER BY seq DESC LIMIT ?", (top, limit)
+                JOB_COLS + " WHERE seq < ? ORDER BY seq DESC LIMIT ?", (top, limit)
             )
             if row[0] not in skip
         }
@@ -386,9 +324,8 @@ class Journal:
     def _stored_view(
         self, row: tuple[Any, ...], tasks: bool, first: int = 0, limit: int | None = None
     ) -> JobView:
-        seq, name, prio, after, state, created, started, finished, reason, ntasks, counts, owner = (
-            row
-        )
+        (seq, name, prio, after, state, created, started, finished, reason, ntasks, counts, owner,
+         local, remote) = row
         counts = json.loads(counts)
         task_views: tuple[TaskView, ...] = ()
         nxt = None
@@ -396,12 +333,12 @@ class Journal:
             end = ntasks if limit is None else min(ntasks, first + limit)
             nxt = end if end < ntasks else None
             attempts: dict[int, list[AttemptView]] = {}
-            for aid, idx, *rest in self.read(_ATTEMPT_PAGE, (seq, first, end)):
-                attempts.setdefault(idx, []).append(AttemptView(aid, *rest))
+            for aid, idx, *rest, here in self.read(ATTEMPT_PAGE, (seq, first, end)):
+                attempts.setdefault(idx, []).append(AttemptView(aid, *rest, local=flag(here)))
             task_views = tuple(
                 TaskView(idx, tstate, treason, tuple(attempts.get(idx, ())), "",
                          output_keys(spec))
-                for idx, tstate, treason, spec in self.read(_TASK_PAGE, (seq, first, end))
+                for idx, tstate, treason, spec in self.read(TASK_PAGE, (seq, first, end))
             )
         return JobView(
             id=f"j{seq}",
@@ -419,6 +356,8 @@ class Journal:
             tasks=task_views,
             next=nxt,
             owner=owner,
+            local=local,
+            remote=remote,
         )
 
     # -- purging -------------------------------------------------------------------------
@@ -560,20 +499,20 @@ class Journal:
         db = self.db
         with self.transaction():
             if batch.job_rows:
-                db.executemany(_INSERT_JOB, batch.job_rows)
+                db.executemany(INSERT_JOB, batch.job_rows)
                 for rows in batch.task_rows:
-                    db.executemany(_INSERT_TASK, rows)
-                db.execute(_SET_META, ("next_job", batch.next_job))
+                    db.executemany(INSERT_TASK, rows)
+                db.execute(SET_META, ("next_job", batch.next_job))
             if batch.job_updates:
-                db.executemany(_UPDATE_JOB, batch.job_updates)
+                db.executemany(UPDATE_JOB, batch.job_updates)
             if batch.task_updates:
-                db.executemany(_UPDATE_TASK, batch.task_updates)
+                db.executemany(UPDATE_TASK, batch.task_updates)
             if batch.attempt_rows:
-                db.executemany(_PUT_ATTEMPT, batch.attempt_rows)
+                db.executemany(PUT_ATTEMPT, batch.attempt_rows)
             if batch.results:
                 db.executemany("REPLACE INTO results VALUES (?, ?, ?)", batch.results)
             if batch.reserve is not None:
-                db.execute(_SET_META, ("attempt_reserved", batch.reserve))
+                db.execute(SET_META, ("attempt_reserved", batch.reserve))
 
     def _failed(self, batch: Batch, failure: Failure) -> None:
         """Nothing of the batch was acknowledged: it all becomes dirty again, to retry."""

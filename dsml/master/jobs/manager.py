@@ -100,7 +100,7 @@ from .model import (
     spec_json,
     storable,
 )
-from .queue import TaskQueue, queue_places
+from .queue import TaskQueue, data_local, queue_places
 from .records import BLOCK, AttemptRecord, JobRecord, TaskRecord
 from .retention import PURGE_JOBS, PURGE_TASKS, RETENTION_INTERVAL, JobRetention
 from .slices import Slicer
@@ -491,13 +491,15 @@ class JobManager:
         local_only: bool = False,
         retry_room: Room | None = None,
         wait_local: Callable[[TaskRecord], bool] | None = None,
+        size: Callable[[str], int] | None = None,
     ) -> list[Assignment]:
         """Give ``worker`` (at ``incarnation``) queued tasks that fit in its ``free`` room
         (a number alone: that many free CPUs, no memory or GPU to reserve).
 
         Highest priority first, then submit order, then task index; tasks too wide for the
-        room left are skipped.  Among tasks of one priority, one whose inputs the worker
-        all holds (``holds(key)``) goes first, within the first
+        room left are skipped.  Among tasks of one priority, one data-local on the worker
+        (:func:`.queue.data_local`: it holds, ``holds(key)``, most of the bytes,
+        ``size(key)``, of the task's inputs) goes first, within the first
         :data:`~.queue.LOCALITY_WINDOW` queued tasks.  Each task given is a new running
         attempt, effective at once in memory and committed with the next batch.
 
@@ -518,22 +520,33 @@ class JobManager:
         if local_only and not local:
             return []
         tasks = self._queue.take(free, holds, local, local_only, worker, retry_room,
-                                 wait_local if local else None)
-        return [self._start(task, worker, incarnation) for task in tasks]
+                                 wait_local if local else None, size)
+        return [self._start(task, worker, incarnation, holds, size) for task in tasks]
 
-    def _start(self, task: TaskRecord, worker: str, incarnation: int) -> Assignment:
-        """Create a running attempt of a queued task on ``worker``."""
+    def _start(self, task: TaskRecord, worker: str, incarnation: int,
+               holds: Callable[[str], bool] = holds_nothing,
+               size: Callable[[str], int] | None = None) -> Assignment:
+        """Create a running attempt of a queued task on ``worker``; it is data-local as
+        :func:`.queue.data_local` says with ``holds`` and ``size`` (the job counts it,
+        local or remote: the scheduler's locality report)."""
         journal = self._journal
         aid = journal.new_attempt_id()
         now = self.clock.seconds()
         a = AttemptRecord(aid, task, worker, incarnation, _ATTEMPT_RUNNING, now)
+        job = task.job
+        if task.spec.inputs and holds is not holds_nothing:
+            a.local = data_local(task.spec.inputs, holds, size)
+            if a.local:
+                job.local += 1
+            else:
+                job.remote += 1
+            self._job_dirty(job)
         task.add_attempt(a)
         task.current = a
         self._running[aid] = a
         self._by_worker.setdefault(worker, set()).add(aid)
         journal.dirty_attempts.add(a)
         self._set_state(task, RUNNING)
-        job = task.job
         if job.state == QUEUED:
             if _JOB_RUNNING not in JOB_NEXT[job.state]:
                 raise IllegalTransition(f"job {job.id}: {job.state} -> {_JOB_RUNNING}")

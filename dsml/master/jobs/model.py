@@ -312,6 +312,8 @@ class AttemptView:
     #: The last lines of its stderr if it failed (at most :data:`MAX_STDERR_TAIL`
     #: characters, no control characters but newline and tab), else "".
     stderr_tail: str = ""
+    #: Started on a worker holding every input of its task (None: it has none).
+    local: bool | None = None
 
     @property
     def cause(self) -> str | None:
@@ -375,6 +377,9 @@ class JobView:
     #: (:data:`dsml.net.access.TOKEN_OWNER`), ``""`` for a job stored before owners
     #: were recorded (schema 2).
     owner: str = ""
+    #: Attempts started on a worker holding every input of their task, and elsewhere.
+    local: int = 0
+    remote: int = 0
 
 
 class JobError(DsmlError):

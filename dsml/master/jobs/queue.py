@@ -6,9 +6,10 @@ needs all fit, never more than it has free (no prefetch hoarding, peer-systems Â
 A task too wide for the room left is skipped,
 not waited for: smaller tasks behind it may fill the worker (so a wide task can wait
 behind a steady stream of narrow ones of the same or higher priority: no slot
-reservation yet).  Locality: among tasks of the *same* priority, one whose every input
-the worker already holds goes first, but only within the first :data:`LOCALITY_WINDOW`
-queued tasks, so a remote task is never passed over forever.
+reservation yet).  Locality: among tasks of the *same* priority, one that is data-local
+on the worker (:func:`data_local`: it holds most of the task's input bytes) goes first,
+but only within the first :data:`LOCALITY_WINDOW` queued tasks, so a remote task is
+never passed over forever.
 
 The queue is two parts: ``front``, a sorted list of (at most LOCALITY_WINDOW) entries
 that are all smaller than every entry of ``heap``, and the heap.  The heap holds only
@@ -37,7 +38,7 @@ from .model import QueuePlace, Room
 from .records import JobRecord, TaskRecord
 from .states import QUEUED
 
-__all__ = ["LOCALITY_WINDOW", "MAX_JOBS_COUNTED", "TaskQueue", "queue_places"]
+__all__ = ["LOCALITY_WINDOW", "MAX_JOBS_COUNTED", "TaskQueue", "data_local", "queue_places"]
 
 #: Locality may reorder only within this many queued tasks at the head of the queue.
 LOCALITY_WINDOW: Final = 64
@@ -49,6 +50,33 @@ MAX_JOBS_COUNTED: Final = 1000
 Entry = tuple[int, int, int, TaskRecord]
 #: A heap entry: (-priority, job seq, task index).
 Key = tuple[int, int, int]
+
+
+def data_local(inputs: Iterable[tuple[str, str]], holds: Callable[[str], bool],
+               size: Callable[[str], int] | None = None) -> bool:
+    """Whether a task with ``inputs`` (key, path) is data-local on a worker: the worker
+    holds (``holds(key)``) more than half of the inputs' bytes (``size(key)``).  A map
+    over a dataset's chunk is local where the chunk is, whatever small inputs come with
+    it (the function's pickle, stored on other workers: with "every input" as the rule
+    a map of four workers' chunks ran local on the two holding the pickle).  Without
+    ``size``, or when every input is empty: the worker holds every input.  False for a
+    task without inputs."""
+    total = held = 0
+    every = True
+    seen = False
+    for key, _ in inputs:
+        seen = True
+        n = size(key) if size is not None else 0
+        total += n
+        if holds(key):
+            held += n
+        else:
+            every = False
+            if size is None:
+                return False
+    if not seen:
+        return False
+    return held * 2 > total if total else every
 
 
 class TaskQueue:
@@ -129,10 +157,12 @@ class TaskQueue:
         avoid: str = "",
         room: Room | None = None,
         wait_local: Callable[[TaskRecord], bool] | None = None,
+        size: Callable[[str], int] | None = None,
     ) -> list[TaskRecord]:
         """Remove and return queued tasks that fit in the ``free`` room, in the order given.
 
-        With ``local``, a task whose inputs the worker all holds (``holds(key)``) goes
+        With ``local``, a task data-local on the worker (:func:`data_local` with
+        ``holds(key)`` and ``size(key)``) goes
         first among those of its priority in the front; with ``local_only`` only such
         tasks are taken, never one of a lower priority than the first task that fits.
         A retried task whose last attempt ran on worker ``avoid`` is passed over when it
@@ -149,21 +179,17 @@ class TaskQueue:
         cache: dict[str, bool] = {}
         memo: dict[TaskRecord, bool] = {}
 
+        def held(key: str) -> bool:
+            known = cache.get(key)
+            if known is None:
+                known = cache[key] = bool(holds(key))
+            return known
+
         def is_local(task: TaskRecord) -> bool:
             known = memo.get(task)
-            if known is not None:
-                return known
-            inputs = task.spec.inputs
-            result = bool(inputs)
-            for key, _ in inputs:
-                held = cache.get(key)
-                if held is None:
-                    held = cache[key] = bool(holds(key))
-                if not held:
-                    result = False
-                    break
-            memo[task] = result
-            return result
+            if known is None:
+                known = memo[task] = data_local(task.spec.inputs, held, size)
+            return known
 
         out: list[TaskRecord] = []
         front = self.front

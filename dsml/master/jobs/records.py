@@ -54,6 +54,9 @@ class AttemptRecord:
     peak_rss: int | None = None
     reason: str = ""
     stderr_tail: str = ""
+    #: Whether it started on a worker the directory named as holding every input of
+    #: its task (None: the task has none, or the dispatcher did not say).
+    local: bool | None = None
 
     def view(self) -> AttemptView:
         return AttemptView(
@@ -69,6 +72,7 @@ class AttemptRecord:
             self.peak_rss,
             self.reason,
             self.stderr_tail,
+            self.local,
         )
 
     def row(self) -> tuple[object, ...]:
@@ -88,6 +92,7 @@ class AttemptRecord:
             self.peak_rss,
             self.reason,
             self.stderr_tail,
+            None if self.local is None else int(self.local),
         )
 
 
@@ -106,6 +111,9 @@ class TaskRecord:
     attempts: list[AttemptRecord] | tuple[()] = ()
     #: The running attempt, if any.
     current: AttemptRecord | None = None
+    #: When a worker that does not hold its inputs was first left without it (delay
+    #: scheduling: the dispatcher's, see ``JobRouter._locality_wait``), else None.
+    passed_over: float | None = None
 
     def add_attempt(self, attempt: AttemptRecord) -> None:
         """Add its newest attempt."""
@@ -158,6 +166,10 @@ class JobRecord:
     queued_blocks: list[int] = attrs.Factory(list)
     #: How many of its tasks name inputs (counted as they are made).
     with_inputs: int = 0
+    #: Its attempts started on a worker holding every input of their task, and those
+    #: started elsewhere (tasks without inputs count in neither).
+    local: int = 0
+    remote: int = 0
 
     def note_queued(self, index: int, delta: int) -> None:
         """Task ``index`` entered (+1) or left (-1) the ``queued`` state."""
@@ -218,6 +230,8 @@ class JobRecord:
             tasks=tuple(t.view(why) for t in page),
             next=nxt,
             owner=self.owner,
+            local=self.local,
+            remote=self.remote,
         )
 
     def update_row(self) -> tuple[object, ...]:
@@ -227,6 +241,8 @@ class JobRecord:
             self.finished,
             self.reason,
             json.dumps(self.counts, separators=(",", ":")),
+            self.local,
+            self.remote,
             self.seq,
         )
 
@@ -244,4 +260,6 @@ class JobRecord:
             len(self.tasks),
             json.dumps(self.counts, separators=(",", ":")),
             self.owner,
+            self.local,
+            self.remote,
         )
