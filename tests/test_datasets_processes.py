@@ -104,23 +104,6 @@ def test_a_file_that_cannot_be_split_is_refused_and_nothing_stored(
     assert list(client.list("datasets/blob")) == []
 
 
-def test_a_connection_closed_idle_is_opened_again(client: ClusterClient, tmp_path: Path) -> None:
-    """A fit or a map leaves a client's worker connections idle past the workers'
-    ``idle_timeout``; the next upload must not be sent into one they closed."""
-    import select
-
-    from dsml.client.tls_socket import readable
-
-    client.upload(b"x" * 70000, "idle/a")
-    socks = [w._sock for w in client._workers.values() if w._sock is not None]  # noqa: SLF001
-    assert socks
-    for s in socks:
-        select.select([s], [], [], 60)  # until the worker closes it: its end is readable
-    assert all(readable(s) for s in socks)
-    client.upload(b"y" * 70000, "idle/b")
-    assert client.read("idle/b") == b"y" * 70000
-
-
 def test_a_dataset_uploads_from_a_url_fsspec_opens(client: ClusterClient, tmp_path: Path) -> None:
     fsspec = pytest.importorskip("fsspec")
     data = _a_csv(tmp_path / "local.csv", 1500)
