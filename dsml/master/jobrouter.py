@@ -229,13 +229,14 @@ class JobRouter:
         """Whether a queued task (not local to the worker being offered it) should wait
         for a live worker that holds all its inputs: for :data:`LOCALITY_WAIT` seconds
         from its queueing (its job's creation, or its last attempt's end); another
-        dispatch comes when the first wait seen ends."""
-        now = self.clock.seconds()
+        dispatch comes when the first wait seen ends.  (Those times are the job records'
+        wall-clock ones: a step of that clock back waits no longer than the wait.)"""
+        now = self.jobs.now()
         alive = {r.name for r in self.membership.alive() if not self.cordoned(r.name)}
 
         def wait(task: TaskRecord) -> bool:
             since = task.attempts[-1].ended if task.attempts else task.job.created
-            left = (since or now) + LOCALITY_WAIT - now
+            left = min(LOCALITY_WAIT, (since or now) + LOCALITY_WAIT - now)
             if left <= 0:
                 return False
             holders = set(alive)
@@ -514,10 +515,17 @@ class JobRouter:
         return self.cordons.why(worker, self.clock.seconds())
 
     def _attempt_ended(self, a: AttemptRecord) -> None:
-        ended = a.ended if a.ended is not None else self.clock.seconds()
+        # The cordons' times are the clock's (monotonic: their cool-downs are timers):
+        # it ended now; it ran since it began (or, begun before the master started, for
+        # as long as its wall-clock record says).
+        ended = self.clock.seconds()
+        if a.began is not None:
+            began = a.began
+        else:
+            began = ended - max(0.0, (a.ended if a.ended is not None else a.started) - a.started)
         cause = attempt_cause(a.state, a.reason, a.exit_code, a.signal)
         lines = self.cordons.ended(
-            a.worker, a.incarnation, a.task.job.seq, a.started, ended, cause, a.reason,
+            a.worker, a.incarnation, a.task.job.seq, began, ended, cause, a.reason,
             lambda: self._spare(a.worker),
         )
         self._cordons_moved(lines)

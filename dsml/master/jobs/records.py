@@ -54,6 +54,9 @@ class AttemptRecord:
     peak_rss: int | None = None
     reason: str = ""
     stderr_tail: str = ""
+    #: When it started on the manager's clock (monotonic; ``started`` is the wall-clock
+    #: record): in memory only, None for an attempt loaded from disk.
+    began: float | None = None
 
     def view(self) -> AttemptView:
         return AttemptView(
