@@ -84,7 +84,9 @@ def test_the_failure_detector_runs_on_the_monotonic_clock(
         "workers: {w1: {host: 127.0.0.1, port: 7601, data_dir: w1}}\n"
     )
     reactor = MemoryReactorClock()
-    reactor.advance(time.time())  # the reactor's clock is the wall clock
+    reactor.advance(time.time())  # a reactor left on the wall clock
+    real, step = time.time, [0.0]
+    monkeypatch.setattr(time, "time", lambda: real() + step[0])  # before the wiring reads it
     top = make_master_service(load_config(cfg), reactor)
     runtime = next(s for s in top if hasattr(s, "membership"))
     membership = runtime.membership
@@ -94,8 +96,7 @@ def test_the_failure_detector_runs_on_the_monotonic_clock(
         membership.register("w1", 1, host="127.0.0.1", port=7601, slots=1, versions=versions,
                             conn=object())
         reactor.advance(3600.0)
-        real = time.time
-        monkeypatch.setattr(time, "time", lambda: real() + 3600.0)
+        step[0] = 3600.0
         assert membership.check() == []
         assert membership.get("w1").live  # type: ignore[union-attr]
     finally:
