@@ -22,6 +22,10 @@ with a umask that keeps group and others out (``umask | 077``, also given to twi
 ``--umask`` so that its pid and log files get it), on top of the explicit 0700/0600 modes
 the nodes create their directories and files with (:mod:`dsml.fsutil`).  Tasks inherit
 it: what a task writes in its attempt directory is the worker's too.
+
+Both roles run their reactor's timers on the monotonic clock (:func:`daemon_reactor`,
+:mod:`dsml.clocks`): Twisted's own runs them on the wall clock, which NTP or an operator
+may step by minutes.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ if TYPE_CHECKING:
     from twisted.application.service import IService
     from twisted.internet.interfaces import IReactorCore
 
-__all__ = ["MasterOptions", "WorkerOptions", "makeMasterService", "makeWorkerService"]
+__all__ = [
+    "MasterOptions", "WorkerOptions", "daemon_reactor", "makeMasterService", "makeWorkerService",
+]
 
 
 #: twistd's own default pid file, replaced by the role's (see the module docstring).
@@ -184,17 +190,28 @@ def _check_tls(config: Config, kind: str, name: str) -> None:
         raise usage.UsageError(e.message) from None
 
 
+def daemon_reactor() -> IReactorCore:
+    """The reactor twistd runs, made the daemon's: its timers on the monotonic clock
+    (:func:`dsml.clocks.monotonic_reactor`: a step of the wall clock must not fire
+    every heartbeat timeout at once), the process's umask its own.  Called before the
+    node is built, so no timer of the node was ever due at a wall-clock time."""
+    from twisted.internet import reactor
+
+    from dsml.clocks import monotonic_reactor
+
+    monotonic_reactor(reactor)
+    fsutil.private_umask()
+    return reactor  # type: ignore[return-value]
+
+
 def makeWorkerService(options: WorkerOptions, reactor: IReactorCore | None = None) -> IService:
     """Build the worker's service from parsed options.
 
     ``reactor`` is for tests; twistd passes only the options, and the global reactor is
-    imported here, never at module level.
+    imported here (:func:`daemon_reactor`), never at module level.
     """
     if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
-        fsutil.private_umask()  # twistd runs us: the process is the worker's alone
+        reactor = daemon_reactor()  # twistd runs us: the process is the worker's
     config = options.loaded_config
     name: str = options["name"]
     worker = config.worker(name)
@@ -208,10 +225,7 @@ def makeWorkerService(options: WorkerOptions, reactor: IReactorCore | None = Non
 def makeMasterService(options: MasterOptions, reactor: IReactorCore | None = None) -> IService:
     """Build the master's service from parsed options (``reactor`` as for the worker)."""
     if reactor is None:
-        from twisted.internet import reactor as global_reactor
-
-        reactor = global_reactor
-        fsutil.private_umask()  # twistd runs us: the process is the master's alone
+        reactor = daemon_reactor()  # twistd runs us: the process is the master's
     config = options.loaded_config
     check_listen_safe(config, config.master.host, "master.host")
 

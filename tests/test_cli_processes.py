@@ -91,6 +91,15 @@ def test_every_listing_is_one_json_document(cluster: LocalCluster, tmp_path: Pat
     assert status["owner"] == "token"
 
 
+def test_the_master_daemon_runs_its_timers_on_the_monotonic_clock(cluster: LocalCluster) -> None:
+    """The twistd master (dsml.tap) says in its ``nodes`` answer which clock its
+    reactor's timers run on: the monotonic one, so a step of the machine's wall clock
+    (which a test cannot make) would move none of them (see tests/test_clocks.py)."""
+    with _client(cluster) as c:
+        head, _ = c.master.call("nodes", {})
+    assert head.headers["timers"] == "monotonic"
+
+
 def test_stat_says_file_or_value(cluster: LocalCluster, tmp_path: Path) -> None:
     (tmp_path / "f.txt").write_text("a file\n")
     cluster.cli("upload", str(tmp_path / "f.txt"), "kinds/file")

@@ -71,9 +71,12 @@ def test_a_file_is_fsynced_renamed_and_its_directory_fsynced_before_commit(
     assert entry.size == 7000
 
 
-def test_the_failure_detector_runs_on_the_monotonic_clock(tmp_path: Path) -> None:
-    """The production wiring: an hour of wall clock (the reactor's seconds) passing at
-    once, as when NTP steps the clock, does not make a worker that just registered dead."""
+def test_the_failure_detector_runs_on_the_monotonic_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The production wiring: an hour of wall clock passing at once, as when NTP steps
+    the clock (``time.time``, and the reactor's seconds of a reactor left on it), does
+    not make a worker that just registered dead."""
     cfg = tmp_path / "dsml.yaml"
     cfg.write_text(
         "cluster: {token: a-long-enough-token-for-tests}\n"
@@ -81,7 +84,9 @@ def test_the_failure_detector_runs_on_the_monotonic_clock(tmp_path: Path) -> Non
         "workers: {w1: {host: 127.0.0.1, port: 7601, data_dir: w1}}\n"
     )
     reactor = MemoryReactorClock()
-    reactor.advance(time.time())  # the reactor's clock is the wall clock
+    reactor.advance(time.time())  # a reactor left on the wall clock
+    real, step = time.time, [0.0]
+    monkeypatch.setattr(time, "time", lambda: real() + step[0])  # before the wiring reads it
     top = make_master_service(load_config(cfg), reactor)
     runtime = next(s for s in top if hasattr(s, "membership"))
     membership = runtime.membership
@@ -91,6 +96,7 @@ def test_the_failure_detector_runs_on_the_monotonic_clock(tmp_path: Path) -> Non
         membership.register("w1", 1, host="127.0.0.1", port=7601, slots=1, versions=versions,
                             conn=object())
         reactor.advance(3600.0)
+        step[0] = 3600.0
         assert membership.check() == []
         assert membership.get("w1").live  # type: ignore[union-attr]
     finally:

@@ -335,3 +335,54 @@ def test_the_simulated_disk_undoes_a_rename_whose_directory_was_not_fsynced(
     assert any(u.startswith("rename undone: objects/") for u in undone), undone
     monkeypatch.undo()
     sim.failures.events.clear()  # the restarted store may complain of its lost object
+
+
+WALLS = {"master": 420.0, "w1": -300.0, "w2": 35.0, "w3": 0.0}
+
+
+@pytest.mark.parametrize(("who", "step"), [("w1", -120.0), ("w1", 120.0), ("master", 120.0),
+                                           ("master", -120.0)])
+def test_a_step_of_a_wall_clock_declares_no_live_worker_dead(
+    tmp_path: Path, sims: list[SimCluster], who: str, step: float
+) -> None:
+    """Found by the nemesis with two-minute clock steps (seeds 1021 and 18 with
+    ``--clock-steps 120``): every timer ran on its machine's wall clock, as a Twisted
+    reactor's do, so a worker whose clock stepped back 2 minutes sent no heartbeat for
+    2 minutes and was declared dead with its attempts, and a step forward ran every
+    timer it passed at once.  The daemons' timers now run on the monotonic clock
+    (:mod:`dsml.clocks`), as the simulation's do: a step moves only the wall-clock
+    records (an attempt's times), and nothing is lost."""
+    sim = SimCluster(tmp_path / "c", workers=("w1", "w2", "w3"), heartbeat_timeout=10.0,
+                     slots=1, wall_clocks=WALLS, script=lambda w, s: FakeRun(duration=30.0))
+    sims.append(sim)
+    client = sim.client()
+    job = sim.wait(client.submit(["work"], array=3))
+    sim.until(lambda: len(sim.events("start", job)) == 3, what="every start")
+    sim.advance(2)
+    sim.jump_clock(who, step)
+    sim.advance(20)  # twice the heartbeat timeout
+    assert all(sim.state(w) == "alive" for w in ("w1", "w2", "w3"))
+    final = sim.wait(client.wait(job), timeout=120)
+    assert final["state"] == "succeeded"
+    assert [len(t["attempts"]) for t in final["tasks"]] == [1, 1, 1]
+    # The master stamps records by its wall clock: a step of its own shows in them.
+    attempt = final["tasks"][0]["attempts"][0]
+    took = attempt["ended"] - attempt["started"]
+    assert took == pytest.approx(30.0 + (step if who == "master" else 0.0), abs=3.0)
+
+
+def test_a_dead_worker_is_declared_dead_in_time_after_the_masters_clock_steps_back(
+    tmp_path: Path, sims: list[SimCluster]
+) -> None:
+    """Seed 1021 with ``--clock-steps 120``: the master's clock stepped back 95 s held
+    its liveness checks as long, and a worker that lost power was not declared dead
+    for a minute and a half.  On the monotonic clock, it is within the timeout."""
+    sim = SimCluster(tmp_path / "c", workers=("w1", "w2", "w3"), heartbeat_timeout=10.0,
+                     wall_clocks=WALLS)
+    sims.append(sim)
+    sim.jump_clock("master", -95.0)
+    sim.advance(1)
+    sim.kill("w2", half_open=True)  # power lost: only the silence tells
+    took = sim.until(lambda: sim.state("w2") == "dead", timeout=30, what="w2 dead")
+    assert took <= 10.0 + 2.0
+    assert sim.state("w1") == sim.state("w3") == "alive"

@@ -16,6 +16,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from dsml import tap
 from dsml.config import ConfigError, load_config
 from dsml.tap import MasterOptions, WorkerOptions, makeMasterService, makeWorkerService
 
@@ -207,6 +208,28 @@ def test_make_master_service(tmp_path: Path) -> None:
     built = makeMasterService(options, reactor=_MemoryReactorWithThreads())
     assert IService.providedBy(built)
     built.stopService()
+
+
+def test_twistd_builds_both_roles_on_the_daemon_reactor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a reactor (as twistd calls them), both roles take the daemon's reactor,
+    whose timers run on the monotonic clock (tests/test_clocks.py tests that one)."""
+    handed: list[_MemoryReactorWithThreads] = []
+
+    def daemon_reactor() -> _MemoryReactorWithThreads:
+        handed.append(_MemoryReactorWithThreads())
+        return handed[-1]
+
+    monkeypatch.setattr(tap, "daemon_reactor", daemon_reactor)
+    path = str(good_config(tmp_path))
+    worker = WorkerOptions()
+    worker.parseOptions(["-c", path, "--name", "w1"])
+    master = MasterOptions()
+    master.parseOptions(["-c", path])
+    for built in (makeWorkerService(worker), makeMasterService(master)):
+        built.stopService()
+    assert len(handed) == 2
 
 
 def test_twistd_prints_one_line_error_for_bad_config(tmp_path: Path) -> None:

@@ -241,8 +241,8 @@ class JobRouter:
         """Whether a queued task (not local to the worker being offered it) should wait
         for a live worker it is data-local on (``data_local``: holding most of its input
         bytes): for :data:`LOCALITY_WAIT` seconds from the first such offer since it was
-        queued (its ``passed_over``); another dispatch comes when the first wait seen
-        ends."""
+        (re)queued (its ``passed_over``, on the monotonic clock); another dispatch comes
+        when the first wait seen ends."""
         now = self.clock.seconds()
         alive = {r.name for r in self.membership.alive() if not self.cordoned(r.name)}
 
@@ -250,11 +250,10 @@ class JobRouter:
             return self._held(key, where).size
 
         def wait(task: TaskRecord) -> bool:
-            since = task.passed_over
-            ended = task.attempts[-1].ended if task.attempts else None
-            if since is None or (ended is not None and since < ended):
-                since = task.passed_over = now  # the first offer since it was queued
-            left = since + LOCALITY_WAIT - now
+            tries = len(task.attempts)
+            if task.passed_over is None or task.passed_over[1] != tries:
+                task.passed_over = (now, tries)  # the first offer since it was queued
+            left = task.passed_over[0] + LOCALITY_WAIT - now
             if left <= 0:
                 return False
             inputs = task.spec.inputs
@@ -537,10 +536,17 @@ class JobRouter:
         return self.cordons.why(worker, self.clock.seconds())
 
     def _attempt_ended(self, a: AttemptRecord) -> None:
-        ended = a.ended if a.ended is not None else self.clock.seconds()
+        # The cordons' times are the clock's (monotonic: their cool-downs are timers):
+        # it ended now; it ran since it began (or, begun before the master started, for
+        # as long as its wall-clock record says).
+        ended = self.clock.seconds()
+        if a.began is not None:
+            began = a.began
+        else:
+            began = ended - max(0.0, (a.ended if a.ended is not None else a.started) - a.started)
         cause = attempt_cause(a.state, a.reason, a.exit_code, a.signal)
         lines = self.cordons.ended(
-            a.worker, a.incarnation, a.task.job.seq, a.started, ended, cause, a.reason,
+            a.worker, a.incarnation, a.task.job.seq, began, ended, cause, a.reason,
             lambda: self._spare(a.worker),
         )
         self._cordons_moved(lines)

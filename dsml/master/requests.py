@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from ..clocks import timers_of
 from ..errors import DsmlError
 from ..net.access import DEFAULT_ADMINS, may_act_on, principal
 from ..net.connection import Connection
@@ -276,8 +277,11 @@ class MasterHandler:
     def _nodes(self, head: Head, payload: bytes, conn: Connection) -> Reply:
         now = self.registry.membership.monotonic()
         lag = self.lag() if self.lag is not None else {}
-        headers = {f"Lag-{name[:-3].replace('_', '-').title()}-Ms": lag[name]
-                   for name in ("worst_ms", "recent_worst_ms", "last_ms") if name in lag}
+        headers: dict[str, object] = {
+            f"Lag-{name[:-3].replace('_', '-').title()}-Ms": lag[name]
+            for name in ("worst_ms", "recent_worst_ms", "last_ms") if name in lag}
+        if self.clock is not None:
+            headers["Timers"] = timers_of(self.clock)  # "monotonic" from a daemon
         if self.repair is not None:
             repair = self.repair()
             headers["Repair-Pending"] = repair["pending"]

@@ -150,8 +150,9 @@ def build_master(
 ) -> Master:
     """Wire the master over an open ``state``: no reactor or sockets of its own.
 
-    ``clock`` schedules, ``monotonic`` decides liveness, ``now`` (wall clock) stamps
-    tombstones, and ``listen(factory)`` makes the service that serves ``factory``;
+    ``clock`` schedules (its ``seconds`` monotonic in production: see :mod:`dsml.clocks`),
+    ``monotonic`` decides liveness, ``now`` (wall clock) stamps tombstones and the job
+    records, and ``listen(factory)`` makes the service that serves ``factory``;
     ``run_in_thread`` (deferToThreadPool) takes the job state's commits off the reactor
     thread (without it they run inline, as in the simulation).
     :func:`make_master_service` passes the real ones; :mod:`dsml.testing.sim` passes
@@ -180,7 +181,8 @@ def build_master(
 
     # Jobs keep their own SQLite file beside the directory's: the two never share a
     # transaction, and a burst of task results never waits behind a block report.
-    jobs = JobManager(Path(state.path).parent / JOBS_FILE, clock, run_in_thread=run_in_thread)
+    jobs = JobManager(Path(state.path).parent / JOBS_FILE, clock, run_in_thread=run_in_thread,
+                      now=now)
     router = JobRouter(jobs=jobs, membership=membership, directory=directory, clock=clock)
     registry = WorkerRegistry(
         state=state,
@@ -242,6 +244,7 @@ def make_master_service(
         state=MasterState(mc.state_dir / "master.sqlite3"),
         clock=reactor,
         monotonic=monotonic,
+        now=time.time,
         replication=cc.replication,
         heartbeat_interval=cc.heartbeat_interval,
         heartbeat_timeout=cc.heartbeat_timeout,

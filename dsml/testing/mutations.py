@@ -129,15 +129,22 @@ MUTATIONS = (
     Mutation(
         "wall-clock-detector", "the production wiring hands the wall clock to the failure "
         "detector", "dsml/master/service.py",
-        "        monotonic=monotonic,\n        replication=cc.replication,",
-        "        monotonic=reactor.seconds,\n        replication=cc.replication,",
+        "        monotonic=monotonic,\n        now=time.time,",
+        "        monotonic=time.time,\n        now=time.time,",
     ),
     Mutation(
-        "wall-clock-membership", "the failure detector measures heartbeats by the master's "
-        "reactor clock (the wall clock) instead of the monotonic one it is given",
+        "wall-clock-membership", "the failure detector measures heartbeats by the wall "
+        "clock the master stamps its records with instead of the monotonic one it is given",
         "dsml/master/service.py",
         "        clock=clock,\n        monotonic=monotonic,\n        versions=versions,",
-        "        clock=clock,\n        monotonic=clock.seconds,\n        versions=versions,",
+        "        clock=clock,\n        monotonic=now,\n        versions=versions,",
+    ),
+    Mutation(
+        "wall-clock-reactor", "the daemons' timers run on the wall clock (their reactor as "
+        "Twisted makes it): a step of it runs every timer it passes, or holds them all",
+        "dsml/clocks.py",
+        "    return monotonic\n",
+        "    return wall\n",
     ),
     Mutation(
         "client-no-resync", "the blocking client keeps a connection whose answer it did not "

@@ -168,11 +168,15 @@ class JobManager:
         commit_delay: float = 0.002,
         synchronous: str = "FULL",
         run_in_thread: Callable[[Callable[[], None]], Deferred[None]] | None = None,
+        now: Callable[[], float] | None = None,
     ) -> None:
         """Open (creating if needed) the job state at ``path`` and load the live jobs.
 
         ``path`` is the SQLite file, or an existing directory to hold ``jobs.sqlite3``.
-        ``clock`` schedules the group commits and gives the times recorded.  Changes are
+        ``clock`` schedules the group commits; ``now`` (the wall clock, ``time.time``;
+        without it ``clock.seconds``, for tests on one fake clock) gives the times
+        recorded (a job's created, started, finished, an attempt's started, ended) and
+        the ages retention purges by.  Changes are
         committed ``commit_delay`` seconds after the first one of a batch, at the
         ``synchronous`` level (FULL; tests may lower it).  ``run_in_thread`` runs a
         function in a thread and returns a Deferred of its end (``deferToThreadPool``):
@@ -180,6 +184,7 @@ class JobManager:
         waits for its fsync; without it they run inline (tests, simulations).
         """
         self.clock = clock
+        self.now = clock.seconds if now is None else now
         self._closed = False
         self._jobs: dict[int, JobRecord] = {}
         self._queue = TaskQueue(self._jobs)
@@ -215,7 +220,7 @@ class JobManager:
             on_final=self._settled,
         )
         self.path = self._journal.path
-        self._retention = JobRetention(self._journal, clock, self._protected)
+        self._retention = JobRetention(self._journal, clock, self._protected, self.now)
         try:
             self._load(self._journal.load())
         except BaseException:
@@ -331,7 +336,7 @@ class JobManager:
     def _new_job(self, spec: JobSpec, owner: str) -> JobRecord:
         return JobRecord(
             self._journal.new_job_seq(), spec.name, spec.priority, spec.after, _JOB_QUEUED,
-            self.clock.seconds(), owner=storable(owner),
+            self.now(), owner=storable(owner),
         )
 
     def _materialise(
@@ -531,8 +536,9 @@ class JobManager:
         local or remote: the scheduler's locality report)."""
         journal = self._journal
         aid = journal.new_attempt_id()
-        now = self.clock.seconds()
-        a = AttemptRecord(aid, task, worker, incarnation, _ATTEMPT_RUNNING, now)
+        now = self.now()
+        a = AttemptRecord(aid, task, worker, incarnation, _ATTEMPT_RUNNING, now,
+                          began=self.clock.seconds())
         job = task.job
         if task.spec.inputs and holds is not holds_nothing:
             a.local = data_local(task.spec.inputs, holds, size)
@@ -730,7 +736,7 @@ class JobManager:
         if state not in ATTEMPT_NEXT[a.state]:
             raise IllegalTransition(f"attempt {a.id}: {a.state} -> {state}")
         a.state = state
-        a.ended = self.clock.seconds()
+        a.ended = self.now()
         a.reason = reason
         for hook in self.on_attempt_ended:
             try:
@@ -913,7 +919,7 @@ class JobManager:
                 raise IllegalTransition(f"job {j.id}: {j.state} -> {s}")
             j.state = s
             j.reason = r
-            j.finished = self.clock.seconds()
+            j.finished = self.now()
             self._job_dirty(j)
             self._journal.finalized.append(j)
             log.info("job {job} {state}{why}", job=j.id, state=s, why=f": {r}" if r else "")

@@ -57,6 +57,9 @@ class AttemptRecord:
     #: Whether it started on a worker the directory named as holding every input of
     #: its task (None: the task has none, or the dispatcher did not say).
     local: bool | None = None
+    #: When it started on the manager's clock (monotonic; ``started`` is the wall-clock
+    #: record): in memory only, None for an attempt loaded from disk.
+    began: float | None = None
 
     def view(self) -> AttemptView:
         return AttemptView(
@@ -111,9 +114,10 @@ class TaskRecord:
     attempts: list[AttemptRecord] | tuple[()] = ()
     #: The running attempt, if any.
     current: AttemptRecord | None = None
-    #: When a worker that does not hold its inputs was first left without it (delay
-    #: scheduling: the dispatcher's, see ``JobRouter._locality_wait``), else None.
-    passed_over: float | None = None
+    #: When (monotonic) a worker that does not hold its inputs was first left without it
+    #: (delay scheduling: the dispatcher's, see ``JobRouter._locality_wait``), with its
+    #: number of attempts then (a new attempt's end requeues it: a new wait), else None.
+    passed_over: tuple[float, int] | None = None
 
     def add_attempt(self, attempt: AttemptRecord) -> None:
         """Add its newest attempt."""

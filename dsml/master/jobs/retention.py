@@ -45,14 +45,17 @@ class JobRetention:
     """Purges final jobs from ``journal`` (see the module docstring).
 
     ``protected()`` gives the job numbers a purge must skip (live jobs, the jobs they
-    come after).
+    come after).  ``clock`` schedules; ``now`` (the wall clock the finished times were
+    recorded on; without it ``clock.seconds``) gives a job's age.
     """
 
     def __init__(
-        self, journal: Journal, clock: IReactorTime, protected: Callable[[], Collection[int]]
+        self, journal: Journal, clock: IReactorTime, protected: Callable[[], Collection[int]],
+        now: Callable[[], float] | None = None,
     ) -> None:
         self.journal = journal
         self.clock = clock
+        self.now = clock.seconds if now is None else now
         self.protected = protected
         self._loop: LoopingCall | None = None
         self._running: Deferred[int] | None = None
@@ -68,7 +71,7 @@ class JobRetention:
 
     async def _purge(self, max_age: float, max_count: int, jobs: int, rows: int) -> int:
         journal = self.journal
-        now = self.clock.seconds()
+        now = self.now()
         candidates = await journal.run(
             partial(purge_candidates, journal, now, max_age, max_count, jobs)
         )

@@ -171,7 +171,7 @@ class SimCluster:
         self.durable = disk_model.acquire()
         self.power_losses: list[tuple[float, str, list[str]]] = []
         #: Each machine's wall clock: seconds ahead of the monotonic time (None: no
-        #: wall clocks, every process's ``seconds()`` is the shared time).
+        #: wall clocks, every machine's is the shared time, and none steps).
         self.walls = None if wall_clocks is None else dict(wall_clocks)
         self.walls_at_start = dict(self.walls or {})
         #: Every step of a wall clock: (monotonic time, machine, its offset after).
@@ -232,7 +232,7 @@ class SimCluster:
             token=self.token,
             limits=self.limits,
             listen=lambda factory: NetListen(self.net, self.master_addr, factory, MASTER_HOST),
-            now=self.clock.seconds if self.walls is None else clock.seconds,
+            now=clock.wall_time,
         )
         self._watch_results(master.jobs)
         master.service.startService()
@@ -355,8 +355,9 @@ class SimCluster:
         return ProcessClock(self.clock, self.walls.setdefault(name, 0.0))
 
     def jump_clock(self, name: str, delta: float) -> None:
-        """Machine ``name``'s wall clock steps by ``delta`` seconds (its process's
-        timers with it, as a reactor's; the monotonic time goes on)."""
+        """Machine ``name``'s wall clock steps by ``delta`` seconds (what its node is
+        given as ``now``, and its timers if they run on it: see :class:`ProcessClock`);
+        the monotonic time goes on."""
         assert self.walls is not None, "SimCluster(wall_clocks=...) first"
         self.walls[name] = self.walls.get(name, 0.0) + delta
         self.wall_steps.append((self.clock.seconds(), name, self.walls[name]))

@@ -1,7 +1,8 @@
 """What one simulated process runs on, besides the network.
 
-Owns :class:`ProcessClock` (the shared clock, but a process's timers die with it, and
-its ``seconds()`` is its machine's wall clock, which may be off and jump),
+Owns :class:`ProcessClock` (the shared clock, but a process's timers die with it; its
+machine has a wall clock too, which may be off and step, and its timers run on the
+clock the daemons' reactors run them on: :func:`dsml.clocks.timer_clock`),
 :func:`run_inline` (the process's ``run_in_thread``: no threads in a simulation) and
 :class:`NetListen` (its listening service, on the fake network).
 """
@@ -18,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from ...clocks import timer_clock
 from .network import FakeNetwork
 
 T = TypeVar("T")
@@ -29,18 +31,27 @@ class ProcessClock:
     pending calls are known, so when it dies (:meth:`stop`) its timers die with it
     instead of running on in a process that no longer exists.
 
-    It is what a Twisted reactor is to a real process, so its :meth:`seconds` is the
-    machine's wall clock (``reactor.seconds`` is ``time.time``): the shared time plus
-    ``offset``, which :meth:`jump` moves.  Its calls are due at wall-clock times, as a
-    reactor's are: a jump forward runs at once those it passes, a jump back delays them
-    all by as much.  The shared clock itself is the monotonic one (it never jumps)."""
+    It is what a Twisted reactor is to a real process.  The machine has two clocks: the
+    shared clock is its monotonic one (it never steps), and :meth:`wall_time` is its
+    wall clock, the shared time plus ``offset``, which :meth:`jump` moves.  Its
+    :meth:`seconds` and its timers are on the one :func:`~dsml.clocks.timer_clock`
+    picks, as the daemons' reactors are (:func:`~dsml.clocks.monotonic_reactor`): on
+    the monotonic clock, a step moves only :meth:`wall_time` (what the node is given as
+    ``now``).  Were they on the wall clock (as a reactor left as Twisted makes it), its
+    calls would be due at wall-clock times: a jump forward would run at once those it
+    passes, a jump back delay them all by as much, and so it is modelled."""
 
-    def __init__(self, clock: Clock, offset: float | None = None) -> None:
+    def __init__(self, clock: Clock, offset: float | None = None,
+                 timers: Callable[[Callable[[], float], Callable[[], float]],
+                                  Callable[[], float]] = timer_clock) -> None:
         self.clock = clock
         #: Seconds this machine's wall clock is ahead of the shared (monotonic) time
-        #: (with None, 0 and no jumps: its calls are the shared clock's own).
+        #: (with None, 0 and no jumps).
         self.offset = offset or 0.0
-        self.wall = offset is not None
+        self.stepping = offset is not None
+        #: Whether its timers are on the wall clock (see the class doc): ``timers`` (the
+        #: production decision by default) given the machine's two clocks.
+        self.wall = self.stepping and timers(clock.seconds, self.wall_time) == self.wall_time
         self.running = True
         self._calls: list[IDelayedCall] = []
         self._prune_at = 256
@@ -48,14 +59,20 @@ class ProcessClock:
         self._held: dict[IDelayedCall, float] | None = None
 
     def seconds(self) -> float:
-        """The machine's wall clock (the shared time plus :attr:`offset`)."""
+        """The time its timers run on: the monotonic time, or (:attr:`wall`) the wall."""
+        return self.wall_time() if self.wall else self.clock.seconds()
+
+    def wall_time(self) -> float:
+        """The machine's wall clock (the shared time plus :attr:`offset`): ``now``."""
         return self.clock.seconds() + self.offset
 
     def jump(self, delta: float) -> None:
-        """The wall clock steps by ``delta`` seconds (NTP, an operator, a VM resumed):
-        each pending call stays due at the same wall-clock time."""
-        assert self.wall, "a ProcessClock made without an offset cannot jump"
+        """The wall clock steps by ``delta`` seconds (NTP, an operator, a VM resumed);
+        timers on it (:attr:`wall`) stay due at the same wall-clock time."""
+        assert self.stepping, "a ProcessClock made without an offset cannot jump"
         self.offset += delta
+        if not self.wall:
+            return
         if self._held is not None:
             self._held = {call: due - delta for call, due in self._held.items()}
             return
