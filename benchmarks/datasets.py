@@ -12,9 +12,8 @@ the coefficients solved the same way) is timed on each side:
 - Dask: ``dask.dataframe.read_csv`` (blocks of ``--chunk``), the same sums per partition,
   on a distributed ``LocalCluster`` of 4 worker processes of one thread;
 - dsml: a LocalCluster of 4 workers of one CPU, replication 2; the file chunk-uploaded
-  (``upload_dataset``, timed apart), then ``dsml.ml.linear_regression`` as it is (its
-  chunks parsed by the ``csv`` module), and the same map with the chunks parsed by
-  pandas (:func:`dsml.chunkstats.csv_chunk_stats`).  Locality is the master's report
+  (``upload_dataset``, timed apart), then ``dsml.ml.linear_regression`` (its chunks
+  parsed by pandas' C reader in blocks, on the workers).  Locality is the master's report
   (the job's attempts started on a holder of their chunk); peak RSS is each worker
   daemon's VmHWM and each map process's peak as its worker measured it.
 
@@ -167,7 +166,6 @@ def dsml_side(path: Path, chunk: int, root: Path) -> dict[str, Any]:
     """Upload, then both fits, on a fresh cluster: timings, locality, peak RSS."""
     import dsml
     import dsml.ml
-    from dsml.chunkstats import csv_chunk_stats
     from dsml.localcluster import LocalCluster
 
     workers = {n: {"host": "127.0.0.1", "port": 0, "data_dir": n, "cpus": 1,
@@ -191,14 +189,7 @@ def dsml_side(path: Path, chunk: int, root: Path) -> dict[str, Any]:
                                                 client=client, timeout=3600)
                 return fit.n, [fit.intercept, *fit.coef]
 
-            def fit_pandas() -> Any:
-                fs = client.map_chunks(csv_chunk_stats, "datasets/bench",
-                                       list(range(len(COLUMNS))))
-                stats = merged(f.result(3600) for f in fs)
-                return stats[0], list(solve(stats))
-
-            for name, fit in (("ml", fit_ml), ("pandas", fit_pandas)):
-                out[name] = _timed_fit(client, fit)
+            out["ml"] = _timed_fit(client, fit_ml)
         out["daemon_rss"] = max(_hwm(c.procs[w].pid) for w in WORKERS)
     return out
 
@@ -252,12 +243,10 @@ def report(size: int, small: int, rows: int, base: dict[str, Any], dask: dict[st
         "one process (pandas + numpy)": ("-", base)}
     if isinstance(dask, dict):
         rows_of["dask (read_csv + the sums)"] = ("-", dask)
-    for key, label in (("ml", "dsml ml.linear_regression (csv)"),
-                       ("pandas", "dsml map, pandas chunk parser")):
-        where = big[key]["locality"]
-        local = (f"{where['local']}/{where['local'] + where['remote']} "
-                 f"{100 * (where['fraction'] or 0):.0f}%")
-        rows_of[label] = (local, big[key])
+    where = big["ml"]["locality"]
+    local = (f"{where['local']}/{where['local'] + where['remote']} "
+             f"{100 * (where['fraction'] or 0):.0f}%")
+    rows_of["dsml ml.linear_regression"] = (local, big["ml"])
     for label, (local, r) in rows_of.items():
         assert r["n"] == rows, (label, r["n"], rows)
         diff = float(np.max(np.abs(np.asarray(r["coef"]) - ref) / np.abs(ref)))
@@ -267,12 +256,10 @@ def report(size: int, small: int, rows: int, base: dict[str, Any], dask: dict[st
         print(f"{'dask':<34}{dask}")
     print(f"peak RSS (max over processes)  {_size(size):>10} {_size(small):>10}   ratio")
     for label, get in (("dsml worker daemon (VmHWM)", lambda d: d["daemon_rss"]),
-                       ("map process, ml (csv)", lambda d: d["ml"]["task_rss"]),
-                       ("map process, pandas parser", lambda d: d["pandas"]["task_rss"])):
+                       ("map process", lambda d: d["ml"]["task_rss"])):
         a, b = get(big), get(little)
         print(f"  {label:<29}{_size(a):>10} {_size(b):>10}   {a / b if b else float('nan'):.2f}")
-    for key, label in (("pandas", "dsml with the pandas chunk parser"),
-                       ("ml", "dsml.ml.linear_regression as it is")):
+    for key, label in (("ml", "dsml.ml.linear_regression"),):
         r = big[key]
         speed = base["wall"] / r["wall"]
         vs_dask = dask["wall"] / r["wall"] if isinstance(dask, dict) else None
