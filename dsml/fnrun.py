@@ -47,6 +47,9 @@ from typing import IO, Any
 
 #: The calls and results format; a reader refuses another.
 FORMAT = 1
+#: The modules a warm interpreter imports while it waits (comma-separated; the worker's
+#: ``preload``); gone from its environment once it runs an attempt.
+PRELOAD_ENV = "DSML_WARM_PRELOAD"
 #: The variable holding a small batch's calls (base64) when CALLS is ``-``.
 CALLS_ENV = "DSML_FN_CALLS"
 #: Exit status for a task that could not run its calls at all (mismatch, bad file).
@@ -223,7 +226,15 @@ def _dumpable(on: bool) -> None:
 def warm_main() -> int:
     """Wait for the attempt (see the module doc), then run it as :func:`main` would."""
     _dumpable(False)
+    import importlib
+
     import cloudpickle  # noqa: F401 - imported now, before the attempt: the point
+
+    for name in filter(None, os.environ.get(PRELOAD_ENV, "").split(",")):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001, S110 - not installed here: the call imports it
+            pass
 
     sock = socket.socket(fileno=0)
     try:

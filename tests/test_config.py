@@ -530,6 +530,18 @@ def test_a_workers_python_for_functions_is_an_absolute_path(tmp_path: Path) -> N
             load_config(path)
 
 
+def test_a_workers_preload_is_a_list_of_module_names(tmp_path: Path) -> None:
+    base = "master: {port: 0, state_dir: m}\nworkers:\n  w1: {port: 0, data_dir: w1%s}\n"
+    path = tmp_path / "dsml.yaml"
+    for extra, want in [("", ()), (", preload: [numpy, os.path]", ("numpy", "os.path"))]:
+        path.write_text(base % extra)
+        assert load_config(path).worker("w1").preload == want
+    for bad in ("numpy", "[1]", "['a b']", "['os..path']", "['x,y']", f"[{'a' * 201}]"):
+        path.write_text(base % f", preload: {bad}")
+        with pytest.raises(ConfigError, match="workers.w1.preload: must be a list of module"):
+            load_config(path)
+
+
 def test_a_workers_input_cache_is_bytes_from_zero(tmp_path: Path) -> None:
     """``input_cache`` defaults to 8 GiB; 0 turns the cache off; negative is refused."""
     base = "master: {port: 0, state_dir: m}\nworkers:\n  w1: {port: 0, data_dir: w1%s}\n"

@@ -353,6 +353,7 @@ def make_worker_service(config: Config, name: str, reactor: Any) -> service.Mult
             gpus=gpus,
             task_user=task_user,
             python=fn_python,
+            preload=wc.preload,
             work_dir=work_dir,
             transfers=transfers,
             on_result=on_result,

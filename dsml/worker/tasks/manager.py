@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 
 from ...config import DEFAULT_ATTEMPT_DIRS_MAX_AGE, DEFAULT_ATTEMPT_DIRS_MAX_BYTES
 from ...errors import NotFound
+from ...fnrun import PRELOAD_ENV
 from ...fsutil import makedirs_private, private_dir
 from ...protocol.limits import MAX_INLINE_RESULT
 from .attempt import Attempt
@@ -151,6 +152,7 @@ class TaskManager(AttemptLedger):
         task_user: TaskUser | None = None,
         warm: int = WARM_INTERPRETERS,
         python: str = sys.executable,
+        preload: Sequence[str] = (),
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
@@ -190,7 +192,9 @@ class TaskManager(AttemptLedger):
         # Warm interpreters need the pidfd path, and cgroups or nothing: the subreaper
         # finds an attempt's processes by a mark their environment had at exec.
         self._warm = WarmPool(
-            reactor, self.isolation, task_user, self._environment.for_warm(),
+            reactor, self.isolation, task_user,
+            {**self._environment.for_warm(), **({PRELOAD_ENV: ",".join(preload)}
+                                                 if preload else {})},
             self._dirs.run_root, self._executables, warm, python,
         ) if warm and self.launcher is popen_launcher and not self.isolation.subreaper else None
         self._dirs.recover()
