@@ -5,8 +5,6 @@ with SIGKILL in the middle of a map leaves the fit exact, each chunk counted onc
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_ml_processes import _data
 
 import dsml
 import dsml.ml
@@ -54,20 +53,6 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 def client(cluster: LocalCluster) -> Iterator[ClusterClient]:
     with dsml.connect(cluster.config_path) as c:
         yield c
-
-
-def _data(path: Path, n: int, seed: int) -> tuple[Any, Any]:
-    """Seeded rows (features far from 0), every digit written; as numpy reads them."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 3)) + np.array([1e4, -3e3, 0.5])
-    y = x @ np.array([2.5, -1.25, 4.0]) + 7.0 + rng.normal(scale=0.1, size=n)
-    out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
-    w.writerow(["a", "b", "c", "y"])
-    w.writerows([*map(repr, map(float, r)), repr(float(t))] for r, t in zip(x, y, strict=True))
-    path.write_text(out.getvalue())
-    back = np.loadtxt(path, delimiter=",", skiprows=1)
-    return back[:, :3], back[:, 3]
 
 
 def _lstsq(x: Any, y: Any) -> Any:
