@@ -64,6 +64,30 @@ def test_the_cli_stores_a_csv_as_chunks_and_a_manifest(
     assert keys == {c["key"] for c in m["chunks"]} | {"datasets/games/_manifest.json"}
 
 
+def test_the_cli_runs_a_command_on_each_chunk_where_it_is_stored(
+    cluster: LocalCluster, client: ClusterClient, tmp_path: Path
+) -> None:
+    """``dsml submit --chunks DATASET -- CMD {chunk}``: one task per chunk, the chunk
+    staged as ``{chunk}``, ``{index}`` in the outputs; each ran where its chunk is (the
+    master's record), and the chunks' line counts add up to the file's."""
+    data = _a_csv(tmp_path / "count.csv", 2000)
+    cluster.cli("upload", "--chunk", "8KiB", str(tmp_path / "count.csv"), "datasets/count")
+    m = read_manifest(client, "datasets/count")
+    job = cluster.cli("submit", "--chunks", "datasets/count", "--output",
+                      "n.txt:counts/{index}", "--", "sh", "-c",
+                      "wc -c < {chunk} > n.txt").stdout.decode().strip()
+    status = client.wait(job, timeout=120)
+    assert status["state"] == "succeeded", status
+    assert len(status["tasks"]) == len(m["chunks"]) > 3
+    sizes = [int(client.read(f"counts/{i}")) for i in range(len(m["chunks"]))]
+    assert sizes == [c["size"] for c in m["chunks"]]
+    header = len(b"id,text,y\n")
+    assert sum(sizes) - header * (len(sizes) - 1) == len(data)
+    assert status["locality"] == {"local": len(sizes), "remote": 0}
+    r = cluster.cli("submit", "--chunks", "datasets/nope", "--", "true", check=False)
+    assert r.returncode == 1 and b"not-found" in r.stderr
+
+
 def test_an_upload_over_a_dataset_replaces_it_whole(
     client: ClusterClient, tmp_path: Path
 ) -> None:

@@ -46,6 +46,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             raise UsageError("nothing to run: dsml submit [options] -- COMMAND ARGS...")
         if args.array < 1:
             raise UsageError("--array must be at least 1")
+        if args.chunks and args.array != 1:
+            raise UsageError("give either --chunks or --array, not both")
         env = {}
         for item in args.env or []:
             k, sep, v = item.partition("=")
@@ -76,9 +78,53 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 c.strip() for c in args.retry_on.split(",") if c.strip()],
         }
     with _cluster(args) as c:
+        if not args.file and args.chunks:
+            job_kw = _per_chunk(c, args.chunks, job_kw)
         job = c.submit(**job_kw)
     print(job.id)
     return 0
+
+
+def _per_chunk(c: Any, dataset: str, job_kw: dict[str, Any]) -> dict[str, Any]:
+    """The job of ``job_kw`` as one task per chunk of ``dataset``: the chunk an input
+    (so the master runs it where the chunk is stored, and the worker stages it from its
+    own store), ``{chunk}`` in the command its path, ``{index}`` in the outputs the
+    chunk's number."""
+    from ..config import parse_size
+    from ..datasets import read_manifest
+
+    chunks = read_manifest(c, dataset.rstrip("/"))["chunks"]
+    if not chunks:
+        raise UsageError(f"dataset {dataset} has no chunks")
+    per_task = {k: job_kw.pop(k) for k in ("command", "env", "inputs", "outputs", "slots",
+                                             "mem", "gpus", "timeout", "max_attempts",
+                                             "retry_on")}
+    job_kw.pop("array")
+    mem = per_task["mem"]
+    if isinstance(mem, str):
+        try:
+            mem = parse_size(mem)
+        except ValueError as e:
+            raise UsageError(f"--mem: {e}") from None
+    tasks = []
+    for i, chunk in enumerate(chunks):
+        path = "chunk" + Path(chunk["key"]).suffix
+        sub = {"{chunk}": path, "{index}": str(i)}
+
+        def fill(text: str, sub: dict[str, str] = sub) -> str:
+            for name, value in sub.items():
+                text = text.replace(name, value)
+            return text
+
+        task = {k: v for k, v in per_task.items() if v is not None and k != "mem"}
+        if mem:
+            task["mem"] = mem
+        task["command"] = [fill(a) for a in per_task["command"]]
+        task["inputs"] = [[chunk["key"], path],
+                          *([fill(k), fill(p)] for k, p in per_task["inputs"])]
+        task["outputs"] = [[fill(p), fill(k)] for p, k in per_task["outputs"]]
+        tasks.append(task)
+    return {**job_kw, "tasks": tasks}
 
 
 def _age(t: float | None) -> str:

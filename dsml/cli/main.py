@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="set an environment variable in the task")
     sp.add_argument("--array", type=int, default=1, metavar="N",
                     help="N tasks, each with DSML_TASK_INDEX")
+    sp.add_argument("--chunks", metavar="DATASET",
+                    help="one task per chunk of DATASET (see `dsml upload --chunk`), run "
+                         "where the chunk is stored and staged from there: {chunk} in the "
+                         "command is its path, {index} in outputs the chunk's number")
     sp.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                     help="the command and its arguments, after --")
     sp = add("jobs", cmd_jobs, "list recent jobs")
