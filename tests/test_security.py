@@ -646,6 +646,7 @@ CLIENT_ONLY_MASTER = {
     "cancel": {"Job": "j1"},
     "wait": {"Job": "j1", "Timeout": 1},
     "logs": {"Job": "j1"},
+    "result": {"Job": "j1", "Task": 0},
 }
 
 
