@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,7 @@ def test_read_small_is_bounded_and_never_follows_a_symlink(tmp_path: Path) -> No
     (tmp_path / "s").symlink_to(tmp_path / "r")
     with pytest.raises(OSError):
         read_small(tmp_path, "s", 10)
+    os.link(tmp_path / "r", tmp_path / "h")  # a second name: maybe a file not the task's
+    assert read_small(tmp_path, "h", 10) is None
+    os.mkfifo(tmp_path / "f")
+    assert read_small(tmp_path, "f", 10) is None  # never blocks on a FIFO

@@ -99,8 +99,9 @@ def read_small(root: Path, rel: str, limit: int) -> bytes | None:
     most ``limit`` bytes, else None; never through a symlink at its last step."""
     fd = os.open(root / rel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        if not stat_module.S_ISREG(os.fstat(fd).st_mode):
-            return None
+        st = os.fstat(fd)
+        if not stat_module.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            return None  # swapped since output_problem: read nothing (and upload fails)
         parts, size = [], 0
         while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
             parts.append(chunk)
