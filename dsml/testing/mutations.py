@@ -48,6 +48,7 @@ CATCH_SET = (
     "tests/test_directory.py",
     "tests/test_cluster_sim.py",
     "tests/test_nemesis.py",
+    "tests/test_inline_results.py",
 )
 
 
@@ -170,6 +171,14 @@ MUTATIONS = (
         "FORWARD_STALL = 10.0", "FORWARD_STALL = 1e9",
         also=(("FORWARD_CONNECT_TIMEOUT = 5.0", "FORWARD_CONNECT_TIMEOUT = 1e9"),
               ("self._pacer.release(resume=True)", "self._pacer.release(resume=False)")),
+    ),
+    Mutation(
+        "inline-result-kept", "the inline result a worker reports is kept whatever the "
+        "attempt's end (failed too), whether its task declared one or not, however big",
+        "dsml/master/jobs/manager.py",
+        "            a.stderr_tail = clean_tail(stderr_tail)\n        elif result and "
+        "a.task.spec.result and len(result) <= MAX_INLINE_RESULT:",
+        "            a.stderr_tail = clean_tail(stderr_tail)\n        if result:",
     ),
     Mutation(
         "commit-without-grant", "a commit records the copies without checking its grant",
