@@ -181,6 +181,14 @@ MUTATIONS = (
         "            a.stderr_tail = clean_tail(stderr_tail)\n        if result:",
     ),
     Mutation(
+        "stale-reconcile", "a worker registering again after a master restart has an "
+        "attempt it reports finished committed without checking it was given that attempt",
+        "dsml/master/jobs/manager.py",
+        "            if a is not None and a.worker == worker and a.incarnation <= incarnation:"
+        "\n                self._complete(",
+        "            if a is not None:\n                self._complete(",
+    ),
+    Mutation(
         "commit-without-grant", "a commit records the copies without checking its grant",
         "dsml/master/keyspace.py",
         "        version = self.directory.grants.version_of(key, grant)",
