@@ -13,7 +13,7 @@ import pytest
 from test_jobs import Harness, Threads, job, task
 
 from dsml.master.jobs import MAX_INLINE_RESULT, JobError
-from dsml.master.jobs.model import check_task
+from dsml.master.jobs.model import FinishedReport, check_task
 from dsml.master.jobwire import assignment_json, finished_report
 from dsml.worker.runner import result_json, spec_from_json
 from dsml.worker.tasks import AttemptResult
@@ -85,6 +85,29 @@ def test_a_stale_or_failed_attempt_never_leaves_a_result(h: Harness) -> None:
     assert h.jm.result(j, 0) == b"good"
     assert not finish(h, a.attempt_id, b"late")  # the stale one, after the success
     assert h.jm.result(j, 0) == b"good"
+
+
+def test_a_result_reported_at_reregistration_is_fenced_as_a_live_one(h: Harness) -> None:
+    """After a master restart a worker reports its ended attempts when it registers
+    (reconcile): a success's result is kept, a failure's never, and a report for an
+    attempt given to another worker changes nothing."""
+    j = h.submit(job(with_result(), with_result()))
+    a, b = h.assign(free=2)
+    h.reopen()
+
+    def report(aid: int, code: int, data: bytes) -> FinishedReport:
+        return FinishedReport(aid, code, None, 0.1, 0, result=data)
+
+    h.jm.reconcile("w2", 1, [], [report(a.attempt_id, 0, b"not w2's")])
+    h.tick()
+    assert h.jm.result(j, 0) is None
+    assert h.jm.job(j).tasks[0].state == "running"
+    h.jm.reconcile("w1", 2, [], [report(a.attempt_id, 0, b"mine"),
+                                 report(b.attempt_id, 3, b"failed")])
+    h.tick()
+    assert (h.jm.result(j, 0), h.jm.result(j, 1)) == (b"mine", None)
+    h.reopen()
+    assert (h.jm.result(j, 0), h.jm.result(j, 1)) == (b"mine", None)
 
 
 def test_only_a_declared_bounded_result_is_kept(h: Harness) -> None:

@@ -14,6 +14,8 @@ by default the *catch set* (:data:`CATCH_SET`: the simulation, the nemesis's kno
 and a short budget of new ones, the job and store tests; a few minutes each), with
 ``--full`` the whole suite.  A mutation whose text is no longer in the source is
 reported as ``stale`` (the code moved: update its anchor), never silently skipped.
+First the same tests run against the unmutated copy (``--no-baseline`` skips it): a test
+that fails there would "catch" every mutant, so the check stops.
 
 The table printed at the end: each mutation, caught or MISSED, and by which test first.
 The exit status is 1 if any was missed or stale.
@@ -46,6 +48,7 @@ CATCH_SET = (
     "tests/test_directory.py",
     "tests/test_cluster_sim.py",
     "tests/test_nemesis.py",
+    "tests/test_inline_results.py",
 )
 
 
@@ -170,6 +173,22 @@ MUTATIONS = (
               ("self._pacer.release(resume=True)", "self._pacer.release(resume=False)")),
     ),
     Mutation(
+        "inline-result-kept", "the inline result a worker reports is kept whatever the "
+        "attempt's end (failed too), whether its task declared one or not, however big",
+        "dsml/master/jobs/manager.py",
+        "            a.stderr_tail = clean_tail(stderr_tail)\n        elif result and "
+        "a.task.spec.result and len(result) <= MAX_INLINE_RESULT:",
+        "            a.stderr_tail = clean_tail(stderr_tail)\n        if result:",
+    ),
+    Mutation(
+        "stale-reconcile", "a worker registering again after a master restart has an "
+        "attempt it reports finished committed without checking it was given that attempt",
+        "dsml/master/jobs/manager.py",
+        "            if a is not None and a.worker == worker and a.incarnation <= incarnation:"
+        "\n                self._complete(",
+        "            if a is not None:\n                self._complete(",
+    ),
+    Mutation(
         "commit-without-grant", "a commit records the copies without checking its grant",
         "dsml/master/keyspace.py",
         "        version = self.directory.grants.version_of(key, grant)",
@@ -185,10 +204,14 @@ def copy_project(dest: Path) -> None:
     for name in ("pyproject.toml", "README.md", "Makefile"):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, dest / name)
-    # The README test runs ``.venv/bin/python`` in the copy: without it that test
-    # failed against every mutant, and a mutation nothing else caught counted as caught.
-    if (ROOT / ".venv").exists():
-        (dest / ".venv").symlink_to((ROOT / ".venv").resolve())
+    # The README tests run ``.venv/bin/python`` in the copy: without it they failed
+    # against every mutant, and a mutation nothing else caught counted as caught.  A git
+    # worktree has no ``.venv`` of its own: the one running this check stands in.
+    venv = ROOT / ".venv"
+    if not venv.exists() and sys.prefix != sys.base_prefix:
+        venv = Path(sys.prefix)
+    if venv.exists():
+        (dest / ".venv").symlink_to(venv.resolve())
 
 
 def plant(root: Path, m: Mutation) -> bool:
@@ -202,13 +225,14 @@ def plant(root: Path, m: Mutation) -> bool:
     return True
 
 
-def run_one(m: Mutation, tests: list[str], timeout: float) -> tuple[str, str, float]:
-    """(verdict, first failing test or why, seconds)."""
+def run_one(m: Mutation | None, tests: list[str], timeout: float) -> tuple[str, str, float]:
+    """(verdict, first failing test or why, seconds); ``m`` None: the unmutated copy."""
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix=f"dsml-mutant-{m.name}-") as tmp:
+    name = m.name if m is not None else "baseline"
+    with tempfile.TemporaryDirectory(prefix=f"dsml-mutant-{name}-") as tmp:
         root = Path(tmp)
         copy_project(root)
-        if not plant(root, m):
+        if m is not None and not plant(root, m):
             return "stale", f"the text to mutate is not (exactly once) in {m.path}", 0.0
         env = dict(os.environ, PYTHONPATH=str(root), DSML_NEMESIS_BUDGET="20",
                    PYTHONDONTWRITEBYTECODE="1")
@@ -235,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="the whole suite against each mutant")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per mutant")
     p.add_argument("--list", action="store_true", help="list the mutations")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the first run, of the tests against the unmutated copy")
     args = p.parse_args(argv)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
     if args.list:
@@ -242,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name:<22} {m.what}")
         return 0
     tests = ["tests"] if args.full else list(CATCH_SET)
+    if not args.no_baseline:
+        # A test failing without any bug planted would "catch" every mutant.
+        print(".. baseline: the same tests against the unmutated copy", flush=True)
+        verdict, by, took = run_one(None, tests, args.timeout)
+        if verdict != "MISSED":
+            print(f"   the unmutated copy fails ({took:.0f} s): {by}", flush=True)
+            return 1
+        print(f"   passes ({took:.0f} s)", flush=True)
     rows = []
     for m in chosen:
         print(f".. {m.name}: {m.what}", flush=True)
