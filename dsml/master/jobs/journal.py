@@ -293,7 +293,7 @@ class Journal:
         """Task ``index`` of job ``seq``'s result as its worker reported it, committed
         or not yet (None: none was)."""
         in_flight = self._in_flight.results if self._in_flight is not None else []
-        for job, idx, data in reversed(self.results + in_flight):
+        for job, idx, data in reversed(in_flight + self.results):
             if (job, idx) == (seq, index):
                 return data
         rows = self.read("SELECT data FROM results WHERE job = ? AND idx = ?", (seq, index))
