@@ -126,7 +126,7 @@ BAD_FILES = [
     pytest.param(
         MINIMAL + "    slotz: 2\n",
         "workers.w1.slotz: unknown key (known: host, port, data_dir, cpus, slots, mem, gpus,"
-        " input_cache, task_env, task_user, python)",
+        " input_cache, task_env, task_user, python, preload)",
         id="unknown-worker-key",
     ),
     pytest.param(
