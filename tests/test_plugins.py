@@ -121,7 +121,7 @@ def test_bad_config_is_the_one_line_config_error(
     assert str(info.value) == (
         f"{path}: workers.w1.slotz: unknown key "
         "(known: host, port, data_dir, cpus, slots, mem, gpus, input_cache, task_env, task_user,"
-        " python)"
+        " python, preload)"
     )
 
 
