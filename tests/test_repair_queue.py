@@ -437,3 +437,22 @@ def test_registrations_take_one_reactor_turn_each(
                 if not isinstance(g, Failure)] == [1, 1, 1, 1]
     finally:
         c.state.close()
+
+
+def test_a_key_short_of_the_factor_is_copied_when_the_cluster_grows_back(
+    cluster: Cluster,
+) -> None:
+    """Down to one counted worker, a key with a copy there meets the cluster's reduced
+    target; when a second worker comes back it is copied there, although no scan would
+    find it (the directory still counts the dead worker's copy: nemesis seed 1160)."""
+    for w in ("a", "b", "c"):
+        cluster.join(w)
+    cluster.store("k", "a", "c")
+    settle(cluster)
+    cluster.close_link("b")
+    cluster.close_link("c")
+    cluster.clock.pump([1.0] * int(GRACE + 5))
+    assert cluster.orders("replicate") == []  # one worker: nowhere to copy to
+    cluster.join("b")
+    cluster.clock.pump([1.0] * 3)
+    assert cluster.orders("replicate") == [("a", "k")]

@@ -372,6 +372,11 @@ class Repairer:
             source = Replica(sources[0], view.size, view.sha256, view.version)
             self._copy(key, source, alive[sources[0]], target)
             return
+        if len(holders) < factor:
+            # Enough for a cluster smaller than the factor, short of it once the cluster
+            # grows back: look again when the workers change (no scan finds it then, as
+            # the directory still counts a dead worker's copy).
+            self._parked[key] = None
         live = [w for w in current if w in alive]
         if len(live) > factor:
             # Trims only where every counted holder is alive (a copy may be pending).
