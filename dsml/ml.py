@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import csv
 import functools
+import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +46,10 @@ if TYPE_CHECKING:
 
 #: Rows parsed at a time inside a chunk.
 BLOCK_ROWS = 65536
+#: Chunks from this size on are parsed by pandas (when installed) unless it is imported
+#: already (a worker's ``preload``): its import (about 0.45 s beyond numpy's) costs what
+#: the csv module takes to parse some 15 MiB, pandas' parser being 7x faster.
+PANDAS_FROM = 16 << 20
 #: A fit merges its chunks' statistics as a tree of reduce jobs on the cluster when
 #: they come to more than this (chunks x the statistics' bytes), rather than read each
 #: into the client: a tree costs a job per level (some 0.5 s on a small cluster), worth
@@ -100,12 +106,16 @@ def _block_stats(rows: Any) -> Stats:
 def _blocks(path: Path, columns: Sequence[int]) -> Iterator[Any]:
     """``columns`` of the CSV chunk at ``path`` as float64 arrays of at most
     :data:`BLOCK_ROWS` rows each (its header skipped): the chunk is never whole in memory.
-    Parsed by pandas' C reader where pandas is installed (measured 7x the ``csv`` module
-    and ``float()`` per value, which is three quarters of a fit's time otherwise; its
-    values equal ``float()``'s), else by the ``csv`` module.  A value that is not a
+    Parsed by pandas' C reader where pandas is installed and the chunk is at least
+    :data:`PANDAS_FROM` bytes or pandas already imported (measured 7x the ``csv`` module
+    and ``float()`` per value, which is three quarters of a big chunk's time otherwise;
+    its values equal ``float()``'s), else by the ``csv`` module.  A value that is not a
     number, missing or NaN is a ValueError naming the chunk."""
     import numpy as np
 
+    if "pandas" not in sys.modules and os.path.getsize(path) < PANDAS_FROM:
+        yield from _csv_blocks(path, columns)  # parsed before pandas would be imported
+        return
     try:
         import pandas as pd
     except ImportError:
