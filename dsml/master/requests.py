@@ -456,8 +456,9 @@ class MasterHandler:
     def _result(self, head: Head, payload: bytes, conn: Connection) -> Reply:
         # The owner's (or an admin's), as the logs are: a function's result is its data.
         h = head.headers
-        self._check_owner(self.router.job(h["job"], tasks=False), conn, "read its results")
-        data = self.router.jobs.result(h["job"], int(h["task"]))
+        view = self.router.job(h["job"], tasks=False)
+        self._check_owner(view, conn, "read its results")
+        data = self.router.jobs.result(view, int(h["task"]))
         if data is None:
             raise JobError(f"task {h['task']} of {h['job']} has no result here", "not-found")
         return Reply({}, data)

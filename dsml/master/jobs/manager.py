@@ -975,12 +975,13 @@ class JobManager:
                 return view
         raise JobError(f"no job {str(job_id)[:80]!r}", "not-found")
 
-    def result(self, job_id: str, index: int) -> bytes | None:
-        """Task ``index`` of job ``job_id``'s result, as the worker of its committed
-        attempt reported it (its task's ``result`` output), None if there is none (no
-        such task, not succeeded, or its result too big: stored under its key).  Raises
-        ``not-found`` for an unknown job."""
-        view = self.job(job_id, tasks=False)
+    def result(self, job: str | JobView, index: int) -> bytes | None:
+        """Task ``index`` of job ``job``'s result, as the worker of its committed attempt
+        reported it (its task's ``result`` output), None if there is none (no such task,
+        not succeeded, or its result too big: stored under its key).  ``job`` is its id
+        (raises ``not-found`` for an unknown job) or the view a caller already has (the
+        master's responder, which checked its owner on it: not read twice)."""
+        view = job if isinstance(job, JobView) else self.job(job, tasks=False)
         seq = parse_job_id(view.id)
         assert seq is not None
         return self._journal.result(seq, index)
