@@ -44,6 +44,8 @@ from .errors import DsmlError
 if TYPE_CHECKING:
     from .client.cluster import ClusterClient
 
+#: A Parquet file's first (and last) bytes: a chunk that starts so is read by pyarrow.
+PARQUET_MAGIC = b"PAR1"
 #: Rows parsed at a time inside a chunk.
 BLOCK_ROWS = 65536
 #: Chunks from this size on are parsed by pandas (when installed) unless it is imported
@@ -104,7 +106,8 @@ def _block_stats(rows: Any) -> Stats:
 
 
 def _blocks(path: Path, columns: Sequence[int]) -> Iterator[Any]:
-    """``columns`` of the CSV chunk at ``path`` as float64 arrays of at most
+    """``columns`` of the chunk at ``path`` (CSV, or Parquet:
+    :func:`_parquet_blocks`) as float64 arrays of at most
     :data:`BLOCK_ROWS` rows each (its header skipped): the chunk is never whole in memory.
     Parsed by pandas' C reader where pandas is installed and the chunk is at least
     :data:`PANDAS_FROM` bytes or pandas already imported (measured 7x the ``csv`` module
@@ -113,6 +116,10 @@ def _blocks(path: Path, columns: Sequence[int]) -> Iterator[Any]:
     number, missing or NaN is a ValueError naming the chunk."""
     import numpy as np
 
+    with open(path, "rb") as f:
+        if f.read(4) == PARQUET_MAGIC:
+            yield from _parquet_blocks(path, columns)
+            return
     if "pandas" not in sys.modules and os.path.getsize(path) < PANDAS_FROM:
         yield from _csv_blocks(path, columns)  # parsed before pandas would be imported
         return
@@ -133,6 +140,36 @@ def _blocks(path: Path, columns: Sequence[int]) -> Iterator[Any]:
             if len(z):
                 yield z
     except (ValueError, pd.errors.ParserError) as e:
+        raise ValueError(f"{path.name}: {e}") from None
+
+
+def _parquet_blocks(path: Path, columns: Sequence[int]) -> Iterator[Any]:
+    """:func:`_blocks` of a Parquet chunk (pyarrow), :data:`BLOCK_ROWS` rows at a time:
+    only the columns used are read; a null, NaN or non-numeric value is a ValueError."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        wanted = sorted(set(columns))
+        order = [wanted.index(c) for c in columns]
+        first = 0
+        for batch in pf.iter_batches(batch_size=BLOCK_ROWS, columns=[names[c] for c in wanted]):
+            cols = []
+            for name, col in zip(batch.schema.names, batch.columns, strict=True):
+                if col.null_count:
+                    raise ValueError(f"column {name!r}: a value missing near row {first + 1}")
+                cols.append(col.to_numpy(zero_copy_only=False).astype(np.float64))
+            z = np.column_stack(cols)[:, order] if cols else np.empty((batch.num_rows, 0))
+            if np.isnan(z).any():
+                row = int(np.flatnonzero(np.isnan(z).any(axis=1))[0]) + first
+                raise ValueError(f"row {row + 1}: a value not a number")
+            first += len(z)
+            if len(z):
+                yield z
+    except (ValueError, TypeError, IndexError, pa.ArrowException) as e:
         raise ValueError(f"{path.name}: {e}") from None
 
 
@@ -157,7 +194,7 @@ def _csv_blocks(path: Path, columns: Sequence[int]) -> Iterator[Any]:
 
 
 def chunk_stats(path: Path, columns: Sequence[int], binary: bool = False) -> Stats:
-    """The statistics of ``columns`` (features then target) of the CSV chunk at
+    """The statistics of ``columns`` (features then target) of the chunk at
     ``path``, read :data:`BLOCK_ROWS` rows at a time (runs on a worker); ``binary``: the
     target must be 0 or 1 (a logistic regression's)."""
     import numpy as np
@@ -192,7 +229,7 @@ def linear_regression(dataset: str, target: str, features: Sequence[str] | None 
                       ridge: float = 0.0, *, client: ClusterClient | None = None,
                       timeout: float | None = None, tree: bool | None = None) -> LinearFit:
     """Least squares (``ridge`` > 0: ridge) of ``target`` on ``features`` (default: every
-    other column) with an intercept, over the CSV dataset ``dataset`` (see
+    other column) with an intercept, over the CSV or Parquet dataset ``dataset`` (see
     :mod:`dsml.datasets`), one task per chunk; ``client``: else :func:`dsml.connect`.
     ``tree``: merge the chunks' statistics as a tree of reduce jobs on the cluster
     rather than in the client (default: when they are over :data:`TREE_BYTES`)."""
@@ -211,7 +248,7 @@ def linear_regression(dataset: str, target: str, features: Sequence[str] | None 
 
 
 class _Maps:
-    """The maps of one fit over a CSV dataset: its columns (the features, then the
+    """The maps of one fit over a CSV or Parquet dataset: its columns (the features, then the
     target: ValueError naming what is missing) and every map's futures."""
 
     def __init__(self, client: ClusterClient, dataset: str, target: str,
@@ -220,10 +257,10 @@ class _Maps:
         from .datasets import read_manifest
 
         m = read_manifest(client, dataset)
-        if m.get("kind") != "csv":
-            raise ValueError(f"{dataset}: a linear model reads a CSV dataset, not "
-                             f"{m.get('kind')!r}")
-        names = next(csv.reader([m["header"]]))
+        if m.get("kind") not in ("csv", "parquet"):
+            raise ValueError(f"{dataset}: a linear model reads a CSV or Parquet dataset, "
+                             f"not {m.get('kind')!r}")
+        names = m.get("columns") or next(csv.reader([m.get("header", "")]), [])
         features = [c for c in names if c != target] if features is None else list(features)
         missing = [c for c in (*features, target) if c not in names]
         if missing:
@@ -327,7 +364,7 @@ def chunk_logistic(path: Path, columns: Sequence[int], shift: Any, scale: Any,
     """At ``theta`` (intercept then slopes, for the features standardised by ``shift``
     and ``scale``): the rows, the summed log loss, its gradient and Hessian, and the rows
     on their side of the decision boundary (``eta > 0`` for a 1, ``< 0`` for a 0), of the
-    CSV chunk at ``path``, a block at a time (runs on a worker).  The target must be 0 or 1."""
+    chunk at ``path``, a block at a time (runs on a worker).  The target must be 0 or 1."""
     import numpy as np
 
     k = len(theta)
@@ -362,7 +399,7 @@ def logistic_regression(dataset: str, target: str, features: Sequence[str] | Non
                         max_iter: int = 50, timeout: float | None = None,
                         tree: bool | None = None) -> LogisticFit:
     """Logistic regression of the 0/1 ``target`` on ``features`` (default: every other
-    column) with an intercept, over the CSV dataset ``dataset``, by Newton's method: one
+    column) with an intercept, over the CSV or Parquet dataset ``dataset``, by Newton's method: one
     map over the chunks per step (:func:`chunk_logistic` sums each chunk's gradient and
     Hessian where it is stored), the client solving for the step.
 

@@ -1,7 +1,8 @@
 """Datasets through real processes (issue #15, its first part): ``dsml upload --chunk``
 and ``ClusterClient.upload_dataset`` store a file as chunks split on record boundaries
 and a manifest written last; the chunks give back the file's bytes; an upload over a
-dataset replaces it whole; a file that cannot be split is refused with nothing stored."""
+dataset replaces it whole; a file that cannot be split is refused with nothing stored; a
+Parquet file is stored as chunks of whole row groups and a linear model fits it."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ pytestmark = pytest.mark.processes
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     # Connections idle 3 s are closed (a client reopens them: the last test).
+    workers = {n: {"host": "127.0.0.1", "port": 0, "data_dir": n, "task_env": ["PYTHONPATH"]}
+               for n in ("w1", "w2")}
     with LocalCluster(tmp_path_factory.mktemp("ds"), workers=("w1", "w2"),
-                      extra={"limits": {"idle_timeout": 3}}) as c:
+                      extra={"limits": {"idle_timeout": 3}, "workers": workers}) as c:
         c.start_all()
         yield c
 
@@ -137,3 +140,35 @@ def test_a_dataset_uploads_from_a_url_fsspec_opens(client: ClusterClient, tmp_pa
     assert m["source"] == "remote.csv" and m["source_size"] == len(data)
     assert len(m["chunks"]) > 1 and m["rows"] == 1500
     assert _joined(client, m, b"id,text,y\n") == data
+
+
+def test_a_parquet_dataset_is_chunked_by_row_group_and_fitted(
+    cluster: LocalCluster, client: ClusterClient, tmp_path: Path
+) -> None:
+    import dsml.ml
+
+    np = pytest.importorskip("numpy")
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6000, 2)) + np.array([300.0, -2.0])
+    y = x @ np.array([1.5, -4.0]) + 2.0 + rng.normal(scale=0.01, size=6000)
+    table = pa.table({"a": x[:, 0], "label": pa.array(["r"] * 6000), "b": x[:, 1], "y": y})
+    pq.write_table(table, tmp_path / "games.parquet", row_group_size=500)
+    out = cluster.cli("upload", "--chunk", "20KiB", str(tmp_path / "games.parquet"),
+                      "datasets/pq").stdout.decode()
+    m = read_manifest(client, "datasets/pq")
+    assert f"{len(m['chunks'])} chunks, 6000 rows (parquet)" in out
+    assert m["columns"] == ["a", "label", "b", "y"] and len(m["chunks"]) > 2
+    parts = [pq.read_table(io.BytesIO(client.read(c["key"]))) for c in m["chunks"]]
+    assert all(p.num_rows % 500 == 0 for p in parts)  # whole row groups only
+    assert pa.concat_tables(parts).equals(table)
+    listed = cluster.cli("ls", "-l", "datasets/").stdout.decode()
+    assert f"{len(m['chunks'])} chunks" in listed and "6000 rows" in listed
+    fit = dsml.ml.linear_regression("datasets/pq", "y", ["a", "b"], client=client,
+                                    timeout=300)
+    ref = np.linalg.lstsq(np.column_stack([np.ones(6000), x]), y, rcond=None)[0]
+    got = np.concatenate([[fit.intercept], fit.coef])
+    assert fit.n == 6000 and np.max(np.abs(got - ref) / np.abs(ref)) < 1e-9, (got, ref)
+    with pytest.raises(ValueError, match="no column 'c'"):
+        dsml.ml.linear_regression("datasets/pq", "y", ["a", "c"], client=client)

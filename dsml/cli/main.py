@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--chunk", metavar="SIZE",
                     help="store it as a dataset: chunks of about SIZE (e.g. 64MiB) split on "
                          "record boundaries, and a manifest, under KEY/")
-    sp.add_argument("--format", choices=("csv", "text", "npy"),
+    sp.add_argument("--format", choices=("csv", "text", "npy", "parquet"),
                     help="with --chunk: how to split (default: from the file's name)")
     sp = add("download", cmd_download,
              "download a key to PATH (- for stdout), or with -r every key under a prefix")

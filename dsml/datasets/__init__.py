@@ -1,20 +1,22 @@
 """Datasets: a file stored as chunks split on record boundaries, with a manifest (#15).
 
 A dataset ``NAME`` is the keys ``NAME/part-00000.csv``, ``NAME/part-00001.csv``, ...
-(each a whole file: a CSV chunk with the header, a text chunk, an ``.npy`` of rows; see
-:mod:`.chunking`) and ``NAME/_manifest.json``, written last: a dataset is there once
-its manifest is, with exactly the chunks it lists.  So a reader that finds the
-manifest finds every chunk at the version it names; ``dsml://NAME/part-*.csv`` is also
-what pandas or Dask read as a directory of parts.
+(each a whole file: a CSV chunk with the header, a text chunk, an ``.npy`` of rows, a
+Parquet file of whole row groups; see :mod:`.chunking`) and ``NAME/_manifest.json``,
+written last: a dataset is there once its manifest is, with exactly the chunks it lists.
+So a reader that finds the manifest finds every chunk at the version it names;
+``dsml://NAME/part-*.csv`` is also what pandas or Dask read as a directory of parts.
 
-The manifest (:data:`MANIFEST_FORMAT`): the format (``csv``, ``text``, ``npy``), the
-source's name and size, the header (CSV), the total rows and, per chunk, its key,
-size, rows, sha256 and version.  An upload over an existing dataset replaces it: the
-new manifest is written, then parts it does not list are deleted.
+The manifest (:data:`MANIFEST_FORMAT`): the format (``csv``, ``text``, ``npy``,
+``parquet``), the source's name and size, the header (CSV), the column names (CSV and
+Parquet), the total rows and, per chunk, its key, size, rows, sha256 and version.  An
+upload over an existing dataset replaces it: the new manifest is written, then parts it
+does not list are deleted.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import time
@@ -35,7 +37,7 @@ MANIFEST_FORMAT = 1
 MANIFEST = "_manifest.json"
 #: The default chunk size (bytes).
 DEFAULT_CHUNK = 64 << 20
-_EXT = {"csv": ".csv", "text": ".txt", "npy": ".npy"}
+_EXT = {"csv": ".csv", "text": ".txt", "npy": ".npy", "parquet": ".parquet"}
 
 __all__ = ["DEFAULT_CHUNK", "FAN_IN", "MANIFEST", "ChunkError", "chunk_locality",
            "manifest_key", "map_chunks", "read_manifest", "tree_reduce", "upload_dataset"]
@@ -61,13 +63,19 @@ def upload_dataset(client: ClusterClient, source: str | os.PathLike[str], name: 
     ext = _EXT.get(fmt, "")
     chunks: list[dict[str, Any]] = []
     header = ""
+    names: list[str] | None = None
     with _open_source(source, url) as src:
         size = getattr(src, "size", None) if url else os.fstat(src.fileno()).st_size
+        if fmt == "parquet":
+            from .parquet import columns
+
+            names = columns(src)
         for i, c in enumerate(split(src, chunk, fmt)):
             key = f"{name}/part-{i:05d}{ext}"
             with c.file:
                 if fmt == "csv" and i == 0:
                     header = _header_of(c.file)
+                    names = next(csv.reader([header]), [])
                 stored = client.upload(c.file, key)
             if stored.sha256 != c.sha256 or stored.size != c.size:
                 raise DsmlError(f"chunk {key!r} was stored as {stored.size} bytes, sha256 "
@@ -81,6 +89,7 @@ def upload_dataset(client: ClusterClient, source: str | os.PathLike[str], name: 
         "format": MANIFEST_FORMAT, "kind": fmt, "source": base,
         "source_size": size,
         "header": header,
+        **({"columns": names} if names is not None else {}),
         "rows": sum(x["rows"] for x in chunks), "chunks": chunks, "created": time.time(),
     }
     client.upload(json.dumps(manifest, indent=1).encode(), manifest_key(name))

@@ -9,7 +9,9 @@ no record is ever split and every chunk but the last holds at least ``target`` b
   record is the header: every chunk starts with it, so each parses alone;
 - ``text``: a record is a line;
 - ``npy``: a record is a row of a C-ordered array (numpy's ``.npy`` format); each chunk
-  is an ``.npy`` file of its rows.
+  is an ``.npy`` file of its rows;
+- ``parquet`` (with pyarrow): whole row groups, each chunk a Parquet file of its own
+  (:mod:`.parquet`).
 
 Memory is bounded by one read block (:data:`BLOCK`) and what a spooled temporary file
 keeps before it goes to disk (:data:`SPOOL`), whatever the file's size.  Each chunk
@@ -34,8 +36,9 @@ SPOOL = 8 << 20
 MAX_HEADER = 1 << 20
 #: The formats :func:`split` knows, by file name suffix.
 SUFFIXES = {".csv": "csv", ".tsv": "csv", ".txt": "text", ".jsonl": "text",
-            ".ndjson": "text", ".log": "text", ".npy": "npy"}
-FORMATS = ("csv", "text", "npy")
+            ".ndjson": "text", ".log": "text", ".npy": "npy", ".parquet": "parquet",
+            ".pq": "parquet"}
+FORMATS = ("csv", "text", "npy", "parquet")
 
 QUOTE, NEWLINE = b'"', b"\n"
 
@@ -71,6 +74,10 @@ def split(src: IO[bytes], target: int, fmt: str, block: int = BLOCK) -> Iterator
         raise ChunkError(f"the chunk size must be at least 1 byte, not {target}")
     if fmt == "npy":
         yield from _split_npy(src, target)
+    elif fmt == "parquet":
+        from .parquet import split_parquet
+
+        yield from split_parquet(src, target)
     elif fmt in ("csv", "text"):
         yield from _split_records(src, target, quoted=fmt == "csv", header=fmt == "csv",
                                   block=block)
