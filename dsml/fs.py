@@ -190,7 +190,12 @@ class DsmlFileSystem(AbstractFileSystem):
         self.client.upload(bytes(value), path)
 
     def put_file(self, lpath: Any, rpath: str, callback: Any = None,
-                 mode: str = "overwrite", **kwargs: Any) -> None:
+                 mode: str = "overwrite", chunk: int | str | None = None,
+                 format: str | None = None, **kwargs: Any) -> None:
+        """Upload ``lpath`` to ``rpath``; with ``chunk`` (bytes, or "64MiB") as the
+        dataset ``rpath``, split on record boundaries (``dsml upload --chunk``: see
+        :mod:`dsml.datasets`; ``format`` when the name does not tell), so
+        ``fs.put("games.csv", "dsml://datasets/games", chunk="64MiB")`` works."""
         rpath = self._strip_protocol(rpath)
         if mode == "create" and self._located(rpath) is not None:
             raise FileExistsError(rpath)
@@ -198,6 +203,13 @@ class DsmlFileSystem(AbstractFileSystem):
             return  # no empty directories: its files make it
         if callback is not None:
             callback.set_size(os.path.getsize(lpath))
+        if chunk is not None:
+            from .config import parse_size
+            from .datasets import upload_dataset
+
+            step = None if callback is None else (lambda _n, done: callback.absolute_update(done))
+            upload_dataset(self.client, os.fspath(lpath), rpath, parse_size(chunk), format, step)
+            return
         progress = callback.relative_update if callback is not None else None
         self.client.upload(os.fspath(lpath), rpath, progress)
 

@@ -172,3 +172,28 @@ def test_a_parquet_dataset_is_chunked_by_row_group_and_fitted(
     assert fit.n == 6000 and np.max(np.abs(got - ref) / np.abs(ref)) < 1e-9, (got, ref)
     with pytest.raises(ValueError, match="no column 'c'"):
         dsml.ml.linear_regression("datasets/pq", "y", ["a", "c"], client=client)
+
+
+def test_fsspec_put_with_a_chunk_size_stores_a_dataset(client: ClusterClient,
+                                                       tmp_path: Path) -> None:
+    from fsspec.callbacks import Callback
+
+    from dsml.fs import DsmlFileSystem
+
+    data = _a_csv(tmp_path / "put.csv", 2000)
+    fs = DsmlFileSystem(client=client, skip_instance_cache=True)
+    seen: list[int] = []
+
+    class Seen(Callback):
+        def call(self, *args: object, **kwargs: object) -> None:
+            seen.append(self.value)
+
+    fs.put(str(tmp_path / "put.csv"), "dsml://datasets/put", chunk="8KiB")
+    m = read_manifest(client, "datasets/put")
+    assert m["rows"] == 2000 and len(m["chunks"]) > 2
+    assert _joined(client, m, b"id,text,y\n") == data
+    fs.put_file(str(tmp_path / "put.csv"), "datasets/put2", chunk=8192, callback=Seen())
+    m2 = read_manifest(client, "datasets/put2")
+    assert [c["sha256"] for c in m2["chunks"]] == [c["sha256"] for c in m["chunks"]]
+    assert seen == sorted(seen) and seen[-1] == sum(c["size"] for c in m["chunks"])
+    assert fs.info("dsml://datasets/put/_manifest.json")["type"] == "file"
