@@ -17,7 +17,8 @@ runs a call itself: it only forks.  One message a fork:
   reseeds itself) and goes on as a spawned warm interpreter after its imports would: it
   waits for its attempt on its standard input (:func:`dsml.fnrun.warm_run`), runs it once
   and exits;
-- the zygote answers ``P<pid>`` with one descriptor: its end of a new socketpair, the
+- once the child leads its session and has closed the rest, the zygote answers
+  ``P<pid>`` with one descriptor: its end of a new socketpair, the
   child's *status socket*.  When the child exits, the zygote writes its status there
   (``waitid`` with ``WNOWAIT``: ``<code>``, or ``-<signal>``) and leaves it a zombie until
   the worker closes its end: so its pid, which is its process group's and session's id,
@@ -113,10 +114,11 @@ def _child(fds: list[int], run: Callable[[socket.socket], int], end: End) -> Non
 def _fork(ctl: socket.socket, fds: list[int], run: Callable[[socket.socket], int],
           end: End, children: dict[int, _Child], sel: selectors.BaseSelector) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    settled, settling = os.pipe()  # closed by the child once it leads its session
     try:
         pid = os.fork()
     except OSError as e:
-        for fd in fds:
+        for fd in (*fds, settled, settling):
             os.close(fd)
         ours.close()
         theirs.close()
@@ -124,8 +126,10 @@ def _fork(ctl: socket.socket, fds: list[int], run: Callable[[socket.socket], int
         return
     if pid == 0:
         _child(fds, run, end)
-    for fd in fds:
+    for fd in (*fds, settling):
         os.close(fd)
+    os.read(settled, 1)  # its pid is its group's before the worker may signal it
+    os.close(settled)
     child = _Child(pid, os.pidfd_open(pid), ours)
     children[pid] = child
     sel.register(child.pidfd, selectors.EVENT_READ, ("exit", child))
