@@ -249,3 +249,10 @@ def test_a_stopped_zygote_that_never_answers_counts_as_dead(tmp_path: Path) -> N
     clock.advance(zygote_module.FORK_TIMEOUT)
     assert not zyg.up
     pool.close()
+
+
+def test_an_attempt_whose_zygote_died_is_lost_to_the_master_so_retried() -> None:
+    from dsml.master.jobs.model import DEFAULT_RETRY_ON, attempt_cause
+    from dsml.worker.tasks.zygote import LOST
+
+    assert attempt_cause("failed", LOST, None, None) == "lost" and "lost" in DEFAULT_RETRY_ON

@@ -204,3 +204,41 @@ def test_a_killed_zygote_leaves_calls_running_and_comes_back(tmp_path: Path) -> 
         c.kill("w1", signal.SIGTERM)
         poll(lambda: not any(alive(p) for p in again) or None, timeout=60,
              what="the zygote stopped with its worker")
+
+
+def test_a_call_whose_zygote_dies_under_it_is_killed_lost_and_run_again(
+        cluster: LocalCluster, client: ClusterClient, tmp_path: Path) -> None:
+    """Its exit status cannot be known: it is killed, ends ``lost: ...`` and is retried."""
+    os.chmod(tmp_path, 0o755)
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo, 0o666)
+    os.chmod(fifo, 0o666)
+    pids = tmp_path / "pids"
+    pids.touch()
+    os.chmod(pids, 0o666)
+
+    def blocked(fifo: str, pids: str) -> str:
+        import os
+
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()} {os.getppid()}\n")
+        with open(fifo) as f:  # until the test writes
+            return f.read()
+
+    poll(lambda: len(warm_pids(cluster)) == 2 or None, timeout=120, what="forked ones")
+    with dsml.Executor(client) as ex:
+        f = ex.submit(blocked, str(fifo), str(pids))
+        pid, ppid = map(int, poll(lambda: pids.read_text().split() or None, timeout=120,
+                                  what="the call running"))
+        assert ppid in zygotes(cluster)
+        os.kill(ppid, signal.SIGKILL)
+        poll(lambda: not alive(pid) or None, timeout=60, what="the lost call killed")
+        # Its retry blocks on the FIFO too: let it through.
+        poll(lambda: len(pids.read_text().split()) == 4 or None, timeout=120,
+             what="the retry running")
+        with open(fifo, "w") as w:
+            w.write("done")
+        assert f.result(timeout=120) == "done"
+        status = client.job_status(f.job_id)  # type: ignore[attr-defined]
+    reasons = [a["reason"] for t in status["tasks"] for a in t["attempts"]]
+    assert any(r.startswith("lost: its interpreter's zygote died") for r in reasons), reasons

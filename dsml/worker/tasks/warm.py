@@ -19,6 +19,13 @@ any spawned command: watched by its pidfd, its pipes read into the attempt's log
 cgroup the attempt's.  It runs once and exits: nothing carries from one attempt to the
 next but the interpreter's start.  Anything amiss (it died waiting, the limit does not
 fit, the message cannot be sent) and the attempt starts cold, as before.
+
+Where the worker has ``preload`` modules, its interpreters are not spawned but forked
+by its zygote (:mod:`.zygote`), which imported them once, and the pool is filled at the
+worker's start rather than after a first function task; while the zygote is down they
+are spawned as above.  An attempt that finds none ready while the zygote is forking
+waits for one (:meth:`WarmPool.ready`, at most :data:`FORK_WAIT` seconds): a fork takes
+milliseconds, a cold start the imports.
 """
 
 from __future__ import annotations
