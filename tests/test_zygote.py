@@ -256,3 +256,44 @@ def test_an_attempt_whose_zygote_died_is_lost_to_the_master_so_retried() -> None
     from dsml.worker.tasks.zygote import LOST
 
     assert attempt_cause("failed", LOST, None, None) == "lost" and "lost" in DEFAULT_RETRY_ON
+
+
+def _run(z: Z, work: Path, fn: Callable[[], Any], env: dict[str, str]) -> Any:
+    """``fn`` run by an interpreter ``z`` forks: its result."""
+    import cloudpickle
+
+    pid, status, ours, out_r, err_r = z.fork()
+    (work / "fn.pkl").write_bytes(cloudpickle.dumps(fn))
+    calls = _header(_dumps([(0, (), {})], {}), fn="fn.pkl")
+    fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    socket.send_fds(ours, [go_message({**env, CALLS_ENV: base64.b64encode(calls).decode()},
+                                      ["-", "result.pkl"])], [fd])
+    os.close(fd)
+    ours.close()
+    assert readable(status)
+    assert os.read(status, 32) == b"0", os.read(err_r, 65536)
+    for fd in (status, out_r, err_r):
+        os.close(fd)
+    parts = pickle.loads((work / "result.pkl").read_bytes().partition(b"\n")[2])
+    _, ok, got, _ = cloudpickle.loads(parts[0])
+    assert ok, got
+    return got
+
+
+def test_an_attempt_given_more_cpus_gets_its_blas_threads_back(z: Z, tmp_path: Path) -> None:
+    """The zygote imported numpy with one BLAS thread; an attempt of two CPUs has two
+    (through threadpoolctl, where installed), one of one CPU keeps one."""
+    pytest.importorskip("threadpoolctl")
+
+    def blas() -> list[int]:
+        import numpy as np
+        from threadpoolctl import threadpool_info
+
+        np.ones((64, 64)) @ np.ones((64, 64))
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    two = _run(z, tmp_path, blas, {**ENV, **dict.fromkeys(THREAD_VARS, "2")})
+    (tmp_path / "result.pkl").unlink()
+    one = _run(z, tmp_path, blas, {**ENV, **dict.fromkeys(THREAD_VARS, "1")})
+    assert two and all(n == 2 for n in two), two
+    assert one and all(n == 1 for n in one), one

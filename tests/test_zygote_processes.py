@@ -242,3 +242,37 @@ def test_a_call_whose_zygote_dies_under_it_is_killed_lost_and_run_again(
         status = client.job_status(f.job_id)  # type: ignore[attr-defined]
     reasons = [a["reason"] for t in status["tasks"] for a in t["attempts"]]
     assert any(r.startswith("lost: its interpreter's zygote died") for r in reasons), reasons
+
+
+def test_a_call_cannot_reach_into_its_zygote(cluster: LocalCluster,
+                                             client: ClusterClient) -> None:
+    """Not dumpable, the zygote's descriptors (its socket to the worker), memory and
+    environment are closed to the task user's processes; ptrace is refused."""
+    if os.geteuid() != 0:
+        pytest.skip("tasks run as the worker's own user: only root's tests tell")
+
+    def reach(zpid: int) -> dict[str, str]:
+        import ctypes
+        import os
+
+        out = {}
+        for what in ("fd", "mem", "environ", "fd/3"):
+            try:
+                if what == "fd":
+                    os.listdir(f"/proc/{zpid}/fd")
+                else:
+                    open(f"/proc/{zpid}/{what}", "rb").close()
+                out[what] = "open"
+            except OSError as e:
+                out[what] = type(e).__name__
+        libc = ctypes.CDLL(None, use_errno=True)
+        out["ptrace"] = "attached" if libc.ptrace(16, zpid, 0, 0) == 0 else os.strerror(
+            ctypes.get_errno())  # PTRACE_ATTACH
+        return out
+
+    poll(lambda: len(warm_pids(cluster)) == 2 or None, timeout=120, what="forked ones")
+    (zygote,) = zygotes(cluster)
+    with dsml.Executor(client) as ex:
+        got = ex.submit(reach, zygote).result(timeout=120)
+    assert got["ptrace"] != "attached", got
+    assert all(got[w] in ("PermissionError",) for w in ("fd", "mem", "environ", "fd/3")), got
