@@ -132,9 +132,10 @@ def test_a_map_over_chunks_takes_forked_interpreters(
     results = [f.result(timeout=120) for f in map_chunks(client, chunk, "datasets/z")]
     assert len(results) > 1
     assert sum(n for _, _, n in results) == 20_000
-    assert all(i == ["numpy", "pandas"] for _, i, _ in results), results
-    # Each chunk took a forked one (the pool keeps two: all but a burst's overflow).
+    # A chunk takes a forked one, or waits (2 s at most) for one being forked: cold
+    # only on a host too loaded to fork in that time.
     assert sum(p == zygote for p, _, _ in results) >= len(results) // 2, results
+    assert all(i == ["numpy", "pandas"] for p, i, _ in results if p == zygote), results
 
 
 def test_a_forked_call_over_its_mem_ends_out_of_memory(
