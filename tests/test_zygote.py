@@ -297,3 +297,34 @@ def test_an_attempt_given_more_cpus_gets_its_blas_threads_back(z: Z, tmp_path: P
     one = _run(z, tmp_path, blas, {**ENV, **dict.fromkeys(THREAD_VARS, "1")})
     assert two and all(n == 2 for n in two), two
     assert one and all(n == 1 for n in one), one
+
+
+def test_an_attempt_waits_for_an_interpreter_being_forked_not_longer(tmp_path: Path) -> None:
+    from dsml.worker.tasks.warm import FORK_WAIT
+
+    clock = ReadersClock()
+    run = tmp_path / "run"
+    run.mkdir()
+    pool = WarmPool(clock, Isolation(clock, tmp_path, None), None,
+                    {**ENV, PRELOAD_ENV: "json"}, run, Executables(clock.seconds))
+    command = [PY, "-m", "dsml.fnrun", "-", "result.pkl"]
+    clock.advance(FILL_DELAY)  # two forks asked
+    d = pool.ready(command)
+    assert not d.called
+    clock.read()  # one is ready: the attempt goes on
+    assert d.called and len(pool._ready) == 1
+    assert pool.ready(command).called  # one is ready: no wait
+    assert pool.ready(["sh", "-c", "true"]).called  # not a function task: no wait
+    clock.read()
+    while pool._ready:
+        w = pool.take(0)
+        if w is not None:
+            pool.drop(w)
+    zyg = pool.zygote
+    assert zyg is not None and zyg.popen is not None
+    os.kill(zyg.popen.pid, signal.SIGSTOP)  # it will not answer: not waited for long
+    late = pool.ready(command)
+    assert not late.called
+    clock.advance(FORK_WAIT)
+    assert late.called
+    pool.close()
