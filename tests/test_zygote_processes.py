@@ -66,6 +66,13 @@ def zygotes(cluster: LocalCluster) -> set[int]:
     return found
 
 
+def the_zygote(cluster: LocalCluster) -> int:
+    """w1's zygote (once it runs: an earlier test may have killed it)."""
+    (pid,) = poll(lambda: z if len(z := zygotes(cluster)) == 1 else None, timeout=120,
+                  what="w1's zygote")
+    return pid
+
+
 def parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
@@ -91,7 +98,7 @@ def test_a_preload_worker_s_calls_run_forked_with_pandas_imported(
     # Ready without any call: the pool was filled at the worker's start.
     ready = poll(lambda: w if len(w := warm_pids(cluster)) == 2 else None, timeout=120,
                  what="two forked interpreters at the worker's start")
-    (zygote,) = zygotes(cluster)
+    zygote = the_zygote(cluster)
     assert all(parent(p) == zygote for p in ready)
     # The zygote is not dumpable (its /proc files are root's, not the task user's).
     assert Path(f"/proc/{zygote}/environ").stat().st_uid == 0
@@ -128,7 +135,7 @@ def test_a_map_over_chunks_takes_forked_interpreters(
         return os.getppid(), imported, len(pd.read_csv(path))
 
     poll(lambda: len(warm_pids(cluster)) == 2 or None, timeout=120, what="forked ones")
-    (zygote,) = zygotes(cluster)
+    zygote = the_zygote(cluster)
     results = [f.result(timeout=120) for f in map_chunks(client, chunk, "datasets/z")]
     assert len(results) > 1
     assert sum(n for _, _, n in results) == 20_000
@@ -272,7 +279,7 @@ def test_a_call_cannot_reach_into_its_zygote(cluster: LocalCluster,
         return out
 
     poll(lambda: len(warm_pids(cluster)) == 2 or None, timeout=120, what="forked ones")
-    (zygote,) = zygotes(cluster)
+    zygote = the_zygote(cluster)
     with dsml.Executor(client) as ex:
         got = ex.submit(reach, zygote).result(timeout=120)
     assert got["ptrace"] != "attached", got
