@@ -31,6 +31,7 @@ still waiting then see their own socket close and exit.
 
 from __future__ import annotations
 
+import gc
 import os
 import selectors
 import socket
@@ -157,6 +158,8 @@ def serve(fd: int, run: Callable[[socket.socket], int], end: End) -> int:
     with ``end`` of what it returns."""
     ctl = socket.socket(fileno=fd)
     ctl.set_inheritable(False)
+    gc.collect()
+    gc.freeze()  # what it imported: never scanned by a child's collector, so not copied
     children: dict[int, _Child] = {}
     sel = selectors.DefaultSelector()
     sel.register(ctl, selectors.EVENT_READ, ("ctl", None))
