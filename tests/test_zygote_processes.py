@@ -46,12 +46,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 def zygotes(cluster: LocalCluster) -> set[int]:
-    """The live zygotes of the cluster's worker w1 (its mark and DSML_WARM_ZYGOTE, and
-    /dev/null as its standard input: what it forks has its socket there)."""
+    """The live zygotes of the cluster's worker w1: its children with its mark and
+    DSML_WARM_ZYGOTE (what a zygote forked has them too, from its exec) and /dev/null
+    as their standard input."""
     mark = f"DSML_WORKER_DIR={(cluster.root / 'w1' / 'tasks').resolve()}".encode()
+    worker = cluster.procs["w1"].pid
     found = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or not alive(int(entry.name)):
+            continue
+        try:
+            if parent(int(entry.name)) != worker:
+                continue
+        except (OSError, IndexError, ValueError):
             continue
         try:
             environ = (entry / "environ").read_bytes().split(b"\0")
