@@ -153,11 +153,32 @@ def _settle(child: _Child, children: dict[int, _Child]) -> None:
         del children[child.pid]
 
 
+def traced() -> bool:
+    """Whether a process traces this one (``TracerPid`` in ``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return line.split()[1] != "0"
+    except (OSError, IndexError):
+        pass
+    return False
+
+
 def serve(fd: int, run: Callable[[socket.socket], int], end: End) -> int:
     """The zygote's loop (see the module docstring); a child runs ``run`` and ends
-    with ``end`` of what it returns."""
+    with ``end`` of what it returns.
+
+    Refused (exit 1: the worker spawns, then starts another) if a process traces it:
+    between its exec and its ``PR_SET_DUMPABLE`` (a few tens of milliseconds, as for a
+    spawned warm interpreter) a task of the same user may attach to it, and would stay
+    attached, able to plant code in every interpreter it forks."""
     ctl = socket.socket(fileno=fd)
     ctl.set_inheritable(False)
+    if traced():
+        print("dsml.fnzygote: traced by another process: not serving", file=sys.stderr,
+              flush=True)
+        return 1
     gc.collect()
     gc.freeze()  # what it imported: never scanned by a child's collector, so not copied
     children: dict[int, _Child] = {}

@@ -328,3 +328,27 @@ def test_an_attempt_waits_for_an_interpreter_being_forked_not_longer(tmp_path: P
     clock.advance(FORK_WAIT)
     assert late.called
     pool.close()
+
+
+def test_a_traced_zygote_does_not_serve(tmp_path: Path) -> None:
+    """Attached to before it made itself undumpable, it would stay traced: it exits."""
+    script = tmp_path / "traced.py"
+    script.write_text(
+        "import ctypes, os, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "r, w = os.pipe()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os.close(r)\n"
+        "    libc.ptrace(0, 0, 0, 0)  # PTRACE_TRACEME: its parent traces it\n"
+        "    from dsml import fnzygote\n"
+        "    a, b = __import__('socket').socketpair()\n"
+        "    os.write(w, b'1' if fnzygote.traced() else b'0')\n"
+        "    code = fnzygote.serve(a.fileno(), lambda s: 0, os._exit)\n"
+        "    os.write(w, str(code).encode())\n"
+        "    os._exit(0)\n"
+        "os.close(w)\n"
+        "os.waitpid(pid, 0)\n"
+        "print(os.read(r, 8).decode())\n")
+    got = subprocess.run([PY, str(script)], env=ENV, capture_output=True, timeout=60)
+    assert got.stdout.decode().strip() == "11", got

@@ -74,10 +74,16 @@ def zygotes(cluster: LocalCluster) -> set[int]:
 
 
 def the_zygote(cluster: LocalCluster) -> int:
-    """w1's zygote (once it runs: an earlier test may have killed it)."""
-    (pid,) = poll(lambda: z if len(z := zygotes(cluster)) == 1 else None, timeout=120,
-                  what="w1's zygote")
-    return pid
+    """w1's zygote once it serves (an earlier test may have killed it): not dumpable
+    any more (its /proc files root's) where the test is root."""
+    def serving() -> int | None:
+        z = zygotes(cluster)
+        if len(z) != 1 or (os.geteuid() == 0 and any(
+                Path(f"/proc/{p}/environ").stat().st_uid != 0 for p in z)):
+            return None
+        return next(iter(z))
+
+    return poll(serving, timeout=120, what="w1's zygote serving")
 
 
 def parent(pid: int) -> int:
