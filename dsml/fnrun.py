@@ -50,6 +50,8 @@ FORMAT = 1
 #: The modules a warm interpreter imports while it waits (comma-separated; the worker's
 #: ``preload``); gone from its environment once it runs an attempt.
 PRELOAD_ENV = "DSML_WARM_PRELOAD"
+#: Set (to its socket's descriptor), ``--warm`` is a zygote (:mod:`dsml.fnzygote`).
+ZYGOTE_ENV = "DSML_WARM_ZYGOTE"
 #: The variable holding a small batch's calls (base64) when CALLS is ``-``.
 CALLS_ENV = "DSML_FN_CALLS"
 #: Exit status for a task that could not run its calls at all (mismatch, bad file).
@@ -224,8 +226,10 @@ def _dumpable(on: bool) -> None:
 
 
 def warm_main() -> int:
-    """Wait for the attempt (see the module doc), then run it as :func:`main` would."""
+    """Import what a run needs, then wait for the attempt (see the module doc) and run it
+    as :func:`main` would; or, as a zygote, fork such interpreters (:mod:`.fnzygote`)."""
     _dumpable(False)
+    zygote = os.environ.get(ZYGOTE_ENV)
     import importlib
 
     import cloudpickle  # noqa: F401 - imported now, before the attempt: the point
@@ -235,8 +239,15 @@ def warm_main() -> int:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001, S110 - not installed here: the call imports it
             pass
+    if zygote:
+        from .fnzygote import serve
 
-    sock = socket.socket(fileno=0)
+        return serve(int(zygote), warm_run, end)
+    return warm_run(socket.socket(fileno=0))
+
+
+def warm_run(sock: socket.socket) -> int:
+    """Wait on ``sock`` (standard input) for the attempt, then run it."""
     try:
         go = read_go(sock)
     except (OSError, ValueError) as e:
@@ -254,6 +265,9 @@ def warm_main() -> int:
     os.close(fd)
     os.environ.clear()
     os.environ.update(env)
+    forked = sys.modules.get("dsml.fnzygote")
+    if forked is not None:  # forked by a zygote, whose imports ran with one thread
+        forked.blas_threads(env)
     if sys.path and sys.path[0]:
         sys.path[0] = os.getcwd()  # as ``python -m`` started here would have them
     sys.argv[1:] = args

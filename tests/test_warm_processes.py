@@ -227,8 +227,9 @@ def test_a_configured_interpreter_runs_function_tasks_cold_and_warm(tmp_path: Pa
 
 def test_a_workers_preload_is_imported_by_its_warm_interpreters(tmp_path: Path) -> None:
     """``preload: [numpy, ...]``: a call in a warm interpreter finds numpy imported (what
-    a map over a dataset's chunks would pay per chunk); a module that is not installed
-    is left out; a cold start imports nothing extra."""
+    a map over a dataset's chunks would pay per chunk), the first one too (the pool is
+    filled at the worker's start, by its zygote); a module that is not installed is
+    left out; a cold start (a PYTHON* variable of its own) imports nothing extra."""
     def imported() -> bool:
         import sys
 
@@ -239,6 +240,8 @@ def test_a_workers_preload_is_imported_by_its_warm_interpreters(tmp_path: Path) 
             "workers": workers, "cluster": {"replication": 1}}) as c:
         c.start_all()
         with dsml.connect(c.config_path) as client, dsml.Executor(client) as ex:
-            assert ex.submit(imported).result(timeout=120) is False  # the first: cold
             poll(lambda: len(warm_pids(c)) == 2 or None, timeout=60, what="warm interpreters")
+            assert ex.submit(imported).result(timeout=120) is True  # the first too
+            cold = dsml.options(imported, env={"PYTHONHASHSEED": "0"})
+            assert ex.submit(cold).result(timeout=120) is False
             assert ex.submit(imported).result(timeout=120) is True

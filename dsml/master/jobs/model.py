@@ -90,6 +90,8 @@ def attempt_cause(
         return None
     if state in ("lost", "timeout", "cancelled"):
         return state
+    if reason.startswith("lost: "):  # its process's end not known (its worker's zygote died)
+        return "lost"
     if reason.startswith(("input ", "workspace")):
         return "staging"  # an input, or the attempt's directory: this worker's to set up
     if reason.startswith("output "):

@@ -342,6 +342,12 @@ class CgroupTree:
             else:  # no swap accounting: keep it out of swap as far as v1 can
                 (v1 / "memory.swappiness").write_text("0")
 
+    def move(self, path: Path, pid: int) -> None:
+        """Move the process ``pid`` into ``path`` and its v1 cgroups (a forked warm
+        interpreter, :mod:`.zygote`); OSError if it cannot be."""
+        for p in (path, *self.v1_paths(path)):
+            (p / "cgroup.procs").write_text(str(pid))
+
     def wrap(self, sh: str, path: Path, command: list[str]) -> list[str]:
         """``command`` started inside the attempt's cgroups (:func:`wrap_command`)."""
         return wrap_command(sh, path, command, self.v1_paths(path))

@@ -88,6 +88,11 @@ class Isolation:
         if cgroup is not None and self.cgroups is not None and mem > 0:
             self.cgroups.limit(cgroup, mem)
 
+    def adopt(self, cgroup: Path | None, pid: int) -> None:
+        """Move a forked warm interpreter into its cgroups (OSError if it cannot be)."""
+        if cgroup is not None and self.cgroups is not None:
+            self.cgroups.move(cgroup, pid)
+
     def wrap(self, cgroup: Path | None, command: list[str]) -> list[str]:
         """``command`` made to join the attempt's cgroups before it runs."""
         if cgroup is None or self.cgroups is None or self._sh is None:

@@ -72,6 +72,7 @@ from .watch import (
     TaskProcess,
 )
 from .workdirs import AttemptDirs, output_problem, read_small
+from .zygote import LOST
 
 log = Logger()
 
@@ -295,6 +296,10 @@ class TaskManager(AttemptLedger):
             return att.stop_reason
         if reason:
             return reason
+        if self._warm is not None:  # one the zygote is forking, rather than a cold start
+            await self._warm.ready(att.spec.command)
+            if att.stop_reason:
+                return att.stop_reason
         reason = self._spawn(att)
         if reason:
             return reason
@@ -575,8 +580,10 @@ class TaskManager(AttemptLedger):
         att.transport = transport
 
     def _popen_exited(self, att: Attempt, exit_code: int | None, signal: int | None) -> None:
-        """A Popen-started leader was reaped by its exit watcher."""
+        """A Popen-started leader was reaped by its exit watcher (or its zygote died)."""
         att.popen = None
+        if exit_code is None and signal is None:
+            att.stop_reason = att.stop_reason or LOST
         self._leader_exited(att, exit_code, signal)
         self._maybe_ended(att)
 

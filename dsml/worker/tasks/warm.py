@@ -19,6 +19,13 @@ any spawned command: watched by its pidfd, its pipes read into the attempt's log
 cgroup the attempt's.  It runs once and exits: nothing carries from one attempt to the
 next but the interpreter's start.  Anything amiss (it died waiting, the limit does not
 fit, the message cannot be sent) and the attempt starts cold, as before.
+
+Where the worker has ``preload`` modules, its interpreters are not spawned but forked
+by its zygote (:mod:`.zygote`), which imported them once, and the pool is filled at the
+worker's start rather than after a first function task; while the zygote is down they
+are spawned as above.  An attempt that finds none ready while the zygote is forking
+waits for one (:meth:`WarmPool.ready`, at most :data:`FORK_WAIT` seconds): a fork takes
+milliseconds, a cold start the imports.
 """
 
 from __future__ import annotations
@@ -33,13 +40,15 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from ...fnrun import go_message, runtime
+from ...fnrun import PRELOAD_ENV, go_message, runtime
 from ...protocol.limits import FN_RUNTIME
 from .isolation import Isolation
 from .launch import Executables, LaunchFailed, start_popen
 from .taskuser import TaskUser
+from .zygote import Zygote
 
 log = Logger()
 
@@ -54,6 +63,8 @@ WARM_INTERPRETERS = 2
 #: (measured under cProfile: ~3 mkdirs of ~1 ms and a 2 ms fork per interpreter), which
 #: must not delay the result being reported and read.
 FILL_DELAY = 0.05
+#: Seconds an attempt waits for an interpreter the zygote is forking (:meth:`WarmPool.ready`).
+FORK_WAIT = 2.0
 #: A larger message goes the cold way (it must fit the socket's buffer at once).
 GO_SEND_MAX = 128 * 1024
 
@@ -130,9 +141,12 @@ class Warm:
         except OSError:
             pass
         try:
-            self.popen.wait(5)
+            self.popen.wait(5)  # a forked one's (:mod:`.zygote`) never blocks
         except subprocess.TimeoutExpired:
             log.warn("warm interpreter {pid} outlived SIGKILL by 5 s", pid=self.popen.pid)
+        forget = getattr(self.popen, "forget", None)
+        if forget is not None:
+            forget()  # a forked one: its zygote reaps it once its status socket closes
         for fd in (self.out_r, self.err_r, self.pidfd):
             os.close(fd)
 
@@ -161,6 +175,15 @@ class WarmPool:
         self._closed = False
         #: Whether a function task has come: until then no interpreter is kept.
         self.wanted = False
+        self._forking = 0  # asked of the zygote, not yet come
+        self._waiting: list[Deferred[None]] = []  # attempts waiting for one (ready())
+        self.zygote: Zygote | None = None
+        if env.get(PRELOAD_ENV):  # forked from one zygote that imports them once
+            self.zygote = Zygote(clock, isolation, user, env, cwd, executables,
+                                 [python, *WARM_ARGS, "--warm"], Warm, self._forked)
+            self.zygote.on_restarted = self.fill
+            self.wanted = True  # ready at the worker's start: a first call pays no import
+            self.fill()
 
     def take(self, mem: int) -> Warm | None:
         """A ready interpreter, its cgroup limited to ``mem`` bytes (0: none); None if
@@ -176,23 +199,79 @@ class WarmPool:
             except OSError:
                 self.drop(w)
                 return None
+            if self.zygote is not None:
+                self.fill()  # a fork costs the worker little: refill now, not at the end
             return w
         return None
+
+    def ready(self, command: Sequence[str]) -> Deferred[None]:
+        """Fires once an interpreter is ready for a function task's ``command`` if the
+        zygote will fork one (at most :data:`FORK_WAIT` seconds): a fork takes
+        milliseconds, a spawn its imports.  At once otherwise."""
+        if (self._ready or self.zygote is None or not self.zygote.up or len(command) != 5
+                or command[0] != self.python or tuple(command[1:3]) != WARM_ARGS):
+            return succeed(None)
+        if not self._forking:
+            if self._fill_call is not None and self._fill_call.active():
+                self._fill_call.cancel()
+            self._fill()
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        call = self.clock.callLater(FORK_WAIT, self._wake, d)
+        return d.addBoth(lambda r: (call.active() and call.cancel(), r)[1])
+
+    def _wake(self, d: Deferred[None] | None = None) -> None:
+        """Fire ``d`` (its time is up), or the first waiting (one is ready, or none
+        will be)."""
+        if d is None:
+            d = self._waiting.pop(0) if self._waiting else None
+        elif d in self._waiting:
+            self._waiting.remove(d)
+        if d is not None and not d.called:
+            d.callback(None)
 
     def fill(self) -> None:
         """Start what is missing in :data:`FILL_DELAY` seconds (called as an attempt
         ends: its result goes out first, and the client's read of it)."""
         if self._fill_call is None and self.wanted and not self._closed and len(
-                self._ready) < self.size:
+                self._ready) + self._forking < self.size:
             self._fill_call = self.clock.callLater(FILL_DELAY, self._fill)
 
     def _fill(self) -> None:
         self._fill_call = None
-        while not self._closed and len(self._ready) < self.size:
+        while not self._closed and len(self._ready) + self._forking < self.size:
+            if self._fork():
+                continue
             w = self._start()
             if w is None:
                 return
             self._ready.append(w)
+
+    def _fork(self) -> bool:
+        """Ask the zygote for one (:mod:`.zygote`); False if there is none to ask."""
+        if self.zygote is None or not (self.zygote.up or self.zygote.first()):
+            return False
+        self._count += 1
+        try:
+            cgroup = self.isolation.prepare_warm(f"w{self._count}")
+        except OSError:
+            return False  # spawning says it
+        if self.zygote.fork(cgroup):
+            self._forking += 1
+            return True
+        self.isolation.release(cgroup)
+        return False
+
+    def _forked(self, w: Warm | None) -> None:
+        """The zygote's answer to :meth:`_fork`: an interpreter, or None (spawn one)."""
+        self._forking -= 1
+        if w is None:
+            self.fill()
+        elif self._closed:
+            self.drop(w)
+        else:
+            self._ready.append(w)
+        self._wake()
 
     def _start(self) -> Warm | None:
         self._count += 1
@@ -231,4 +310,8 @@ class WarmPool:
         self._fill_call = None
         while self._ready:
             self.drop(self._ready.pop())
+        if self.zygote is not None:
+            self.zygote.close()
+        while self._waiting:
+            self._wake()
 

@@ -43,7 +43,7 @@ OnData = Callable[[bytes], None]
 #: owner), with the reader.
 OnClosed = Callable[["FdReader"], None]
 #: Called once when the leader has been reaped, with ``(exit_code, signal)``: the exit
-#: status, or the signal that killed it (the other one is ``None``).
+#: status, or the signal that killed it (the other one is ``None``; both: unknown).
 OnExit = Callable[[int | None, int | None], None]
 #: Called when a process spawned through Twisted has started, with its transport.
 OnStart = Callable[[IProcessTransport], None]
@@ -147,13 +147,22 @@ class ExitWatcher(FdReader):
         self.on_exit = on_exit
 
     def doRead(self) -> None:  # noqa: N802 - Twisted's name
-        """The process has exited: reap it (at once), stop watching, hand on its status."""
+        """The process has exited: reap it (at once), hand on its status, stop watching.
+
+        The descriptor is closed after ``on_exit``: for an interpreter a zygote forked
+        (:mod:`.zygote`), it is the status socket whose closing lets the zygote reap it,
+        so its pid (its group's id) stays its own while ``on_exit`` kills the group's
+        leftovers.  Its status may be unknown (None: the zygote died): ``(None, None)``."""
         code = self.popen.wait()
-        self.close()
-        if code < 0:
-            self.on_exit(None, -code)
-        else:
-            self.on_exit(code, None)
+        try:
+            if code is None:
+                self.on_exit(None, None)
+            elif code < 0:
+                self.on_exit(None, -code)
+            else:
+                self.on_exit(code, None)
+        finally:
+            self.close()
 
 
 class TaskProcess(ProcessProtocol):
