@@ -26,12 +26,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
 
-import attrs
+from .chunk import BLOCK, SPOOL, Chunk, ChunkError
 
-#: Bytes read at a time.
-BLOCK = 1 << 20
-#: Bytes of a chunk kept in memory before its temporary file goes to disk.
-SPOOL = 8 << 20
 #: The longest CSV header accepted (it is repeated in every chunk).
 MAX_HEADER = 1 << 20
 #: The formats :func:`split` knows, by file name suffix.
@@ -41,21 +37,6 @@ SUFFIXES = {".csv": "csv", ".tsv": "csv", ".txt": "text", ".jsonl": "text",
 FORMATS = ("csv", "text", "npy", "parquet")
 
 QUOTE, NEWLINE = b'"', b"\n"
-
-
-class ChunkError(ValueError):
-    """The file cannot be split as asked (a header too long, a bad ``.npy``, ...)."""
-
-
-@attrs.define
-class Chunk:
-    """One chunk: ``file`` (rewound, closed by the caller), ``size`` in bytes,
-    ``rows`` (records, the repeated header not counted) and ``sha256``."""
-
-    file: IO[bytes]
-    size: int
-    rows: int
-    sha256: str
 
 
 def guess_format(name: str) -> str:

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
 
-from .chunking import BLOCK, SPOOL, Chunk, ChunkError
+from .chunk import BLOCK, SPOOL, Chunk, ChunkError
 
 
 def _pq() -> Any:
