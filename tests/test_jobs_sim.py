@@ -406,6 +406,41 @@ def test_locality_sends_a_task_to_the_worker_holding_its_input(make: Make) -> No
     assert [e.worker for e in sim.events("start", plain)] == ["w1"]
 
 
+@pytest.mark.parametrize("rate", [None, 2])
+def test_a_task_waits_for_its_inputs_holder_longer_the_bigger_they_are(
+    make: Make, rate: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delay scheduling: only w2 holds the 11-byte input and is busy until t+6; w1 frees
+    at t+1.5.  At the default rate 11 bytes add nothing to the 1 s wait, so the task runs
+    on w1 (remote) at about t+2.5; at 2 bytes/s the wait is 1 + 5.5 s and it runs on w2,
+    local, once w2 is free."""
+    from dsml.master import jobrouter
+
+    if rate is not None:
+        monkeypatch.setattr(jobrouter, "LOCALITY_RATE", rate)
+    sim = make(workers=("w1", "w2"), replication=1, slots=1)
+    client = sim.client()
+    sim.kill("w1")
+    sim.wait(client.upload("data/in.bin", b"input bytes"))
+    sim.restart("w1")
+    sim.wait_registered()
+    busy = sim.wait(client.submit(tasks=[{"command": ["b"], "env": env(duration=d)}
+                                         for d in (1.5, 6.0)]))
+    sim.until(lambda: len(sim.events("start", busy)) == 2, what="both workers busy")
+    assert {e.task_index: e.worker for e in sim.events("start", busy)} == {0: "w1", 1: "w2"}
+    job = sim.wait(client.submit(["use"], inputs=[("data/in.bin", "in.bin")], env=env()))
+    status = sim.wait(client.wait(job))
+    assert status["state"] == "succeeded"
+    [start] = sim.events("start", job)
+    [w2_end] = [e.time + 6.0 for e in sim.events("start", busy) if e.worker == "w2"]
+    if rate is None:
+        assert start.worker == "w1" and start.time < w2_end
+        assert status["locality"] == {"local": 0, "remote": 1}
+    else:
+        assert start.worker == "w2" and start.time >= w2_end
+        assert status["locality"] == {"local": 1, "remote": 0}
+
+
 def test_wide_task_waits_for_enough_free_slots(make: Make) -> None:
     """Two workers of two slots, three narrow tasks running (w1 full, w2 half): a 2-slot
     task waits until one worker has two free slots, and at every step of the clock no

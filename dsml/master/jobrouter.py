@@ -59,6 +59,13 @@ DISPATCH_PER_TURN = 128
 #: task's queueing, a map's second wave (queued behind a first taking most of a second
 #: to start Python and numpy) went elsewhere at once, 10 of 12 maps local at best.
 LOCALITY_WAIT = 1.0
+#: ... and one second more per this many bytes of its inputs (at most
+#: :data:`LOCALITY_WAIT_MAX` more): what running elsewhere would fetch over the network
+#: (about a 1 Gb/s link's rate).  A 256 MiB chunk waits 3.7 s for its holders rather than
+#: 1 s: its map ran 60-80% local on four busy workers with a flat second, each remote run
+#: fetching the chunk while the holder would have been free about as soon.
+LOCALITY_RATE = 100_000_000
+LOCALITY_WAIT_MAX = 10.0
 #: A submit checks that the inputs of its first this many tasks are stored (see submit).
 INPUTS_CHECKED = 1000
 
@@ -241,8 +248,9 @@ class JobRouter:
         """Whether a queued task (not local to the worker being offered it) should wait
         for a live worker it is data-local on (``data_local``: holding most of its input
         bytes): for :data:`LOCALITY_WAIT` seconds from the first such offer since it was
-        (re)queued (its ``passed_over``, on the monotonic clock); another dispatch comes
-        when the first wait seen ends."""
+        (re)queued (its ``passed_over``, on the monotonic clock), plus a second per
+        :data:`LOCALITY_RATE` bytes of its inputs; another dispatch comes when the first
+        wait seen ends."""
         now = self.clock.seconds()
         alive = {r.name for r in self.membership.alive() if not self.cordoned(r.name)}
 
@@ -253,10 +261,11 @@ class JobRouter:
             tries = len(task.attempts)
             if task.passed_over is None or task.passed_over[1] != tries:
                 task.passed_over = (now, tries)  # the first offer since it was queued
-            left = task.passed_over[0] + LOCALITY_WAIT - now
+            inputs = task.spec.inputs
+            fetch = sum(size(key) for key, _ in inputs) / LOCALITY_RATE
+            left = task.passed_over[0] + LOCALITY_WAIT + min(fetch, LOCALITY_WAIT_MAX) - now
             if left <= 0:
                 return False
-            inputs = task.spec.inputs
             holders: set[str] = set()
             for key, _ in inputs:
                 holders |= self._held(key, where).workers
