@@ -59,6 +59,8 @@ def test_csv_chunks_never_split_a_record(rows: list[list[str]], target: int, blo
         if i < len(chunks) - 1:
             assert len(b) - len(header) >= target  # cut at the first end past the target
         bodies.append(b[len(header):])
+    if len(chunks) > 1:  # no last chunk of a tail (the size of a BytesIO is known)
+        assert len(bodies[-1]) > int(chunking.SLOP * target)
     assert header + b"".join(bodies) == data
     assert [r for b in bodies for r in _parse(header + b)[1:]] == _parse(data)[1:]
     assert sum(c.rows for c in chunks) == len(rows)
@@ -74,6 +76,31 @@ def test_text_chunks_are_whole_lines(lines: list[str], target: int, block: int) 
     assert b"".join(parts) == data
     assert all(p.endswith(b"\n") for p in parts)
     assert [c.rows for c in chunks] == [p.count(b"\n") for p in parts]
+    assert all(len(p) >= target for p in parts[:-1])
+    if len(parts) > 1:
+        assert len(parts[-1]) > int(chunking.SLOP * target)
+
+
+def test_a_tail_joins_the_last_chunk_only_where_the_size_is_known() -> None:
+    # 34 lines of 5 bytes, chunks of 50: cut after 11 lines (55 bytes) three times, the
+    # last line left, 5 bytes: SLOP of 50 (5) or less, so it joins the third chunk.
+    data = b"".join(b"%04d\n" % i for i in range(34))
+    assert [c.rows for c in split(io.BytesIO(data), 50, "text")] == [11, 11, 12]
+
+    class Pipe(io.RawIOBase):  # a stream of no known size: the tail stays a chunk
+        def __init__(self) -> None:
+            self.src = io.BytesIO(data)
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+            chunk = self.src.read(len(b))
+            b[:len(chunk)] = chunk
+            return len(chunk)
+
+    assert chunking.remaining(Pipe()) is None
+    assert [c.rows for c in split(Pipe(), 50, "text")] == [11, 11, 11, 1]
 
 
 def test_a_csv_of_only_a_header_is_one_chunk_of_no_rows() -> None:
@@ -102,6 +129,9 @@ def test_npy_chunks_are_arrays_of_whole_rows(shape: tuple[int, ...], target: int
         assert np.array_equal(np.concatenate(parts), a)
     assert sum(c.rows for c in chunks) == shape[0]
     assert all(p.shape[1:] == a.shape[1:] for p in parts)
+    if len(parts) > 1:  # no last chunk of a tail
+        per_chunk = parts[0].shape[0]
+        assert parts[-1].shape[0] > chunking.SLOP * per_chunk
 
 
 def test_npy_that_cannot_be_split_by_rows_is_refused() -> None:

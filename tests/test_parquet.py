@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsml import ml
+from dsml.datasets.chunk import SLOP
 from dsml.datasets.chunking import ChunkError, guess_format, split
 
 pa = pytest.importorskip("pyarrow")
@@ -56,6 +57,13 @@ def test_chunks_are_whole_row_groups_and_give_back_the_table(groups: list[int],
         parts.append(back)
     assert seen == sum(groups)
     assert pa.concat_tables(parts).equals(table)
+    if len(chunks) > 1:  # the last chunk is not a tail of SLOP or less of the target
+        md = pq.ParquetFile(io.BytesIO(data)).metadata
+        sizes = [sum(md.row_group(g).column(c).total_compressed_size
+                     for c in range(md.num_columns)) for g in range(md.num_row_groups)]
+        last = len(groups) - next(i for i in range(len(groups))
+                                  if sum(groups[i:]) == chunks[-1].rows)
+        assert sum(sizes[-last:]) > SLOP * target
     # Every chunk but the last was closed by reaching the target (in compressed bytes).
     assert len(chunks) <= max(1, len(groups))
 

@@ -1,7 +1,10 @@
 """Splitting a file into chunks on record boundaries, streaming (issue #15).
 
 A chunk is cut at the first record boundary at or after ``target`` bytes of records, so
-no record is ever split and every chunk but the last holds at least ``target`` bytes:
+no record is ever split and every chunk but the last holds at least ``target`` bytes;
+where the source's size is known (a file), no cut leaves a last chunk of :data:`SLOP`
+of ``target`` or less: that tail joins the chunk before it (Hadoop's splits do the same),
+rather than cost a task of its own that fetches it or waits for its holders:
 
 - ``csv``: a record ends at a newline outside double quotes (RFC 4180: a field may hold
   newlines inside quotes, and ``""`` is a quote inside them, which leaves the state as
@@ -26,7 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
 
-from .chunk import BLOCK, SPOOL, Chunk, ChunkError
+from .chunk import BLOCK, SLOP, SPOOL, Chunk, ChunkError, remaining
 
 #: The longest CSV header accepted (it is repeated in every chunk).
 MAX_HEADER = 1 << 20
@@ -61,7 +64,7 @@ def split(src: IO[bytes], target: int, fmt: str, block: int = BLOCK) -> Iterator
         yield from split_parquet(src, target)
     elif fmt in ("csv", "text"):
         yield from _split_records(src, target, quoted=fmt == "csv", header=fmt == "csv",
-                                  block=block)
+                                  block=block, size=remaining(src))
     else:
         raise ChunkError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
 
@@ -121,17 +124,21 @@ def _records(seg: bytes, inside: bool, quoted: bool) -> tuple[int, bool]:
 
 
 def _split_records(src: IO[bytes], target: int, *, quoted: bool, header: bool,
-                   block: int) -> Iterator[Chunk]:
+                   block: int, size: int | None = None) -> Iterator[Chunk]:
     buf = b""
     eof = False
+    read = 0  # bytes read from src: buf's end is there
+    # No cut leaves SLOP of the target or less after it (a known size only).
+    tail = -1 if size is None else int(SLOP * target)
 
     def more() -> bool:
-        nonlocal buf, eof
+        nonlocal buf, eof, read
         data = src.read(block)
         if not data:
             eof = True
             return False
         buf += data
+        read += len(data)
         return True
 
     head = b""
@@ -155,6 +162,8 @@ def _split_records(src: IO[bytes], target: int, *, quoted: bool, header: bool,
             break
         need = max(0, target - w.data)
         cut = _boundary(buf, need, inside, quoted) if need <= len(buf) else -1
+        if cut >= 0 and size is not None and size - (read - len(buf) + cut) <= tail:
+            cut, tail = -1, size  # the rest is this chunk's: no cut from here on
         if cut < 0:  # all of it is this chunk's (its last record goes on after it)
             n, inside = _records(buf, inside, quoted)
             w.rows += n
@@ -202,8 +211,11 @@ def _split_npy(src: IO[bytes], target: int) -> Iterator[Chunk]:
                          "and hold no Python objects")
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
     per_chunk = max(1, -(-target // max(1, row_bytes)))
-    for first in range(0, shape[0], per_chunk):
+    first = 0
+    while first < shape[0]:
         rows = min(per_chunk, shape[0] - first)
+        if shape[0] - first - rows <= SLOP * per_chunk:
+            rows = shape[0] - first  # no last chunk of a tail: it goes with this one
         w = _Writer()
         header: dict[str, Any] = {"descr": npf.dtype_to_descr(dtype), "fortran_order": False,
                                   "shape": (rows, *shape[1:])}
@@ -217,6 +229,7 @@ def _split_npy(src: IO[bytes], target: int) -> Iterator[Chunk]:
             w.write(b)
             left -= len(b)
         w.rows = rows
+        first += rows
         yield w.done()
 
 

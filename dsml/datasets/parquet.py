@@ -4,7 +4,8 @@ installed.
 A Parquet file is already cut into row groups, each readable alone: a chunk is a
 Parquet file of consecutive whole row groups (never a row group split), closed once
 their compressed bytes reach ``target``, so every chunk but the last holds at least
-``target`` bytes of column data.  Each row group is read and rewritten as one row group
+``target`` bytes of column data (and the last more than :data:`~.chunk.SLOP` of it,
+unless it is the only one).  Each row group is read and rewritten as one row group
 with the source's schema (its metadata kept) and its first column's codec: memory is one
 row group, whatever the file's size.
 
@@ -20,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
 
-from .chunk import BLOCK, SPOOL, Chunk, ChunkError
+from .chunk import BLOCK, SLOP, SPOOL, Chunk, ChunkError
 
 
 def _pq() -> Any:
@@ -57,13 +58,18 @@ def split_parquet(src: IO[bytes], target: int) -> Iterator[Chunk]:
     one chunk of no rows, as an empty CSV gives one of its header)."""
     pf = open_parquet(src)
     md = pf.metadata
+    sizes = []
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        sizes.append(sum(rg.column(c).total_compressed_size for c in range(rg.num_columns)))
+    after = sum(sizes)  # the bytes of the groups after the current one
     group: list[int] = []
     size = 0
     for i in range(md.num_row_groups):
-        rg = md.row_group(i)
         group.append(i)
-        size += sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
-        if size >= target:
+        size += sizes[i]
+        after -= sizes[i]
+        if size >= target and after > SLOP * target:  # no chunk of a tail alone
             yield _write(pf, group)
             group, size = [], 0
     if group or md.num_row_groups == 0:
