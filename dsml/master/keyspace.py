@@ -149,7 +149,8 @@ class KeySpace:
             raise DsmlError(f"no such worker: {', '.join(unknown)}", "bad-header")
         for worker in workers:
             self.directory.add_replica(
-                key, worker, size, sha256, version, issued=self.directory.state.last_version
+                key, worker, size, sha256, version, issued=self.directory.state.last_version,
+                committed=True,
             )
         return version
 
