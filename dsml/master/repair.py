@@ -349,16 +349,32 @@ class Repairer:
                     self._parked[key] = None
             return
         current = []
+        stale = []
         for worker, version in view.copies:
             if version == view.version:
                 current.append(worker)
-            elif worker in alive:  # stale
-                self._drop(key, worker, version, alive[worker])
+            elif worker in alive:
+                stale.append((worker, version))
             elif worker in counted:
                 self._parked[key] = None  # as above: a suspect worker's stale copy
         holders = [w for w in current if w in counted]
         if not holders:
-            return  # lost: queued again when a holder comes back
+            # Lost: queued again when a holder comes back.  Unless only a worker ever
+            # reported that version (its write never committed): then the newest
+            # surviving older copy becomes current, and is examined again.
+            if self.directory.fall_back(key, counted) is not None:
+                log.warn("{key!r} v{version} has no copy left and was never committed: "
+                         "back to its newest surviving copy", key=key, version=view.version)
+                self.queue[key] = None
+            return
+        # Stale copies go only once the current version has its copies on live workers:
+        # until then a stale copy may be the only durable one of an acknowledged write
+        # (the current version only reported, its worker gone before it was copied).
+        if stale and len([w for w in current if w in alive]) < want:
+            self._parked[key] = None  # looked at again when a copy ends or workers change
+        else:
+            for worker, version in stale:
+                self._drop(key, worker, version, alive[worker])
         if len(holders) < want:
             if len(self.copying) >= self.concurrency:
                 self._backlog[key] = None
