@@ -657,21 +657,21 @@ class MasterState:
         with one reports it again, and it becomes current again as any newer report
         does.  Returns the new current version, or None if nothing moved (the key is
         not live, still has a surviving current copy, or may not go back)."""
+        # Read first (one writer: nothing moves in between), write only if it moves.
+        cur = self.get_key(key)
+        if cur is None:
+            return None
+        floor = self.committed_version(key)
+        rows = self.replicas_of(key)
+        if cur.version <= floor or any(
+            r.version == cur.version and r.worker in survivors for r in rows
+        ):
+            return None
+        older = [r for r in rows if floor <= r.version < cur.version and r.worker in survivors]
+        if not older:
+            return None
+        best = max(older, key=lambda r: (r.version, r.worker))
         with self.transaction():
-            cur = self.get_key(key)
-            if cur is None:
-                return None
-            floor = self.committed_version(key)
-            rows = self.replicas_of(key)
-            if cur.version <= floor or any(
-                r.version == cur.version and r.worker in survivors for r in rows
-            ):
-                return None
-            older = [r for r in rows
-                     if floor <= r.version < cur.version and r.worker in survivors]
-            if not older:
-                return None
-            best = max(older, key=lambda r: (r.version, r.worker))
             for r in rows:
                 if r.version > best.version:
                     self.drop_replicas(r.worker, [key])
