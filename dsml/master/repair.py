@@ -20,6 +20,12 @@ not alive (*parked*, back in the queue whenever the alive or counted workers cha
 an order that failed (*retry*, back at the next tick).  So the steady cost is zero
 when nothing changes, and a dead worker costs a pass over its own keys.
 
+Stale copies (older than the key's current version) are this module's alone to trim,
+and only once the current version has its copies on live workers: until then a stale
+copy may be the only durable one of an acknowledged write.  A key whose current version
+has no copy left on a counted worker is handed to :meth:`Directory.fall_back`, which
+makes its newest surviving older copy current if that version was never committed.
+
 Orders go to workers over their links (``replicate`` to a source, ``drop`` to a holder).
 A worker that died less than ``grace`` seconds ago still counts as a holder, so a restart
 or a short network blip does not start copies; past the grace its copies are replaced
