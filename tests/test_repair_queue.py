@@ -519,3 +519,28 @@ def test_a_lost_version_gives_way_to_the_acknowledged_one_only_if_never_committe
         assert cluster.state.get_replica("x", "b") is None
         # Then repaired from there as any key is.
         assert {r.worker for r in cluster.directory.locate("x")} == {"a", "c"}
+
+
+def test_a_copy_that_failed_goes_to_another_target_next(cluster: Cluster) -> None:
+    """A copy to the best-ranked target failed (its disk full or failing): the retry
+    goes to the next one, not to the same worker again and again (nemesis seed 2082:
+    every retry of a one-copy key went to a full disk for 22 s, until its only holder
+    died for good); once every target failed, they are tried again in order."""
+    a = cluster.join("a", hold=True)
+    cluster.join("b")
+    cluster.join("c")
+    cluster.store("x", "a", "b")
+    settle(cluster)
+    cluster.directory.remove_replica("x", "b", 1)  # b's copy found bad
+    tried = []
+    for _ in range(3):
+        cluster.clock.advance(1)
+        tried.append(cluster.repairer.copying.get("x"))
+        a.held.pop().errback(DirectoryError("no space left on device", "disk-full"))
+        cluster.clock.advance(0)
+    assert tried == ["b", "c", "b"]
+    cluster.clock.advance(1)
+    assert cluster.repairer.copying.get("x") == "c"
+    a.held.pop().callback(None)
+    cluster.clock.advance(0)
+    assert {r.worker for r in cluster.directory.locate("x")} == {"a", "c"}

@@ -121,6 +121,9 @@ class Repairer:
         #: re-examining every parked key each reactor turn kept a saturated master so).
         self._unpark = False
         self._retry: dict[str, None] = {}
+        #: Per key, the targets its last copies failed to (a full or failing disk): the
+        #: next copy goes elsewhere if it can, not to the same best-ranked worker again.
+        self._failed_to: dict[str, set[str]] = {}
         #: Slices of keys still to feed the queue (full passes, workers' copies).
         self._scans: list[Scan] = []
         self._seeded = False
@@ -346,6 +349,7 @@ class Repairer:
         if key in self.copying:
             return  # examined again when the copy ends
         if view.version is None:  # deleted: every copy goes (the dead ones' at return)
+            self._failed_to.pop(key, None)
             for worker, version in view.copies:
                 if worker in alive:
                     self._drop(key, worker, version, alive[worker])
@@ -387,13 +391,20 @@ class Repairer:
                 return
             sources = [w for w in holders if w in alive]
             have = set(holders)
-            target = next((r for r in self._ranked(alive) if r.name not in have), None)
+            failed = self._failed_to.get(key, ())
+            ranked = self._ranked(alive)
+            target = next(
+                (r for r in ranked if r.name not in have and r.name not in failed), None)
+            if target is None and failed:  # every one failed once: round again
+                self._failed_to.pop(key, None)
+                target = next((r for r in ranked if r.name not in have), None)
             if not sources or target is None:
                 self._parked[key] = None
                 return
             source = Replica(sources[0], view.size, view.sha256, view.version)
             self._copy(key, source, alive[sources[0]], target)
             return
+        self._failed_to.pop(key, None)
         if len(holders) < factor:
             # Enough for a cluster smaller than the factor, short of it once the cluster
             # grows back: look again when the workers change (no scan finds it then, as
@@ -448,6 +459,7 @@ class Repairer:
                 self._retry[key] = None
 
         def failed(f: Failure) -> None:
+            self._failed_to.setdefault(key, set()).add(target.name)
             log.warn(
                 "copy of {key!r} to {dst} failed: {why}",
                 key=key,
