@@ -903,3 +903,108 @@ DirectoryMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_directory_machine = DirectoryMachine.TestCase
+
+
+# -- committed versions and the fall-back of a lost key (issue #12) ----------------------
+
+
+def commit(d: Directory, key: str, worker: str, version: int) -> str:
+    """A client's commit of ``key`` at ``version`` on ``worker`` (KeySpace.commit)."""
+    return d.add_replica(key, worker, 10, sha(key, version), version, committed=True)
+
+
+def test_a_lost_version_never_committed_falls_back_to_the_newest_surviving_copy(
+    d: Directory,
+) -> None:
+    """Versions only workers reported (their commits never came) give way, newest first,
+    once no survivor holds them; the copies above the version made current, on workers
+    that are gone, are forgotten, and a newer report brings the key forward again."""
+    commit(d, "k", "w1", 1)
+    commit(d, "k", "w2", 1)
+    add(d, "k", "w3", 2)
+    add(d, "k", "w4", 3)
+    assert d.current("k") == (3, sha("k", 3))
+    assert d.fall_back("k", ["w1", "w2", "w3", "w4"]) is None  # w4 still holds it
+    assert d.current("k") == (3, sha("k", 3))
+    assert d.fall_back("k", ["w1", "w2", "w3"]) == 2
+    assert d.current("k") == (2, sha("k", 2)) and workers_of(d, "k") == {"w3"}
+    assert d.state.get_replica("k", "w4") is None
+    assert d.fall_back("k", ["w1", "w2"]) == 1
+    assert workers_of(d, "k") == {"w1", "w2"} and d.stale_replicas() == []
+    assert d.fall_back("k", ["w1"]) is None  # committed: never behind it
+    add(d, "k", "w4", 3)  # w4 back with its copy: newer, current again
+    assert d.current("k") == (3, sha("k", 3))
+    assert {t.worker for t in d.stale_replicas()} == {"w1", "w2"}
+
+
+def test_a_committed_version_is_never_rolled_back(d: Directory) -> None:
+    """A key whose current version was committed stays lost without it; one whose lost
+    version was never committed goes back to the committed one at most, never past it."""
+    commit(d, "k", "w1", 1)
+    commit(d, "k", "w2", 2)
+    assert d.fall_back("k", ["w1"]) is None
+    assert d.current("k") == (2, sha("k", 2))
+    with pytest.raises(DirectoryError) as lost:
+        d.locate("k", ["w1"])
+    assert lost.value.code == "unavailable"
+    add(d, "k", "w3", 3)  # reported only
+    assert d.fall_back("k", ["w1"]) is None  # v1 is behind the committed v2
+    assert d.current("k") == (3, sha("k", 3))
+    assert d.fall_back("k", ["w1", "w2"]) == 2
+    assert workers_of(d, "k") == {"w2"}
+    # A commit after the reports (its answer merely late) counts all the same.
+    add(d, "j", "w1", 1)
+    add(d, "j", "w2", 2)
+    commit(d, "j", "w2", 2)
+    assert d.fall_back("j", ["w1"]) is None and d.current("j") == (2, sha("j", 2))
+
+
+def test_a_delete_is_committed_and_no_fall_back_brings_the_deleted_value_back(
+    d: Directory,
+) -> None:
+    """A write reported after a delete makes the key live again; if its copy is lost, the
+    key does not fall back to a copy from before the delete (still on a worker that was
+    away).  Purging the tombstone forgets the committed row with it."""
+    commit(d, "k", "w1", d.next_version())  # versions as the master issues them
+    d.delete("k")
+    tomb = d.state.get_tombstone("k")
+    assert tomb is not None and d.state.committed_version("k") == tomb
+    add(d, "k", "w2", tomb + 1)  # a write after the delete, never committed
+    assert d.current("k") == (tomb + 1, sha("k", tomb + 1))
+    assert d.fall_back("k", ["w1"]) is None
+    d.delete("k")
+    d.remove_replica("k", "w1")
+    d.remove_replica("k", "w2")
+    assert d.purge_tombstones(before=2000.0) == 1
+    assert d.state.committed_version("k") == 0
+
+
+def test_a_schema_1_file_takes_every_version_it_holds_as_committed(path: Path) -> None:
+    """A state file from before the committed table (schema 1) is migrated on open:
+    every current version and tombstone is taken as committed (nothing says otherwise),
+    so none of its keys falls back."""
+    s = MasterState(path)
+    d = Directory(s, now=lambda: 1000.0)
+    add(d, "a", "w1", 1)
+    add(d, "a", "w2", 2)  # w1's copy is stale
+    add(d, "b", "w1", 3)
+    d.delete("b")
+    s.close()
+    db = sqlite3.connect(path)  # make it a schema-1 file, as the older code wrote it
+    db.execute("DROP TABLE committed")
+    db.execute("UPDATE meta SET value = 1 WHERE name = 'schema'")
+    db.commit()
+    db.close()
+    s = MasterState(path)
+    try:
+        d = Directory(s)
+        schema = s._db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+        assert schema == (2,)
+        assert s.committed_version("a") == 2
+        assert s.committed_version("b") == s.get_tombstone("b")
+        assert d.fall_back("a", ["w1"]) is None and d.current("a") == (2, sha("a", 2))
+        add(d, "c", "w1", 1)
+        add(d, "c", "w2", 2)  # new reports after the migration: not committed
+        assert d.fall_back("c", ["w1"]) == 1
+    finally:
+        s.close()

@@ -386,3 +386,55 @@ def test_a_dead_worker_is_declared_dead_in_time_after_the_masters_clock_steps_ba
     took = sim.until(lambda: sim.state("w2") == "dead", timeout=30, what="w2 dead")
     assert took <= 10.0 + 2.0
     assert sim.state("w1") == sim.state("w3") == "alive"
+
+
+def test_an_acknowledged_value_survives_a_newer_write_whose_only_copy_is_lost(
+    tmp_path: Path, sims: list[SimCluster]
+) -> None:
+    """Found by the nemesis (seed 42 ``--clock-steps 0`` at ca985b1: "after healing,
+    v/c1/2 cannot be read").  Write 8 is acknowledged on w2 and w3; write 9 (its commit
+    lost: outcome unknown to the client) lands on w3 alone, whose report made it
+    current; w2 comes back from a power loss with its copy of 8, which was trimmed as
+    stale at once; w3 then dies for good before 9 was copied, and the key was lost
+    although a durable copy of the acknowledged write 8 had existed.  Now the stale copy
+    waits until the current version has its copies, and a lost version that was never
+    committed gives way to the newest surviving copy (never to one behind a committed
+    version)."""
+    sim = SimCluster(tmp_path / "c", workers=("w2", "w3"), heartbeat_timeout=10.0)
+    sims.append(sim)
+    client = sim.client()
+    v8 = sim.wait(client.set("v/k", b"8")).version
+    assert sim.replicas()["v/k"] == {"w2", "w3"}
+    sim.advance(2)  # synced on both: durable
+    sim.power_off("w2")
+    sim.until(lambda: sim.state("w2") == "dead", timeout=30, what="w2 dead")
+
+    # Write 9: placed on w3 alone, stored and reported there, its commit lost.
+    writer = sim.client("writer")
+    commit = writer._commit
+
+    async def lost_commit(*args: Any) -> None:
+        sim.net.partition("writer", "master")
+        await commit(*args)
+
+    writer._commit = lost_commit  # type: ignore[method-assign]
+    with pytest.raises(DsmlError) as unknown:
+        sim.wait(writer.set("v/k", b"9"), timeout=120)
+    assert unknown.value.code == "outcome-unknown", unknown.value
+    sim.net.heal("writer", "master")
+    master = sim._master()
+    v9, _ = master.directory.current("v/k") or (0, "")
+    assert v9 > v8 and sim.replicas()["v/k"] == {"w3"}
+
+    # w2 comes back with its copy of 8 while w3 cannot reach it (no copy of 9 to w2).
+    sim.net.partition("w2", "w3")
+    sim.restart("w2")
+    sim.wait_registered(["w2", "w3"])
+    sim.advance(3)
+    kept = sim.stored("w2").get("v/k")
+    assert kept is not None and kept.version == v8, "the only copy of write 8 was trimmed"
+    sim.kill("w3")  # for good
+    sim.net.heal("w2", "w3")
+    sim.advance(30)  # w3 past the repairer's grace: 9 has no copy left anywhere
+    assert sim.wait(sim.client().get("v/k")) == b"8"
+    assert master.directory.current("v/k") == (v8, sim.stored("w2")["v/k"].sha256)

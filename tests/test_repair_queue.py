@@ -18,7 +18,7 @@ import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
-from dsml.master.directory import Directory
+from dsml.master.directory import Directory, DirectoryError
 from dsml.master.membership import Membership, Versions
 from dsml.master.registry import WorkerRegistry
 from dsml.master.repair import Repairer
@@ -456,3 +456,91 @@ def test_a_key_short_of_the_factor_is_copied_when_the_cluster_grows_back(
     cluster.join("b")
     cluster.clock.pump([1.0] * 3)
     assert cluster.orders("replicate") == [("a", "k")]
+
+
+def commit(c: Cluster, key: str, version: int, *workers: str) -> None:
+    """A client's commit of ``key`` at ``version`` on ``workers``."""
+    for w in workers:
+        c.directory.add_replica(key, w, 10, sha(key, version), version, committed=True)
+
+
+def test_a_stale_copy_is_trimmed_only_once_the_current_version_has_its_copies(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #12: a newer version reported by one worker alone makes the acknowledged
+    copies stale, but they stay until the newer one has its copies on live workers (it
+    may never get them); then they go."""
+    for w in ("a", "b"):
+        cluster.join(w)
+    c = cluster.join("c", hold=True)
+    commit(cluster, "x", 1, "a", "b")
+    settle(cluster)
+    cluster.forbid_scans(monkeypatch)
+    cluster.store("x", "c", version=2)  # reported, never committed
+    cluster.clock.pump([1.0] * 3)
+    assert cluster.orders("replicate") == [("c", "x")]  # to a, over its stale copy
+    assert cluster.orders("drop") == []
+    c.held.pop().callback(None)
+    cluster.clock.advance(0)
+    assert cluster.orders("drop") == [("b", "x")]
+    assert {r.worker for r in cluster.directory.locate("x")} == {"a", "c"}
+
+
+@pytest.mark.parametrize("committed", [False, True])
+def test_a_lost_version_gives_way_to_the_acknowledged_one_only_if_never_committed(
+    cluster: Cluster, committed: bool
+) -> None:
+    """Version 2 is on b alone, and b dies before it is copied.  Reported only (its
+    commit never came), the key falls back, past b's grace, to a's copy of the
+    acknowledged version 1, which was kept meanwhile; committed, it never goes back."""
+    for w in ("a", "b", "c"):
+        cluster.join(w)
+    commit(cluster, "x", 1, "a", "b")
+    settle(cluster)
+    b = cluster.links["b"]
+    b.hold = True  # its copy of 2 never gets anywhere
+    if committed:
+        commit(cluster, "x", 2, "b")
+    else:
+        cluster.store("x", "b", version=2)
+    cluster.clock.pump([1.0] * 2)
+    assert cluster.orders("replicate") == [("b", "x")]
+    assert cluster.orders("drop") == []
+    cluster.close_link("b")
+    for d in b.held:  # the link's requests fail with it
+        d.errback(DirectoryError("the link closed", "unavailable"))
+    cluster.clock.pump([1.0] * (int(GRACE) + 2))
+    assert cluster.orders("drop") == []  # a's copy of 1 was never trimmed
+    if committed:
+        assert cluster.directory.current("x") == (2, sha("x", 2))
+        assert cluster.directory.lost(["a"]) == ["x"]
+    else:
+        assert cluster.directory.current("x") == (1, sha("x", 1))
+        assert cluster.state.get_replica("x", "b") is None
+        # Then repaired from there as any key is.
+        assert {r.worker for r in cluster.directory.locate("x")} == {"a", "c"}
+
+
+def test_a_copy_that_failed_goes_to_another_target_next(cluster: Cluster) -> None:
+    """A copy to the best-ranked target failed (its disk full or failing): the retry
+    goes to the next one, not to the same worker again and again (nemesis seed 2082:
+    every retry of a one-copy key went to a full disk for 22 s, until its only holder
+    died for good); once every target failed, they are tried again in order."""
+    a = cluster.join("a", hold=True)
+    cluster.join("b")
+    cluster.join("c")
+    cluster.store("x", "a", "b")
+    settle(cluster)
+    cluster.directory.remove_replica("x", "b", 1)  # b's copy found bad
+    tried = []
+    for _ in range(3):
+        cluster.clock.advance(1)
+        tried.append(cluster.repairer.copying.get("x"))
+        a.held.pop().errback(DirectoryError("no space left on device", "disk-full"))
+        cluster.clock.advance(0)
+    assert tried == ["b", "c", "b"]
+    cluster.clock.advance(1)
+    assert cluster.repairer.copying.get("x") == "c"
+    a.held.pop().callback(None)
+    cluster.clock.advance(0)
+    assert {r.worker for r in cluster.directory.locate("x")} == {"a", "c"}

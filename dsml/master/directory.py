@@ -21,7 +21,9 @@ far as its *current* one:
   as a copy pending deletion.  A report of a *higher* version is a write after the delete
   and makes the key live again (the tombstone goes).
 * a key whose current copies are all gone stays in the directory (it is *lost*, see
-  :meth:`Directory.lost`) rather than falling back to a stale version.
+  :meth:`Directory.lost`), unless only workers reported that version (never committed for
+  a client): :meth:`Directory.fall_back` then makes its newest surviving older copy
+  current, never one behind a committed version (``add_replica(committed=True)``, delete).
 
 Every write that acknowledges something (a replica report, a delete, a reconcile) is
 committed durably before the method returns; :meth:`Directory.remove_replica`
@@ -265,9 +267,11 @@ class Directory:
         version: int,
         issued: int | None = None,
         lazy: bool = False,
+        committed: bool = False,
     ) -> str:
         """Record that ``worker`` stored ``key`` at ``version``; committed on return (at
-        the lazy level with ``lazy``: for a record that acknowledges nothing).
+        the lazy level with ``lazy``: for a record that acknowledges nothing).  With
+        ``committed`` (a client's commit), the key never goes back behind ``version``.
 
         Returns the verdict: CURRENT (the copy is current), STALE (older than the
         current version: trim it) or DELETED (the key was deleted at this version or
@@ -287,6 +291,8 @@ class Directory:
             outcome = st.apply_reports(worker, [(key, size, sha256, version)])
             if outcome.conflicts:
                 raise _conflict_error(worker, outcome.conflicts[0])
+            if committed:
+                st.commit_version(key, version)
             cur = st.get_key(key)
         self._changed(outcome.changed)
         if cur is None:
@@ -329,10 +335,18 @@ class Directory:
             if cur is not None:
                 st.drop_key(key)
             st.put_tombstone(key, stamp, self._now())
+            st.commit_version(key, stamp)
         self._changed((key,))
         if cur is None:
             raise DirectoryError(f"key {key!r} not found", "not-found")
         return cur.version
+
+    def fall_back(self, key: str, survivors: Collection[str]) -> int | None:
+        """A lost key's newest surviving older copy made current, if it may go back (see
+        :meth:`MasterState.fall_back`): that version, or None."""
+        row = self.state.fall_back(key, survivors)
+        self._changed((key,) if row else ())
+        return row.version if row else None
 
     def purge_tombstones(self, before: float) -> int:
         """Forget every tombstone set before ``before`` of a key no worker is known to

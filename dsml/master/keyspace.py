@@ -147,10 +147,15 @@ class KeySpace:
         unknown = [w for w in workers if self.membership.get(w) is None]
         if unknown:
             raise DsmlError(f"no such worker: {', '.join(unknown)}", "bad-header")
-        for worker in workers:
-            self.directory.add_replica(
-                key, worker, size, sha256, version, issued=self.directory.state.last_version
-            )
+        # One transaction (one fsync) for the copies and the committed mark: the mark
+        # alone would cost a commit of its own when the workers' reports came first.
+        state = self.directory.state
+        with state.transaction():
+            for worker in workers:
+                self.directory.add_replica(
+                    key, worker, size, sha256, version, issued=state.last_version,
+                    committed=True,
+                )
         return version
 
     def corrupt(self, key: str, worker: str) -> bool:

@@ -4,7 +4,8 @@
 ``heartbeat``, ``report``, and the fencing of ``task_result``): it checks a registration
 against the rules (docs/protocol.md, section 12), takes a new incarnation, records the
 worker in :class:`~dsml.master.membership.Membership` and the state, reconciles its
-inventory with the directory (ordering surplus copies dropped), and tells the listeners
+inventory with the directory (ordering copies of deleted keys dropped; stale ones are
+the repairer's, :mod:`dsml.master.repair`), and tells the listeners
 (the job router) which attempts the worker still runs.  The incarnation, the worker's
 row and the inventory are one transaction with one durable commit: a registration costs
 one fsync, and the master's directory is never left with half of one.  Links are opaque here: the
@@ -28,7 +29,14 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-from .directory import QUARANTINED, Directory, DirectoryError, ReconcileResult
+from .directory import (
+    DELETED,
+    QUARANTINED,
+    STALE,
+    Directory,
+    DirectoryError,
+    ReconcileResult,
+)
 from .membership import Membership, MembershipError, Versions, WorkerRecord
 from .repair import _order
 from .state import MasterState
@@ -322,7 +330,11 @@ class WorkerRegistry:
                 why=result.rejected[0].reason if result.rejected else "unreadable line",
             )
         for trim in result.trim:
-            _order(record, "drop", {"Key": trim.key, "Version": trim.version}).addErrback(_ignore)
+            # A stale copy waits for the repairer: it may be the only durable copy while
+            # the current version is short of its copies (or never reaches them).
+            if trim.reason != STALE:
+                _order(record, "drop", {"Key": trim.key, "Version": trim.version}
+                       ).addErrback(_ignore)
         log.info(
             "worker {name} registered: incarnation {inc}, {host}:{port}, {room}, "
             "{n} keys ({added} new, {removed} gone, {rejected} rejected)",
@@ -402,7 +414,7 @@ class WorkerRegistry:
     def report(self, record: WorkerRecord, payload: bytes) -> Report:
         """Apply a worker's report (JSON lines of stores and deletes) to the directory.
 
-        A store the directory does not take as the current copy is ordered dropped; a
+        A store of a deleted key is ordered dropped (a stale one is the repairer's); a
         delete removes only the version deleted (a crossing report of a newer write
         stays).  Unreadable lines are refused and counted.
         """
@@ -421,7 +433,7 @@ class WorkerRegistry:
                         if e.code == "forbidden":  # a version never issued
                             self._quarantine(record.name, key, d["version"], e.message)
                         raise
-                    if verdict != "current":
+                    if verdict == DELETED:  # a stale one is the repairer's (as above)
                         _order(record, "drop", {"Key": key, "Version": d["version"]}).addErrback(
                             _ignore
                         )

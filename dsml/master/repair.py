@@ -20,6 +20,12 @@ not alive (*parked*, back in the queue whenever the alive or counted workers cha
 an order that failed (*retry*, back at the next tick).  So the steady cost is zero
 when nothing changes, and a dead worker costs a pass over its own keys.
 
+Stale copies (older than the key's current version) are this module's alone to trim,
+and only once the current version has its copies on live workers: until then a stale
+copy may be the only durable one of an acknowledged write.  A key whose current version
+has no copy left on a counted worker is handed to :meth:`Directory.fall_back`, which
+makes its newest surviving older copy current if that version was never committed.
+
 Orders go to workers over their links (``replicate`` to a source, ``drop`` to a holder).
 A worker that died less than ``grace`` seconds ago still counts as a holder, so a restart
 or a short network blip does not start copies; past the grace its copies are replaced
@@ -115,6 +121,9 @@ class Repairer:
         #: re-examining every parked key each reactor turn kept a saturated master so).
         self._unpark = False
         self._retry: dict[str, None] = {}
+        #: Per key, the targets its last copies failed to (a full or failing disk): the
+        #: next copy goes elsewhere if it can, not to the same best-ranked worker again.
+        self._failed_to: dict[str, set[str]] = {}
         #: Slices of keys still to feed the queue (full passes, workers' copies).
         self._scans: list[Scan] = []
         self._seeded = False
@@ -340,6 +349,7 @@ class Repairer:
         if key in self.copying:
             return  # examined again when the copy ends
         if view.version is None:  # deleted: every copy goes (the dead ones' at return)
+            self._failed_to.pop(key, None)
             for worker, version in view.copies:
                 if worker in alive:
                     self._drop(key, worker, version, alive[worker])
@@ -349,29 +359,52 @@ class Repairer:
                     self._parked[key] = None
             return
         current = []
+        stale = []
         for worker, version in view.copies:
             if version == view.version:
                 current.append(worker)
-            elif worker in alive:  # stale
-                self._drop(key, worker, version, alive[worker])
+            elif worker in alive:
+                stale.append((worker, version))
             elif worker in counted:
                 self._parked[key] = None  # as above: a suspect worker's stale copy
         holders = [w for w in current if w in counted]
         if not holders:
-            return  # lost: queued again when a holder comes back
+            # Lost: queued again when a holder comes back.  Unless only a worker ever
+            # reported that version (its write never committed): then the newest
+            # surviving older copy becomes current, and is examined again.
+            if self.directory.fall_back(key, counted) is not None:
+                log.warn("{key!r} v{version} has no copy left and was never committed: "
+                         "back to its newest surviving copy", key=key, version=view.version)
+                self.queue[key] = None
+            return
+        # Stale copies go only once the current version has its copies on live workers:
+        # until then a stale copy may be the only durable one of an acknowledged write
+        # (the current version only reported, its worker gone before it was copied).
+        if stale and len([w for w in current if w in alive]) < want:
+            self._parked[key] = None  # looked at again when a copy ends or workers change
+        else:
+            for worker, version in stale:
+                self._drop(key, worker, version, alive[worker])
         if len(holders) < want:
             if len(self.copying) >= self.concurrency:
                 self._backlog[key] = None
                 return
             sources = [w for w in holders if w in alive]
             have = set(holders)
-            target = next((r for r in self._ranked(alive) if r.name not in have), None)
+            failed = self._failed_to.get(key, ())
+            ranked = self._ranked(alive)
+            target = next(
+                (r for r in ranked if r.name not in have and r.name not in failed), None)
+            if target is None and failed:  # every one failed once: round again
+                self._failed_to.pop(key, None)
+                target = next((r for r in ranked if r.name not in have), None)
             if not sources or target is None:
                 self._parked[key] = None
                 return
             source = Replica(sources[0], view.size, view.sha256, view.version)
             self._copy(key, source, alive[sources[0]], target)
             return
+        self._failed_to.pop(key, None)
         if len(holders) < factor:
             # Enough for a cluster smaller than the factor, short of it once the cluster
             # grows back: look again when the workers change (no scan finds it then, as
@@ -426,6 +459,7 @@ class Repairer:
                 self._retry[key] = None
 
         def failed(f: Failure) -> None:
+            self._failed_to.setdefault(key, set()).add(target.name)
             log.warn(
                 "copy of {key!r} to {dst} failed: {why}",
                 key=key,

@@ -10,6 +10,8 @@ Tables (the schema version lives in ``meta``)::
     keys(key, version, size, sha256)          the current version of every live key
     replicas(key, worker, size, sha256, version)   what each worker holds, as it last said
     deleted(key, version, deleted_at)         tombstones of keys deleted through the master
+    committed(key, version)                   the highest version of a key the master
+                                              committed for a client (a write, a delete)
 
 ``replicas`` mirrors the workers' disks: one row per (key, worker), whatever its version.
 ``keys`` says which version of a key is current, so a replica row is *current* when its
@@ -18,8 +20,10 @@ its key has a tombstone.  A key is in at most one of ``keys`` and ``deleted``; e
 replica row's key is in exactly one of them.  The version rules that maintain this are
 stated in :mod:`dsml.master.directory`; :meth:`MasterState.apply_reports` carries them
 out set-based, in SQL (a 100,000-entry inventory is a few statements, not 400,000), and
-the rest of this module only stores and queries.  One room because those rules hold
-across the tables only while every statement that touches them stands together.
+the rest of this module only stores and queries (and :meth:`MasterState.fall_back`
+moves a lost key back to a surviving copy, by the rule stated there).  One room because
+those rules hold across the tables only while every statement that touches them stands
+together.
 
 One writer: this object, on the reactor thread, in plain synchronous code (no Twisted).
 The file is opened by :func:`dsml.sqlitedb.open_database`: the connection holds SQLite's
@@ -51,8 +55,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -74,7 +79,7 @@ __all__ = [
     "WorkerRow",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: The state file's name under the master's ``state_dir``.
 STATE_FILE = "master.sqlite3"
@@ -133,8 +138,24 @@ _TABLES = (
         for table in ("keys", "deleted")
         for event, row in (("INSERT", "NEW"), ("UPDATE", "NEW"), ("DELETE", "OLD"))
     ),
+    # Schema 2.  A key's current version may be one only a worker reported (a write whose
+    # commit never came: its outcome was unknown to the client); this row says how far
+    # back the key may never go (see MasterState.fall_back).
+    "CREATE TABLE IF NOT EXISTS committed(key TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+    " WITHOUT ROWID",
 )
-_SCHEMA = Schema(version=SCHEMA_VERSION, tables=_TABLES, meta=(("version", 0),))
+
+
+def _add_committed(db: sqlite3.Connection) -> None:
+    """Schema 1 to 2: the ``committed`` table (created empty by _TABLES), filled with
+    every current version and tombstone: a schema-1 file does not say which versions
+    were committed, so all are taken as committed (no key ever falls back, as before)."""
+    db.execute("INSERT OR REPLACE INTO committed SELECT key, version FROM keys")
+    db.execute("INSERT OR REPLACE INTO committed SELECT key, version FROM deleted")
+
+
+_SCHEMA = Schema(version=SCHEMA_VERSION, tables=_TABLES, meta=(("version", 0),),
+                 migrations={1: _add_committed})
 
 _GET_KEY = "SELECT version, size, sha256 FROM keys WHERE key = ?"
 _PUT_KEY = "REPLACE INTO keys VALUES (?, ?, ?, ?)"
@@ -209,6 +230,11 @@ _PURGE_WHERE = (
 )
 _PURGE_MAX = "SELECT MAX(version)" + _PURGE_WHERE
 _PURGE = "DELETE" + _PURGE_WHERE
+_PURGE_COMMITTED = "DELETE FROM committed WHERE key IN (SELECT key" + _PURGE_WHERE + ")"
+_COMMIT = (
+    "INSERT INTO committed VALUES (?, ?) ON CONFLICT(key) DO UPDATE"
+    " SET version = excluded.version WHERE excluded.version > committed.version"
+)
 
 
 # apply_reports(): the directory's version rules over a batch of reports in temp.inv,
@@ -610,6 +636,48 @@ class MasterState:
         """Forget the tombstone of ``key`` (a newer version replaced it)."""
         self._db.execute(_DROP_TOMB, (key,))
 
+    def committed_version(self, key: str) -> int:
+        """The highest version of ``key`` committed for a client (0: none)."""
+        row = self._db.execute("SELECT version FROM committed WHERE key = ?", (key,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def commit_version(self, key: str, version: int) -> None:
+        """Note that ``version`` of ``key`` was committed for a client (a write the
+        client was told succeeded, or a delete): the key never goes back behind it."""
+        self._db.execute(_COMMIT, (key, version))
+
+    def fall_back(self, key: str, survivors: Collection[str]) -> KeyRow | None:
+        """Move a lost key back to its newest surviving copy, if it may go back.
+
+        When no worker of ``survivors`` holds ``key``'s current version and that version
+        was never committed (only a worker reported it: the client was told the write
+        failed or its outcome was unknown), the newest copy on ``survivors`` of an older
+        version, at or above the committed one, becomes current, and the copies above it
+        (on workers not among ``survivors``) are forgotten: a worker that comes back
+        with one reports it again, and it becomes current again as any newer report
+        does.  Returns the new current version, or None if nothing moved (the key is
+        not live, still has a surviving current copy, or may not go back)."""
+        # Read first (one writer: nothing moves in between), write only if it moves.
+        cur = self.get_key(key)
+        if cur is None:
+            return None
+        floor = self.committed_version(key)
+        rows = self.replicas_of(key)
+        if cur.version <= floor or any(
+            r.version == cur.version and r.worker in survivors for r in rows
+        ):
+            return None
+        older = [r for r in rows if floor <= r.version < cur.version and r.worker in survivors]
+        if not older:
+            return None
+        best = max(older, key=lambda r: (r.version, r.worker))
+        with self.transaction():
+            for r in rows:
+                if r.version > best.version:
+                    self.drop_replicas(r.worker, [key])
+            self.put_key(key, best.version, best.size, best.sha256)
+        return KeyRow(best.version, best.size, best.sha256)
+
     def tombstones(self) -> list[tuple[str, int, float]]:
         """Every tombstone: (key, version, deleted_at), by key."""
         return list(self._db.execute("SELECT * FROM deleted ORDER BY key"))
@@ -804,6 +872,7 @@ class MasterState:
             upto, args = " AND key <= ?", (after, row[0], before)
         with self.transaction(lazy=True):
             top = db.execute(_PURGE_MAX.format(upto=upto), args).fetchone()[0]
+            db.execute(_PURGE_COMMITTED.format(upto=upto), args)
             n = db.execute(_PURGE.format(upto=upto), args).rowcount
             if top is not None and top > self.forgotten_below:
                 db.execute("INSERT INTO meta VALUES ('tombstones_forgotten', ?)"

@@ -194,6 +194,19 @@ MUTATIONS = (
         "        version = self.directory.grants.version_of(key, grant)",
         "        version = self.directory.next_version()",
     ),
+    Mutation(
+        "trim-stale-at-once", "a worker registering again has its stale copies ordered "
+        "dropped at once, while the current version may have one copy (issue #12)",
+        "dsml/master/registry.py",
+        "            if trim.reason != STALE:",
+        "            if trim.reason:",
+    ),
+    Mutation(
+        "fall-back-past-commit", "a lost key falls back behind its committed version",
+        "dsml/master/state.py",
+        "        floor = self.committed_version(key)",
+        "        floor = 0",
+    ),
 )
 
 
