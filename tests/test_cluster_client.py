@@ -562,3 +562,85 @@ def test_an_array_goes_to_the_master_as_one_template(
     sim.advance(1.0)
     view = sim.job(job)
     assert view.total == 50_000 and sum(view.counts.values()) == 50_000
+
+
+def test_a_replica_that_timed_out_is_tried_last_after_the_master_is_asked_again(
+    tmp_path: Path,
+) -> None:
+    """Nemesis seed 2095: a read's first replica is cut off from the client, the second
+    answers ``not-found`` (a newer write moved the key): the master is asked again and
+    names the cut-off worker first again.  It is tried last this time, so the read costs
+    one connect timeout, not one per round."""
+    import attrs
+
+    sim = SimCluster(tmp_path / "c4", workers=("w1", "w2", "w3", "w4"), replication=2)
+    try:
+        client = sim.client("reader")
+        sim.wait(client.set("k", b"value"))
+        sim.advance(1.1)
+        cut, good = sorted(sim.replicas()["k"])
+        stranger = min(set(sim.workers) - {cut, good})
+        where = sim.wait(client.locate("k"))
+        sim.net.partition("reader", cut)
+        answers = [
+            attrs.evolve(where, version=where.version - 1,
+                         replicas=((cut, sim.addr(cut)), (stranger, sim.addr(stranger)))),
+            attrs.evolve(where, replicas=((cut, sim.addr(cut)), (good, sim.addr(good)))),
+        ]
+
+        async def located(key: str) -> Any:
+            return answers.pop(0)
+
+        client._located = located  # type: ignore[method-assign]
+        start = sim.clock.seconds()
+        assert sim.wait(client.get("k")) == b"value"
+        took = sim.clock.seconds() - start
+        one_timeout = sim.net.connect_timeout
+        assert one_timeout <= took < 2 * one_timeout, (took, one_timeout)
+        assert answers == []
+        sim.net.heal("reader", cut)
+    finally:
+        sim.close()
+
+
+def test_the_blocking_client_also_tries_a_replica_whose_connection_failed_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same rule in :class:`dsml.client.ClusterClient` (no master or worker needed:
+    its locate and its worker connections are stand-ins): after the re-locate, the
+    replica whose connection was lost (the caller dropped it) comes after the other."""
+    import hashlib as h
+
+    from dsml.client import ClusterClient
+    from dsml.errors import ConnectionLost
+    from dsml.protocol.replies import Located
+
+    value = b"value"
+    digest = h.sha256(value).hexdigest()
+    where = [Located("k", 5, digest, 6, (("cut", "10.0.0.1:1"), ("stranger", "10.0.0.3:1"))),
+             Located("k", 5, digest, 7, (("cut", "10.0.0.1:1"), ("good", "10.0.0.2:1")))]
+    tried: list[str] = []
+
+    class Worker:
+        def __init__(self, addr: str) -> None:
+            self.host, _, port = addr.rpartition(":")
+            self.port = int(port)
+            self.addr = addr
+
+        def get(self, key: str) -> bytes:
+            tried.append(self.addr)
+            if self.addr == "10.0.0.1:1":
+                raise ConnectionLost("timed out", "connection")
+            if self.addr == "10.0.0.3:1":
+                raise DsmlError("no such key", "not-found")
+            return value
+
+        def close(self) -> None:
+            pass
+
+    c = ClusterClient.__new__(ClusterClient)  # no master to connect to
+    c._workers = {}
+    monkeypatch.setattr(c, "locate", lambda key: where.pop(0))
+    monkeypatch.setattr(c, "_worker", lambda addr: c._workers.setdefault(addr, Worker(addr)))
+    assert c.get("k") == value
+    assert tried == ["10.0.0.1:1", "10.0.0.3:1", "10.0.0.2:1"]  # not the cut one again

@@ -158,9 +158,7 @@ class ClusterClient:
         head, _ = self.master.call("locate", {"Key": key})
         return replies.located(key, head.headers)
 
-    def _commit(
-        self, key: str, stored: Stored, grant: str, workers: list[tuple[str, str]]
-    ) -> None:
+    def _commit(self, key: str, stored: Stored, grant: str, workers: list[tuple[str, str]]) -> None:
         self.master.call(
             "commit",
             {
@@ -228,9 +226,7 @@ class ClusterClient:
                 raise outcome_unknown(key, e) from e
             raise
 
-    def _record(
-        self, key: str, stored: Stored, grant: str, workers: list[tuple[str, str]]
-    ) -> None:
+    def _record(self, key: str, stored: Stored, grant: str, workers: list[tuple[str, str]]) -> None:
         """``commit`` a write the workers stored: any failure leaves its outcome open
         (the workers report their copies themselves)."""
         try:
@@ -265,19 +261,24 @@ class ClusterClient:
 
         When every replica was tried, the master is asked again: a newer write may have
         replaced the version it named while this read was under way (a replica then
-        answers ``not-found``); the read goes on with the new copies, a few times at most.
-        Only the master says a key is gone: running out is ``unavailable``."""
+        answers ``not-found``); the read goes on with the new copies (those whose connection
+        failed last: a cut-off worker's timeout once), a few times at most.  Only the
+        master says a key is gone: running out is ``unavailable``."""
         if located is None:
             located = self.locate(key)
         last: DsmlError | None = None
+        lost: set[str] = set()
         for _round in range(RELOCATE_ROUNDS):
-            for name, addr in located.replicas:
+            for name, addr in sorted(located.replicas, key=lambda r: r[1] in lost):
                 try:
                     client = self._worker(addr)
                 except ConnectionLost as e:
                     last = e
+                    lost.add(addr)
                     continue
                 yield name, client, located
+                if addr not in self._workers:
+                    lost.add(addr)
             again = self.locate(key)
             if again.version == located.version:
                 break
@@ -553,9 +554,7 @@ class ClusterClient:
         head, body = self.master.call("status", {"Job": job_id})
         return self._rest_of(job_id, head.headers, json.loads(body))
 
-    def _rest_of(
-        self, job_id: str, headers: dict[str, str], job: dict[str, Any]
-    ) -> dict[str, Any]:
+    def _rest_of(self, job_id: str, headers: dict[str, str], job: dict[str, Any]) -> dict[str, Any]:
         """``job`` (a first page) with the tasks of every later page appended."""
         tasks = job.setdefault("tasks", [])
         while (start := replies.next_status_page(job_id, headers, tasks)) is not None:

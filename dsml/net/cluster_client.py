@@ -181,12 +181,16 @@ class AsyncClusterClient:
     ) -> T:
         """``read(addr)`` from each replica of ``key``'s current version in turn, until
         one succeeds (and passes ``check``, which raises ChecksumMismatch for bytes other
-        than the directory's); a copy with the wrong checksum is reported to the master."""
+        than the directory's); a copy with the wrong checksum is reported to the master.
+        After a new ``locate``, replicas that failed otherwise than ``not-found`` (a
+        timeout, a lost connection) come last: a worker cut off from this client would
+        cost its whole timeout again each round, first in line as it may well be."""
         where = await self._located(key)
         last: DsmlError | None = None
+        failed: set[str] = set()
         for _round in range(RELOCATE_ROUNDS):
             moved = False
-            for name, addr in where.replicas:
+            for name, addr in sorted(where.replicas, key=lambda r: r[1] in failed):
                 try:
                     got = await read(addr)
                     if check is not None:
@@ -200,6 +204,8 @@ class AsyncClusterClient:
                     if e.code not in TRY_NEXT:
                         raise
                     moved = moved or e.code == "not-found"
+                    if e.code != "not-found":
+                        failed.add(addr)
                     last = e
             if not moved:
                 break
