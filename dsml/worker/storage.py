@@ -330,7 +330,10 @@ class Upload:
         self.expected = head.headers.get("sha256")
         self.conn = conn
         self.down: Connection | None = None
-        self.down_done: Deferred[Response] | None = None
+        #: The next worker's outcome: fires with (True, its Response) or (False, the
+        #: Failure), never an errback: an upload dropped with neither end() nor abort()
+        #: (as a simulated crash drops it) must not log its failure as unhandled.
+        self.down_done: Deferred[tuple[bool, Any]] | None = None
         self.down_addr = ""
         self._pending: list[bytes] = []
         self._pending_bytes = 0
@@ -385,9 +388,8 @@ class Upload:
         self._pending = []
         self._unpause()
         assert self.down_done is not None
-        self.down_done.addErrback(lambda _: None)  # end() answers with the refusal
         if not self.down_done.called:
-            self.down_done.errback(failure)
+            self.down_done.callback((False, failure))  # end() answers with the refusal
 
     # -- the next worker --------------------------------------------------------------
 
@@ -417,7 +419,7 @@ class Upload:
             self.down.transport.loseConnection()  # type: ignore[union-attr]
         assert self.down_done is not None
         if not self.down_done.called:
-            self.down_done.callback(response)
+            self.down_done.callback((True, response))
 
     def _down_refused(self, failure: Failure) -> None:
         """The next worker's request failed: its own error answer, or its link broke."""
@@ -438,7 +440,7 @@ class Upload:
         self._unpause()
         assert self.down_done is not None
         if not self.down_done.called:
-            self.down_done.errback(failure)
+            self.down_done.callback((False, failure))
 
     def _unpause(self) -> None:
         if self._paused:
@@ -500,7 +502,7 @@ class Upload:
         be visible) but a later hop failed; ``outcome-unknown`` when this copy failed
         but a later worker may have stored it; else this copy's error (nothing stored
         anywhere)."""
-        (local_ok, local), (down_ok, down) = results
+        (local_ok, local), (_, (down_ok, down)) = results
         if local_ok and down_ok:
             local.headers["Replicas"] = 1 + int(down.headers.get("replicas", "1"))
             return local  # type: ignore[no-any-return]
@@ -559,10 +561,6 @@ class Upload:
         self._release_client()
         if self.down is not None:
             self.down.transport.abortConnection()  # type: ignore[union-attr]
-        if self.down_done is not None:
-            # end() will never gather the downstream outcome now: nobody else consumes
-            # its failure.
-            self.down_done.addErrback(lambda _: None)
 
 
 @implementer(IPushProducer)
