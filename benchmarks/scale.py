@@ -1,7 +1,7 @@
 """The master at a lab's scale: N simulated workers, K keys, an M-task array (issue #11).
 
     .venv/bin/python benchmarks/scale.py [--workers 1000] [--keys 1000000] [--array 100000]
-                                         [--quick] [--no-preload] [--no-digest]
+                                         [--quick] [--window S] [--no-preload] [--no-digest]
                                          [--tmpdir DIR] [--keep]
 
 ``--quick`` (a smoke run of under a minute): 50 workers, 20,000 keys, a 2,000-task
@@ -1197,6 +1197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--array", type=int, help="tasks of the submitted array (default 100,000)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 50 workers, 20,000 keys, 2,000 tasks, short windows")
+    p.add_argument("--window", type=float,
+                   help="seconds of the steady window and of the repair's after its grace "
+                        "(default 20 and 30; --quick 5 and 5)")
     p.add_argument("--profile-restart", metavar="FILE",
                    help="run the restarted master under cProfile, stats to FILE (a profile "
                         "of its start and the re-registration; slower: not a figure)")
@@ -1212,8 +1215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers or (50 if q else 1000),
         keys=args.keys if args.keys is not None else (20_000 if q else 1_000_000),
         array=args.array or (2_000 if q else 100_000),
-        steady=5.0 if q else 20.0,
-        repair_window=5.0 if q else 30.0,
+        steady=args.window if args.window is not None else (5.0 if q else 20.0),
+        repair_window=args.window if args.window is not None else (5.0 if q else 30.0),
         heartbeat_timeout=3.0 if q else None,
         digest=not args.no_digest,
         profile_restart=args.profile_restart,

@@ -89,6 +89,10 @@ class LocalCluster:
 
     def start(self, name: str, timeout: float = 30.0) -> tuple[str, int]:
         """Start the master or a worker and wait until it listens; return its address."""
+        self._spawn(name)
+        return self._listening(name, time.monotonic() + timeout, timeout)
+
+    def _spawn(self, name: str) -> None:
         if name in self.procs and self.procs[name].poll() is None:
             raise ProcessFailed(f"{name} is already running")
         addr = self.addr_file(name)
@@ -107,11 +111,13 @@ class LocalCluster:
             old_log.close()
         log = open(self.log_path(name), "ab")
         self._logs[name] = log
-        proc = subprocess.Popen(
+        self.procs[name] = subprocess.Popen(
             args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root
         )
-        self.procs[name] = proc
-        deadline = time.monotonic() + timeout
+
+    def _listening(self, name: str, deadline: float, timeout: float) -> tuple[str, int]:
+        """Wait until the spawned ``name`` listens (its address file); its address."""
+        addr, proc = self.addr_file(name), self.procs[name]
         while True:
             if addr.exists():
                 try:
@@ -134,8 +140,12 @@ class LocalCluster:
         from .testing.poll import poll
 
         self.start("master")
+        # The workers at once (each spends a second or more importing before it listens).
         for name in self.worker_names:
-            self.start(name)
+            self._spawn(name)
+        deadline = time.monotonic() + timeout
+        for name in self.worker_names:
+            self._listening(name, deadline, timeout)
         host, port = self.address("master")
         want = set(self.worker_names)
         with ClusterClient(host, port, self.token, tls=self.user_tls()) as c:

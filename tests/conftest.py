@@ -41,3 +41,17 @@ def client(cluster: LocalCluster) -> Iterator[ClusterClient]:
     """A client of the module's ``cluster`` fixture (a module may define its own)."""
     with dsml.connect(cluster.config_path) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def ml_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Four workers of two slots, every key on two of them, tasks importing this
+    checkout: one cluster for the modules of the ML fits (``test_ml_processes``,
+    ``test_logistic_processes``), started once.  Their keys are their own."""
+    names = ("w1", "w2", "w3", "w4")
+    workers = {n: {"host": "127.0.0.1", "port": 0, "data_dir": n, "cpus": 2,
+                   "task_env": ["PYTHONPATH"]} for n in names}
+    with LocalCluster(tmp_path_factory.mktemp("ml"), workers=names,
+                      extra={"workers": workers, "cluster": {"replication": 2}}) as c:
+        c.start_all()
+        yield c

@@ -19,8 +19,10 @@ pytestmark = pytest.mark.processes
 def test_a_request_after_the_server_closed_the_idle_connection_reconnects(
     tmp_path: Path,
 ) -> None:
+    # The connection's timer first fires at the authentication deadline and only then
+    # re-arms for the idle one: a short auth_timeout too, or the close waits its 10 s.
     with LocalCluster(tmp_path, workers=("w1",),
-                      extra={"limits": {"idle_timeout": 1.0}}) as c:
+                      extra={"limits": {"idle_timeout": 1.0, "auth_timeout": 2.0}}) as c:
         c.start_all()
         with dsml.connect(c.config_path) as client:
             assert [n.name for n in client.nodes()] == ["w1"]

@@ -119,7 +119,10 @@ def test_a_worker_killed_mid_map_leaves_the_fit_exact_each_chunk_counted_once(
         import dsml.ml
 
         here = Path(flags)
-        (here / f"started-{os.environ['DSML_ATTEMPT_ID']}").write_text(str(os.getpid()))
+        # Written whole, then renamed: the test reads no half-written pid.
+        mine = f"started-{os.environ['DSML_ATTEMPT_ID']}"
+        (here / f".{mine}").write_text(str(os.getpid()))
+        (here / f".{mine}").rename(here / mine)
         while not (here / "go").exists():
             time.sleep(0.01)
         return dsml.ml.chunk_stats(path, columns)

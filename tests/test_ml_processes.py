@@ -26,14 +26,9 @@ pytestmark = pytest.mark.processes
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    names = ("w1", "w2", "w3", "w4")
-    workers = {n: {"host": "127.0.0.1", "port": 0, "data_dir": n, "cpus": 2,
-                   "task_env": ["PYTHONPATH"]} for n in names}
-    with LocalCluster(tmp_path_factory.mktemp("ml"), workers=names,
-                      extra={"workers": workers, "cluster": {"replication": 2}}) as c:
-        c.start_all()
-        yield c
+def cluster(ml_cluster: LocalCluster) -> LocalCluster:
+    """The session's ML cluster (conftest: four workers, replication 2)."""
+    return ml_cluster
 
 
 def _data(path: Path, n: int, seed: int) -> tuple[object, object]:
@@ -163,12 +158,12 @@ def test_a_tree_reduce_is_jobs_on_the_cluster_in_the_chunks_order(
     chunk, its chunk the input), then a job per level coming after the one below, a
     task per group of ``fan_in`` results staged as inputs.  Concatenation is
     associative but not commutative: the result is the chunks' order, exactly."""
-    (tmp_path / "n.txt").write_bytes(b"".join(b"%d\n" % i for i in range(5000)))
+    (tmp_path / "n.txt").write_bytes(b"".join(b"%d\n" % i for i in range(2500)))
     m = client.upload_dataset(tmp_path / "n.txt", "datasets/tree", chunk="1KiB")
     n = len(m["chunks"])
     assert n > 9
     root = client.map_chunks(_numbers, "datasets/tree", reduce=_concat, fan_in=3)
-    assert root.result(300) == list(range(5000))
+    assert root.result(300) == list(range(2500))
     jobs = [client.job_status(j) for j in root.jobs]
     widths, width = [], n
     while width > 1:
@@ -185,12 +180,12 @@ def test_a_tree_reduce_is_jobs_on_the_cluster_in_the_chunks_order(
     # A sum, at the default fan-in (8).
     total = client.map_chunks(lambda p: sum(_numbers(p)), "datasets/tree",
                               reduce=lambda a, b: a + b)
-    assert total.result(300) == sum(range(5000))
+    assert total.result(300) == sum(range(2500))
     assert len(total.jobs) == 1 + (2 if n > 8 else 1)
 
 
 def test_a_map_that_raises_raises_through_the_tree(client: ClusterClient, tmp_path: Path) -> None:
-    (tmp_path / "n.txt").write_bytes(b"".join(b"%d\n" % i for i in range(3000)))
+    (tmp_path / "n.txt").write_bytes(b"".join(b"%d\n" % i for i in range(1600)))
     client.upload_dataset(tmp_path / "n.txt", "datasets/raises", chunk="1KiB")
 
     def picky(path: Path) -> int:

@@ -301,8 +301,12 @@ HEADER = (f"{'scenario':<13} {'run':>3}  {'ok':>5} {'failed':>6} {'unknown':>7} 
           f"{'2x succ':>7} {'stale':>6} {'converge':>9} {'longest':>8}  jobs ended")
 
 
-def run_scenario(s: Scenario, root: Path, run: int = 1, seed: int = 1) -> Result:
-    """One scenario on a fresh bed under ``root``; the bed is gone afterwards."""
+def run_scenario(s: Scenario, root: Path, run: int = 1, seed: int = 1, *,
+                 workload: float = WORKLOAD, fault_at: float = FAULT_AT,
+                 length: float | None = None) -> Result:
+    """One scenario on a fresh bed under ``root``; the bed is gone afterwards.
+    ``workload``, ``fault_at`` and ``length`` (default: the scenario's) shorten it (the
+    default test suite's quick run)."""
     bed = NetBed(root)
     try:
         bed.up()
@@ -314,18 +318,18 @@ def run_scenario(s: Scenario, root: Path, run: int = 1, seed: int = 1) -> Result
         out = root / "load"
         load = subprocess.Popen(
             ["ip", "netns", "exec", bed.ns("client"), sys.executable, "-m",
-             "dsml.testing.netload", "--config", str(bed.config), "--seconds", str(WORKLOAD),
+             "dsml.testing.netload", "--config", str(bed.config), "--seconds", str(workload),
              "--out", str(out), "--seed", str(seed)],
             cwd=root, stdout=open(root / "load.log", "wb"), stderr=subprocess.STDOUT,
         )
         try:
-            time.sleep(FAULT_AT)
+            time.sleep(fault_at)
             injected = time.monotonic()
             s.inject(bed)
-            time.sleep(s.length)
+            time.sleep(s.length if length is None else length)
             s.heal(bed)
             healed = time.monotonic()
-            load.wait(WORKLOAD + 600)
+            load.wait(workload + 600)
         finally:
             if load.poll() is None:
                 load.kill()
