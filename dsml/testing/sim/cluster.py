@@ -178,10 +178,7 @@ class SimCluster:
         #: Every step of a wall clock: (monotonic time, machine, its offset after).
         self.wall_steps: list[tuple[float, str, float]] = []
         self._closed = False
-        # An earlier cluster's garbage (a Deferred dropped with a failure in it) would
-        # log its "Unhandled error" here, as this run's bug (nemesis seeds 68, 2029, 2028
-        # failed so in a run of many seeds, not alone): collected before this one listens.
-        gc.collect()
+        gc.collect()  # an earlier cluster's garbage logs its errors before this listens
         self.failures = FailureLog()
         globalLogPublisher.addObserver(self.failures)
         if start:
@@ -202,7 +199,6 @@ class SimCluster:
             self.kill(name)
         if self.master is not None:
             self.kill_master()
-        gc.collect()  # this run's dropped Deferreds log their errors in its own log
         globalLogPublisher.removeObserver(self.failures)
         if not self._closed:
             self._closed = True
@@ -489,8 +485,7 @@ class SimCluster:
             check()
 
     def advance(self, seconds: float, step: float = 0.1) -> None:
-        """Move the clock ``seconds`` forward in steps of ``step``, flushing the network
-        after each."""
+        """Move the clock ``seconds`` forward in steps of ``step``, flushing after each."""
         self.flush()
         end = self.clock.seconds() + seconds
         while self.clock.seconds() < end - 1e-9:
