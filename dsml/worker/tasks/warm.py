@@ -208,8 +208,8 @@ class WarmPool:
         """Fires once an interpreter is ready for a function task's ``command`` if the
         zygote will fork one (at most :data:`FORK_WAIT` seconds): a fork takes
         milliseconds, a spawn its imports.  At once otherwise."""
-        if (self._ready or self.zygote is None or not self.zygote.up or len(command) != 5
-                or command[0] != self.python or tuple(command[1:3]) != WARM_ARGS):
+        if (self._ready or self.zygote is None or not self.zygote.up
+                or warm_args(command, {}, {}, self.python) is None):  # not a function task
             return succeed(None)
         if not self._forking:
             if self._fill_call is not None and self._fill_call.active():
